@@ -1,0 +1,172 @@
+"""The one error tree of botwire-stream.
+
+Every NATS, OS or encoding failure that reaches a user is translated here (``translate``) into a
+``BotWireError`` subclass whose message says what went wrong and what to do. The HTTP server maps
+each class to a status code through ``http_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+__all__ = [
+    "BotWireError",
+    "InvalidKey",
+    "InvalidNamespace",
+    "InvalidSessionId",
+    "InvalidMessage",
+    "InvalidTTL",
+    "ValueTooLarge",
+    "Conflict",
+    "ServerUnavailable",
+    "ServerNotFound",
+    "Unauthorized",
+    "QuotaExceeded",
+    "translate",
+    "translating",
+]
+
+
+class BotWireError(Exception):
+    """Base class of every error botwire-stream raises on purpose."""
+
+    http_status: int = 500
+
+
+class InvalidKey(BotWireError, ValueError):
+    """A key is not a non-empty ``str`` of at most 1024 UTF-8 bytes."""
+
+    http_status = 400
+
+
+class InvalidNamespace(BotWireError, ValueError):
+    """A namespace is not 1-64 characters of ``[A-Za-z0-9_-]``."""
+
+    http_status = 400
+
+
+class InvalidSessionId(BotWireError, ValueError):
+    """A conversation id is empty, too long, or holds control characters."""
+
+    http_status = 400
+
+
+class InvalidTTL(BotWireError, ValueError):
+    """A TTL is not a positive number of seconds or a positive ``timedelta``."""
+
+    http_status = 400
+
+
+class InvalidMessage(BotWireError, TypeError):
+    """A chat message is not a JSON-encodable mapping."""
+
+    http_status = 400
+
+
+class ValueTooLarge(BotWireError, ValueError):
+    """A value or message is larger than the library stores."""
+
+    http_status = 413
+
+
+class Conflict(BotWireError):
+    """A conditional write lost a race with another writer, or the object already exists."""
+
+    http_status = 409
+
+
+class ServerUnavailable(BotWireError, ConnectionError):
+    """The NATS server (or botwire HTTP server) cannot be reached or did not answer in time."""
+
+    http_status = 503
+
+
+class ServerNotFound(ServerUnavailable):
+    """No ``nats-server`` binary was found to start the embedded server."""
+
+
+class Unauthorized(BotWireError, PermissionError):
+    """The server refused the credentials, or they grant no access to this namespace."""
+
+    http_status = 401
+
+
+class QuotaExceeded(BotWireError):
+    """A storage limit or rate limit of the server or namespace was reached."""
+
+    http_status = 429
+
+
+# JetStream API error codes (nats-server's errors.json) that mean something to a user.
+_CONFLICT_CODES = {10071, 10164, 10058}
+_QUOTA_CODES = {10023, 10026, 10027, 10028, 10047, 10077, 10078}
+_TOO_LARGE_CODES = {10054}
+
+
+def translate(exc: BaseException) -> BaseException:
+    """Map a NATS, OS or asyncio exception to the matching ``BotWireError`` (others pass through)."""
+    if isinstance(exc, BotWireError):
+        return exc
+    # Imported here so that importing the error tree stays cheap.
+    import nats.errors as ne
+    import nats.js.errors as je
+
+    if isinstance(exc, je.APIError):
+        code = exc.err_code or 0
+        desc = exc.description or str(exc)
+        if code in _CONFLICT_CODES or exc.code == 409:
+            return Conflict(f"{desc} (another writer changed it first; read again and retry)")
+        if code in _QUOTA_CODES:
+            return QuotaExceeded(f"{desc} (the server's storage limit was reached; free space or raise limits)")
+        if code in _TOO_LARGE_CODES:
+            return ValueTooLarge(f"{desc}")
+        if exc.code == 503:
+            return ServerUnavailable(
+                "JetStream is not available on the server (is it started with -js?): " + desc
+            )
+        if exc.code in (401, 403):
+            return Unauthorized(desc)
+        return BotWireError(f"NATS JetStream error {exc.code}/{code}: {desc}")
+    if isinstance(exc, ne.AuthorizationError) or "authorization" in str(exc).lower():
+        return Unauthorized(
+            "the NATS server refused the credentials; check token=/creds=/user= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
+        )
+    if isinstance(exc, ne.MaxPayloadError):
+        return ValueTooLarge("the message is larger than the server's max_payload")
+    if isinstance(exc, (ne.TimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return ServerUnavailable("the NATS server did not answer in time; is it running and reachable?")
+    if isinstance(exc, (je.NoStreamResponseError, ne.NoRespondersError)):
+        return ServerUnavailable(
+            "no JetStream stream answered; the server may be restarting or JetStream is disabled"
+        )
+    if isinstance(
+        exc,
+        (
+            ne.ConnectionClosedError,
+            ne.NoServersError,
+            ne.StaleConnectionError,
+            ne.OutboundBufferLimitError,
+            ConnectionError,
+            OSError,
+        ),
+    ):
+        return ServerUnavailable(f"cannot reach the NATS server ({exc}); is it running? try `botwire server status`")
+    if isinstance(exc, ne.Error):
+        return BotWireError(f"NATS error: {exc}")
+    return exc
+
+
+@contextlib.contextmanager
+def translating() -> Iterator[None]:
+    """Re-raise any exception from the block as its ``BotWireError`` translation."""
+    try:
+        yield
+    except BotWireError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translation point
+        new = translate(exc)
+        if new is exc:
+            raise
+        raise new from exc

@@ -1,0 +1,50 @@
+"""Where to connect: ``url=`` argument, else ``BOTWIRE_URL``, else the embedded server."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import BotWireError
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """Resolved connection settings; hashable so that one connection serves equal settings."""
+
+    servers: tuple[str, ...] | None  # None: the embedded server
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    creds: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.servers is None
+
+
+def resolve(
+    url: str | None = None,
+    *,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+) -> ConnectOptions:
+    """Resolve settings in the documented order (arguments, environment, embedded default)."""
+    url = url or os.environ.get("BOTWIRE_URL") or None
+    token = token or os.environ.get("BOTWIRE_TOKEN") or None
+    creds = creds or os.environ.get("BOTWIRE_CREDS") or None
+    if url is None:
+        return ConnectOptions(servers=None)
+    servers = tuple(u.strip() for u in url.split(",") if u.strip())
+    for s in servers:
+        scheme = s.split("://", 1)[0].lower() if "://" in s else ""
+        if scheme in ("http", "https"):
+            raise BotWireError(
+                f"{s}: the HTTP transport (a botwire HTTP server) is not available in this version; "
+                "use a nats:// or tls:// URL"
+            )
+        if scheme not in ("nats", "tls", "ws", "wss"):
+            raise BotWireError(f"{s}: unsupported URL scheme; use nats://host:port or tls://host:port")
+    return ConnectOptions(servers=servers, token=token, user=user, password=password, creds=creds)

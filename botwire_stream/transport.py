@@ -1,0 +1,443 @@
+"""The NATS transport: shared connections, JetStream requests, and the raw APIs nats-py lacks.
+
+One ``Connection`` per event loop and connection settings is shared by every ``AsyncMemory`` and
+``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
+offer: batch and multi-last direct gets, atomic batch publishes, and a headers-only pull of the
+last message per subject. Every NATS failure leaves here translated by ``errors.translating``;
+with the embedded server, a dead server is restarted and the call retried once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+
+from . import embedded
+from .errors import BotWireError, translate
+from .settings import ConnectOptions
+
+T = TypeVar("T")
+
+ORIGIN = f"{socket.gethostname()}/{os.getpid()}"
+_RETRYABLE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+def _raise_api_error(err: _ApiError) -> None:
+    raise translate(
+        nats.js.errors.APIError(code=err.code, err_code=err.err_code, description=err.description)
+    )
+
+
+def origin_headers() -> dict[str, str]:
+    """Headers that say who wrote an event (host/pid), for replay and audit."""
+    return {"Botwire-Origin": ORIGIN}
+
+
+class Connection:
+    """A NATS connection with JetStream, shared through ``acquire``/``release``."""
+
+    def __init__(self, opts: ConnectOptions, nc: NATS, home: Path | None) -> None:
+        self.opts = opts
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.home = home
+        self.refs = 0
+        self._ready_streams: set[str] = set()
+        self._recovering: asyncio.Future[None] | None = None
+
+    # -- connecting -----------------------------------------------------------------------------
+    @staticmethod
+    async def open(opts: ConnectOptions) -> Connection:
+        home = None
+        try:
+            if opts.embedded:
+                home = embedded.home_dir()
+                state, token = await asyncio.to_thread(embedded.ensure, home)
+                nc = await _connect([state.url], token=token)
+            else:
+                assert opts.servers is not None
+                nc = await _connect(
+                    list(opts.servers),
+                    token=opts.token,
+                    user=opts.user,
+                    password=opts.password,
+                    creds=opts.creds,
+                )
+        except BotWireError:
+            raise
+        except Exception as exc:
+            if home is not None:  # the embedded server died between the check and the connect
+                state, token = await asyncio.to_thread(embedded.ensure, home, verify=True)
+                try:
+                    nc = await _connect([state.url], token=token)
+                except Exception as exc2:
+                    raise translate(exc2) from exc2
+            else:
+                raise translate(exc) from exc
+        return Connection(opts, nc, home)
+
+    async def _recover(self) -> None:
+        """Restart the embedded server if it died, and wait until the connection is back."""
+        if self.home is None:
+            return
+        if self._recovering is not None:
+            return await asyncio.shield(self._recovering)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._recovering = fut
+        try:
+            state, token = await asyncio.to_thread(embedded.ensure, self.home, verify=True)
+            url = self.nc.connected_url
+            same = url is not None and url.port == state.port and not self.nc.is_closed
+            if same:
+                for _ in range(200):  # nats-py reconnects by itself to the same port
+                    if self.nc.is_connected:
+                        break
+                    await asyncio.sleep(0.025)
+            if not self.nc.is_connected:
+                old = self.nc
+                self.nc = await _connect([state.url], token=token)
+                self.js = self.nc.jetstream()
+                try:
+                    await old.close()
+                except Exception:  # noqa: BLE001 - the old connection is gone anyway
+                    pass
+            self._ready_streams.clear()
+            fut.set_result(None)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._recovering = None
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` with errors translated; on the embedded server, recover and retry once."""
+        try:
+            return await fn()
+        except BotWireError:
+            raise
+        except _RETRYABLE as exc:
+            if self.home is None:
+                raise translate(exc) from exc
+            try:
+                await self._recover()
+            except Exception as rexc:
+                raise translate(rexc) from exc
+            try:
+                return await fn()
+            except BotWireError:
+                raise
+            except Exception as exc2:
+                raise translate(exc2) from exc2
+        except Exception as exc:
+            new = translate(exc)
+            if new is exc:
+                raise
+            raise new from exc
+
+    # -- streams --------------------------------------------------------------------------------
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream unless this connection already knows it exists."""
+        name = config.name
+        assert name is not None
+        if name in self._ready_streams:
+            return
+
+        async def run() -> None:
+            try:
+                await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await self.js.add_stream(config)
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != 10058:  # created concurrently with another config: use it
+                        raise
+
+        await self.call(run)
+        self._ready_streams.add(name)
+
+    # -- publishing -----------------------------------------------------------------------------
+    async def publish(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+    ) -> int:
+        """Publish to JetStream and wait for the ack; return the stream sequence."""
+
+        async def run() -> int:
+            msg = await self.nc.request(subject, data, timeout=timeout, headers=dict(headers) if headers else None)
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is not None:
+                _raise_api_error(ack.error)
+            return ack.seq
+
+        return await self.call(run)
+
+    async def publish_batch(
+        self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
+    ) -> int:
+        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence."""
+        batch_id = nats.nuid.NUID().next().decode()  # type: ignore[attr-defined]
+        n = len(payloads)
+
+        async def run() -> int:
+            for i, (payload, extra) in enumerate(zip(payloads, headers, strict=True), 1):
+                h = dict(extra)
+                h["Nats-Batch-Id"] = batch_id
+                h["Nats-Batch-Sequence"] = str(i)
+                if i < n:
+                    await self.nc.publish(subject, payload, headers=h)
+                else:
+                    h["Nats-Batch-Commit"] = "1"
+                    msg = await self.nc.request(subject, payload, timeout=timeout, headers=h)
+                    ack = _ack_decoder.decode(msg.data)
+                    if ack.error is not None:
+                        _raise_api_error(ack.error)
+                    return ack.seq
+            raise AssertionError("empty batch")
+
+        return await self.call(run)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+        """The last message on ``subject`` (one request), or None when the subject is empty."""
+
+        async def run() -> Msg | None:
+            msg = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=timeout)
+            hdr = msg.headers
+            if hdr is not None and "Status" in hdr:
+                if hdr["Status"] == "404":
+                    return None
+                raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
+            return msg
+
+        return await self.call(run)
+
+    async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> list[Msg]:
+        """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``...).
+
+        Returns the messages of one reply batch; the caller pages with ``seq``.
+        """
+        body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
+
+        async def run() -> list[Msg]:
+            msgs: list[Msg] = []
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def on_msg(m: Msg) -> None:
+                st = m.headers.get("Status") if m.headers else None
+                if st is None:
+                    msgs.append(m)
+                elif done.done():
+                    return
+                elif st in ("204", "404"):
+                    done.set_result(None)
+                else:
+                    desc = m.headers.get("Description", "") if m.headers else ""
+                    done.set_exception(nats.js.errors.APIError(code=int(st), description=desc))
+
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_msg)
+            try:
+                await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
+                await asyncio.wait_for(done, timeout)
+            finally:
+                await sub.unsubscribe()
+            return msgs
+
+        return await self.call(run)
+
+    async def read_subject(self, stream: str, subject: str, *, start_seq: int = 1, page: int = 1000) -> list[Msg]:
+        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets."""
+        out: list[Msg] = []
+        seq = start_seq
+        while True:
+            msgs = await self.direct_batch(stream, {"next_by_subj": subject, "seq": seq, "batch": page})
+            out.extend(msgs)
+            if len(msgs) < page:
+                return out
+            seq = int(msgs[-1].headers["Nats-Sequence"]) + 1  # type: ignore[index]
+
+    async def last_per_subject(
+        self, stream: str, filter_subject: str, *, headers_only: bool = True, timeout: float = 10.0
+    ) -> list[Msg]:
+        """The last message of every subject matching ``filter_subject``, by one ephemeral pull consumer.
+
+        Costs two requests plus the messages, whatever else the stream holds.
+        """
+
+        async def run() -> list[Msg]:
+            cfg = {
+                "stream_name": stream,
+                "config": {
+                    "deliver_policy": "last_per_subject",
+                    "ack_policy": "none",
+                    "filter_subject": filter_subject,
+                    "headers_only": headers_only,
+                    "inactive_threshold": 5_000_000_000,
+                    "mem_storage": True,
+                    "num_replicas": 1,
+                },
+            }
+            resp = await self.nc.request(
+                f"$JS.API.CONSUMER.CREATE.{stream}", msgspec.json.encode(cfg), timeout=timeout
+            )
+            info = msgspec.json.decode(resp.data)
+            if "error" in info:
+                err = info["error"]
+                raise nats.js.errors.APIError(
+                    code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+                )
+            name, pending = info["name"], info["num_pending"]
+            msgs: list[Msg] = []
+            try:
+                if pending:
+                    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                    async def on_msg(m: Msg) -> None:
+                        if m.headers and "Status" in m.headers and not m.data and m.reply == "":
+                            if not done.done():
+                                done.set_result(None)
+                            return
+                        msgs.append(m)
+                        if len(msgs) >= pending and not done.done():
+                            done.set_result(None)
+
+                    inbox = self.nc.new_inbox()
+                    sub = await self.nc.subscribe(inbox, cb=on_msg)
+                    try:
+                        req = msgspec.json.encode({"batch": pending, "no_wait": True})
+                        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=inbox)
+                        await asyncio.wait_for(done, timeout)
+                    finally:
+                        await sub.unsubscribe()
+            finally:  # fire and forget: the consumer would also vanish after inactive_threshold
+                await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
+            return msgs
+
+        return await self.call(run)
+
+    async def purge(self, stream: str, subject: str, *, before_seq: int | None = None) -> None:
+        """Remove the messages on ``subject`` (below ``before_seq`` when given)."""
+
+        async def run() -> None:
+            req: dict[str, Any] = {"filter": subject}
+            if before_seq is not None:
+                req["seq"] = before_seq
+            resp = await self.nc.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), timeout=10)
+            info = msgspec.json.decode(resp.data)
+            if "error" in info:
+                err = info["error"]
+                raise nats.js.errors.APIError(
+                    code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+                )
+
+        await self.call(run)
+
+
+async def _connect(
+    servers: list[str],
+    *,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+) -> NATS:
+    kwargs: dict[str, Any] = {}
+    if token:
+        kwargs["token"] = token
+    if user:
+        kwargs["user"] = user
+        kwargs["password"] = password
+    if creds:
+        kwargs["user_credentials"] = creds
+
+    async def quiet(_exc: Exception) -> None:  # nats-py logs every reconnect attempt otherwise
+        return None
+
+    return await nats.connect(
+        servers=servers,
+        connect_timeout=2,
+        reconnect_time_wait=0.1,  # type: ignore[arg-type]
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        error_cb=quiet,
+        name=f"botwire-stream {ORIGIN}",
+        **kwargs,
+    )
+
+
+# -- the shared pool ---------------------------------------------------------------------------
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectOptions, Connection]] = (
+    weakref.WeakKeyDictionary()
+)
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def acquire(opts: ConnectOptions) -> Connection:
+    """The shared connection for ``opts`` on the running loop (opened on first use)."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.setdefault(loop, {})
+    conn = pool.get(opts)
+    if conn is None or conn.nc.is_closed:
+        lock = _locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            conn = pool.get(opts)
+            if conn is None or conn.nc.is_closed:
+                conn = await Connection.open(opts)
+                pool[opts] = conn
+    conn.refs += 1
+    return conn
+
+
+async def release(conn: Connection) -> None:
+    """Drop one reference; close the connection when nobody uses it any more."""
+    conn.refs -= 1
+    if conn.refs > 0:
+        return
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop, {})
+    if pool.get(conn.opts) is conn:
+        del pool[conn.opts]
+    if not conn.nc.is_closed:
+        try:
+            await conn.nc.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
