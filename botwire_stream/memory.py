@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import msgspec
 import nats.errors
+from nats.nuid import NUID
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -262,6 +263,10 @@ class AsyncMemory:
         """Store ``value`` under ``key``; return its revision. ``ttl`` in seconds (None: forever)."""
         return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
 
+    async def _write_value(self, key: str, value: Any, ttl: float | timedelta | None) -> int:
+        # positional twin of ``set`` for the portal, which passes no keyword arguments
+        return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
+
     async def _write(self, key: str, data: bytes, ttl: int | None, expected: int | None) -> int:
         token = keys.encode_key(key)
         size = len(data)
@@ -304,7 +309,7 @@ class AsyncMemory:
         self, conn: Connection, key: str, subject: str, data: bytes, ttl: int | None, headers: dict[str, str]
     ) -> int:
         await self._ensure_blob_stream(conn)
-        blob = nats.nuid.NUID().next().decode()  # type: ignore[attr-defined]
+        blob = NUID().next().decode()
         base = self._blob_subject(key)
         step = conn.nc.max_payload - _HEADROOM
         chunk_headers = {"Nats-TTL": str(ttl)} if ttl is not None else None
@@ -374,6 +379,16 @@ class AsyncMemory:
         The write is conditional on the revision read; when another writer got there first, the
         value is read again and ``fn`` called again. Returns the value written.
         """
+        return await self._update(key, fn, default, ttl, max_attempts)
+
+    async def _update(
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        default: Any,
+        ttl: float | timedelta | None,
+        max_attempts: int = 1000,
+    ) -> Any:
         seconds = ttl_seconds(ttl)
         delay = 0.001
         for _ in range(max_attempts):

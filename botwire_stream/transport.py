@@ -21,6 +21,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+from nats.nuid import NUID
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -214,7 +215,7 @@ class Connection:
         self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
     ) -> int:
         """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence."""
-        batch_id = nats.nuid.NUID().next().decode()  # type: ignore[attr-defined]
+        batch_id = NUID().next().decode()
         n = len(payloads)
 
         async def run() -> int:
@@ -395,7 +396,7 @@ async def _connect(
     return await nats.connect(
         servers=servers,
         connect_timeout=2,
-        reconnect_time_wait=0.1,  # type: ignore[arg-type]
+        reconnect_time_wait=0.1,
         max_reconnect_attempts=-1,
         allow_reconnect=True,
         error_cb=quiet,
