@@ -12,7 +12,8 @@ from .errors import BotWireError
 class ConnectOptions:
     """Resolved connection settings; hashable so that one connection serves equal settings."""
 
-    servers: tuple[str, ...] | None  # None: the embedded server
+    servers: tuple[str, ...] | None  # None: the embedded server of ``home``
+    home: str | None = None
     token: str | None = None
     user: str | None = None
     password: str | None = None
@@ -36,7 +37,9 @@ def resolve(
     token = token or os.environ.get("BOTWIRE_TOKEN") or None
     creds = creds or os.environ.get("BOTWIRE_CREDS") or None
     if url is None:
-        return ConnectOptions(servers=None)
+        from .embedded import home_dir
+
+        return ConnectOptions(servers=None, home=str(home_dir()))
     servers = tuple(u.strip() for u in url.split(",") if u.strip())
     for s in servers:
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""

@@ -91,7 +91,7 @@ class Connection:
         home = None
         try:
             if opts.embedded:
-                home = embedded.home_dir()
+                home = Path(opts.home) if opts.home else embedded.home_dir()
                 state, token = await asyncio.to_thread(embedded.ensure, home)
                 nc = await _connect([state.url], token=token)
             else:

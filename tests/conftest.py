@@ -1,0 +1,53 @@
+"""Shared fixtures: a real nats-server per session, a fresh namespace per test, a private
+BOTWIRE_HOME for tests of the embedded server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from botwire_stream import embedded
+from tests.servers import NatsServer
+
+for _var in ("BOTWIRE_URL", "BOTWIRE_TOKEN", "BOTWIRE_CREDS", "BOTWIRE_API_KEY"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server shared by the session, with the default 1 MiB max_payload (as most deployments)."""
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses."""
+    return "t" + uuid.uuid4().hex[:16]
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test alone, for tests that stop, kill or restart it."""
+    server = NatsServer(tmp_path / "own").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def botwire_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private BOTWIRE_HOME; the embedded server started in it is stopped afterwards."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BOTWIRE_HOME", str(home))
+    yield home
+    embedded.stop(home)
