@@ -337,11 +337,13 @@ class AsyncMemory:
 
     async def _read_blob(self, conn: Connection, key: str, manifest: _Manifest) -> Any:
         subject = f"{self._blob_subject(key)}.{manifest.blob}.*"
-        msgs = await conn.direct_batch(
-            self._blob_stream,
-            {"next_by_subj": subject, "seq": manifest.first_seq, "batch": manifest.chunks},
-            timeout=60.0,
-        )
+        msgs = (
+            await conn.direct_batch(
+                self._blob_stream,
+                {"next_by_subj": subject, "seq": manifest.first_seq, "batch": manifest.chunks},
+                timeout=60.0,
+            )
+        ).msgs
         if len(msgs) != manifest.chunks:
             raise BotWireError(f"the chunks of {key!r} are incomplete ({len(msgs)}/{manifest.chunks})")
         return codec.decode(b"".join(m.data for m in msgs))

@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from .memory import AsyncMemory, Watch
-from .models import Change, Revision
+from .chat import AsyncChatHistory
+from .memory import AsyncMemory
+from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
-class SyncWatch:
-    """A blocking iterator of ``Change``; ``close()`` it (or use ``with``) when done."""
 
-    def __init__(self, watch: Watch) -> None:
+class _AsyncWatch(Protocol[T_co]):
+    async def start(self) -> Any: ...
+    async def __anext__(self) -> T_co: ...
+    async def aclose(self) -> None: ...
+
+
+class SyncWatch(Generic[T]):
+    """A blocking iterator over an async watch; ``close()`` it (or use ``with``) when done."""
+
+    def __init__(self, watch: _AsyncWatch[T]) -> None:
         self._watch = watch
         call(watch.start)
 
-    def __iter__(self) -> Iterator[Change]:
+    def __iter__(self) -> Iterator[T]:
         return self
 
-    def __next__(self) -> Change:
+    def __next__(self) -> T:
         try:
             return call(self._watch.__anext__)
         except StopAsyncIteration:
@@ -31,7 +41,7 @@ class SyncWatch:
     def close(self) -> None:
         call(self._watch.aclose)
 
-    def __enter__(self) -> SyncWatch:
+    def __enter__(self) -> SyncWatch[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,7 +88,7 @@ class Memory:
         """The audit trail of ``key``, oldest first."""
         return call(self._core.revisions, key)
 
-    def watch(self, pattern: str = "*") -> SyncWatch:
+    def watch(self, pattern: str = "*") -> SyncWatch[Change]:
         """Live changes of matching keys from any process; subscribed when this returns."""
         return SyncWatch(self._core.watch(pattern))
 
@@ -96,3 +106,76 @@ class Memory:
 
     def __repr__(self) -> str:
         return f"Memory({self.namespace!r})"
+
+
+class ChatHistory:
+    """One conversation log, sync face of ``AsyncChatHistory`` (same arguments and semantics).
+
+    ``chat = ChatHistory("user-42", namespace="chat", ttl=None); chat.append({"role": "user", ...})``.
+    """
+
+    def __init__(self, session_id: str, *, namespace: str = "chat", **options: Any) -> None:
+        self._core = AsyncChatHistory(session_id, namespace=namespace, **options)
+        self.session_id = session_id
+        self.namespace = namespace
+        call(self._core.open)
+
+    @classmethod
+    def _wrap(cls, core: AsyncChatHistory) -> ChatHistory:
+        obj = cls.__new__(cls)
+        obj._core, obj.session_id, obj.namespace = core, core.session_id, core.namespace
+        return obj
+
+    def append(self, message: Mapping[str, Any]) -> int:
+        """Append one message; return its sequence number."""
+        return call(self._core.append, message)
+
+    def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Append several messages, all or nothing; return their sequence numbers."""
+        return call(self._core.extend, messages)
+
+    def messages(self, last: int | None = None) -> list[dict[str, Any]]:
+        """The messages, oldest first, exactly as appended."""
+        return call(self._core.messages, last)
+
+    def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
+        """Messages with sequence and time."""
+        return call(self._core.entries, after, last)
+
+    def __len__(self) -> int:
+        return call(self._core.count)
+
+    def clear(self) -> None:
+        """Remove every message of this conversation."""
+        call(self._core.clear)
+
+    def watch(self, after: int | None = None) -> SyncWatch[Entry]:
+        """Live new entries from any process; subscribed when this returns."""
+        return SyncWatch(self._core.watch(after))
+
+    def fork(self, session_id: str, upto: int | None = None) -> ChatHistory:
+        """A new conversation with this one's messages up to and including ``upto``."""
+        return ChatHistory._wrap(call(self._core.fork, session_id, upto))
+
+    @staticmethod
+    def sessions(
+        namespace: str = "chat", pattern: str = "*", *, limit: int | None = 100, offset: int = 0, **options: Any
+    ) -> list[SessionInfo]:
+        """Conversations matching the glob: id, message count, last activity; newest first."""
+
+        async def run() -> list[SessionInfo]:
+            return await AsyncChatHistory.sessions(namespace, pattern, limit=limit, offset=offset, **options)
+
+        return call(run)
+
+    def close(self) -> None:
+        call(self._core.close)
+
+    def __enter__(self) -> ChatHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ChatHistory({self.session_id!r}, namespace={self.namespace!r})"

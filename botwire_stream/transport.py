@@ -73,6 +73,17 @@ def origin_headers() -> dict[str, str]:
     return {"Botwire-Origin": ORIGIN}
 
 
+class Batch:
+    """One batch direct get reply: its messages, how many more match, the last sequence sent."""
+
+    __slots__ = ("msgs", "pending", "last_seq")
+
+    def __init__(self, msgs: list[Msg], pending: int, last_seq: int) -> None:
+        self.msgs = msgs
+        self.pending = pending
+        self.last_seq = last_seq
+
+
 class Connection:
     """A NATS connection with JetStream, shared through ``acquire``/``release``."""
 
@@ -150,30 +161,37 @@ class Connection:
         finally:
             self._recovering = None
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` with errors translated; on the embedded server, recover and retry once."""
-        try:
-            return await fn()
-        except BotWireError:
-            raise
-        except _RETRYABLE as exc:
-            if self.home is None:
-                raise translate(exc) from exc
-            try:
-                await self._recover()
-            except Exception as rexc:
-                raise translate(rexc) from exc
+    async def call(self, fn: Callable[[], Awaitable[T]], *, retries: int = 0) -> T:
+        """Run ``fn`` with errors translated.
+
+        On the embedded server a dead server is restarted and ``fn`` retried once. ``retries``
+        allows that many more attempts (with backoff) for idempotent calls, such as publishes that
+        carry a ``Nats-Msg-Id``, so that they ride out a reconnect or a cluster leader election.
+        """
+        delay = 0.1
+        attempt = 0
+        while True:
             try:
                 return await fn()
             except BotWireError:
                 raise
-            except Exception as exc2:
-                raise translate(exc2) from exc2
-        except Exception as exc:
-            new = translate(exc)
-            if new is exc:
-                raise
-            raise new from exc
+            except _RETRYABLE as exc:
+                if attempt >= max(retries, 1 if self.home is not None else 0):
+                    raise translate(exc) from exc
+                attempt += 1
+                if self.home is not None:
+                    try:
+                        await self._recover()
+                    except Exception as rexc:
+                        raise translate(rexc) from exc
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            except Exception as exc:
+                new = translate(exc)
+                if new is exc:
+                    raise
+                raise new from exc
 
     # -- streams --------------------------------------------------------------------------------
     async def ensure_stream(self, config: StreamConfig) -> None:
@@ -198,9 +216,18 @@ class Connection:
 
     # -- publishing -----------------------------------------------------------------------------
     async def publish(
-        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        *,
+        idempotent: bool = False,
     ) -> int:
-        """Publish to JetStream and wait for the ack; return the stream sequence."""
+        """Publish to JetStream and wait for the ack; return the stream sequence.
+
+        ``idempotent``: the headers carry a ``Nats-Msg-Id``, so the publish may be retried.
+        """
 
         async def run() -> int:
             msg = await self.nc.request(subject, data, timeout=timeout, headers=dict(headers) if headers else None)
@@ -209,7 +236,7 @@ class Connection:
                 _raise_api_error(ack.error)
             return ack.seq
 
-        return await self.call(run)
+        return await self.call(run, retries=5 if idempotent else 0)
 
     async def publish_batch(
         self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
@@ -251,27 +278,33 @@ class Connection:
 
         return await self.call(run)
 
-    async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> list[Msg]:
-        """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``...).
+    async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
+        """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
 
-        Returns the messages of one reply batch; the caller pages with ``seq``.
+        Returns the messages of one reply batch and its end-of-batch figures; page with ``seq``.
         """
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
 
-        async def run() -> list[Msg]:
-            msgs: list[Msg] = []
+        async def run() -> Batch:
+            batch = Batch([], 0, 0)
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
             async def on_msg(m: Msg) -> None:
-                st = m.headers.get("Status") if m.headers else None
+                hdr = m.headers
+                st = hdr.get("Status") if hdr else None
                 if st is None:
-                    msgs.append(m)
+                    batch.msgs.append(m)
                 elif done.done():
                     return
-                elif st in ("204", "404"):
+                elif st == "204":
+                    assert hdr is not None
+                    batch.pending = int(hdr.get("Nats-Num-Pending", 0))
+                    batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
+                    done.set_result(None)
+                elif st == "404":
                     done.set_result(None)
                 else:
-                    desc = m.headers.get("Description", "") if m.headers else ""
+                    desc = hdr.get("Description", "") if hdr else ""
                     done.set_exception(nats.js.errors.APIError(code=int(st), description=desc))
 
             inbox = self.nc.new_inbox()
@@ -281,20 +314,29 @@ class Connection:
                 await asyncio.wait_for(done, timeout)
             finally:
                 await sub.unsubscribe()
-            return msgs
+            return batch
 
         return await self.call(run)
 
-    async def read_subject(self, stream: str, subject: str, *, start_seq: int = 1, page: int = 1000) -> list[Msg]:
-        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets."""
+    async def read_subject(
+        self, stream: str, subject: str, *, start_seq: int = 1, page: int = 1000, headers: bool = True
+    ) -> list[Msg]:
+        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets.
+
+        ``headers=False`` asks the server to leave out per-message headers: about twice as fast for
+        long reads, but the messages then carry neither sequence nor time.
+        """
         out: list[Msg] = []
         seq = start_seq
         while True:
-            msgs = await self.direct_batch(stream, {"next_by_subj": subject, "seq": seq, "batch": page})
-            out.extend(msgs)
-            if len(msgs) < page:
+            req: dict[str, Any] = {"next_by_subj": subject, "seq": seq, "batch": page}
+            if not headers:
+                req["no_hdr"] = True
+            batch = await self.direct_batch(stream, req)
+            out.extend(batch.msgs)
+            if len(batch.msgs) < page or not batch.last_seq:
                 return out
-            seq = int(msgs[-1].headers["Nats-Sequence"]) + 1  # type: ignore[index]
+            seq = batch.last_seq + 1
 
     async def last_per_subject(
         self, stream: str, filter_subject: str, *, headers_only: bool = True, timeout: float = 10.0
@@ -352,6 +394,15 @@ class Connection:
             finally:  # fire and forget: the consumer would also vanish after inactive_threshold
                 await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
             return msgs
+
+        return await self.call(run)
+
+    async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
+        """How many messages each subject matching ``subject_filter`` holds (one request)."""
+
+        async def run() -> dict[str, int]:
+            info = await self.js.stream_info(stream, subjects_filter=subject_filter)
+            return dict(info.state.subjects or {})
 
         return await self.call(run)
 
