@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, translate
+from .errors import BotWireError, ServerUnavailable, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -99,32 +99,19 @@ class Connection:
     # -- connecting -----------------------------------------------------------------------------
     @staticmethod
     async def open(opts: ConnectOptions) -> Connection:
-        home = None
+        if not opts.embedded:
+            assert opts.servers is not None
+            nc = await _connect(
+                list(opts.servers), token=opts.token, user=opts.user, password=opts.password, creds=opts.creds
+            )
+            return Connection(opts, nc, None)
+        home = Path(opts.home) if opts.home else embedded.home_dir()
+        state, token = await asyncio.to_thread(embedded.ensure, home)
         try:
-            if opts.embedded:
-                home = Path(opts.home) if opts.home else embedded.home_dir()
-                state, token = await asyncio.to_thread(embedded.ensure, home)
-                nc = await _connect([state.url], token=token)
-            else:
-                assert opts.servers is not None
-                nc = await _connect(
-                    list(opts.servers),
-                    token=opts.token,
-                    user=opts.user,
-                    password=opts.password,
-                    creds=opts.creds,
-                )
-        except BotWireError:
-            raise
-        except Exception as exc:
-            if home is not None:  # the embedded server died between the check and the connect
-                state, token = await asyncio.to_thread(embedded.ensure, home, verify=True)
-                try:
-                    nc = await _connect([state.url], token=token)
-                except Exception as exc2:
-                    raise translate(exc2) from exc2
-            else:
-                raise translate(exc) from exc
+            nc = await _connect([state.url], token=token, timeout=1.0)
+        except ServerUnavailable:  # it died between the check and the connect: start it again
+            state, token = await asyncio.to_thread(embedded.ensure, home, verify=True)
+            nc = await _connect([state.url], token=token)
         return Connection(opts, nc, home)
 
     async def _recover(self) -> None:
@@ -424,6 +411,9 @@ class Connection:
         await self.call(run)
 
 
+CONNECT_TIMEOUT = 5.0
+
+
 async def _connect(
     servers: list[str],
     *,
@@ -431,7 +421,14 @@ async def _connect(
     user: str | None = None,
     password: str | None = None,
     creds: str | None = None,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> NATS:
+    """Connect, reconnecting forever afterwards, but failing the first connect fast.
+
+    nats-py retries a first connect forever when reconnects are unlimited, even on a refused
+    token; here a refused credential raises ``Unauthorized`` at once and an unreachable server
+    ``ServerUnavailable`` after ``timeout`` seconds.
+    """
     kwargs: dict[str, Any] = {}
     if token:
         kwargs["token"] = token
@@ -440,20 +437,48 @@ async def _connect(
         kwargs["password"] = password
     if creds:
         kwargs["user_credentials"] = creds
+    nc = NATS()
+    refused = asyncio.Event()
+    last_error: list[BaseException] = []
 
-    async def quiet(_exc: Exception) -> None:  # nats-py logs every reconnect attempt otherwise
-        return None
+    async def on_error(exc: Exception) -> None:  # nats-py would log every reconnect attempt
+        last_error[:] = [exc]
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in str(exc).lower():
+            refused.set()
 
-    return await nats.connect(
-        servers=servers,
-        connect_timeout=2,
-        reconnect_time_wait=0.1,
-        max_reconnect_attempts=-1,
-        allow_reconnect=True,
-        error_cb=quiet,
-        name=f"botwire-stream {ORIGIN}",
-        **kwargs,
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            servers=servers,
+            connect_timeout=2,
+            reconnect_time_wait=0.1,  # type: ignore[arg-type]  # seconds; a float works
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=on_error,
+            name=f"botwire-stream {ORIGIN}",
+            **kwargs,
+        )
     )
+    watching = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({connecting, watching}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        return nc
+    connecting.cancel()
+    try:
+        await nc.close()
+    except Exception:  # noqa: BLE001 - nothing to close
+        pass
+    where = ", ".join(servers)
+    if refused.is_set():
+        raise Unauthorized(
+            f"{where} refused the credentials; check token=/user=/creds= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
+        )
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
+        raise translate(connecting.exception())  # type: ignore[arg-type]
+    detail = f": {last_error[0]}" if last_error else ""
+    raise ServerUnavailable(f"cannot connect to {where} within {timeout:.0f} s{detail}; is the server running?")
 
 
 # -- the shared pool ---------------------------------------------------------------------------
