@@ -34,7 +34,6 @@ from .settings import ConnectOptions, resolve
 from .transport import Connection, acquire, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
-_HEADROOM: Final = 16 * 1024
 _PAGE: Final = 10_000
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
@@ -161,7 +160,7 @@ class AsyncChatHistory:
 
     # -- writing --------------------------------------------------------------------------------
     def _check_size(self, conn: Connection, data: bytes) -> None:
-        limit = conn.nc.max_payload - _HEADROOM
+        limit = conn.max_body
         if len(data) > limit:
             raise ValueTooLarge(f"the message encodes to {len(data)} bytes; a message may hold {limit}")
 

@@ -33,7 +33,6 @@ from .transport import Connection, acquire, origin_headers, release
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
-_HEADROOM: Final = 16 * 1024  # room for headers under the server's max_payload
 _MISSING: Final = object()
 _DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
 
@@ -284,7 +283,7 @@ class AsyncMemory:
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         subject = self._prefix + token
-        if size <= conn.nc.max_payload - _HEADROOM:
+        if size <= conn.max_body:
             return await conn.publish(subject, data, headers, self._timeout)
         return await self._write_blob(conn, key, subject, data, ttl, headers)
 
@@ -311,7 +310,7 @@ class AsyncMemory:
         await self._ensure_blob_stream(conn)
         blob = NUID().next().decode()
         base = self._blob_subject(key)
-        step = conn.nc.max_payload - _HEADROOM
+        step = conn.max_body
         chunk_headers = {"Nats-TTL": str(ttl)} if ttl is not None else None
         view = memoryview(data)
         seqs = []

@@ -84,6 +84,9 @@ class Batch:
         self.last_seq = last_seq
 
 
+HEADROOM = 16 * 1024  # room for headers under the server's max_payload
+
+
 class Connection:
     """A NATS connection with JetStream, shared through ``acquire``/``release``."""
 
@@ -95,6 +98,11 @@ class Connection:
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
+
+    @property
+    def max_body(self) -> int:
+        """The largest message body this server takes, leaving room for our headers."""
+        return self.nc.max_payload - HEADROOM
 
     # -- connecting -----------------------------------------------------------------------------
     @staticmethod
