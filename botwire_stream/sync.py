@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from .chat import AsyncChatHistory
-from .memory import AsyncMemory
+from .memory import DEFAULT_HISTORY, AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 
@@ -54,8 +54,30 @@ class Memory:
     ``memory = Memory("chat-app"); memory.set("user:42:history", [], ttl=86400)``.
     """
 
-    def __init__(self, namespace: str, **options: Any) -> None:
-        self._core = AsyncMemory(namespace, **options)
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        creds: str | None = None,
+        history: int = DEFAULT_HISTORY,
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._core = AsyncMemory(
+            namespace,
+            url=url,
+            token=token,
+            user=user,
+            password=password,
+            creds=creds,
+            history=history,
+            replicas=replicas,
+            timeout=timeout,
+        )
         self.namespace = self._core.namespace
         call(self._core.open)
 
@@ -114,8 +136,32 @@ class ChatHistory:
     ``chat = ChatHistory("user-42", namespace="chat", ttl=None); chat.append({"role": "user", ...})``.
     """
 
-    def __init__(self, session_id: str, *, namespace: str = "chat", **options: Any) -> None:
-        self._core = AsyncChatHistory(session_id, namespace=namespace, **options)
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        namespace: str = "chat",
+        ttl: float | timedelta | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        creds: str | None = None,
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._core = AsyncChatHistory(
+            session_id,
+            namespace=namespace,
+            ttl=ttl,
+            url=url,
+            token=token,
+            user=user,
+            password=password,
+            creds=creds,
+            replicas=replicas,
+            timeout=timeout,
+        )
         self.session_id = session_id
         self.namespace = namespace
         call(self._core.open)
