@@ -15,15 +15,14 @@ expires itself a second later. No reaper process is needed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final
 
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.nuid import NUID
 
 from . import keys
@@ -31,6 +30,7 @@ from .errors import BotWireError, Conflict, InvalidMessage, ValueTooLarge
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import ConnectOptions, resolve
+from .live import LiveIterator
 from .transport import Connection, acquire, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
@@ -44,7 +44,7 @@ def _encode_message(message: object) -> bytes:
         raise InvalidMessage(f"a chat message is a mapping (dict), not {type(message).__name__}")
     try:
         return _encoder.encode(message)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:  # lone surrogates: not UTF-8
         raise InvalidMessage(f"the message is not JSON-encodable: {exc}") from exc
 
 
@@ -394,62 +394,22 @@ def _entry(m: Msg) -> Entry:
     return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decoder.decode(m.data))
 
 
-class ChatWatch:
+class ChatWatch(LiveIterator[Entry]):
     """An async iterator of new ``Entry`` of one conversation; close it when done."""
 
     def __init__(self, chat: AsyncChatHistory, after: int | None) -> None:
+        super().__init__(chat._connection)
         self._chat = chat
         self._after = after
-        self._sub: Any = None
 
-    async def start(self) -> ChatWatch:
-        """Subscribe now: entries written after this returns (or after ``after``) are delivered."""
-        if self._sub is None:
-            conn = await self._chat._connection()
-            if self._after is None:
-                kwargs: dict[str, Any] = {"deliver_policy": DeliverPolicy.NEW}
-            else:
-                from nats.js.api import ConsumerConfig
+    async def _subscribe(self, conn: Connection) -> Any:
+        if self._after is None:
+            return await conn.js.subscribe(self._chat.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._after + 1)
+        return await conn.js.subscribe(self._chat.subject, ordered_consumer=True, config=config)
 
-                kwargs = {
-                    "config": ConsumerConfig(
-                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._after + 1
-                    )
-                }
-
-            async def run() -> Any:
-                return await conn.js.subscribe(self._chat.subject, ordered_consumer=True, **kwargs)
-
-            self._sub = await conn.call(run)
-        return self
-
-    def __aiter__(self) -> AsyncIterator[Entry]:
-        return self
-
-    async def __anext__(self) -> Entry:
-        if self._sub is None:
-            await self.start()
-        while True:
-            try:
-                msg = await self._sub.next_msg(timeout=None)
-            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError) as exc:
-                raise StopAsyncIteration from exc
-            if not msg.data:
-                continue  # expiry marker
-            meta = msg.metadata
-            return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decoder.decode(msg.data))
-
-    async def aclose(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may be gone already
-                pass
-
-    async def __aenter__(self) -> ChatWatch:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
+    async def _convert(self, conn: Connection, msg: Msg) -> Entry | None:
+        if not msg.data:
+            return None  # the expiry marker
+        meta = msg.metadata
+        return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decoder.decode(msg.data))

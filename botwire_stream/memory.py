@@ -14,13 +14,12 @@ import asyncio
 import base64
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Final
 
 import msgspec
-import nats.errors
 from nats.nuid import NUID
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
@@ -29,6 +28,7 @@ from . import codec, keys
 from .errors import BotWireError, Conflict, InvalidTTL, ValueTooLarge
 from .models import Change, Op, Revision
 from .settings import resolve
+from .live import LiveIterator
 from .transport import Connection, acquire, origin_headers, release
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
@@ -433,58 +433,19 @@ class AsyncMemory:
         return Change(key=key, op=op, value=value, revision=meta.sequence.stream, time=meta.timestamp)
 
 
-class Watch:
+class Watch(LiveIterator[Change]):
     """An async iterator of ``Change`` (see ``AsyncMemory.watch``); close it when done."""
 
     def __init__(self, memory: AsyncMemory, subject: str, pattern: str, exact: bool) -> None:
+        super().__init__(memory._connection)
         self._memory = memory
         self._subject = subject
         self._pattern = pattern
         self._exact = exact
-        self._sub: Any = None
-        self._conn: Connection | None = None
 
-    async def start(self) -> Watch:
-        """Subscribe now; changes made after this returns are delivered."""
-        if self._sub is None:
-            conn = await self._memory._connection()
+    async def _subscribe(self, conn: Connection) -> Any:
+        return await conn.js.subscribe(self._subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
 
-            async def run() -> Any:
-                return await conn.js.subscribe(
-                    self._subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
-                )
-
-            self._sub = await conn.call(run)
-            self._conn = conn
-        return self
-
-    def __aiter__(self) -> AsyncIterator[Change]:
-        return self
-
-    async def __anext__(self) -> Change:
-        if self._sub is None:
-            await self.start()
-        assert self._conn is not None
-        while True:
-            try:
-                msg = await self._sub.next_msg(timeout=None)
-            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError) as exc:
-                raise StopAsyncIteration from exc
-            change = await self._memory._change(self._conn, msg)
-            if self._exact or keys.matches(change.key, self._pattern):
-                return change
-
-    async def aclose(self) -> None:
-        """Stop the subscription."""
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may be gone already
-                pass
-
-    async def __aenter__(self) -> Watch:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def _convert(self, conn: Connection, msg: Msg) -> Change | None:
+        change = await self._memory._change(conn, msg)
+        return change if self._exact or keys.matches(change.key, self._pattern) else None

@@ -1,0 +1,489 @@
+"""The ``botwire`` command line: read, write and watch a namespace, and manage the embedded server.
+
+Every data command takes ``--namespace/-n``, ``--url``, ``--token``, ``--creds`` and ``--json``,
+before or after the command name. Exit codes: 0 success, 1 "not found" (missing key, no server
+running), 2 errors (``error: ...`` on stderr, and click's usage errors), 130 interrupted by Ctrl-C.
+The heavy modules (nats, msgspec) are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from .errors import BotWireError
+
+if TYPE_CHECKING:
+    from .models import Change, Revision
+    from .sync import Memory
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+EXIT_NOT_FOUND = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass
+class Options:
+    """Connection and output options, collected from the group and the command (the command wins)."""
+
+    namespace: str | None = None
+    url: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    json: bool = False
+
+    def resolved_namespace(self) -> str:
+        return self.namespace or os.environ.get("BOTWIRE_NAMESPACE") or "default"
+
+
+class Failure(click.ClickException):
+    """An error reported as one ``error: ...`` line on stderr, exit code 2."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class BotwireGroup(click.Group):
+    """The root group: turns library errors into ``error: ...`` lines instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BotWireError as exc:
+            raise Failure(str(exc)) from exc
+        except BrokenPipeError:
+            _silence_stdout()  # e.g. `botwire watch | head -n 3`: the reader left, stop quietly
+            raise click.exceptions.Exit(141) from None
+        except OSError as exc:
+            raise Failure(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (e.g. a test runner's buffer)
+
+
+def _options(ctx: click.Context) -> Options:
+    obj = ctx.find_object(Options)
+    if obj is None:
+        obj = ctx.find_root().ensure_object(Options)
+    return obj
+
+
+def _store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    # Options given at any level land in one Options; a later (command-level) value overrides.
+    if value is None or value is False:
+        return
+    assert param.name is not None
+    setattr(_options(ctx), param.name, value)
+
+
+_json_option = click.option(
+    "--json",
+    "json",
+    is_flag=True,
+    default=False,
+    expose_value=False,
+    callback=_store,
+    help="Machine-readable output: one JSON document (watch: one JSON object per line).",
+)
+
+
+def _connection_options(f: F) -> F:
+    options = [
+        click.option(
+            "--namespace",
+            "-n",
+            "namespace",
+            metavar="NAME",
+            expose_value=False,
+            callback=_store,
+            help="Namespace (1-64 of A-Z a-z 0-9 _ -). Default: $BOTWIRE_NAMESPACE, else 'default'.",
+        ),
+        click.option(
+            "--url",
+            "url",
+            metavar="URL",
+            expose_value=False,
+            callback=_store,
+            help="nats:// or tls:// server (comma-separated for a cluster). "
+            "Default: $BOTWIRE_URL, else the embedded local server.",
+        ),
+        click.option(
+            "--token",
+            "token",
+            metavar="TOKEN",
+            expose_value=False,
+            callback=_store,
+            help="Auth token. Default: $BOTWIRE_TOKEN.",
+        ),
+        click.option(
+            "--creds",
+            "creds",
+            metavar="FILE",
+            expose_value=False,
+            callback=_store,
+            help="NATS credentials file. Default: $BOTWIRE_CREDS.",
+        ),
+        _json_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run(opts: Options, body: Callable[[Memory], T]) -> T:
+    """Run ``body(memory)`` on a worker thread with the ``Memory`` the options name.
+
+    The main thread only waits, so Ctrl-C interrupts that wait and never lands inside a call to
+    the event loop thread (which could leave a half-cancelled call behind). On Ctrl-C the memory
+    is closed, which also ends a pending ``watch``, and the command exits with code 130.
+    """
+    from .sync import Memory
+
+    box: dict[str, Any] = {}
+    stopping = threading.Event()
+
+    def work() -> None:
+        try:
+            memory = Memory(opts.resolved_namespace(), url=opts.url, token=opts.token, creds=opts.creds)
+            box["memory"] = memory
+            try:
+                box["result"] = body(memory)
+            finally:
+                memory.close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            if not stopping.is_set():
+                box["error"] = exc
+
+    worker = threading.Thread(target=work, name="botwire-cli", daemon=True)
+    worker.start()
+    try:
+        worker.join()
+    except KeyboardInterrupt:
+        stopping.set()
+        memory = box.get("memory")
+        if memory is not None:
+            memory.close()
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    if "error" in box:
+        raise box["error"]
+    result: T = box["result"]
+    return result
+
+
+# -- output -------------------------------------------------------------------------------------
+def _json(value: Any) -> str:
+    """Compact JSON on one line (values, revisions and changes alike)."""
+    import msgspec
+
+    return msgspec.json.encode(value).decode()
+
+
+def _pretty(value: Any) -> str:
+    """A value for people: strings as they are, anything else as indented JSON."""
+    if isinstance(value, str):
+        return value
+    import msgspec
+
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+
+
+def _not_found(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    raise click.exceptions.Exit(EXIT_NOT_FOUND)
+
+
+def _change_line(change: Change) -> str:
+    line = f"{change.time.isoformat(timespec='milliseconds')} {change.op:<6} {change.key}"
+    return line + (f" = {_json(change.value)}" if change.op == "set" else "")
+
+
+def _revision_line(rev: Revision) -> str:
+    line = f"{rev.revision:>8}  {rev.time.isoformat(timespec='milliseconds')}  {rev.op:<6}"
+    return line + (f"  {_json(rev.value)}" if rev.op == "set" else "")
+
+
+# -- value parsing ------------------------------------------------------------------------------
+def parse_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``--ttl``: seconds as a number (``90``, ``1.5``) or with a unit: ``30s``, ``5m``, ``2h``, ``1d``."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    scale = 1.0
+    if text and text[-1] in _UNITS:
+        scale, text = _UNITS[text[-1]], text[:-1]
+    try:
+        return float(text) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration: use seconds (90, 1.5) or 30s, 5m, 2h, 1d") from None
+
+
+def parse_value(text: str, *, force_string: bool) -> Any:
+    """VALUE as JSON when it is valid JSON, else (or with ``--string``) the string itself."""
+    if force_string:
+        return text
+    import msgspec
+
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        if text.lstrip()[:1] in ("{", "[", '"'):
+            click.echo("note: VALUE is not valid JSON, so it is stored as a string (--string silences this)", err=True)
+        return text
+
+
+# -- commands -----------------------------------------------------------------------------------
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@click.group(cls=BotwireGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@_connection_options
+@click.version_option(_version(), "--version", "-V", prog_name="botwire")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Read, write and watch botwire-stream memory from the shell.
+
+    \b
+      botwire set user:42:name '"Ada"'          # VALUE is JSON when it parses...
+      botwire set greeting hello --ttl 1h       # ...else a string; --ttl: 90, 30s, 5m, 2h, 1d
+      botwire get user:42:name
+      botwire keys 'user:*' --json
+      botwire watch 'user:*'                    # one line per change, until Ctrl-C
+      botwire server status --json              # the embedded local server
+
+    Exit codes: 0 ok, 1 not found, 2 error, 130 interrupted.
+    """
+    ctx.ensure_object(Options)
+
+
+@cli.command()
+@click.argument("key")
+@_connection_options
+@click.pass_obj
+def get(opts: Options, key: str) -> None:
+    """Print the value of KEY (exit 1 when missing or expired)."""
+    missing = object()
+    value = _run(opts, lambda memory: memory.get(key, missing))
+    if value is missing:
+        _not_found(f"key {key!r} not found in namespace {opts.resolved_namespace()!r}")
+    click.echo(_json(value) if opts.json else _pretty(value))
+
+
+@cli.command(name="set")
+@click.argument("key")
+@click.argument("value")
+@click.option(
+    "--ttl",
+    metavar="SECONDS",
+    callback=parse_duration,
+    default=None,
+    help="Expire after this long: 90, 1.5, 30s, 5m, 2h, 1d.",
+)
+@click.option("--string", "force_string", is_flag=True, help="Store VALUE as a string even if it is valid JSON.")
+@_connection_options
+@click.pass_obj
+def set_(opts: Options, key: str, value: str, ttl: float | None, force_string: bool) -> None:
+    """Store VALUE (JSON, else a string) under KEY.
+
+    VALUE is parsed as JSON when it is valid JSON (42, true, null, {"a": 1}, '"quoted"'), else
+    stored as the string itself. VALUE '-' reads it from stdin (one trailing newline dropped).
+    """
+    if value == "-":
+        value = sys.stdin.read()
+        value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    data = parse_value(value, force_string=force_string)
+
+    def write(memory: Memory) -> int:
+        try:
+            return memory.set(key, data, ttl=ttl)
+        except TypeError as exc:
+            raise Failure(str(exc)) from exc
+
+    revision = _run(opts, write)
+    if opts.json:
+        click.echo(_json({"namespace": opts.resolved_namespace(), "key": key, "revision": revision, "ttl": ttl}))
+    else:
+        expiry = f", expires in {ttl:g} s" if ttl is not None else ""
+        click.echo(f"stored {key!r} (revision {revision}{expiry})")
+
+
+@cli.command(name="del")
+@click.argument("key")
+@_connection_options
+@click.pass_obj
+def delete(opts: Options, key: str) -> None:
+    """Delete KEY (exit 1 when it did not exist)."""
+    existed = _run(opts, lambda memory: memory.delete(key))
+    if opts.json:
+        click.echo(_json({"namespace": opts.resolved_namespace(), "key": key, "deleted": existed}))
+        if not existed:
+            raise click.exceptions.Exit(EXIT_NOT_FOUND)
+    elif existed:
+        click.echo(f"deleted {key!r}")
+    else:
+        _not_found(f"key {key!r} not found in namespace {opts.resolved_namespace()!r}")
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+@_connection_options
+@click.pass_obj
+def keys(opts: Options, pattern: str) -> None:
+    """List the keys matching PATTERN, sorted.
+
+    PATTERN is a glob (default '*'): '*' matches any run of characters, ':' included; '?' one
+    character; [...] a set.
+    """
+    found = _run(opts, lambda memory: memory.list_keys(pattern))
+    if opts.json:
+        click.echo(_json(found))
+    else:
+        for key in found:
+            click.echo(key)
+
+
+@cli.command()
+@click.argument("key")
+@_connection_options
+@click.pass_obj
+def revisions(opts: Options, key: str) -> None:
+    """Print the audit trail of KEY, oldest first.
+
+    One line per revision: revision, time, op (set, delete, expire) and value. Exit 1 when the
+    key has none.
+    """
+    trail = _run(opts, lambda memory: memory.revisions(key))
+    if opts.json:
+        click.echo(_json(trail))
+    else:
+        for rev in trail:
+            click.echo(_revision_line(rev))
+    if not trail:
+        _not_found(f"key {key!r} has no revisions in namespace {opts.resolved_namespace()!r}")
+
+
+@cli.command()
+@click.argument("pattern", default="*")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N changes.")
+@_connection_options
+@click.pass_obj
+def watch(opts: Options, pattern: str, count: int | None) -> None:
+    """Print live changes of the keys matching PATTERN, until Ctrl-C.
+
+    Changes by any process are printed one per line. A line reads `TIME OP KEY = VALUE` (OP: set,
+    delete, expire); with --json each line is an object with key, op, value, revision and time.
+    """
+
+    def follow(memory: Memory) -> None:
+        seen = 0
+        with memory.watch(pattern) as changes:
+            click.echo(f"watching {pattern!r} in namespace {memory.namespace!r} (Ctrl-C to stop)", err=True)
+            for change in changes:
+                click.echo(_json(change) if opts.json else _change_line(change))
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+        raise Failure("the watch ended because the connection closed")
+
+    _run(opts, follow)
+
+
+# -- the embedded server --------------------------------------------------------------------------
+@cli.group()
+def server() -> None:
+    """Manage the embedded local nats-server.
+
+    Its data, token and log live under $BOTWIRE_HOME (default: the user data folder).
+    """
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {"running": True, **asdict(state)}
+
+
+@server.command()
+@_json_option
+@click.pass_obj
+def start(opts: Options) -> None:
+    """Start the embedded server unless it runs; print its url and pid."""
+    from . import embedded
+
+    home = embedded.home_dir()
+    was_running = embedded.status(home) is not None
+    state, _ = embedded.ensure(home, verify=True)
+    if opts.json:
+        click.echo(_json({**_state_dict(state), "started": not was_running}))
+    else:
+        verb = "already running" if was_running else "started"
+        click.echo(f"botwire server {verb}: {state.url} (pid {state.pid})")
+
+
+@server.command()
+@_json_option
+@click.pass_obj
+def stop(opts: Options) -> None:
+    """Stop the embedded server; say whether one was running."""
+    from . import embedded
+
+    home = embedded.home_dir()
+    state = embedded.stop(home)
+    if opts.json:
+        click.echo(_json({"stopped": state is not None, "pid": state.pid if state else None, "home": str(home)}))
+    elif state is None:
+        click.echo(f"no botwire server was running (home {home})")
+    else:
+        click.echo(f"stopped botwire server (pid {state.pid})")
+
+
+@server.command()
+@_json_option
+@click.pass_obj
+def status(opts: Options) -> None:
+    """Show the embedded server's url, pid and folders (exit 1: not running)."""
+    from . import embedded
+
+    home = embedded.home_dir()
+    state = embedded.status(home)
+    if state is None:
+        if opts.json:
+            click.echo(_json({"running": False, "url": None, "pid": None, "home": str(home)}))
+            raise click.exceptions.Exit(EXIT_NOT_FOUND)
+        _not_found(f"no botwire server is running (home {home}); start one with `botwire server start`")
+    if opts.json:
+        click.echo(_json(_state_dict(state)))
+        return
+    click.echo(
+        f"running: {state.url} (pid {state.pid})\n"
+        f"home:    {state.home}\nstore:   {state.store_dir}\nlog:     {state.log_file}"
+    )
+    if os.environ.get("BOTWIRE_URL"):
+        click.echo("note: BOTWIRE_URL is set, so clients connect there rather than to this server", err=True)
+
+
+def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:
+    """Entry point of the ``botwire`` script."""
+    cli.main(args=args, prog_name=prog_name)
