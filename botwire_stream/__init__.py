@@ -2,12 +2,21 @@
 
 ``Memory``/``AsyncMemory`` hold namespaced key-value memory; ``ChatHistory``/``AsyncChatHistory``
 hold append-only conversation logs. Errors live in ``botwire_stream.errors``.
+
+The classes are imported on first access (PEP 562), so that ``botwire --help`` and importing
+``botwire_stream.errors`` do not pay for nats-py.
 """
 
-from .chat import AsyncChatHistory
-from .memory import AsyncMemory
-from .models import Change, Entry, Revision, SessionInfo
-from .sync import ChatHistory, Memory
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .chat import AsyncChatHistory
+    from .memory import AsyncMemory
+    from .models import Change, Entry, Revision, SessionInfo
+    from .sync import ChatHistory, Memory
 
 __all__ = [
     "AsyncChatHistory",
@@ -20,3 +29,27 @@ __all__ = [
     "SessionInfo",
 ]
 __version__ = "0.1.0"
+
+_WHERE = {
+    "AsyncChatHistory": "chat",
+    "AsyncMemory": "memory",
+    "Change": "models",
+    "Entry": "models",
+    "Revision": "models",
+    "SessionInfo": "models",
+    "ChatHistory": "sync",
+    "Memory": "sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'botwire_stream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
