@@ -370,20 +370,25 @@ class AsyncChatHistory:
         try:
             lasts = await conn.last_per_subject(names.stream, names.chat + subject_filter)
             counts = await conn.subject_counts(names.stream, names.chat + subject_filter)
+            found = []
+            n = len(names.chat)
+            recent = datetime.now(timezone.utc) - timedelta(seconds=5)
+            for m in lasts:
+                session_id = keys.decode_key(m.subject[n:])
+                if not exact and not keys.matches(session_id, pattern):
+                    continue
+                count = counts.get(m.subject, 0)
+                last_activity = m.metadata.timestamp
+                if not m.headers or "Nats-Scheduler" in m.headers:
+                    continue  # expired a moment ago: only its expiry marker is left
+                if count > 1 and last_activity > recent:
+                    # Written again within a second of expiring: the marker, first, is no message.
+                    probe = await conn.direct_batch(names.stream, {"next_by_subj": m.subject, "seq": 1, "batch": 1})
+                    if probe.msgs and not probe.msgs[0].data:
+                        count -= 1
+                found.append(SessionInfo(session_id=session_id, message_count=count, last_activity=last_activity))
         finally:
             await release(conn)
-        found = []
-        n = len(names.chat)
-        for m in lasts:
-            session_id = keys.decode_key(m.subject[n:])
-            if not exact and not keys.matches(session_id, pattern):
-                continue
-            count = counts.get(m.subject, 0)
-            if not m.headers or "Nats-Scheduler" in m.headers:
-                count -= 1  # the expiry marker of a conversation that just expired
-                if count <= 0:
-                    continue
-            found.append(SessionInfo(session_id=session_id, message_count=count, last_activity=m.metadata.timestamp))
         found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
         end = None if limit is None else offset + limit
         return found[offset:end]
