@@ -23,7 +23,6 @@ from typing import Any, Final
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.nuid import NUID
 
 from . import keys
 from .errors import BotWireError, Conflict, InvalidMessage, ValueTooLarge
@@ -164,8 +163,8 @@ class AsyncChatHistory:
         if len(data) > limit:
             raise ValueTooLarge(f"the message encodes to {len(data)} bytes; a message may hold {limit}")
 
-    def _schedule(self, conn: Connection) -> Any:
-        """The publish that (re)arms the conversation's expiry, or None without a ttl."""
+    def _schedule(self) -> tuple[str, bytes, dict[str, str]] | None:
+        """The message that (re)arms the conversation's expiry, or None without a ttl."""
         if self.ttl is None:
             return None
         at = datetime.now(timezone.utc) + timedelta(seconds=self.ttl)
@@ -178,7 +177,7 @@ class AsyncChatHistory:
             "Nats-Schedule-TTL": "1s",
             "Nats-Rollup": "sub",  # this schedule replaces the previous one
         }
-        return conn.publish(self._ttl_subject, b"", headers, self._timeout)
+        return self._ttl_subject, b"", headers
 
     async def append(self, message: Mapping[str, Any]) -> int:
         """Append one message; return its sequence number (the conversation's total order)."""
@@ -186,14 +185,14 @@ class AsyncChatHistory:
         conn = self._conn or await self._connection()
         self._check_size(conn, data)
         headers = origin_headers()
-        headers["Nats-Msg-Id"] = NUID().next().decode()
-        schedule = self._schedule(conn)
+        headers["Nats-Msg-Id"] = conn.new_id()
+        schedule = self._schedule()
         if schedule is None:
             return await conn.publish(self.subject, data, headers, self._timeout, idempotent=True)
-        _, seq = await asyncio.gather(
-            schedule, conn.publish(self.subject, data, headers, self._timeout, idempotent=True)
-        )
-        return seq
+        # The schedule first, on the same connection, so the server re-arms the expiry before the
+        # message lands; both acks are awaited together (one round trip).
+        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self._timeout, idempotent=True)
+        return seqs[1]
 
     async def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Append several messages atomically (all stored, in order, or none); their sequences."""
@@ -210,17 +209,15 @@ class AsyncChatHistory:
         headers = []
         for _ in payloads:
             h = origin_headers()
-            h["Nats-Msg-Id"] = NUID().next().decode()
+            h["Nats-Msg-Id"] = conn.new_id()
             headers.append(h)
-        schedule = self._schedule(conn)
+        schedule = self._schedule()
+        if schedule is not None:
+            await conn.publish(*schedule, self._timeout, idempotent=True)
         if len(payloads) == 1:
-            batch = conn.publish(self.subject, payloads[0], headers[0], self._timeout, idempotent=True)
+            last = await conn.publish(self.subject, payloads[0], headers[0], self._timeout, idempotent=True)
         else:
-            batch = conn.publish_batch(self.subject, payloads, headers, timeout=max(self._timeout, 10.0))
-        if schedule is None:
-            last = await batch
-        else:
-            _, last = await asyncio.gather(schedule, batch)
+            last = await conn.publish_batch(self.subject, payloads, headers, timeout=max(self._timeout, 10.0))
         return list(range(last - len(payloads) + 1, last + 1))
 
     async def clear(self) -> None:
@@ -334,9 +331,9 @@ class AsyncChatHistory:
                     if i == 0
                     else f"the fork {session_id!r} was written to while it was being copied"
                 ) from None
-        schedule = other._schedule(conn) if msgs else None
+        schedule = other._schedule() if msgs else None
         if schedule is not None:
-            await schedule
+            await conn.publish(*schedule, self._timeout)
         return other
 
     def watch(self, after: int | None = None) -> ChatWatch:

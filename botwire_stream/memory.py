@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Any, Final
 
 import msgspec
-from nats.nuid import NUID
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -35,6 +34,10 @@ MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
 _MISSING: Final = object()
 _DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
+
+
+class _ChunksGone(BotWireError):
+    """A chunked value was replaced (and its chunks reclaimed) while it was being read."""
 
 
 class _Manifest(msgspec.Struct):
@@ -188,11 +191,20 @@ class AsyncMemory:
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is missing, deleted or expired."""
-        conn, _, msg = await self._last(key)
-        if msg is None:
-            return default
-        value = await self._value(conn, key, msg)
+        _, value = await self._current(key)
         return default if value is _MISSING else value
+
+    async def _current(self, key: str) -> tuple[Msg | None, Any]:
+        """The last message of ``key`` and its value (``_MISSING`` when none)."""
+        for _ in range(5):
+            conn, _, msg = await self._last(key)
+            if msg is None:
+                return None, _MISSING
+            try:
+                return msg, await self._value(conn, key, msg)
+            except _ChunksGone:
+                continue  # overwritten while we read its chunks: read the new value
+        raise BotWireError(f"the value of {key!r} kept changing while it was read; try again")
 
     async def contains(self, key: str) -> bool:
         """Whether ``key`` holds a value now."""
@@ -308,7 +320,7 @@ class AsyncMemory:
         self, conn: Connection, key: str, subject: str, data: bytes, ttl: int | None, headers: dict[str, str]
     ) -> int:
         await self._ensure_blob_stream(conn)
-        blob = NUID().next().decode()
+        blob = conn.new_id()
         base = self._blob_subject(key)
         step = conn.max_body
         chunk_headers = {"Nats-TTL": str(ttl)} if ttl is not None else None
@@ -344,7 +356,7 @@ class AsyncMemory:
             )
         ).msgs
         if len(msgs) != manifest.chunks:
-            raise BotWireError(f"the chunks of {key!r} are incomplete ({len(msgs)}/{manifest.chunks})")
+            raise _ChunksGone(f"the chunks of {key!r} are incomplete ({len(msgs)}/{manifest.chunks})")
         return codec.decode(b"".join(m.data for m in msgs))
 
     async def delete(self, key: str) -> bool:
@@ -393,14 +405,9 @@ class AsyncMemory:
         seconds = ttl_seconds(ttl)
         delay = 0.001
         for _ in range(max_attempts):
-            conn, _, msg = await self._last(key)
-            current, expected = default, 0
-            if msg is not None:
-                expected = int((msg.headers or {})["Nats-Sequence"])
-                value = await self._value(conn, key, msg)
-                if value is not _MISSING:
-                    current = value
-            new = fn(current)
+            msg, value = await self._current(key)
+            expected = 0 if msg is None else int((msg.headers or {})["Nats-Sequence"])
+            new = fn(default if value is _MISSING else value)
             try:
                 await self._write(key, codec.encode(new), seconds, expected=expected)
             except Conflict:
@@ -420,15 +427,17 @@ class AsyncMemory:
         subject_filter, exact = keys.pattern_filter(pattern)
         return Watch(self, self._prefix + subject_filter, pattern, exact)
 
-    async def _change(self, conn: Connection, msg: Msg) -> Change:
+    async def _change(self, conn: Connection, msg: Msg) -> Change | None:
+        """The change ``msg`` records; None for a chunked value already replaced (a later change
+        with the newer value follows)."""
         key = keys.decode_key(msg.subject[len(self._prefix) :])
         op = op_of(msg.headers)
         value = None
         if op == "set":
             try:
                 value = await self._value(conn, key, msg)
-            except BotWireError:
-                value = None
+            except _ChunksGone:
+                return None
         meta = msg.metadata
         return Change(key=key, op=op, value=value, revision=meta.sequence.stream, time=meta.timestamp)
 
@@ -448,4 +457,6 @@ class Watch(LiveIterator[Change]):
 
     async def _convert(self, conn: Connection, msg: Msg) -> Change | None:
         change = await self._memory._change(conn, msg)
-        return change if self._exact or keys.matches(change.key, self._pattern) else None
+        if change is None or not (self._exact or keys.matches(change.key, self._pattern)):
+            return None
+        return change

@@ -85,6 +85,55 @@ class Batch:
 
 
 HEADROOM = 16 * 1024  # room for headers under the server's max_payload
+_SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
+
+
+class _ReplyMux:
+    """Routes each reply on one wildcard inbox straight to the future of its request.
+
+    Passed to ``nc.subscribe(..., future=...)``: nats-py then hands every message to
+    ``set_result`` from its reader, skipping the per-subscription queue and task that
+    ``nc.request`` goes through. Timeouts are swept periodically instead of one timer per
+    request. Together: lower latency and about twice the request throughput (``benchmarks``).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._n = len(prefix)
+        self._next = 0
+        self.waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+
+    def cancelled(self) -> bool:  # the subscription's "future" is never done
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        entry = self.waiting.pop(msg.subject[self._n :], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    def expect(self, loop: asyncio.AbstractEventLoop, timeout: float) -> tuple[str, asyncio.Future[Msg]]:
+        """A reply subject and the future its reply will resolve."""
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[Msg] = loop.create_future()
+        self.waiting[token] = (future, loop.time() + timeout)
+        return self.prefix + token, future
+
+    def sweep(self, now: float) -> None:
+        expired = [t for t, (f, deadline) in self.waiting.items() if deadline <= now or f.done()]
+        for token in expired:
+            future, _ = self.waiting.pop(token)
+            if not future.done():
+                future.set_exception(nats.errors.TimeoutError())
+
+    def fail_all(self, exc: BaseException) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for future, _ in waiting.values():
+            if not future.done():
+                future.set_exception(exc)
 
 
 class Connection:
@@ -98,6 +147,57 @@ class Connection:
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
+        self._mux: _ReplyMux | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._nuid = NUID()
+
+    def new_id(self) -> str:
+        """A unique id (message ids, batch ids); a connection belongs to one loop, so no lock."""
+        return self._nuid.next().decode()
+
+    async def _replies(self) -> _ReplyMux:
+        mux = self._mux
+        if mux is None:
+            mux = _ReplyMux(self.nc.new_inbox() + ".")
+            await self.nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
+            self._mux = mux
+            if self._sweeper is None:
+                self._sweeper = asyncio.ensure_future(self._sweep())
+        return mux
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.nc.is_closed:
+            await asyncio.sleep(_SWEEP_EVERY)
+            if self._mux is not None:
+                self._mux.sweep(loop.time())
+
+    async def request(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+    ) -> Msg:
+        """One request/reply over the shared reply inbox (raises nats-py errors; callers translate)."""
+        mux = self._mux or await self._replies()
+        reply, future = mux.expect(asyncio.get_running_loop(), timeout)
+        await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
+        msg = await future
+        hdr = msg.headers
+        if hdr is not None and hdr.get("Status") == "503" and not msg.data:
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def close(self) -> None:
+        """Close the NATS connection and stop the timeout sweeper."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._mux is not None:
+            self._mux.fail_all(nats.errors.ConnectionClosedError())
+            self._mux = None
+        if not self.nc.is_closed:
+            try:
+                await self.nc.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
 
     @property
     def max_body(self) -> int:
@@ -143,6 +243,9 @@ class Connection:
                 old = self.nc
                 self.nc = await _connect([state.url], token=token)
                 self.js = self.nc.jetstream()
+                if self._mux is not None:
+                    self._mux.fail_all(nats.errors.ConnectionClosedError())
+                    self._mux = None
                 try:
                     await old.close()
                 except Exception:  # noqa: BLE001 - the old connection is gone anyway
@@ -165,6 +268,12 @@ class Connection:
         """
         delay = 0.1
         attempt = 0
+        if self.home is not None and not self.nc.is_connected:
+            # The embedded server went away: restart it now rather than after a request timeout.
+            try:
+                await self._recover()
+            except Exception as exc:
+                raise translate(exc) from exc
         while True:
             try:
                 return await fn()
@@ -225,7 +334,7 @@ class Connection:
         """
 
         async def run() -> int:
-            msg = await self.nc.request(subject, data, timeout=timeout, headers=dict(headers) if headers else None)
+            msg = await self.request(subject, data, headers, timeout)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
                 _raise_api_error(ack.error)
@@ -233,11 +342,37 @@ class Connection:
 
         return await self.call(run, retries=5 if idempotent else 0)
 
+    async def publish_pipelined(
+        self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], timeout: float = 5.0, *, idempotent: bool = False
+    ) -> list[int]:
+        """Publish several messages back to back, then wait for all their acks; their sequences.
+
+        Not atomic: each message is stored or refused on its own (the first error is raised).
+        """
+
+        async def run() -> list[int]:
+            mux = self._mux or await self._replies()
+            loop = asyncio.get_running_loop()
+            futures = []
+            for subject, data, headers in items:
+                reply, future = mux.expect(loop, timeout)
+                futures.append(future)
+                await self.nc.publish(subject, data, reply=reply, headers=dict(headers))
+            seqs = []
+            for future in futures:
+                ack = _ack_decoder.decode((await future).data)
+                if ack.error is not None:
+                    _raise_api_error(ack.error)
+                seqs.append(ack.seq)
+            return seqs
+
+        return await self.call(run, retries=5 if idempotent else 0)
+
     async def publish_batch(
         self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
     ) -> int:
         """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence."""
-        batch_id = NUID().next().decode()
+        batch_id = self.new_id()
         n = len(payloads)
 
         async def run() -> int:
@@ -249,7 +384,7 @@ class Connection:
                     await self.nc.publish(subject, payload, headers=h)
                 else:
                     h["Nats-Batch-Commit"] = "1"
-                    msg = await self.nc.request(subject, payload, timeout=timeout, headers=h)
+                    msg = await self.request(subject, payload, h, timeout)
                     ack = _ack_decoder.decode(msg.data)
                     if ack.error is not None:
                         _raise_api_error(ack.error)
@@ -263,7 +398,7 @@ class Connection:
         """The last message on ``subject`` (one request), or None when the subject is empty."""
 
         async def run() -> Msg | None:
-            msg = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=timeout)
+            msg = await self.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", None, timeout)
             hdr = msg.headers
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
@@ -354,9 +489,7 @@ class Connection:
                     "num_replicas": 1,
                 },
             }
-            resp = await self.nc.request(
-                f"$JS.API.CONSUMER.CREATE.{stream}", msgspec.json.encode(cfg), timeout=timeout
-            )
+            resp = await self.request(f"$JS.API.CONSUMER.CREATE.{stream}", msgspec.json.encode(cfg), None, timeout)
             info = msgspec.json.decode(resp.data)
             if "error" in info:
                 err = info["error"]
@@ -408,7 +541,7 @@ class Connection:
             req: dict[str, Any] = {"filter": subject}
             if before_seq is not None:
                 req["seq"] = before_seq
-            resp = await self.nc.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), timeout=10)
+            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, 10.0)
             info = msgspec.json.decode(resp.data)
             if "error" in info:
                 err = info["error"]
@@ -521,8 +654,4 @@ async def release(conn: Connection) -> None:
     pool = _pools.get(loop, {})
     if pool.get(conn.opts) is conn:
         del pool[conn.opts]
-    if not conn.nc.is_closed:
-        try:
-            await conn.nc.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection
-            pass
+    await conn.close()

@@ -1,0 +1,182 @@
+"""Every bad input and every unreachable server raises its documented error, and a failed write
+leaves nothing behind: the key keeps its previous value, or stays absent."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from botwire_stream import AsyncMemory, Memory
+from botwire_stream.errors import (
+    BotWireError,
+    InvalidKey,
+    InvalidNamespace,
+    InvalidTTL,
+    ServerUnavailable,
+    Unauthorized,
+    ValueTooLarge,
+)
+from tests.servers import NatsServer
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def memory(url: str, namespace: str) -> Iterator[Memory]:
+    with Memory(namespace, url=url) as m:
+        m.set("keep", {"v": 1})
+        yield m
+
+
+def assert_untouched(memory: Memory, fresh: str = "fresh") -> None:
+    """The previous value is intact, the fresh key absent, and no revision was added."""
+    assert memory.get("keep") == {"v": 1}
+    assert [r.value for r in memory.revisions("keep")] == [{"v": 1}]
+    assert memory.get(fresh, "absent") == "absent"
+    assert fresh not in memory
+    assert memory.list_keys() == ["keep"]
+
+
+# -- namespaces ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["", "a.b", "x" * 65, "a b", "ü", "a*", ">", "a:b", 123, None, b"ns"])
+def test_bad_namespace(url: str, bad: Any) -> None:
+    with pytest.raises(InvalidNamespace, match="1-64"):
+        Memory(bad, url=url)
+    with pytest.raises(InvalidNamespace):
+        AsyncMemory(bad, url=url)
+
+
+@pytest.mark.parametrize("good", ["x" * 64, "A-z_09", "-", "_"])
+def test_namespace_limits_are_inclusive(url: str, good: str) -> None:
+    with Memory(good, url=url) as m:
+        m.set("k", good)
+        assert m.get("k") == good
+
+
+# -- keys ------------------------------------------------------------------------------------------
+BAD_KEYS = ["", 5, None, b"key", ("a",), "k" * 1025, "é" * 513, "\ud800"]
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_bad_key_on_every_method(memory: Memory, bad: Any) -> None:
+    calls: list[Callable[[], Any]] = [
+        lambda: memory.set(bad, 1),
+        lambda: memory.set(bad, 1, ttl=5),
+        lambda: memory.get(bad),
+        lambda: bad in memory,
+        lambda: memory.delete(bad),
+        lambda: memory.update(bad, lambda v: 1),
+        lambda: memory.revisions(bad),
+        lambda: memory.watch(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidKey):
+            call()
+    assert_untouched(memory)
+
+
+# -- values ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [object(), 1j, {(1, 2): "tuple key"}, [1, object()], {"a": {"b": Path}}])
+def test_non_json_value_raises_type_error(memory: Memory, bad: Any) -> None:
+    with pytest.raises(TypeError, match="JSON"):
+        memory.set("keep", bad)
+    with pytest.raises(TypeError):
+        memory.set("fresh", bad, ttl=10)
+    with pytest.raises(TypeError):
+        memory.update("keep", lambda v: bad)
+    with pytest.raises(TypeError):
+        memory.update("fresh", lambda v: bad)
+    assert_untouched(memory)
+
+
+def test_value_over_64_mib_is_refused_and_64_mib_is_not(memory: Memory) -> None:
+    too_big = "x" * (64 * MiB - 1)  # JSON-encoded: 64 MiB + 1 byte
+    with pytest.raises(ValueTooLarge, match="64 MiB"):
+        memory.set("keep", too_big)
+    with pytest.raises(ValueTooLarge):
+        memory.set("fresh", too_big)
+    with pytest.raises(ValueTooLarge):
+        memory.update("keep", lambda v: too_big)
+    assert_untouched(memory)
+    at_limit = too_big[:-1]  # exactly 64 MiB encoded
+    memory.set("limit", at_limit)
+    assert memory.get("limit") == at_limit
+
+
+# -- ttl -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad", [0, -1, 0.0, -0.5, math.nan, math.inf, -math.inf, "x", "10", True, [], timedelta(0), timedelta(seconds=-1)]
+)
+def test_bad_ttl(memory: Memory, bad: Any) -> None:
+    with pytest.raises(InvalidTTL):
+        memory.set("keep", 2, ttl=bad)
+    with pytest.raises(InvalidTTL):
+        memory.set("fresh", 2, ttl=bad)
+    with pytest.raises(InvalidTTL):
+        memory.update("keep", lambda v: 2, ttl=bad)
+    assert_untouched(memory)
+
+
+async def test_async_face_raises_the_same_errors(url: str, namespace: str) -> None:
+    async with AsyncMemory(namespace, url=url) as memory:
+        await memory.set("keep", 1)
+        with pytest.raises(InvalidKey):
+            await memory.set("", 1)
+        with pytest.raises(TypeError):
+            await memory.set("keep", object())
+        with pytest.raises(InvalidTTL):
+            await memory.set("keep", 2, ttl=0)
+        with pytest.raises(InvalidTTL):
+            await memory.update("keep", lambda v: 2, ttl=-1)
+        assert await memory.get("keep") == 1
+        assert await memory.list_keys() == ["keep"]
+
+
+# -- servers ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_stopped_server_raises_server_unavailable(own_server: NatsServer, namespace: str) -> None:
+    url = own_server.url
+    own_server.stop()
+    with pytest.raises(ServerUnavailable, match="127.0.0.1"):
+        Memory(namespace, url=url)
+
+
+@pytest.mark.timeout(60)
+def test_server_going_away_raises_server_unavailable_then_recovers(own_server: NatsServer, namespace: str) -> None:
+    with Memory(namespace, url=own_server.url, timeout=1.0) as m:
+        m.set("k", "before")
+        own_server.stop()
+        with pytest.raises(ServerUnavailable):
+            m.get("k")
+        own_server.start()  # same port and store
+        assert m.get("k") == "before"
+        m.set("k", "after")
+        assert m.get("k") == "after"
+
+
+@pytest.mark.timeout(60)
+def test_token_protected_server(tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = NatsServer(tmp_path / "auth", token="s3cret").start()
+    try:
+        with pytest.raises(Unauthorized):
+            Memory(namespace, url=server.url)
+        with pytest.raises(Unauthorized):
+            Memory(namespace, url=server.url, token="wrong")
+        with Memory(namespace, url=server.url, token="s3cret") as m:
+            m.set("k", 1)
+        monkeypatch.setenv("BOTWIRE_TOKEN", "s3cret")
+        with Memory(namespace, url=server.url) as m:
+            assert m.get("k") == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "http://127.0.0.1:1", "127.0.0.1:4222x"])
+def test_unsupported_urls(bad: str, namespace: str) -> None:
+    with pytest.raises(BotWireError):
+        Memory(namespace, url=bad)
