@@ -10,7 +10,9 @@ with the embedded server, a dead server is restarted and the call retried once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import secrets
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,7 +23,6 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-from nats.nuid import NUID
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -146,6 +147,39 @@ class _ReplyMux:
                 future.set_exception(exc)
 
 
+class _BatchCollector:
+    """Collects the replies of one batch direct get until its end-of-batch status."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.batch = Batch([], 0, 0)
+        self.done_future: asyncio.Future[None] = loop.create_future()
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, m: Msg) -> None:
+        hdr = m.headers
+        st = hdr.get("Status") if hdr else None
+        if st is None:
+            self.batch.msgs.append(m)
+            return
+        done = self.done_future
+        if done.done():
+            return
+        assert hdr is not None
+        if st == "204":
+            self.batch.pending = int(hdr.get("Nats-Num-Pending", 0))
+            self.batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
+            done.set_result(None)
+        elif st == "404":
+            done.set_result(None)
+        else:
+            done.set_exception(nats.js.errors.APIError(code=int(st), description=hdr.get("Description", "")))
+
+
 class Connection:
     """A NATS connection with JetStream, shared through ``acquire``/``release``."""
 
@@ -158,11 +192,12 @@ class Connection:
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
         self._mux: _ReplyMux | None = None
-        self._nuid = NUID()
+        self._id_prefix = secrets.token_urlsafe(12) + "-"  # 96 random bits: unique across processes
+        self._id_count = itertools.count(1)
 
     def new_id(self) -> str:
-        """A unique id (message ids, batch ids); a connection belongs to one loop, so no lock."""
-        return self._nuid.next().decode()
+        """A unique id for message and batch ids: a random prefix and a counter (cheap, no lock)."""
+        return self._id_prefix + str(next(self._id_count))
 
     async def _replies(self) -> _ReplyMux:
         mux = self._mux
@@ -412,35 +447,16 @@ class Connection:
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
 
         async def run() -> Batch:
-            batch = Batch([], 0, 0)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-            async def on_msg(m: Msg) -> None:
-                hdr = m.headers
-                st = hdr.get("Status") if hdr else None
-                if st is None:
-                    batch.msgs.append(m)
-                elif done.done():
-                    return
-                elif st == "204":
-                    assert hdr is not None
-                    batch.pending = int(hdr.get("Nats-Num-Pending", 0))
-                    batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
-                    done.set_result(None)
-                elif st == "404":
-                    done.set_result(None)
-                else:
-                    desc = hdr.get("Description", "") if hdr else ""
-                    done.set_exception(nats.js.errors.APIError(code=int(st), description=desc))
-
+            collector = _BatchCollector(asyncio.get_running_loop())
             inbox = self.nc.new_inbox()
-            sub = await self.nc.subscribe(inbox, cb=on_msg)
+            # future=: nats-py hands each reply to the collector from its reader, with no queue
+            sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
             try:
                 await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
-                await asyncio.wait_for(done, timeout)
+                await asyncio.wait_for(collector.done_future, timeout)
             finally:
                 await sub.unsubscribe()
-            return batch
+            return collector.batch
 
         return await self.call(run)
 
