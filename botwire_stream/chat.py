@@ -14,10 +14,8 @@ expires itself a second later. No reaper process is needed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta, timezone
-from types import TracebackType
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -25,11 +23,12 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import keys
-from .errors import BotWireError, Conflict, InvalidMessage, ValueTooLarge
+from .client import StreamClient
+from .errors import Conflict, InvalidMessage, ValueTooLarge
+from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import ConnectOptions, resolve
-from .live import LiveIterator
 from .transport import Connection, acquire, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
@@ -88,7 +87,7 @@ async def _open(opts: ConnectOptions, names: _Names, replicas: int) -> Connectio
     return conn
 
 
-class AsyncChatHistory:
+class AsyncChatHistory(StreamClient):
     """One conversation: an append-only, shared, persistent log of JSON messages.
 
     ``ttl`` (seconds or timedelta): the whole conversation expires ``ttl`` after its last write.
@@ -112,47 +111,15 @@ class AsyncChatHistory:
         self._names = _Names(namespace)
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._opts = resolve(url, token=token, user=user, password=password, creds=creds)
+        super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._replicas = replicas
         self._timeout = timeout
         token_path = keys.encode_key(session_id)
         self.subject = self._names.chat + token_path
         self._ttl_subject = self._names.ttl + token_path
-        self._conn: Connection | None = None
-        self._lock: asyncio.Lock | None = None
-        self._closed = False
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    async def _connection(self) -> Connection:
-        if self._conn is not None:
-            return self._conn
-        if self._closed:
-            raise BotWireError("this chat history is closed")
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._conn is None:
-                self._conn = await _open(self._opts, self._names, self._replicas)
-        return self._conn
-
-    async def open(self) -> AsyncChatHistory:
-        """Connect and make sure the namespace's stream exists (the first call does it anyway)."""
-        await self._connection()
-        return self
-
-    async def close(self) -> None:
-        self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await release(conn)
-
-    async def __aenter__(self) -> AsyncChatHistory:
-        return await self.open()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+    def _streams(self) -> list[StreamConfig]:
+        return [self._names.config(self._replicas)]
 
     def __repr__(self) -> str:
         return f"AsyncChatHistory({self.session_id!r}, namespace={self.namespace!r})"
@@ -167,7 +134,7 @@ class AsyncChatHistory:
         """The message that (re)arms the conversation's expiry, or None without a ttl."""
         if self.ttl is None:
             return None
-        at = datetime.now(timezone.utc) + timedelta(seconds=self.ttl)
+        at = datetime.now(UTC) + timedelta(seconds=self.ttl)
         # @at has whole seconds: round up so that the conversation never expires early.
         at = at.replace(microsecond=0) + timedelta(seconds=1)
         headers = {
@@ -369,7 +336,7 @@ class AsyncChatHistory:
             counts = await conn.subject_counts(names.stream, names.chat + subject_filter)
             found = []
             n = len(names.chat)
-            recent = datetime.now(timezone.utc) - timedelta(seconds=5)
+            recent = datetime.now(UTC) - timedelta(seconds=5)
             for m in lasts:
                 session_id = keys.decode_key(m.subject[n:])
                 if not exact and not keys.matches(session_id, pattern):

@@ -16,7 +16,6 @@ import math
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import Any, Final
 
 import msgspec
@@ -24,11 +23,12 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
+from .client import StreamClient
 from .errors import BotWireError, Conflict, InvalidTTL, ValueTooLarge
+from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
-from .live import LiveIterator
-from .transport import Connection, acquire, origin_headers, release
+from .transport import Connection, origin_headers
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
@@ -85,7 +85,7 @@ def op_of(headers: dict[str, str] | None) -> Op:
     return "set"
 
 
-class AsyncMemory:
+class AsyncMemory(StreamClient):
     """Namespaced key-value memory shared by every process that opens the same namespace.
 
     ``async with AsyncMemory("chat-app") as memory: await memory.set("k", {"a": 1})``. The
@@ -109,7 +109,7 @@ class AsyncMemory:
         self.namespace = keys.check_namespace(namespace)
         if not 1 <= history <= 64:
             raise ValueError("history must be between 1 and 64 revisions per key")
-        self._opts = resolve(url, token=token, user=user, password=password, creds=creds)
+        super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
         self._replicas = replicas
         self._timeout = timeout
@@ -118,67 +118,26 @@ class AsyncMemory:
         self._prefix = f"$KV.{self.bucket}."
         self._blob_stream = f"BOTWIRE_BLOBS_{namespace}"
         self._blob_prefix = f"botwire.{namespace}.blob."
-        self._conn: Connection | None = None
-        self._opening: asyncio.Lock | None = None
-        self._closed = False
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    async def open(self) -> AsyncMemory:
-        """Connect and make sure the namespace's bucket exists (done by the first call anyway)."""
-        await self._connection()
-        return self
-
-    async def _connection(self) -> Connection:
-        conn = self._conn
-        if conn is not None:
-            return conn
-        if self._closed:
-            raise BotWireError("this memory is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._conn is None:
-                conn = await acquire(self._opts)
-                try:
-                    await conn.ensure_stream(
-                        StreamConfig(
-                            name=self.stream,
-                            subjects=[f"{self._prefix}>"],
-                            max_msgs_per_subject=self._history,
-                            discard=DiscardPolicy.NEW,
-                            allow_rollup_hdrs=True,
-                            deny_delete=True,
-                            allow_direct=True,
-                            allow_msg_ttl=True,
-                            subject_delete_marker_ttl=1,
-                            duplicate_window=120,
-                            max_consumers=-1,
-                            max_msgs=-1,
-                            num_replicas=self._replicas,
-                            metadata={"botwire.namespace": self.namespace},
-                        )
-                    )
-                except BaseException:
-                    await release(conn)
-                    raise
-                self._conn = conn
-        assert self._conn is not None
-        return self._conn
-
-    async def close(self) -> None:
-        """Release the connection (shared connections close with their last user)."""
-        self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await release(conn)
-
-    async def __aenter__(self) -> AsyncMemory:
-        return await self.open()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+    def _streams(self) -> list[StreamConfig]:
+        return [
+            StreamConfig(
+                name=self.stream,
+                subjects=[f"{self._prefix}>"],
+                max_msgs_per_subject=self._history,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
+                allow_direct=True,
+                allow_msg_ttl=True,
+                subject_delete_marker_ttl=1,
+                duplicate_window=120,
+                max_consumers=-1,
+                max_msgs=-1,
+                num_replicas=self._replicas,
+                metadata={"botwire.namespace": self.namespace},
+            )
+        ]
 
     def __repr__(self) -> str:
         return f"AsyncMemory({self.namespace!r})"

@@ -13,99 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import select
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from tests import procs
 
-ROOT = Path(__file__).resolve().parent.parent
-WAIT = 60.0  # bound of every wait, in seconds
+WAIT = procs.WAIT
 
 
 # -- parent side -----------------------------------------------------------------------------------
-def _command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "tests.chat_workers", *args]
-
-
 def run(*args: str, timeout: float = WAIT) -> Any:
     """Run one worker to completion and return the JSON it printed last."""
-    proc = subprocess.run(
-        _command(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return procs.run("tests.chat_workers", args, timeout)
 
 
 def run_together(commands: Sequence[Sequence[str]], go: Path, timeout: float = WAIT) -> list[Any]:
     """Start one worker per command, release them at once through ``go``, return their outputs."""
-    procs = [
-        subprocess.Popen(
-            _command(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        for args in commands
-    ]
-    try:
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            assert p.stdout is not None
-            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = p.stdout.readline() if ready else "(nothing within the timeout)"
-            if line.strip() != "ready":
-                err = p.stderr.read() if p.stderr else ""
-                raise AssertionError(f"worker did not get ready: {line!r}\n{err[-4000:]}")
-        go.touch()
-        results = []
-        for p, args in zip(procs, commands, strict=True):
-            out, err = p.communicate(timeout=timeout)
-            if p.returncode != 0:
-                raise AssertionError(f"worker {list(args)} failed ({p.returncode}):\n{err[-4000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+    return procs.run_together("tests.chat_workers", commands, go, timeout)
 
 
-def take(iterator: Iterator[T], n: int, timeout: float = 20.0) -> list[T]:
-    """The next ``n`` items of a blocking iterator (a sync watch), failing after ``timeout`` s."""
-    items: list[T] = []
-    failure: list[BaseException] = []
-
-    def pull() -> None:
-        try:
-            for _ in range(n):
-                items.append(next(iterator))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
-            failure.append(exc)
-
-    thread = threading.Thread(target=pull, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if failure:
-        raise failure[0]
-    if thread.is_alive():
-        raise AssertionError(f"only {len(items)} of {n} items within {timeout} s: {items}")
-    return items
+take = procs.take
 
 
 # -- child side ------------------------------------------------------------------------------------
-def _wait_for(go: str) -> None:
-    print("ready", flush=True)
-    deadline = time.monotonic() + WAIT
-    while not os.path.exists(go):
-        if time.monotonic() > deadline:
-            raise SystemExit("the go file never appeared")
-        time.sleep(0.002)
+_wait_for = procs.wait_for_go
 
 
 async def _append(url: str, ns: str, sid: str, writer: str, n: int, tasks: int, go: str) -> list[list[Any]]:

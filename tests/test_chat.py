@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -52,7 +52,7 @@ SAMPLES: list[dict[str, Any]] = [
 
 
 def _now_window(t: datetime) -> bool:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return t.tzinfo is not None and now - timedelta(minutes=5) < t <= now + timedelta(minutes=5)
 
 

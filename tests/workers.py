@@ -13,99 +13,31 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from tests import procs
 
-ROOT = Path(__file__).resolve().parent.parent
-_WAIT = 60.0  # bound of every wait, in seconds
+_WAIT = procs.WAIT
 
 
 # -- parent side -----------------------------------------------------------------------------------
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tests.workers", *args]
-
-
 def run(*args: str, timeout: float = _WAIT) -> Any:
     """Run one worker to completion and return the JSON it printed last."""
-    proc = subprocess.run(
-        _command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return procs.run("tests.workers", args, timeout)
 
 
 def run_together(n: int, go: Path, *args: str, timeout: float = _WAIT) -> list[Any]:
     """Start ``n`` workers, release them at once through the ``go`` file, return their outputs."""
-    procs = [
-        subprocess.Popen(
-            _command(*args),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        for _ in range(n)
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None
-            line = p.stdout.readline()
-            if line.strip() != "ready":
-                raise AssertionError(f"worker did not get ready: {line!r} {p.stderr.read() if p.stderr else ''}")
-        go.touch()
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            if p.returncode != 0:
-                raise AssertionError(f"worker {args} failed ({p.returncode}):\n{err[-4000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+    return procs.run_together("tests.workers", [args] * n, go, timeout)
 
 
-def take(iterator: Iterator[T], n: int, timeout: float = 20.0) -> list[T]:
-    """The next ``n`` items of a blocking iterator (a sync watch), failing after ``timeout`` s."""
-    items: list[T] = []
-    failure: list[BaseException] = []
-
-    def pull() -> None:
-        try:
-            for _ in range(n):
-                items.append(next(iterator))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
-            failure.append(exc)
-
-    thread = threading.Thread(target=pull, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if failure:
-        raise failure[0]
-    if thread.is_alive():
-        raise AssertionError(f"only {len(items)} of {n} items within {timeout} s: {items}")
-    return items
+take = procs.take
 
 
 # -- child side ------------------------------------------------------------------------------------
-def _wait_for(go: str) -> None:
-    print("ready", flush=True)
-    deadline = time.monotonic() + _WAIT
-    while not os.path.exists(go):
-        if time.monotonic() > deadline:
-            raise SystemExit("the go file never appeared")
-        time.sleep(0.002)
+_wait_for = procs.wait_for_go
 
 
 def _memory(url: str, namespace: str) -> Any:

@@ -1,0 +1,109 @@
+"""Parent and child helpers for tests that run work in separate OS processes.
+
+A worker module (``tests.workers``, ``tests.chat_workers``) is run as
+``python -m <module> <command> ...`` from the repository root and prints one JSON document on its
+last stdout line. Workers that take a ``go`` file print ``ready`` and wait for it, so that the
+parent can release many of them at the same moment. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 60.0  # bound of every wait, in seconds
+
+
+def run(module: str, args: Sequence[str], timeout: float = WAIT) -> Any:
+    """Run one worker to completion and return the JSON it printed last."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"worker {list(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_together(module: str, commands: Sequence[Sequence[str]], go: Path, timeout: float = WAIT) -> list[Any]:
+    """Start one worker per command, release them at once through ``go``, return their outputs."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for args in commands
+    ]
+    try:
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = p.stdout.readline() if ready else "(nothing within the timeout)"
+            if line.strip() != "ready":
+                err = p.stderr.read() if p.stderr else ""
+                raise AssertionError(f"worker did not get ready: {line!r}\n{err[-4000:]}")
+        go.touch()
+        results = []
+        for p, args in zip(procs, commands, strict=True):
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise AssertionError(f"worker {list(args)} failed ({p.returncode}):\n{err[-4000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def take(iterator: Iterator[T], n: int, timeout: float = 20.0) -> list[T]:
+    """The next ``n`` items of a blocking iterator (a sync watch), failing after ``timeout`` s."""
+    items: list[T] = []
+    failure: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            for _ in range(n):
+                items.append(next(iterator))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=pull, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if failure:
+        raise failure[0]
+    if thread.is_alive():
+        raise AssertionError(f"only {len(items)} of {n} items within {timeout} s: {items}")
+    return items
+
+
+def wait_for_go(go: str) -> None:
+    """Child side: say ``ready``, then wait (bounded) until the parent creates ``go``."""
+    print("ready", flush=True)
+    deadline = time.monotonic() + WAIT
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise SystemExit("the go file never appeared")
+        time.sleep(0.002)
