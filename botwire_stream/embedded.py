@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,10 +144,14 @@ def read_token(home: Path | None = None) -> str:
     return token
 
 
-def ensure(home: Path | None = None, *, verify: bool = False) -> tuple[ServerState, str]:
+def ensure(
+    home: Path | None = None, *, verify: bool = False, while_booting: Callable[[], object] | None = None
+) -> tuple[ServerState, str]:
     """Return the running server and its token, starting one when none runs.
 
     ``verify`` also checks that the port accepts connections (used after a failed connect).
+    ``while_booting`` is called once the server process is spawned and before waiting for it to
+    listen, so that a caller's own start-up work overlaps the server's boot.
     """
     home = home or home_dir()
     state = status(home)
@@ -163,7 +168,7 @@ def ensure(home: Path | None = None, *, verify: bool = False) -> tuple[ServerSta
         if state is not None:  # alive but not answering: a hung server we own
             _terminate(state.pid, 5.0)
         previous = _read_state(home)
-        return _start(home, previous.port if previous else None), read_token(home)
+        return _start(home, previous.port if previous else None, while_booting), read_token(home)
 
 
 def _free(port: int) -> bool:
@@ -182,7 +187,7 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def _start(home: Path, port: int | None) -> ServerState:
+def _start(home: Path, port: int | None, while_booting: Callable[[], object] | None = None) -> ServerState:
     binary = find_binary()
     sdir = _server_dir(home)
     store = home / "jetstream"
@@ -220,6 +225,8 @@ def _start(home: Path, port: int | None) -> ServerState:
             close_fds=True,
         )
     _started[proc.pid] = proc
+    if while_booting is not None:
+        while_booting()
     ports_file = ports_dir / f"{Path(binary).name}_{proc.pid}.ports"
     deadline = time.monotonic() + _START_TIMEOUT
     url = None

@@ -26,6 +26,7 @@ _lock = threading.Lock()
 _portal: BlockingPortal | None = None
 _cm: AbstractContextManager[BlockingPortal] | None = None
 _loop: asyncio.AbstractEventLoop | None = None
+_exiting = False  # set at interpreter exit: no new portal may start then
 
 
 def get_portal() -> BlockingPortal:
@@ -35,6 +36,8 @@ def get_portal() -> BlockingPortal:
     if portal is not None:
         return portal
     with _lock:
+        if _exiting:
+            raise RuntimeError("botwire-stream's event loop thread has stopped: the interpreter is exiting")
         if _portal is None:
             _cm = start_blocking_portal("asyncio", name="botwire-stream")
             portal = _cm.__enter__()
@@ -49,6 +52,11 @@ async def _await(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) ->
 
 async def _running_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_running_loop()
+
+
+def started() -> bool:
+    """Whether the portal's loop runs already."""
+    return _loop is not None
 
 
 def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
@@ -69,8 +77,10 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
 
 
 def _shutdown() -> None:
-    global _portal, _cm, _loop
-    cm, _cm, _portal, _loop = _cm, None, None, None
+    global _portal, _cm, _loop, _exiting
+    with _lock:
+        _exiting = True
+        cm, _cm, _portal, _loop = _cm, None, None, None
     if cm is not None:
         try:
             cm.__exit__(None, None, None)

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+from . import embedded, portal
 from .chat import AsyncChatHistory
 from .memory import DEFAULT_HISTORY, AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
+from .settings import ConnectOptions
 
 T = TypeVar("T")
+
+
+def _first_use(opts: ConnectOptions) -> None:
+    """Before the first sync call: start the embedded server (when needed) and the portal's
+    thread together, so that the server boots while the thread starts."""
+    if opts.embedded and not portal.started():
+        embedded.ensure(Path(opts.home) if opts.home else None, while_booting=portal.get_portal)
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -79,6 +89,7 @@ class Memory:
             timeout=timeout,
         )
         self.namespace = self._core.namespace
+        _first_use(self._core._opts)
         call(self._core.open)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -164,6 +175,7 @@ class ChatHistory:
         )
         self.session_id = session_id
         self.namespace = namespace
+        _first_use(self._core._opts)
         call(self._core.open)
 
     @classmethod

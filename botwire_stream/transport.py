@@ -338,14 +338,13 @@ class Connection:
             return
 
         async def run() -> None:
+            # One request: creating a stream that exists with the same config is a no-op, and
+            # one that exists with another config (10058) is used as it is.
             try:
-                await self.js.stream_info(name)
-            except nats.js.errors.NotFoundError:
-                try:
-                    await self.js.add_stream(config)
-                except nats.js.errors.BadRequestError as exc:
-                    if exc.err_code != 10058:  # created concurrently with another config: use it
-                        raise
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:
+                    raise
 
         await self.call(run)
         self._ready_streams.add(name)
