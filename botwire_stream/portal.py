@@ -4,6 +4,10 @@ Sync objects (``Memory``, ``ChatHistory``) call their async core through it, so 
 plain scripts, from many threads, and from inside a running event loop (the calling loop blocks
 for the call, as any sync I/O does). Connections opened by sync objects live on this loop and
 are shared between them.
+
+The thread runs an anyio ``BlockingPortal`` on asyncio. It is a daemon thread that is stopped at
+interpreter exit with bounded waits, so that a call still pending (a sync ``watch`` blocked in
+another thread, say) can never hang the exit.
 """
 
 from __future__ import annotations
@@ -14,24 +18,38 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from typing import TypeVar, TypeVarTuple, Unpack
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
+_EXIT_WAIT = 2.0  # seconds the exit waits for the loop to stop
 _lock = threading.Lock()
 _portal: BlockingPortal | None = None
-_cm: AbstractContextManager[BlockingPortal] | None = None
 _loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
 _exiting = False  # set at interpreter exit: no new portal may start then
+
+
+def _run(ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]]) -> None:
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            ready.set_result((portal, asyncio.get_running_loop()))
+            await portal.sleep_until_stopped()
+
+    try:
+        anyio.run(main, backend="asyncio")
+    except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the start
+        if not ready.done():
+            ready.set_exception(exc)
 
 
 def get_portal() -> BlockingPortal:
     """The process's portal, started on first use."""
-    global _portal, _cm, _loop
+    global _portal, _loop, _thread
     portal = _portal
     if portal is not None:
         return portal
@@ -39,24 +57,23 @@ def get_portal() -> BlockingPortal:
         if _exiting:
             raise RuntimeError("botwire-stream's event loop thread has stopped: the interpreter is exiting")
         if _portal is None:
-            _cm = start_blocking_portal("asyncio", name="botwire-stream")
-            portal = _cm.__enter__()
-            _loop = portal.call(_running_loop)
-            _portal = portal
+            ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = (
+                concurrent.futures.Future()
+            )
+            thread = threading.Thread(target=_run, args=(ready,), name="botwire-stream", daemon=True)
+            thread.start()
+            _portal, _loop = ready.result()
+            _thread = thread
         return _portal
-
-
-async def _await(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
-    return await fn(*args)
-
-
-async def _running_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
 
 
 def started() -> bool:
     """Whether the portal's loop runs already."""
     return _loop is not None
+
+
+async def _await(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
+    return await fn(*args)
 
 
 def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
@@ -71,27 +88,36 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(_await(fn, *args), _loop)
     try:
         return future.result()
+    except concurrent.futures.CancelledError:
+        if _exiting:
+            raise RuntimeError("botwire-stream's event loop thread stopped: the interpreter is exiting") from None
+        raise
     except BaseException:
         future.cancel()
         raise
 
 
 def _shutdown() -> None:
-    global _portal, _cm, _loop, _exiting
+    """Stop the loop at exit: cancel what is still pending, wait a bounded time, never hang."""
+    global _portal, _loop, _thread, _exiting
     with _lock:
         _exiting = True
-        cm, _cm, _portal, _loop = _cm, None, None, None
-    if cm is not None:
-        try:
-            cm.__exit__(None, None, None)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        portal, loop, thread = _portal, _loop, _thread
+        _portal, _loop, _thread = None, None, None
+    if portal is None or loop is None or thread is None or not thread.is_alive():
+        return
+    try:
+        stopping = asyncio.run_coroutine_threadsafe(portal.stop(cancel_remaining=True), loop)
+        stopping.result(_EXIT_WAIT)
+    except BaseException:  # noqa: BLE001 - interpreter exit: best effort
+        pass
+    thread.join(_EXIT_WAIT)
 
 
 def _after_fork_in_child() -> None:
     # The portal thread does not exist in a forked child: start a fresh one on next use.
-    global _portal, _cm, _loop
-    _portal, _cm, _loop = None, None, None
+    global _portal, _loop, _thread
+    _portal, _loop, _thread = None, None, None
 
 
 atexit.register(_shutdown)

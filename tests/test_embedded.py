@@ -57,10 +57,12 @@ def _listen_addresses(port: int) -> set[str]:
 
 def _wait_dead(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while embedded.status() is not None and embedded.status().pid == pid:  # type: ignore[union-attr]
+    state = embedded.status()
+    while state is not None and state.pid == pid:
         if time.monotonic() > deadline:
             raise AssertionError(f"pid {pid} still alive")
         time.sleep(0.02)
+        state = embedded.status()
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
