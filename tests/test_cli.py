@@ -216,12 +216,19 @@ def test_watch_count_json_in_process(run: Any, url: str, namespace: str) -> None
     assert [c["key"] for c in changes] == [f"user:{n}" for n in numbers]
 
 
+def _interruptible() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+    # an inherited SIG_IGN: give the child the default disposition, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_watch(*args: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "botwire_stream", "watch", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
     )
     assert proc.stderr is not None
     ready = proc.stderr.readline()  # printed once the subscription is live

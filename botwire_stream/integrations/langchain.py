@@ -100,6 +100,16 @@ class _PerLoop(Generic[C]):
             await core.close()
 
 
+def _memory_cores(namespace: str, url: str | None, connect_options: dict[str, Any]) -> _PerLoop[AsyncMemory]:
+    """One ``AsyncMemory`` per event loop; the arguments are checked now, without connecting."""
+
+    def make() -> AsyncMemory:
+        return AsyncMemory(namespace, url=url, **connect_options)
+
+    make()
+    return _PerLoop(make)
+
+
 class _LoopBound(Generic[C]):
     """``close``/``aclose`` and the context managers of the adapters, over a ``_PerLoop``."""
 
@@ -284,13 +294,9 @@ class BotWireByteStore(_LoopBound[AsyncMemory], BaseStore[str, bytes]):
         ttl: float | timedelta | None = None,
         **connect_options: Any,
     ) -> None:
-        def make() -> AsyncMemory:
-            return AsyncMemory(namespace, url=url, **connect_options)
-
-        make()  # validates the arguments now, without connecting
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._cores = _PerLoop(make)
+        self._cores = _memory_cores(namespace, url, connect_options)
 
     # -- sync face ---------------------------------------------------------------------------------
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -409,13 +415,9 @@ class BotWireCache(_LoopBound[AsyncMemory], BaseCache):
         ttl: float | timedelta | None = None,
         **connect_options: Any,
     ) -> None:
-        def make() -> AsyncMemory:
-            return AsyncMemory(namespace, url=url, **connect_options)
-
-        make()  # validates the arguments now, without connecting
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._cores = _PerLoop(make)
+        self._cores = _memory_cores(namespace, url, connect_options)
 
     @classmethod
     def key(cls, prompt: str, llm_string: str) -> str:
