@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import keys
 from .client import StreamClient
-from .errors import Conflict, InvalidMessage, ValueTooLarge
+from .errors import Conflict, InvalidArgument, InvalidMessage, ValueTooLarge
 from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
@@ -231,7 +231,7 @@ class AsyncChatHistory(StreamClient):
 
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
         if last is not None and (not isinstance(last, int) or last < 0):
-            raise ValueError("last must be a non-negative int")
+            raise InvalidArgument(f"last must be a non-negative int or None, not {last!r}")
         if last == 0:
             return []
         conn = self._conn or await self._connection()

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidKey",
     "InvalidNamespace",
     "InvalidSessionId",
+    "InvalidArgument",
     "InvalidMessage",
     "InvalidTTL",
     "ValueTooLarge",
@@ -49,6 +50,12 @@ class InvalidNamespace(BotWireError, ValueError):
 
 class InvalidSessionId(BotWireError, ValueError):
     """A conversation id is empty, too long, or holds control characters."""
+
+    http_status = 400
+
+
+class InvalidArgument(BotWireError, ValueError):
+    """An argument other than a name, key, TTL or message is out of range (``last=-1``...)."""
 
     http_status = 400
 

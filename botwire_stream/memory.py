@@ -24,7 +24,7 @@ from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient
-from .errors import BotWireError, Conflict, InvalidTTL, ValueTooLarge
+from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, ValueTooLarge
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
@@ -108,7 +108,7 @@ class AsyncMemory(StreamClient):
     ) -> None:
         self.namespace = keys.check_namespace(namespace)
         if not 1 <= history <= 64:
-            raise ValueError("history must be between 1 and 64 revisions per key")
+            raise InvalidArgument(f"history must be between 1 and 64 revisions per key, not {history!r}")
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
         self._replicas = replicas

@@ -17,6 +17,7 @@ import pytest
 from botwire_stream import AsyncChatHistory, ChatHistory, Entry
 from botwire_stream.errors import (
     Conflict,
+    InvalidArgument,
     InvalidMessage,
     InvalidNamespace,
     InvalidSessionId,
@@ -487,9 +488,9 @@ def test_bad_ttl_is_refused(url: str, namespace: str, bad: Any) -> None:
 def test_bad_read_arguments_are_refused(url: str, namespace: str) -> None:
     with ChatHistory("s", namespace=namespace, url=url) as chat:
         chat.append({"n": 1})
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidArgument):
             chat.messages(last=-1)
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidArgument):
             chat.entries(last=-5)
         assert chat.messages() == [{"n": 1}]
 
