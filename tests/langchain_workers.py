@@ -8,29 +8,19 @@ is ``run``.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import procs
+
+ROOT = procs.ROOT
 
 
 # -- parent side -----------------------------------------------------------------------------------
 def run(*args: str, timeout: float = 60.0) -> Any:
     """Run one worker process to completion and return the JSON it printed last."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.langchain_workers", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return procs.run("tests.langchain_workers", args, timeout)
 
 
 # -- child side ------------------------------------------------------------------------------------
