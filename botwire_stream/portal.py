@@ -85,6 +85,12 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     if _loop is None:
         get_portal()
     assert _loop is not None
+    if _thread is not None and threading.get_ident() == _thread.ident:
+        # e.g. a sync Memory method called from the function given to Memory.update
+        raise RuntimeError(
+            "a sync botwire-stream method was called from botwire-stream's own event loop thread "
+            "(inside a function passed to update()?); it would wait for itself forever"
+        )
     future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(_await(fn, *args), _loop)
     try:
         return future.result()

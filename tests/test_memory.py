@@ -416,3 +416,13 @@ def test_closed_memory_refuses_work(url: str, namespace: str) -> None:
         m.get("k")
     with Memory(namespace, url=url) as again:  # the data is still there for others
         assert again.get("k") == 1
+
+
+def test_a_sync_call_inside_update_fails_fast_instead_of_deadlocking(url: str, namespace: str) -> None:
+    # update() runs fn on the library's event loop thread; a sync call from there would wait for
+    # itself forever, so it raises at once and nothing is written.
+    with Memory(namespace, url=url) as memory:
+        memory.set("counter", 1)
+        with pytest.raises(RuntimeError, match="event loop thread"):
+            memory.update("counter", lambda n: n + memory.get("counter"))
+        assert memory.get("counter") == 1
