@@ -332,7 +332,7 @@ class AsyncChatHistory(StreamClient):
         subject_filter, exact = keys.pattern_filter(pattern)
         conn = await _open(opts, names, 1)
         try:
-            lasts = await conn.last_per_subject(names.stream, names.chat + subject_filter)
+            lasts = await conn.pull_headers(names.stream, names.chat + subject_filter, last_per_subject=True)
             counts = await conn.subject_counts(names.stream, names.chat + subject_filter)
             found = []
             n = len(names.chat)

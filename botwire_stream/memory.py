@@ -209,22 +209,25 @@ class AsyncMemory(StreamClient):
         """The keys matching the glob ``pattern`` (fnmatch; ``*`` spans ``:``), sorted.
 
         The literal leading ``:``-segments of the pattern narrow the search on the server, so the
-        cost follows the number of candidate keys, not the size of the namespace.
+        cost follows the candidate keys (their kept revisions, headers only), not the size of the
+        namespace.
         """
         subject_filter, exact = keys.pattern_filter(pattern)
         conn = await self._connection()
         if exact:
             msg = await conn.direct_get_last(self.stream, self._prefix + subject_filter, self._timeout)
             return [pattern] if msg is not None and op_of(msg.headers) == "set" else []
-        msgs = await conn.last_per_subject(self.stream, self._prefix + subject_filter)
+        msgs = await conn.pull_headers(self.stream, self._prefix + subject_filter, last_per_subject=False)
+        live: dict[str, bool] = {}
+        for m in msgs:  # stream order: the last revision of each key decides
+            live[m.subject] = op_of(m.headers) == "set"
         n = len(self._prefix)
         found = []
-        for m in msgs:
-            if op_of(m.headers) != "set":
-                continue
-            key = keys.decode_key(m.subject[n:])
-            if keys.matches(key, pattern):
-                found.append(key)
+        for subject, is_set in live.items():
+            if is_set:
+                key = keys.decode_key(subject[n:])
+                if keys.matches(key, pattern):
+                    found.append(key)
         found.sort()
         return found
 

@@ -479,22 +479,24 @@ class Connection:
                 return out
             seq = batch.last_seq + 1
 
-    async def last_per_subject(
-        self, stream: str, filter_subject: str, *, headers_only: bool = True, timeout: float = 10.0
+    async def pull_headers(
+        self, stream: str, filter_subject: str, *, last_per_subject: bool, timeout: float = 10.0
     ) -> list[Msg]:
-        """The last message of every subject matching ``filter_subject``, by one ephemeral pull consumer.
+        """The headers of the messages on subjects matching ``filter_subject``, in stream order, by
+        one ephemeral pull consumer: all of them, or only the last of each subject.
 
-        Costs two requests plus the messages, whatever else the stream holds.
+        Costs two requests plus the messages. Creating a ``last_per_subject`` consumer costs the
+        server time that grows with the stream; one over every matching message does not.
         """
 
         async def run() -> list[Msg]:
             cfg = {
                 "stream_name": stream,
                 "config": {
-                    "deliver_policy": "last_per_subject",
+                    "deliver_policy": "last_per_subject" if last_per_subject else "all",
                     "ack_policy": "none",
                     "filter_subject": filter_subject,
-                    "headers_only": headers_only,
+                    "headers_only": True,
                     "inactive_threshold": 5_000_000_000,
                     "mem_storage": True,
                     "num_replicas": 1,
