@@ -325,29 +325,30 @@ class AsyncChatHistory(StreamClient):
         """Conversations whose id matches the glob, newest activity first, paginated.
 
         The literal leading ``:``-segments of ``pattern`` narrow the search on the server; the
-        cost is one headers-only message per matching conversation plus one count request.
+        cost is the last message of each matching conversation (one multi-last get, or a
+        headers-only consumer beyond 1024 conversations) plus one count request.
         """
         names = _Names(namespace)
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         subject_filter, exact = keys.pattern_filter(pattern)
         conn = await _open(opts, names, 1)
         try:
-            lasts = await conn.pull_headers(names.stream, names.chat + subject_filter, last_per_subject=True)
-            counts = await conn.subject_counts(names.stream, names.chat + subject_filter)
+            subjects = names.chat + subject_filter
+            lasts = await _last_messages(conn, names.stream, subjects)
+            counts = await conn.subject_counts(names.stream, subjects)
             found = []
             n = len(names.chat)
             recent = datetime.now(UTC) - timedelta(seconds=5)
-            for m in lasts:
-                session_id = keys.decode_key(m.subject[n:])
+            for subject, last_activity, is_marker in lasts:
+                session_id = keys.decode_key(subject[n:])
                 if not exact and not keys.matches(session_id, pattern):
                     continue
-                count = counts.get(m.subject, 0)
-                last_activity = m.metadata.timestamp
-                if not m.headers or "Nats-Scheduler" in m.headers:
+                if is_marker:
                     continue  # expired a moment ago: only its expiry marker is left
+                count = counts.get(subject, 0)
                 if count > 1 and last_activity > recent:
                     # Written again within a second of expiring: the marker, first, is no message.
-                    probe = await conn.direct_batch(names.stream, {"next_by_subj": m.subject, "seq": 1, "batch": 1})
+                    probe = await conn.direct_batch(names.stream, {"next_by_subj": subject, "seq": 1, "batch": 1})
                     if probe.msgs and not probe.msgs[0].data:
                         count -= 1
                 found.append(SessionInfo(session_id=session_id, message_count=count, last_activity=last_activity))
@@ -356,6 +357,23 @@ class AsyncChatHistory(StreamClient):
         found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
         end = None if limit is None else offset + limit
         return found[offset:end]
+
+
+async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[tuple[str, datetime, bool]]:
+    """(subject, time, is expiry marker) of the last message of each matching conversation."""
+    batch = await conn.direct_batch(stream, {"multi_last": [subjects]})
+    if not batch.too_many:
+        out = []
+        for m in batch.msgs:
+            hdr = m.headers or {}
+            out.append((hdr["Nats-Subject"], parse_time(hdr["Nats-Time-Stamp"]), not m.data or "Nats-Scheduler" in hdr))
+        return out
+    # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
+    msgs = await conn.pull_headers(stream, subjects, last_per_subject=True)
+    return [
+        (m.subject, m.metadata.timestamp, not m.headers or "Nats-Scheduler" in m.headers or m.headers.get("Nats-Msg-Size") == "0")
+        for m in msgs
+    ]
 
 
 def _entry(m: Msg) -> Entry:

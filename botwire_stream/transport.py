@@ -75,14 +75,16 @@ def origin_headers() -> dict[str, str]:
 
 
 class Batch:
-    """One batch direct get reply: its messages, how many more match, the last sequence sent."""
+    """One batch direct get reply: its messages, how many more match, the last sequence sent,
+    and whether the server refused a multi-last get for matching too many subjects (413)."""
 
-    __slots__ = ("msgs", "pending", "last_seq")
+    __slots__ = ("msgs", "pending", "last_seq", "too_many")
 
     def __init__(self, msgs: list[Msg], pending: int, last_seq: int) -> None:
         self.msgs = msgs
         self.pending = pending
         self.last_seq = last_seq
+        self.too_many = False
 
 
 HEADROOM = 16 * 1024  # room for headers under the server's max_payload
@@ -175,6 +177,9 @@ class _BatchCollector:
             self.batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
             done.set_result(None)
         elif st == "404":
+            done.set_result(None)
+        elif st == "413":
+            self.batch.too_many = True
             done.set_result(None)
         else:
             done.set_exception(nats.js.errors.APIError(code=int(st), description=hdr.get("Description", "")))

@@ -515,3 +515,22 @@ def test_sync_chat_history_works_inside_async_def(url: str, namespace: str) -> N
     ]
     assert n == 3
     assert sorted(ids) == ["in-loop", "in-loop-2"]
+
+
+async def test_sessions_lists_more_conversations_than_one_multi_last_get_answers(url: str, namespace: str) -> None:
+    # A multi-last direct get answers at most 1024 subjects; beyond that sessions() pulls the last
+    # message of each conversation through a consumer instead, and must list them all.
+    chats = [AsyncChatHistory(f"c:{i:04d}", namespace=namespace, url=url) for i in range(1100)]
+    try:
+        await asyncio.gather(*(c.append({"i": i}) for i, c in enumerate(chats)))
+        await chats[7].append({"i": "again"})
+        listed = await AsyncChatHistory.sessions(namespace, "c:*", limit=None, url=url)
+        assert len(listed) == 1100
+        assert listed[0].session_id == "c:0007" and listed[0].message_count == 2
+        assert {s.session_id for s in listed} == {f"c:{i:04d}" for i in range(1100)}
+        assert all(s.message_count == 1 for s in listed[1:])
+        narrow = await AsyncChatHistory.sessions(namespace, "c:000*", limit=None, url=url)
+        assert [s.session_id for s in narrow][0] == "c:0007" and len(narrow) == 10
+    finally:
+        for c in chats:
+            await c.close()
