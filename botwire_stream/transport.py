@@ -2,9 +2,9 @@
 
 One ``Connection`` per event loop and connection settings is shared by every ``AsyncMemory`` and
 ``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
-offer: batch and multi-last direct gets, atomic batch publishes, and a headers-only pull of the
-last message per subject. Every NATS failure leaves here translated by ``errors.translating``;
-with the embedded server, a dead server is restarted and the call retried once.
+offer: batch and multi-last direct gets, atomic batch publishes, headers-only pulls, and one
+shared reply inbox for requests. Every NATS failure leaves here translated by
+``errors.translate``; with the embedded server, a dead server is restarted and the call retried.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ from .settings import ConnectOptions
 T = TypeVar("T")
 
 ORIGIN = f"{socket.gethostname()}/{os.getpid()}"
+
+
+def _reset_origin() -> None:
+    global ORIGIN
+    ORIGIN = f"{socket.gethostname()}/{os.getpid()}"
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_origin)
 _RETRYABLE = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
