@@ -23,13 +23,13 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import keys
-from .client import StreamClient
+from .client import StreamClient, open_with_streams
 from .errors import Conflict, InvalidArgument, InvalidMessage, ValueTooLarge
 from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
-from .settings import ConnectOptions, resolve
-from .transport import Connection, acquire, origin_headers, release
+from .settings import resolve
+from .transport import Connection, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 _PAGE: Final = 10_000
@@ -75,16 +75,6 @@ class _Names:
             num_replicas=replicas,
             metadata={"botwire.namespace": self.namespace},
         )
-
-
-async def _open(opts: ConnectOptions, names: _Names, replicas: int) -> Connection:
-    conn = await acquire(opts)
-    try:
-        await conn.ensure_stream(names.config(replicas))
-    except BaseException:
-        await release(conn)
-        raise
-    return conn
 
 
 class AsyncChatHistory(StreamClient):
@@ -331,7 +321,7 @@ class AsyncChatHistory(StreamClient):
         names = _Names(namespace)
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         subject_filter, exact = keys.pattern_filter(pattern)
-        conn = await _open(opts, names, 1)
+        conn = await open_with_streams(opts, [names.config(1)])
         try:
             subjects = names.chat + subject_filter
             lasts = await _last_messages(conn, names.stream, subjects)

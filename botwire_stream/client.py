@@ -15,6 +15,18 @@ from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
 
+async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:
+    """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
+    conn = await acquire(opts)
+    try:
+        for config in configs:
+            await conn.ensure_stream(config)
+    except BaseException:
+        await release(conn)
+        raise
+    return conn
+
+
 class StreamClient(ABC):
     """Base of the async cores. A client belongs to the event loop that first uses it."""
 
@@ -38,14 +50,7 @@ class StreamClient(ABC):
             self._opening = asyncio.Lock()
         async with self._opening:
             if self._conn is None:
-                conn = await acquire(self._opts)
-                try:
-                    for config in self._streams():
-                        await conn.ensure_stream(config)
-                except BaseException:
-                    await release(conn)
-                    raise
-                self._conn = conn
+                self._conn = await open_with_streams(self._opts, self._streams())
         assert self._conn is not None
         return self._conn
 

@@ -8,8 +8,6 @@ each class to a status code through ``http_status``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 
 __all__ = [
     "BotWireError",
@@ -26,7 +24,6 @@ __all__ = [
     "Unauthorized",
     "QuotaExceeded",
     "translate",
-    "translating",
 ]
 
 
@@ -163,17 +160,3 @@ def translate(exc: BaseException) -> BaseException:
     if isinstance(exc, ne.Error):
         return BotWireError(f"NATS error: {exc}")
     return exc
-
-
-@contextlib.contextmanager
-def translating() -> Iterator[None]:
-    """Re-raise any exception from the block as its ``BotWireError`` translation."""
-    try:
-        yield
-    except BotWireError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translation point
-        new = translate(exc)
-        if new is exc:
-            raise
-        raise new from exc

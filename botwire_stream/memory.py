@@ -236,10 +236,6 @@ class AsyncMemory(StreamClient):
         """Store ``value`` under ``key``; return its revision. ``ttl`` in seconds (None: forever)."""
         return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
 
-    async def _write_value(self, key: str, value: Any, ttl: float | timedelta | None) -> int:
-        # positional twin of ``set`` for the portal, which passes no keyword arguments
-        return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
-
     async def _write(self, key: str, data: bytes, ttl: int | None, expected: int | None) -> int:
         token = keys.encode_key(key)
         size = len(data)
@@ -354,16 +350,6 @@ class AsyncMemory(StreamClient):
         The write is conditional on the revision read; when another writer got there first, the
         value is read again and ``fn`` called again. Returns the value written.
         """
-        return await self._update(key, fn, default, ttl, max_attempts)
-
-    async def _update(
-        self,
-        key: str,
-        fn: Callable[[Any], Any],
-        default: Any,
-        ttl: float | timedelta | None,
-        max_attempts: int = 1000,
-    ) -> Any:
         seconds = ttl_seconds(ttl)
         delay = 0.001
         for _ in range(max_attempts):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -98,7 +99,7 @@ class Memory:
 
     def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None) -> int:
         """Store ``value``; return its revision. ``ttl`` in seconds or a timedelta (None: forever)."""
-        return call(self._core._write_value, key, value, ttl)
+        return call(partial(self._core.set, ttl=ttl), key, value)
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; True when it existed."""
@@ -115,7 +116,7 @@ class Memory:
         self, key: str, fn: Callable[[Any], Any], *, default: Any = None, ttl: float | timedelta | None = None
     ) -> Any:
         """Read-modify-write without lost updates; returns the new value."""
-        return call(self._core._update, key, fn, default, ttl)
+        return call(partial(self._core.update, default=default, ttl=ttl), key, fn)
 
     def revisions(self, key: str) -> list[Revision]:
         """The audit trail of ``key``, oldest first."""
