@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -85,6 +86,17 @@ def ttl_seconds(ttl: float | timedelta | None) -> int | None:
     return whole
 
 
+def _api_result(data: bytes) -> dict[str, Any]:
+    """A JetStream API response, with its error raised for ``Connection.call`` to translate."""
+    info: dict[str, Any] = msgspec.json.decode(data)
+    err = info.get("error")
+    if err:
+        raise nats.js.errors.APIError(
+            code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+        )
+    return info
+
+
 def parse_time(value: str) -> datetime:
     """An RFC 3339 time from a NATS header (nanoseconds are truncated to microseconds)."""
     return _time_decoder.decode(b'"' + value.encode() + b'"')
@@ -119,13 +131,13 @@ class AsyncMemory(StreamClient):
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        history: int = DEFAULT_HISTORY,
+        history: int | None = None,
         replicas: int = 1,
         timeout: float = 5.0,
     ) -> None:
         self.namespace = keys.check_namespace(namespace)
-        if not 1 <= history <= 64:
-            raise InvalidArgument(f"history must be between 1 and 64 revisions per key, not {history!r}")
+        if history is not None and (type(history) is not int or not 1 <= history <= 64):
+            raise InvalidArgument(f"history must be an int from 1 to 64 revisions per key, not {history!r}")
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
         self._replicas = replicas
@@ -141,7 +153,7 @@ class AsyncMemory(StreamClient):
             StreamConfig(
                 name=self.stream,
                 subjects=[f"{self._prefix}>"],
-                max_msgs_per_subject=self._history,
+                max_msgs_per_subject=self._history or DEFAULT_HISTORY,
                 discard=DiscardPolicy.NEW,
                 allow_rollup_hdrs=True,
                 deny_delete=True,
@@ -158,6 +170,27 @@ class AsyncMemory(StreamClient):
 
     def __repr__(self) -> str:
         return f"AsyncMemory({self.namespace!r})"
+
+    async def _opened(self, conn: Connection) -> None:
+        """Apply an explicit ``history=`` to a namespace that keeps another number of revisions.
+
+        The raw stream config is read and written back with only ``max_msgs_per_subject``
+        changed, so fields this nats-py does not model are kept as they are.
+        """
+        history = self._history
+        if history is None:
+            return
+
+        async def run() -> None:
+            resp = await conn.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", None, self._timeout)
+            config = _api_result(resp.data)["config"]
+            if config.get("max_msgs_per_subject") == history:
+                return
+            config["max_msgs_per_subject"] = history
+            body = msgspec.json.encode(config)
+            _api_result((await conn.request(f"$JS.API.STREAM.UPDATE.{self.stream}", body, None, self._timeout)).data)
+
+        await conn.call(run)
 
     # -- reading --------------------------------------------------------------------------------
     async def _last(self, key: str) -> tuple[Connection, str, Msg | None]:
@@ -198,10 +231,11 @@ class AsyncMemory(StreamClient):
         return codec.decode(msg.data)
 
     async def revisions(self, key: str) -> list[Revision]:
-        """The audit trail of ``key``, oldest first: the last ``history`` writes the server keeps."""
+        """The audit trail of ``key``, oldest first: the last ``history`` writes the server keeps
+        (the namespace's setting: 16 unless opened with another ``history=``)."""
         subject = self._prefix + keys.encode_key(key)
         conn = await self._connection()
-        msgs = await conn.read_subject(self.stream, subject, page=self._history)
+        msgs = await conn.read_subject(self.stream, subject, page=self._history or 64)
         out = []
         for m in msgs:
             hdr = m.headers or {}
