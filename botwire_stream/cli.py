@@ -251,6 +251,17 @@ def parse_value(text: str, *, force_string: bool) -> Any:
         return text
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """``raw`` as text; ``Failure`` (exit 2) when it is not UTF-8, as values are JSON or UTF-8 text."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Failure(
+            f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "values are JSON or UTF-8 strings: encode binary data first (e.g. base64)"
+        ) from None
+
+
 # -- commands -----------------------------------------------------------------------------------
 def _version() -> str:
     from . import __version__
@@ -311,8 +322,10 @@ def set_(opts: Options, key: str, value: str, ttl: float | None, force_string: b
     stored as the string itself. VALUE '-' reads it from stdin (one trailing newline dropped).
     """
     if value == "-":
-        value = sys.stdin.read()
+        value = _utf8(sys.stdin.buffer.read(), "stdin")
         value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    else:  # a non-UTF-8 argument arrives with its bad bytes as lone surrogates (surrogateescape)
+        _utf8(value.encode("utf-8", "surrogateescape"), "VALUE")
     data = parse_value(value, force_string=force_string)
 
     def write(memory: Memory) -> int:

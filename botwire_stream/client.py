@@ -10,7 +10,7 @@ from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError
+from .errors import BotWireError, WrongEventLoop
 from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
@@ -28,17 +28,43 @@ async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -
 
 
 class StreamClient(ABC):
-    """Base of the async cores. A client belongs to the event loop that first uses it."""
+    """Base of the async cores. A client belongs to the event loop that first uses it.
+
+    Its connection's futures and reader task live on that loop; used from another loop, a call
+    raises ``WrongEventLoop`` before sending anything (nats-py would write on the other loop's
+    socket and then fail with "attached to a different loop", the write's fate unknown).
+    """
 
     def __init__(self, opts: ConnectOptions) -> None:
         self._opts = opts
-        self._conn: Connection | None = None
+        self._conn_: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
         self._closed = False
+
+    @property
+    def _conn(self) -> Connection | None:
+        """The connection, when open and this is its loop (the fast path of every call)."""
+        conn = self._conn_
+        if conn is not None and self._loop is not asyncio.get_running_loop():
+            raise self._wrong_loop()
+        return conn
+
+    def _wrong_loop(self) -> WrongEventLoop:
+        name = type(self).__name__
+        sync = "Memory" if name == "AsyncMemory" else "ChatHistory"
+        return WrongEventLoop(
+            f"{self!r} belongs to the event loop that first used it and cannot be used from another one; "
+            f"create one {name} per event loop (e.g. inside the coroutine given to asyncio.run), "
+            f"or use {sync}, which works from any thread or loop"
+        )
 
     @abstractmethod
     def _streams(self) -> list[StreamConfig]:
         """The streams this client writes to, created on first use when missing."""
+
+    async def _opened(self, conn: Connection) -> None:
+        """Called once the connection is open and the streams exist (a hook for subclasses)."""
 
     async def _connection(self) -> Connection:
         conn = self._conn
@@ -46,13 +72,22 @@ class StreamClient(ABC):
             return conn
         if self._closed:
             raise BotWireError(f"{self!r} is closed")
+        loop = asyncio.get_running_loop()
         if self._opening is None:
-            self._opening = asyncio.Lock()
+            self._opening, self._loop = asyncio.Lock(), loop
+        elif self._loop is not loop:
+            raise self._wrong_loop()  # still opening on its first loop
         async with self._opening:
-            if self._conn is None:
-                self._conn = await open_with_streams(self._opts, self._streams())
-        assert self._conn is not None
-        return self._conn
+            if self._conn_ is None:
+                conn = await open_with_streams(self._opts, self._streams())
+                try:
+                    await self._opened(conn)
+                except BaseException:
+                    await release(conn)
+                    raise
+                self._conn_ = conn
+        assert self._conn_ is not None
+        return self._conn_
 
     async def open(self) -> Self:
         """Connect and make sure the streams exist (the first call does it anyway)."""
@@ -61,8 +96,14 @@ class StreamClient(ABC):
 
     async def close(self) -> None:
         """Release the connection (a shared connection closes with its last user)."""
+        conn = self._conn_
+        if conn is not None and self._loop is not asyncio.get_running_loop():
+            assert self._loop is not None
+            if not self._loop.is_closed():
+                raise self._wrong_loop()
+            conn = None  # its loop is gone, and the connection with it: nothing to release
         self._closed = True
-        conn, self._conn = self._conn, None
+        self._conn_ = None
         if conn is not None:
             await release(conn)
 

@@ -23,6 +23,7 @@ __all__ = [
     "ServerNotFound",
     "Unauthorized",
     "QuotaExceeded",
+    "WrongEventLoop",
     "translate",
 ]
 
@@ -101,6 +102,12 @@ class QuotaExceeded(BotWireError):
     """A storage limit or rate limit of the server or namespace was reached."""
 
     http_status = 429
+
+
+class WrongEventLoop(BotWireError, RuntimeError):
+    """An ``AsyncMemory``/``AsyncChatHistory`` was used on another event loop than its first one."""
+
+    http_status = 500
 
 
 # JetStream API error codes (nats-server's errors.json) that mean something to a user.

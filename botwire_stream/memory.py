@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -53,19 +54,47 @@ _manifest_decoder = msgspec.json.Decoder(_Manifest)
 _time_decoder = msgspec.json.Decoder(datetime)
 
 
+# The longest TTL: 100 years. nats-server keeps a message's expiry as int64 nanoseconds since 1970
+# (now + ttl), which overflows for ttl above about 7.44e9 s (235 years) from 2026; such a key was
+# measured to vanish within half a second instead of living long. A chat schedule's ``@at`` time
+# must also stay below that year 2262 limit. 100 years keeps a margin of more than a century.
+MAX_TTL_SECONDS: Final = 36525 * 86400  # 100 years of 365.25 days: 3,155,760,000 s
+
+
 def ttl_seconds(ttl: float | timedelta | None) -> int | None:
-    """Whole seconds, rounded up (the server counts whole seconds); None means forever."""
+    """Whole seconds, rounded up (the server counts whole seconds); None means forever.
+
+    ``InvalidTTL`` for anything but a positive number or timedelta of at most ``MAX_TTL_SECONDS``.
+    """
     if ttl is None:
         return None
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
-    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-        seconds = float(ttl)
+    elif isinstance(ttl, int) and not isinstance(ttl, bool):
+        seconds = float(min(ttl, MAX_TTL_SECONDS + 1))  # float(10**400) would overflow
+    elif isinstance(ttl, float):
+        seconds = ttl
     else:
         raise InvalidTTL(f"ttl must be seconds (int or float) or a timedelta, not {type(ttl).__name__}")
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidTTL(f"ttl must be a positive number of seconds, not {ttl!r}")
-    return math.ceil(seconds)
+    whole = math.ceil(seconds)
+    if whole > MAX_TTL_SECONDS:
+        raise InvalidTTL(
+            f"ttl must be at most {MAX_TTL_SECONDS} seconds (100 years), not {ttl!r}; use ttl=None to keep it forever"
+        )
+    return whole
+
+
+def _api_result(data: bytes) -> dict[str, Any]:
+    """A JetStream API response, with its error raised for ``Connection.call`` to translate."""
+    info: dict[str, Any] = msgspec.json.decode(data)
+    err = info.get("error")
+    if err:
+        raise nats.js.errors.APIError(
+            code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+        )
+    return info
 
 
 def parse_time(value: str) -> datetime:
@@ -102,13 +131,13 @@ class AsyncMemory(StreamClient):
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        history: int = DEFAULT_HISTORY,
+        history: int | None = None,
         replicas: int = 1,
         timeout: float = 5.0,
     ) -> None:
         self.namespace = keys.check_namespace(namespace)
-        if not 1 <= history <= 64:
-            raise InvalidArgument(f"history must be between 1 and 64 revisions per key, not {history!r}")
+        if history is not None and (type(history) is not int or not 1 <= history <= 64):
+            raise InvalidArgument(f"history must be an int from 1 to 64 revisions per key, not {history!r}")
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
         self._replicas = replicas
@@ -124,7 +153,7 @@ class AsyncMemory(StreamClient):
             StreamConfig(
                 name=self.stream,
                 subjects=[f"{self._prefix}>"],
-                max_msgs_per_subject=self._history,
+                max_msgs_per_subject=self._history or DEFAULT_HISTORY,
                 discard=DiscardPolicy.NEW,
                 allow_rollup_hdrs=True,
                 deny_delete=True,
@@ -141,6 +170,27 @@ class AsyncMemory(StreamClient):
 
     def __repr__(self) -> str:
         return f"AsyncMemory({self.namespace!r})"
+
+    async def _opened(self, conn: Connection) -> None:
+        """Apply an explicit ``history=`` to a namespace that keeps another number of revisions.
+
+        The raw stream config is read and written back with only ``max_msgs_per_subject``
+        changed, so fields this nats-py does not model are kept as they are.
+        """
+        history = self._history
+        if history is None:
+            return
+
+        async def run() -> None:
+            resp = await conn.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", None, self._timeout)
+            config = _api_result(resp.data)["config"]
+            if config.get("max_msgs_per_subject") == history:
+                return
+            config["max_msgs_per_subject"] = history
+            body = msgspec.json.encode(config)
+            _api_result((await conn.request(f"$JS.API.STREAM.UPDATE.{self.stream}", body, None, self._timeout)).data)
+
+        await conn.call(run)
 
     # -- reading --------------------------------------------------------------------------------
     async def _last(self, key: str) -> tuple[Connection, str, Msg | None]:
@@ -181,10 +231,11 @@ class AsyncMemory(StreamClient):
         return codec.decode(msg.data)
 
     async def revisions(self, key: str) -> list[Revision]:
-        """The audit trail of ``key``, oldest first: the last ``history`` writes the server keeps."""
+        """The audit trail of ``key``, oldest first: the last ``history`` writes the server keeps
+        (the namespace's setting: 16 unless opened with another ``history=``)."""
         subject = self._prefix + keys.encode_key(key)
         conn = await self._connection()
-        msgs = await conn.read_subject(self.stream, subject, page=self._history)
+        msgs = await conn.read_subject(self.stream, subject, page=self._history or 64)
         out = []
         for m in msgs:
             hdr = m.headers or {}
@@ -236,7 +287,11 @@ class AsyncMemory(StreamClient):
         """Store ``value`` under ``key``; return its revision. ``ttl`` in seconds (None: forever)."""
         return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
 
-    async def _write(self, key: str, data: bytes, ttl: int | None, expected: int | None) -> int:
+    async def _write(
+        self, key: str, data: bytes, ttl: int | None, expected: int | None, replaced: Msg | None = None
+    ) -> int:
+        """Publish ``data`` as ``key``'s new value; ``expected``: only over that revision, which is
+        ``replaced`` (known to ``update``, whose chunks are then reclaimed)."""
         token = keys.encode_key(key)
         size = len(data)
         if size > MAX_VALUE_BYTES:
@@ -255,7 +310,7 @@ class AsyncMemory(StreamClient):
         subject = self._prefix + token
         if size <= conn.max_body:
             return await conn.publish(subject, data, headers, self._timeout)
-        return await self._write_blob(conn, key, subject, data, ttl, headers)
+        return await self._write_blob(conn, key, subject, data, ttl, headers, expected, replaced)
 
     def _blob_subject(self, key: str) -> str:
         # The whole key as one token, so that a purge of this key's chunks touches no other key.
@@ -275,8 +330,22 @@ class AsyncMemory(StreamClient):
         )
 
     async def _write_blob(
-        self, conn: Connection, key: str, subject: str, data: bytes, ttl: int | None, headers: dict[str, str]
+        self,
+        conn: Connection,
+        key: str,
+        subject: str,
+        data: bytes,
+        ttl: int | None,
+        headers: dict[str, str],
+        expected: int | None,
+        replaced: Msg | None,
     ) -> int:
+        """Write the chunks, then commit them with one manifest on the key.
+
+        The manifest is published over a known revision (``update``'s, else the last one read just
+        before), so the value it replaces is known exactly even when a TTL rollup removes it, and
+        only that value's chunks are reclaimed: never the chunks of a write still in progress.
+        """
         await self._ensure_blob_stream(conn)
         blob = conn.new_id()
         base = self._blob_subject(key)
@@ -290,29 +359,88 @@ class AsyncMemory(StreamClient):
                 seqs.append(await conn.publish(f"{base}.{blob}.{i}", chunk, chunk_headers, 30.0))
             manifest = msgspec.json.encode(_Manifest(blob=blob, size=len(data), chunks=len(seqs), first_seq=seqs[0]))
             headers["Botwire-Blob"] = blob
-            rev = await conn.publish(subject, manifest, headers, self._timeout)
+            if expected is not None:
+                rev = await conn.publish(subject, manifest, headers, self._timeout)
+            else:
+                rev, replaced = await self._commit_over_last(conn, key, subject, manifest, headers)
         except BaseException:
             await asyncio.shield(self._purge_quietly(conn, f"{base}.{blob}.*"))
             raise
-        # Reclaim the chunks of the values this one replaced.
-        await self._purge_quietly(conn, f"{base}.>", before_seq=seqs[0])
+        await self._reclaim(conn, key, replaced, before=rev, keep=blob)
         return rev
 
-    async def _purge_quietly(self, conn: Connection, subject: str, before_seq: int | None = None) -> None:
+    async def _commit_over_last(
+        self, conn: Connection, key: str, subject: str, manifest: bytes, headers: dict[str, str]
+    ) -> tuple[int, Msg | None]:
+        """Publish ``manifest`` over the key's last message; its revision and the message it replaced.
+
+        A set is unconditional for the user: on a race with another writer only this small publish
+        is retried, over the new last message.
+        """
+        for _ in range(100):
+            last = await conn.direct_get_last(self.stream, subject, self._timeout)
+            headers["Nats-Expected-Last-Subject-Sequence"] = (last.headers or {})["Nats-Sequence"] if last else "0"
+            try:
+                return await conn.publish(subject, manifest, headers, self._timeout), last
+            except Conflict:
+                continue  # another write landed between the read and the publish: commit over it
+        raise Conflict(f"set of {key!r} kept racing with other writers; try again")
+
+    async def _reclaim(self, conn: Connection, key: str, replaced: Msg | None, *, before: int, keep: str) -> None:
+        """Purge the chunks of the chunked values that the write or delete at ``before`` replaced.
+
+        That is ``replaced`` and any older kept revision that references chunks (e.g. a big value
+        overwritten by a small one, which does not look). Chunks no kept revision references may
+        belong to a write still in progress and are left alone.
+        """
+        blobs = set()
+        if replaced is not None and replaced.headers and op_of(replaced.headers) == "set":
+            blob = replaced.headers.get("Botwire-Blob")
+            if blob:
+                blobs.add(blob)
+        base = self._blob_subject(key)
         try:
-            await conn.purge(self._blob_stream, subject, before_seq=before_seq)
+            present = {s.rsplit(".", 2)[1] for s in await conn.subject_counts(self._blob_stream, f"{base}.>")}
+            present.discard(keep)
+            if present - blobs:  # chunks of other values: those of replaced revisions go too
+                kept = await conn.pull_headers(self.stream, self._prefix + keys.encode_key(key), last_per_subject=False)
+                for m in kept:
+                    blob = (m.headers or {}).get("Botwire-Blob")
+                    if blob and m.metadata.sequence.stream < before:
+                        blobs.add(blob)
+            blobs &= present
+        except BotWireError:
+            pass  # no blob stream yet, or the server went away: leftover chunks cost space only
+        for blob in blobs:
+            await self._purge_quietly(conn, f"{base}.{blob}.*")
+
+    async def _purge_quietly(self, conn: Connection, subject: str) -> None:
+        try:
+            await conn.purge(self._blob_stream, subject)
         except BotWireError:
             pass  # leftover chunks cost space, never correctness
 
     async def _read_blob(self, conn: Connection, key: str, manifest: _Manifest) -> Any:
+        """The value from its chunks, by batch direct gets paged until all are read.
+
+        nats-server ends one batch reply once it has sent 64 MiB (measured: 9 of 12 messages of
+        8 MiB, 3 left pending). A 64 MiB value just fits, but the read goes on from the last chunk
+        received until every chunk is in, so that message overhead or a server with a lower limit
+        cannot cut it short.
+        """
         subject = f"{self._blob_subject(key)}.{manifest.blob}.*"
-        msgs = (
-            await conn.direct_batch(
+        msgs: list[Msg] = []
+        seq = manifest.first_seq
+        while len(msgs) < manifest.chunks:
+            batch = await conn.direct_batch(
                 self._blob_stream,
-                {"next_by_subj": subject, "seq": manifest.first_seq, "batch": manifest.chunks},
+                {"next_by_subj": subject, "seq": seq, "batch": manifest.chunks - len(msgs)},
                 timeout=60.0,
             )
-        ).msgs
+            if not batch.msgs:
+                break
+            msgs.extend(batch.msgs)
+            seq = batch.last_seq + 1
         if len(msgs) != manifest.chunks:
             raise _ChunksGone(f"the chunks of {key!r} are incomplete ({len(msgs)}/{manifest.chunks})")
         return codec.decode(b"".join(m.data for m in msgs))
@@ -328,11 +456,10 @@ class AsyncMemory(StreamClient):
             headers["KV-Operation"] = "DEL"
             headers["Nats-Expected-Last-Subject-Sequence"] = hdr["Nats-Sequence"]
             try:
-                await conn.publish(subject, b"", headers, self._timeout)
+                rev = await conn.publish(subject, b"", headers, self._timeout)
             except Conflict:
                 continue  # written meanwhile: look again
-            if "Botwire-Blob" in hdr:
-                await self._purge_quietly(conn, f"{self._blob_subject(key)}.>")
+            await self._reclaim(conn, key, msg, before=rev, keep="")
             return True
         raise Conflict(f"delete of {key!r} kept racing with other writers; try again")
 
@@ -357,7 +484,7 @@ class AsyncMemory(StreamClient):
             expected = 0 if msg is None else int((msg.headers or {})["Nats-Sequence"])
             new = fn(default if value is _MISSING else value)
             try:
-                await self._write(key, codec.encode(new), seconds, expected=expected)
+                await self._write(key, codec.encode(new), seconds, expected=expected, replaced=msg)
             except Conflict:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 0.05)

@@ -11,7 +11,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from . import embedded, portal
 from .chat import AsyncChatHistory
-from .memory import DEFAULT_HISTORY, AsyncMemory
+from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 from .settings import ConnectOptions
@@ -74,7 +74,7 @@ class Memory:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        history: int = DEFAULT_HISTORY,
+        history: int | None = None,
         replicas: int = 1,
         timeout: float = 5.0,
     ) -> None:

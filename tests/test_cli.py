@@ -303,6 +303,33 @@ def test_errors_in_a_subprocess_have_no_traceback(url: str, namespace: str) -> N
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "stdin", "where"),
+    [
+        ([b"set", b"k", b"-"], b"\xff\xfe{}\n", "stdin"),
+        ([b"set", b"k", b"--string", b"-"], b"caf\xe9", "stdin"),
+        ([b"set", b"k", b"caf\xe9"], b"", "VALUE"),
+        ([b"set", b"k", b"--string", b"\xff"], b"", "VALUE"),
+    ],
+    ids=["stdin", "stdin-latin1-string", "argument", "argument-string"],
+)
+def test_set_of_bytes_that_are_not_utf8_exits_2_and_writes_nothing(
+    url: str, namespace: str, args: list[bytes], stdin: bytes, where: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "botwire_stream", "--url", url, "-n", namespace, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.startswith(f"error: {where} is not UTF-8 text") and err.count("\n") == 1
+    with Memory(namespace, url=url) as memory:
+        assert memory.revisions("k") == []
+
+
 # -- real subprocesses ----------------------------------------------------------------------------
 def test_subprocess_round_trip_against_the_test_server(url: str, namespace: str) -> None:
     base = ("--url", url, "-n", namespace)
