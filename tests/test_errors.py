@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory, Memory
+from botwire_stream import AsyncMemory, ChatHistory, Memory
 from botwire_stream.errors import (
     BotWireError,
+    InvalidArgument,
     InvalidKey,
     InvalidNamespace,
     InvalidTTL,
@@ -180,3 +181,41 @@ def test_token_protected_server(tmp_path: Path, namespace: str, monkeypatch: pyt
 def test_unsupported_urls(bad: str, namespace: str) -> None:
     with pytest.raises(BotWireError):
         Memory(namespace, url=bad)
+
+
+# -- empty server lists ----------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blank", ["", " ", ",", ", ,", " ,\t, "])
+def test_blank_url_argument_is_invalid(blank: str, namespace: str) -> None:
+    # Before: url="" fell through to the embedded server, and "," spun nats-py at 100% CPU forever.
+    with pytest.raises(InvalidArgument, match="names no server"):
+        Memory(namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        AsyncMemory(namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        ChatHistory("s1", namespace=namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        ChatHistory.sessions(namespace=namespace, url=blank)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blank", [",", ", ,", " , "])
+def test_botwire_url_of_only_commas_is_invalid(blank: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOTWIRE_URL", blank)
+    with pytest.raises(InvalidArgument, match="BOTWIRE_URL"):
+        Memory(namespace)
+    with pytest.raises(InvalidArgument, match="BOTWIRE_URL"):
+        ChatHistory("s1", namespace=namespace)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_empty_botwire_url_means_unset(
+    blank: str, botwire_home: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOTWIRE_URL", blank)
+    with Memory(namespace) as m:  # the embedded server of BOTWIRE_HOME
+        m.set("k", 1)
+    monkeypatch.delenv("BOTWIRE_URL")
+    with Memory(namespace) as m:
+        assert m.get("k") == 1
