@@ -45,6 +45,9 @@ def resolve(
         raise InvalidArgument(f"url= must be a str such as 'nats://host:4222', not {type(url).__name__}")
     token = token or os.environ.get("BOTWIRE_TOKEN") or None
     creds = creds or os.environ.get("BOTWIRE_CREDS") or None
+    if creds is not None and not os.path.isfile(creds):
+        # nats-py reads it only when the server asks for a signature, and then fails obscurely.
+        raise InvalidArgument(f"the creds file {creds!r} (creds= or BOTWIRE_CREDS) is not a file")
     if url is None:
         from .embedded import home_dir
 

@@ -22,6 +22,7 @@ class NatsServer:
         max_payload: int | None = None,
         token: str | None = None,
         max_file_store: int | None = None,
+        extra_config: str = "",
     ) -> None:
         self.workdir = workdir
         self.store = workdir / "store"
@@ -30,6 +31,7 @@ class NatsServer:
         self.max_payload = max_payload
         self.token = token
         self.max_file_store = max_file_store
+        self.extra_config = extra_config
         self.port = -1
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,6 +61,8 @@ class NatsServer:
             lines.append(f"max_payload: {self.max_payload}")
         if self.token:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         conf = self.workdir / "nats.conf"
         conf.write_text("\n".join(lines) + "\n")
         with open(self.log, "ab") as log:
