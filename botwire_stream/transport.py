@@ -315,7 +315,7 @@ class Connection:
         out was not stored: nats-server replies to every write it stores.
         """
         assert self.home is not None
-        state = embedded.status(self.home)
+        state = await asyncio.to_thread(embedded.status, self.home)
         if state is None:
             return False
         free = await asyncio.to_thread(embedded.free_bytes, self.home)
