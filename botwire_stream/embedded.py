@@ -244,10 +244,11 @@ def free_bytes(home: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def disk_full_error(home: Path, free: int) -> StorageFull:
+def disk_full_error(home: Path, free: int, *, starting: bool = False) -> StorageFull:
+    what = "the embedded server cannot start" if starting else "this write was not stored"
     return StorageFull(
-        f"the disk holding {home} is full ({free} bytes free): the embedded server stores nothing until "
-        "space is freed (writes then work again by themselves)"
+        f"disk full: the disk holding {home} has {free} bytes free, so {what}; "
+        "free space, and writes work again by themselves"
     )
 
 
@@ -288,7 +289,7 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
     binary = find_binary()
     free = free_bytes(home)
     if free < MIN_FREE:
-        raise disk_full_error(home, free)
+        raise disk_full_error(home, free, starting=True)
     sdir = _server_dir(home)
     store = home / "jetstream"
     store.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -349,7 +350,7 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
     if url is None:
         _terminate(proc.pid, 2.0)
         if (free := free_bytes(home)) < MIN_FREE:
-            raise disk_full_error(home, free)
+            raise disk_full_error(home, free, starting=True)
         raise ServerUnavailable(f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
     chosen = int(url.rsplit(":", 1)[1])
     state = ServerState(

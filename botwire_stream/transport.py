@@ -328,8 +328,8 @@ class Connection:
             return False
         if not restart:  # it failed again right after a restart: this write does not fit
             raise StorageFull(
-                f"the disk holding {self.home} has too little space for this write ({free} bytes free); "
-                "it was not stored"
+                f"disk full: the disk holding {self.home} has too little space for this write "
+                f"({free} bytes free); it was not stored"
             )
         await asyncio.to_thread(embedded.restart, self.home, state.pid)
         self._full_pid = 0
