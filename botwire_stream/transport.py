@@ -398,6 +398,13 @@ class Connection:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:
                     raise
+            except nats.js.errors.APIError as exc:
+                # 10049 "error creating store for stream": what a full disk gives (measured)
+                if exc.err_code == 10049 and self.home is not None:
+                    free = await asyncio.to_thread(embedded.free_bytes, self.home)
+                    if free < embedded.MIN_FREE:
+                        raise embedded.disk_full_error(self.home, free) from exc
+                raise
 
         await self.call(run)
         self._ready_streams.add(name)

@@ -55,6 +55,9 @@ def test_full_disk_raises_storage_full_then_writes_recover_by_themselves(
             memory.set("during", "x" * 50_000)
         with pytest.raises(StorageFull, match="disk full"):
             chat.append({"role": "user", "content": "during " + "y" * 50_000})
+        with pytest.raises(StorageFull, match="disk full"):  # a new namespace: its stream cannot be made
+            with Memory(namespace + "-new", timeout=1.0) as other:
+                other.set("k", 1)
         assert memory.get("before") == 1  # reads still work
         assert chat.messages() == [USER]
 
