@@ -4,7 +4,9 @@ One ``Connection`` per event loop and connection settings is shared by every ``A
 ``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
 offer: batch and multi-last direct gets, atomic batch publishes, headers-only pulls, and one
 shared reply inbox for requests. Every NATS failure leaves here translated by
-``errors.translate``; with the embedded server, a dead server is restarted and the call retried.
+``errors.translate``; with the embedded server, a dead server is restarted and the call retried,
+a full disk raises ``StorageFull``, and a server left unable to write by a full disk is restarted
+once space is back.
 """
 
 from __future__ import annotations
