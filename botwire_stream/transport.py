@@ -317,6 +317,10 @@ class Connection:
         out was not stored: nats-server replies to every write it stores.
         """
         assert self.home is not None
+        try:  # a server that answers pings is not hung: JetStream's silence was a failed store
+            await self.nc.flush(timeout=1)
+        except Exception:  # noqa: BLE001 - gone or hung: not a disk matter
+            return False
         state = await asyncio.to_thread(embedded.status, self.home)
         if state is None:
             return False
