@@ -175,7 +175,8 @@ def _home_error(home: Path, exc: OSError) -> BotWireError:
     where = exc.filename or home
     if exc.errno in _DISK_FULL:
         return StorageFull(
-            f"cannot start the embedded server: the disk holding {where} is full ({exc.strerror}); free space"
+            f"disk full: the embedded server cannot start: the disk holding {where} is full ({exc.strerror}); "
+            "free space"
         )
     return HomeNotWritable(
         f"cannot use BOTWIRE_HOME {str(home)!r} for the embedded server: {where}: {exc.strerror or exc}; "

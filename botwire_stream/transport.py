@@ -369,8 +369,8 @@ class Connection:
                         if await self._check_disk(restart=not disk_checked):
                             disk_checked = True
                             continue  # restarted a server wedged by a full disk: try again
-                    except BotWireError as full:
-                        raise full from exc
+                    except Exception as err:
+                        raise translate(err) from exc
                 if attempt >= max(retries, 1 if self.home is not None else 0):
                     raise translate(exc) from exc
                 attempt += 1
