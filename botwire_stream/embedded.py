@@ -11,6 +11,7 @@ and its JetStream data in ``<home>/jetstream``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -21,14 +22,22 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BotWireError, ServerNotFound, ServerUnavailable
+from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 _START_TIMEOUT = 15.0
+# A start holds the lock for at most a hung server's stop (2 x 5 s) and a start (15 s).
+_LOCK_TIMEOUT = _START_TIMEOUT + 15.0
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Below this much free space the server cannot even write its ports file (measured: it then never
+# reports ready), and JetStream would get 75% of it as its whole storage limit.
+MIN_FREE = 1024 * 1024
+_NO_SPACE = b"no space left on device"
 _started: dict[int, subprocess.Popen[bytes]] = {}  # servers this process spawned, to reap them
 
 
@@ -154,14 +163,36 @@ def ensure(
     listen, so that a caller's own start-up work overlaps the server's boot.
     """
     home = home or home_dir()
+    try:
+        return _ensure(home, verify, while_booting)
+    except BotWireError:
+        raise
+    except OSError as exc:  # the home folder cannot be created or written
+        raise _home_error(home, exc) from exc
+
+
+def _home_error(home: Path, exc: OSError) -> BotWireError:
+    where = exc.filename or home
+    if exc.errno in _DISK_FULL:
+        return StorageFull(
+            f"disk full: the embedded server cannot start: the disk holding {where} is full ({exc.strerror}); "
+            "free space"
+        )
+    return HomeNotWritable(
+        f"cannot use BOTWIRE_HOME {str(home)!r} for the embedded server: {where}: {exc.strerror or exc}; "
+        "set BOTWIRE_HOME to a folder you can write, or BOTWIRE_URL to a running server"
+    )
+
+
+def _ensure(
+    home: Path, verify: bool, while_booting: Callable[[], object] | None
+) -> tuple[ServerState, str]:
     state = status(home)
     if state is not None and (not verify or _port_open(state.port)):
         return state, read_token(home)
-    from filelock import FileLock
-
     sdir = _server_dir(home)
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with FileLock(str(sdir / "start.lock"), timeout=_START_TIMEOUT * 2):
+    with _start_lock(home):
         state = status(home)
         if state is not None and _port_open(state.port):
             return state, read_token(home)
@@ -169,6 +200,26 @@ def ensure(
             _terminate(state.pid, 5.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting), read_token(home)
+
+
+@contextmanager
+def _start_lock(home: Path) -> Iterator[None]:
+    """The file lock that makes concurrent starts start one server; ``ServerUnavailable`` when
+    another process holds it longer than any start takes."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(_server_dir(home) / "start.lock"), timeout=_LOCK_TIMEOUT)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ServerUnavailable(
+            f"the embedded server's start lock {lock.lock_file} is held by another process for over "
+            f"{_LOCK_TIMEOUT:.0f} s; is a `botwire` process stuck? (stop it, or set BOTWIRE_URL)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _free(port: int) -> bool:
@@ -187,8 +238,59 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def free_bytes(home: Path) -> int:
+    """Free space (for unprivileged users) on the filesystem that holds ``home``'s data."""
+    path = home / "jetstream"
+    st = os.statvfs(path if path.exists() else home)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full_error(home: Path, free: int, *, starting: bool = False) -> StorageFull:
+    what = "the embedded server cannot start" if starting else "this write was not stored"
+    return StorageFull(
+        f"disk full: the disk holding {home} has {free} bytes free, so {what}; "
+        "free space, and writes work again by themselves"
+    )
+
+
+def log_says_disk_full(home: Path, pid: int) -> bool:
+    """Whether server ``pid`` logged a store that failed for a full disk.
+
+    nats-server 2.15 then keeps the error on the stream for good: every later write to it fails
+    without a reply (the client times out), even once space is back, until the server restarts.
+    """
+    try:
+        with open(_server_dir(home) / "server.log", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+            tail = f.read()
+    except OSError:
+        return False
+    tag = f"[{pid}] ".encode()
+    return any(line.startswith(tag) and _NO_SPACE in line for line in tail.splitlines())
+
+
+def restart(home: Path, pid: int) -> ServerState:
+    """Restart the embedded server ``pid`` of ``home`` (unless another process already did)."""
+    try:
+        with _start_lock(home):
+            state = status(home)
+            if state is not None and state.pid != pid and _port_open(state.port):
+                return state
+            if state is not None:
+                _terminate(state.pid, 5.0)
+            previous = _read_state(home)
+            return _start(home, previous.port if previous else None)
+    except BotWireError:
+        raise
+    except OSError as exc:
+        raise _home_error(home, exc) from exc
+
+
 def _start(home: Path, port: int | None, while_booting: Callable[[], object] | None = None) -> ServerState:
     binary = find_binary()
+    free = free_bytes(home)
+    if free < MIN_FREE:
+        raise disk_full_error(home, free, starting=True)
     sdir = _server_dir(home)
     store = home / "jetstream"
     store.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -216,6 +318,7 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
     )
     log_path = sdir / "server.log"
     with open(log_path, "ab") as log:
+        log_start = log.tell()  # the failure message shows this run's output, not older runs'
         proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
@@ -232,8 +335,14 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
     url = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise ServerUnavailable(f"the embedded nats-server exited at start (code {proc.returncode}):\n{tail}")
+            with open(log_path, "rb") as f:
+                f.seek(log_start)
+                tail = f.read().decode(errors="replace")[-2000:]
+            error = StorageFull if "no space left on device" in tail else ServerUnavailable
+            reason = "disk full: " if error is StorageFull else ""
+            raise error(
+                f"the embedded nats-server exited at start ({reason}code {proc.returncode}); its output:\n{tail}"
+            )
         try:
             url = json.loads(ports_file.read_text())["nats"][0]
             break
@@ -241,6 +350,8 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
             time.sleep(0.001)
     if url is None:
         _terminate(proc.pid, 2.0)
+        if (free := free_bytes(home)) < MIN_FREE:
+            raise disk_full_error(home, free, starting=True)
         raise ServerUnavailable(f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
     chosen = int(url.rsplit(":", 1)[1])
     state = ServerState(

@@ -24,6 +24,8 @@ __all__ = [
     "Unauthorized",
     "QuotaExceeded",
     "WrongEventLoop",
+    "StorageFull",
+    "HomeNotWritable",
     "translate",
 ]
 
@@ -110,6 +112,16 @@ class WrongEventLoop(BotWireError, RuntimeError):
     http_status = 500
 
 
+class StorageFull(QuotaExceeded):
+    """The disk that holds the server's data is full: writes are refused until space is freed."""
+
+    http_status = 507
+
+
+class HomeNotWritable(ServerUnavailable):
+    """``BOTWIRE_HOME`` (the embedded server's folder) cannot be created or written."""
+
+
 # JetStream API error codes (nats-server's errors.json) that mean something to a user.
 _CONFLICT_CODES = {10071, 10164, 10058}
 _QUOTA_CODES = {10023, 10026, 10027, 10028, 10047, 10077, 10078}
@@ -127,6 +139,8 @@ def translate(exc: BaseException) -> BaseException:
     if isinstance(exc, je.APIError):
         code = exc.err_code or 0
         desc = exc.description or str(exc)
+        if "no space left on device" in desc:
+            return StorageFull(f"{desc} (the disk holding the server's data is full; free space)")
         if code in _CONFLICT_CODES or exc.code == 409:
             return Conflict(f"{desc} (another writer changed it first; read again and retry)")
         if code in _QUOTA_CODES:

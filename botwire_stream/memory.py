@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient
-from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, ValueTooLarge
+from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, QuotaExceeded, ValueTooLarge
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
@@ -459,9 +459,28 @@ class AsyncMemory(StreamClient):
                 rev = await conn.publish(subject, b"", headers, self._timeout)
             except Conflict:
                 continue  # written meanwhile: look again
+            except QuotaExceeded:
+                # At the storage limit: free the chunks first, then the revisions themselves.
+                seq = int(hdr["Nats-Sequence"])
+                await self._reclaim(conn, key, msg, before=seq + 1, keep="")
+                await self._delete_at_limit(conn, subject, seq, headers)
+                return True
             await self._reclaim(conn, key, msg, before=rev, keep="")
             return True
         raise Conflict(f"delete of {key!r} kept racing with other writers; try again")
+
+    async def _delete_at_limit(self, conn: Connection, subject: str, seq: int, marker: dict[str, str]) -> None:
+        """Delete at the storage limit, where the delete marker (a new message) is refused.
+
+        Purges the key's revisions up to ``seq`` (the one read), which frees their space and keeps
+        any newer write; then records the delete when it fits and nobody wrote meanwhile.
+        """
+        await conn.purge(self.stream, subject, before_seq=seq + 1)
+        marker["Nats-Expected-Last-Subject-Sequence"] = "0"  # the key has no message left
+        try:
+            await conn.publish(subject, b"", marker, self._timeout)
+        except (Conflict, QuotaExceeded):
+            pass  # a newer value was written, or no room even now: the key is deleted all the same
 
     async def update(
         self,

@@ -1,11 +1,15 @@
-"""Where to connect: ``url=`` argument, else ``BOTWIRE_URL``, else the embedded server."""
+"""Where to connect: ``url=`` argument, else ``BOTWIRE_URL``, else the embedded server.
+
+An explicit ``url=`` that names no server (``""``, ``" "``, ``","``) is an error, as is a
+``BOTWIRE_URL`` made only of commas and blanks; an empty or blank ``BOTWIRE_URL`` means unset.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-from .errors import BotWireError
+from .errors import BotWireError, InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,28 @@ def resolve(
     creds: str | None = None,
 ) -> ConnectOptions:
     """Resolve settings in the documented order (arguments, environment, embedded default)."""
-    url = url or os.environ.get("BOTWIRE_URL") or None
+    source = "url="
+    if url is None:
+        source = "BOTWIRE_URL"
+        url = os.environ.get("BOTWIRE_URL", "").strip() or None
+    elif not isinstance(url, str):
+        raise InvalidArgument(f"url= must be a str such as 'nats://host:4222', not {type(url).__name__}")
     token = token or os.environ.get("BOTWIRE_TOKEN") or None
     creds = creds or os.environ.get("BOTWIRE_CREDS") or None
+    if creds is not None and not os.path.isfile(creds):
+        # nats-py reads it only when the server asks for a signature, and then fails obscurely.
+        raise InvalidArgument(f"the creds file {creds!r} (creds= or BOTWIRE_CREDS) is not a file")
     if url is None:
         from .embedded import home_dir
 
         return ConnectOptions(servers=None, home=str(home_dir()))
     servers = tuple(u.strip() for u in url.split(",") if u.strip())
+    if not servers:
+        # nats-py would try an empty server list forever, at full CPU and deaf to Ctrl-C.
+        raise InvalidArgument(
+            f"{source} {url!r} names no server; give nats://host:port (comma-separated for a cluster)"
+            + (", or leave url= out for the embedded server" if source == "url=" else ", or unset it")
+        )
     for s in servers:
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""
         if scheme in ("http", "https"):

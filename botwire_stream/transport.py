@@ -4,7 +4,9 @@ One ``Connection`` per event loop and connection settings is shared by every ``A
 ``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
 offer: batch and multi-last direct gets, atomic batch publishes, headers-only pulls, and one
 shared reply inbox for requests. Every NATS failure leaves here translated by
-``errors.translate``; with the embedded server, a dead server is restarted and the call retried.
+``errors.translate``; with the embedded server, a dead server is restarted and the call retried,
+a full disk raises ``StorageFull``, and a server left unable to write by a full disk is restarted
+once space is back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, Unauthorized, translate
+from .errors import BotWireError, ServerUnavailable, StorageFull, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -205,6 +207,7 @@ class Connection:
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
+        self._full_pid = 0  # the embedded server seen with a full disk (its streams then stay wedged)
         self._mux: _ReplyMux | None = None
         self._id_prefix = secrets.token_urlsafe(12) + "-"  # 96 random bits: unique across processes
         self._id_count = itertools.count(1)
@@ -305,6 +308,40 @@ class Connection:
         finally:
             self._recovering = None
 
+    async def _check_disk(self, *, restart: bool) -> bool:
+        """After a request to the embedded server timed out: was its disk full?
+
+        Raises ``StorageFull`` while the disk is full. Once space is back, a server that met the
+        full disk is restarted (True: the caller retries), since nats-server keeps failing writes
+        to the streams it could not write, without a reply, until it restarts. The write that timed
+        out was not stored: nats-server replies to every write it stores.
+        """
+        assert self.home is not None
+        try:  # a server that answers pings is not hung: JetStream's silence was a failed store
+            await self.nc.flush(timeout=1)
+        except Exception:  # noqa: BLE001 - gone or hung: not a disk matter
+            return False
+        state = await asyncio.to_thread(embedded.status, self.home)
+        if state is None:
+            return False
+        free = await asyncio.to_thread(embedded.free_bytes, self.home)
+        if free < embedded.MIN_FREE:
+            self._full_pid = state.pid
+            raise embedded.disk_full_error(self.home, free)
+        if self._full_pid != state.pid and not await asyncio.to_thread(
+            embedded.log_says_disk_full, self.home, state.pid
+        ):
+            return False
+        if not restart:  # it failed again right after a restart: this write does not fit
+            raise StorageFull(
+                f"disk full: the disk holding {self.home} has too little space for this write "
+                f"({free} bytes free); it was not stored"
+            )
+        await asyncio.to_thread(embedded.restart, self.home, state.pid)
+        self._full_pid = 0
+        await self._recover()
+        return True
+
     async def call(self, fn: Callable[[], Awaitable[T]], *, retries: int = 0) -> T:
         """Run ``fn`` with errors translated.
 
@@ -314,6 +351,7 @@ class Connection:
         """
         delay = 0.1
         attempt = 0
+        disk_checked = False
         if self.home is not None and not self.nc.is_connected:
             # The embedded server went away: restart it now rather than after a request timeout.
             try:
@@ -326,6 +364,13 @@ class Connection:
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
+                if self.home is not None and isinstance(exc, asyncio.TimeoutError):
+                    try:
+                        if await self._check_disk(restart=not disk_checked):
+                            disk_checked = True
+                            continue  # restarted a server wedged by a full disk: try again
+                    except Exception as err:
+                        raise translate(err) from exc
                 if attempt >= max(retries, 1 if self.home is not None else 0):
                     raise translate(exc) from exc
                 attempt += 1
@@ -359,6 +404,13 @@ class Connection:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:
                     raise
+            except nats.js.errors.APIError as exc:
+                # 10049 "error creating store for stream": what a full disk gives (measured)
+                if exc.err_code == 10049 and self.home is not None:
+                    free = await asyncio.to_thread(embedded.free_bytes, self.home)
+                    if free < embedded.MIN_FREE:
+                        raise embedded.disk_full_error(self.home, free) from exc
+                raise
 
         await self.call(run)
         self._ready_streams.add(name)

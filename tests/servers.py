@@ -15,13 +15,23 @@ from botwire_stream.embedded import find_binary
 class NatsServer:
     """One nats-server with JetStream on 127.0.0.1, started and stopped by the tests."""
 
-    def __init__(self, workdir: Path, *, max_payload: int | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        max_payload: int | None = None,
+        token: str | None = None,
+        max_file_store: int | None = None,
+        extra_config: str = "",
+    ) -> None:
         self.workdir = workdir
         self.store = workdir / "store"
         self.ports_dir = workdir / "ports"
         self.log = workdir / "server.log"
         self.max_payload = max_payload
         self.token = token
+        self.max_file_store = max_file_store
+        self.extra_config = extra_config
         self.port = -1
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -43,12 +53,16 @@ class NatsServer:
             "host: 127.0.0.1",
             f"port: {self.port}",
             f"ports_file_dir: {json.dumps(str(self.ports_dir))}",
-            f"jetstream {{ store_dir: {json.dumps(str(self.store))} }}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.store))}"
+            + (f", max_file_store: {self.max_file_store}" if self.max_file_store else "")
+            + " }",
         ]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
         if self.token:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         conf = self.workdir / "nats.conf"
         conf.write_text("\n".join(lines) + "\n")
         with open(self.log, "ab") as log:

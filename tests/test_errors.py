@@ -4,6 +4,9 @@ leaves nothing behind: the key keeps its previous value, or stays absent."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory, Memory
+from botwire_stream import AsyncMemory, ChatHistory, Memory, embedded
 from botwire_stream.errors import (
     BotWireError,
+    HomeNotWritable,
+    InvalidArgument,
     InvalidKey,
     InvalidNamespace,
     InvalidTTL,
@@ -180,3 +185,122 @@ def test_token_protected_server(tmp_path: Path, namespace: str, monkeypatch: pyt
 def test_unsupported_urls(bad: str, namespace: str) -> None:
     with pytest.raises(BotWireError):
         Memory(namespace, url=bad)
+
+
+# -- empty server lists ----------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blank", ["", " ", ",", ", ,", " ,\t, "])
+def test_blank_url_argument_is_invalid(blank: str, namespace: str) -> None:
+    # Before: url="" fell through to the embedded server, and "," spun nats-py at 100% CPU forever.
+    with pytest.raises(InvalidArgument, match="names no server"):
+        Memory(namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        AsyncMemory(namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        ChatHistory("s1", namespace=namespace, url=blank)
+    with pytest.raises(InvalidArgument, match="names no server"):
+        ChatHistory.sessions(namespace=namespace, url=blank)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blank", [",", ", ,", " , "])
+def test_botwire_url_of_only_commas_is_invalid(blank: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOTWIRE_URL", blank)
+    with pytest.raises(InvalidArgument, match="BOTWIRE_URL"):
+        Memory(namespace)
+    with pytest.raises(InvalidArgument, match="BOTWIRE_URL"):
+        ChatHistory("s1", namespace=namespace)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_empty_botwire_url_means_unset(
+    blank: str, botwire_home: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOTWIRE_URL", blank)
+    with Memory(namespace) as m:  # the embedded server of BOTWIRE_HOME
+        m.set("k", 1)
+    monkeypatch.delenv("BOTWIRE_URL")
+    with Memory(namespace) as m:
+        assert m.get("k") == 1
+
+
+# -- credentials files -----------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_creds_file_authenticates(tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: nkeys was no dependency, so creds= raised ModuleNotFoundError at connect.
+    from tests.creds import decentralized_auth
+
+    config, creds = decentralized_auth(tmp_path)
+    server = NatsServer(tmp_path / "operator", extra_config=config).start()
+    try:
+        with Memory(namespace, url=server.url, creds=str(creds)) as m:
+            m.set("k", 1)
+        monkeypatch.setenv("BOTWIRE_CREDS", str(creds))
+        with Memory(namespace, url=server.url) as m:
+            assert m.get("k") == 1
+        monkeypatch.delenv("BOTWIRE_CREDS")
+        with pytest.raises(Unauthorized):
+            Memory(namespace, url=server.url)
+    finally:
+        server.stop()
+
+
+def test_creds_that_is_not_a_file_is_invalid(url: str, namespace: str, tmp_path: Path) -> None:
+    for bad in (tmp_path / "missing.creds", tmp_path):
+        with pytest.raises(InvalidArgument, match="creds"):
+            Memory(namespace, url=url, creds=str(bad))
+
+
+# -- the embedded server's home --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_read_only_home_raises_home_not_writable(
+    tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.mounts import tmpfs
+
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        for home in (ro, ro / "botwire"):  # an existing read-only folder, one that cannot be made
+            monkeypatch.setenv("BOTWIRE_HOME", str(home))
+            with pytest.raises(HomeNotWritable, match=str(ro)) as caught:  # before: a raw OSError
+                Memory(namespace)
+            assert "BOTWIRE_HOME" in str(caught.value)
+            assert isinstance(caught.value, ServerUnavailable)
+
+
+@pytest.mark.timeout(60)
+def test_start_lock_held_by_another_process(
+    botwire_home: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = botwire_home / "server" / "start.lock"
+    lock.parent.mkdir(parents=True)
+    hold = f"import filelock, sys\nlock = filelock.FileLock({str(lock)!r})\nlock.acquire()\nprint('held', flush=True)\nsys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        monkeypatch.setattr(embedded, "_LOCK_TIMEOUT", 1.0)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="start lock .*start.lock.* held by another process"):
+            Memory(namespace)  # before: a raw filelock.Timeout
+        assert time.monotonic() - started < 3 * 1.0
+    finally:
+        holder.kill()
+        holder.wait(10)
+    with Memory(namespace) as m:  # the lock is free again: the server starts
+        m.set("k", 1)
+
+
+@pytest.mark.timeout(60)
+def test_start_failure_shows_only_this_runs_output(botwire_home: Path, namespace: str) -> None:
+    (botwire_home / "server").mkdir(parents=True)
+    (botwire_home / "server" / "server.log").write_text("[1] an OLD RUN failed for another reason\n" * 20)
+    (botwire_home / "jetstream").mkdir()
+    (botwire_home / "jetstream" / "jetstream").write_text("not a folder")  # JetStream cannot start
+    with pytest.raises(ServerUnavailable, match="exited at start") as caught:
+        Memory(namespace)
+    assert "storage directory is not a directory" in str(caught.value)
+    assert "OLD RUN" not in str(caught.value)
