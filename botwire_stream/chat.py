@@ -351,13 +351,20 @@ class AsyncChatHistory(StreamClient):
 
 async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[tuple[str, datetime, bool]]:
     """(subject, time, is expiry marker) of the last message of each matching conversation."""
-    batch = await conn.direct_batch(stream, {"multi_last": [subjects]})
-    if not batch.too_many:
-        out = []
+    out = []
+    request: dict[str, Any] = {"multi_last": [subjects]}
+    while True:
+        batch = await conn.direct_batch(stream, request)
+        if batch.too_many:
+            break
         for m in batch.msgs:
             hdr = m.headers or {}
             out.append((hdr["Nats-Subject"], parse_time(hdr["Nats-Time-Stamp"]), not m.data or "Nats-Scheduler" in hdr))
-        return out
+        if not batch.msgs or not batch.pending:
+            return out
+        # The reply stopped at the server's byte cap (64 MiB by default): the rest of the same
+        # snapshot, from the next sequence on (the pending count of a multi-last get is exact).
+        request = {"multi_last": [subjects], "seq": batch.last_seq + 1, "up_to_seq": batch.up_to_seq}
     # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
     msgs = await conn.pull_headers(stream, subjects, last_per_subject=True)
     return [

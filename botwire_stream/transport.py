@@ -85,14 +85,16 @@ def origin_headers() -> dict[str, str]:
 
 class Batch:
     """One batch direct get reply: its messages, how many more match, the last sequence sent,
-    and whether the server refused a multi-last get for matching too many subjects (413)."""
+    the snapshot sequence of a multi-last get (page on with ``up_to_seq``), and whether the
+    server refused a multi-last get for matching too many subjects (413)."""
 
-    __slots__ = ("msgs", "pending", "last_seq", "too_many")
+    __slots__ = ("msgs", "pending", "last_seq", "up_to_seq", "too_many")
 
     def __init__(self, msgs: list[Msg], pending: int, last_seq: int) -> None:
         self.msgs = msgs
         self.pending = pending
         self.last_seq = last_seq
+        self.up_to_seq = 0
         self.too_many = False
 
 
@@ -184,6 +186,7 @@ class _BatchCollector:
         if st == "204":
             self.batch.pending = int(hdr.get("Nats-Num-Pending", 0))
             self.batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
+            self.batch.up_to_seq = int(hdr.get("Nats-UpTo-Sequence", 0))
             done.set_result(None)
         elif st == "404":
             done.set_result(None)
@@ -476,7 +479,8 @@ class Connection:
     async def read_subject(
         self, stream: str, subject: str, *, start_seq: int = 1, page: int = 1000, headers: bool = True
     ) -> list[Msg]:
-        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets.
+        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets,
+        however many bytes they hold.
 
         ``headers=False`` asks the server to leave out per-message headers: about twice as fast for
         long reads, but the messages then carry neither sequence nor time.
@@ -489,7 +493,12 @@ class Connection:
                 req["no_hdr"] = True
             batch = await self.direct_batch(stream, req)
             out.extend(batch.msgs)
-            if len(batch.msgs) < page or not batch.last_seq:
+            # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
+            # fewer messages than asked does not mean the end. With headers the end-of-batch
+            # pending count is exact; with no_hdr the server never decrements it (nats-server
+            # 2.15), so 0 is still the end but anything else needs the next page: an empty
+            # reply (one small round trip) is then the end.
+            if not batch.msgs or not batch.last_seq or batch.pending == 0:
                 return out
             seq = batch.last_seq + 1
 
