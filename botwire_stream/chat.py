@@ -46,6 +46,29 @@ def _encode_message(message: object) -> bytes:
         raise InvalidMessage(f"the message is not JSON-encodable: {exc}") from exc
 
 
+MAX_SEQ: Final = 2**63 - 1  # the largest sequence number ``after=`` takes (a signed 64-bit int)
+
+
+def _check_count(name: str, value: object, *, none: bool) -> int | None:
+    """``value`` when it is a non-negative int (None allowed with ``none``), else ``InvalidArgument``.
+
+    ``bool`` is refused although it is an ``int``: ``last=True`` is a mistake, not "1"."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        allowed = "a non-negative int or None" if none else "a non-negative int"
+        raise InvalidArgument(f"{name} must be {allowed}, not {value!r}")
+    return value
+
+
+def _check_after(after: object) -> int | None:
+    """``after`` when it is None or a sequence number (0 to ``MAX_SEQ``), else ``InvalidArgument``."""
+    seq = _check_count("after", after, none=True)
+    if seq is not None and seq > MAX_SEQ:
+        raise InvalidArgument(f"after must be a sequence number up to {MAX_SEQ}, not {after!r}")
+    return seq
+
+
 def stream_name(namespace: str) -> str:
     return f"BOTWIRE_CHAT_{namespace}"
 
@@ -220,8 +243,8 @@ class AsyncChatHistory(StreamClient):
         return lo
 
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
-        if last is not None and (not isinstance(last, int) or last < 0):
-            raise InvalidArgument(f"last must be a non-negative int or None, not {last!r}")
+        after = _check_after(after)
+        last = _check_count("last", last, none=True)
         if last == 0:
             return []
         conn = self._conn or await self._connection()
@@ -295,7 +318,7 @@ class AsyncChatHistory(StreamClient):
 
     def watch(self, after: int | None = None) -> ChatWatch:
         """Live new entries from any process; with ``after``, first those after that sequence."""
-        return ChatWatch(self, after)
+        return ChatWatch(self, _check_after(after))
 
     # -- listing --------------------------------------------------------------------------------
     @classmethod
@@ -319,6 +342,10 @@ class AsyncChatHistory(StreamClient):
         headers-only consumer beyond 1024 conversations) plus one count request.
         """
         names = _Names(namespace)
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidArgument(f"pattern must be a non-empty glob (str), not {pattern!r}; '*' lists every conversation")
+        limit = _check_count("limit", limit, none=True)
+        offset = _check_count("offset", offset, none=False) or 0
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         subject_filter, exact = keys.pattern_filter(pattern)
         conn = await open_with_streams(opts, [names.config(1)])

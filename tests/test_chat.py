@@ -495,6 +495,53 @@ def test_bad_read_arguments_are_refused(url: str, namespace: str) -> None:
         assert chat.messages() == [{"n": 1}]
 
 
+@pytest.mark.parametrize("bad", [True, False, 1.5, "3", -1], ids=["True", "False", "float", "str", "negative"])
+def test_last_must_be_a_plain_non_negative_int(url: str, namespace: str, bad: Any) -> None:
+    """``last=True`` is a mistake, not ``last=1``: bool is refused although it is an int."""
+    with ChatHistory("s", namespace=namespace, url=url) as chat:
+        chat.extend([{"n": 1}, {"n": 2}])
+        with pytest.raises(InvalidArgument):
+            chat.messages(last=bad)
+        with pytest.raises(InvalidArgument):
+            chat.entries(last=bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [-100, -1, 2**64, 2**63, 1.5, "3", True], ids=["-100", "-1", "2**64", "2**63", "float", "str", "bool"]
+)
+async def test_after_must_be_a_sequence_number(url: str, namespace: str, bad: Any) -> None:
+    async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
+        await chat.append({"n": 1})
+        with pytest.raises(InvalidArgument):
+            await chat.entries(after=bad)
+        with pytest.raises(InvalidArgument):
+            chat.watch(after=bad)
+        assert [e.message for e in await chat.entries(after=0)] == [{"n": 1}]
+        assert await chat.entries(after=2**63 - 1) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"limit": -1}, {"offset": -1}, {"limit": 1.5}, {"offset": "2"}, {"limit": True}, {"offset": None}],
+    ids=["limit-1", "offset-1", "limit-float", "offset-str", "limit-bool", "offset-None"],
+)
+def test_sessions_refuses_bad_paging_arguments(url: str, namespace: str, kwargs: dict[str, Any]) -> None:
+    with ChatHistory("s", namespace=namespace, url=url) as chat:
+        chat.append({"n": 1})
+        with pytest.raises(InvalidArgument):
+            ChatHistory.sessions(namespace, url=url, **kwargs)
+        assert ChatHistory.sessions(namespace, limit=0, url=url) == []
+
+
+@pytest.mark.parametrize("bad", ["", None, 3, b"*"], ids=["empty", "None", "int", "bytes"])
+async def test_sessions_pattern_must_be_a_non_empty_glob(url: str, namespace: str, bad: Any) -> None:
+    """An empty pattern is refused (an unset variable, most likely) rather than matching nothing."""
+    async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
+        await chat.append({"n": 1})
+        with pytest.raises(InvalidArgument):
+            await AsyncChatHistory.sessions(namespace, bad, url=url)
+
+
 # -- the sync face inside a running event loop ----------------------------------------------------
 def test_sync_chat_history_works_inside_async_def(url: str, namespace: str) -> None:
     async def main() -> tuple[list[dict[str, Any]], int, list[str]]:
