@@ -14,6 +14,7 @@ expires itself a second later. No reaper process is needed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -37,13 +38,51 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+_JSON_HOLDS = "dicts with str keys, lists, str, int, finite float, bool and None"
+
+
 def _encode_message(message: object) -> bytes:
+    """The JSON of ``message``, which must read back equal to it: else ``InvalidMessage``.
+
+    msgspec would encode bytes as base64, datetime/UUID/Decimal/Enum as strings, tuples and sets
+    as lists, int keys as strings and NaN as null, none of which read back as written; the check
+    decodes the JSON again and compares (in C, about as fast as the encoding itself).
+    """
     if not isinstance(message, Mapping):
         raise InvalidMessage(f"a chat message is a mapping (dict), not {type(message).__name__}")
     try:
-        return _encoder.encode(message)
-    except (TypeError, msgspec.EncodeError, UnicodeEncodeError) as exc:  # lone surrogates: not UTF-8
-        raise InvalidMessage(f"the message is not JSON-encodable: {exc}") from exc
+        data = _encoder.encode(message)
+        exact = _decoder.decode(data) == message
+    except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:  # surrogates, depth
+        raise InvalidMessage(f"the message is not JSON-encodable ({_JSON_HOLDS}): {exc}") from exc
+    if not exact:
+        raise InvalidMessage(
+            f"the message would not read back as appended: {_inexact(message)}; "
+            f"a message holds only {_JSON_HOLDS}; nothing was written"
+        )
+    return data
+
+
+def _inexact(message: Mapping[Any, Any]) -> str:
+    """Where and what the first value is that JSON cannot hold exactly (for the error message)."""
+    stack: list[tuple[str, object]] = [("message", message)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{path} is {value!r} (JSON has no such number)"
+        if isinstance(value, (tuple, set, frozenset)):
+            return f"{path} is a {type(value).__name__} (it would read back as a list)"
+        if isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return f"{path} has the key {k!r}, a {type(k).__name__} (it would read back as a str)"
+                stack.append((f"{path}[{k!r}]", v))
+        elif value is not None and not isinstance(value, (str, int, float)):
+            back = type(_decoder.decode(_encoder.encode({"v": value}))["v"]).__name__
+            return f"{path} is a {type(value).__name__} (it would read back as a {back})"
+    return "a value does not compare equal to itself"
 
 
 MAX_SEQ: Final = 2**63 - 1  # the largest sequence number ``after=`` takes (a signed 64-bit int)

@@ -8,7 +8,11 @@ exact round trips, tail and ``after`` reads in streams where conversations inter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import decimal
+import enum
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -419,6 +423,66 @@ async def test_append_of_an_unencodable_message_is_refused(url: str, namespace: 
             await chat.append(bad)
         assert await chat.messages() == [{"before": True}]
         assert await chat.count() == 1
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+INEXACT: dict[str, Any] = {
+    "bytes": b"\x00\xff",
+    "datetime": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    "uuid": uuid.UUID(int=7),
+    "decimal": decimal.Decimal("1.10"),
+    "enum": Colour.RED,
+    "tuple": (1, 2),
+    "set": {1},
+    "frozenset": frozenset({"a"}),
+    "dataclass": Point(1),
+    "nan": float("nan"),
+    "inf": float("inf"),
+}
+
+
+@pytest.mark.parametrize("bad", [{"v": v} for v in INEXACT.values()] + [{1: "int key"}, {"n": {None: 1}}], ids=[*INEXACT, "int-key", "None-key"])
+async def test_a_message_that_would_not_read_back_as_appended_is_refused(url: str, namespace: str, bad: Any) -> None:
+    """msgspec would store bytes as base64, datetimes, UUIDs, Decimals and Enums as strings, tuples
+    and sets as lists, int keys as strings and NaN as null: "exactly as appended" forbids them."""
+    async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
+        await chat.append({"before": True})
+        with pytest.raises(InvalidMessage, match="read back|not JSON-encodable"):
+            await chat.append(bad)
+        with pytest.raises(InvalidMessage, match="read back|not JSON-encodable"):
+            await chat.extend([{"ok": 1}, {"deep": [{"in": [bad]}]}])
+        assert await chat.messages() == [{"before": True}]
+
+
+async def test_what_json_holds_round_trips_and_int_or_str_enums_read_back_as_their_values(url: str, namespace: str) -> None:
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
+        await chat.append({"level": Level.HIGH, "big": 2**70, "neg0": -0.0, "list": [[], {}, None]})
+        (back,) = await chat.messages()
+        assert back == {"level": 3, "big": 2**70, "neg0": -0.0, "list": [[], {}, None]}
+        assert type(back["level"]) is int
+
+
+def test_a_deeply_nested_message_is_an_invalid_message(url: str, namespace: str) -> None:
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(3000):
+        inner.append([])
+        inner = inner[0]
+    with ChatHistory("s", namespace=namespace, url=url) as chat:
+        with pytest.raises(InvalidMessage):
+            chat.append({"deep": deep})
+        assert len(chat) == 0
 
 
 @pytest.mark.parametrize("bad", [{"v": "\ud800"}, {"\udfff": 1}], ids=["value", "key"])
