@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -663,12 +663,43 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectOptions
     weakref.WeakKeyDictionary()
 )
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncGenerator[None, None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _close_at_shutdown(pool: dict[ConnectOptions, Connection]) -> AsyncGenerator[None, None]:
+    """Suspended for the life of its loop; closes the loop's pool when the loop shuts down.
+
+    A connection references its loop, so the weak pool alone never lets a finished loop go: with
+    ``asyncio.run`` per request and objects left open, each run leaked one socket (30 runs, 30
+    sockets; ``gc.collect()`` freed none). An event loop closes the async generators it started
+    before it closes (``asyncio.run`` calls ``shutdown_asyncgens``), which runs this ``finally``.
+    """
+    try:
+        yield
+    finally:
+        conns = list(pool.values())
+        pool.clear()
+        for conn in conns:
+            conn.refs = 0
+            await conn.close()
+
+
+async def _pool_of(loop: asyncio.AbstractEventLoop) -> dict[ConnectOptions, Connection]:
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = {}
+        closer = _close_at_shutdown(pool)
+        await closer.__anext__()  # started on this loop, so the loop closes it at shutdown
+        _closers[loop] = closer  # a strong reference: collected, it would close the pool now
+    return pool
 
 
 async def acquire(opts: ConnectOptions) -> Connection:
     """The shared connection for ``opts`` on the running loop (opened on first use)."""
     loop = asyncio.get_running_loop()
-    pool = _pools.setdefault(loop, {})
+    pool = await _pool_of(loop)
     conn = pool.get(opts)
     if conn is None or conn.nc.is_closed:
         lock = _locks.setdefault(loop, asyncio.Lock())
