@@ -240,10 +240,15 @@ class AsyncChatHistory(StreamClient):
         return list(range(last - len(payloads) + 1, last + 1))
 
     async def clear(self) -> None:
-        """Remove every message of this conversation (its sequence numbers are not reused)."""
+        """Remove every message of this conversation (its sequence numbers are not reused).
+
+        The conversation's expiry schedule is kept: an append publishes its schedule and then its
+        message, so any purge of the schedule can land between the two and leave a message that
+        never expires (measured: 50-56 of 80 appends racing a clear that purged both). A kept
+        schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
+        """
         conn = await self._connection()
         await conn.purge(self._names.stream, self.subject)
-        await conn.purge(self._names.stream, self._ttl_subject)
 
     # -- reading --------------------------------------------------------------------------------
     async def _start_seq(self, conn: Connection, after: int | None, last: int | None) -> int | None:
