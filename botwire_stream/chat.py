@@ -14,6 +14,7 @@ expires itself a second later. No reaper process is needed.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -373,6 +374,7 @@ class AsyncChatHistory(StreamClient):
         *,
         limit: int | None = 100,
         offset: int = 0,
+        before: SessionInfo | tuple[datetime, str] | None = None,
         url: str | None = None,
         token: str | None = None,
         user: str | None = None,
@@ -381,15 +383,20 @@ class AsyncChatHistory(StreamClient):
     ) -> list[SessionInfo]:
         """Conversations whose id matches the glob, newest activity first, paginated.
 
-        The literal leading ``:``-segments of ``pattern`` narrow the search on the server; the
-        cost is the last message of each matching conversation (one multi-last get, or a
-        headers-only consumer beyond 1024 conversations) plus one count request.
+        Order: ``(last_activity, session_id)``, descending. ``before`` (the last ``SessionInfo``
+        of the previous page, or its ``(last_activity, session_id)``) lists only what comes after
+        it: a stable cursor under concurrent writes, where ``offset`` would repeat or skip
+        conversations that moved. The literal leading ``:``-segments of ``pattern`` narrow the
+        search on the server; the cost is the last message's headers of each matching
+        conversation (one multi-last get, or a headers-only consumer beyond 1024 conversations)
+        plus one count request, whatever the page.
         """
         names = _Names(namespace)
         if not isinstance(pattern, str) or not pattern:
             raise InvalidArgument(f"pattern must be a non-empty glob (str), not {pattern!r}; '*' lists every conversation")
         limit = _check_count("limit", limit, none=True)
         offset = _check_count("offset", offset, none=False) or 0
+        cursor = _check_cursor(before)
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         subject_filter, exact = keys.pattern_filter(pattern)
         conn = await open_with_streams(opts, [names.config(1)])
@@ -397,27 +404,56 @@ class AsyncChatHistory(StreamClient):
             subjects = names.chat + subject_filter
             lasts = await _last_messages(conn, names.stream, subjects)
             counts = await conn.subject_counts(names.stream, subjects)
-            found = []
+            found: list[tuple[datetime, str, str]] = []
             n = len(names.chat)
-            recent = datetime.now(UTC) - timedelta(seconds=5)
             for subject, last_activity, is_marker in lasts:
+                if is_marker:
+                    continue  # expired a moment ago: only its expiry marker is left
                 session_id = keys.decode_key(subject[n:])
                 if not exact and not keys.matches(session_id, pattern):
                     continue
-                if is_marker:
-                    continue  # expired a moment ago: only its expiry marker is left
-                count = counts.get(subject, 0)
-                if count > 1 and last_activity > recent:
-                    # Written again within a second of expiring: the marker, first, is no message.
-                    probe = await conn.direct_batch(names.stream, {"next_by_subj": subject, "seq": 1, "batch": 1})
-                    if probe.msgs and not probe.msgs[0].data:
-                        count -= 1
-                found.append(SessionInfo(session_id=session_id, message_count=count, last_activity=last_activity))
+                if cursor is not None and (last_activity, session_id) >= cursor:
+                    continue
+                found.append((last_activity, session_id, subject))
+            found.sort(reverse=True)
+            end = None if limit is None else offset + limit
+            page = found[offset:end]
+            # Written again within a second of expiring, a conversation still starts with the
+            # expiry marker, which is no message: probed for the page only (one request each).
+            recent = datetime.now(UTC) - timedelta(seconds=5)
+            suspects = [s for t, _, s in page if t > recent and counts.get(s, 0) > 1]
+            markers: set[str] = set()
+            for i in range(0, len(suspects), 64):  # 64 requests in flight at once
+                chunk = suspects[i : i + 64]
+                probes = await asyncio.gather(
+                    *(conn.direct_batch(names.stream, {"next_by_subj": s, "seq": 1, "batch": 1}) for s in chunk)
+                )
+                markers.update(s for s, probe in zip(chunk, probes, strict=True) if probe.msgs and not probe.msgs[0].data)
         finally:
             await release(conn)
-        found.sort(key=lambda s: (s.last_activity, s.session_id), reverse=True)
-        end = None if limit is None else offset + limit
-        return found[offset:end]
+        return [
+            SessionInfo(session_id=sid, message_count=counts.get(subject, 0) - (subject in markers), last_activity=t)
+            for t, sid, subject in page
+        ]
+
+
+def _check_cursor(before: object) -> tuple[datetime, str] | None:
+    """``sessions(before=)`` as ``(last_activity, session_id)``, or ``InvalidArgument``."""
+    if before is None:
+        return None
+    if isinstance(before, SessionInfo):
+        return before.last_activity, before.session_id
+    if (
+        isinstance(before, tuple)
+        and len(before) == 2
+        and isinstance(before[0], datetime)
+        and before[0].tzinfo is not None
+        and isinstance(before[1], str)
+    ):
+        return before[0], before[1]
+    raise InvalidArgument(
+        f"before must be a SessionInfo of a previous page or (aware datetime, session id), not {before!r}"
+    )
 
 
 async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[tuple[str, datetime, bool]]:
@@ -439,9 +475,28 @@ async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[t
     # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
     msgs = await conn.pull_headers(stream, subjects, last_per_subject=True)
     return [
-        (m.subject, m.metadata.timestamp, not m.headers or "Nats-Scheduler" in m.headers or m.headers.get("Nats-Msg-Size") == "0")
+        (
+            m.subject,
+            _delivery_time(m),
+            not m.headers or "Nats-Scheduler" in m.headers or m.headers.get("Nats-Msg-Size") == "0",
+        )
         for m in msgs
     ]
+
+
+def _delivery_time(m: Msg) -> datetime:
+    """The stored time of a consumer-delivered message, rounded to microseconds exactly as
+    ``parse_time`` rounds the ``Nats-Time-Stamp`` of a direct get (nats-py's own metadata goes
+    through a float and can differ by a microsecond), so that cursors compare equal on both paths."""
+    ns = int(_ack_timestamp(m.reply))
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
+    return parse_time(text)
+
+
+def _ack_timestamp(reply: str) -> str:
+    tokens = reply.split(".")
+    return tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp]
 
 
 def _entry(m: Msg) -> Entry:
