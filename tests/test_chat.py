@@ -597,6 +597,36 @@ def test_sessions_refuses_bad_paging_arguments(url: str, namespace: str, kwargs:
         assert ChatHistory.sessions(namespace, limit=0, url=url) == []
 
 
+def test_sessions_cursor_pages_cover_the_listing_once(url: str, namespace: str) -> None:
+    with ChatHistory("a", namespace=namespace, url=url) as a, ChatHistory("b", namespace=namespace, url=url) as b:
+        for i in range(3):
+            a.append({"i": i})
+            b.append({"i": i})
+        for sid in ["c", "d", "e"]:
+            with ChatHistory(sid, namespace=namespace, url=url) as chat:
+                chat.append({"sid": sid})
+        everything = ChatHistory.sessions(namespace, url=url)
+        assert len(everything) == 5
+        pages = [ChatHistory.sessions(namespace, limit=2, url=url)]
+        while pages[-1]:
+            pages.append(ChatHistory.sessions(namespace, limit=2, before=pages[-1][-1], url=url))
+        assert [len(p) for p in pages] == [2, 2, 1, 0]
+        assert [s for p in pages for s in p] == everything
+        third = everything[2]
+        assert ChatHistory.sessions(namespace, before=(third.last_activity, third.session_id), url=url) == everything[3:]
+        assert ChatHistory.sessions(namespace, limit=1, offset=1, before=everything[0], url=url) == everything[2:3]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["c", 3, (datetime(2026, 1, 1), "naive"), (datetime(2026, 1, 1, tzinfo=UTC),), ("2026-01-01", "a")],
+    ids=["str", "int", "naive-datetime", "one-item", "str-time"],
+)
+async def test_sessions_refuses_a_bad_cursor(url: str, namespace: str, bad: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        await AsyncChatHistory.sessions(namespace, before=bad, url=url)
+
+
 @pytest.mark.parametrize("bad", ["", None, 3, b"*"], ids=["empty", "None", "int", "bytes"])
 async def test_sessions_pattern_must_be_a_non_empty_glob(url: str, namespace: str, bad: Any) -> None:
     """An empty pattern is refused (an unset variable, most likely) rather than matching nothing."""
