@@ -418,6 +418,9 @@ class AsyncChatHistory(StreamClient):
             found.sort(reverse=True)
             end = None if limit is None else offset + limit
             page = found[offset:end]
+            for _, _, subject in page:  # created while the counts were paged (past 100,000)
+                if subject not in counts:
+                    counts.update(await conn.subject_counts(names.stream, subject))
             # Written again within a second of expiring, a conversation still starts with the
             # expiry marker, which is no message: probed for the page only (one request each).
             recent = datetime.now(UTC) - timedelta(seconds=5)

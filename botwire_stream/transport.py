@@ -562,11 +562,28 @@ class Connection:
         return await self.call(run)
 
     async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
-        """How many messages each subject matching ``subject_filter`` holds (one request)."""
+        """How many messages each subject matching ``subject_filter`` holds (one request per
+        100,000 subjects: the server sends at most that many per stream info reply, sorted, and
+        nats-py's ``stream_info`` asks for the first page only)."""
 
         async def run() -> dict[str, int]:
-            info = await self.js.stream_info(stream, subjects_filter=subject_filter)
-            return dict(info.state.subjects or {})
+            counts: dict[str, int] = {}
+            while True:
+                req: dict[str, Any] = {"subjects_filter": subject_filter}
+                if counts:
+                    req["offset"] = len(counts)
+                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, 10.0)
+                info = msgspec.json.decode(resp.data)
+                if "error" in info:
+                    err = info["error"]
+                    raise nats.js.errors.APIError(
+                        code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
+                    )
+                page = (info.get("state") or {}).get("subjects") or {}
+                before = len(counts)
+                counts.update(page)
+                if len(counts) == before or len(counts) >= info.get("total", 0):
+                    return counts
 
         return await self.call(run)
 

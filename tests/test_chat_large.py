@@ -128,3 +128,26 @@ async def test_langchain_history_of_large_multimodal_turns_reads_whole(big_url: 
         assert got == written
     finally:
         await history.aclose()
+
+
+async def test_sessions_counts_past_100k_conversations(url: str, namespace: str) -> None:
+    """A stream info reply carries the counts of at most 100,000 subjects; past that, sessions()
+    pages them, so every conversation is listed with its true count."""
+    n = 100_050
+    sem = asyncio.Semaphore(256)
+
+    async def create(i: int) -> None:
+        async with sem:
+            chat = AsyncChatHistory(f"u:{i:06d}", namespace=namespace, url=url)
+            await chat.append({"i": i})
+            if i % 1000 == 0:
+                await chat.append({"i": i, "again": True})
+            await chat.close()
+
+    await asyncio.gather(*(create(i) for i in range(n)))
+    listed = await AsyncChatHistory.sessions(namespace, "u:*", limit=None, url=url)
+    assert len(listed) == n
+    counts = {s.session_id: s.message_count for s in listed}
+    assert counts == {f"u:{i:06d}": 2 if i % 1000 == 0 else 1 for i in range(n)}
+    top = await AsyncChatHistory.sessions(namespace, "u:*", limit=5, url=url)
+    assert all(s.message_count >= 1 for s in top)
