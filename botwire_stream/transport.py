@@ -696,6 +696,10 @@ async def _close_at_shutdown(pool: dict[ConnectOptions, Connection]) -> AsyncGen
     try:
         yield
     finally:
+        loop = asyncio.get_running_loop()  # the loop shutting down: forget it, so it can be freed
+        _pools.pop(loop, None)
+        _locks.pop(loop, None)
+        _closers.pop(loop, None)  # this generator keeps the loop's finalizer hook, hence the loop
         conns = list(pool.values())
         pool.clear()
         for conn in conns:

@@ -88,6 +88,10 @@ class _PerLoop(Generic[C]):
             with self._lock:
                 core = self._cores.get(loop)
                 if core is None:
+                    # A core references its loop, so the weak dict alone never forgets a finished
+                    # loop (asyncio.run per request); the pool closed their connections already.
+                    for done in [other for other in self._cores if other.is_closed()]:
+                        del self._cores[done]
                     core = self._factory()
                     self._cores[loop] = core
         return core
