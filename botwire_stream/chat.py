@@ -393,7 +393,9 @@ class AsyncChatHistory(StreamClient):
         """
         names = _Names(namespace)
         if not isinstance(pattern, str) or not pattern:
-            raise InvalidArgument(f"pattern must be a non-empty glob (str), not {pattern!r}; '*' lists every conversation")
+            raise InvalidArgument(
+                f"pattern must be a non-empty glob (str), not {pattern!r}; '*' lists every conversation"
+            )
         limit = _check_count("limit", limit, none=True)
         offset = _check_count("offset", offset, none=False) or 0
         cursor = _check_cursor(before)
@@ -431,7 +433,9 @@ class AsyncChatHistory(StreamClient):
                 probes = await asyncio.gather(
                     *(conn.direct_batch(names.stream, {"next_by_subj": s, "seq": 1, "batch": 1}) for s in chunk)
                 )
-                markers.update(s for s, probe in zip(chunk, probes, strict=True) if probe.msgs and not probe.msgs[0].data)
+                for subject, probe in zip(chunk, probes, strict=True):
+                    if probe.msgs and not probe.msgs[0].data:
+                        markers.add(subject)
         finally:
             await release(conn)
         return [

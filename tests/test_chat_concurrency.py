@@ -201,7 +201,8 @@ def test_sessions_cursor_pages_are_stable_while_another_process_writes(
     asyncio.run(create())
     started, stop = tmp_path / "started", tmp_path / "stop"
     writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.chat_workers", "touch", url, namespace, str(conversations), str(started), str(stop)],
+        [sys.executable, "-m", "tests.chat_workers", "touch", url, namespace, str(conversations)]
+        + [str(started), str(stop)],
         cwd=procs.ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -118,7 +118,10 @@ async def test_langchain_history_of_large_multimodal_turns_reads_whole(big_url: 
         for turn in range(20):
             image = "data:image/png;base64," + chr(ord("A") + turn) * 3_500_000
             human = HumanMessage(
-                content=[{"type": "text", "text": f"what is in picture {turn}?"}, {"type": "image_url", "image_url": {"url": image}}]
+                content=[
+                    {"type": "text", "text": f"what is in picture {turn}?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ]
             )
             ai = AIMessage(content=f"picture {turn} shows the letter {chr(ord('A') + turn)}")
             await history.aadd_messages([human, ai])
