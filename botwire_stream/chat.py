@@ -252,15 +252,18 @@ class AsyncChatHistory(StreamClient):
         await conn.purge(self._names.stream, self.subject)
 
     # -- reading --------------------------------------------------------------------------------
-    async def _start_seq(self, conn: Connection, after: int | None, last: int | None) -> int | None:
-        """The sequence to read from so that at least the ``last`` newest messages follow.
+    async def _start_seq(
+        self, conn: Connection, after: int | None, last: int | None
+    ) -> tuple[int, int | None] | None:
+        """The sequence to read from so that at least the ``last`` newest messages follow, and how
+        many messages followed it when probed (None: not probed), or None for nothing to read.
 
         Counts come from one-message probes (the end-of-batch pending count), so reading the tail
         of a long conversation costs a few small requests plus the tail itself.
         """
         start = (after or 0) + 1
         if last is None:
-            return start
+            return start, None
         stream = self._names.stream
         probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": start, "batch": 1})
         if not probe.msgs:
@@ -268,24 +271,24 @@ class AsyncChatHistory(StreamClient):
         first = probe.last_seq
         total = probe.pending + 1
         if total <= last:
-            return first
+            return first, total
         tail = await conn.direct_get_last(stream, self.subject, self._timeout)
         if tail is None:
             return None
         end = int((tail.headers or {})["Nats-Sequence"])
-        lo, hi = first, end  # count(>= lo) >= last > count(> hi)
+        lo, hi, at_lo = first, end, total  # count(>= lo) = at_lo >= last > count(> hi)
         guess = max(lo, end - int((end - first) * (last / total) * 1.25) - 1)
         for _ in range(12):
             probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": guess, "batch": 1})
             count = probe.pending + 1 if probe.msgs else 0
             if count >= last:
                 if count <= 2 * last + 64:
-                    return probe.last_seq
-                lo = probe.last_seq
+                    return probe.last_seq, count
+                lo, at_lo = probe.last_seq, count
             else:
                 hi = guess
             guess = (lo + hi) // 2
-        return lo
+        return lo, at_lo
 
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
         after = _check_after(after)
@@ -293,10 +296,13 @@ class AsyncChatHistory(StreamClient):
         if last == 0:
             return []
         conn = self._conn or await self._connection()
-        start = await self._start_seq(conn, after, last)
-        if start is None:
+        found = await self._start_seq(conn, after, last)
+        if found is None:
             return []
-        msgs = await conn.read_subject(self._names.stream, self.subject, start_seq=start, page=_PAGE, headers=headers)
+        start, known = found
+        msgs = await conn.read_subject(
+            self._names.stream, self.subject, start_seq=start, page=_PAGE, headers=headers, known=known
+        )
         msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
         if last is not None and len(msgs) > last:
             msgs = msgs[len(msgs) - last :]
