@@ -393,9 +393,9 @@ class AsyncChatHistory(StreamClient):
         of the previous page, or its ``(last_activity, session_id)``) lists only what comes after
         it: a stable cursor under concurrent writes, where ``offset`` would repeat or skip
         conversations that moved. The literal leading ``:``-segments of ``pattern`` narrow the
-        search on the server; the cost is the last message's headers of each matching
-        conversation (one multi-last get, or a headers-only consumer beyond 1024 conversations)
-        plus one count request, whatever the page.
+        search on the server; the cost is the last message of each matching conversation (one
+        multi-last get, or the headers alone through a consumer beyond 1024 conversations) plus
+        one count request, whatever the page.
         """
         names = _Names(namespace)
         if not isinstance(pattern, str) or not pattern:
