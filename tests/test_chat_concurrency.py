@@ -219,6 +219,7 @@ def test_sessions_cursor_pages_are_stable_while_another_process_writes(
         while page:
             assert len(pages) <= conversations // limit + 1, "paging did not end"
             pages.append(page)
+            time.sleep(0.05)  # the writer moves conversations between the pages too
             page = ChatHistory.sessions(namespace, "c:*", limit=limit, before=page[-1], url=url)
     finally:
         stop.touch()
@@ -232,4 +233,4 @@ def test_sessions_cursor_pages_are_stable_while_another_process_writes(
     assert not missed, f"{len(missed)} conversations nobody wrote were missed"
     keys = [(s.last_activity, s.session_id) for s in listed]
     assert keys == sorted(keys, reverse=True) and len(set(keys)) == len(keys)
-    assert len(touched) > conversations // 20, f"the writer touched only {len(touched)} during paging"
+    assert len(touched) >= 10, f"the writer touched only {len(touched)} conversations"
