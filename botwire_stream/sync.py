@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -218,12 +218,22 @@ class ChatHistory:
 
     @staticmethod
     def sessions(
-        namespace: str = "chat", pattern: str = "*", *, limit: int | None = 100, offset: int = 0, **options: Any
+        namespace: str = "chat",
+        pattern: str = "*",
+        *,
+        limit: int | None = 100,
+        offset: int = 0,
+        before: SessionInfo | tuple[datetime, str] | None = None,
+        **options: Any,
     ) -> list[SessionInfo]:
-        """Conversations matching the glob: id, message count, last activity; newest first."""
+        """Conversations matching the glob: id, message count, last activity; newest first.
+
+        ``before=page[-1]`` gives the next page, stable under concurrent writes."""
 
         async def run() -> list[SessionInfo]:
-            return await AsyncChatHistory.sessions(namespace, pattern, limit=limit, offset=offset, **options)
+            return await AsyncChatHistory.sessions(
+                namespace, pattern, limit=limit, offset=offset, before=before, **options
+            )
 
         return call(run)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,29 @@ def _write(url: str, ns: str, sid: str, messages: str) -> list[int]:
         return [chat.append(m) for m in json.loads(messages)]
 
 
+async def _touch(url: str, ns: str, conversations: int, started: str, stop: str) -> list[str]:
+    """Append to random conversations ``c:0000``... until ``stop`` exists (bounded by WAIT); the
+    ids written. ``started`` is created after the first append."""
+    import random
+
+    from botwire_stream import AsyncChatHistory
+
+    chats = [AsyncChatHistory(f"c:{i:04d}", namespace=ns, url=url) for i in range(conversations)]
+    touched: list[str] = []
+    deadline = time.monotonic() + WAIT
+    try:
+        while not Path(stop).exists() and time.monotonic() < deadline:
+            chat = random.choice(chats)
+            touched.append(chat.session_id)  # before the append: it may land before it returns
+            await chat.append({"touch": len(touched)})
+            if len(touched) == 1:
+                Path(started).touch()
+            await asyncio.sleep(0.001)
+    finally:
+        await asyncio.gather(*(c.close() for c in chats))
+    return touched
+
+
 def main(argv: list[str]) -> Any:
     cmd, rest = argv[0], argv[1:]
     if cmd == "append":  # url ns sid writer n tasks go
@@ -96,6 +120,9 @@ def main(argv: list[str]) -> Any:
     if cmd == "extend":  # url ns sid writer batches size tasks go
         url, ns, sid, writer, batches, size, tasks, go = rest
         return asyncio.run(_extend(url, ns, sid, writer, int(batches), int(size), int(tasks), go))
+    if cmd == "touch":  # url ns conversations started-file stop-file
+        url, ns, conversations, started, stop = rest
+        return asyncio.run(_touch(url, ns, int(conversations), started, stop))
     if cmd == "write":  # url ns sid json-list-of-messages
         url, ns, sid, messages = rest
         return _write(url, ns, sid, messages)

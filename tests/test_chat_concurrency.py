@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from botwire_stream import AsyncChatHistory, ChatHistory, Entry
 from botwire_stream.errors import ServerUnavailable
-from tests import chat_workers
+from tests import chat_workers, procs
 from tests.servers import NatsServer
 
 PROCESSES = 8
@@ -176,3 +180,57 @@ async def test_acknowledged_appends_survive_kill_9_of_the_server(own_server: Nat
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)  # in order, no duplicates
     assert set(acked) <= set(stored)  # every acknowledged append, at its sequence
     assert set(numbers) - {i for i, _ in acked} <= set(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("conversations", "limit"), [(300, 40), (1200, 100)], ids=["multi-last", "consumer"])
+def test_sessions_cursor_pages_are_stable_while_another_process_writes(
+    url: str, namespace: str, tmp_path: Path, conversations: int, limit: int
+) -> None:
+    """Paging with ``before=page[-1]`` while a child process appends to random old conversations:
+    no conversation is listed twice, and none that the writer did not touch is missed. (Offset
+    paging repeated and skipped conversations that moved to the top while it paged.) 1200
+    conversations take the headers-only consumer path, 300 the multi-last get."""
+    ids = [f"c:{i:04d}" for i in range(conversations)]
+
+    async def create() -> None:
+        chats = [AsyncChatHistory(sid, namespace=namespace, url=url) for sid in ids]
+        await asyncio.gather(*(c.append({"created": True}) for c in chats))
+        await asyncio.gather(*(c.close() for c in chats))
+
+    asyncio.run(create())
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.chat_workers", "touch", url, namespace, str(conversations)]
+        + [str(started), str(stop)],
+        cwd=procs.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.01)
+        pages = []
+        page = ChatHistory.sessions(namespace, "c:*", limit=limit, url=url)
+        while page:
+            assert len(pages) <= conversations // limit + 1, "paging did not end"
+            pages.append(page)
+            time.sleep(0.05)  # the writer moves conversations between the pages too
+            page = ChatHistory.sessions(namespace, "c:*", limit=limit, before=page[-1], url=url)
+    finally:
+        stop.touch()
+        out, err = writer.communicate(timeout=30)
+    assert writer.returncode == 0, err[-2000:]
+    touched = set(json.loads(out.strip().splitlines()[-1]))
+    listed = [s for p in pages for s in p]
+    names = [s.session_id for s in listed]
+    assert len(names) == len(set(names)), "a conversation was listed twice"
+    missed = set(ids) - touched - set(names)
+    assert not missed, f"{len(missed)} conversations nobody wrote were missed"
+    keys = [(s.last_activity, s.session_id) for s in listed]
+    assert keys == sorted(keys, reverse=True) and len(set(keys)) == len(keys)
+    assert len(touched) >= 10, f"the writer touched only {len(touched)} conversations"

@@ -106,3 +106,52 @@ async def test_an_expired_conversation_written_again_is_listed_with_its_new_coun
         assert await chat.messages() == [{"new": 1}]
         listed = await AsyncChatHistory.sessions(namespace, url=url)
         assert [(s.session_id, s.message_count) for s in listed] == [("again", 1)]
+
+
+async def test_a_message_appended_while_clear_runs_still_expires(url: str, namespace: str) -> None:
+    """An append (its schedule, then its message) racing ``clear()``, many times: whatever the
+    interleaving, every message that survives the clear expires with the conversation. Clearing
+    used to purge the messages and then the schedule, so a message landing between the two stayed
+    without an expiry, forever. Appender and clearer use two connections, so that the server
+    handles them in parallel; the append starts 0 to 15 event-loop turns after the clear."""
+    trials = 40
+    ids = [f"race-{i}" for i in range(trials)]
+    appenders = [AsyncChatHistory(sid, namespace=namespace, url=url, ttl=1) for sid in ids]
+    clearers = [AsyncChatHistory(sid, namespace=namespace, url=url + "/") for sid in ids]
+
+    async def append_later(chat: AsyncChatHistory, turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await chat.append({"late": turns})
+
+    try:
+        for chat in appenders + clearers:
+            await chat.open()
+        assert appenders[0]._conn is not clearers[0]._conn
+        for i in range(trials):
+            await asyncio.gather(clearers[i].clear(), append_later(appenders[i], i % 16))
+        deadline = time.monotonic() + 10  # ttl 1 s, rounded up to the schedule's next whole second
+        left: list[str] = []
+        while time.monotonic() < deadline:
+            left = [s.session_id for s in await AsyncChatHistory.sessions(namespace, limit=None, url=url)]
+            if not left:
+                break
+            await asyncio.sleep(POLL)
+        assert left == [], f"{len(left)} of {trials} conversations never expired: {left[:5]}"
+    finally:
+        for chat in appenders + clearers:
+            await chat.close()
+
+
+async def test_clear_keeps_the_pending_expiry(url: str, namespace: str) -> None:
+    """After ``clear()`` the expiry armed by the last write with a ttl still fires: it removes
+    what was written since without a ttl, and a write with a ttl moves it as usual."""
+    async with (
+        AsyncChatHistory("kept", namespace=namespace, url=url, ttl=1) as timed,
+        AsyncChatHistory("kept", namespace=namespace, url=url) as untimed,
+    ):
+        await timed.append({"old": 1})
+        await timed.clear()
+        assert await timed.messages() == []
+        await untimed.append({"after-clear": 1})
+        await _until_gone(untimed, [{"after-clear": 1}], deadline=6.0)

@@ -6,8 +6,11 @@ import asyncio
 import concurrent.futures
 import subprocess
 import sys
+import decimal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -224,6 +227,37 @@ def test_bad_input_raises_and_writes_nothing(history: BotWireChatHistory) -> Non
     assert history.messages == []
     history.add_message(HumanMessage("now it works"))
     assert [m.content for m in history.messages] == ["now it works"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"blob": b"\x89PNG"},
+        {"at": datetime(2026, 1, 1, tzinfo=UTC)},
+        {"id": uuid.UUID(int=1)},
+        {"price": decimal.Decimal("9.99")},
+        {"pair": (1, 2)},
+        {"tags": {"a"}},
+        {"by_index": {0: "first"}},
+        {"score": float("nan")},
+    ],
+    ids=["bytes", "datetime", "uuid", "decimal", "tuple", "set", "int-key", "nan"],
+)
+async def test_additional_kwargs_that_would_not_read_back_are_refused(
+    history: BotWireChatHistory, kwargs: dict[str, Any]
+) -> None:
+    """They would come back converted (base64, strings, lists): InvalidMessage, nothing written,
+    also when the bad message is in the second batch of 1000."""
+    try:
+        with pytest.raises(InvalidMessage, match="read back"):
+            await history.aadd_messages([HumanMessage("q"), AIMessage("a", additional_kwargs=kwargs)])
+        many: list[BaseMessage] = [HumanMessage(f"m{i}") for i in range(1500)]
+        many.append(AIMessage("a", additional_kwargs={"nested": [kwargs]}))
+        with pytest.raises(InvalidMessage, match="read back"):
+            await history.aadd_messages(many)
+        assert await history.aget_messages() == []
+    finally:
+        await history.aclose()
 
 
 def test_invalid_names_fail_at_construction(url: str) -> None:

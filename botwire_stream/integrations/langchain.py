@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .. import keys
-from ..chat import MAX_BATCH, AsyncChatHistory
+from ..chat import MAX_BATCH, AsyncChatHistory, _encode_message
 from ..errors import BotWireError, InvalidMessage
 from ..memory import AsyncMemory, ttl_seconds
 from ..portal import call
@@ -88,6 +88,10 @@ class _PerLoop(Generic[C]):
             with self._lock:
                 core = self._cores.get(loop)
                 if core is None:
+                    # A core references its loop, so the weak dict alone never forgets a finished
+                    # loop (asyncio.run per request); the pool closed their connections already.
+                    for done in [other for other in self._cores if other.is_closed()]:
+                        del self._cores[done]
                     core = self._factory()
                     self._cores[loop] = core
         return core
@@ -200,6 +204,10 @@ class BotWireChatHistory(_LoopBound[AsyncChatHistory], BaseChatMessageHistory):
     opens the same session: appends are atomic and never lost under concurrent writers, and
     messages round-trip losslessly (tool calls, ``tool_call_id``, ids, ``additional_kwargs``,
     ``response_metadata``, usage). A streamed ``AIMessageChunk`` is stored as an ``AIMessage``.
+    A message is stored as LangChain's ``message_to_dict`` gives it (pydantic models inside are
+    dumped to dicts by LangChain); a value that JSON would not give back as it was (bytes,
+    datetime, UUID, Decimal, Enum, tuples, sets, non-str keys, NaN) raises ``InvalidMessage`` (a
+    ``TypeError``, as LangChain's JSON-based histories raise for most of them), nothing written.
     ``ttl`` (seconds): the conversation expires ``ttl`` after its last write. ``connect_options``
     are those of ``AsyncChatHistory`` (``token``, ``user``, ``password``, ``creds``, ``timeout``...).
     """
@@ -248,6 +256,9 @@ class BotWireChatHistory(_LoopBound[AsyncChatHistory], BaseChatMessageHistory):
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append ``messages`` in order as one atomic batch (longer lists: batches of 1000)."""
         dicts = _message_dicts(messages)
+        if len(dicts) > MAX_BATCH:  # several batches: check them all before the first is written
+            for d in dicts:
+                _encode_message(d)
         core = self._cores.get()
         for i in range(0, len(dicts), MAX_BATCH):
             await core.extend(dicts[i : i + MAX_BATCH])
