@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient
-from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, ValueTooLarge
+from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, ServerUnavailable, ValueTooLarge
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
@@ -353,18 +353,25 @@ class AsyncMemory(StreamClient):
         chunk_headers = {"Nats-TTL": str(ttl)} if ttl is not None else None
         view = memoryview(data)
         seqs = []
+        committing = False
         try:
             for i, start in enumerate(range(0, len(data), step)):
                 chunk = bytes(view[start : start + step])
                 seqs.append(await conn.publish(f"{base}.{blob}.{i}", chunk, chunk_headers, 30.0))
             manifest = msgspec.json.encode(_Manifest(blob=blob, size=len(data), chunks=len(seqs), first_seq=seqs[0]))
             headers["Botwire-Blob"] = blob
+            committing = True
             if expected is not None:
                 rev = await conn.publish(subject, manifest, headers, self._timeout)
             else:
                 rev, replaced = await self._commit_over_last(conn, key, subject, manifest, headers)
-        except BaseException:
-            await asyncio.shield(self._purge_quietly(conn, f"{base}.{blob}.*"))
+        except BaseException as exc:
+            # A manifest publish that timed out, lost its connection or was cancelled may still be
+            # stored (measured: a server stalled past the timeout stores it when it resumes), and
+            # purging its chunks would leave the key unreadable for good. Only a refusal by the
+            # server proves it is not stored; otherwise the chunks stay (they cost space only).
+            if not committing or (isinstance(exc, BotWireError) and not isinstance(exc, ServerUnavailable)):
+                await asyncio.shield(self._purge_quietly(conn, f"{base}.{blob}.*"))
             raise
         await self._reclaim(conn, key, replaced, before=rev, keep=blob)
         return rev

@@ -1,0 +1,72 @@
+"""QA of chunked values, TTLs and values at the edges: cases the first fixes of issue 14 missed.
+
+Faults are real: the test's own nats-server is frozen with SIGSTOP at the one moment that
+matters (just before a chunked value's manifest is published), found by wrapping the library's
+own publish call; the server itself is never replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from botwire_stream import AsyncMemory
+from botwire_stream.errors import BotWireError, InvalidTTL, ServerUnavailable
+from botwire_stream.memory import ttl_seconds
+from botwire_stream.transport import Connection
+from tests.servers import NatsServer
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.slow
+def test_a_big_set_whose_commit_timed_out_leaves_the_key_readable(
+    own_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stalls (SIGSTOP, 2 s) just as a chunked value's manifest is sent, longer than the
+    request timeout (1 s): ``set`` raises ``ServerUnavailable``, but the server stores the manifest
+    when it resumes. The key must then read as one of the two values, whole, never as an error:
+    the writer must not reclaim the chunks of a manifest whose outcome it does not know."""
+    original = Connection.publish
+    resume: list[threading.Timer] = []
+
+    async def stall_on_manifest(
+        self: Connection, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0,
+        **kw: Any,
+    ) -> int:
+        if headers and "Botwire-Blob" in headers and not resume:
+            os.kill(own_server.pid, signal.SIGSTOP)
+            timer = threading.Timer(2.0, os.kill, (own_server.pid, signal.SIGCONT))
+            resume.append(timer)
+            timer.start()
+        return await original(self, subject, data, headers, timeout, **kw)
+
+    big = "n" * (3 * MiB)
+
+    async def main() -> None:
+        async with AsyncMemory("t" + uuid.uuid4().hex[:8], url=own_server.url, timeout=1) as memory:
+            await memory.set("k", "old")
+            monkeypatch.setattr(Connection, "publish", stall_on_manifest)
+            with pytest.raises(ServerUnavailable):
+                await memory.set("k", big)
+            monkeypatch.setattr(Connection, "publish", original)
+            resume[0].join()
+            for _ in range(3):
+                assert await memory.get("k") in ("old", big)
+            trail = await memory.revisions("k")
+            assert trail[-1].value == await memory.get("k")
+
+    try:
+        asyncio.run(main())
+    finally:
+        for timer in resume:
+            timer.cancel()
+        os.kill(own_server.pid, signal.SIGCONT)
