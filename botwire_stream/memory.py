@@ -35,6 +35,7 @@ MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
 _MISSING: Final = object()
 _DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
+_CHUNK_TTL_MARGIN: Final = 60  # seconds the chunks of a value with a TTL outlive its manifest
 
 
 class _ChunksGone(BotWireError):
@@ -71,7 +72,7 @@ def ttl_seconds(ttl: float | timedelta | None) -> int | None:
     if isinstance(ttl, timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, int) and not isinstance(ttl, bool):
-        seconds = float(min(ttl, MAX_TTL_SECONDS + 1))  # float(10**400) would overflow
+        seconds = float(max(-1, min(ttl, MAX_TTL_SECONDS + 1)))  # float(±10**400) would overflow
     elif isinstance(ttl, float):
         seconds = ttl
     else:
@@ -205,6 +206,7 @@ class AsyncMemory(StreamClient):
 
     async def _current(self, key: str) -> tuple[Msg | None, Any]:
         """The last message of ``key`` and its value (``_MISSING`` when none)."""
+        gone = None
         for _ in range(5):
             conn, _, msg = await self._last(key)
             if msg is None:
@@ -212,6 +214,10 @@ class AsyncMemory(StreamClient):
             try:
                 return msg, await self._value(conn, key, msg)
             except _ChunksGone:
+                hdr = msg.headers or {}
+                if gone == hdr["Nats-Sequence"] and "Nats-TTL" in hdr:
+                    return msg, _MISSING  # still the last: its chunks expired first, so it is expiring
+                gone = hdr["Nats-Sequence"]
                 continue  # overwritten while we read its chunks: read the new value
         raise BotWireError(f"the value of {key!r} kept changing while it was read; try again")
 
@@ -350,7 +356,10 @@ class AsyncMemory(StreamClient):
         blob = conn.new_id()
         base = self._blob_subject(key)
         step = conn.max_body
-        chunk_headers = {"Nats-TTL": str(ttl)} if ttl is not None else None
+        # The chunks are written before the manifest, so with the same TTL they would expire
+        # first, as long before as the write took (measured: a 16 MiB value in 4 KiB messages read
+        # as "kept changing" until its manifest expired); they outlive it by a margin instead.
+        chunk_headers = {"Nats-TTL": str(ttl + _CHUNK_TTL_MARGIN)} if ttl is not None else None
         view = memoryview(data)
         seqs = []
         committing = False

@@ -70,3 +70,35 @@ def test_a_big_set_whose_commit_timed_out_leaves_the_key_readable(
         for timer in resume:
             timer.cancel()
         os.kill(own_server.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_a_big_value_with_a_ttl_reads_whole_until_it_reads_as_missing(tmp_path: Path) -> None:
+    """A chunked value with ``ttl=1``, written as 4,096 small messages (4 KiB bodies): its first
+    chunks are written well before its manifest. Polled until it expires, ``get`` returns the whole
+    value or nothing, never the error that the value kept changing."""
+    server = NatsServer(tmp_path / "small", max_payload=20 * 1024).start()
+    value = "t" * (16 * MiB)
+
+    async def main() -> None:
+        async with AsyncMemory("t" + uuid.uuid4().hex[:8], url=server.url) as memory:
+            for _ in range(3):
+                await memory.set("k", value, ttl=1)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 15  # bounds the loop only: expiry takes 1-2 s
+                while loop.time() < deadline:
+                    got = await memory.get("k")
+                    if got is None:
+                        break
+                    assert got == value
+                assert await memory.get("k") is None
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+
+
+def test_a_huge_negative_int_ttl_raises_invalid_ttl() -> None:
+    with pytest.raises(InvalidTTL):
+        ttl_seconds(-(10**400))
