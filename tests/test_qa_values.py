@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory
+from botwire_stream import AsyncMemory, embedded
 from botwire_stream.errors import BotWireError, InvalidTTL, ServerUnavailable
 from botwire_stream.memory import ttl_seconds
 from botwire_stream.transport import Connection
@@ -102,3 +102,61 @@ def test_a_big_value_with_a_ttl_reads_whole_until_it_reads_as_missing(tmp_path: 
 def test_a_huge_negative_int_ttl_raises_invalid_ttl() -> None:
     with pytest.raises(InvalidTTL):
         ttl_seconds(-(10**400))
+
+
+@pytest.mark.slow
+def test_a_big_update_sent_twice_after_a_stall_keeps_its_chunks(
+    botwire_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the embedded server a publish that timed out is sent once more. The server stalls 1.5 s
+    (SIGSTOP) as the manifest of a chunked ``update`` is sent with ``timeout=1``: the first copy is
+    stored when it resumes, and the second conflicts with it. The update must not take that
+    conflict for a lost race and reclaim its own chunks: the key stays readable, ``fn`` ran once."""
+    original = Connection.publish
+    resume: list[threading.Timer] = []
+    pids: list[int] = []
+
+    async def stall_on_manifest(
+        self: Connection, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0,
+        **kw: Any,
+    ) -> int:
+        if headers and "Botwire-Blob" in headers and not resume:
+            state = embedded.status(botwire_home)
+            assert state is not None
+            pids.append(state.pid)
+            os.kill(state.pid, signal.SIGSTOP)
+            timer = threading.Timer(1.5, os.kill, (state.pid, signal.SIGCONT))
+            resume.append(timer)
+            timer.start()
+        return await original(self, subject, data, headers, timeout, **kw)
+
+    calls: list[int] = []
+
+    def bump(current: dict[str, Any]) -> dict[str, Any]:
+        calls.append(current["n"])
+        return {"n": current["n"] + 1, "pad": "u" * (9 * MiB)}  # the embedded server takes 8 MiB
+
+    async def main() -> None:
+        async with AsyncMemory("t" + uuid.uuid4().hex[:8], timeout=1) as memory:
+            await memory.set("k", {"n": 0})
+            monkeypatch.setattr(Connection, "publish", stall_on_manifest)
+            try:
+                result: dict[str, Any] | None = await memory.update("k", bump)
+            except ServerUnavailable:
+                result = None  # the second copy timed out too: the outcome is not known
+            monkeypatch.setattr(Connection, "publish", original)
+            resume[0].join()
+            value = await memory.get("k")
+            assert value["n"] in (0, 1)
+            if result is not None:
+                assert value == result and calls == [0]
+            trail = await memory.revisions("k")
+            assert trail[-1].value == value
+
+    try:
+        asyncio.run(main())
+    finally:
+        for timer in resume:
+            timer.cancel()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
