@@ -160,3 +160,34 @@ def test_a_big_update_sent_twice_after_a_stall_keeps_its_chunks(
             timer.cancel()
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_the_deepest_value_set_accepts_reads_back_from_deeper_code(url: str, namespace: str) -> None:
+    """How deep a value may nest is decided by Python's recursion limit, counted from the caller's
+    own stack: a value that ``set`` accepted must still read back when ``get`` is called from code
+    60 calls deeper (a web framework's handler), not raise ``RecursionError``."""
+
+    async def main() -> None:
+        async with AsyncMemory(namespace, url=url) as memory:
+            depth = 1000
+            while True:  # the deepest value set accepts here; deeper ones raise TypeError, unwritten
+                try:
+                    await memory.set("deep", _nested(depth))
+                    break
+                except TypeError:
+                    depth -= 1
+            assert depth > 900
+
+            async def get_from_deeper(calls: int) -> Any:
+                return await get_from_deeper(calls - 1) if calls else await memory.get("deep")
+
+            assert await get_from_deeper(60) == _nested(depth)
+
+    asyncio.run(main())
