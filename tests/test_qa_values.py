@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory, embedded
+from botwire_stream import AsyncMemory, Memory, embedded
 from botwire_stream.errors import BotWireError, InvalidTTL, ServerUnavailable
 from botwire_stream.memory import ttl_seconds
 from botwire_stream.transport import Connection
@@ -191,3 +193,19 @@ def test_the_deepest_value_set_accepts_reads_back_from_deeper_code(url: str, nam
             assert await get_from_deeper(60) == _nested(depth)
 
     asyncio.run(main())
+
+
+def test_cli_set_of_json_nested_too_deeply_exits_2_and_writes_nothing(url: str, namespace: str) -> None:
+    """5,000 nested lists on stdin are valid JSON that Python cannot hold: one ``error:`` line,
+    exit code 2 (not a traceback and exit 1, which means "not found"), nothing written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "botwire_stream", "--url", url, "-n", namespace, "set", "k", "-"],
+        input=b"[" * 5000 + b"]" * 5000,
+        capture_output=True,
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    with Memory(namespace, url=url) as memory:
+        assert memory.revisions("k") == []
