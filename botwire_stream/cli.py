@@ -245,6 +245,8 @@ def parse_value(text: str, *, force_string: bool) -> Any:
 
     try:
         return msgspec.json.decode(text)
+    except RecursionError:  # valid JSON, but deeper than Python can hold (and than set stores)
+        raise Failure("VALUE is JSON nested too deeply to store; flatten it, or store it as text (--string)") from None
     except msgspec.DecodeError:
         if text.lstrip()[:1] in ("{", "[", '"'):
             click.echo("note: VALUE is not valid JSON, so it is stored as a string (--string silences this)", err=True)
