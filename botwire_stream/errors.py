@@ -8,6 +8,12 @@ each class to a status code through ``http_status``.
 from __future__ import annotations
 
 import asyncio
+import re
+
+
+def _snake(name: str) -> str:
+    """``InvalidTTL`` -> ``invalid_ttl``; ``ServerUnavailable`` -> ``server_unavailable``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 __all__ = [
     "BotWireError",
@@ -31,9 +37,20 @@ __all__ = [
 
 
 class BotWireError(Exception):
-    """Base class of every error botwire-stream raises on purpose."""
+    """Base class of every error botwire-stream raises on purpose.
+
+    ``code`` is a stable, machine-readable name (``"invalid_key"``, ``"conflict"``...): several
+    classes share an HTTP status, and clients of the HTTP API tell them apart by this string. It
+    is derived from the class name once, when the class is defined, and never changes for a class.
+    """
 
     http_status: int = 500
+    code: str = "botwire_error"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            cls.code = _snake(cls.__name__)
 
 
 class InvalidKey(BotWireError, ValueError):

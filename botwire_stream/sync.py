@@ -113,10 +113,16 @@ class Memory:
         return call(self._core.list_keys, pattern)
 
     def update(
-        self, key: str, fn: Callable[[Any], Any], *, default: Any = None, ttl: float | timedelta | None = None
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        *,
+        default: Any = None,
+        ttl: float | timedelta | None = None,
+        max_attempts: int = 1000,
     ) -> Any:
         """Read-modify-write without lost updates; returns the new value."""
-        return call(partial(self._core.update, default=default, ttl=ttl), key, fn)
+        return call(partial(self._core.update, default=default, ttl=ttl, max_attempts=max_attempts), key, fn)
 
     def revisions(self, key: str) -> list[Revision]:
         """The audit trail of ``key``, oldest first."""
@@ -224,18 +230,27 @@ class ChatHistory:
         limit: int | None = 100,
         offset: int = 0,
         before: SessionInfo | tuple[datetime, str] | None = None,
-        **options: Any,
+        url: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        creds: str | None = None,
     ) -> list[SessionInfo]:
         """Conversations matching the glob: id, message count, last activity; newest first.
 
         ``before=page[-1]`` gives the next page, stable under concurrent writes."""
-
-        async def run() -> list[SessionInfo]:
-            return await AsyncChatHistory.sessions(
-                namespace, pattern, limit=limit, offset=offset, before=before, **options
-            )
-
-        return call(run)
+        sessions = partial(
+            AsyncChatHistory.sessions,
+            limit=limit,
+            offset=offset,
+            before=before,
+            url=url,
+            token=token,
+            user=user,
+            password=password,
+            creds=creds,
+        )
+        return call(sessions, namespace, pattern)
 
     def close(self) -> None:
         call(self._core.close)

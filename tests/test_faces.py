@@ -1,0 +1,50 @@
+"""The sync faces mirror the async cores: same methods, same parameters, same defaults.
+
+A sync method that drifts from its core (a missing keyword, another default) is a silent API
+difference between ``Memory`` and ``AsyncMemory``; this compares them all by introspection.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory
+from botwire_stream import errors
+
+# async core method -> the sync face's name for it, where they differ
+_RENAMED = {"contains": "__contains__", "count": "__len__"}
+# methods of the cores that the sync faces deliberately do not have
+_ASYNC_ONLY = {"open"}
+
+
+def _public(cls: type) -> dict[str, object]:
+    return {n: getattr(cls, n) for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+
+def _params(fn: object) -> list[tuple[str, object, object]]:
+    sig = inspect.signature(fn)  # type: ignore[arg-type]
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name not in ("self", "cls")]
+
+
+@pytest.mark.parametrize(("core", "face"), [(AsyncMemory, Memory), (AsyncChatHistory, ChatHistory)])
+def test_every_core_method_has_a_sync_twin_with_the_same_parameters(core: type, face: type) -> None:
+    for name, method in _public(core).items():
+        if name in _ASYNC_ONLY:
+            continue
+        twin = getattr(face, _RENAMED.get(name, name), None)
+        assert twin is not None, f"{face.__name__} lacks {name}"
+        assert _params(twin) == _params(method), f"{face.__name__}.{name} differs from {core.__name__}.{name}"
+    assert _params(face.__init__) == _params(core.__init__)
+
+
+def test_error_codes_are_stable_and_unique() -> None:
+    classes = [getattr(errors, n) for n in errors.__all__ if isinstance(getattr(errors, n), type)]
+    codes = {c.__name__: c.code for c in classes}
+    assert len(set(codes.values())) == len(codes)
+    # Published in the HTTP API: a renamed class must keep its code.
+    assert codes["InvalidTTL"] == "invalid_ttl"
+    assert codes["ServerUnavailable"] == "server_unavailable"
+    assert codes["Conflict"] == "conflict"
+    assert errors.InvalidKey("x").code == "invalid_key"
