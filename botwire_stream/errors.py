@@ -21,6 +21,8 @@ __all__ = [
     "Conflict",
     "ServerUnavailable",
     "ServerNotFound",
+    "ServerNotTrusted",
+    "UnsafeHome",
     "Unauthorized",
     "QuotaExceeded",
     "translate",
@@ -89,6 +91,18 @@ class ServerUnavailable(BotWireError, ConnectionError):
 
 class ServerNotFound(ServerUnavailable):
     """No ``nats-server`` binary was found to start the embedded server."""
+
+
+class ServerNotTrusted(ServerUnavailable):
+    """The server could not be verified, so no credentials were sent: a ``tls://`` URL to a server
+    without TLS, or an embedded server's port answered by something without its certificate."""
+
+
+class UnsafeHome(BotWireError, PermissionError):
+    """A folder or file under ``BOTWIRE_HOME`` is owned by another user, writable by others, or a
+    symbolic link; the embedded server refuses to use it (another account could read or plant data)."""
+
+    http_status = 500
 
 
 class Unauthorized(BotWireError, PermissionError):
