@@ -194,9 +194,10 @@ def _is_our_server(state: ServerState) -> bool:
     recorded, at the recorded start time.
     """
     pid = state.pid
+    conf = str(_server_dir(Path(state.home)) / "nats.conf")
     proc = _started.get(pid)
     if proc is not None:
-        return proc.poll() is None
+        return proc.poll() is None and isinstance(proc.args, list) and conf in proc.args
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -214,8 +215,8 @@ def _is_our_server(state: ServerState) -> bool:
         return False
     if state.start_time and int(fields[19]) != state.start_time:
         return False
-    conf = os.fsencode(str(_server_dir(Path(state.home)) / "nats.conf"))
-    return any(a == b"-c" and b == conf for a, b in zip(argv, argv[1:]))
+    conf_arg = os.fsencode(conf)
+    return any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:]))
 
 
 def _read_state(home: Path) -> ServerState | None:
@@ -326,8 +327,8 @@ def _ensure_certificate(sdir: Path) -> Path:
         _read_private(key)
         _read_private(cert)
         return cert
-    except FileNotFoundError:
-        pass
+    except (OSError, UnsafeHome):
+        pass  # missing, or not a private file of ours (a symlink...): a new pair replaces it
     import datetime
     import ipaddress
 
@@ -373,7 +374,13 @@ def _conf_string(text: str) -> str:
 
 
 def _open_log(path: Path) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    """The server log, appended to; a symlink there is refused (it would write wherever it points)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise UnsafeHome(f"{path} is a symbolic link; remove it (the server log is never written through one)") from exc
+        raise
     st = os.fstat(fd)
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         os.close(fd)

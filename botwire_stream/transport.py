@@ -296,10 +296,13 @@ class Connection:
                 if self._mux is not None:
                     self._mux.fail_all(nats.errors.ConnectionClosedError())
                     self._mux = None
-                try:
-                    await old.close()
-                except Exception:  # noqa: BLE001 - the old connection is gone anyway
-                    pass
+                # Closing a client stuck reconnecting to whatever took over the old port can hang
+                # (its TLS transport waits for the stranger; measured > 30 s): do not wait for it.
+                closing = asyncio.ensure_future(old.close())
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+                closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+                await asyncio.wait({closing}, timeout=1.0)
             self._ready_streams.clear()
             fut.set_result(None)
         except BaseException as exc:
@@ -584,6 +587,7 @@ class Connection:
 
 
 CONNECT_TIMEOUT = 5.0
+_closing: set[asyncio.Future[None]] = set()  # old clients still closing in the background
 
 
 class _PlainTextRefused(nats.errors.Error):
