@@ -284,7 +284,7 @@ def ensure(
     home = home or home_dir()
     sdir = _prepare(home)
     state = status(home)
-    if state is not None and (not verify or _port_open(state.port)):
+    if state is not None and state.ca_file and (not verify or _port_open(state.port)):
         token = load_token(home)
         if token is not None:
             return state, token
@@ -293,9 +293,10 @@ def ensure(
     with FileLock(str(sdir / "start.lock"), timeout=_START_TIMEOUT * 2):
         state = status(home)
         token = load_token(home)
-        if state is not None and token is not None and _port_open(state.port):
+        if state is not None and token is not None and state.ca_file and _port_open(state.port):
             return state, token
-        if state is not None:  # hung, or its token is lost: nobody can use it, restart it
+        # Hung, its token lost, or started by an older version without TLS: nobody can use it.
+        if state is not None:
             _terminate(state, 5.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting)
