@@ -170,7 +170,13 @@ def translate(exc: BaseException) -> BaseException:
             OSError,
         ),
     ):
-        return ServerUnavailable(f"cannot reach the NATS server ({exc}); is it running? try `botwire server status`")
+        from .settings import redact  # an OS error may name the URL, with its user:password@
+
+        return ServerUnavailable(
+            f"cannot reach the NATS server ({redact(str(exc))}); is it running? try `botwire server status`"
+        )
     if isinstance(exc, ne.Error):
-        return BotWireError(f"NATS error: {exc}")
+        from .settings import redact
+
+        return BotWireError(f"NATS error: {redact(str(exc))}")
     return exc
