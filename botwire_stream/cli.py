@@ -1,6 +1,6 @@
 """The ``botwire`` command line: read, write and watch a namespace, and manage the embedded server.
 
-Every data command takes ``--namespace/-n``, ``--url``, ``--token``, ``--creds`` and ``--json``,
+Every data command takes ``--namespace/-n``, ``--url``, ``--token-file``, ``--creds`` and ``--json``,
 before or after the command name. Exit codes: 0 success, 1 "not found" (missing key, no server
 running), 2 errors (``error: ...`` on stderr, and click's usage errors), 130 interrupted by Ctrl-C.
 The heavy modules (nats, msgspec) are imported inside the commands so that ``--help`` stays fast.
@@ -39,11 +39,25 @@ class Options:
     namespace: str | None = None
     url: str | None = None
     token: str | None = None
+    token_file: str | None = None
     creds: str | None = None
     json: bool = False
 
     def resolved_namespace(self) -> str:
         return self.namespace or os.environ.get("BOTWIRE_NAMESPACE") or "default"
+
+    def resolved_token(self) -> str | None:
+        """``--token-file``'s content (stripped), else ``--token``; None: ``BOTWIRE_TOKEN`` applies."""
+        if self.token_file is not None:
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise Failure(f"--token-file {self.token_file}: cannot read it ({exc})") from exc
+            if not token:
+                raise Failure(f"--token-file {self.token_file} is empty")
+            return token
+        return self.token
 
 
 class Failure(click.ClickException):
@@ -96,6 +110,16 @@ def _store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     setattr(_options(ctx), param.name, value)
 
 
+def _store_token(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is not None:
+        click.echo(
+            "warning: --token is visible to every local user in the process list; "
+            "use BOTWIRE_TOKEN or --token-file instead",
+            err=True,
+        )
+    _store(ctx, param, value)
+
+
 _json_option = click.option(
     "--json",
     "json",
@@ -128,12 +152,20 @@ def _connection_options(f: F) -> F:
             "Default: $BOTWIRE_URL, else the embedded local server.",
         ),
         click.option(
+            "--token-file",
+            "token_file",
+            metavar="FILE",
+            expose_value=False,
+            callback=_store,
+            help="File holding the auth token. Default: $BOTWIRE_TOKEN.",
+        ),
+        click.option(
             "--token",
             "token",
             metavar="TOKEN",
             expose_value=False,
-            callback=_store,
-            help="Auth token. Default: $BOTWIRE_TOKEN.",
+            callback=_store_token,
+            help="Deprecated: every local user sees it in the process list; use $BOTWIRE_TOKEN or --token-file.",
         ),
         click.option(
             "--creds",
@@ -164,7 +196,7 @@ def _run(opts: Options, body: Callable[[Memory], T]) -> T:
 
     def work() -> None:
         try:
-            memory = Memory(opts.resolved_namespace(), url=opts.url, token=opts.token, creds=opts.creds)
+            memory = Memory(opts.resolved_namespace(), url=opts.url, token=opts.resolved_token(), creds=opts.creds)
             box["memory"] = memory
             try:
                 box["result"] = body(memory)
@@ -448,8 +480,9 @@ def start(opts: Options) -> None:
     from . import embedded
 
     home = embedded.home_dir()
-    was_running = embedded.status(home) is not None
-    state, _ = embedded.ensure(home, verify=True)
+    before = embedded.status(home)
+    state, _ = embedded.ensure(home, verify=True)  # also restarts a server whose token file was lost
+    was_running = before is not None and before.pid == state.pid
     if opts.json:
         click.echo(_json({**_state_dict(state), "started": not was_running}))
     else:

@@ -1,12 +1,15 @@
 """The embedded default server: one local ``nats-server`` per user and data folder.
 
 Started on first use when none is running, shared by every process that uses the same
-``BOTWIRE_HOME``, and left running when its starter exits. It listens on 127.0.0.1 only and requires
-a random token kept in an owner-only file. Its state lives in ``<home>/server/``:
+``BOTWIRE_HOME``, and left running when its starter exits. It listens on 127.0.0.1 only, speaks TLS
+from the first byte with a self-signed certificate that clients pin, and requires a random token,
+new at every start, kept in an owner-only file. Its state lives in ``<home>/server/`` (0700):
 
-- ``nats.conf`` (0600, holds the token), ``token`` (0600), ``state.json`` (pid, port, url),
+- ``token``, ``nats.conf`` (holds the token), ``key.pem``/``cert.pem`` (the certificate clients pin),
+  ``state.json`` (pid, start time, port, url), all 0600, written atomically, never through a symlink;
 - ``start.lock`` (a file lock, so concurrent first uses start one server), ``server.log``,
-and its JetStream data in ``<home>/jetstream``.
+and its JetStream data in ``<home>/jetstream`` (0700). A home or folder owned by another user or
+writable by others is refused (``UnsafeHome``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull
+from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
 
 MAX_PAYLOAD = 8 * 1024 * 1024
+MIN_TOKEN_LENGTH = 32  # characters; ours are 43 (32 random bytes, URL-safe base64)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _START_TIMEOUT = 15.0
 # A start holds the lock for at most a hung server's stop (2 x 5 s) and a start (15 s).
 _LOCK_TIMEOUT = _START_TIMEOUT + 15.0
@@ -52,6 +58,8 @@ class ServerState:
     store_dir: str
     log_file: str
     token_file: str
+    ca_file: str = ""  # the server's self-signed certificate: the only one its clients trust
+    start_time: int = 0  # the process's start time (clock ticks since boot, /proc/PID/stat), 0: unknown
 
 
 def home_dir() -> Path:
@@ -89,32 +97,146 @@ def _server_dir(home: Path) -> Path:
     return home / "server"
 
 
-def _pid_alive(pid: int) -> bool:
+def _check_owned(path: Path, *, private: bool, follow: bool) -> None:
+    """Refuse ``path`` unless it is a folder of ours that nobody else can write to.
+
+    ``private`` folders are also made 0700 (they hold the token and the data). ``follow``: the home
+    itself may be a symlink (to another disk); the folders inside it may not.
+    """
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        raise UnsafeHome(f"{path}: cannot use it as a botwire folder ({exc.strerror})") from exc
+    import stat as st_mod
+
+    if not st_mod.S_ISDIR(st.st_mode):
+        raise UnsafeHome(f"{path} is not a folder (a symlink or a file is refused); remove it or set BOTWIRE_HOME")
+    if not hasattr(os, "geteuid"):
+        return  # Windows: no POSIX owners; the user profile folder is private already
+    if st.st_uid != os.geteuid():
+        raise UnsafeHome(
+            f"{path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): another account could read "
+            "the token and the data or plant files there; use a folder of your own as BOTWIRE_HOME"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeHome(
+            f"{path} is writable by other users (mode {st.st_mode & 0o7777:o}): they could replace the token or "
+            f"the server's files; run `chmod go-w {path}` or use a private BOTWIRE_HOME"
+        )
+    if private and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _mkdir_private(path: Path) -> None:
+    """Create ``path`` 0700 whatever the umask (umask only removes bits, so chmod after mkdir)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+
+
+def _prepare(home: Path) -> Path:
+    """Create or check the home, its server folder and store; return the server folder."""
+    if not home.exists():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir_private(home)
+    _check_owned(home, private=False, follow=True)
+    sdir = _server_dir(home)
+    for folder in (sdir, home / "jetstream"):
+        _mkdir_private(folder)
+        _check_owned(folder, private=True, follow=folder.name == "jetstream")
+    return sdir
+
+
+def _read_private(path: Path) -> bytes:
+    """Read a file of the server folder: never through a symlink, only if ours and owner-only."""
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if hasattr(os, "geteuid") and (st.st_uid != os.geteuid() or st.st_mode & 0o077):
+            raise UnsafeHome(f"{path} is not an owner-only file of yours (mode {st.st_mode & 0o777:o}); remove it")
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (0600): a fresh temporary file created exclusively, synced, renamed.
+
+    A planted symlink at ``path`` is replaced, not followed (rename acts on the link itself), and a
+    reader sees the old content or the whole new one, never an empty file (a full disk fails here).
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _proc_start_time(pid: int) -> int:
+    """The start time of ``pid`` in clock ticks since boot (Linux), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _is_our_server(state: ServerState) -> bool:
+    """Whether ``state.pid`` is this home's nats-server, alive: not merely a process of that pid.
+
+    A pid in a stale ``state.json`` may since belong to any process (``tail -f server.log``,
+    another home's server): it must have been started with this home's config file and, when
+    recorded, at the recorded start time.
+    """
+    pid = state.pid
+    conf = str(_server_dir(Path(state.home)) / "nats.conf")
     proc = _started.get(pid)
     if proc is not None:
-        return proc.poll() is None
+        return proc.poll() is None and isinstance(proc.args, list) and conf in proc.args
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # someone else's process reuses the pid
-    try:  # a zombie or a reused pid is not our server
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"nats-server" in f.read()
+    except (ProcessLookupError, PermissionError):
+        return False  # gone, or someone else's process reuses the pid
     except OSError:
-        return True  # no /proc (macOS): trust kill(0)
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return os.name != "posix" or not os.path.isdir("/proc")  # no /proc (macOS): trust kill(0)
+    if fields[0] == b"Z":
+        return False
+    if state.start_time and int(fields[19]) != state.start_time:
+        return False
+    conf_arg = os.fsencode(conf)
+    return any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:]))
 
 
 def _read_state(home: Path) -> ServerState | None:
     try:
-        data = json.loads((_server_dir(home) / "state.json").read_text())
-        return ServerState(**data)
-    except (OSError, ValueError, TypeError):
+        data = json.loads(_read_private(_server_dir(home) / "state.json"))
+        state = ServerState(**data)
+    except (OSError, ValueError, TypeError, UnsafeHome):
         return None
+    if Path(state.home) != home:  # copied from another home: its pid is not ours
+        return None
+    return state
 
 
 def _port_open(port: int, timeout: float = 0.5) -> bool:
@@ -128,29 +250,34 @@ def _port_open(port: int, timeout: float = 0.5) -> bool:
 def status(home: Path | None = None) -> ServerState | None:
     """The running embedded server of ``home``, or None when none runs."""
     home = home or home_dir()
+    if not _server_dir(home).is_dir():
+        return None
+    _check_owned(home, private=False, follow=True)
+    _check_owned(_server_dir(home), private=True, follow=False)
     state = _read_state(home)
-    if state is None or not _pid_alive(state.pid):
+    if state is None or not _is_our_server(state):
         return None
     return state
 
 
-def read_token(home: Path | None = None) -> str:
-    """The token clients present; created (owner-only) on first use."""
-    home = home or home_dir()
-    path = _server_dir(home) / "token"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    _server_dir(home).mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+def _valid_token(raw: bytes) -> str | None:
+    token = raw.decode("ascii", "replace").strip()
+    if len(token) < MIN_TOKEN_LENGTH or not all(c.isalnum() or c in "-_" for c in token):
+        return None  # empty (a full disk), truncated or edited: never hand it to a server or client
     return token
+
+
+def load_token(home: Path) -> str | None:
+    """The current token of ``home``'s server, or None when its file is missing or not a token."""
+    try:
+        return _valid_token(_read_private(_server_dir(home) / "token"))
+    except (OSError, UnsafeHome):
+        return None
+
+
+def read_token(home: Path | None = None) -> str:
+    """The token clients present to the running server (started when none runs)."""
+    return ensure(home)[1]
 
 
 def ensure(
@@ -160,7 +287,8 @@ def ensure(
 
     ``verify`` also checks that the port accepts connections (used after a failed connect).
     ``while_booting`` is called once the server process is spawned and before waiting for it to
-    listen, so that a caller's own start-up work overlaps the server's boot.
+    listen, so that a caller's own start-up work overlaps the server's boot. A server whose token
+    file was lost (nobody could connect any more) is restarted with a new token.
     """
     home = home or home_dir()
     try:
@@ -187,19 +315,22 @@ def _home_error(home: Path, exc: OSError) -> BotWireError:
 def _ensure(
     home: Path, verify: bool, while_booting: Callable[[], object] | None
 ) -> tuple[ServerState, str]:
+    _prepare(home)
     state = status(home)
-    if state is not None and (not verify or _port_open(state.port)):
-        return state, read_token(home)
-    sdir = _server_dir(home)
-    sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if state is not None and state.ca_file and (not verify or _port_open(state.port)):
+        token = load_token(home)
+        if token is not None:
+            return state, token
     with _start_lock(home):
         state = status(home)
-        if state is not None and _port_open(state.port):
-            return state, read_token(home)
-        if state is not None:  # alive but not answering: a hung server we own
-            _terminate(state.pid, 5.0)
+        token = load_token(home)
+        if state is not None and token is not None and state.ca_file and _port_open(state.port):
+            return state, token
+        # Hung, its token lost, or started by an older version without TLS: nobody can use it.
+        if state is not None:
+            _terminate(state, 5.0)
         previous = _read_state(home)
-        return _start(home, previous.port if previous else None, while_booting), read_token(home)
+        return _start(home, previous.port if previous else None, while_booting)
 
 
 @contextmanager
@@ -223,7 +354,13 @@ def _start_lock(home: Path) -> Iterator[None]:
 
 
 def _free(port: int) -> bool:
+    """Whether nats-server can listen on ``port``.
+
+    With SO_REUSEADDR, as nats-server (Go) listens: after a kill -9 the old port keeps
+    connections in TIME_WAIT for 60 s, which block a plain bind but not the server's.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -231,11 +368,76 @@ def _free(port: int) -> bool:
     return True
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
+def _ensure_certificate(sdir: Path) -> Path:
+    """The server's self-signed certificate (ECDSA P-256, for IP 127.0.0.1), created once.
+
+    Its key never leaves the owner-only folder, so a process of another user that takes over the
+    server's port cannot present it, and clients that trust only this certificate send it nothing.
+    """
+    cert, key = sdir / "cert.pem", sdir / "key.pem"
+    try:
+        _read_private(key)
+        _read_private(cert)
+        return cert
+    except (OSError, UnsafeHome):
+        pass  # missing, or not a private file of ours (a symlink...): a new pair replaces it
+    import datetime
+    import ipaddress
+
+    # Imported only here (about 70 ms): most processes never create the certificate.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "botwire embedded nats-server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    _write_private(
+        key,
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    _write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+def _conf_string(text: str) -> str:
+    """``text`` as a double-quoted string of nats-server's config language.
+
+    Its lexer knows the escapes \\t \\n \\r \\" \\\\ and \\uXXXX/\\UXXXXXXXX but rejected the \\u00e9
+    that ``json.dumps`` writes for a non-ASCII home (2.15.1), so non-ASCII is written as UTF-8.
+    """
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def _open_log(path: Path) -> int:
+    """The server log, appended to; a symlink there is refused (it would write wherever it points)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise UnsafeHome(f"{path} is a symbolic link; remove it (the server log is never written through one)") from exc
+        raise
+    st = os.fstat(fd)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UnsafeHome(f"{path} belongs to another user; remove it")
+    return fd
 
 
 def free_bytes(home: Path) -> int:
@@ -277,28 +479,36 @@ def restart(home: Path, pid: int) -> ServerState:
             if state is not None and state.pid != pid and _port_open(state.port):
                 return state
             if state is not None:
-                _terminate(state.pid, 5.0)
+                _terminate(state, 5.0)
             previous = _read_state(home)
-            return _start(home, previous.port if previous else None)
+            return _start(home, previous.port if previous else None)[0]
     except BotWireError:
         raise
     except OSError as exc:
         raise _home_error(home, exc) from exc
 
 
-def _start(home: Path, port: int | None, while_booting: Callable[[], object] | None = None) -> ServerState:
+def _start(
+    home: Path, port: int | None, while_booting: Callable[[], object] | None = None
+) -> tuple[ServerState, str]:
     binary = find_binary()
     free = free_bytes(home)
     if free < MIN_FREE:
         raise disk_full_error(home, free, starting=True)
     sdir = _server_dir(home)
     store = home / "jetstream"
-    store.mkdir(parents=True, exist_ok=True, mode=0o700)
     ports_dir = sdir / "ports"
-    ports_dir.mkdir(exist_ok=True)
+    _mkdir_private(ports_dir)
+    _check_owned(ports_dir, private=True, follow=False)
     for old in ports_dir.glob("*.ports"):
         old.unlink(missing_ok=True)
-    token = read_token(home)
+    cert = _ensure_certificate(sdir)
+    # A new token at every start: a client of a previous server re-reads the file to reconnect, and
+    # whoever saw an old token (it was sent to an impostor, or read from an old backup) cannot use it.
+    token = secrets.token_urlsafe(32)
+    _write_private(sdir / "token", token.encode())
+    if load_token(home) != token:
+        raise ServerUnavailable(f"cannot store the embedded server's token in {sdir / 'token'}")
     # Reuse the previous port so that clients connected before a crash reconnect by themselves.
     listen_port = port if port and _free(port) else -1
     conf = sdir / "nats.conf"
@@ -309,16 +519,23 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
                 "host: 127.0.0.1",
                 f"port: {listen_port}",
                 f"max_payload: {MAX_PAYLOAD}",
-                f"ports_file_dir: {json.dumps(str(ports_dir))}",
-                f"authorization {{ token: {json.dumps(token)} }}",
-                f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+                f"ports_file_dir: {_conf_string(str(ports_dir))}",
+                f"authorization {{ token: {_conf_string(token)} }}",
+                # TLS from the first byte: nothing is exchanged in clear, not even the server's INFO.
+                "tls {",
+                f"  cert_file: {_conf_string(str(cert))}",
+                f"  key_file: {_conf_string(str(sdir / 'key.pem'))}",
+                "  handshake_first: true",
+                "}",
+                f"jetstream {{ store_dir: {_conf_string(str(store))} }}",
                 "",
             ]
-        ),
+        ).encode(),
     )
     log_path = sdir / "server.log"
-    with open(log_path, "ab") as log:
-        log_start = log.tell()  # the failure message shows this run's output, not older runs'
+    log = _open_log(log_path)
+    log_start = os.lseek(log, 0, os.SEEK_END)  # the failure message shows this run's output, not older runs'
+    try:
         proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
@@ -327,6 +544,8 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
             start_new_session=True,
             close_fds=True,
         )
+    finally:
+        os.close(log)
     _started[proc.pid] = proc
     if while_booting is not None:
         while_booting()
@@ -348,37 +567,41 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
             break
         except (OSError, ValueError, KeyError, IndexError):
             time.sleep(0.001)
-    if url is None:
-        _terminate(proc.pid, 2.0)
-        if (free := free_bytes(home)) < MIN_FREE:
-            raise disk_full_error(home, free, starting=True)
-        raise ServerUnavailable(f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
-    chosen = int(url.rsplit(":", 1)[1])
+    chosen = int(url.rsplit(":", 1)[1]) if url is not None else 0
     state = ServerState(
-        url=f"nats://127.0.0.1:{chosen}",
+        url=f"tls://127.0.0.1:{chosen}",
         pid=proc.pid,
         port=chosen,
         home=str(home),
         store_dir=str(store),
         log_file=str(log_path),
         token_file=str(sdir / "token"),
+        ca_file=str(cert),
+        start_time=_proc_start_time(proc.pid),
     )
-    tmp = sdir / "state.json.tmp"
-    _write_private(tmp, json.dumps(asdict(state)))
-    os.replace(tmp, sdir / "state.json")
-    return state
+    if url is None:
+        _terminate(state, 2.0)
+        if (free := free_bytes(home)) < MIN_FREE:
+            raise disk_full_error(home, free, starting=True)
+        raise ServerUnavailable(f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
+    _write_private(sdir / "state.json", json.dumps(asdict(state)).encode())
+    return state, token
 
 
-def _terminate(pid: int, timeout: float) -> None:
+def _terminate(state: ServerState, timeout: float) -> None:
+    """SIGTERM, then SIGKILL, the server of ``state``: only while it is still that server."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _is_our_server(state):
+            _started.pop(state.pid, None)
+            return
         try:
-            os.kill(pid, sig)
+            os.kill(state.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                _started.pop(pid, None)
+            if not _is_our_server(state):
+                _started.pop(state.pid, None)
                 return
             time.sleep(0.02)
 
@@ -389,7 +612,7 @@ def stop(home: Path | None = None, timeout: float = 10.0) -> ServerState | None:
     state = status(home)
     if state is None:
         return None
-    _terminate(state.pid, timeout)
-    if _pid_alive(state.pid):
+    _terminate(state, timeout)
+    if _is_our_server(state):
         raise BotWireError(f"nats-server pid {state.pid} did not stop")
     return state

@@ -27,6 +27,8 @@ __all__ = [
     "Conflict",
     "ServerUnavailable",
     "ServerNotFound",
+    "ServerNotTrusted",
+    "UnsafeHome",
     "Unauthorized",
     "QuotaExceeded",
     "WrongEventLoop",
@@ -109,6 +111,18 @@ class ServerUnavailable(BotWireError, ConnectionError):
 
 class ServerNotFound(ServerUnavailable):
     """No ``nats-server`` binary was found to start the embedded server."""
+
+
+class ServerNotTrusted(ServerUnavailable):
+    """The server could not be verified, so no credentials were sent: a ``tls://`` URL to a server
+    without TLS, or an embedded server's port answered by something without its certificate."""
+
+
+class UnsafeHome(BotWireError, PermissionError):
+    """A folder or file under ``BOTWIRE_HOME`` is owned by another user, writable by others, or a
+    symbolic link; the embedded server refuses to use it (another account could read or plant data)."""
+
+    http_status = 500
 
 
 class Unauthorized(BotWireError, PermissionError):
@@ -194,7 +208,13 @@ def translate(exc: BaseException) -> BaseException:
             OSError,
         ),
     ):
-        return ServerUnavailable(f"cannot reach the NATS server ({exc}); is it running? try `botwire server status`")
+        from .settings import redact  # an OS error may name the URL, with its user:password@
+
+        return ServerUnavailable(
+            f"cannot reach the NATS server ({redact(str(exc))}); is it running? try `botwire server status`"
+        )
     if isinstance(exc, ne.Error):
-        return BotWireError(f"NATS error: {exc}")
+        from .settings import redact
+
+        return BotWireError(f"NATS error: {redact(str(exc))}")
     return exc

@@ -7,9 +7,18 @@ An explicit ``url=`` that names no server (``""``, ``" "``, ``","``) is an error
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import BotWireError, InvalidArgument
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^/\s,]*@")
+
+
+def redact(url: str) -> str:
+    """``url`` with any ``user:password@`` (or ``token@``) replaced by ``***@``, for messages."""
+    return _USERINFO.sub(lambda m: (m.group("scheme") or "") + "***@", url)
 
 
 @dataclass(frozen=True)
@@ -63,9 +72,9 @@ def resolve(
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""
         if scheme in ("http", "https"):
             raise BotWireError(
-                f"{s}: the HTTP transport (a botwire HTTP server) is not available in this version; "
+                f"{redact(s)}: the HTTP transport (a botwire HTTP server) is not available in this version; "
                 "use a nats:// or tls:// URL"
             )
         if scheme not in ("nats", "tls", "ws", "wss"):
-            raise BotWireError(f"{s}: unsupported URL scheme; use nats://host:port or tls://host:port")
+            raise BotWireError(f"{redact(s)}: unsupported URL scheme; use nats://host:port or tls://host:port")
     return ConnectOptions(servers=servers, token=token, user=user, password=password, creds=creds)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import secrets
 import socket
+import ssl
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,8 +33,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, StorageFull, Unauthorized, translate
-from .settings import ConnectOptions
+from .errors import BotWireError, ServerNotTrusted, ServerUnavailable, StorageFull, Unauthorized, translate
+from .settings import ConnectOptions, redact
 
 T = TypeVar("T")
 
@@ -266,12 +268,14 @@ class Connection:
             )
             return Connection(opts, nc, None)
         home = Path(opts.home) if opts.home else embedded.home_dir()
-        state, token = await asyncio.to_thread(embedded.ensure, home)
+        state, _token = await asyncio.to_thread(embedded.ensure, home)
         try:
-            nc = await _connect([state.url], token=token, timeout=1.0)
+            nc = await _connect_embedded(state, timeout=1.0)
+        except ServerNotTrusted:
+            raise
         except ServerUnavailable:  # it died between the check and the connect: start it again
-            state, token = await asyncio.to_thread(embedded.ensure, home, verify=True)
-            nc = await _connect([state.url], token=token)
+            state, _token = await asyncio.to_thread(embedded.ensure, home, verify=True)
+            nc = await _connect_embedded(state)
         return Connection(opts, nc, home)
 
     async def _recover(self) -> None:
@@ -283,7 +287,7 @@ class Connection:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._recovering = fut
         try:
-            state, token = await asyncio.to_thread(embedded.ensure, self.home, verify=True)
+            state, _token = await asyncio.to_thread(embedded.ensure, self.home, verify=True)
             url = self.nc.connected_url
             same = url is not None and url.port == state.port and not self.nc.is_closed
             if same:
@@ -293,15 +297,18 @@ class Connection:
                     await asyncio.sleep(0.025)
             if not self.nc.is_connected:
                 old = self.nc
-                self.nc = await _connect([state.url], token=token)
+                self.nc = await _connect_embedded(state)
                 self.js = self.nc.jetstream()
                 if self._mux is not None:
                     self._mux.fail_all(nats.errors.ConnectionClosedError())
                     self._mux = None
-                try:
-                    await old.close()
-                except Exception:  # noqa: BLE001 - the old connection is gone anyway
-                    pass
+                # Closing a client stuck reconnecting to whatever took over the old port can hang
+                # (its TLS transport waits for the stranger; measured > 30 s): do not wait for it.
+                closing = asyncio.ensure_future(old.close())
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+                closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+                await asyncio.wait({closing}, timeout=1.0)
             self._ready_streams.clear()
             fut.set_result(None)
         except BaseException as exc:
@@ -669,24 +676,94 @@ class Connection:
 
 
 CONNECT_TIMEOUT = 5.0
+_closing: set[asyncio.Future[None]] = set()  # old clients still closing in the background
+
+
+class _PlainTextRefused(nats.errors.Error):
+    """A ``tls://`` server did not set up TLS: the CONNECT (with credentials) was not sent."""
+
+
+class _Client(NATS):
+    """nats-py's client, which never sends CONNECT (and its credentials) in clear to a ``tls://`` URL.
+
+    nats-py 2.16 upgrades to TLS only when the server's INFO says ``tls_required`` (or with
+    ``tls_handshake_first``); otherwise it sends CONNECT in clear even for ``tls://``. This check runs
+    on every connect and reconnect, just before CONNECT is written.
+    """
+
+    def _connect_command(self) -> bytes:
+        server = self._current_server
+        if (
+            server is not None
+            and server.uri.scheme == "tls"
+            and not (self.options.get("tls_handshake_first") or self._server_info.get("tls_required"))
+        ):
+            raise _PlainTextRefused(
+                f"{redact(server.uri.geturl())} does not offer TLS, so no credentials were sent; "
+                "use nats:// to connect without TLS, or enable TLS on the server"
+            )
+        data: bytes = super()._connect_command()
+        return data
+
+
+class _QuietTlsEof(logging.Filter):
+    """Drops asyncio's warning "returning true from eof_received() has no effect when using ssl",
+    logged (to stderr when logging is not set up) each time a TLS server closes a nats-py stream
+    connection: it says nothing to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("returning true from eof_received()")
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
+
+
+def pinned_context(ca_file: str) -> ssl.SSLContext:
+    """A TLS context that trusts ``ca_file`` alone (and checks the server's name or IP against it)."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+async def _connect_embedded(state: embedded.ServerState, timeout: float = CONNECT_TIMEOUT) -> NATS:
+    """Connect to the embedded server: TLS first, trusting its own certificate only, and the token
+    read from its file at every (re)connect, after the server proved it holds the certificate's key.
+
+    The server gets a new token at each start, so a client that reconnects after a restart
+    presents the new one; one that reaches an impostor on the old port sends it nothing.
+    """
+    home = Path(state.home)
+    last = [embedded.load_token(home) or ""]
+
+    def token() -> str:
+        last[0] = embedded.load_token(home) or last[0]
+        return last[0]
+
+    return await _connect(
+        [state.url], token=token, timeout=timeout, tls=pinned_context(state.ca_file), tls_handshake_first=True
+    )
 
 
 async def _connect(
     servers: list[str],
     *,
-    token: str | None = None,
+    token: str | Callable[[], str] | None = None,
     user: str | None = None,
     password: str | None = None,
     creds: str | None = None,
     timeout: float = CONNECT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+    tls_handshake_first: bool = False,
 ) -> NATS:
     """Connect, reconnecting forever afterwards, but failing the first connect fast.
 
     nats-py retries a first connect forever when reconnects are unlimited, even on a refused
-    token; here a refused credential raises ``Unauthorized`` at once and an unreachable server
-    ``ServerUnavailable`` after ``timeout`` seconds.
+    token; here a refused credential raises ``Unauthorized`` at once, a server that cannot be
+    verified (``tls://`` without TLS, a certificate we do not trust) ``ServerNotTrusted`` at once,
+    and an unreachable server ``ServerUnavailable`` after ``timeout`` seconds.
     """
     kwargs: dict[str, Any] = {}
+    if tls is not None:
+        kwargs["tls"] = tls
+        kwargs["tls_handshake_first"] = tls_handshake_first
     if token:
         kwargs["token"] = token
     if user:
@@ -694,13 +771,17 @@ async def _connect(
         kwargs["password"] = password
     if creds:
         kwargs["user_credentials"] = creds
-    nc = NATS()
+    nc = _Client()
     refused = asyncio.Event()
     last_error: list[BaseException] = []
+    untrusted: list[BaseException] = []
 
     async def on_error(exc: Exception) -> None:  # nats-py would log every reconnect attempt
         last_error[:] = [exc]
-        if isinstance(exc, nats.errors.AuthorizationError) or "authorization" in str(exc).lower():
+        if isinstance(exc, (_PlainTextRefused, ssl.SSLCertVerificationError)):
+            untrusted[:] = [exc]
+            refused.set()
+        elif isinstance(exc, nats.errors.AuthorizationError) or "authorization" in str(exc).lower():
             refused.set()
 
     connecting = asyncio.ensure_future(
@@ -727,14 +808,20 @@ async def _connect(
         await nc.close()
     except Exception:  # noqa: BLE001 - nothing to close
         pass
-    where = ", ".join(servers)
+    where = redact(", ".join(servers))
+    if untrusted:
+        if isinstance(untrusted[0], _PlainTextRefused):
+            raise ServerNotTrusted(str(untrusted[0]))
+        raise ServerNotTrusted(
+            f"{where} did not present a certificate we trust ({untrusted[0]}), so no credentials were sent"
+        )
     if refused.is_set():
         raise Unauthorized(
             f"{where} refused the credentials; check token=/user=/creds= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
         )
     if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
         raise translate(connecting.exception())  # type: ignore[arg-type]
-    detail = f": {last_error[0]}" if last_error else ""
+    detail = f": {redact(str(last_error[0]))}" if last_error else ""
     raise ServerUnavailable(f"cannot connect to {where} within {timeout:.0f} s{detail}; is the server running?")
 
 

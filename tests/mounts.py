@@ -17,7 +17,7 @@ import pytest
 def tmpfs(path: Path, size: str = "8m", *, read_only: bool = False) -> Iterator[Path]:
     """Mount a tmpfs of ``size`` at ``path`` for the block; unmounted afterwards."""
     path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if read_only else "")
+    opts = f"size={size},mode=0700" + (",ro" if read_only else "")  # private, as BOTWIRE_HOME must be
     try:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -366,12 +366,12 @@ def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
     assert _botwire("server", "status").returncode == 1
 
     started = _botwire("server", "start")
-    assert started.returncode == 0 and "nats://127.0.0.1:" in started.stdout
+    assert started.returncode == 0 and "tls://127.0.0.1:" in started.stdout
 
     status = _botwire("server", "status", "--json")
     assert status.returncode == 0
     state = json.loads(status.stdout)
-    assert state["running"] is True and state["url"].startswith("nats://127.0.0.1:")
+    assert state["running"] is True and state["url"].startswith("tls://127.0.0.1:")
     assert state["home"] == str(botwire_home)
     pid = state["pid"]
     assert _alive(pid)

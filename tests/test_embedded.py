@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import stat
 import time
 from pathlib import Path
@@ -96,18 +97,17 @@ async def test_server_is_private_to_the_owner_and_loopback(botwire_home: Path, n
     assert token_file.read_text().strip() == token
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert stat.S_IMODE((botwire_home / "server" / "nats.conf").stat().st_mode) == 0o600
-    assert state.url == f"nats://127.0.0.1:{state.port}"
+    assert state.url == f"tls://127.0.0.1:{state.port}"
     assert _listen_addresses(state.port) == {"0100007F"}  # 127.0.0.1, and nothing else
 
+    pinned = ssl.create_default_context(cafile=state.ca_file)
+    tls = {"tls": pinned, "tls_handshake_first": True, "allow_reconnect": False, "connect_timeout": 2}
     with pytest.raises(nats.errors.Error, match="Authorization"):
-        await nats.connect(state.url, allow_reconnect=False, connect_timeout=2)
+        await nats.connect(state.url, **tls)  # type: ignore[arg-type]
     with pytest.raises(nats.errors.Error, match="Authorization"):
-        await nats.connect(state.url, token="wrong", allow_reconnect=False, connect_timeout=2)
-    with pytest.raises(Unauthorized):
-        async with AsyncMemory(namespace, url=state.url) as no_token:
-            await no_token.get("secret")
-    async with AsyncMemory(namespace, url=state.url, token=token) as with_token:
-        assert await with_token.get("secret") == 42
+        await nats.connect(state.url, token="wrong", **tls)  # type: ignore[arg-type]
+    nc = await nats.connect(state.url, token=token, **tls)  # type: ignore[arg-type]
+    await nc.close()
 
 
 def test_data_persists_across_stop_and_next_use(botwire_home: Path, namespace: str) -> None:
