@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient
@@ -28,7 +28,7 @@ from .errors import BotWireError, Conflict, InvalidArgument, InvalidTTL, ValueTo
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
-from .transport import Connection, origin_headers
+from .transport import SAFE, Connection, origin_headers
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
@@ -236,7 +236,9 @@ class AsyncMemory(StreamClient):
         """Store ``value`` under ``key``; return its revision. ``ttl`` in seconds (None: forever)."""
         return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
 
-    async def _write(self, key: str, data: bytes, ttl: int | None, expected: int | None) -> int:
+    async def _write(
+        self, key: str, data: bytes, ttl: int | None, expected: int | None, what: str = "set"
+    ) -> int:
         token = keys.encode_key(key)
         size = len(data)
         if size > MAX_VALUE_BYTES:
@@ -254,7 +256,9 @@ class AsyncMemory(StreamClient):
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         subject = self._prefix + token
         if size <= conn.max_body:
-            return await conn.publish(subject, data, headers, self._timeout)
+            # A set repeated writes the same value again; an update repeated applies fn twice.
+            advice = SAFE if expected is None else "read the key before repeating the update"
+            return await conn.publish(subject, data, headers, self._timeout, what=f"{what} of {key!r}", advice=advice)
         return await self._write_blob(conn, key, subject, data, ttl, headers)
 
     def _blob_subject(self, key: str) -> str:
@@ -328,7 +332,7 @@ class AsyncMemory(StreamClient):
             headers["KV-Operation"] = "DEL"
             headers["Nats-Expected-Last-Subject-Sequence"] = hdr["Nats-Sequence"]
             try:
-                await conn.publish(subject, b"", headers, self._timeout)
+                await conn.publish(subject, b"", headers, self._timeout, what=f"delete of {key!r}", advice=SAFE)
             except Conflict:
                 continue  # written meanwhile: look again
             if "Botwire-Blob" in hdr:
@@ -348,7 +352,10 @@ class AsyncMemory(StreamClient):
         """Read-modify-write without lost updates: ``fn(current or default)`` becomes the value.
 
         The write is conditional on the revision read; when another writer got there first, the
-        value is read again and ``fn`` called again. Returns the value written.
+        value is read again and ``fn`` called again. Returns the value written. A write re-sent
+        after a lost connection is never applied twice: it is read back by its message id, and
+        when that cannot settle it, ``OutcomeUnknown`` is raised (``fn``'s result is then stored
+        once or not at all).
         """
         seconds = ttl_seconds(ttl)
         delay = 0.001
@@ -357,7 +364,7 @@ class AsyncMemory(StreamClient):
             expected = 0 if msg is None else int((msg.headers or {})["Nats-Sequence"])
             new = fn(default if value is _MISSING else value)
             try:
-                await self._write(key, codec.encode(new), seconds, expected=expected)
+                await self._write(key, codec.encode(new), seconds, expected=expected, what="update")
             except Conflict:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 0.05)
@@ -394,14 +401,15 @@ class Watch(LiveIterator[Change]):
     """An async iterator of ``Change`` (see ``AsyncMemory.watch``); close it when done."""
 
     def __init__(self, memory: AsyncMemory, subject: str, pattern: str, exact: bool) -> None:
-        super().__init__(memory._connection)
+        super().__init__(memory._connection, memory.stream, memory._timeout)
         self._memory = memory
         self._subject = subject
         self._pattern = pattern
         self._exact = exact
 
-    async def _subscribe(self, conn: Connection) -> Any:
-        return await conn.js.subscribe(self._subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        return await conn.js.subscribe(self._subject, ordered_consumer=True, config=config)
 
     async def _convert(self, conn: Connection, msg: Msg) -> Change | None:
         change = await self._memory._change(conn, msg)

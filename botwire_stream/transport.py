@@ -4,7 +4,16 @@ One ``Connection`` per event loop and connection settings is shared by every ``A
 ``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
 offer: batch and multi-last direct gets, atomic batch publishes, headers-only pulls, and one
 shared reply inbox for requests. Every NATS failure leaves here translated by
-``errors.translate``; with the embedded server, a dead server is restarted and the call retried.
+``errors.translate``; with the embedded server, a dead or hung server is restarted and the call
+retried.
+
+Retries and outcomes: every call has one deadline, its ``timeout``, that covers its retries and
+any restart of the embedded server. Every write carries a ``Nats-Msg-Id``, and a write is re-sent
+only after the connection was lost or replaced, reusing its ids, so the server's duplicate window
+drops a second copy. A conditional write or atomic batch re-sent after its first copy landed is
+refused by the server (wrong last sequence, duplicate message id: the server checks those before
+its duplicate window); the write is then read back by its message id. A write whose outcome is
+still unknown at the deadline raises ``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -12,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 import secrets
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +40,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, Unauthorized, translate
+from .errors import BotWireError, Conflict, OutcomeUnknown, ServerUnavailable, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -60,6 +71,20 @@ class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
     description: str = ""
+
+
+class _Resend(nats.errors.ConnectionClosedError):
+    """The connection was lost or replaced while a request waited: its reply will never come."""
+
+
+# API errors of a publish that mean nothing was stored and the same publish may be sent again:
+# 10167 the stream's ingest queue is full (429), 10210 too many atomic batches in flight (429),
+# 10176 an atomic batch lost a staged message (dropped by a full ingest queue) or timed out.
+_BUSY_CODES = frozenset({10167, 10210, 10176})
+_WRONG_LAST = 10071
+_DUPLICATE_IN_BATCH = 10201
+# How far back a read-back of a batch looks: the stream's duplicate window (120 s).
+_DEDUPE_WINDOW = 120.0
 
 
 class _PubAck(msgspec.Struct):
@@ -98,6 +123,26 @@ class Batch:
 
 HEADROOM = 16 * 1024  # room for headers under the server's max_payload
 _SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
+# The embedded server is PINGed when a request waits longer than this, and restarted when the PING
+# is not answered within _PING_WAIT: loopback PINGs answer in well under 1 ms, so a server silent
+# for a second is stopped (SIGSTOP, a frozen VM) rather than busy.
+_PROBE_AFTER = 1.0
+_PING_WAIT = 1.0
+
+
+class _Write:
+    """What a write is, for its ``OutcomeUnknown`` message, and whether it reached the socket."""
+
+    __slots__ = ("what", "advice", "sent")
+
+    def __init__(self, what: str, advice: str) -> None:
+        self.what = what
+        self.advice = advice
+        self.sent = False
+
+
+SAFE = "repeating the call is safe"
+READ_FIRST = "read it back before repeating the call, which could store it twice"
 
 
 class _ReplyMux:
@@ -110,13 +155,15 @@ class _ReplyMux:
     throughput (``benchmarks``).
     """
 
-    def __init__(self, prefix: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prefix: str, loop: asyncio.AbstractEventLoop, nc: NATS) -> None:
         self.prefix = prefix
         self._n = len(prefix)
         self._loop = loop
+        self._nc = nc
         self._next = 0
         self._timer: asyncio.TimerHandle | None = None
-        self.waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        # token -> (future, deadline, reconnect count when sent)
+        self.waiting: dict[str, tuple[asyncio.Future[Msg], float, int]] = {}
 
     def cancelled(self) -> bool:  # the subscription's "future" is never done
         return False
@@ -134,18 +181,21 @@ class _ReplyMux:
         self._next += 1
         token = str(self._next)
         future: asyncio.Future[Msg] = self._loop.create_future()
-        self.waiting[token] = (future, self._loop.time() + timeout)
+        self.waiting[token] = (future, self._loop.time() + timeout, self._nc.stats["reconnects"])
         if self._timer is None:
             self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep)
         return self.prefix + token, future
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        expired = [t for t, (f, deadline) in self.waiting.items() if deadline <= now or f.done()]
+        gen = self._nc.stats["reconnects"]
+        # A reconnect loses the replies of requests sent before it: fail them now (re-sendable)
+        # instead of letting them wait out their whole timeout.
+        expired = [t for t, (f, deadline, g) in self.waiting.items() if deadline <= now or f.done() or g != gen]
         for token in expired:
-            future, _ = self.waiting.pop(token)
+            future, _, g = self.waiting.pop(token)
             if not future.done():
-                future.set_exception(nats.errors.TimeoutError())
+                future.set_exception(_Resend() if g != gen else nats.errors.TimeoutError())
         self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if self.waiting else None
 
     def fail_all(self, exc: BaseException) -> None:
@@ -153,7 +203,7 @@ class _ReplyMux:
             self._timer.cancel()
             self._timer = None
         waiting, self.waiting = self.waiting, {}
-        for future, _ in waiting.values():
+        for future, _, _ in waiting.values():
             if not future.done():
                 future.set_exception(exc)
 
@@ -216,18 +266,28 @@ class Connection:
     async def _replies(self) -> _ReplyMux:
         mux = self._mux
         if mux is None:
-            mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop())
+            mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop(), self.nc)
             await self.nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
             self._mux = mux
         return mux
 
     async def request(
-        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        write: _Write | None = None,
     ) -> Msg:
-        """One request/reply over the shared reply inbox (raises nats-py errors; callers translate)."""
+        """One request/reply over the shared reply inbox (raises nats-py errors; callers translate).
+
+        ``write`` is marked sent once the request is handed to nats-py (it may reach the server).
+        """
         mux = self._mux or await self._replies()
         reply, future = mux.expect(timeout)
         await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
+        if write is not None:
+            write.sent = True
         msg = await future
         hdr = msg.headers
         if hdr is not None and hdr.get("Status") == "503" and not msg.data:
@@ -268,8 +328,12 @@ class Connection:
             nc = await _connect([state.url], token=token)
         return Connection(opts, nc, home)
 
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever the connection is replaced or reconnects (subscriptions may be lost)."""
+        return id(self.nc), self.nc.stats["reconnects"]
+
     async def _recover(self) -> None:
-        """Restart the embedded server if it died, and wait until the connection is back."""
+        """Restart the embedded server if it died or hangs, and wait until the connection is back."""
         if self.home is None:
             return
         if self._recovering is not None:
@@ -285,12 +349,12 @@ class Connection:
                     if self.nc.is_connected:
                         break
                     await asyncio.sleep(0.025)
-            if not self.nc.is_connected:
+            if not same or not self.nc.is_connected:
                 old = self.nc
                 self.nc = await _connect([state.url], token=token)
                 self.js = self.nc.jetstream()
                 if self._mux is not None:
-                    self._mux.fail_all(nats.errors.ConnectionClosedError())
+                    self._mux.fail_all(_Resend())
                     self._mux = None
                 try:
                     await old.close()
@@ -305,43 +369,90 @@ class Connection:
         finally:
             self._recovering = None
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, retries: int = 0) -> T:
-        """Run ``fn`` with errors translated.
+    async def _answers(self) -> bool:
+        """Whether the server answers a PING on this connection within ``_PING_WAIT`` seconds."""
+        try:
+            await asyncio.wait_for(self.nc.flush(), _PING_WAIT)
+        except Exception:  # noqa: BLE001 - any failure means no
+            return False
+        return True
 
-        On the embedded server a dead server is restarted and ``fn`` retried once. ``retries``
-        allows that many more attempts (with backoff) for idempotent calls, such as publishes that
-        carry a ``Nats-Msg-Id``, so that they ride out a reconnect or a cluster leader election.
+    async def _attempt(self, fn: Callable[[], Awaitable[T]], remaining: float) -> T:
+        """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, a request still
+        unanswered after ``_PROBE_AFTER`` seconds checks the server with a PING: a server that
+        does not answer it hangs (stopped, swapping) and is restarted, and ``fn`` is re-sent."""
+        if self.home is None:
+            return await asyncio.wait_for(fn(), remaining)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + remaining
+        task = asyncio.ensure_future(fn())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=min(_PROBE_AFTER, remaining))
+            if not done:
+                if not await self._answers() and not task.done():
+                    task.cancel()
+                    await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
+                    raise _Resend()
+                done, _ = await asyncio.wait({task}, timeout=max(end - loop.time(), 0))
+                if not done:
+                    raise asyncio.TimeoutError
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, timeout: float = 5.0, write: _Write | None = None
+    ) -> T:
+        """Run ``fn`` with errors translated, retried until ``timeout`` seconds have passed in all.
+
+        A lost connection (nats-py reconnects by itself, or the embedded server is restarted) or a
+        server not ready yet make ``fn`` run again; every try shares the one deadline. ``write``
+        describes a write: when it was sent and is still unconfirmed at the deadline, the call
+        raises ``OutcomeUnknown`` with its advice instead of ``ServerUnavailable``.
         """
-        delay = 0.1
-        attempt = 0
-        if self.home is not None and not self.nc.is_connected:
-            # The embedded server went away: restart it now rather than after a request timeout.
-            try:
-                await self._recover()
-            except Exception as exc:
-                raise translate(exc) from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        last: BaseException | None = None
         while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise self._failed(last, timeout, write)
             try:
-                return await fn()
+                if self.home is not None and not self.nc.is_connected:
+                    # The embedded server went away: restart it now rather than after a timeout.
+                    await asyncio.wait_for(self._recover(), remaining)
+                    remaining = max(deadline - loop.time(), 0.001)
+                return await self._attempt(fn, remaining)
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
-                if attempt >= max(retries, 1 if self.home is not None else 0):
-                    raise translate(exc) from exc
-                attempt += 1
-                if self.home is not None:
-                    try:
-                        await self._recover()
-                    except Exception as rexc:
-                        raise translate(rexc) from exc
-                else:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                last = exc
+                wait = min(delay, deadline - loop.time())
+                if wait <= 0:
+                    raise self._failed(exc, timeout, write) from exc
+                delay = min(delay * 2, 1.0)
+                if self.home is None or self.nc.is_connected:
+                    await asyncio.sleep(wait)
             except Exception as exc:
                 new = translate(exc)
                 if new is exc:
                     raise
                 raise new from exc
+
+    @staticmethod
+    def _failed(exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
+        if write is not None and write.sent:
+            return OutcomeUnknown(
+                f"the server did not confirm the {write.what} within {timeout:g} s (it stalled or "
+                f"restarted): it may or may not be stored; {write.advice}"
+            )
+        if exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError, _Resend)):
+            return ServerUnavailable(
+                f"the NATS server did not answer within {timeout:g} s; is it running and reachable?"
+            )
+        return translate(exc)
 
     # -- streams --------------------------------------------------------------------------------
     async def ensure_stream(self, config: StreamConfig) -> None:
@@ -364,6 +475,12 @@ class Connection:
         self._ready_streams.add(name)
 
     # -- publishing -----------------------------------------------------------------------------
+    def _ids(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """A copy of ``headers`` with a ``Nats-Msg-Id`` (kept when the caller gave one)."""
+        h = dict(headers) if headers else {}
+        h.setdefault("Nats-Msg-Id", self.new_id())
+        return h
+
     async def publish(
         self,
         subject: str,
@@ -371,37 +488,59 @@ class Connection:
         headers: Mapping[str, str] | None = None,
         timeout: float = 5.0,
         *,
-        idempotent: bool = False,
+        what: str = "write",
+        advice: str = READ_FIRST,
     ) -> int:
         """Publish to JetStream and wait for the ack; return the stream sequence.
 
-        ``idempotent``: the headers carry a ``Nats-Msg-Id``, so the publish may be retried.
+        Carries a ``Nats-Msg-Id`` and is re-sent with it after a lost connection (see the module
+        docstring). A conditional publish (``Nats-Expected-Last-Subject-Sequence``) refused on a
+        re-send is read back: found, its sequence is returned; not found, ``Conflict`` is raised.
         """
+        h = self._ids(headers)
+        expected = h.get("Nats-Expected-Last-Subject-Sequence")
+        write = _Write(what, advice)
+        tries = 0
 
         async def run() -> int:
-            msg = await self.request(subject, data, headers, timeout)
+            nonlocal tries
+            tries += 1
+            msg = await self.request(subject, data, h, timeout, write)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
+                if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
+                    found = await self._landed(ack.stream, subject, [h["Nats-Msg-Id"]], int(expected), None, timeout)
+                    if found is not None:
+                        return found
                 _raise_api_error(ack.error)
             return ack.seq
 
-        return await self.call(run, retries=5 if idempotent else 0)
+        return await self.call(run, timeout=timeout, write=write)
 
     async def publish_pipelined(
-        self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], timeout: float = 5.0, *, idempotent: bool = False
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        timeout: float = 5.0,
+        *,
+        what: str = "write",
+        advice: str = READ_FIRST,
     ) -> list[int]:
-        """Publish several messages back to back, then wait for all their acks; their sequences.
+        """Publish several unconditional messages back to back, then wait for all their acks.
 
         Not atomic: each message is stored or refused on its own (the first error is raised).
+        Each carries a ``Nats-Msg-Id``, so a re-send after a lost connection stores none twice.
         """
+        prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
+        write = _Write(what, advice)
 
         async def run() -> list[int]:
             mux = self._mux or await self._replies()
             futures = []
-            for subject, data, headers in items:
+            for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
                 futures.append(future)
-                await self.nc.publish(subject, data, reply=reply, headers=dict(headers))
+                await self.nc.publish(subject, data, reply=reply, headers=headers)
+                write.sent = True
             seqs = []
             for future in futures:
                 ack = _ack_decoder.decode((await future).data)
@@ -410,32 +549,111 @@ class Connection:
                 seqs.append(ack.seq)
             return seqs
 
-        return await self.call(run, retries=5 if idempotent else 0)
+        return await self.call(run, timeout=timeout, write=write)
 
     async def publish_batch(
-        self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
+        self,
+        subject: str,
+        payloads: Sequence[bytes],
+        headers: Sequence[Mapping[str, str]],
+        timeout: float = 10.0,
+        *,
+        expected: int | None = None,
+        what: str = "batch",
+        advice: str = READ_FIRST,
     ) -> int:
-        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence."""
-        batch_id = self.new_id()
+        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence.
+
+        ``expected``: the batch is stored only if the subject's last sequence is this (0: empty).
+        Every message carries a ``Nats-Msg-Id``. A batch the server dropped for lack of room
+        (ingest queue full, too many batches in flight: nothing stored) is sent again, under a new
+        batch id, until the deadline. A batch re-sent after a lost connection that the server
+        refuses as a duplicate (or, conditional, as a wrong last sequence) is read back.
+        """
         n = len(payloads)
+        if n == 0:
+            raise AssertionError("empty batch")
+        hs = [self._ids(x) for x in headers]
+        ids = [x["Nats-Msg-Id"] for x in hs]
+        if expected is not None:
+            hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        write = _Write(what, advice)
+        sent_at = time.time()
+        tries = 0
 
         async def run() -> int:
-            for i, (payload, extra) in enumerate(zip(payloads, headers, strict=True), 1):
-                h = dict(extra)
+            nonlocal tries
+            tries += 1
+            batch_id = self.new_id()
+            for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
                 h["Nats-Batch-Id"] = batch_id
                 h["Nats-Batch-Sequence"] = str(i)
                 if i < n:
                     await self.nc.publish(subject, payload, headers=h)
-                else:
-                    h["Nats-Batch-Commit"] = "1"
-                    msg = await self.request(subject, payload, h, timeout)
-                    ack = _ack_decoder.decode(msg.data)
-                    if ack.error is not None:
-                        _raise_api_error(ack.error)
-                    return ack.seq
-            raise AssertionError("empty batch")
+                    write.sent = True
+            hs[-1]["Nats-Batch-Commit"] = "1"
+            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is None:
+                return ack.seq
+            code = ack.error.err_code
+            if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
+                found = await self._landed(ack.stream, subject, ids, expected, sent_at, timeout)
+                if found is not None:
+                    return found
+            if code in _BUSY_CODES:
+                raise nats.errors.NoRespondersError  # nothing stored: send it again after a pause
+            _raise_api_error(ack.error)
+            raise AssertionError("unreachable")
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout, write=write)
+
+    async def _landed(
+        self,
+        stream: str,
+        subject: str,
+        ids: Sequence[str],
+        after: int | None,
+        since: float | None,
+        timeout: float,
+    ) -> int | None:
+        """The sequence of the message with id ``ids[-1]`` on ``subject`` (None: not stored).
+
+        Looks from sequence ``after`` (the expected last sequence of a conditional write; if that
+        message is gone, a later rollup may have removed ours too: ``OutcomeUnknown``) or from the
+        time ``since`` less the duplicate window. A message id is found only while the message
+        is kept, which the caller's own retry (within its timeout) makes near-certain.
+        """
+        req: dict[str, Any] = {"next_by_subj": subject, "batch": 256}
+        if after is not None:
+            req["seq"] = max(after, 1)
+        else:
+            start = datetime.fromtimestamp((since or time.time()) - _DEDUPE_WINDOW, UTC)
+            req["start_time"] = start.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        want = ids[-1]
+        checked = after is None or after == 0
+        while True:
+            batch = await self._direct_batch_once(stream, msgspec.json.encode(req), timeout)
+            for m in batch.msgs:
+                hdr = m.headers or {}
+                if not checked:
+                    if int(hdr.get("Nats-Sequence", 0)) != after:
+                        raise OutcomeUnknown(
+                            f"a write to {subject} was re-sent after a lost connection and the "
+                            "revision it replaced is gone; read the value before repeating it"
+                        )
+                    checked = True
+                if hdr.get("Nats-Msg-Id") == want:
+                    return int(hdr["Nats-Sequence"])
+            if not batch.msgs or not batch.pending or not batch.last_seq:
+                if not checked and after:
+                    raise OutcomeUnknown(
+                        f"a write to {subject} was re-sent after a lost connection and the "
+                        "revision it replaced is gone; read the value before repeating it"
+                    )
+                return None
+            req.pop("start_time", None)
+            req["seq"] = batch.last_seq + 1
 
     # -- reading --------------------------------------------------------------------------------
     async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
@@ -450,7 +668,7 @@ class Connection:
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             return msg
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
         """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
@@ -458,20 +676,19 @@ class Connection:
         Returns the messages of one reply batch and its end-of-batch figures; page with ``seq``.
         """
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
+        return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
 
-        async def run() -> Batch:
-            collector = _BatchCollector(asyncio.get_running_loop())
-            inbox = self.nc.new_inbox()
-            # future=: nats-py hands each reply to the collector from its reader, with no queue
-            sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
-            try:
-                await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
-                await asyncio.wait_for(collector.done_future, timeout)
-            finally:
-                await sub.unsubscribe()
-            return collector.batch
-
-        return await self.call(run)
+    async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
+        collector = _BatchCollector(asyncio.get_running_loop())
+        inbox = self.nc.new_inbox()
+        # future=: nats-py hands each reply to the collector from its reader, with no queue
+        sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
+        try:
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
+            await asyncio.wait_for(collector.done_future, timeout)
+        finally:
+            await sub.unsubscribe()
+        return collector.batch
 
     async def read_subject(
         self, stream: str, subject: str, *, start_seq: int = 1, page: int = 1000, headers: bool = True
@@ -550,7 +767,7 @@ class Connection:
                 await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
             return msgs
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
         """How many messages each subject matching ``subject_filter`` holds (one request)."""
@@ -561,14 +778,16 @@ class Connection:
 
         return await self.call(run)
 
-    async def purge(self, stream: str, subject: str, *, before_seq: int | None = None) -> None:
+    async def purge(
+        self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
+    ) -> None:
         """Remove the messages on ``subject`` (below ``before_seq`` when given)."""
 
         async def run() -> None:
             req: dict[str, Any] = {"filter": subject}
             if before_seq is not None:
                 req["seq"] = before_seq
-            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, 10.0)
+            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, timeout)
             info = msgspec.json.decode(resp.data)
             if "error" in info:
                 err = info["error"]
@@ -576,7 +795,7 @@ class Connection:
                     code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
                 )
 
-        await self.call(run)
+        await self.call(run, timeout=timeout)
 
 
 CONNECT_TIMEOUT = 5.0
