@@ -116,6 +116,20 @@ def _port_open(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _answers(port: int, timeout: float = 1.0) -> bool:
+    """Whether the server on ``port`` sends its INFO greeting within ``timeout`` seconds.
+
+    A stopped (SIGSTOP) or hung server still accepts TCP connections (the kernel completes them)
+    but greets nobody; nothing is sent to it, so no credential is presented.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(4) == b"INFO"
+    except OSError:
+        return False
+
+
 def status(home: Path | None = None) -> ServerState | None:
     """The running embedded server of ``home``, or None when none runs."""
     home = home or home_dir()
@@ -149,13 +163,14 @@ def ensure(
 ) -> tuple[ServerState, str]:
     """Return the running server and its token, starting one when none runs.
 
-    ``verify`` also checks that the port accepts connections (used after a failed connect).
+    ``verify`` also checks that the server greets a new connection (used after a failed connect
+    or an unanswered PING); one that does not is hung and is replaced.
     ``while_booting`` is called once the server process is spawned and before waiting for it to
     listen, so that a caller's own start-up work overlaps the server's boot.
     """
     home = home or home_dir()
     state = status(home)
-    if state is not None and (not verify or _port_open(state.port)):
+    if state is not None and (not verify or _answers(state.port)):
         return state, read_token(home)
     from filelock import FileLock
 
@@ -163,10 +178,10 @@ def ensure(
     sdir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with FileLock(str(sdir / "start.lock"), timeout=_START_TIMEOUT * 2):
         state = status(home)
-        if state is not None and _port_open(state.port):
+        if state is not None and _answers(state.port):
             return state, read_token(home)
         if state is not None:  # alive but not answering: a hung server we own
-            _terminate(state.pid, 5.0)
+            _terminate(state.pid, 2.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting), read_token(home)
 
@@ -262,6 +277,8 @@ def _terminate(pid: int, timeout: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGCONT)  # a stopped server acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout

@@ -378,16 +378,17 @@ class Connection:
         return True
 
     async def _attempt(self, fn: Callable[[], Awaitable[T]], remaining: float) -> T:
-        """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, a request still
-        unanswered after ``_PROBE_AFTER`` seconds checks the server with a PING: a server that
-        does not answer it hangs (stopped, swapping) and is restarted, and ``fn`` is re-sent."""
-        if self.home is None:
+        """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, when the budget
+        allows, a request still unanswered after ``_PROBE_AFTER`` seconds checks the server with a
+        PING: a server that does not answer it hangs (stopped, swapping) and is restarted, and
+        ``fn`` is re-sent (with a shorter budget the call just times out)."""
+        if self.home is None or remaining <= _PROBE_AFTER + _PING_WAIT:
             return await asyncio.wait_for(fn(), remaining)
         loop = asyncio.get_running_loop()
         end = loop.time() + remaining
         task = asyncio.ensure_future(fn())
         try:
-            done, _ = await asyncio.wait({task}, timeout=min(_PROBE_AFTER, remaining))
+            done, _ = await asyncio.wait({task}, timeout=_PROBE_AFTER)
             if not done:
                 if not await self._answers() and not task.done():
                     task.cancel()
