@@ -22,6 +22,7 @@ import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
 from botwire_stream.errors import Conflict, InvalidArgument, OutcomeUnknown, ServerUnavailable, ValueTooLarge
+from tests import procs
 from tests.proxy import Relay
 from tests.servers import NatsServer
 
@@ -337,3 +338,49 @@ async def test_watch_whose_server_never_comes_back_raises(own_server: NatsServer
             with pytest.raises(ServerUnavailable, match="could not resume"):
                 await asyncio.wait_for(w.__anext__(), 20)
             assert time.monotonic() - started < 10  # 3 x the 1 s timeout, plus slack
+
+
+# -- kill -9 under concurrent updates ----------------------------------------------------------------
+@pytest.mark.slow
+def test_update_counter_is_exact_across_kill_and_restart(own_server: NatsServer, namespace: str, tmp_path: Path) -> None:
+    """4 processes x 250 increments while the server is killed (SIGKILL) and restarted 3 times:
+    every increment reported done is in the counter once, and only those (issue: 4,167 reported,
+    4,168 counted)."""
+    results: list[Any] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            results.extend(
+                procs.run_together(
+                    "tests.fault_workers",
+                    [["incr", own_server.url, namespace, "n", "250", str(tmp_path / "go")]] * 4,
+                    tmp_path / "go",
+                )
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    overlapping = 0
+    for _ in range(3):
+        time.sleep(0.6)
+        overlapping += thread.is_alive()
+        own_server.kill()
+        own_server.start()
+    thread.join(90)
+    assert not thread.is_alive() and not failure, failure
+    ok = sum(r["ok"] for r in results)
+    unknown = sum(r["unknown"] for r in results)
+    assert ok > 0 and overlapping >= 2  # the kills hit running work
+
+    async def counter() -> Any:
+        async with AsyncMemory(namespace, url=own_server.url) as m:
+            return await m.get("n")
+
+    value = asyncio.run(counter())
+    assert ok <= value <= ok + unknown, (value, results)
