@@ -383,24 +383,37 @@ class Connection:
         PING: a server that does not answer it hangs (stopped, swapping) and is restarted, and
         ``fn`` is re-sent (with a shorter budget the call just times out)."""
         if self.home is None or remaining <= _PROBE_AFTER + _PING_WAIT:
-            return await asyncio.wait_for(fn(), remaining)
+            async with asyncio.timeout(remaining):  # a timer, no extra task (unlike wait_for)
+                return await fn()
         loop = asyncio.get_running_loop()
         end = loop.time() + remaining
-        task = asyncio.ensure_future(fn())
-        try:
-            done, _ = await asyncio.wait({task}, timeout=_PROBE_AFTER)
-            if not done:
-                if not await self._answers() and not task.done():
-                    task.cancel()
-                    await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
-                    raise _Resend()
-                done, _ = await asyncio.wait({task}, timeout=max(end - loop.time(), 0))
-                if not done:
-                    raise asyncio.TimeoutError
-            return task.result()
-        finally:
-            if not task.done():
+        task = asyncio.current_task()
+        assert task is not None
+        hung: list[bool] = []
+        probes: list[asyncio.Future[None]] = []
+        finished = False
+
+        async def ping() -> None:
+            if not await self._answers() and not finished:
+                hung.append(True)
                 task.cancel()
+
+        # A timer rather than a task per call: the probe costs nothing unless a request is slow.
+        timer = loop.call_later(_PROBE_AFTER, lambda: probes.append(asyncio.ensure_future(ping())))
+        try:
+            async with asyncio.timeout(remaining):
+                return await fn()
+        except asyncio.CancelledError:
+            if not hung:
+                raise
+            task.uncancel()
+        finally:
+            finished = True
+            timer.cancel()
+            for probe in probes:
+                probe.cancel()
+        await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
+        raise _Resend()
 
     async def call(
         self, fn: Callable[[], Awaitable[T]], *, timeout: float = 5.0, write: _Write | None = None
