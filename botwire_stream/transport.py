@@ -189,13 +189,16 @@ class _ReplyMux:
     def _sweep(self) -> None:
         now = self._loop.time()
         gen = self._nc.stats["reconnects"]
-        # A reconnect loses the replies of requests sent before it: fail them now (re-sendable)
-        # instead of letting them wait out their whole timeout.
-        expired = [t for t, (f, deadline, g) in self.waiting.items() if deadline <= now or f.done() or g != gen]
+        lost = not self._nc.is_connected
+        # A lost connection loses the replies of the requests sent on it: fail them now (to be
+        # re-sent once connected) instead of letting them wait out their whole timeout.
+        expired = [
+            t for t, (f, deadline, g) in self.waiting.items() if deadline <= now or f.done() or g != gen or lost
+        ]
         for token in expired:
-            future, _, g = self.waiting.pop(token)
+            future, deadline, g = self.waiting.pop(token)
             if not future.done():
-                future.set_exception(_Resend() if g != gen else nats.errors.TimeoutError())
+                future.set_exception(nats.errors.TimeoutError() if deadline <= now else _Resend())
         self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if self.waiting else None
 
     def fail_all(self, exc: BaseException) -> None:
@@ -447,8 +450,13 @@ class Connection:
                 if wait <= 0:
                     raise self._failed(exc, timeout, write) from exc
                 delay = min(delay * 2, 1.0)
-                if self.home is None or self.nc.is_connected:
+                if self.nc.is_connected:
                     await asyncio.sleep(wait)
+                elif self.home is None:  # nats-py reconnects by itself: re-send once it has
+                    if self.nc.is_closed:
+                        raise self._failed(exc, timeout, write) from exc
+                    while not self.nc.is_connected and loop.time() < deadline:
+                        await asyncio.sleep(0.025)
             except Exception as exc:
                 new = translate(exc)
                 if new is exc:
