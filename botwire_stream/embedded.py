@@ -130,6 +130,12 @@ def _answers(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def hung(home: Path | None = None) -> bool:
+    """Whether the running server of ``home`` is alive but does not greet a new connection."""
+    state = status(home or home_dir())
+    return state is not None and not _answers(state.port)
+
+
 def status(home: Path | None = None) -> ServerState | None:
     """The running embedded server of ``home``, or None when none runs."""
     home = home or home_dir()

@@ -40,7 +40,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, Conflict, OutcomeUnknown, ServerUnavailable, Unauthorized, translate
+from .errors import BotWireError, OutcomeUnknown, QuotaExceeded, ServerUnavailable, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -75,6 +75,10 @@ class _ApiError(msgspec.Struct):
 
 class _Resend(nats.errors.ConnectionClosedError):
     """The connection was lost or replaced while a request waited: its reply will never come."""
+
+
+class _Busy(nats.errors.NoRespondersError):
+    """The server refused a publish for lack of room (nothing stored): send it again later."""
 
 
 # API errors of a publish that mean nothing was stored and the same publish may be sent again:
@@ -123,22 +127,25 @@ class Batch:
 
 HEADROOM = 16 * 1024  # room for headers under the server's max_payload
 _SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
-# The embedded server is PINGed when a request waits longer than this, and restarted when the PING
-# is not answered within _PING_WAIT: loopback PINGs answer in well under 1 ms, so a server silent
-# for a second is stopped (SIGSTOP, a frozen VM) rather than busy.
+# The embedded server is checked when a request waits longer than this, and restarted when it does
+# not greet a new connection within _GREETING_WAIT. Its accept loop answers in well under 1 ms even
+# while it stores hundreds of MiB (a PING on the busy connection itself can wait seconds then), so a
+# server silent for a second is stopped (SIGSTOP, a frozen VM) rather than busy.
 _PROBE_AFTER = 1.0
-_PING_WAIT = 1.0
+_GREETING_WAIT = 1.0  # embedded._answers' timeout
 
 
 class _Write:
-    """What a write is, for its ``OutcomeUnknown`` message, and whether it reached the socket."""
+    """What a write is, for its ``OutcomeUnknown`` message; whether the current try reached the
+    socket, and whether any try ended without an answer (it may have been stored)."""
 
-    __slots__ = ("what", "advice", "sent")
+    __slots__ = ("what", "advice", "sent", "unknown")
 
     def __init__(self, what: str, advice: str) -> None:
         self.what = what
         self.advice = advice
         self.sent = False
+        self.unknown = False
 
 
 SAFE = "repeating the call is safe"
@@ -372,20 +379,12 @@ class Connection:
         finally:
             self._recovering = None
 
-    async def _answers(self) -> bool:
-        """Whether the server answers a PING on this connection within ``_PING_WAIT`` seconds."""
-        try:
-            await asyncio.wait_for(self.nc.flush(), _PING_WAIT)
-        except Exception:  # noqa: BLE001 - any failure means no
-            return False
-        return True
-
     async def _attempt(self, fn: Callable[[], Awaitable[T]], remaining: float) -> T:
         """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, when the budget
-        allows, a request still unanswered after ``_PROBE_AFTER`` seconds checks the server with a
-        PING: a server that does not answer it hangs (stopped, swapping) and is restarted, and
-        ``fn`` is re-sent (with a shorter budget the call just times out)."""
-        if self.home is None or remaining <= _PROBE_AFTER + _PING_WAIT:
+        allows, a request still unanswered after ``_PROBE_AFTER`` seconds checks the server: one
+        that does not greet a new connection hangs (stopped, frozen) and is restarted, and ``fn``
+        is re-sent (with a shorter budget the call just times out)."""
+        if self.home is None or remaining <= _PROBE_AFTER + _GREETING_WAIT:
             async with asyncio.timeout(remaining):  # a timer, no extra task (unlike wait_for)
                 return await fn()
         loop = asyncio.get_running_loop()
@@ -396,13 +395,15 @@ class Connection:
         probes: list[asyncio.Future[None]] = []
         finished = False
 
-        async def ping() -> None:
-            if not await self._answers() and not finished:
+        home = self.home
+
+        async def probe() -> None:
+            if await asyncio.to_thread(embedded.hung, home) and not finished:
                 hung.append(True)
                 task.cancel()
 
         # A timer rather than a task per call: the probe costs nothing unless a request is slow.
-        timer = loop.call_later(_PROBE_AFTER, lambda: probes.append(asyncio.ensure_future(ping())))
+        timer = loop.call_later(_PROBE_AFTER, lambda: probes.append(asyncio.ensure_future(probe())))
         try:
             async with asyncio.timeout(remaining):
                 return await fn()
@@ -413,8 +414,8 @@ class Connection:
         finally:
             finished = True
             timer.cancel()
-            for probe in probes:
-                probe.cancel()
+            for running in probes:
+                running.cancel()
         await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
         raise _Resend()
 
@@ -441,11 +442,15 @@ class Connection:
                     # The embedded server went away: restart it now rather than after a timeout.
                     await asyncio.wait_for(self._recover(), remaining)
                     remaining = max(deadline - loop.time(), 0.001)
+                if write is not None:
+                    write.sent = False
                 return await self._attempt(fn, remaining)
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
                 last = exc
+                if write is not None and write.sent and not isinstance(exc, _Busy):
+                    write.unknown = True
                 wait = min(delay, deadline - loop.time())
                 if wait <= 0:
                     raise self._failed(exc, timeout, write) from exc
@@ -465,10 +470,15 @@ class Connection:
 
     @staticmethod
     def _failed(exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
-        if write is not None and write.sent:
+        if write is not None and write.unknown:
             return OutcomeUnknown(
                 f"the server did not confirm the {write.what} within {timeout:g} s (it stalled or "
                 f"restarted): it may or may not be stored; {write.advice}"
+            )
+        if isinstance(exc, _Busy):
+            return QuotaExceeded(
+                f"the server had no room for the {write.what if write else 'write'} within {timeout:g} s (its "
+                "ingest queue is full or too many batches are in flight); nothing was stored: retrying later is safe"
             )
         if exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError, _Resend)):
             return ServerUnavailable(
@@ -534,6 +544,8 @@ class Connection:
                     found = await self._landed(ack.stream, subject, [h["Nats-Msg-Id"]], int(expected), None, timeout)
                     if found is not None:
                         return found
+                if ack.error.err_code in _BUSY_CODES:
+                    raise _Busy  # dropped by a full ingest queue: nothing stored
                 _raise_api_error(ack.error)
             return ack.seq
 
@@ -624,7 +636,7 @@ class Connection:
                 if found is not None:
                     return found
             if code in _BUSY_CODES:
-                raise nats.errors.NoRespondersError  # nothing stored: send it again after a pause
+                raise _Busy  # nothing stored: send it again after a pause
             _raise_api_error(ack.error)
             raise AssertionError("unreachable")
 
