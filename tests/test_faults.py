@@ -9,9 +9,12 @@ own nats-server (or of the embedded server of the test's private home), by PID.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -403,3 +406,34 @@ async def test_a_write_in_flight_when_the_embedded_server_dies_restarts_it_at_on
         assert await asyncio.wait_for(write, 30) > 0
         assert time.monotonic() - started < 2.5  # not its 5 s timeout (measured: 0.3 s)
         assert await m.get("b") == 2
+
+
+@pytest.mark.slow
+def test_botwire_watch_resumes_after_kill_and_restart(own_server: NatsServer, namespace: str) -> None:
+    from botwire_stream import Memory
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "watch", "--count", "3", "--json", "--url", own_server.url, "-n", namespace],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        ready = proc.stderr.readline()  # printed once the subscription is live
+        assert "watching" in ready, ready
+        with Memory(namespace, url=own_server.url) as memory:
+            memory.set("a", 1)
+            assert json.loads(proc.stdout.readline())["key"] == "a"
+        own_server.kill()
+        own_server.start()
+        with Memory(namespace, url=own_server.url) as memory:
+            memory.set("b", 2)
+            memory.set("c", 3)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert [(c["key"], c["value"]) for c in map(json.loads, out.splitlines())] == [("b", 2), ("c", 3)]
