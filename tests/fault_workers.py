@@ -1,13 +1,14 @@
 """Child side of the fault tests: work that runs while the parent kills and restarts the server.
 
-``python -m tests.fault_workers incr <url> <namespace> <key> <n> <go>`` increments ``key`` with
-``update`` until ``n`` calls succeeded (bounded in time) and prints, as JSON, how many calls
+``python -m tests.fault_workers incr <url> <namespace> <key> <stop> <go>`` increments ``key`` with
+``update`` until the file ``stop`` exists (at most 40 s) and prints, as JSON, how many calls
 succeeded, how many raised ``OutcomeUnknown`` and how many raised another ``ServerUnavailable``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -20,7 +21,7 @@ def _incr(value: int) -> int:
 
 
 def main(argv: list[str]) -> Any:
-    cmd, url, ns, key, n, go = argv
+    cmd, url, ns, key, stop, go = argv
     if cmd != "incr":
         raise SystemExit(f"unknown command {cmd!r}")
     from botwire_stream import Memory
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> Any:
         m.get(key)  # connect and create the bucket before the start signal
         procs.wait_for_go(go)
         deadline = time.monotonic() + 40
-        while ok < int(n) and time.monotonic() < deadline:
+        while not os.path.exists(stop) and time.monotonic() < deadline:
             try:
                 m.update(key, _incr, default=0)
                 ok += 1
