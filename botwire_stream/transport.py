@@ -12,8 +12,9 @@ any restart of the embedded server. Every write carries a ``Nats-Msg-Id``, and a
 only after the connection was lost or replaced, reusing its ids, so the server's duplicate window
 drops a second copy. A conditional write or atomic batch re-sent after its first copy landed is
 refused by the server (wrong last sequence, duplicate message id: the server checks those before
-its duplicate window); the write is then read back by its message id. A write whose outcome is
-still unknown at the deadline raises ``OutcomeUnknown``.
+its duplicate window); the client then asks the duplicate window whether the write's message id
+was stored (``_landed``). A write whose outcome is still unknown at the deadline raises
+``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
 import secrets
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,9 +85,8 @@ class _Busy(nats.errors.NoRespondersError):
 # 10176 an atomic batch lost a staged message (dropped by a full ingest queue) or timed out.
 _BUSY_CODES = frozenset({10167, 10210, 10176})
 _WRONG_LAST = 10071
+_WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
-# How far back a read-back of a batch looks: the stream's duplicate window (120 s).
-_DEDUPE_WINDOW = 120.0
 
 
 class _PubAck(msgspec.Struct):
@@ -541,7 +539,7 @@ class Connection:
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
-                    found = await self._landed(ack.stream, subject, [h["Nats-Msg-Id"]], int(expected), None, timeout)
+                    found = await self._landed(subject, h["Nats-Msg-Id"], timeout)
                     if found is not None:
                         return found
                 if ack.error.err_code in _BUSY_CODES:
@@ -608,11 +606,9 @@ class Connection:
         if n == 0:
             raise AssertionError("empty batch")
         hs = [self._ids(x) for x in headers]
-        ids = [x["Nats-Msg-Id"] for x in hs]
         if expected is not None:
             hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         write = _Write(what, advice)
-        sent_at = time.time()
         tries = 0
 
         async def run() -> int:
@@ -632,7 +628,7 @@ class Connection:
                 return ack.seq
             code = ack.error.err_code
             if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
-                found = await self._landed(ack.stream, subject, ids, expected, sent_at, timeout)
+                found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
                 if found is not None:
                     return found
             if code in _BUSY_CODES:
@@ -642,52 +638,22 @@ class Connection:
 
         return await self.call(run, timeout=timeout, write=write)
 
-    async def _landed(
-        self,
-        stream: str,
-        subject: str,
-        ids: Sequence[str],
-        after: int | None,
-        since: float | None,
-        timeout: float,
-    ) -> int | None:
-        """The sequence of the message with id ``ids[-1]`` on ``subject`` (None: not stored).
-
-        Looks from sequence ``after`` (the expected last sequence of a conditional write; if that
-        message is gone, a later rollup may have removed ours too: ``OutcomeUnknown``) or from the
-        time ``since`` less the duplicate window. A message id is found only while the message
-        is kept, which the caller's own retry (within its timeout) makes near-certain.
-        """
-        req: dict[str, Any] = {"next_by_subj": subject, "batch": 256}
-        if after is not None:
-            req["seq"] = max(after, 1)
-        else:
-            start = datetime.fromtimestamp((since or time.time()) - _DEDUPE_WINDOW, UTC)
-            req["start_time"] = start.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        want = ids[-1]
-        checked = after is None or after == 0
-        while True:
-            batch = await self._direct_batch_once(stream, msgspec.json.encode(req), timeout)
-            for m in batch.msgs:
-                hdr = m.headers or {}
-                if not checked:
-                    if int(hdr.get("Nats-Sequence", 0)) != after:
-                        raise OutcomeUnknown(
-                            f"a write to {subject} was re-sent after a lost connection and the "
-                            "revision it replaced is gone; read the value before repeating it"
-                        )
-                    checked = True
-                if hdr.get("Nats-Msg-Id") == want:
-                    return int(hdr["Nats-Sequence"])
-            if not batch.msgs or not batch.pending or not batch.last_seq:
-                if not checked and after:
-                    raise OutcomeUnknown(
-                        f"a write to {subject} was re-sent after a lost connection and the "
-                        "revision it replaced is gone; read the value before repeating it"
-                    )
-                return None
-            req.pop("start_time", None)
-            req["seq"] = batch.last_seq + 1
+    async def _landed(self, subject: str, msg_id: str, timeout: float) -> int | None:
+        """The sequence of the message stored with ``msg_id`` (None: not stored), by a probe the
+        server never stores: the same ``Nats-Msg-Id`` with an impossible
+        ``Nats-Expected-Last-Msg-Id``. The server checks its duplicate window (2 min, kept even
+        after the message itself was rolled up or removed) before that condition, so a duplicate
+        is answered with the original's sequence and anything else refused (10070)."""
+        probe = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Msg-Id": "botwire-probe-" + self.new_id()}
+        msg = await self.request(subject, b"", probe, timeout)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.duplicate:
+            return ack.seq
+        if ack.error is not None and ack.error.err_code == _WRONG_LAST_MSG_ID:
+            return None
+        if ack.error is not None:
+            _raise_api_error(ack.error)
+        raise OutcomeUnknown(f"a read-back probe on {subject} was stored (seq {ack.seq}); please report this")
 
     # -- reading --------------------------------------------------------------------------------
     async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:

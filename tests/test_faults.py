@@ -83,6 +83,34 @@ async def test_update_whose_ack_was_lost_is_applied_once(relay: Relay, own_serve
         assert [r.value for r in await direct.revisions("n")] == [0, 1]
 
 
+async def test_update_whose_ack_was_lost_and_whose_revision_rolled_off_is_applied_once(
+    relay: Relay, own_server: NatsServer, namespace: str
+) -> None:
+    """Other writers replace the stored update beyond the kept history (2) before the re-send: the
+    server's duplicate window still knows it, and the update is not applied a second time."""
+    async with (
+        AsyncMemory(namespace, url=relay.url, history=2) as m,
+        AsyncMemory(namespace, url=own_server.url, history=2) as direct,
+    ):
+        await m.set("n", 0)
+        calls = []
+
+        def incr(v: int) -> int:
+            calls.append(v)
+            return v + 1
+
+        async def landed() -> bool:
+            if await direct.get("n") != 1:
+                return False
+            for i in range(3):  # roll the update out of the kept revisions
+                await direct.set("n", 100 + i)
+            return True
+
+        assert await _lose_ack(relay, m.update("n", incr), landed, b"Nats-Expected-Last-Subject-Sequence") == 1
+        assert calls == [0]
+        assert [r.value for r in await direct.revisions("n")] == [101, 102]
+
+
 async def test_delete_whose_ack_was_lost_returns_true(relay: Relay, own_server: NatsServer, namespace: str) -> None:
     async with AsyncMemory(namespace, url=relay.url) as m, AsyncMemory(namespace, url=own_server.url) as direct:
         await m.set("k", "v")
