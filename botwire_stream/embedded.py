@@ -169,14 +169,14 @@ def ensure(
 ) -> tuple[ServerState, str]:
     """Return the running server and its token, starting one when none runs.
 
-    ``verify`` also checks that the server greets a new connection (used after a failed connect
-    or an unanswered PING); one that does not is hung and is replaced.
+    ``verify`` also checks, under the start lock, that the server greets a new connection (used
+    after a failed connect or a stalled request); one that does not is hung and is replaced.
     ``while_booting`` is called once the server process is spawned and before waiting for it to
     listen, so that a caller's own start-up work overlaps the server's boot.
     """
     home = home or home_dir()
     state = status(home)
-    if state is not None and (not verify or _answers(state.port)):
+    if state is not None and not verify:
         return state, read_token(home)
     from filelock import FileLock
 
