@@ -123,6 +123,10 @@ class LiveIterator(ABC, Generic[T]):
                     f"the watch lost its connection and could not resume within {self._grace:g} s{detail}; "
                     "start a new watch with the last sequence you received"
                 )
+            if conn.nc.is_closed and conn.refs <= 0:
+                raise BotWireError(
+                    "the watch's connection was closed with its Memory/ChatHistory; close the watch first"
+                )
             try:
                 if not conn.nc.is_connected:
                     if conn.home is None:  # nats-py reconnects by itself
