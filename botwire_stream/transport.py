@@ -392,7 +392,6 @@ class Connection:
         hung: list[bool] = []
         probes: list[asyncio.Future[None]] = []
         finished = False
-
         home = self.home
 
         async def probe() -> None:
@@ -406,9 +405,8 @@ class Connection:
             async with asyncio.timeout(remaining):
                 return await fn()
         except asyncio.CancelledError:
-            if not hung:
+            if not hung or task.uncancel() > 0:  # cancelled by someone else too
                 raise
-            task.uncancel()
         finally:
             finished = True
             timer.cancel()

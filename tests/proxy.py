@@ -2,9 +2,10 @@
 
 With ``drop`` set it swallows what the server sends (the server still receives and stores what
 the client sends); ``trigger`` sets ``drop`` once the client sends bytes containing it (the write
-whose reply must be lost, after the reads that precede it); ``cut()`` then aborts every relayed connection, so that the client reconnects
-(through the relay again) without ever having seen the acknowledgement: exactly what a crash
-between storing a write and acknowledging it looks like to a client, but deterministic.
+whose reply must be lost, after the reads that precede it); ``cut()`` then aborts every relayed
+connection, so that the client reconnects (through the relay again) without ever having seen the
+acknowledgement: exactly what a crash between storing a write and acknowledging it looks like to a
+client, but deterministic.
 """
 
 from __future__ import annotations

@@ -417,7 +417,9 @@ async def test_watch_whose_server_never_comes_back_raises(own_server: NatsServer
 
 # -- kill -9 under concurrent updates ----------------------------------------------------------------
 @pytest.mark.slow
-def test_update_counter_is_exact_across_kill_and_restart(own_server: NatsServer, namespace: str, tmp_path: Path) -> None:
+def test_update_counter_is_exact_across_kill_and_restart(
+    own_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
     """4 processes incrementing while the server is killed (SIGKILL) and restarted 3 times:
     every increment reported done is in the counter once, and only those (issue: 4,167 reported,
     4,168 counted)."""
