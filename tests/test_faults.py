@@ -236,6 +236,15 @@ def _stop(pid: int) -> None:
         time.sleep(0.001)
 
 
+def _kill_if_ours(pid: int, home: Path) -> None:
+    """SIGKILL the embedded server ``pid`` of ``home`` if it still runs (and is still that one)."""
+    try:
+        if str(home).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass  # gone already
+
+
 def _stop_for(pid: int, seconds: float) -> None:
     """SIGSTOP ``pid`` now and SIGCONT it ``seconds`` later (from a thread)."""
     _stop(pid)
@@ -260,7 +269,7 @@ async def test_update_during_a_stall_longer_than_the_timeout_is_applied_at_most_
             assert result == 1
         except OutcomeUnknown:
             pass  # the truth: the write was sent, and not confirmed within 1 s
-        time.sleep(1.6)  # let the timer continue the server
+        await asyncio.sleep(1.6)  # let the timer continue the server
         assert await m.get("n") == 1
 
 
@@ -289,11 +298,7 @@ async def test_a_hung_embedded_server_is_restarted(botwire_home: Path, namespace
             now = embedded.status(botwire_home)
             assert now is not None and now.pid != state.pid
         finally:
-            try:
-                os.kill(state.pid, signal.SIGKILL)
-                os.kill(state.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+            _kill_if_ours(state.pid, botwire_home)
 
 
 # -- fork: arguments and Conflict -----------------------------------------------------------------
