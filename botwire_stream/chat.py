@@ -31,9 +31,15 @@ from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import resolve
-from .transport import Connection, origin_headers, release
+from .transport import READ_FIRST, Connection, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
+# The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
+# queue (128 MiB) and drops what overflows it (429, "batch is incomplete"): 100 x 8 MB failed so.
+# Half the queue leaves room for a concurrent batch; a dropped batch (nothing stored) is re-sent.
+MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
+# An extend's deadline grows by one second per this many bytes, beyond its timeout.
+_EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
@@ -205,17 +211,21 @@ class AsyncChatHistory(StreamClient):
         conn = self._conn or await self._connection()
         self._check_size(conn, data)
         headers = origin_headers()
-        headers["Nats-Msg-Id"] = conn.new_id()
         schedule = self._schedule()
         if schedule is None:
-            return await conn.publish(self.subject, data, headers, self._timeout, idempotent=True)
+            return await conn.publish(self.subject, data, headers, self._timeout, what="append")
         # The schedule first, on the same connection, so the server re-arms the expiry before the
         # message lands; both acks are awaited together (one round trip).
-        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self._timeout, idempotent=True)
+        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self._timeout, what="append")
         return seqs[1]
 
     async def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Append several messages atomically (all stored, in order, or none); their sequences."""
+        """Append several messages atomically (all stored, in order, or none); their sequences.
+
+        At most ``MAX_BATCH`` messages and ``MAX_EXTEND_BYTES`` (64 MiB) of encoded messages
+        (``ValueTooLarge`` before anything is sent). The call's deadline is its ``timeout`` plus
+        one second per 16 MiB it carries.
+        """
         if isinstance(messages, (str, bytes, Mapping)):
             raise InvalidMessage("extend takes a sequence of messages")
         payloads = [_encode_message(m) for m in messages]
@@ -223,21 +233,24 @@ class AsyncChatHistory(StreamClient):
             return []
         if len(payloads) > MAX_BATCH:
             raise ValueTooLarge(f"extend takes at most {MAX_BATCH} messages at once, not {len(payloads)}")
+        total = sum(len(p) for p in payloads)
+        if total > MAX_EXTEND_BYTES:
+            raise ValueTooLarge(
+                f"the messages encode to {total} bytes; one extend carries at most {MAX_EXTEND_BYTES} "
+                "(64 MiB): split them over several extends"
+            )
         conn = self._conn or await self._connection()
         for data in payloads:
             self._check_size(conn, data)
-        headers = []
-        for _ in payloads:
-            h = origin_headers()
-            h["Nats-Msg-Id"] = conn.new_id()
-            headers.append(h)
+        headers = [origin_headers() for _ in payloads]
         schedule = self._schedule()
         if schedule is not None:
-            await conn.publish(*schedule, self._timeout, idempotent=True)
+            await conn.publish(*schedule, self._timeout, what="expiry schedule", advice=READ_FIRST)
         if len(payloads) == 1:
-            last = await conn.publish(self.subject, payloads[0], headers[0], self._timeout, idempotent=True)
+            last = await conn.publish(self.subject, payloads[0], headers[0], self._timeout, what="extend")
         else:
-            last = await conn.publish_batch(self.subject, payloads, headers, timeout=max(self._timeout, 10.0))
+            budget = self._timeout + total / _EXTEND_BYTES_PER_SECOND
+            last = await conn.publish_batch(self.subject, payloads, headers, timeout=budget, what="extend")
         return list(range(last - len(payloads) + 1, last + 1))
 
     async def clear(self) -> None:
@@ -330,9 +343,14 @@ class AsyncChatHistory(StreamClient):
     async def fork(self, session_id: str, upto: int | None = None) -> AsyncChatHistory:
         """A new conversation holding this one's messages up to and including sequence ``upto``.
 
-        The new conversation must not exist yet (``Conflict`` otherwise); the original is untouched.
-        Forks of up to 1000 messages are atomic; longer ones are written in atomic batches.
+        The new conversation must not exist yet (``Conflict`` otherwise, also for an empty fork);
+        the original is untouched. ``upto`` is a sequence (an int >= 0; ``InvalidArgument``
+        otherwise). Forks of up to 1000 messages are atomic; longer ones are written in atomic
+        batches. A fork re-sent after a lost connection is read back, never reported as a
+        ``Conflict`` with itself.
         """
+        if upto is not None and (not isinstance(upto, int) or isinstance(upto, bool) or upto < 0):
+            raise InvalidArgument(f"upto must be a sequence number (an int >= 0) or None, not {upto!r}")
         other = AsyncChatHistory(
             session_id, namespace=self.namespace, ttl=self.ttl, replicas=self._replicas, timeout=self._timeout
         )
@@ -341,21 +359,28 @@ class AsyncChatHistory(StreamClient):
         msgs = await self._read(None, None, headers=upto is not None)
         if upto is not None:
             msgs = [m for m in msgs if int((m.headers or {})["Nats-Sequence"]) <= upto]
+        if not msgs:  # nothing to copy: the target must still be new
+            existing = await conn.direct_get_last(self._names.stream, other.subject, self._timeout)
+            if existing is not None and existing.data:
+                raise Conflict(f"cannot fork into {session_id!r}: that conversation already has messages")
+            return other
         expected = 0
-        for i in range(0, len(msgs), MAX_BATCH):
-            chunk = [m.data for m in msgs[i : i + MAX_BATCH]]
+        for i, chunk in enumerate(_batches([m.data for m in msgs])):
             headers = []
-            for j in range(len(chunk)):
+            for _ in range(len(chunk)):
                 h = origin_headers()
                 h["Botwire-Forked-From"] = self.session_id
-                if j == 0:  # the fork must be a new conversation, and batches must not interleave
-                    h["Nats-Expected-Last-Subject-Sequence"] = str(expected)
                 headers.append(h)
+            # Conditional: the fork must be a new conversation, and batches must not interleave.
             try:
                 if len(chunk) == 1:
-                    expected = await conn.publish(other.subject, chunk[0], headers[0], self._timeout)
+                    headers[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+                    expected = await conn.publish(other.subject, chunk[0], headers[0], self._timeout, what="fork")
                 else:
-                    expected = await conn.publish_batch(other.subject, chunk, headers, timeout=30.0)
+                    budget = self._timeout + sum(len(c) for c in chunk) / _EXTEND_BYTES_PER_SECOND
+                    expected = await conn.publish_batch(
+                        other.subject, chunk, headers, timeout=budget, expected=expected, what="fork"
+                    )
             except Conflict:
                 raise Conflict(
                     f"cannot fork into {session_id!r}: that conversation already has messages"
@@ -364,7 +389,7 @@ class AsyncChatHistory(StreamClient):
                 ) from None
         schedule = other._schedule() if msgs else None
         if schedule is not None:
-            await conn.publish(*schedule, self._timeout)
+            await conn.publish(*schedule, self._timeout, what="expiry schedule")
         return other
 
     def watch(self, after: int | None = None) -> ChatWatch:
@@ -512,6 +537,20 @@ def _ack_timestamp(reply: str) -> str:
     return tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp]
 
 
+def _batches(payloads: list[bytes]) -> list[list[bytes]]:
+    """``payloads`` cut into atomic batches of at most ``MAX_BATCH`` messages and
+    ``MAX_EXTEND_BYTES`` bytes (a single larger message gets a batch of its own)."""
+    out: list[list[bytes]] = []
+    size = 0
+    for p in payloads:
+        if not out or len(out[-1]) >= MAX_BATCH or size + len(p) > MAX_EXTEND_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += len(p)
+    return out
+
+
 def _entry(m: Msg) -> Entry:
     hdr = m.headers or {}
     return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decoder.decode(m.data))
@@ -521,14 +560,15 @@ class ChatWatch(LiveIterator[Entry]):
     """An async iterator of new ``Entry`` of one conversation; close it when done."""
 
     def __init__(self, chat: AsyncChatHistory, after: int | None) -> None:
-        super().__init__(chat._connection)
+        super().__init__(chat._connection, chat._names.stream, chat._timeout)
         self._chat = chat
         self._after = after
 
-    async def _subscribe(self, conn: Connection) -> Any:
-        if self._after is None:
-            return await conn.js.subscribe(self._chat.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._after + 1)
+    def _first_seq(self) -> int | None:
+        return None if self._after is None else self._after + 1
+
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
         return await conn.js.subscribe(self._chat.subject, ordered_consumer=True, config=config)
 
     async def _convert(self, conn: Connection, msg: Msg) -> Entry | None:

@@ -29,8 +29,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 MIN_TOKEN_LENGTH = 32  # characters; ours are 43 (32 random bytes, URL-safe base64)
@@ -247,6 +251,38 @@ def _port_open(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def pinned_context(ca_file: str) -> ssl.SSLContext:
+    """A TLS context that trusts ``ca_file`` alone (and checks the server's name or IP against it)."""
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _answers(state: ServerState, timeout: float = 1.0) -> bool:
+    """Whether the server of ``state`` completes a TLS handshake with its own certificate and
+    sends its INFO greeting within ``timeout`` seconds.
+
+    A stopped (SIGSTOP) or hung server still accepts TCP connections (the kernel completes them)
+    but greets nobody; nothing but the handshake is sent to it, so no credential is presented.
+    """
+    import ssl
+
+    try:
+        context = pinned_context(state.ca_file)
+        with socket.create_connection(("127.0.0.1", state.port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                return s.recv(4) == b"INFO"
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+
+
+def hung(home: Path | None = None) -> bool:
+    """Whether the running server of ``home`` is alive but does not greet a new connection."""
+    state = status(home or home_dir())
+    return state is not None and bool(state.ca_file) and not _answers(state)
+
+
 def status(home: Path | None = None) -> ServerState | None:
     """The running embedded server of ``home``, or None when none runs."""
     home = home or home_dir()
@@ -285,7 +321,8 @@ def ensure(
 ) -> tuple[ServerState, str]:
     """Return the running server and its token, starting one when none runs.
 
-    ``verify`` also checks that the port accepts connections (used after a failed connect).
+    ``verify`` also checks, under the start lock, that the server greets a new connection (used
+    after a failed connect or a stalled request); one that does not is hung and is replaced.
     ``while_booting`` is called once the server process is spawned and before waiting for it to
     listen, so that a caller's own start-up work overlaps the server's boot. A server whose token
     file was lost (nobody could connect any more) is restarted with a new token.
@@ -317,18 +354,19 @@ def _ensure(
 ) -> tuple[ServerState, str]:
     _prepare(home)
     state = status(home)
-    if state is not None and state.ca_file and (not verify or _port_open(state.port)):
+    if state is not None and state.ca_file and not verify:
         token = load_token(home)
         if token is not None:
             return state, token
     with _start_lock(home):
         state = status(home)
         token = load_token(home)
-        if state is not None and token is not None and state.ca_file and _port_open(state.port):
+        if state is not None and token is not None and state.ca_file and _answers(state):
             return state, token
-        # Hung, its token lost, or started by an older version without TLS: nobody can use it.
+        # Hung (it greets no new connection), its token lost, or started by an older version
+        # without TLS: nobody can use it.
         if state is not None:
-            _terminate(state, 5.0)
+            _terminate(state, 2.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting)
 
@@ -596,6 +634,8 @@ def _terminate(state: ServerState, timeout: float) -> None:
             return
         try:
             os.kill(state.pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(state.pid, signal.SIGCONT)  # a stopped server acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout

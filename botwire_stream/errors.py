@@ -26,6 +26,7 @@ __all__ = [
     "ValueTooLarge",
     "Conflict",
     "ServerUnavailable",
+    "OutcomeUnknown",
     "ServerNotFound",
     "ServerNotTrusted",
     "UnsafeHome",
@@ -107,6 +108,15 @@ class ServerUnavailable(BotWireError, ConnectionError):
     """The NATS server (or botwire HTTP server) cannot be reached or did not answer in time."""
 
     http_status = 503
+
+
+class OutcomeUnknown(ServerUnavailable):
+    """A write was sent but not confirmed in time: it may or may not be stored.
+
+    Raised only when the server stalled or vanished for the whole timeout after receiving the
+    write, so that neither its acknowledgement nor a read-back could settle it. The message says
+    whether repeating the call is safe (``set``: yes; ``append``/``extend``/``update``: read first).
+    """
 
 
 class ServerNotFound(ServerUnavailable):

@@ -1,7 +1,12 @@
 """Live subscriptions shared by ``AsyncMemory.watch`` and ``AsyncChatHistory.watch``.
 
-An ordered JetStream consumer delivers new messages in order; ``aclose`` also wakes a reader
-that is blocked waiting (from the sync face's thread, say), which then stops iterating.
+An ordered JetStream consumer delivers new messages in order. The iterator remembers the stream
+sequence after the last message it received; when the connection is lost or replaced (a server
+restart, the embedded server restarted on another port) it subscribes again from there, so a
+watch neither skips nor repeats a message. When no connection comes back within three times the
+owner's timeout it raises ``ServerUnavailable`` rather than blocking or ending silently.
+``aclose`` also wakes a reader that is blocked waiting (from the sync face's thread, say), which
+then stops iterating.
 """
 
 from __future__ import annotations
@@ -14,34 +19,53 @@ from typing import Any, Generic, TypeVar
 import nats.errors
 from nats.aio.msg import Msg
 
+from .errors import BotWireError, ServerUnavailable, translate
 from .transport import Connection
 
 T = TypeVar("T")
 
+# How often a waiting watch checks its connection (a lost one is noticed within this).
+_CHECK_EVERY = 0.5
+
 
 class LiveIterator(ABC, Generic[T]):
-    """An async iterator over a JetStream subscription; close it when done."""
+    """An async iterator over a JetStream subscription that resumes after reconnects."""
 
-    def __init__(self, connect: Callable[[], Awaitable[Connection]]) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[Connection]], stream: str, timeout: float) -> None:
         self._connect = connect
+        self._stream = stream
+        self._grace = 3 * timeout
         self._conn: Connection | None = None
         self._sub: Any = None
+        self._gen: tuple[int, int] | None = None
+        self._next_seq: int | None = None  # the stream sequence to (re)start from
         self._waiting: asyncio.Task[Any] | None = None
         self._closed = False
 
     @abstractmethod
-    async def _subscribe(self, conn: Connection) -> Any:
-        """Create the subscription (a nats-py JetStream push subscription)."""
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        """Create the subscription from ``start_seq`` (a nats-py JetStream push subscription)."""
 
     @abstractmethod
     async def _convert(self, conn: Connection, msg: Msg) -> T | None:
         """The item for ``msg``, or None to skip it."""
 
+    def _first_seq(self) -> int | None:
+        """Where to start (None: after the stream's last message, when the watch starts)."""
+        return None
+
     async def start(self) -> LiveIterator[T]:
         """Subscribe now: what is written after this returns is delivered."""
         if self._sub is None and not self._closed:
             conn = await self._connect()
-            self._sub = await conn.call(lambda: self._subscribe(conn))
+            if self._next_seq is None:
+                self._next_seq = self._first_seq()
+            if self._next_seq is None:
+                info = await conn.call(lambda: conn.js.stream_info(self._stream))
+                self._next_seq = info.state.last_seq + 1
+            start = self._next_seq
+            self._gen = conn.generation()
+            self._sub = await conn.call(lambda: self._subscribe(conn, start))
             self._conn = conn
         return self
 
@@ -56,19 +80,68 @@ class LiveIterator(ABC, Generic[T]):
             assert conn is not None
             self._waiting = asyncio.current_task()
             try:
-                msg = await sub.next_msg(timeout=None)
+                if sub is None or conn.generation() != self._gen or not conn.nc.is_connected:
+                    await self._resume(conn)
+                    continue
+                msg = await sub.next_msg(timeout=_CHECK_EVERY)
+            except nats.errors.TimeoutError:
+                continue
             except asyncio.CancelledError:
                 if self._closed:
                     break
                 raise
             except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
-                break
+                if self._closed:
+                    break
+                self._gen = None  # resume on the next turn
+                continue
             finally:
                 self._waiting = None
+            if msg.reply and msg.reply.startswith("$JS.ACK."):
+                self._next_seq = msg.metadata.sequence.stream + 1
             item = await self._convert(conn, msg)
             if item is not None:
                 return item
         raise StopAsyncIteration
+
+    async def _resume(self, conn: Connection) -> None:
+        """Subscribe again from the last delivered sequence once the connection is back."""
+        old, self._sub = self._sub, None
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception:  # noqa: BLE001 - the old connection may be gone
+                pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace
+        last: BaseException | None = None
+        while not self._closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                detail = f" ({translate(last)})" if last is not None else ""
+                raise ServerUnavailable(
+                    f"the watch lost its connection and could not resume within {self._grace:g} s{detail}; "
+                    "start a new watch with the last sequence you received"
+                )
+            if conn.nc.is_closed and conn.refs <= 0:
+                raise BotWireError(
+                    "the watch's connection was closed with its Memory/ChatHistory; close the watch first"
+                )
+            try:
+                if not conn.nc.is_connected:
+                    if conn.home is None:  # nats-py reconnects by itself
+                        await asyncio.sleep(min(0.05, remaining))
+                        continue
+                    await asyncio.wait_for(conn._recover(), remaining)  # restart the embedded server
+                self._gen = conn.generation()
+                assert self._next_seq is not None
+                self._sub = await asyncio.wait_for(self._subscribe(conn, self._next_seq), remaining)
+                return
+            except (BotWireError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                if isinstance(exc, BotWireError) and not isinstance(exc, ServerUnavailable):
+                    raise
+                last = exc
+                await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0)))
 
     async def aclose(self) -> None:
         """Stop the subscription; a reader blocked in ``__anext__`` stops iterating."""

@@ -16,12 +16,12 @@ import math
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient
@@ -37,7 +37,7 @@ from .errors import (
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .settings import resolve
-from .transport import Connection, origin_headers
+from .transport import SAFE, Connection, origin_headers
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
@@ -59,6 +59,14 @@ class _Manifest(msgspec.Struct):
     first_seq: int
 
 
+class _Outcome(NamedTuple):
+    """What a write is, and whether repeating it is safe, for an ``OutcomeUnknown``."""
+
+    what: str
+    advice: str
+
+
+_REREAD: Final = "read the key before repeating the update"
 _manifest_decoder = msgspec.json.Decoder(_Manifest)
 _time_decoder = msgspec.json.Decoder(datetime)
 
@@ -302,10 +310,17 @@ class AsyncMemory(StreamClient):
         return await self._write(key, codec.encode(value), ttl_seconds(ttl), expected=None)
 
     async def _write(
-        self, key: str, data: bytes, ttl: int | None, expected: int | None, replaced: Msg | None = None
+        self,
+        key: str,
+        data: bytes,
+        ttl: int | None,
+        expected: int | None,
+        replaced: Msg | None = None,
+        what: str = "set",
     ) -> int:
         """Publish ``data`` as ``key``'s new value; ``expected``: only over that revision, which is
-        ``replaced`` (known to ``update``, whose chunks are then reclaimed)."""
+        ``replaced`` (known to ``update``, whose chunks are then reclaimed). ``what`` names the
+        write in an ``OutcomeUnknown``."""
         token = keys.encode_key(key)
         size = len(data)
         if size > MAX_VALUE_BYTES:
@@ -322,9 +337,11 @@ class AsyncMemory(StreamClient):
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         subject = self._prefix + token
+        # A set repeated writes the same value again; an update repeated applies fn twice.
+        outcome = _Outcome(f"{what} of {key!r}", SAFE if expected is None else _REREAD)
         if size <= conn.max_body:
-            return await conn.publish(subject, data, headers, self._timeout)
-        return await self._write_blob(conn, key, subject, data, ttl, headers, expected, replaced)
+            return await conn.publish(subject, data, headers, self._timeout, what=outcome.what, advice=outcome.advice)
+        return await self._write_blob(conn, key, subject, data, ttl, headers, expected, replaced, outcome)
 
     def _blob_subject(self, key: str) -> str:
         # The whole key as one token, so that a purge of this key's chunks touches no other key.
@@ -353,6 +370,7 @@ class AsyncMemory(StreamClient):
         headers: dict[str, str],
         expected: int | None,
         replaced: Msg | None,
+        outcome: _Outcome,
     ) -> int:
         """Write the chunks, then commit them with one manifest on the key.
 
@@ -380,9 +398,9 @@ class AsyncMemory(StreamClient):
             committing = True
             try:
                 if expected is not None:
-                    rev = await conn.publish(subject, manifest, headers, self._timeout)
+                    rev = await conn.publish(subject, manifest, headers, self._timeout, what=outcome.what, advice=outcome.advice)
                 else:
-                    rev, replaced = await self._commit_over_last(conn, key, subject, manifest, headers)
+                    rev, replaced = await self._commit_over_last(conn, key, subject, manifest, headers, outcome)
             except Conflict:
                 # On the embedded server a publish that timed out is sent again, and the second
                 # copy conflicts with the first when that one was stored (measured: SIGSTOP of the
@@ -403,7 +421,7 @@ class AsyncMemory(StreamClient):
         return rev
 
     async def _commit_over_last(
-        self, conn: Connection, key: str, subject: str, manifest: bytes, headers: dict[str, str]
+        self, conn: Connection, key: str, subject: str, manifest: bytes, headers: dict[str, str], outcome: _Outcome
     ) -> tuple[int, Msg | None]:
         """Publish ``manifest`` over the key's last message; its revision and the message it replaced.
 
@@ -414,7 +432,7 @@ class AsyncMemory(StreamClient):
             last = await conn.direct_get_last(self.stream, subject, self._timeout)
             headers["Nats-Expected-Last-Subject-Sequence"] = (last.headers or {})["Nats-Sequence"] if last else "0"
             try:
-                return await conn.publish(subject, manifest, headers, self._timeout), last
+                return await conn.publish(subject, manifest, headers, self._timeout, what=outcome.what, advice=outcome.advice), last
             except Conflict:
                 continue  # another write landed between the read and the publish: commit over it
         raise Conflict(f"set of {key!r} kept racing with other writers; try again")
@@ -489,7 +507,7 @@ class AsyncMemory(StreamClient):
             headers["KV-Operation"] = "DEL"
             headers["Nats-Expected-Last-Subject-Sequence"] = hdr["Nats-Sequence"]
             try:
-                rev = await conn.publish(subject, b"", headers, self._timeout)
+                rev = await conn.publish(subject, b"", headers, self._timeout, what=f"delete of {key!r}", advice=SAFE)
             except Conflict:
                 continue  # written meanwhile: look again
             except QuotaExceeded:
@@ -527,7 +545,10 @@ class AsyncMemory(StreamClient):
         """Read-modify-write without lost updates: ``fn(current or default)`` becomes the value.
 
         The write is conditional on the revision read; when another writer got there first, the
-        value is read again and ``fn`` called again. Returns the value written.
+        value is read again and ``fn`` called again. Returns the value written. A write re-sent
+        after a lost connection is never applied twice: it is read back by its message id, and
+        when that cannot settle it, ``OutcomeUnknown`` is raised (``fn``'s result is then stored
+        once or not at all).
         """
         seconds = ttl_seconds(ttl)
         delay = 0.001
@@ -536,7 +557,7 @@ class AsyncMemory(StreamClient):
             expected = 0 if msg is None else int((msg.headers or {})["Nats-Sequence"])
             new = fn(default if value is _MISSING else value)
             try:
-                await self._write(key, codec.encode(new), seconds, expected=expected, replaced=msg)
+                await self._write(key, codec.encode(new), seconds, expected=expected, replaced=msg, what="update")
             except Conflict:
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 0.05)
@@ -573,14 +594,15 @@ class Watch(LiveIterator[Change]):
     """An async iterator of ``Change`` (see ``AsyncMemory.watch``); close it when done."""
 
     def __init__(self, memory: AsyncMemory, subject: str, pattern: str, exact: bool) -> None:
-        super().__init__(memory._connection)
+        super().__init__(memory._connection, memory.stream, memory._timeout)
         self._memory = memory
         self._subject = subject
         self._pattern = pattern
         self._exact = exact
 
-    async def _subscribe(self, conn: Connection) -> Any:
-        return await conn.js.subscribe(self._subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        return await conn.js.subscribe(self._subject, ordered_consumer=True, config=config)
 
     async def _convert(self, conn: Connection, msg: Msg) -> Change | None:
         change = await self._memory._change(conn, msg)

@@ -4,9 +4,18 @@ One ``Connection`` per event loop and connection settings is shared by every ``A
 ``AsyncChatHistory`` opened with them (reference counted). It adds what nats-py 2.16 does not
 offer: batch and multi-last direct gets, atomic batch publishes, headers-only pulls, and one
 shared reply inbox for requests. Every NATS failure leaves here translated by
-``errors.translate``; with the embedded server, a dead server is restarted and the call retried,
-a full disk raises ``StorageFull``, and a server left unable to write by a full disk is restarted
-once space is back.
+``errors.translate``; with the embedded server, a dead or hung server is restarted and the call
+retried, a full disk raises ``StorageFull``, and a server left unable to write by a full disk is
+restarted once space is back.
+
+Retries and outcomes: every call has one deadline, its ``timeout``, that covers its retries and
+any restart of the embedded server. Every write carries a ``Nats-Msg-Id``, and a write is re-sent
+only after the connection was lost or replaced, reusing its ids, so the server's duplicate window
+drops a second copy. A conditional write or atomic batch re-sent after its first copy landed is
+refused by the server (wrong last sequence, duplicate message id: the server checks those before
+its duplicate window); the client then asks the duplicate window whether the write's message id
+was stored (``_landed``). A write whose outcome is still unknown at the deadline raises
+``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,16 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, ServerNotTrusted, ServerUnavailable, StorageFull, Unauthorized, translate
+from .errors import (
+    BotWireError,
+    OutcomeUnknown,
+    QuotaExceeded,
+    ServerNotTrusted,
+    ServerUnavailable,
+    StorageFull,
+    Unauthorized,
+    translate,
+)
 from .settings import ConnectOptions, redact
 
 T = TypeVar("T")
@@ -64,6 +82,23 @@ class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
     description: str = ""
+
+
+class _Resend(nats.errors.ConnectionClosedError):
+    """The connection was lost or replaced while a request waited: its reply will never come."""
+
+
+class _Busy(nats.errors.NoRespondersError):
+    """The server refused a publish for lack of room (nothing stored): send it again later."""
+
+
+# API errors of a publish that mean nothing was stored and the same publish may be sent again:
+# 10167 the stream's ingest queue is full (429), 10210 too many atomic batches in flight (429),
+# 10176 an atomic batch lost a staged message (dropped by a full ingest queue) or timed out.
+_BUSY_CODES = frozenset({10167, 10210, 10176})
+_WRONG_LAST = 10071
+_WRONG_LAST_MSG_ID = 10070
+_DUPLICATE_IN_BATCH = 10201
 
 
 class _PubAck(msgspec.Struct):
@@ -104,6 +139,29 @@ class Batch:
 
 HEADROOM = 16 * 1024  # room for headers under the server's max_payload
 _SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
+# The embedded server is checked when a request waits longer than this, and restarted when it does
+# not greet a new connection within _GREETING_WAIT. Its accept loop answers in well under 1 ms even
+# while it stores hundreds of MiB (a PING on the busy connection itself can wait seconds then), so a
+# server silent for a second is stopped (SIGSTOP, a frozen VM) rather than busy.
+_PROBE_AFTER = 1.0
+_GREETING_WAIT = 1.0  # embedded._answers' timeout
+
+
+class _Write:
+    """What a write is, for its ``OutcomeUnknown`` message; whether the current try reached the
+    socket, and whether any try ended without an answer (it may have been stored)."""
+
+    __slots__ = ("what", "advice", "sent", "unknown")
+
+    def __init__(self, what: str, advice: str) -> None:
+        self.what = what
+        self.advice = advice
+        self.sent = False
+        self.unknown = False
+
+
+SAFE = "repeating the call is safe"
+READ_FIRST = "read it back before repeating the call, which could store it twice"
 
 
 class _ReplyMux:
@@ -116,13 +174,15 @@ class _ReplyMux:
     throughput (``benchmarks``).
     """
 
-    def __init__(self, prefix: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prefix: str, loop: asyncio.AbstractEventLoop, nc: NATS) -> None:
         self.prefix = prefix
         self._n = len(prefix)
         self._loop = loop
+        self._nc = nc
         self._next = 0
         self._timer: asyncio.TimerHandle | None = None
-        self.waiting: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        # token -> (future, deadline, reconnect count when sent)
+        self.waiting: dict[str, tuple[asyncio.Future[Msg], float, int]] = {}
 
     def cancelled(self) -> bool:  # the subscription's "future" is never done
         return False
@@ -140,18 +200,24 @@ class _ReplyMux:
         self._next += 1
         token = str(self._next)
         future: asyncio.Future[Msg] = self._loop.create_future()
-        self.waiting[token] = (future, self._loop.time() + timeout)
+        self.waiting[token] = (future, self._loop.time() + timeout, self._nc.stats["reconnects"])
         if self._timer is None:
             self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep)
         return self.prefix + token, future
 
     def _sweep(self) -> None:
         now = self._loop.time()
-        expired = [t for t, (f, deadline) in self.waiting.items() if deadline <= now or f.done()]
+        gen = self._nc.stats["reconnects"]
+        lost = not self._nc.is_connected
+        # A lost connection loses the replies of the requests sent on it: fail them now (to be
+        # re-sent once connected) instead of letting them wait out their whole timeout.
+        expired = [
+            t for t, (f, deadline, g) in self.waiting.items() if deadline <= now or f.done() or g != gen or lost
+        ]
         for token in expired:
-            future, _ = self.waiting.pop(token)
+            future, deadline, g = self.waiting.pop(token)
             if not future.done():
-                future.set_exception(nats.errors.TimeoutError())
+                future.set_exception(nats.errors.TimeoutError() if deadline <= now else _Resend())
         self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if self.waiting else None
 
     def fail_all(self, exc: BaseException) -> None:
@@ -159,7 +225,7 @@ class _ReplyMux:
             self._timer.cancel()
             self._timer = None
         waiting, self.waiting = self.waiting, {}
-        for future, _ in waiting.values():
+        for future, _, _ in waiting.values():
             if not future.done():
                 future.set_exception(exc)
 
@@ -224,18 +290,28 @@ class Connection:
     async def _replies(self) -> _ReplyMux:
         mux = self._mux
         if mux is None:
-            mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop())
+            mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop(), self.nc)
             await self.nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
             self._mux = mux
         return mux
 
     async def request(
-        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        write: _Write | None = None,
     ) -> Msg:
-        """One request/reply over the shared reply inbox (raises nats-py errors; callers translate)."""
+        """One request/reply over the shared reply inbox (raises nats-py errors; callers translate).
+
+        ``write`` is marked sent once the request is handed to nats-py (it may reach the server).
+        """
         mux = self._mux or await self._replies()
         reply, future = mux.expect(timeout)
         await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
+        if write is not None:
+            write.sent = True
         msg = await future
         hdr = msg.headers
         if hdr is not None and hdr.get("Status") == "503" and not msg.data:
@@ -278,8 +354,12 @@ class Connection:
             nc = await _connect_embedded(state)
         return Connection(opts, nc, home)
 
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever the connection is replaced or reconnects (subscriptions may be lost)."""
+        return id(self.nc), self.nc.stats["reconnects"]
+
     async def _recover(self) -> None:
-        """Restart the embedded server if it died, and wait until the connection is back."""
+        """Restart the embedded server if it died or hangs, and wait until the connection is back."""
         if self.home is None:
             return
         if self._recovering is not None:
@@ -295,12 +375,12 @@ class Connection:
                     if self.nc.is_connected:
                         break
                     await asyncio.sleep(0.025)
-            if not self.nc.is_connected:
+            if not same or not self.nc.is_connected:
                 old = self.nc
                 self.nc = await _connect_embedded(state)
                 self.js = self.nc.jetstream()
                 if self._mux is not None:
-                    self._mux.fail_all(nats.errors.ConnectionClosedError())
+                    self._mux.fail_all(_Resend())
                     self._mux = None
                 # Closing a client stuck reconnecting to whatever took over the old port can hang
                 # (its TLS transport waits for the stranger; measured > 30 s): do not wait for it.
@@ -318,85 +398,183 @@ class Connection:
         finally:
             self._recovering = None
 
-    async def _check_disk(self, *, restart: bool) -> bool:
-        """After a request to the embedded server timed out: was its disk full?
-
-        Raises ``StorageFull`` while the disk is full. Once space is back, a server that met the
-        full disk is restarted (True: the caller retries), since nats-server keeps failing writes
-        to the streams it could not write, without a reply, until it restarts. The write that timed
-        out was not stored: nats-server replies to every write it stores.
-        """
+    async def _disk_wedged(self) -> int:
+        """Whether the embedded server (which greets new connections: it is not hung) met a full
+        disk and space is back. nats-server 2.15 then keeps failing writes to the streams it could
+        not write, without a reply, until it restarts (measured); such a write was not stored.
+        Returns that server's pid, or 0."""
         assert self.home is not None
-        try:  # a server that answers pings is not hung: JetStream's silence was a failed store
-            await self.nc.flush(timeout=1)
-        except Exception:  # noqa: BLE001 - gone or hung: not a disk matter
-            return False
         state = await asyncio.to_thread(embedded.status, self.home)
         if state is None:
-            return False
+            return 0
         free = await asyncio.to_thread(embedded.free_bytes, self.home)
         if free < embedded.MIN_FREE:
             self._full_pid = state.pid
-            raise embedded.disk_full_error(self.home, free)
-        if self._full_pid != state.pid and not await asyncio.to_thread(
-            embedded.log_says_disk_full, self.home, state.pid
-        ):
-            return False
-        if not restart:  # it failed again right after a restart: this write does not fit
-            raise StorageFull(
-                f"disk full: the disk holding {self.home} has too little space for this write "
-                f"({free} bytes free); it was not stored"
-            )
-        await asyncio.to_thread(embedded.restart, self.home, state.pid)
-        self._full_pid = 0
-        await self._recover()
-        return True
+            return 0  # still full: the call ends in StorageFull at its deadline
+        if self._full_pid == state.pid or await asyncio.to_thread(embedded.log_says_disk_full, self.home, state.pid):
+            return state.pid
+        return 0
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, retries: int = 0) -> T:
-        """Run ``fn`` with errors translated.
+    async def _disk_full(self) -> StorageFull | None:
+        """At a call's deadline on the embedded server: ``StorageFull`` when its disk is full."""
+        assert self.home is not None
+        try:
+            free = await asyncio.to_thread(embedded.free_bytes, self.home)
+        except OSError:
+            return None
+        if free >= embedded.MIN_FREE:
+            return None
+        state = await asyncio.to_thread(embedded.status, self.home)
+        if state is not None:
+            self._full_pid = state.pid
+        return embedded.disk_full_error(self.home, free)
 
-        On the embedded server a dead server is restarted and ``fn`` retried once. ``retries``
-        allows that many more attempts (with backoff) for idempotent calls, such as publishes that
-        carry a ``Nats-Msg-Id``, so that they ride out a reconnect or a cluster leader election.
-        """
-        delay = 0.1
-        attempt = 0
-        disk_checked = False
-        if self.home is not None and not self.nc.is_connected:
-            # The embedded server went away: restart it now rather than after a request timeout.
-            try:
-                await self._recover()
-            except Exception as exc:
-                raise translate(exc) from exc
-        while True:
-            try:
+    async def _attempt(self, fn: Callable[[], Awaitable[T]], remaining: float) -> T:
+        """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, when the budget
+        allows, a request still unanswered after ``_PROBE_AFTER`` seconds checks the server: one
+        that does not greet a new connection hangs (stopped, frozen), and one that met a full disk
+        that has space again cannot write; either is restarted, and ``fn`` is re-sent (with a
+        shorter budget the call just times out)."""
+        if self.home is None or remaining <= _PROBE_AFTER + _GREETING_WAIT:
+            async with asyncio.timeout(remaining):  # a timer, no extra task (unlike wait_for)
                 return await fn()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + remaining
+        task = asyncio.current_task()
+        assert task is not None
+        hung: list[bool] = []
+        probes: list[asyncio.Future[None]] = []
+        finished = False
+        home = self.home
+
+        async def probe() -> None:
+            if await asyncio.to_thread(embedded.hung, home) and not finished:
+                hung.append(True)
+                task.cancel()
+            elif (wedged := await self._disk_wedged()) and not finished:
+                await asyncio.to_thread(embedded.restart, home, wedged)
+                self._full_pid = 0
+                hung.append(True)
+                task.cancel()
+
+        # A timer rather than a task per call: the probe costs nothing unless a request is slow.
+        timer = loop.call_later(_PROBE_AFTER, lambda: probes.append(asyncio.ensure_future(probe())))
+        try:
+            async with asyncio.timeout(remaining):
+                return await fn()
+        except asyncio.CancelledError:
+            if not hung or task.uncancel() > 0:  # cancelled by someone else too
+                raise
+        finally:
+            finished = True
+            timer.cancel()
+            for running in probes:
+                running.cancel()
+        await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
+        raise _Resend()
+
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, timeout: float = 5.0, write: _Write | None = None
+    ) -> T:
+        """Run ``fn`` with errors translated, retried until ``timeout`` seconds have passed in all.
+
+        A lost connection (nats-py reconnects by itself, or the embedded server is restarted) or a
+        server not ready yet make ``fn`` run again; every try shares the one deadline. ``write``
+        describes a write: when it was sent and is still unconfirmed at the deadline, the call
+        raises ``OutcomeUnknown`` with its advice instead of ``ServerUnavailable``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        last: BaseException | None = None
+        unwedged = False
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if not unwedged and await self._unwedge(last):
+                    unwedged, deadline = True, loop.time() + timeout  # one more try, on the new server
+                    continue
+                raise await self._fail(last, timeout, write)
+            try:
+                if self.home is not None and not self.nc.is_connected:
+                    # The embedded server went away: restart it now rather than after a timeout.
+                    await asyncio.wait_for(self._recover(), remaining)
+                    remaining = max(deadline - loop.time(), 0.001)
+                if write is not None:
+                    write.sent = False
+                return await self._attempt(fn, remaining)
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
-                if self.home is not None and isinstance(exc, asyncio.TimeoutError):
-                    try:
-                        if await self._check_disk(restart=not disk_checked):
-                            disk_checked = True
-                            continue  # restarted a server wedged by a full disk: try again
-                    except Exception as err:
-                        raise translate(err) from exc
-                if attempt >= max(retries, 1 if self.home is not None else 0):
-                    raise translate(exc) from exc
-                attempt += 1
-                if self.home is not None:
-                    try:
-                        await self._recover()
-                    except Exception as rexc:
-                        raise translate(rexc) from exc
-                else:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                last = exc
+                if write is not None and write.sent and not isinstance(exc, _Busy):
+                    write.unknown = True
+                wait = min(delay, deadline - loop.time())
+                if wait <= 0:
+                    if not unwedged and await self._unwedge(exc):
+                        unwedged, deadline = True, loop.time() + timeout  # one more try, on the new server
+                        continue
+                    raise await self._fail(exc, timeout, write) from exc
+                delay = min(delay * 2, 1.0)
+                if self.nc.is_connected:
+                    await asyncio.sleep(wait)
+                elif self.home is None:  # nats-py reconnects by itself: re-send once it has
+                    if self.nc.is_closed:
+                        raise await self._fail(exc, timeout, write) from exc
+                    while not self.nc.is_connected and loop.time() < deadline:
+                        await asyncio.sleep(0.025)
             except Exception as exc:
                 new = translate(exc)
                 if new is exc:
                     raise
                 raise new from exc
+
+    async def _unwedge(self, exc: BaseException | None) -> bool:
+        """At the deadline of a call to the embedded server that timed out: when the server met a
+        full disk and space is back (it then keeps failing writes without a reply until it
+        restarts; such a write was not stored), restart it and say so (True: try once more).
+
+        The hung-server probe does this within the deadline when the timeout leaves room (> 2 s);
+        this covers shorter timeouts, at the cost of one more timeout."""
+        if self.home is None or not (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
+            return False
+        try:
+            pid = await self._disk_wedged()
+            if not pid:
+                return False
+            await asyncio.to_thread(embedded.restart, self.home, pid)
+            self._full_pid = 0
+            await self._recover()
+        except Exception:  # noqa: BLE001 - the call fails with its own error
+            return False
+        return True
+
+    async def _fail(self, exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
+        """The error a call ends with; on the embedded server, a full disk says so (``StorageFull``:
+        nats-server does not store, nor answer, a write it could not write)."""
+        if self.home is not None and (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
+            full = await self._disk_full()
+            if full is not None:
+                return full
+        return self._failed(exc, timeout, write)
+
+    @staticmethod
+    def _failed(exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
+        if write is not None and write.unknown:
+            return OutcomeUnknown(
+                f"the server did not confirm the {write.what} within {timeout:g} s (it stalled or "
+                f"restarted): it may or may not be stored; {write.advice}"
+            )
+        if isinstance(exc, _Busy):
+            return QuotaExceeded(
+                f"the server had no room for the {write.what if write else 'write'} within {timeout:g} s (its "
+                "ingest queue is full or too many batches are in flight); nothing was stored: retrying later is safe"
+            )
+        if exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError, _Resend)):
+            return ServerUnavailable(
+                f"the NATS server did not answer within {timeout:g} s; is it running and reachable?"
+            )
+        return translate(exc)
 
     # -- streams --------------------------------------------------------------------------------
     async def ensure_stream(self, config: StreamConfig) -> None:
@@ -426,6 +604,12 @@ class Connection:
         self._ready_streams.add(name)
 
     # -- publishing -----------------------------------------------------------------------------
+    def _ids(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """A copy of ``headers`` with a ``Nats-Msg-Id`` (kept when the caller gave one)."""
+        h = dict(headers) if headers else {}
+        h.setdefault("Nats-Msg-Id", self.new_id())
+        return h
+
     async def publish(
         self,
         subject: str,
@@ -433,37 +617,61 @@ class Connection:
         headers: Mapping[str, str] | None = None,
         timeout: float = 5.0,
         *,
-        idempotent: bool = False,
+        what: str = "write",
+        advice: str = READ_FIRST,
     ) -> int:
         """Publish to JetStream and wait for the ack; return the stream sequence.
 
-        ``idempotent``: the headers carry a ``Nats-Msg-Id``, so the publish may be retried.
+        Carries a ``Nats-Msg-Id`` and is re-sent with it after a lost connection (see the module
+        docstring). A conditional publish (``Nats-Expected-Last-Subject-Sequence``) refused on a
+        re-send is read back: found, its sequence is returned; not found, ``Conflict`` is raised.
         """
+        h = self._ids(headers)
+        expected = h.get("Nats-Expected-Last-Subject-Sequence")
+        write = _Write(what, advice)
+        tries = 0
 
         async def run() -> int:
-            msg = await self.request(subject, data, headers, timeout)
+            nonlocal tries
+            tries += 1
+            msg = await self.request(subject, data, h, timeout, write)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
+                if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
+                    found = await self._landed(subject, h["Nats-Msg-Id"], timeout)
+                    if found is not None:
+                        return found
+                if ack.error.err_code in _BUSY_CODES:
+                    raise _Busy  # dropped by a full ingest queue: nothing stored
                 _raise_api_error(ack.error)
             return ack.seq
 
-        return await self.call(run, retries=5 if idempotent else 0)
+        return await self.call(run, timeout=timeout, write=write)
 
     async def publish_pipelined(
-        self, items: Sequence[tuple[str, bytes, Mapping[str, str]]], timeout: float = 5.0, *, idempotent: bool = False
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        timeout: float = 5.0,
+        *,
+        what: str = "write",
+        advice: str = READ_FIRST,
     ) -> list[int]:
-        """Publish several messages back to back, then wait for all their acks; their sequences.
+        """Publish several unconditional messages back to back, then wait for all their acks.
 
         Not atomic: each message is stored or refused on its own (the first error is raised).
+        Each carries a ``Nats-Msg-Id``, so a re-send after a lost connection stores none twice.
         """
+        prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
+        write = _Write(what, advice)
 
         async def run() -> list[int]:
             mux = self._mux or await self._replies()
             futures = []
-            for subject, data, headers in items:
+            for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
                 futures.append(future)
-                await self.nc.publish(subject, data, reply=reply, headers=dict(headers))
+                await self.nc.publish(subject, data, reply=reply, headers=headers)
+                write.sent = True
             seqs = []
             for future in futures:
                 ack = _ack_decoder.decode((await future).data)
@@ -472,32 +680,79 @@ class Connection:
                 seqs.append(ack.seq)
             return seqs
 
-        return await self.call(run, retries=5 if idempotent else 0)
+        return await self.call(run, timeout=timeout, write=write)
 
     async def publish_batch(
-        self, subject: str, payloads: Sequence[bytes], headers: Sequence[Mapping[str, str]], timeout: float = 10.0
+        self,
+        subject: str,
+        payloads: Sequence[bytes],
+        headers: Sequence[Mapping[str, str]],
+        timeout: float = 10.0,
+        *,
+        expected: int | None = None,
+        what: str = "batch",
+        advice: str = READ_FIRST,
     ) -> int:
-        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence."""
-        batch_id = self.new_id()
+        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence.
+
+        ``expected``: the batch is stored only if the subject's last sequence is this (0: empty).
+        Every message carries a ``Nats-Msg-Id``. A batch the server dropped for lack of room
+        (ingest queue full, too many batches in flight: nothing stored) is sent again, under a new
+        batch id, until the deadline. A batch re-sent after a lost connection that the server
+        refuses as a duplicate (or, conditional, as a wrong last sequence) is read back.
+        """
         n = len(payloads)
+        if n == 0:
+            raise AssertionError("empty batch")
+        hs = [self._ids(x) for x in headers]
+        if expected is not None:
+            hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        write = _Write(what, advice)
+        tries = 0
 
         async def run() -> int:
-            for i, (payload, extra) in enumerate(zip(payloads, headers, strict=True), 1):
-                h = dict(extra)
+            nonlocal tries
+            tries += 1
+            batch_id = self.new_id()
+            for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
                 h["Nats-Batch-Id"] = batch_id
                 h["Nats-Batch-Sequence"] = str(i)
                 if i < n:
                     await self.nc.publish(subject, payload, headers=h)
-                else:
-                    h["Nats-Batch-Commit"] = "1"
-                    msg = await self.request(subject, payload, h, timeout)
-                    ack = _ack_decoder.decode(msg.data)
-                    if ack.error is not None:
-                        _raise_api_error(ack.error)
-                    return ack.seq
-            raise AssertionError("empty batch")
+                    write.sent = True
+            hs[-1]["Nats-Batch-Commit"] = "1"
+            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is None:
+                return ack.seq
+            code = ack.error.err_code
+            if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
+                found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
+                if found is not None:
+                    return found
+            if code in _BUSY_CODES:
+                raise _Busy  # nothing stored: send it again after a pause
+            _raise_api_error(ack.error)
+            raise AssertionError("unreachable")
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout, write=write)
+
+    async def _landed(self, subject: str, msg_id: str, timeout: float) -> int | None:
+        """The sequence of the message stored with ``msg_id`` (None: not stored), by a probe the
+        server never stores: the same ``Nats-Msg-Id`` with an impossible
+        ``Nats-Expected-Last-Msg-Id``. The server checks its duplicate window (2 min, kept even
+        after the message itself was rolled up or removed) before that condition, so a duplicate
+        is answered with the original's sequence and anything else refused (10070)."""
+        probe = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Msg-Id": "botwire-probe-" + self.new_id()}
+        msg = await self.request(subject, b"", probe, timeout)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.duplicate:
+            return ack.seq
+        if ack.error is not None and ack.error.err_code == _WRONG_LAST_MSG_ID:
+            return None
+        if ack.error is not None:
+            _raise_api_error(ack.error)
+        raise OutcomeUnknown(f"a read-back probe on {subject} was stored (seq {ack.seq}); please report this")
 
     # -- reading --------------------------------------------------------------------------------
     async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
@@ -512,7 +767,7 @@ class Connection:
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             return msg
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
         """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
@@ -520,20 +775,19 @@ class Connection:
         Returns the messages of one reply batch and its end-of-batch figures; page with ``seq``.
         """
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
+        return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
 
-        async def run() -> Batch:
-            collector = _BatchCollector(asyncio.get_running_loop())
-            inbox = self.nc.new_inbox()
-            # future=: nats-py hands each reply to the collector from its reader, with no queue
-            sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
-            try:
-                await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
-                await asyncio.wait_for(collector.done_future, timeout)
-            finally:
-                await sub.unsubscribe()
-            return collector.batch
-
-        return await self.call(run)
+    async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
+        collector = _BatchCollector(asyncio.get_running_loop())
+        inbox = self.nc.new_inbox()
+        # future=: nats-py hands each reply to the collector from its reader, with no queue
+        sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
+        try:
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
+            await asyncio.wait_for(collector.done_future, timeout)
+        finally:
+            await sub.unsubscribe()
+        return collector.batch
 
     async def read_subject(
         self,
@@ -629,7 +883,7 @@ class Connection:
                 await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
             return msgs
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
         """How many messages each subject matching ``subject_filter`` holds (one request per
@@ -657,14 +911,16 @@ class Connection:
 
         return await self.call(run)
 
-    async def purge(self, stream: str, subject: str, *, before_seq: int | None = None) -> None:
+    async def purge(
+        self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
+    ) -> None:
         """Remove the messages on ``subject`` (below ``before_seq`` when given)."""
 
         async def run() -> None:
             req: dict[str, Any] = {"filter": subject}
             if before_seq is not None:
                 req["seq"] = before_seq
-            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, 10.0)
+            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, timeout)
             info = msgspec.json.decode(resp.data)
             if "error" in info:
                 err = info["error"]
@@ -672,7 +928,7 @@ class Connection:
                     code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
                 )
 
-        await self.call(run)
+        await self.call(run, timeout=timeout)
 
 
 CONNECT_TIMEOUT = 5.0
@@ -718,9 +974,7 @@ class _QuietTlsEof(logging.Filter):
 logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 
-def pinned_context(ca_file: str) -> ssl.SSLContext:
-    """A TLS context that trusts ``ca_file`` alone (and checks the server's name or IP against it)."""
-    return ssl.create_default_context(cafile=ca_file)
+pinned_context = embedded.pinned_context
 
 
 async def _connect_embedded(state: embedded.ServerState, timeout: float = CONNECT_TIMEOUT) -> NATS:

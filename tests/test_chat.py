@@ -238,8 +238,8 @@ async def test_a_retried_publish_with_the_same_msg_id_is_stored_once(url: str, n
         before = await chat.append({"n": 0})
         conn = await chat._connection()
         data = b'{"role":"user","content":"retried"}'
-        first = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"}, idempotent=True)
-        second = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"}, idempotent=True)
+        first = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"})
+        second = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"})
         assert first == second > before
         after = await chat.append({"n": 1})
         assert await chat.messages() == [{"n": 0}, {"role": "user", "content": "retried"}, {"n": 1}]
