@@ -245,16 +245,36 @@ def free_bytes(home: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _store_limit(store: Path) -> int:
-    """JetStream's storage limit: the size of the disk that holds ``store``.
+def store_limit(home: Path) -> int:
+    """JetStream's storage limit for the embedded server of ``home``: 3/4 of the space its store
+    can have (what it holds plus the free space), so that a quarter of the disk stays free.
 
-    Left unset, nats-server takes 75% of the space free at start, whatever the store already holds
-    (measured: 'Max Storage: 2.25 MB' with 3 MiB free and 8 MB stored); a server restarted while
-    the disk was nearly full then refused every write with 'insufficient resources' for good, even
-    once space was back. With the disk as the limit, a full disk is met as one (``StorageFull``).
+    Left to itself, nats-server takes 75% of the space free at start, whatever the store already
+    holds (measured: 'Max Storage: 2.25 MB' with 3 MiB free and 8 MB stored); a server restarted on
+    a nearly full disk then refused every write for good, even once space was back. Without a
+    limit, the store itself fills the disk, and a stream that met the full disk refuses even the
+    purges that would free it (measured), so deletes could not free space.
     """
-    st = os.statvfs(store)
-    return max(st.f_blocks * st.f_frsize, MIN_FREE)
+    store = home / "jetstream"
+    used = 0
+    for root, _, files in os.walk(store):
+        for name in files:
+            try:
+                used += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass  # removed meanwhile
+    return max((used + free_bytes(home)) * 3 // 4, MIN_FREE)
+
+
+def store_limit_grew(home: Path) -> bool:
+    """Whether the running server's storage limit (set at its start) is now lower, by at least
+    ``MIN_FREE``, than ``store_limit`` (space was freed since): a restart then raises it."""
+    try:
+        conf = (_server_dir(home) / "nats.conf").read_text()
+        old = int(conf.split("max_file_store:", 1)[1].split()[0].rstrip("},"))
+    except (OSError, IndexError, ValueError):
+        return False
+    return store_limit(home) >= old + MIN_FREE
 
 
 def disk_full_error(home: Path, free: int, *, starting: bool = False) -> StorageFull:
@@ -323,7 +343,7 @@ def _start(home: Path, port: int | None, while_booting: Callable[[], object] | N
                 f"max_payload: {MAX_PAYLOAD}",
                 f"ports_file_dir: {json.dumps(str(ports_dir))}",
                 f"authorization {{ token: {json.dumps(token)} }}",
-                f"jetstream {{ store_dir: {json.dumps(str(store))}, max_file_store: {_store_limit(store)} }}",
+                f"jetstream {{ store_dir: {json.dumps(str(store))}, max_file_store: {store_limit(home)} }}",
                 "",
             ]
         ),

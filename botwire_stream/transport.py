@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, StorageFull, Unauthorized, translate
+from .errors import BotWireError, QuotaExceeded, ServerUnavailable, StorageFull, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -342,6 +342,29 @@ class Connection:
         await self._recover()
         return True
 
+    async def _limit_grew(self) -> bool:
+        """After the embedded server refused a write for its storage limit: restart it when freed
+        space allows a higher limit (True: the caller retries). nats-server fixes the limit at
+        start, so without a restart the space freed since would never be used."""
+        assert self.home is not None
+        state = await asyncio.to_thread(embedded.status, self.home)
+        if state is None or not await asyncio.to_thread(embedded.store_limit_grew, self.home):
+            return False
+        try:
+            await asyncio.to_thread(embedded.restart, self.home, state.pid)
+            await self._recover()
+        except Exception as exc:
+            raise translate(exc) from exc
+        return True
+
+    def _limit_error(self) -> StorageFull:
+        assert self.home is not None
+        return StorageFull(
+            f"disk full: the embedded server keeps a quarter of the disk holding {self.home} free, and "
+            "its data fills the rest; this write was not stored; free space (delete keys or conversations, "
+            "or other files), and writes work again by themselves"
+        )
+
     async def call(self, fn: Callable[[], Awaitable[T]], *, retries: int = 0) -> T:
         """Run ``fn`` with errors translated.
 
@@ -352,6 +375,7 @@ class Connection:
         delay = 0.1
         attempt = 0
         disk_checked = False
+        limit_checked = False
         if self.home is not None and not self.nc.is_connected:
             # The embedded server went away: restart it now rather than after a request timeout.
             try:
@@ -361,6 +385,13 @@ class Connection:
         while True:
             try:
                 return await fn()
+            except QuotaExceeded as exc:
+                if self.home is None or type(exc) is not QuotaExceeded or not str(exc).startswith("insufficient"):
+                    raise
+                if not limit_checked and await self._limit_grew():
+                    limit_checked = True
+                    continue  # restarted with the higher limit that the freed space allows
+                raise self._limit_error() from exc
             except BotWireError:
                 raise
             except _RETRYABLE as exc:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from botwire_stream import Memory, embedded
+from botwire_stream import ChatHistory, Memory, embedded
 from botwire_stream.errors import StorageFull
 from tests.mounts import fill, tmpfs
 
 MB = 1_000_000
+USER = {"role": "user", "content": "hello"}
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def free_up_to(filler: Path, free: int) -> None:
 def test_writes_recover_when_space_comes_back_in_steps(disk_home: Path, namespace: str) -> None:
     """A server restarted while the disk is still nearly full must not keep refusing writes once
     space is back. nats-server sizes JetStream's storage limit at start to 75% of the free space
-    (measured: 'Max Storage: 3.00 MB' with 4 MiB free and 20 MB stored), so the library's own
+    (measured: 'Max Storage: 2.25 MB' with 3 MiB free and 8 MB stored), so the library's own
     restart on a nearly full disk left every write failing with QuotaExceeded, for good."""
     with Memory(namespace, timeout=1.0) as memory:
         for i in range(8):
@@ -53,15 +54,50 @@ def test_writes_recover_when_space_comes_back_in_steps(disk_home: Path, namespac
         with pytest.raises(StorageFull):
             memory.set("during", "x" * 10_000)
 
-        free_up_to(filler, 3 * 1024 * 1024 // 2)  # some space back: small writes fit
-        memory.set("small", 1)  # restarts the server wedged by the full disk, then stores
-        assert memory.get("small") == 1
+        free_up_to(filler, 3 * 1024 * 1024 // 2)  # a little space back: the server is restarted
+        with pytest.raises(StorageFull, match="disk full"):  # JetStream keeps a quarter of the disk
+            memory.set("during", "x" * MB)
 
         filler.unlink()  # all space back
         for i in range(6):  # nats-server checks its storage limit against usage it updates lazily
             memory.set(f"after{i}", str(i) * MB)
             time.sleep(0.3)
         assert memory.get("during") is None
-        assert memory.list_keys() == sorted(["small"] + [f"k{i}" for i in range(8)] + [f"after{i}" for i in range(6)])
+        assert memory.list_keys() == sorted([f"k{i}" for i in range(8)] + [f"after{i}" for i in range(6)])
         assert all(memory.get(f"k{i}") == str(i) * MB for i in range(8))
         assert all(memory.get(f"after{i}") == str(i) * MB for i in range(6))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_disk_filled_by_the_store_is_freed_by_deletes(disk_home: Path, namespace: str) -> None:
+    """When the embedded server's own data fills its disk, deleting keys and clearing
+    conversations frees space, and the refusal says 'disk full' (the user cannot 'raise limits')."""
+    with Memory(namespace, timeout=1.0) as memory, ChatHistory("s", namespace=namespace, timeout=1.0) as chat:
+        stored = []
+        for i in range(400):
+            try:
+                if i % 2:
+                    chat.append({"role": "user", "content": str(i) + "c" * 100_000})
+                else:
+                    memory.set(f"k{i}", "v" * 100_000)
+            except StorageFull as exc:
+                assert "disk full" in str(exc)
+                break
+            stored.append(i)
+        else:
+            raise AssertionError("the disk never filled")
+        assert len(stored) > 100
+        for i in stored[:40:2]:
+            assert memory.delete(f"k{i}") is True
+            assert memory.get(f"k{i}") is None
+        chat.clear()
+        assert chat.messages() == []
+
+        memory.set("after", "a" * 100_000)  # the deletes freed space
+        chat.append(USER)
+        assert memory.get("after") == "a" * 100_000
+        assert chat.messages() == [USER]
+        keys = {f"k{i}" for i in stored[40::2]} | {"after"}
+        assert set(memory.list_keys()) == keys
+        assert all(memory.get(k) == "v" * 100_000 for k in keys - {"after"})
