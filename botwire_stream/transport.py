@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from . import embedded
-from .errors import BotWireError, QuotaExceeded, ServerUnavailable, StorageFull, Unauthorized, translate
+from .errors import BotWireError, InvalidArgument, QuotaExceeded, ServerUnavailable, StorageFull, Unauthorized, translate
 from .settings import ConnectOptions
 
 T = TypeVar("T")
@@ -726,8 +726,14 @@ async def _connect(
         raise Unauthorized(
             f"{where} refused the credentials; check token=/user=/creds= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
         )
-    if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
-        raise translate(connecting.exception())  # type: ignore[arg-type]
+    if connecting.done() and not connecting.cancelled() and (failure := connecting.exception()) is not None:
+        if creds and not isinstance(failure, (nats.errors.Error, OSError, asyncio.TimeoutError)):
+            # nats-py parses the creds file only when the server asks for a signature, and fails
+            # with a TypeError or ValueError on a file that holds no user JWT and seed (measured).
+            raise InvalidArgument(
+                f"the creds file {creds!r} is not a NATS .creds file (a user JWT and its nkey seed): {failure!r}"
+            ) from failure
+        raise translate(failure)
     detail = f": {last_error[0]}" if last_error else ""
     raise ServerUnavailable(f"cannot connect to {where} within {timeout:.0f} s{detail}; is the server running?")
 

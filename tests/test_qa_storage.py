@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from botwire_stream import ChatHistory, Memory, embedded
-from botwire_stream.errors import StorageFull
+from botwire_stream.errors import InvalidArgument, StorageFull
 from tests.mounts import fill, tmpfs
+from tests.servers import NatsServer
 
 MB = 1_000_000
 USER = {"role": "user", "content": "hello"}
@@ -101,3 +102,30 @@ def test_a_disk_filled_by_the_store_is_freed_by_deletes(disk_home: Path, namespa
         keys = {f"k{i}" for i in stored[40::2]} | {"after"}
         assert set(memory.list_keys()) == keys
         assert all(memory.get(k) == "v" * 100_000 for k in keys - {"after"})
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["garbage", "empty", "no seed"])
+def test_a_creds_file_that_is_no_creds_raises_invalid_argument(tmp_path: Path, namespace: str, damage: str) -> None:
+    """Before: a raw TypeError from inside nats-py, when the server asked for the signature."""
+    from tests.creds import decentralized_auth
+
+    config, creds = decentralized_auth(tmp_path)
+    text = creds.read_text()
+    bad = tmp_path / "bad.creds"
+    if damage == "garbage":
+        bad.write_text("garbage\n")
+    elif damage == "empty":
+        bad.write_text("")
+    else:
+        bad.write_text(text.split("-----BEGIN USER NKEY SEED-----", 1)[0])
+    server = NatsServer(tmp_path / "auth", extra_config=config).start()
+    try:
+        with pytest.raises(InvalidArgument, match="creds file .* is not a NATS .creds file"):
+            with Memory(namespace, url=server.url, creds=str(bad), timeout=1.0) as memory:
+                memory.get("k")
+        with Memory(namespace, url=server.url, creds=str(creds), timeout=1.0) as memory:  # the real one works
+            memory.set("k", 1)
+            assert memory.get("k") == 1
+    finally:
+        server.stop()
