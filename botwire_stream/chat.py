@@ -177,6 +177,8 @@ class AsyncChatHistory(StreamClient):
             try:
                 last = await conn.publish_batch(self.subject, payloads, headers, timeout=max(self._timeout, 10.0))
             except (QuotaExceeded, ServerUnavailable) as exc:
+                if not conn.nc.is_connected:
+                    raise  # the server went away: not the storage limit
                 kept = await self._partial_batch(conn, {h["Nats-Msg-Id"] for h in headers})
                 if kept:
                     raise QuotaExceeded(
