@@ -485,6 +485,38 @@ def free_bytes(home: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def store_limit(home: Path) -> int:
+    """JetStream's storage limit for the embedded server of ``home``: 3/4 of the space its store
+    can have (what it holds plus the free space), so that a quarter of the disk stays free.
+
+    Left to itself, nats-server takes 75% of the space free at start, whatever the store already
+    holds (measured: 'Max Storage: 2.25 MB' with 3 MiB free and 8 MB stored); a server restarted on
+    a nearly full disk then refused every write for good, even once space was back. Without a
+    limit, the store itself fills the disk, and a stream that met the full disk refuses even the
+    purges that would free it (measured), so deletes could not free space.
+    """
+    store = home / "jetstream"
+    used = 0
+    for root, _, files in os.walk(store):
+        for name in files:
+            try:
+                used += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass  # removed meanwhile
+    return max((used + free_bytes(home)) * 3 // 4, MIN_FREE)
+
+
+def store_limit_grew(home: Path) -> bool:
+    """Whether the running server's storage limit (set at its start) is now lower, by at least
+    ``MIN_FREE``, than ``store_limit`` (space was freed since): a restart then raises it."""
+    try:
+        conf = (_server_dir(home) / "nats.conf").read_text()
+        old = int(conf.split("max_file_store:", 1)[1].split()[0].rstrip("},"))
+    except (OSError, IndexError, ValueError):
+        return False
+    return store_limit(home) >= old + MIN_FREE
+
+
 def disk_full_error(home: Path, free: int, *, starting: bool = False) -> StorageFull:
     what = "the embedded server cannot start" if starting else "this write was not stored"
     return StorageFull(
@@ -565,7 +597,7 @@ def _start(
                 f"  key_file: {_conf_string(str(sdir / 'key.pem'))}",
                 "  handshake_first: true",
                 "}",
-                f"jetstream {{ store_dir: {_conf_string(str(store))} }}",
+                f"jetstream {{ store_dir: {_conf_string(str(store))}, max_file_store: {store_limit(home)} }}",
                 "",
             ]
         ).encode(),

@@ -44,6 +44,7 @@ from nats.js.api import StreamConfig
 from . import embedded
 from .errors import (
     BotWireError,
+    InvalidArgument,
     OutcomeUnknown,
     QuotaExceeded,
     ServerNotTrusted,
@@ -415,6 +416,29 @@ class Connection:
             return state.pid
         return 0
 
+    async def _limit_grew(self) -> bool:
+        """After the embedded server refused a write for its storage limit: restart it when freed
+        space allows a higher limit (True: the caller retries). nats-server fixes the limit at
+        start, so without a restart the space freed since would never be used."""
+        assert self.home is not None
+        state = await asyncio.to_thread(embedded.status, self.home)
+        if state is None or not await asyncio.to_thread(embedded.store_limit_grew, self.home):
+            return False
+        try:
+            await asyncio.to_thread(embedded.restart, self.home, state.pid)
+            await self._recover()
+        except Exception as exc:
+            raise translate(exc) from exc
+        return True
+
+    def _limit_error(self) -> StorageFull:
+        assert self.home is not None
+        return StorageFull(
+            f"disk full: the embedded server keeps a quarter of the disk holding {self.home} free, and "
+            "its data fills the rest; this write was not stored; free space (delete keys or conversations, "
+            "or other files), and writes work again by themselves"
+        )
+
     async def _disk_full(self) -> StorageFull | None:
         """At a call's deadline on the embedded server: ``StorageFull`` when its disk is full."""
         assert self.home is not None
@@ -488,6 +512,7 @@ class Connection:
         delay = 0.05
         last: BaseException | None = None
         unwedged = False
+        limit_checked = False
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -503,6 +528,13 @@ class Connection:
                 if write is not None:
                     write.sent = False
                 return await self._attempt(fn, remaining)
+            except QuotaExceeded as exc:
+                if self.home is None or type(exc) is not QuotaExceeded or not str(exc).startswith("insufficient"):
+                    raise
+                if not limit_checked and await self._limit_grew():
+                    limit_checked = True
+                    continue  # restarted with the higher limit that the freed space allows
+                raise self._limit_error() from exc
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
@@ -1073,8 +1105,14 @@ async def _connect(
         raise Unauthorized(
             f"{where} refused the credentials; check token=/user=/creds= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
         )
-    if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
-        raise translate(connecting.exception())  # type: ignore[arg-type]
+    if connecting.done() and not connecting.cancelled() and (failure := connecting.exception()) is not None:
+        if creds and not isinstance(failure, (nats.errors.Error, OSError, asyncio.TimeoutError)):
+            # nats-py parses the creds file only when the server asks for a signature, and fails
+            # with a TypeError or ValueError on a file that holds no user JWT and seed (measured).
+            raise InvalidArgument(
+                f"the creds file {creds!r} is not a NATS .creds file (a user JWT and its nkey seed): {failure!r}"
+            ) from failure
+        raise translate(failure)
     detail = f": {redact(str(last_error[0]))}" if last_error else ""
     raise ServerUnavailable(f"cannot connect to {where} within {timeout:.0f} s{detail}; is the server running?")
 
