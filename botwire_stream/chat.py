@@ -26,7 +26,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import keys
 from .client import StreamClient, open_with_streams
-from .errors import BotWireError, Conflict, InvalidArgument, InvalidMessage, QuotaExceeded, ServerUnavailable, ValueTooLarge
+from .errors import (
+    BotWireError,
+    Conflict,
+    InvalidArgument,
+    InvalidMessage,
+    QuotaExceeded,
+    ServerUnavailable,
+    ValueTooLarge,
+)
 from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo

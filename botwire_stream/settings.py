@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from .errors import BotWireError, InvalidArgument
 
-
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^/\s,]*@")
 
 

@@ -51,3 +51,17 @@ def fill(folder: Path) -> Path:
     st = os.statvfs(folder)
     assert st.f_bavail == 0
     return filler
+
+
+@contextmanager
+def home_on_tmpfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str) -> Iterator[Path]:
+    """BOTWIRE_HOME on a tmpfs of ``size`` for the block; its server is stopped before the unmount."""
+    from botwire_stream import embedded
+
+    with tmpfs(tmp_path / "disk", size) as disk:
+        home = disk / "home"
+        monkeypatch.setenv("BOTWIRE_HOME", str(home))
+        try:
+            yield home
+        finally:
+            embedded.stop(home)

@@ -17,8 +17,8 @@ import nats
 import nats.errors
 import pytest
 
-from botwire_stream import AsyncMemory, Memory, embedded
-from botwire_stream.errors import ServerNotFound, ServerUnavailable, Unauthorized
+from botwire_stream import Memory, embedded
+from botwire_stream.errors import ServerNotFound, ServerUnavailable
 from tests import workers
 
 

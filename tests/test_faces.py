@@ -10,8 +10,7 @@ import inspect
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory
-from botwire_stream import errors
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, errors
 
 # async core method -> the sync face's name for it, where they differ
 _RENAMED = {"contains": "__contains__", "count": "__len__"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import decimal
 import subprocess
 import sys
-import decimal
 import threading
 import uuid
 from collections.abc import Callable, Iterator

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from botwire_stream import ChatHistory, Memory, embedded
+from botwire_stream import ChatHistory, Memory
 from botwire_stream.errors import InvalidArgument, QuotaExceeded, StorageFull
-from tests.mounts import fill, tmpfs
+from tests.mounts import fill, home_on_tmpfs
 from tests.servers import NatsServer
 
 MB = 1_000_000
@@ -24,14 +24,9 @@ USER = {"role": "user", "content": "hello"}
 
 @pytest.fixture
 def disk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """BOTWIRE_HOME on a 32 MiB tmpfs of this test; its server is stopped before the unmount."""
-    with tmpfs(tmp_path / "disk", "32m") as disk:
-        home = disk / "home"
-        monkeypatch.setenv("BOTWIRE_HOME", str(home))
-        try:
-            yield home
-        finally:
-            embedded.stop(home)
+    """BOTWIRE_HOME on a 32 MiB tmpfs of this test."""
+    with home_on_tmpfs(tmp_path, monkeypatch, "32m") as home:
+        yield home
 
 
 def free_up_to(filler: Path, free: int) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from botwire_stream import ChatHistory, Memory, embedded
 from botwire_stream.errors import QuotaExceeded, StorageFull
-from tests.mounts import fill, tmpfs
+from tests.mounts import fill, home_on_tmpfs
 from tests.servers import NatsServer
 
 USER = {"role": "user", "content": "before"}
@@ -26,14 +26,9 @@ USER = {"role": "user", "content": "before"}
 
 @pytest.fixture
 def small_disk_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """BOTWIRE_HOME on an 8 MiB tmpfs of this test; its server is stopped before the unmount."""
-    with tmpfs(tmp_path / "disk", "8m") as disk:
-        home = disk / "home"
-        monkeypatch.setenv("BOTWIRE_HOME", str(home))
-        try:
-            yield home
-        finally:
-            embedded.stop(home)
+    """BOTWIRE_HOME on a 8 MiB tmpfs of this test."""
+    with home_on_tmpfs(tmp_path, monkeypatch, "8m") as home:
+        yield home
 
 
 @pytest.mark.slow
