@@ -24,7 +24,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
-from . import keys
+from . import codec, keys
 from .client import StreamClient, open_with_streams
 from .errors import Conflict, InvalidArgument, InvalidMessage, ValueTooLarge
 from .live import LiveIterator
@@ -84,6 +84,14 @@ def _inexact(message: Mapping[Any, Any]) -> str:
             back = type(_decoder.decode(_encoder.encode({"v": value}))["v"]).__name__
             return f"{path} is a {type(value).__name__} (it would read back as a {back})"
     return "a value does not compare equal to itself"
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """A stored message. One appended from shallow code may be too deep for msgspec to read from
+    deeper code (a message 980 levels deep, read 20 calls down: ``RecursionError``); ``codec``
+    then reads it on a fresh thread."""
+    message: dict[str, Any] = codec.decode(data, _decoder)
+    return message
 
 
 MAX_SEQ: Final = 2**63 - 1  # the largest sequence number ``after=`` takes (a signed 64-bit int)
@@ -310,7 +318,7 @@ class AsyncChatHistory(StreamClient):
 
     async def messages(self, last: int | None = None) -> list[dict[str, Any]]:
         """The messages, oldest first, exactly as appended (``last``: only the newest N)."""
-        return [_decoder.decode(m.data) for m in await self._read(None, last, headers=False)]
+        return [_decode(m.data) for m in await self._read(None, last, headers=False)]
 
     async def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with their sequence and time; ``after`` a sequence, ``last`` N of them."""
@@ -514,7 +522,7 @@ def _ack_timestamp(reply: str) -> str:
 
 def _entry(m: Msg) -> Entry:
     hdr = m.headers or {}
-    return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decoder.decode(m.data))
+    return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decode(m.data))
 
 
 class ChatWatch(LiveIterator[Entry]):
@@ -535,4 +543,4 @@ class ChatWatch(LiveIterator[Entry]):
         if not msg.data:
             return None  # the expiry marker
         meta = msg.metadata
-        return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decoder.decode(msg.data))
+        return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decode(msg.data))

@@ -76,8 +76,8 @@ def _has_non_finite(plain: Any) -> bool:
     return False
 
 
-def decode(data: bytes | memoryview) -> Any:
-    """Decode JSON written by ``encode``.
+def decode(data: bytes | memoryview, decoder: msgspec.json.Decoder[Any] = _decoder) -> Any:
+    """Decode JSON written by ``encode`` (or by ``decoder``'s type: chat messages are dicts).
 
     How deep msgspec may nest is Python's recursion limit counted from the caller's stack, so a
     value written from shallow code may be too deep to read from deeper code (measured: 998
@@ -85,14 +85,14 @@ def decode(data: bytes | memoryview) -> Any:
     value is read again on a new thread, whose stack is nearly empty (995 levels).
     """
     try:
-        return _decoder.decode(data)
+        return decoder.decode(data)
     except RecursionError:
         pass
     out: list[Any] = []
 
     def run() -> None:
         try:
-            out.append(_decoder.decode(data))
+            out.append(decoder.decode(data))
         except RecursionError as exc:
             out.append(exc)
 
