@@ -462,16 +462,16 @@ def _check_cursor(before: object) -> tuple[datetime, str] | None:
     """``sessions(before=)`` as ``(last_activity, session_id)``, or ``InvalidArgument``."""
     if before is None:
         return None
-    if isinstance(before, SessionInfo):
-        return before.last_activity, before.session_id
+    # A SessionInfo made by hand may hold a naive time (or none): checked as the tuple is.
+    cursor = (before.last_activity, before.session_id) if isinstance(before, SessionInfo) else before
     if (
-        isinstance(before, tuple)
-        and len(before) == 2
-        and isinstance(before[0], datetime)
-        and before[0].tzinfo is not None
-        and isinstance(before[1], str)
+        isinstance(cursor, tuple)
+        and len(cursor) == 2
+        and isinstance(cursor[0], datetime)
+        and cursor[0].tzinfo is not None
+        and isinstance(cursor[1], str)
     ):
-        return before[0], before[1]
+        return cursor[0], cursor[1]
     raise InvalidArgument(
         f"before must be a SessionInfo of a previous page or (aware datetime, session id), not {before!r}"
     )

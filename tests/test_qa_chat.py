@@ -5,10 +5,13 @@ and ``sessions()`` cursors."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
-from botwire_stream import AsyncChatHistory
-from botwire_stream.errors import InvalidMessage
+import pytest
+
+from botwire_stream import AsyncChatHistory, ChatHistory, SessionInfo
+from botwire_stream.errors import InvalidArgument, InvalidMessage
 
 
 def _nested(depth: int) -> dict[str, Any]:
@@ -49,3 +52,22 @@ def test_the_deepest_message_append_accepts_reads_back_from_deeper_code(url: str
     depth, reads = asyncio.run(main())
     for read in reads:
         assert read == [_nested(depth)]
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        SessionInfo("c1", 1, datetime.now()),  # a naive time
+        SessionInfo("c1", 1, "2030-01-01T00:00:00Z"),  # type: ignore[arg-type]
+        SessionInfo(1, 1, datetime.now().astimezone()),  # type: ignore[arg-type]
+    ],
+)
+def test_a_hand_made_session_info_cursor_with_a_naive_time_is_an_invalid_argument(
+    url: str, namespace: str, before: SessionInfo
+) -> None:
+    """A cursor rebuilt by hand (from a page token, say) is checked as a tuple cursor is: a naive
+    or missing time is ``InvalidArgument``, not the ``TypeError`` of comparing datetimes."""
+    with ChatHistory("c0", namespace=namespace, url=url) as chat:
+        chat.append({"n": 0})
+    with pytest.raises(InvalidArgument, match="aware datetime"):
+        ChatHistory.sessions(namespace, url=url, before=before)
