@@ -5,13 +5,18 @@ and ``sessions()`` cursors."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import os
 from datetime import datetime
 from typing import Any
 
 import pytest
+from langchain_core.messages import HumanMessage
 
-from botwire_stream import AsyncChatHistory, ChatHistory, SessionInfo
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, SessionInfo
 from botwire_stream.errors import InvalidArgument, InvalidMessage
+from botwire_stream.integrations.langchain import BotWireChatHistory
 
 
 def _nested(depth: int) -> dict[str, Any]:
@@ -71,3 +76,54 @@ def test_a_hand_made_session_info_cursor_with_a_naive_time_is_an_invalid_argumen
         chat.append({"n": 0})
     with pytest.raises(InvalidArgument, match="aware datetime"):
         ChatHistory.sessions(namespace, url=url, before=before)
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass  # closed while listing
+    return count
+
+
+def _live_event_loops() -> int:
+    return sum(isinstance(o, asyncio.AbstractEventLoop) for o in gc.get_objects())
+
+
+def test_loops_closed_without_shutdown_asyncgens_leave_no_sockets(
+    url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``new_event_loop()``, ``run_until_complete()``, ``close()`` per request (no
+    ``shutdown_asyncgens``, as much older code does), objects left open: each loop used to keep its
+    socket for good (20 loops, 20 sockets). Now the next loop closes them, quietly (no "Task was
+    destroyed but it is pending!"), the loops are freed, and the sync face still works."""
+
+    async def request(i: int) -> None:
+        chat = AsyncChatHistory(f"plain-{i}", namespace=namespace, url=url)
+        await chat.append({"i": i})
+        history = BotWireChatHistory(f"lc-{i}", namespace=namespace, url=url)
+        await history.aadd_messages([HumanMessage(f"turn {i}")])
+        memory = AsyncMemory(namespace, url=url)
+        await memory.set("k", i)
+
+    def run(i: int) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(request(i))
+        finally:
+            loop.close()
+
+    run(0)
+    gc.collect()
+    before, loops_before = _open_sockets(), _live_event_loops()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for i in range(1, 21):
+            run(i)
+        gc.collect()
+    assert _open_sockets() - before <= 2
+    assert _live_event_loops() - loops_before <= 2
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    assert ChatHistory("plain-20", namespace=namespace, url=url).messages() == [{"i": 20}]
+    assert Memory(namespace, url=url).get("k") == 20
