@@ -791,8 +791,15 @@ def _shut(conn: Connection) -> None:
 def _sweep() -> None:
     """Close the pools of loops closed without ``shutdown_asyncgens`` (``run_until_complete`` then
     ``close()``): each such loop kept its socket open, 20 loops 20 sockets (measured)."""
-    for loop in [lp for lp in _closers if lp.is_closed()]:
-        step = _closers[loop].aclose()  # its finally awaits nothing for a closed loop: one step
+    try:
+        closed = [lp for lp in _closers if lp.is_closed()]
+    except RuntimeError:  # another thread's loop changed the registry meanwhile: the next sweep
+        return
+    for loop in closed:
+        closer = _closers.pop(loop, None)
+        if closer is None:
+            continue  # swept by another thread
+        step = closer.aclose()  # its finally awaits nothing for a closed loop: one step
         try:
             step.send(None)
         except StopIteration:
@@ -807,8 +814,8 @@ def _sweep() -> None:
                 task._log_destroy_pending = False  # type: ignore[attr-defined]
                 try:
                     coro.close()
-                except RuntimeError:
-                    pass  # its cleanup needed the closed loop
+                except Exception:  # noqa: BLE001 - its cleanup needed the closed loop
+                    pass
 
 
 async def _pool_of(loop: asyncio.AbstractEventLoop) -> dict[ConnectOptions, Connection]:
