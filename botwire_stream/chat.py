@@ -26,15 +26,16 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import codec, keys
 from .client import StreamClient, open_with_streams
-from .errors import Conflict, InvalidArgument, InvalidMessage, ValueTooLarge
+from .errors import BotWireError, Conflict, InvalidArgument, InvalidMessage, ValueTooLarge
 from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import resolve
-from .transport import Connection, origin_headers, release
+from .transport import Connection, SubjectPurged, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 _PAGE: Final = 10_000
+_READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -304,13 +305,26 @@ class AsyncChatHistory(StreamClient):
         if last == 0:
             return []
         conn = self._conn or await self._connection()
-        found = await self._start_seq(conn, after, last)
-        if found is None:
-            return []
-        start, known = found
-        msgs = await conn.read_subject(
-            self._names.stream, self.subject, start_seq=start, page=_PAGE, headers=headers, known=known
-        )
+        for _ in range(_READ_TRIES):
+            found = await self._start_seq(conn, after, last)
+            if found is None:
+                return []
+            start, known = found
+            try:
+                msgs = await conn.read_subject(
+                    self._names.stream,
+                    self.subject,
+                    start_seq=start,
+                    page=_PAGE,
+                    headers=headers,
+                    known=known,
+                    snapshot=True,
+                )
+                break
+            except SubjectPurged:
+                continue  # cleared or expired while read: what is there now, never old and new mixed
+        else:
+            raise BotWireError(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
         msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
         if last is not None and len(msgs) > last:
             msgs = msgs[len(msgs) - last :]

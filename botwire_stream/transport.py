@@ -85,6 +85,11 @@ def origin_headers() -> dict[str, str]:
     return {"Botwire-Origin": ORIGIN}
 
 
+class SubjectPurged(BotWireError):
+    """``read_subject(snapshot=True)``: the subject lost what was read so far (a purge, a rollup)
+    while it was read; read it again."""
+
+
 class Batch:
     """One batch direct get reply: its messages, how many more match, the last sequence sent,
     the snapshot sequence of a multi-last get (page on with ``up_to_seq``), and whether the
@@ -537,6 +542,7 @@ class Connection:
         page: int = 1000,
         headers: bool = True,
         known: int | None = None,
+        snapshot: bool = False,
     ) -> list[Msg]:
         """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets,
         however many bytes they hold.
@@ -545,25 +551,45 @@ class Connection:
         long reads, but the messages then carry neither sequence nor time. ``known``: how many
         messages followed ``start_seq`` at some moment before the call; once that many are read,
         all of them are (they have the lowest sequences), which saves the closing request.
+        ``snapshot``: a read that got messages after its first reply, or whose first reply surely
+        left some behind, ends by asking for the first message again: one of the first reply must
+        still be there (a purge or rollup removes every message of the subject), else
+        ``SubjectPurged``. Without it, reads racing a ``clear()`` and an append returned old
+        messages followed by the new one (9 of 40 reads of 9,000 messages) or the first 10,000 of
+        25,000 old ones. Reads whose first reply holds everything skip it.
         """
         out: list[Msg] = []
         seq = start_seq
+        first_reply_end = 0  # the last sequence of the first reply
+        check = False  # whether the first reply must be checked for at the end
         while True:
             req: dict[str, Any] = {"next_by_subj": subject, "seq": seq, "batch": page}
             if not headers:
                 req["no_hdr"] = True
             batch = await self.direct_batch(stream, req)
             out.extend(batch.msgs)
+            check = check or (first_reply_end > 0 and bool(batch.msgs))
             # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
             # fewer messages than asked does not mean the end. With headers the end-of-batch
             # pending count is exact; with no_hdr the server never decrements it (nats-server
             # 2.15), so 0 is still the end but anything else needs the next page: an empty
             # reply (one small round trip) is then the end.
             if not batch.msgs or not batch.last_seq or batch.pending == 0:
-                return out
+                break
             if known is not None and len(out) >= known:
-                return out
+                break
+            if not first_reply_end:
+                first_reply_end = batch.last_seq
+                # Surely more left: a full page, or more pending than the reply holds (no_hdr's
+                # count includes the reply's own messages unless the stream grew meanwhile).
+                check = len(batch.msgs) >= page or batch.pending > (0 if headers else len(batch.msgs))
             seq = batch.last_seq + 1
+        if snapshot and check:
+            first = {"next_by_subj": subject, "seq": start_seq, "batch": 1, "no_hdr": True}
+            probe = await self.direct_batch(stream, first)
+            if not probe.msgs or probe.last_seq > first_reply_end:
+                raise SubjectPurged(f"{subject} was purged or rolled up while it was read")
+        return out
 
     async def pull_headers(
         self, stream: str, filter_subject: str, *, last_per_subject: bool, timeout: float = 10.0

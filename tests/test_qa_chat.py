@@ -8,6 +8,10 @@ import asyncio
 import gc
 import logging
 import os
+import random
+import subprocess
+import sys
+import time
 from datetime import datetime
 from typing import Any
 
@@ -130,3 +134,109 @@ def test_loops_closed_without_shutdown_asyncgens_leave_no_sockets(
     assert not [r for r in caplog.records if r.name == "asyncio"]
     assert ChatHistory("plain-20", namespace=namespace, url=url).messages() == [{"i": 20}]
     assert Memory(namespace, url=url).get("k") == 20
+
+
+# A writer process: generation after generation, clear() the conversation, then extend it with
+# {"g": generation, "i": 0..size-1} in atomic batches of 1000 (stopped by the test, by PID).
+_CLEARER = """
+import asyncio, sys
+from botwire_stream import AsyncChatHistory
+
+async def main(url, namespace, size):
+    async with AsyncChatHistory("raced", namespace=namespace, url=url) as chat:
+        for g in range(1, 10_000):
+            await chat.clear()
+            for b in range(0, size, 1000):
+                await chat.extend([{"g": g, "i": i} for i in range(b, b + 1000)])
+            if g == 1:
+                print("ready", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.slow
+def test_reads_racing_clears_in_another_process_never_mix_old_and_new_messages(url: str, namespace: str) -> None:
+    """While another process clears a conversation of 25,000 messages (3 pages) and fills it
+    again, every read gives a run of one generation from its start (``messages``, ``entries``),
+    or its newest messages (``last=N``): never messages from before a clear followed by messages
+    written after it."""
+    size = 25_000
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _CLEARER, url, namespace, str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "ready", writer.stderr.read() if writer.stderr else ""
+
+        async def main() -> tuple[int, list[str]]:
+            bad: list[str] = []
+            reads = 0  # those that got more than one reply (over 10,000 messages)
+            deadline = time.monotonic() + 15
+            async with AsyncChatHistory("raced", namespace=namespace, url=url) as chat:
+                while reads < 15 and time.monotonic() < deadline:
+                    got = [
+                        ("messages", await chat.messages()),
+                        ("entries", [e.message for e in await chat.entries()]),
+                        ("last", await chat.messages(last=size - 100)),
+                    ]
+                    reads += sum(len(msgs) > 10_000 for _, msgs in got)
+                    for how, msgs in got:
+                        gens = {m["g"] for m in msgs}
+                        ids = [m["i"] for m in msgs]
+                        first = ids[0] if ids and how == "last" else 0
+                        if len(gens) > 1 or ids != list(range(first, first + len(ids))):
+                            bad.append(f"{how}: generations {sorted(gens)}, {len(ids)} messages from i={first}")
+            return reads, bad
+
+        reads, bad = asyncio.run(main())
+        assert writer.poll() is None, writer.stderr.read() if writer.stderr else ""
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert reads >= 5
+    assert bad == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("size", "attempts"), [(9_000, 30), (25_000, 12)])
+def test_a_read_racing_a_clear_and_an_append_gives_all_old_or_the_new_never_a_mix(
+    url: str, namespace: str, size: int, attempts: int
+) -> None:
+    """A read racing a ``clear()`` and an append on another connection gives all the old messages,
+    none, or the new one: of 9,000 messages (one reply, then the request that finds nothing
+    more), was the old ones followed by the new one in 9 of 40 reads; of 25,000 (three replies),
+    was the first 10,000 or 20,000 old ones, with or without the new one, in most reads."""
+    other = ChatHistory("raced", namespace=namespace, url=url)  # the sync face: its own connection
+    old = [{"old": i} for i in range(size)]
+
+    def clear_and_append() -> None:
+        other.clear()
+        other.append({"new": True})
+
+    async def main() -> list[str]:
+        bad = []
+        async with AsyncChatHistory("raced", namespace=namespace, url=url) as chat:
+            for attempt in range(attempts):
+                await asyncio.to_thread(other.clear)
+                for i in range(0, len(old), 1000):
+                    await asyncio.to_thread(other.extend, old[i : i + 1000])
+
+                async def race(delay: float) -> None:
+                    await asyncio.sleep(delay)
+                    await asyncio.to_thread(clear_and_append)
+
+                racer = asyncio.create_task(race(random.uniform(0, 0.03)))
+                got = await chat.messages()
+                await racer
+                if got not in (old, [], [{"new": True}]):
+                    bad.append(f"attempt {attempt}: {len(got)} messages, {sum('new' in m for m in got)} new")
+        return bad
+
+    try:
+        assert asyncio.run(main()) == []
+    finally:
+        other.close()
