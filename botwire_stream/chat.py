@@ -48,14 +48,16 @@ def _encode_message(message: object) -> bytes:
 
     msgspec would encode bytes as base64, datetime/UUID/Decimal/Enum as strings, tuples and sets
     as lists, int keys as strings and NaN as null, none of which read back as written; the check
-    decodes the JSON again and compares (in C, about as fast as the encoding itself).
+    decodes the JSON again and compares, in C (measured: the encoding alone takes 1/1.6 of the
+    time for a 4 MB image message, 1/4.8 for one of 100,000 small dicts, 13 ms then 62 ms).
     """
     if not isinstance(message, Mapping):
         raise InvalidMessage(f"a chat message is a mapping (dict), not {type(message).__name__}")
     try:
         data = _encoder.encode(message)
         exact = _decoder.decode(data) == message
-    except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:  # surrogates, depth
+    # ValueError: surrogates (UnicodeEncodeError), ints of over 4300 digits (Python's str limit)
+    except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
         raise InvalidMessage(f"the message is not JSON-encodable ({_JSON_HOLDS}): {exc}") from exc
     if not exact:
         raise InvalidMessage(

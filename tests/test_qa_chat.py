@@ -240,3 +240,24 @@ def test_a_read_racing_a_clear_and_an_append_gives_all_old_or_the_new_never_a_mi
         assert asyncio.run(main()) == []
     finally:
         other.close()
+
+
+def test_ints_python_cannot_write_out_are_refused_as_bad_input(url: str, namespace: str) -> None:
+    """An int of over 4300 digits (Python's limit for int to str) is bad input like any value JSON
+    cannot hold: ``InvalidMessage`` (chat, LangChain) or ``TypeError`` (``Memory.set``), nothing
+    written (was: a bare ``ValueError``)."""
+    huge = 10**5000
+    with ChatHistory("huge", namespace=namespace, url=url) as chat:
+        with pytest.raises(InvalidMessage):
+            chat.append({"n": huge})
+        with pytest.raises(InvalidMessage):
+            chat.extend([{"ok": 1}, {"n": [-huge]}])
+        assert chat.messages() == []
+    with BotWireChatHistory("huge-lc", namespace=namespace, url=url) as history:
+        with pytest.raises(InvalidMessage):
+            history.add_messages([HumanMessage("hi", additional_kwargs={"n": huge})])
+        assert history.messages == []
+    with Memory(namespace, url=url) as memory:
+        with pytest.raises(TypeError):
+            memory.set("k", {"n": huge})
+        assert memory.get("k") is None
