@@ -112,11 +112,11 @@ def _check_count(name: str, value: object, *, none: bool) -> int | None:
     return value
 
 
-def _check_after(after: object) -> int | None:
+def _check_after(after: object, name: str = "after") -> int | None:
     """``after`` when it is None or a sequence number (0 to ``MAX_SEQ``), else ``InvalidArgument``."""
-    seq = _check_count("after", after, none=True)
+    seq = _check_count(name, after, none=True)
     if seq is not None and seq > MAX_SEQ:
-        raise InvalidArgument(f"after must be a sequence number up to {MAX_SEQ}, not {after!r}")
+        raise InvalidArgument(f"{name} must be a sequence number up to {MAX_SEQ}, not {after!r}")
     return seq
 
 
@@ -357,6 +357,7 @@ class AsyncChatHistory(StreamClient):
         The new conversation must not exist yet (``Conflict`` otherwise); the original is untouched.
         Forks of up to 1000 messages are atomic; longer ones are written in atomic batches.
         """
+        upto = _check_after(upto, "upto")  # upto=True is a mistake, not "up to sequence 1"
         other = AsyncChatHistory(
             session_id, namespace=self.namespace, ttl=self.ttl, replicas=self._replicas, timeout=self._timeout
         )

@@ -261,3 +261,14 @@ def test_ints_python_cannot_write_out_are_refused_as_bad_input(url: str, namespa
         with pytest.raises(TypeError):
             memory.set("k", {"n": huge})
         assert memory.get("k") is None
+
+
+@pytest.mark.parametrize("upto", [True, -1, "2", 2.5, 2**63])
+def test_fork_upto_that_is_no_sequence_number_is_an_invalid_argument(url: str, namespace: str, upto: Any) -> None:
+    """``upto`` is checked as ``after`` is: ``upto=True`` used to fork up to sequence 1, 2.5 up to
+    2, and ``"2"`` raised a bare ``TypeError``; now ``InvalidArgument``, nothing written."""
+    with ChatHistory("src", namespace=namespace, url=url) as chat:
+        seqs = chat.extend([{"i": i} for i in range(3)])
+        with pytest.raises(InvalidArgument, match="upto"):
+            chat.fork("copy", upto=upto)
+        assert chat.fork("copy", upto=seqs[1]).messages() == [{"i": 0}, {"i": 1}]
