@@ -4,15 +4,27 @@ which their streams are made sure to exist, and the open/close/``async with`` li
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError, WrongEventLoop
+from .errors import BotWireError, InvalidArgument, WrongEventLoop
 from .settings import ConnectOptions
 from .transport import Connection, acquire, release
+
+
+def check_options(replicas: object, timeout: object) -> tuple[int, float]:
+    """``replicas`` (an int from 1 to 5, JetStream's range) and ``timeout`` (positive, finite
+    seconds), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
+    first call for ``timeout="5"``, a JSON error from the server for ``replicas=True``)."""
+    if type(replicas) is not int or not 1 <= replicas <= 5:
+        raise InvalidArgument(f"replicas must be an int from 1 to 5, not {replicas!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise InvalidArgument(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    return replicas, float(timeout)
 
 
 async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:

@@ -272,3 +272,23 @@ def test_fork_upto_that_is_no_sequence_number_is_an_invalid_argument(url: str, n
         with pytest.raises(InvalidArgument, match="upto"):
             chat.fork("copy", upto=upto)
         assert chat.fork("copy", upto=seqs[1]).messages() == [{"i": 0}, {"i": 1}]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": "5"}, {"timeout": -1}, {"timeout": 0}, {"timeout": float("nan")}, {"timeout": True}]
+    + [{"replicas": True}, {"replicas": 0}, {"replicas": 6}, {"replicas": 1.0}],
+)
+def test_bad_timeout_or_replicas_is_an_invalid_argument_when_the_object_is_made(options: dict[str, Any]) -> None:
+    """Was: ``timeout="5"`` a bare ``TypeError`` at the first write, ``timeout=-1``/``0``/NaN
+    accepted, ``replicas=True`` a server JSON error; nothing is connected to find out."""
+    makers = [
+        lambda: AsyncChatHistory("s", **options),
+        lambda: ChatHistory("s", **options),
+        lambda: AsyncMemory("ns", **options),
+        lambda: Memory("ns", **options),
+        lambda: BotWireChatHistory("s", **options),
+    ]
+    for make in makers:
+        with pytest.raises(InvalidArgument):
+            make()
