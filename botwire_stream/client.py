@@ -16,6 +16,19 @@ from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
 
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio loop; ``WrongEventLoop`` when there is none (trio, or a coroutine
+    driven by hand), instead of asyncio's bare "no running event loop"."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise WrongEventLoop(
+            "botwire-stream's async classes run on an asyncio event loop (asyncio.run, anyio's "
+            "asyncio backend), and none is running here (trio?); from other async code, call the sync "
+            "Memory/ChatHistory in a worker thread (e.g. trio.to_thread.run_sync)"
+        ) from None
+
+
 def check_options(replicas: object, timeout: object) -> tuple[int, float]:
     """``replicas`` (an int from 1 to 5, JetStream's range) and ``timeout`` (positive, finite
     seconds), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
@@ -29,6 +42,7 @@ def check_options(replicas: object, timeout: object) -> tuple[int, float]:
 
 async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:
     """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
+    running_loop()  # a clear error outside asyncio
     conn = await acquire(opts)
     try:
         for config in configs:
@@ -58,7 +72,7 @@ class StreamClient(ABC):
     def _conn(self) -> Connection | None:
         """The connection, when open and this is its loop (the fast path of every call)."""
         conn = self._conn_
-        if conn is not None and self._loop is not asyncio.get_running_loop():
+        if conn is not None and self._loop is not running_loop():
             raise self._wrong_loop()
         return conn
 
@@ -84,7 +98,7 @@ class StreamClient(ABC):
             return conn
         if self._closed:
             raise BotWireError(f"{self!r} is closed")
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._opening is None:
             self._opening, self._loop = asyncio.Lock(), loop
         elif self._loop is not loop:
@@ -109,7 +123,7 @@ class StreamClient(ABC):
     async def close(self) -> None:
         """Release the connection (a shared connection closes with its last user)."""
         conn = self._conn_
-        if conn is not None and self._loop is not asyncio.get_running_loop():
+        if conn is not None and self._loop is not running_loop():
             assert self._loop is not None
             if not self._loop.is_closed():
                 raise self._wrong_loop()

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, SessionInfo
-from botwire_stream.errors import InvalidArgument, InvalidMessage
+from botwire_stream.errors import InvalidArgument, InvalidMessage, WrongEventLoop
 from botwire_stream.integrations.langchain import BotWireChatHistory
 
 
@@ -292,3 +293,23 @@ def test_bad_timeout_or_replicas_is_an_invalid_argument_when_the_object_is_made(
     for make in makers:
         with pytest.raises(InvalidArgument):
             make()
+
+
+def test_async_calls_outside_asyncio_raise_wrong_event_loop(url: str, namespace: str) -> None:
+    """A coroutine driven with no asyncio loop running, as trio drives them, gets a
+    ``WrongEventLoop`` that says what to do (was: asyncio's bare "no running event loop")."""
+    calls: list[Callable[[], Coroutine[Any, Any, Any]]] = [
+        lambda: AsyncChatHistory("s", namespace=namespace, url=url).append({"n": 1}),
+        lambda: AsyncChatHistory("s", namespace=namespace, url=url).messages(),
+        lambda: AsyncChatHistory.sessions(namespace, url=url),
+        lambda: AsyncMemory(namespace, url=url).get("k"),
+        lambda: BotWireChatHistory("s", namespace=namespace, url=url).aget_messages(),
+    ]
+    for make in calls:
+        coro = make()
+        try:
+            with pytest.raises(WrongEventLoop, match="asyncio"):
+                coro.send(None)
+        finally:
+            coro.close()
+    assert ChatHistory("s", namespace=namespace, url=url).messages() == []
