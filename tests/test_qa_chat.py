@@ -12,8 +12,8 @@ import random
 import subprocess
 import sys
 import time
-from datetime import datetime
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 import pytest
