@@ -24,8 +24,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
-from . import keys
-from .client import StreamClient, open_with_streams
+from . import codec, keys
+from .client import StreamClient, check_options, open_with_streams
 from .errors import (
     BotWireError,
     Conflict,
@@ -39,7 +39,7 @@ from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import resolve
-from .transport import READ_FIRST, Connection, origin_headers, release
+from .transport import READ_FIRST, Connection, SubjectPurged, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
@@ -49,6 +49,7 @@ MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 # An extend's deadline grows by one second per this many bytes, beyond its timeout.
 _EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
+_READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -61,14 +62,16 @@ def _encode_message(message: object) -> bytes:
 
     msgspec would encode bytes as base64, datetime/UUID/Decimal/Enum as strings, tuples and sets
     as lists, int keys as strings and NaN as null, none of which read back as written; the check
-    decodes the JSON again and compares (in C, about as fast as the encoding itself).
+    decodes the JSON again and compares, in C (measured: the encoding alone takes 1/1.6 of the
+    time for a 4 MB image message, 1/4.8 for one of 100,000 small dicts, 13 ms then 62 ms).
     """
     if not isinstance(message, Mapping):
         raise InvalidMessage(f"a chat message is a mapping (dict), not {type(message).__name__}")
     try:
         data = _encoder.encode(message)
         exact = _decoder.decode(data) == message
-    except (TypeError, msgspec.EncodeError, UnicodeEncodeError, RecursionError) as exc:  # surrogates, depth
+    # ValueError: surrogates (UnicodeEncodeError), ints of over 4300 digits (Python's str limit)
+    except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:
         raise InvalidMessage(f"the message is not JSON-encodable ({_JSON_HOLDS}): {exc}") from exc
     if not exact:
         raise InvalidMessage(
@@ -100,6 +103,14 @@ def _inexact(message: Mapping[Any, Any]) -> str:
     return "a value does not compare equal to itself"
 
 
+def _decode(data: bytes) -> dict[str, Any]:
+    """A stored message. One appended from shallow code may be too deep for msgspec to read from
+    deeper code (a message 980 levels deep, read 20 calls down: ``RecursionError``); ``codec``
+    then reads it on a fresh thread."""
+    message: dict[str, Any] = codec.decode(data, _decoder)
+    return message
+
+
 MAX_SEQ: Final = 2**63 - 1  # the largest sequence number ``after=`` takes (a signed 64-bit int)
 
 
@@ -115,11 +126,11 @@ def _check_count(name: str, value: object, *, none: bool) -> int | None:
     return value
 
 
-def _check_after(after: object) -> int | None:
+def _check_after(after: object, name: str = "after") -> int | None:
     """``after`` when it is None or a sequence number (0 to ``MAX_SEQ``), else ``InvalidArgument``."""
-    seq = _check_count("after", after, none=True)
+    seq = _check_count(name, after, none=True)
     if seq is not None and seq > MAX_SEQ:
-        raise InvalidArgument(f"after must be a sequence number up to {MAX_SEQ}, not {after!r}")
+        raise InvalidArgument(f"{name} must be a sequence number up to {MAX_SEQ}, not {after!r}")
     return seq
 
 
@@ -178,9 +189,8 @@ class AsyncChatHistory(StreamClient):
         self._names = _Names(namespace)
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
+        self._replicas, self._timeout = check_options(replicas, timeout)
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
-        self._replicas = replicas
-        self._timeout = timeout
         token_path = keys.encode_key(session_id)
         self.subject = self._names.chat + token_path
         self._ttl_subject = self._names.ttl + token_path
@@ -350,13 +360,26 @@ class AsyncChatHistory(StreamClient):
         if last == 0:
             return []
         conn = self._conn or await self._connection()
-        found = await self._start_seq(conn, after, last)
-        if found is None:
-            return []
-        start, known = found
-        msgs = await conn.read_subject(
-            self._names.stream, self.subject, start_seq=start, page=_PAGE, headers=headers, known=known
-        )
+        for _ in range(_READ_TRIES):
+            found = await self._start_seq(conn, after, last)
+            if found is None:
+                return []
+            start, known = found
+            try:
+                msgs = await conn.read_subject(
+                    self._names.stream,
+                    self.subject,
+                    start_seq=start,
+                    page=_PAGE,
+                    headers=headers,
+                    known=known,
+                    snapshot=True,
+                )
+                break
+            except SubjectPurged:
+                continue  # cleared or expired while read: what is there now, never old and new mixed
+        else:
+            raise BotWireError(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
         msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
         if last is not None and len(msgs) > last:
             msgs = msgs[len(msgs) - last :]
@@ -364,7 +387,7 @@ class AsyncChatHistory(StreamClient):
 
     async def messages(self, last: int | None = None) -> list[dict[str, Any]]:
         """The messages, oldest first, exactly as appended (``last``: only the newest N)."""
-        return [_decoder.decode(m.data) for m in await self._read(None, last, headers=False)]
+        return [_decode(m.data) for m in await self._read(None, last, headers=False)]
 
     async def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with their sequence and time; ``after`` a sequence, ``last`` N of them."""
@@ -390,8 +413,7 @@ class AsyncChatHistory(StreamClient):
         batches. A fork re-sent after a lost connection is read back, never reported as a
         ``Conflict`` with itself.
         """
-        if upto is not None and (not isinstance(upto, int) or isinstance(upto, bool) or upto < 0):
-            raise InvalidArgument(f"upto must be a sequence number (an int >= 0) or None, not {upto!r}")
+        upto = _check_after(upto, "upto")  # upto=True is a mistake, not "up to sequence 1"
         other = AsyncChatHistory(
             session_id, namespace=self.namespace, ttl=self.ttl, replicas=self._replicas, timeout=self._timeout
         )
@@ -520,16 +542,16 @@ def _check_cursor(before: object) -> tuple[datetime, str] | None:
     """``sessions(before=)`` as ``(last_activity, session_id)``, or ``InvalidArgument``."""
     if before is None:
         return None
-    if isinstance(before, SessionInfo):
-        return before.last_activity, before.session_id
+    # A SessionInfo made by hand may hold a naive time (or none): checked as the tuple is.
+    cursor = (before.last_activity, before.session_id) if isinstance(before, SessionInfo) else before
     if (
-        isinstance(before, tuple)
-        and len(before) == 2
-        and isinstance(before[0], datetime)
-        and before[0].tzinfo is not None
-        and isinstance(before[1], str)
+        isinstance(cursor, tuple)
+        and len(cursor) == 2
+        and isinstance(cursor[0], datetime)
+        and cursor[0].tzinfo is not None
+        and isinstance(cursor[1], str)
     ):
-        return before[0], before[1]
+        return cursor[0], cursor[1]
     raise InvalidArgument(
         f"before must be a SessionInfo of a previous page or (aware datetime, session id), not {before!r}"
     )
@@ -594,7 +616,7 @@ def _batches(payloads: list[bytes]) -> list[list[bytes]]:
 
 def _entry(m: Msg) -> Entry:
     hdr = m.headers or {}
-    return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decoder.decode(m.data))
+    return Entry(seq=int(hdr["Nats-Sequence"]), time=parse_time(hdr["Nats-Time-Stamp"]), message=_decode(m.data))
 
 
 class ChatWatch(LiveIterator[Entry]):
@@ -616,4 +638,4 @@ class ChatWatch(LiveIterator[Entry]):
         if not msg.data:
             return None  # the expiry marker
         meta = msg.metadata
-        return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decoder.decode(msg.data))
+        return Entry(seq=meta.sequence.stream, time=meta.timestamp, message=_decode(msg.data))

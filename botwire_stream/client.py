@@ -4,19 +4,45 @@ which their streams are made sure to exist, and the open/close/``async with`` li
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError, WrongEventLoop
+from .errors import BotWireError, InvalidArgument, WrongEventLoop
 from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
 
+def running_loop() -> asyncio.AbstractEventLoop:
+    """The running asyncio loop; ``WrongEventLoop`` when there is none (trio, or a coroutine
+    driven by hand), instead of asyncio's bare "no running event loop"."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise WrongEventLoop(
+            "botwire-stream's async classes run on an asyncio event loop (asyncio.run, anyio's "
+            "asyncio backend), and none is running here (trio?); from other async code, call the sync "
+            "Memory/ChatHistory in a worker thread (e.g. trio.to_thread.run_sync)"
+        ) from None
+
+
+def check_options(replicas: object, timeout: object) -> tuple[int, float]:
+    """``replicas`` (an int from 1 to 5, JetStream's range) and ``timeout`` (positive, finite
+    seconds), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
+    first call for ``timeout="5"``, a JSON error from the server for ``replicas=True``)."""
+    if type(replicas) is not int or not 1 <= replicas <= 5:
+        raise InvalidArgument(f"replicas must be an int from 1 to 5, not {replicas!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise InvalidArgument(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    return replicas, float(timeout)
+
+
 async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:
     """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
+    running_loop()  # a clear error outside asyncio
     conn = await acquire(opts)
     try:
         for config in configs:
@@ -46,7 +72,7 @@ class StreamClient(ABC):
     def _conn(self) -> Connection | None:
         """The connection, when open and this is its loop (the fast path of every call)."""
         conn = self._conn_
-        if conn is not None and self._loop is not asyncio.get_running_loop():
+        if conn is not None and self._loop is not running_loop():
             raise self._wrong_loop()
         return conn
 
@@ -72,7 +98,7 @@ class StreamClient(ABC):
             return conn
         if self._closed:
             raise BotWireError(f"{self!r} is closed")
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         if self._opening is None:
             self._opening, self._loop = asyncio.Lock(), loop
         elif self._loop is not loop:
@@ -97,7 +123,7 @@ class StreamClient(ABC):
     async def close(self) -> None:
         """Release the connection (a shared connection closes with its last user)."""
         conn = self._conn_
-        if conn is not None and self._loop is not asyncio.get_running_loop():
+        if conn is not None and self._loop is not running_loop():
             assert self._loop is not None
             if not self._loop.is_closed():
                 raise self._wrong_loop()

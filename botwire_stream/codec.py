@@ -29,7 +29,8 @@ def encode(value: object) -> bytes:
     """Encode a value as JSON; ``TypeError`` for anything JSON cannot hold as it is.
 
     That is: types msgspec cannot encode, NaN and infinities, strings with lone surrogates (not
-    UTF-8), and nesting deeper than Python's recursion limit lets msgspec go (under 1000 levels).
+    UTF-8), ints of over 4300 digits (``sys.get_int_max_str_digits``), and nesting deeper than
+    Python's recursion limit lets msgspec go (under 1000 levels).
     """
     try:
         data = _encoder.encode(value)
@@ -37,6 +38,8 @@ def encode(value: object) -> bytes:
         raise TypeError(f"cannot store a value of type {type(value).__name__}: {_ALLOWED} ({exc})") from exc
     except UnicodeEncodeError as exc:
         raise TypeError(f"cannot store a string that is not valid Unicode (a lone surrogate?): {exc}") from exc
+    except ValueError as exc:  # an int of over 4300 digits: Python's limit for int to str
+        raise TypeError(f"cannot store this value: {exc}") from exc
     except RecursionError as exc:
         raise TypeError("cannot store a value nested this deeply; flatten it") from exc
     # A non-finite float became ``null``: only a value whose JSON holds a null can hide one. The
@@ -76,8 +79,8 @@ def _has_non_finite(plain: Any) -> bool:
     return False
 
 
-def decode(data: bytes | memoryview) -> Any:
-    """Decode JSON written by ``encode``.
+def decode(data: bytes | memoryview, decoder: msgspec.json.Decoder[Any] = _decoder) -> Any:
+    """Decode JSON written by ``encode`` (or by ``decoder``'s type: chat messages are dicts).
 
     How deep msgspec may nest is Python's recursion limit counted from the caller's stack, so a
     value written from shallow code may be too deep to read from deeper code (measured: 998
@@ -85,14 +88,14 @@ def decode(data: bytes | memoryview) -> Any:
     value is read again on a new thread, whose stack is nearly empty (995 levels).
     """
     try:
-        return _decoder.decode(data)
+        return decoder.decode(data)
     except RecursionError:
         pass
     out: list[Any] = []
 
     def run() -> None:
         try:
-            out.append(_decoder.decode(data))
+            out.append(decoder.decode(data))
         except RecursionError as exc:
             out.append(exc)
 

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
-from .client import StreamClient
+from .client import StreamClient, check_options
 from .errors import (
     BotWireError,
     Conflict,
@@ -155,10 +155,9 @@ class AsyncMemory(StreamClient):
         self.namespace = keys.check_namespace(namespace)
         if history is not None and (type(history) is not int or not 1 <= history <= 64):
             raise InvalidArgument(f"history must be an int from 1 to 64 revisions per key, not {history!r}")
+        self._replicas, self._timeout = check_options(replicas, timeout)
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
-        self._replicas = replicas
-        self._timeout = timeout
         self.bucket = f"botwire_{namespace}"
         self.stream = f"KV_{self.bucket}"
         self._prefix = f"$KV.{self.bucket}."

@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from .. import keys
 from ..chat import MAX_BATCH, AsyncChatHistory, _encode_message
+from ..client import running_loop
 from ..errors import BotWireError, InvalidMessage
 from ..memory import AsyncMemory, ttl_seconds
 from ..portal import call
@@ -82,7 +83,7 @@ class _PerLoop(Generic[C]):
 
     def get(self) -> C:
         """The core of the running loop."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         core = self._cores.get(loop)
         if core is None:
             with self._lock:
@@ -99,7 +100,7 @@ class _PerLoop(Generic[C]):
     async def close(self) -> None:
         """Close the running loop's core (a later call opens a new one)."""
         with self._lock:
-            core = self._cores.pop(asyncio.get_running_loop(), None)
+            core = self._cores.pop(running_loop(), None)
         if core is not None:
             await core.close()
 
