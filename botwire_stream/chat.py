@@ -36,9 +36,9 @@ from .errors import (
     ValueTooLarge,
 )
 from .live import LiveIterator
-from .memory import parse_time, ttl_seconds
 from .models import Entry, SessionInfo
 from .settings import resolve
+from .times import parse_time, ttl_seconds
 from .transport import READ_FIRST, Connection, SubjectPurged, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch

@@ -22,7 +22,7 @@ import pytest
 
 from botwire_stream import AsyncMemory, Memory, embedded
 from botwire_stream.errors import InvalidTTL, ServerUnavailable
-from botwire_stream.memory import ttl_seconds
+from botwire_stream.times import ttl_seconds
 from botwire_stream.transport import Connection
 from tests.servers import NatsServer
 

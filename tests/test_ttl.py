@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from botwire_stream import AsyncMemory, Memory
-from botwire_stream.memory import ttl_seconds
+from botwire_stream.times import ttl_seconds
 from tests.workers import take
 
 DEADLINE = 15.0  # far above the ~2 s a 1 s TTL takes; only reached when expiry is broken

@@ -20,7 +20,7 @@ import pytest
 from botwire_stream import AsyncChatHistory, ChatHistory, Memory
 from botwire_stream.errors import InvalidTTL
 from botwire_stream.keys import encode_key
-from botwire_stream.memory import MAX_TTL_SECONDS, ttl_seconds
+from botwire_stream.times import MAX_TTL_SECONDS, ttl_seconds
 
 TOO_LONG: list[Any] = [
     MAX_TTL_SECONDS + 1,

@@ -52,8 +52,9 @@ from .. import keys
 from ..chat import MAX_BATCH, AsyncChatHistory, _encode_message
 from ..client import running_loop
 from ..errors import BotWireError, InvalidMessage
-from ..memory import AsyncMemory, ttl_seconds
+from ..memory import AsyncMemory
 from ..portal import call
+from ..times import ttl_seconds
 
 __all__ = ["BotWireByteStore", "BotWireCache", "BotWireChatHistory"]
 
