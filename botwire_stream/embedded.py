@@ -228,6 +228,35 @@ def _is_our_server(state: ServerState) -> bool:
     return any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:]))
 
 
+def _stop_strays(home: Path) -> None:
+    """Stop this user's nats-servers started with ``home``'s config that ``state.json`` does not name.
+
+    One is left running when ``state.json`` is lost or cannot be written (a full disk) after its
+    start; starting another beside it put two servers on one JetStream store (measured: both ran,
+    the first unreachable once the token rotated). Called under the start lock, before a start.
+    """
+    if not hasattr(os, "geteuid") or not os.path.isdir("/proc"):
+        return
+    conf_arg = os.fsencode(_server_dir(home) / "nats.conf")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.geteuid():
+                continue  # another user's process: never signalled
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:])):
+            pid = int(entry.name)
+            stray = ServerState(
+                url="", pid=pid, port=0, home=str(home), store_dir="", log_file="", token_file="",
+                start_time=_proc_start_time(pid),
+            )
+            _terminate(stray, 5.0)
+
+
 def _read_state(home: Path) -> ServerState | None:
     try:
         data = json.loads(_read_private(_server_dir(home) / "state.json"))
@@ -317,20 +346,33 @@ def _ensure(
 ) -> tuple[ServerState, str]:
     _prepare(home)
     state = status(home)
-    if state is not None and state.ca_file and (not verify or _port_open(state.port)):
+    if state is not None and _has_certificate(state) and (not verify or _port_open(state.port)):
         token = load_token(home)
         if token is not None:
             return state, token
     with _start_lock(home):
         state = status(home)
         token = load_token(home)
-        if state is not None and token is not None and state.ca_file and _port_open(state.port):
+        if state is not None and token is not None and _has_certificate(state) and _port_open(state.port):
             return state, token
-        # Hung, its token lost, or started by an older version without TLS: nobody can use it.
+        # Hung, its token or certificate lost, or started by an older version without TLS: nobody
+        # can use it.
         if state is not None:
             _terminate(state, 5.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting)
+
+
+def _has_certificate(state: ServerState) -> bool:
+    """Whether clients can pin the server's certificate: without ``cert.pem`` (removed while the
+    server runs) every connect would fail until the server restarts with a new pair."""
+    if not state.ca_file:
+        return False  # started by an older version, without TLS
+    try:
+        _read_private(Path(state.ca_file))
+    except (OSError, UnsafeHome):
+        return False
+    return True
 
 
 @contextmanager
@@ -496,6 +538,7 @@ def _start(
     if free < MIN_FREE:
         raise disk_full_error(home, free, starting=True)
     sdir = _server_dir(home)
+    _stop_strays(home)
     store = home / "jetstream"
     ports_dir = sdir / "ports"
     _mkdir_private(ports_dir)
