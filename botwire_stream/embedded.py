@@ -136,11 +136,52 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _check_ancestors(home: Path) -> None:
+    """Refuse a home inside a folder another account controls: one it owns, or one others may
+    write to without the sticky bit (as /tmp has). Its owner could rename the home away and put
+    its own in its place between our checks and the server's start (a planted ``nats.conf``)."""
+    if not hasattr(os, "geteuid"):
+        return
+    import stat as st_mod
+
+    paths = {*Path(os.path.abspath(home)).parents, *Path(os.path.realpath(home)).parents}
+    for path in sorted(paths, key=lambda p: len(p.parts)):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # not created yet
+        if st.st_uid not in (0, os.geteuid()):
+            raise UnsafeHome(
+                f"{path} belongs to uid {st.st_uid}, who could replace the botwire home {home} inside it; "
+                "use a BOTWIRE_HOME in folders of your own"
+            )
+        if st.st_mode & 0o022 and not st.st_mode & st_mod.S_ISVTX:
+            raise UnsafeHome(
+                f"{path} is writable by other users without the sticky bit (mode {st.st_mode & 0o7777:o}): they "
+                f"could replace the botwire home {home} inside it; run `chmod go-w {path}` or use another BOTWIRE_HOME"
+            )
+
+
+def _makedirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders others cannot write to, whatever the umask (0o755 at most)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+        except FileExistsError:
+            continue
+
+
 def _prepare(home: Path) -> Path:
     """Create or check the home, its server folder and store; return the server folder."""
     if not home.exists():
-        home.parent.mkdir(parents=True, exist_ok=True)
+        _check_ancestors(home)  # nothing is created inside a folder of theirs
+        _makedirs(home.parent)
         _mkdir_private(home)
+    _check_ancestors(home)
     _check_owned(home, private=False, follow=True)
     sdir = _server_dir(home)
     for folder in (sdir, home / "jetstream"):

@@ -7,9 +7,12 @@ processes a test started itself are signalled, by pid.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from botwire_stream import Memory, embedded
+from botwire_stream.errors import UnsafeHome
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -114,3 +118,55 @@ def test_closing_a_memory_after_its_server_got_a_new_certificate_does_not_hang(
     assert not closer.is_alive(), "Memory.close() hung"
     with Memory(namespace) as again:
         assert again.get("k") == "v"
+
+
+OTHER_UID = 4243  # a uid nobody on the test machine uses
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="acting as a second local user needs root (to run a process under another uid)",
+)
+
+
+@needs_root
+def test_a_home_inside_a_folder_another_user_controls_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="botwire-shared-", dir="/tmp"))
+    os.chmod(shared, 0o1777)  # like /tmp: anyone may create folders there
+    try:
+        app = shared / "app"
+        made = subprocess.run(
+            ["/bin/sh", "-c", f"mkdir -m 777 '{app}' && chmod 777 '{app}'"],
+            user=OTHER_UID, group=OTHER_UID, capture_output=True, text=True, timeout=30,
+        )
+        assert made.returncode == 0, made.stderr
+        home = app / "botwire"
+        monkeypatch.setenv("BOTWIRE_HOME", str(home))
+        # Its owner could rename the home away and put one of its own, with a nats.conf of its
+        # choosing, in its place between our checks and the server's start. Was: used.
+        with pytest.raises(UnsafeHome, match=str(app)):
+            Memory("ns")
+        assert not home.exists()
+        os.chmod(app, 0o1777)  # its owner's, even sticky: still refused
+        with pytest.raises(UnsafeHome, match="uid 4243"):
+            Memory("ns")
+        assert not home.exists()
+    finally:
+        state = embedded._read_state(shared / "app" / "botwire")
+        if state is not None:  # a regression started a server there: do not leave it running
+            embedded._terminate(state, 5.0)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_folders_created_above_the_home_are_not_writable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespace: str
+) -> None:
+    home = tmp_path / "a" / "b" / "botwire"
+    monkeypatch.setenv("BOTWIRE_HOME", str(home))
+    old = os.umask(0)
+    try:
+        with Memory(namespace) as m:  # was: a/ and b/ created 0777 (anyone could swap the home)
+            m.set("k", 1)
+    finally:
+        os.umask(old)
+        embedded.stop(home)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
