@@ -461,9 +461,12 @@ def _ensure_certificate(sdir: Path) -> Path:
     try:
         _read_private(key)
         _read_private(cert)
-        return cert
+        if _pair_accepted(cert, key):
+            return cert
     except (OSError, UnsafeHome):
         pass  # missing, or not a private file of ours (a symlink...): a new pair replaces it
+    # A pair that clients would refuse (expired, not yet valid after the clock went back, a key
+    # that does not match) is replaced too: kept, it would lock every client out for good.
     import datetime
     import ipaddress
 
@@ -496,6 +499,38 @@ def _ensure_certificate(sdir: Path) -> Path:
     )
     _write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
     return cert
+
+
+def _pair_accepted(cert: Path, key: Path) -> bool:
+    """Whether a client pinning ``cert`` accepts a server holding ``key`` now: a TLS handshake
+    between the two in memory (about 2 ms; no import of ``cryptography``)."""
+    import ssl
+
+    try:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        client = ssl.create_default_context(cafile=str(cert))
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    sides = [
+        (client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1"), c_out, s_in),
+        (server.wrap_bio(s_in, s_out, server_side=True), s_out, c_in),
+    ]
+    done = [False, False]
+    for _ in range(8):  # TLS 1.3 completes in 2 round trips
+        for i, (side, out, peer_in) in enumerate(sides):
+            try:
+                side.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:  # the certificate is refused (expired...), or the key does not match
+                return False
+            peer_in.write(out.read())
+        if all(done):
+            return True
+    return False
 
 
 def _conf_string(text: str) -> str:

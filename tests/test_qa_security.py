@@ -6,6 +6,8 @@ processes a test started itself are signalled, by pid.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -18,6 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from botwire_stream import Memory, embedded
 from botwire_stream.errors import UnsafeHome
@@ -170,3 +176,50 @@ def test_folders_created_above_the_home_are_not_writable_by_others(
         embedded.stop(home)
     for folder in (tmp_path / "a", tmp_path / "a" / "b"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
+def _write_pair(sdir: Path, not_before: datetime.datetime, not_after: datetime.datetime) -> None:
+    """A self-signed pair for 127.0.0.1 valid from ``not_before`` to ``not_after``, as the server's."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old botwire pair")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    for name_, data in (("key.pem", pem_key), ("cert.pem", cert.public_bytes(serialization.Encoding.PEM))):
+        (sdir / name_).write_bytes(data)
+        os.chmod(sdir / name_, 0o600)
+
+
+@pytest.mark.parametrize("window", ["expired", "not yet valid", "key of another pair"])
+def test_a_certificate_clients_would_refuse_is_replaced_at_start(
+    botwire_home: Path, namespace: str, window: str
+) -> None:
+    embedded.ensure()
+    embedded.stop()
+    sdir = botwire_home / "server"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    if window == "expired":  # a home older than the certificate's validity
+        _write_pair(sdir, now - 4000 * day, now - day)
+    elif window == "not yet valid":  # the clock went back (a board without a clock battery)
+        _write_pair(sdir, now + 30 * day, now + 4000 * day)
+    else:
+        key = (sdir / "key.pem").read_bytes()
+        _write_pair(sdir, now - day, now + 4000 * day)
+        (sdir / "key.pem").write_bytes(key)
+    old_cert = (sdir / "cert.pem").read_bytes()
+    # Was: ServerNotTrusted for every client, for good (the pair was reused at every start).
+    with Memory(namespace) as m:
+        m.set("k", 1)
+        assert m.get("k") == 1
+    assert (sdir / "cert.pem").read_bytes() != old_cert
