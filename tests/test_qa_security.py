@@ -223,3 +223,20 @@ def test_a_certificate_clients_would_refuse_is_replaced_at_start(
         m.set("k", 1)
         assert m.get("k") == 1
     assert (sdir / "cert.pem").read_bytes() != old_cert
+
+
+def test_a_certificate_replaced_while_the_server_runs_restarts_it(
+    botwire_home: Path, namespace: str, tmp_path: Path
+) -> None:
+    with Memory(namespace) as m:
+        m.set("k", "v")
+        first = embedded.status()
+        assert first is not None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        _write_pair(botwire_home / "server", now - datetime.timedelta(days=1), now + datetime.timedelta(days=99))
+        # Was: every new client refused the running server (ServerNotTrusted) until `server stop`.
+        cli = _botwire("-n", namespace, "get", "k")
+        assert cli.returncode == 0 and cli.stdout.strip() == "v", cli.stderr
+        second = embedded.status()
+        assert second is not None and second.pid != first.pid
+        assert m.get("k") == "v"
