@@ -66,7 +66,9 @@ def home_dir() -> Path:
     """``BOTWIRE_HOME``, else the platform's user data folder for botwire."""
     env = os.environ.get("BOTWIRE_HOME")
     if env:
-        return Path(env).expanduser()
+        # Absolute: the server's command line names its config by this path, and a relative one
+        # (`.botwire`) would name another project's server alike.
+        return Path(env).expanduser().absolute()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("botwire", appauthor=False))
@@ -276,8 +278,8 @@ def _stop_strays(home: Path) -> None:
     start; starting another beside it put two servers on one JetStream store (measured: both ran,
     the first unreachable once the token rotated). Called under the start lock, before a start.
     """
-    if not hasattr(os, "geteuid") or not os.path.isdir("/proc"):
-        return
+    if not hasattr(os, "geteuid") or not os.path.isdir("/proc") or not home.is_absolute():
+        return  # a relative home's config path may name another folder's server from another cwd
     conf_arg = os.fsencode(_server_dir(home) / "nats.conf")
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -304,7 +306,7 @@ def _read_state(home: Path) -> ServerState | None:
         state = ServerState(**data)
     except (OSError, ValueError, TypeError, UnsafeHome):
         return None
-    if Path(state.home) != home:  # copied from another home: its pid is not ours
+    if Path(state.home).absolute() != home.absolute():  # copied from another home: its pid is not ours
         return None
     return state
 

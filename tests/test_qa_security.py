@@ -240,3 +240,26 @@ def test_a_certificate_replaced_while_the_server_runs_restarts_it(
         second = embedded.status()
         assert second is not None and second.pid != first.pid
         assert m.get("k") == "v"
+
+
+@needs_proc
+def test_a_relative_home_never_stops_the_server_of_another_folder(tmp_path: Path) -> None:
+    """Two projects with BOTWIRE_HOME=.botwire, each in its own folder: two homes, two servers."""
+    folders = [tmp_path / "project-a", tmp_path / "project-b"]
+    env = {**os.environ, "BOTWIRE_HOME": ".botwire"}
+    try:
+        for folder in folders:
+            folder.mkdir()
+            done = subprocess.run(
+                [sys.executable, "-m", "botwire_stream", "server", "start"],
+                cwd=folder, env=env, capture_output=True, text=True, timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+        # Was (with the stray-server check on a relative path): starting b's server stopped a's.
+        for folder in folders:
+            state = embedded.status(folder / ".botwire")
+            assert state is not None, folder
+            assert Path(state.home) == folder / ".botwire"
+    finally:
+        for folder in folders:
+            embedded.stop(folder / ".botwire")
