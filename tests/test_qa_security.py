@@ -263,3 +263,25 @@ def test_a_relative_home_never_stops_the_server_of_another_folder(tmp_path: Path
     finally:
         for folder in folders:
             embedded.stop(folder / ".botwire")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_server_stop_shuts_a_stopped_server_down_cleanly(botwire_home: Path, namespace: str) -> None:
+    with Memory(namespace) as m:
+        m.set("k", "v")
+    state = embedded.status()
+    assert state is not None
+    os.kill(state.pid, signal.SIGSTOP)  # hung: the server this test started
+    try:
+        done = _botwire("server", "stop")
+        assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
+    finally:
+        if state.pid in _servers_of(botwire_home):
+            os.kill(state.pid, signal.SIGCONT)
+    # Was: SIGTERM waited 10 s on the stopped process, then SIGKILL (no JetStream flush, no log).
+    log = (botwire_home / "server" / "server.log").read_text().splitlines()
+    lines = [line for line in log if line.startswith(f"[{state.pid}] ")]
+    assert any("Server Exiting" in line for line in lines), lines[-3:]
+    with Memory(namespace) as m:
+        assert m.get("k") == "v"
