@@ -194,7 +194,9 @@ def _write_pair(sdir: Path, not_before: datetime.datetime, not_after: datetime.d
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     for name_, data in (("key.pem", pem_key), ("cert.pem", cert.public_bytes(serialization.Encoding.PEM))):
         (sdir / name_).write_bytes(data)
         os.chmod(sdir / name_, 0o600)
