@@ -300,6 +300,11 @@ def _stop_strays(home: Path) -> None:
             _terminate(stray, 5.0)
 
 
+def spawned_pids() -> set[int]:
+    """The pids of the servers this process started."""
+    return set(_started)
+
+
 def _read_state(home: Path) -> ServerState | None:
     try:
         data = json.loads(_read_private(_server_dir(home) / "state.json"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -287,3 +288,18 @@ def test_server_stop_shuts_a_stopped_server_down_cleanly(botwire_home: Path, nam
     assert any("Server Exiting" in line for line in lines), lines[-3:]
     with Memory(namespace) as m:
         assert m.get("k") == "v"
+
+
+@pytest.mark.slow
+def test_concurrent_server_starts_report_one_start(botwire_home: Path) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "botwire_stream", "server", "start", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(6)
+    ]
+    outs = [json.loads(p.communicate(timeout=90)[0]) for p in procs]
+    assert len({o["pid"] for o in outs}) == 1
+    # Was: all six said "started" (each had seen no server before waiting for the start lock).
+    assert sum(o["started"] for o in outs) == 1, outs
