@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from botwire_stream import Memory, embedded
-from botwire_stream.errors import UnsafeHome
+from botwire_stream.errors import ServerUnavailable, UnsafeHome
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -303,3 +304,26 @@ def test_concurrent_server_starts_report_one_start(botwire_home: Path) -> None:
     assert len({o["pid"] for o in outs}) == 1
     # Was: all six said "started" (each had seen no server before waiting for the start lock).
     assert sum(o["started"] for o in outs) == 1, outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "userinfo", ["alice:correct horse battery", "alice:zq@xv jkw", "mal ory:qwzx"]
+)
+def test_passwords_with_spaces_are_redacted_in_errors(namespace: str, userinfo: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    with pytest.raises(ServerUnavailable) as info:
+        with Memory(namespace, url=f"nats://{userinfo}@127.0.0.1:{port}") as m:
+            m.get("k")
+    chain: list[BaseException] = []
+    exc: BaseException | None = info.value
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(f"{e!r} {e}" for e in chain)
+    # Was: "nats://alice:correct ***@127.0.0.1:..." (the redaction stopped at the space).
+    for word in userinfo.replace(":", " ").replace("@", " ").split():
+        assert word not in text, word
+    assert f"127.0.0.1:{port}" in str(info.value)
