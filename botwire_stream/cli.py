@@ -480,9 +480,9 @@ def start(opts: Options) -> None:
     from . import embedded
 
     home = embedded.home_dir()
-    before = embedded.status(home)
     state, _ = embedded.ensure(home, verify=True)  # also restarts a server whose token file was lost
-    was_running = before is not None and before.pid == state.pid
+    # Started by this process, not merely absent when it began (concurrent starts: one says so).
+    was_running = state.pid not in embedded.spawned_pids()
     if opts.json:
         click.echo(_json({**_state_dict(state), "started": not was_running}))
     else:

@@ -70,7 +70,9 @@ def home_dir() -> Path:
     """``BOTWIRE_HOME``, else the platform's user data folder for botwire."""
     env = os.environ.get("BOTWIRE_HOME")
     if env:
-        return Path(env).expanduser()
+        # Absolute: the server's command line names its config by this path, and a relative one
+        # (`.botwire`) would name another project's server alike.
+        return Path(env).expanduser().absolute()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("botwire", appauthor=False))
@@ -140,11 +142,52 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _check_ancestors(home: Path) -> None:
+    """Refuse a home inside a folder another account controls: one it owns, or one others may
+    write to without the sticky bit (as /tmp has). Its owner could rename the home away and put
+    its own in its place between our checks and the server's start (a planted ``nats.conf``)."""
+    if not hasattr(os, "geteuid"):
+        return
+    import stat as st_mod
+
+    paths = {*Path(os.path.abspath(home)).parents, *Path(os.path.realpath(home)).parents}
+    for path in sorted(paths, key=lambda p: len(p.parts)):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # not created yet
+        if st.st_uid not in (0, os.geteuid()):
+            raise UnsafeHome(
+                f"{path} belongs to uid {st.st_uid}, who could replace the botwire home {home} inside it; "
+                "use a BOTWIRE_HOME in folders of your own"
+            )
+        if st.st_mode & 0o022 and not st.st_mode & st_mod.S_ISVTX:
+            raise UnsafeHome(
+                f"{path} is writable by other users without the sticky bit (mode {st.st_mode & 0o7777:o}): they "
+                f"could replace the botwire home {home} inside it; run `chmod go-w {path}` or use another BOTWIRE_HOME"
+            )
+
+
+def _makedirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders others cannot write to, whatever the umask (0o755 at most)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+        except FileExistsError:
+            continue
+
+
 def _prepare(home: Path) -> Path:
     """Create or check the home, its server folder and store; return the server folder."""
     if not home.exists():
-        home.parent.mkdir(parents=True, exist_ok=True)
+        _check_ancestors(home)  # nothing is created inside a folder of theirs
+        _makedirs(home.parent)
         _mkdir_private(home)
+    _check_ancestors(home)
     _check_owned(home, private=False, follow=True)
     sdir = _server_dir(home)
     for folder in (sdir, home / "jetstream"):
@@ -232,13 +275,47 @@ def _is_our_server(state: ServerState) -> bool:
     return any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:]))
 
 
+def _stop_strays(home: Path) -> None:
+    """Stop this user's nats-servers started with ``home``'s config that ``state.json`` does not name.
+
+    One is left running when ``state.json`` is lost or cannot be written (a full disk) after its
+    start; starting another beside it put two servers on one JetStream store (measured: both ran,
+    the first unreachable once the token rotated). Called under the start lock, before a start.
+    """
+    if not hasattr(os, "geteuid") or not os.path.isdir("/proc") or not home.is_absolute():
+        return  # a relative home's config path may name another folder's server from another cwd
+    conf_arg = os.fsencode(_server_dir(home) / "nats.conf")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.geteuid():
+                continue  # another user's process: never signalled
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"-c" and b == conf_arg for a, b in zip(argv, argv[1:])):
+            pid = int(entry.name)
+            stray = ServerState(
+                url="", pid=pid, port=0, home=str(home), store_dir="", log_file="", token_file="",
+                start_time=_proc_start_time(pid),
+            )
+            _terminate(stray, 5.0)
+
+
+def spawned_pids() -> set[int]:
+    """The pids of the servers this process started."""
+    return set(_started)
+
+
 def _read_state(home: Path) -> ServerState | None:
     try:
         data = json.loads(_read_private(_server_dir(home) / "state.json"))
         state = ServerState(**data)
     except (OSError, ValueError, TypeError, UnsafeHome):
         return None
-    if Path(state.home) != home:  # copied from another home: its pid is not ours
+    if Path(state.home).absolute() != home.absolute():  # copied from another home: its pid is not ours
         return None
     return state
 
@@ -354,21 +431,33 @@ def _ensure(
 ) -> tuple[ServerState, str]:
     _prepare(home)
     state = status(home)
-    if state is not None and state.ca_file and not verify:
+    if state is not None and _has_certificate(state) and not verify:
         token = load_token(home)
         if token is not None:
             return state, token
     with _start_lock(home):
         state = status(home)
         token = load_token(home)
-        if state is not None and token is not None and state.ca_file and _answers(state):
+        if state is not None and token is not None and _has_certificate(state) and _answers(state):
             return state, token
-        # Hung (it greets no new connection), its token lost, or started by an older version
-        # without TLS: nobody can use it.
+        # Hung (it greets no new connection), its token or certificate lost, or started by an
+        # older version without TLS: nobody can use it.
         if state is not None:
             _terminate(state, 2.0)
         previous = _read_state(home)
         return _start(home, previous.port if previous else None, while_booting)
+
+
+def _has_certificate(state: ServerState) -> bool:
+    """Whether clients can pin the server's certificate: without ``cert.pem`` (removed while the
+    server runs) every connect would fail until the server restarts with a new pair."""
+    if not state.ca_file:
+        return False  # started by an older version, without TLS
+    try:
+        _read_private(Path(state.ca_file))
+    except (OSError, UnsafeHome):
+        return False
+    return True
 
 
 @contextmanager
@@ -416,9 +505,12 @@ def _ensure_certificate(sdir: Path) -> Path:
     try:
         _read_private(key)
         _read_private(cert)
-        return cert
+        if _pair_accepted(cert, key):
+            return cert
     except (OSError, UnsafeHome):
         pass  # missing, or not a private file of ours (a symlink...): a new pair replaces it
+    # A pair that clients would refuse (expired, not yet valid after the clock went back, a key
+    # that does not match) is replaced too: kept, it would lock every client out for good.
     import datetime
     import ipaddress
 
@@ -451,6 +543,38 @@ def _ensure_certificate(sdir: Path) -> Path:
     )
     _write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
     return cert
+
+
+def _pair_accepted(cert: Path, key: Path) -> bool:
+    """Whether a client pinning ``cert`` accepts a server holding ``key`` now: a TLS handshake
+    between the two in memory (about 2 ms; no import of ``cryptography``)."""
+    import ssl
+
+    try:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        client = ssl.create_default_context(cafile=str(cert))
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    sides = [
+        (client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1"), c_out, s_in),
+        (server.wrap_bio(s_in, s_out, server_side=True), s_out, c_in),
+    ]
+    done = [False, False]
+    for _ in range(8):  # TLS 1.3 completes in 2 round trips
+        for i, (side, out, peer_in) in enumerate(sides):
+            try:
+                side.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:  # the certificate is refused (expired...), or the key does not match
+                return False
+            peer_in.write(out.read())
+        if all(done):
+            return True
+    return False
 
 
 def _conf_string(text: str) -> str:
@@ -566,6 +690,7 @@ def _start(
     if free < MIN_FREE:
         raise disk_full_error(home, free, starting=True)
     sdir = _server_dir(home)
+    _stop_strays(home)
     store = home / "jetstream"
     ports_dir = sdir / "ports"
     _mkdir_private(ports_dir)
@@ -666,8 +791,10 @@ def _terminate(state: ServerState, timeout: float) -> None:
             return
         try:
             os.kill(state.pid, sig)
-            if sig == signal.SIGTERM:
-                os.kill(state.pid, signal.SIGCONT)  # a stopped server acts on SIGTERM only once continued
+            if sig == signal.SIGTERM and hasattr(signal, "SIGCONT"):
+                # A stopped (SIGSTOP'd, hung) server handles SIGTERM only once continued: it then shuts
+                # down cleanly at once (was: 10 s of waiting, then SIGKILL without JetStream's flush).
+                os.kill(state.pid, signal.SIGCONT)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout

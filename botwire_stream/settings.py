@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from .errors import BotWireError, InvalidArgument
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)?[^/\s,]*@")
+# After a scheme, everything up to the last "@" before the host (a password may hold spaces or "@":
+# nats-py takes them raw); the stops are characters that end a URL's authority or start the text
+# around it in our messages ("within 5 s: [Errno ...]", "; is the server running?").
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\[\],]*@|[^/\s,]*@")
 
 
 def redact(url: str) -> str:

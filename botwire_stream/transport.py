@@ -330,10 +330,7 @@ class Connection:
             self._mux.fail_all(nats.errors.ConnectionClosedError())
             self._mux = None
         if not self.nc.is_closed:
-            try:
-                await self.nc.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+            await _close_soon(self.nc)
 
     @property
     def max_body(self) -> int:
@@ -354,7 +351,10 @@ class Connection:
         try:
             nc = await _connect_embedded(state, timeout=1.0)
         except ServerNotTrusted:
-            raise
+            # Our server (ensure checked its pid and port) shows another certificate than cert.pem:
+            # the pair was replaced while it ran. Restart it with the pair on disk, once.
+            state = await asyncio.to_thread(embedded.restart, home, state.pid)
+            nc = await _connect_embedded(state)
         except ServerUnavailable:  # it died between the check and the connect: start it again
             state, _token = await asyncio.to_thread(embedded.ensure, home, verify=True)
             nc = await _connect_embedded(state)
@@ -993,6 +993,20 @@ CONNECT_TIMEOUT = 5.0
 _closing: set[asyncio.Future[None]] = set()  # old clients still closing in the background
 
 
+async def _close_soon(nc: NATS, wait: float = 1.0) -> None:
+    """Close ``nc``, waiting at most ``wait`` seconds; the rest of the close goes on in the background.
+
+    nats-py's close waits for the TLS transport to close, which never happens when the peer does not
+    answer: a SIGSTOP'd server (a `botwire get` took > 100 s), or a client left reconnecting after
+    a failed handshake (a new certificate, a stranger on the old port: `Memory.close()` hung for good).
+    """
+    closing = asyncio.ensure_future(nc.close())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
+    closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+    await asyncio.wait({closing}, timeout=wait)
+
+
 class _PlainTextRefused(nats.errors.Error):
     """A ``tls://`` server did not set up TLS: the CONNECT (with credentials) was not sent."""
 
@@ -1043,6 +1057,10 @@ async def _connect_embedded(state: embedded.ServerState, timeout: float = CONNEC
     presents the new one; one that reaches an impostor on the old port sends it nothing.
     """
     home = Path(state.home)
+    try:
+        context = pinned_context(state.ca_file)
+    except (OSError, ssl.SSLError) as exc:  # removed or spoiled since ensure() looked: start again
+        raise ServerUnavailable(f"cannot read the embedded server's certificate {state.ca_file}: {exc}") from exc
     last = [embedded.load_token(home) or ""]
 
     def token() -> str:
@@ -1050,7 +1068,7 @@ async def _connect_embedded(state: embedded.ServerState, timeout: float = CONNEC
         return last[0]
 
     return await _connect(
-        [state.url], token=token, timeout=timeout, tls=pinned_context(state.ca_file), tls_handshake_first=True
+        [state.url], token=token, timeout=timeout, tls=context, tls_handshake_first=True
     )
 
 
@@ -1116,10 +1134,7 @@ async def _connect(
     if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
         return nc
     connecting.cancel()
-    try:
-        await nc.close()
-    except Exception:  # noqa: BLE001 - nothing to close
-        pass
+    await _close_soon(nc)  # a hung (SIGSTOP'd) server would hold the close (measured: > 100 s)
     where = redact(", ".join(servers))
     if untrusted:
         if isinstance(untrusted[0], _PlainTextRefused):
@@ -1139,7 +1154,7 @@ async def _connect(
                 f"the creds file {creds!r} is not a NATS .creds file (a user JWT and its nkey seed): {failure!r}"
             ) from failure
         raise translate(failure)
-    detail = f": {redact(str(last_error[0]))}" if last_error else ""
+    detail = f": {redact(str(last_error[0]) or type(last_error[0]).__name__)}" if last_error else ""
     raise ServerUnavailable(f"cannot connect to {where} within {timeout:.0f} s{detail}; is the server running?")
 
 
