@@ -15,12 +15,12 @@ from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
 
-async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:
+async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig], timeout: float = 5.0) -> Connection:
     """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
     conn = await acquire(opts)
     try:
         for config in configs:
-            await conn.ensure_stream(config)
+            await conn.ensure_stream(config, timeout)
     except BaseException:
         await release(conn)
         raise
@@ -34,6 +34,8 @@ class StreamClient(ABC):
     raises ``WrongEventLoop`` before sending anything (nats-py would write on the other loop's
     socket and then fail with "attached to a different loop", the write's fate unknown).
     """
+
+    _timeout: float = 5.0  # each request's timeout (set by the subclass from its ``timeout=``)
 
     def __init__(self, opts: ConnectOptions) -> None:
         self._opts = opts
@@ -79,7 +81,7 @@ class StreamClient(ABC):
             raise self._wrong_loop()  # still opening on its first loop
         async with self._opening:
             if self._conn_ is None:
-                conn = await open_with_streams(self._opts, self._streams())
+                conn = await open_with_streams(self._opts, self._streams(), self._timeout)
                 try:
                     await self._opened(conn)
                 except BaseException:

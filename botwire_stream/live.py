@@ -34,6 +34,7 @@ class LiveIterator(ABC, Generic[T]):
     def __init__(self, connect: Callable[[], Awaitable[Connection]], stream: str, timeout: float) -> None:
         self._connect = connect
         self._stream = stream
+        self._timeout = timeout
         self._grace = 3 * timeout
         self._conn: Connection | None = None
         self._sub: Any = None
@@ -61,11 +62,11 @@ class LiveIterator(ABC, Generic[T]):
             if self._next_seq is None:
                 self._next_seq = self._first_seq()
             if self._next_seq is None:
-                info = await conn.call(lambda: conn.js.stream_info(self._stream))
+                info = await conn.call(lambda: conn.js.stream_info(self._stream), timeout=self._timeout)
                 self._next_seq = info.state.last_seq + 1
             start = self._next_seq
             self._gen = conn.generation()
-            self._sub = await conn.call(lambda: self._subscribe(conn, start))
+            self._sub = await conn.call(lambda: self._subscribe(conn, start), timeout=self._timeout)
             self._conn = conn
         return self
 

@@ -609,8 +609,8 @@ class Connection:
         return translate(exc)
 
     # -- streams --------------------------------------------------------------------------------
-    async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream unless this connection already knows it exists."""
+    async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
+        """Create the stream unless this connection already knows it exists (within ``timeout``)."""
         name = config.name
         assert name is not None
         if name in self._ready_streams:
@@ -632,7 +632,7 @@ class Connection:
                         raise embedded.disk_full_error(self.home, free) from exc
                 raise
 
-        await self.call(run)
+        await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
 
     # -- publishing -----------------------------------------------------------------------------
@@ -830,6 +830,7 @@ class Connection:
         page: int = 1000,
         headers: bool = True,
         known: int | None = None,
+        timeout: float = 10.0,
     ) -> list[Msg]:
         """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets,
         however many bytes they hold.
@@ -838,6 +839,7 @@ class Connection:
         long reads, but the messages then carry neither sequence nor time. ``known``: how many
         messages followed ``start_seq`` at some moment before the call; once that many are read,
         all of them are (they have the lowest sequences), which saves the closing request.
+        ``timeout`` bounds each page's request.
         """
         out: list[Msg] = []
         seq = start_seq
@@ -845,7 +847,7 @@ class Connection:
             req: dict[str, Any] = {"next_by_subj": subject, "seq": seq, "batch": page}
             if not headers:
                 req["no_hdr"] = True
-            batch = await self.direct_batch(stream, req)
+            batch = await self.direct_batch(stream, req, timeout)
             out.extend(batch.msgs)
             # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
             # fewer messages than asked does not mean the end. With headers the end-of-batch
@@ -917,7 +919,7 @@ class Connection:
 
         return await self.call(run, timeout=timeout)
 
-    async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
+    async def subject_counts(self, stream: str, subject_filter: str, timeout: float = 5.0) -> dict[str, int]:
         """How many messages each subject matching ``subject_filter`` holds (one request per
         100,000 subjects: the server sends at most that many per stream info reply, sorted, and
         nats-py's ``stream_info`` asks for the first page only)."""
@@ -928,7 +930,7 @@ class Connection:
                 req: dict[str, Any] = {"subjects_filter": subject_filter}
                 if counts:
                     req["offset"] = len(counts)
-                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, 10.0)
+                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, timeout)
                 info = msgspec.json.decode(resp.data)
                 if "error" in info:
                     err = info["error"]
@@ -941,7 +943,7 @@ class Connection:
                 if len(counts) == before or len(counts) >= info.get("total", 0):
                     return counts
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def purge(
         self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
