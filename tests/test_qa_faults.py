@@ -1,0 +1,82 @@
+"""QA of the fault fixes: every public call against a stalled server ends within its timeout,
+writes stalled at random moments from several processes keep their invariants, cancelled writes
+leave nothing stuck, and a watch on a stalled server does not block for good.
+
+Stalls are SIGSTOP/SIGCONT of the test's own nats-server, by PID; loops are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream.errors import OutcomeUnknown, ServerUnavailable
+from tests import procs
+from tests.servers import NatsServer
+from tests.test_faults import _stop
+
+BIG = "x" * 3_000_000  # over the test server's 1 MiB max_payload: a chunked value
+
+
+def _calls(m: AsyncMemory, chat: AsyncChatHistory, ns: str) -> dict[str, Callable[[], Awaitable[Any]]]:
+    return {
+        "get": lambda: m.get("k"),
+        "get chunked": lambda: m.get("big"),
+        "contains": lambda: m.contains("k"),
+        "set": lambda: m.set("k", 2),
+        "set chunked": lambda: m.set("big2", BIG),
+        "update": lambda: m.update("k", lambda v: v + 1),
+        "delete": lambda: m.delete("k"),
+        "revisions": lambda: m.revisions("k"),
+        "list_keys": lambda: m.list_keys("*"),
+        "append": lambda: chat.append({"n": 2}),
+        "extend": lambda: chat.extend([{"a": 1}, {"b": 2}]),
+        "messages": lambda: chat.messages(),
+        "messages last": lambda: chat.messages(last=1),
+        "entries": lambda: chat.entries(after=1),
+        "count": lambda: chat.count(),
+        "clear": lambda: chat.clear(),
+        "fork": lambda: chat.fork("s2"),
+        "first call of a new client": lambda: AsyncMemory(ns + "x", url=m._opts.servers[0], timeout=m._timeout).get("k"),  # type: ignore[index]
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout", [0.5])
+async def test_every_call_to_a_stopped_server_ends_within_its_timeout(
+    own_server: NatsServer, namespace: str, timeout: float
+) -> None:
+    """Measured before the fix with timeout=1: a chunked set took 40 s (30 s per chunk),
+    revisions/list_keys/messages/entries/count/clear/fork 10 s, a new client's first call 5 s,
+    extend 2 s."""
+    async with (
+        AsyncMemory(namespace, url=own_server.url, timeout=timeout) as m,
+        AsyncChatHistory("s", namespace=namespace, url=own_server.url, timeout=timeout) as chat,
+    ):
+        await m.set("k", 1)
+        await m.set("big", BIG)
+        await chat.append({"n": 0})
+        await chat.append({"n": 1})
+        _stop(own_server.pid)
+        slow = {}
+        try:
+            for name, call in _calls(m, chat, namespace).items():
+                started = time.monotonic()
+                with pytest.raises(ServerUnavailable):
+                    await asyncio.wait_for(call(), 60)
+                took = time.monotonic() - started
+                # the chunked set's deadline is its timeout plus 1 s per 16 MiB (0.18 s here)
+                if took > timeout + 0.18 + 1.0:
+                    slow[name] = round(took, 1)
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+        assert not slow, slow
