@@ -271,6 +271,8 @@ class AsyncChatHistory(StreamClient):
                         kept = await self._partial_batch(conn, {h["Nats-Msg-Id"] for h in headers})
                 except TimeoutError:
                     pass  # no answer: the server stalled, nothing to learn
+                if len(kept) == len(payloads):
+                    return kept  # all stored: only the answer was lost (a server stalled past the deadline)
                 if kept:
                     raise QuotaExceeded(
                         f"the server stored only {len(kept)} of these {len(payloads)} messages (sequences "

@@ -80,3 +80,71 @@ async def test_every_call_to_a_stopped_server_ends_within_its_timeout(
         finally:
             os.kill(own_server.pid, signal.SIGCONT)
         assert not slow, slow
+
+
+def _stall_at_random(pid: int, go: Path, stop: Path, stalls: list[float]) -> None:
+    """Once ``go`` exists: SIGSTOP ``pid`` for each of ``stalls`` seconds in turn, with 0.3 s
+    of work between, then create ``stop``. Bounded: the stalls' sum plus a few seconds."""
+    deadline = time.monotonic() + 30
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        for seconds in stalls:
+            time.sleep(0.3)
+            _stop(pid)
+            time.sleep(seconds)
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop.touch()
+
+
+# Stall lengths around the 1 s timeout of the workers: shorter, about equal and longer (a fixed
+# list rather than random, so that a failure can be replayed).
+_STALLS = [0.4, 1.1, 0.05, 1.6, 0.9, 2.2, 0.2, 1.0]
+
+
+@pytest.mark.slow
+def test_updates_and_appends_from_several_processes_keep_their_invariants_under_stalls(
+    own_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    """2 processes incrementing a counter and 2 appending/extending one conversation (timeout=1),
+    the server stopped 8 times for 0.05-2.2 s: the counter equals the increments reported done plus
+    at most the ``OutcomeUnknown`` ones; the conversation holds every acknowledged message at its
+    returned sequence, no message twice, and nothing that was reported as not stored."""
+    go, stop = tmp_path / "go", tmp_path / "stop"
+    stall = threading.Thread(target=_stall_at_random, args=(own_server.pid, go, stop, _STALLS))
+    stall.start()
+    try:
+        commands = [
+            [cmd, own_server.url, namespace, f"{cmd}{n}", str(stop), str(go)] for cmd in ("incr", "append") for n in (0, 1)
+        ]
+        results = procs.run_together("tests.qa_fault_workers", commands, go)
+    finally:
+        stop.touch()
+        stall.join(40)
+    incr, appenders = results[:2], results[2:]
+
+    async def read() -> tuple[Any, list[Any]]:
+        async with (
+            AsyncMemory(namespace, url=own_server.url) as m,
+            AsyncChatHistory("c", namespace=namespace, url=own_server.url) as chat,
+        ):
+            return await m.get("counter"), await chat.entries()
+
+    counter, entries = asyncio.run(read())
+    ok = sum(r["ok"] for r in incr)
+    unknown = sum(r["unknown"] for r in incr)
+    assert ok > 0 and ok <= (counter or 0) <= ok + unknown, (counter, incr)
+
+    stored = [(e.message["w"], e.message["i"]) for e in entries]
+    assert len(stored) == len(set(stored)), "a message stored twice"
+    by_seq = {e.seq: (e.message["w"], e.message["i"]) for e in entries}
+    for n, r in enumerate(appenders):
+        name = f"append{n}"
+        for seq, i in r["acked"]:
+            assert by_seq.get(seq) == (name, i), (seq, i, by_seq.get(seq))
+        mine = {i for w, i in stored if w == name}
+        assert not mine & set(r["failed"]), "a write reported as not stored was stored"
+        assert mine <= {i for _, i in r["acked"]} | set(r["unknown"]), "a message nobody acknowledged"
