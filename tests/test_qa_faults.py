@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
 from botwire_stream.errors import OutcomeUnknown, ServerUnavailable
 from tests import procs
 from tests.servers import NatsServer
-from tests.test_faults import _stop
+from tests.test_faults import _kill_if_ours, _stop
 
 BIG = "x" * 3_000_000  # over the test server's 1 MiB max_payload: a chunked value
 
@@ -148,3 +148,40 @@ def test_updates_and_appends_from_several_processes_keep_their_invariants_under_
         mine = {i for w, i in stored if w == name}
         assert not mine & set(r["failed"]), "a write reported as not stored was stored"
         assert mine <= {i for _, i in r["acked"]} | set(r["unknown"]), "a message nobody acknowledged"
+
+
+
+async def test_watch_on_a_stopped_server_raises_instead_of_blocking(own_server: NatsServer, namespace: str) -> None:
+    """A SIGSTOPped server keeps the watch's connection open: before the fix the watch waited
+    for nats-py's pings (2 minutes apart) and blocked meanwhile."""
+    async with AsyncMemory(namespace, url=own_server.url, timeout=1) as m, m.watch("*") as w:
+        _stop(own_server.pid)
+        try:
+            with pytest.raises(ServerUnavailable, match="has not answered the watch"):
+                await asyncio.wait_for(w.__anext__(), 20)
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+async def test_a_watch_alone_restarts_a_hung_embedded_server_and_resumes(botwire_home: Path, namespace: str) -> None:
+    """A process that only watches, its embedded server stopped (SIGSTOP, never continued): the
+    watch restarts it and delivers what is written afterwards (before: blocked for minutes)."""
+    async with AsyncMemory(namespace, timeout=1) as m:
+        await m.set("a", 1)
+        state = embedded.status(botwire_home)
+        assert state is not None
+        async with m.watch("*") as w:
+            _stop(state.pid)
+            try:
+                task = asyncio.ensure_future(w.__anext__())
+                deadline = time.monotonic() + 20
+                while (now := embedded.status(botwire_home)) is None or now.pid == state.pid:
+                    assert time.monotonic() < deadline, "the hung server was not restarted"
+                    assert not task.done() or task.exception() is None, task.exception()
+                    await asyncio.sleep(0.1)
+                await m.set("b", 2)
+                change = await asyncio.wait_for(task, 20)
+                assert (change.key, change.value) == ("b", 2)
+            finally:
+                _kill_if_ours(state.pid, botwire_home)
