@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import keys
-from .client import StreamClient, open_with_streams
+from .client import StreamClient, check_timeout, open_with_streams
 from .errors import BotWireError, Conflict, InvalidArgument, InvalidMessage, QuotaExceeded, ServerUnavailable, ValueTooLarge
 from .live import LiveIterator
 from .memory import parse_time, ttl_seconds
@@ -173,7 +173,7 @@ class AsyncChatHistory(StreamClient):
         self.ttl = ttl_seconds(ttl)
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._replicas = replicas
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         token_path = keys.encode_key(session_id)
         self.subject = self._names.chat + token_path
         self._ttl_subject = self._names.ttl + token_path

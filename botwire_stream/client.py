@@ -4,15 +4,36 @@ which their streams are made sure to exist, and the open/close/``async with`` li
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError, WrongEventLoop
+from .errors import BotWireError, InvalidArgument, WrongEventLoop
 from .settings import ConnectOptions
 from .transport import Connection, acquire, release
+
+
+# The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
+# timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the
+# first copy then, or a re-send would be stored twice and a read-back (``Connection._landed``)
+# would miss it.
+MAX_TIMEOUT = 60.0
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout=`` as a float: a finite number of seconds in (0, ``MAX_TIMEOUT``], else ``InvalidArgument``."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgument(f"timeout must be a number of seconds, not {timeout!r}")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise InvalidArgument(
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds (within the server's 2-minute "
+            f"duplicate window, so that a re-sent write is never stored twice), not {timeout!r}"
+        )
+    return seconds
 
 
 async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig], timeout: float = 5.0) -> Connection:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from . import codec, keys
-from .client import StreamClient
+from .client import StreamClient, check_timeout
 from .errors import (
     BotWireError,
     Conflict,
@@ -162,7 +162,7 @@ class AsyncMemory(StreamClient):
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
         self._replicas = replicas
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self.bucket = f"botwire_{namespace}"
         self.stream = f"KV_{self.bucket}"
         self._prefix = f"$KV.{self.bucket}."

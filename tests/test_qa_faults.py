@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
-from botwire_stream.errors import OutcomeUnknown, ServerUnavailable
+from botwire_stream.client import MAX_TIMEOUT
+from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from tests import procs
 from tests.servers import NatsServer
 from tests.test_faults import _kill_if_ours, _stop
@@ -185,3 +186,19 @@ async def test_a_watch_alone_restarts_a_hung_embedded_server_and_resumes(botwire
                 assert (change.key, change.value) == ("b", 2)
             finally:
                 _kill_if_ours(state.pid, botwire_home)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "2", 61, 1e9])
+def test_a_timeout_that_cannot_be_honoured_is_refused(url: str, namespace: str, timeout: Any) -> None:
+    """Before: 0 and -1 raised ServerUnavailable "did not answer within -1 s" on every call, "2" a
+    raw TypeError, and nan, inf and 1e9 were taken: a write re-sent more than 2 minutes after its
+    first copy (the server's duplicate window) would be stored twice."""
+    with pytest.raises(InvalidArgument, match="timeout"):
+        AsyncMemory(namespace, url=url, timeout=timeout)
+    with pytest.raises(InvalidArgument, match="timeout"):
+        AsyncChatHistory("s", namespace=namespace, url=url, timeout=timeout)
+
+
+async def test_the_longest_timeout_is_accepted(url: str, namespace: str) -> None:
+    async with AsyncMemory(namespace, url=url, timeout=MAX_TIMEOUT) as m:
+        assert await m.set("k", 1) > 0
