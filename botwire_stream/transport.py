@@ -279,6 +279,7 @@ class Connection:
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
+        self._healing: asyncio.Task[None] | None = None  # a hung-server check left running by _fail
         self._full_pid = 0  # the embedded server seen with a full disk (its streams then stay wedged)
         self._mux: _ReplyMux | None = None
         self._id_prefix = secrets.token_urlsafe(12) + "-"  # 96 random bits: unique across processes
@@ -321,6 +322,8 @@ class Connection:
 
     async def close(self) -> None:
         """Close the NATS connection; requests still waiting fail."""
+        if self._healing is not None:
+            self._healing.cancel()
         if self._mux is not None:
             self._mux.fail_all(nats.errors.ConnectionClosedError())
             self._mux = None
@@ -588,7 +591,25 @@ class Connection:
             full = await self._disk_full()
             if full is not None:
                 return full
+            self._heal_later()
         return self._failed(exc, timeout, write)
+
+    def _heal_later(self) -> None:
+        """After a call to the embedded server timed out: check in the background whether the server
+        hangs, and restart it if so. The in-call probe needs more than 2 s of timeout; without this,
+        a client whose timeout is shorter failed every call for good against a stopped server
+        (measured: SIGSTOP, timeout=1). The failing call still ends at its deadline."""
+        if self.home is None or (self._healing is not None and not self._healing.done()):
+            return
+        home = self.home
+
+        async def heal() -> None:
+            if await asyncio.to_thread(embedded.hung, home):
+                await self._recover()
+
+        task = asyncio.ensure_future(heal())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._healing = task
 
     @staticmethod
     def _failed(exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:

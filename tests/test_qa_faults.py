@@ -202,3 +202,33 @@ def test_a_timeout_that_cannot_be_honoured_is_refused(url: str, namespace: str, 
 async def test_the_longest_timeout_is_accepted(url: str, namespace: str) -> None:
     async with AsyncMemory(namespace, url=url, timeout=MAX_TIMEOUT) as m:
         assert await m.set("k", 1) > 0
+
+
+@pytest.mark.slow
+async def test_a_hung_embedded_server_is_restarted_for_clients_with_a_short_timeout(
+    botwire_home: Path, namespace: str
+) -> None:
+    """timeout=1 leaves no room for the in-call probe (it needs more than 2 s): before the fix
+    every call failed for good against the stopped server. Now the first failed call still ends
+    at its deadline, and the server is restarted behind it, so that later calls work."""
+    async with AsyncMemory(namespace, timeout=1) as m:
+        await m.set("a", 1)
+        state = embedded.status(botwire_home)
+        assert state is not None
+        _stop(state.pid)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ServerUnavailable):
+                await m.get("a")
+            assert time.monotonic() - started < 2.5  # the 1 s timeout, plus slack
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    assert await m.get("a") == 1
+                    break
+                except ServerUnavailable:
+                    assert time.monotonic() < deadline, "the hung server was never restarted"
+            now = embedded.status(botwire_home)
+            assert now is not None and now.pid != state.pid
+        finally:
+            _kill_if_ours(state.pid, botwire_home)
