@@ -220,8 +220,8 @@ async def test_a_hung_embedded_server_is_restarted_for_clients_with_a_short_time
             started = time.monotonic()
             with pytest.raises(ServerUnavailable):
                 await m.get("a")
-            assert time.monotonic() - started < 2.5  # the 1 s timeout, plus slack
-            deadline = time.monotonic() + 15
+            assert time.monotonic() - started < 3  # the 1 s timeout: does not wait for the restart
+            deadline = time.monotonic() + 20
             while True:
                 try:
                     assert await m.get("a") == 1
