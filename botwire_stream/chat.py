@@ -50,6 +50,7 @@ MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 _EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
 _READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
+_SESSIONS_TIMEOUT: Final = 5.0  # each request of sessions() (a classmethod: no client's timeout=)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -270,12 +271,26 @@ class AsyncChatHistory(StreamClient):
             last = await conn.publish(self.subject, payloads[0], headers[0], self._timeout, what="extend")
         else:
             budget = self._timeout + total / _EXTEND_BYTES_PER_SECOND
+            # One deadline: the batch gets most of it, the rest is kept to look up a batch cut short
+            # at the storage limit (a stalled server answers neither: the call still ends in time).
+            lookup = min(1.0, self._timeout / 4)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + budget
             try:
-                last = await conn.publish_batch(self.subject, payloads, headers, timeout=budget, what="extend")
+                last = await conn.publish_batch(
+                    self.subject, payloads, headers, timeout=budget - lookup, what="extend"
+                )
             except (QuotaExceeded, ServerUnavailable) as exc:
                 if not conn.nc.is_connected:
                     raise  # the server went away: not the storage limit
-                kept = await self._partial_batch(conn, {h["Nats-Msg-Id"] for h in headers})
+                kept = []
+                try:
+                    async with asyncio.timeout(max(end - loop.time(), 0.001)):
+                        kept = await self._partial_batch(conn, {h["Nats-Msg-Id"] for h in headers})
+                except TimeoutError:
+                    pass  # no answer: the server stalled, nothing to learn
+                if len(kept) == len(payloads):
+                    return kept  # all stored: only the answer was lost (a server stalled past the deadline)
                 if kept:
                     raise QuotaExceeded(
                         f"the server stored only {len(kept)} of these {len(payloads)} messages (sequences "
@@ -299,7 +314,9 @@ class AsyncChatHistory(StreamClient):
                 return []
             top = int((last.headers or {})["Nats-Sequence"])
             # the batch is among this conversation's newest messages; others' writes interleave
-            msgs = await conn.read_subject(stream, self.subject, start_seq=max(1, top - 100_000))
+            msgs = await conn.read_subject(
+                stream, self.subject, start_seq=max(1, top - 100_000), timeout=self._timeout
+            )
         except BotWireError:
             return []  # the server is gone: nothing to learn
         return [int(h["Nats-Sequence"]) for m in msgs if (h := m.headers or {}).get("Nats-Msg-Id") in ids]
@@ -313,7 +330,7 @@ class AsyncChatHistory(StreamClient):
         schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
         """
         conn = await self._connection()
-        await conn.purge(self._names.stream, self.subject)
+        await conn.purge(self._names.stream, self.subject, timeout=self._timeout)
 
     # -- reading --------------------------------------------------------------------------------
     async def _start_seq(
@@ -329,7 +346,7 @@ class AsyncChatHistory(StreamClient):
         if last is None:
             return start, None
         stream = self._names.stream
-        probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": start, "batch": 1})
+        probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": start, "batch": 1}, self._timeout)
         if not probe.msgs:
             return None
         first = probe.last_seq
@@ -343,7 +360,9 @@ class AsyncChatHistory(StreamClient):
         lo, hi, at_lo = first, end, total  # count(>= lo) = at_lo >= last > count(> hi)
         guess = max(lo, end - int((end - first) * (last / total) * 1.25) - 1)
         for _ in range(12):
-            probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": guess, "batch": 1})
+            probe = await conn.direct_batch(
+                stream, {"next_by_subj": self.subject, "seq": guess, "batch": 1}, self._timeout
+            )
             count = probe.pending + 1 if probe.msgs else 0
             if count >= last:
                 if count <= 2 * last + 64:
@@ -374,6 +393,7 @@ class AsyncChatHistory(StreamClient):
                     headers=headers,
                     known=known,
                     snapshot=True,
+                    timeout=self._timeout,
                 )
                 break
             except SubjectPurged:
@@ -396,7 +416,9 @@ class AsyncChatHistory(StreamClient):
     async def count(self) -> int:
         """How many messages the conversation holds."""
         conn = await self._connection()
-        probe = await conn.direct_batch(self._names.stream, {"next_by_subj": self.subject, "seq": 1, "batch": 1})
+        probe = await conn.direct_batch(
+            self._names.stream, {"next_by_subj": self.subject, "seq": 1, "batch": 1}, self._timeout
+        )
         if not probe.msgs:
             return 0
         n = probe.pending + 1
@@ -495,11 +517,11 @@ class AsyncChatHistory(StreamClient):
         cursor = _check_cursor(before)
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         subject_filter, exact = keys.pattern_filter(pattern)
-        conn = await open_with_streams(opts, [names.config(1)])
+        conn = await open_with_streams(opts, [names.config(1)], _SESSIONS_TIMEOUT)
         try:
             subjects = names.chat + subject_filter
             lasts = await _last_messages(conn, names.stream, subjects)
-            counts = await conn.subject_counts(names.stream, subjects)
+            counts = await conn.subject_counts(names.stream, subjects, _SESSIONS_TIMEOUT)
             found: list[tuple[datetime, str, str]] = []
             n = len(names.chat)
             for subject, last_activity, is_marker in lasts:
@@ -516,7 +538,7 @@ class AsyncChatHistory(StreamClient):
             page = found[offset:end]
             for _, _, subject in page:  # created while the counts were paged (past 100,000)
                 if subject not in counts:
-                    counts.update(await conn.subject_counts(names.stream, subject))
+                    counts.update(await conn.subject_counts(names.stream, subject, _SESSIONS_TIMEOUT))
             # Written again within a second of expiring, a conversation still starts with the
             # expiry marker, which is no message: probed for the page only (one request each).
             recent = datetime.now(UTC) - timedelta(seconds=5)
@@ -525,7 +547,10 @@ class AsyncChatHistory(StreamClient):
             for i in range(0, len(suspects), 64):  # 64 requests in flight at once
                 chunk = suspects[i : i + 64]
                 probes = await asyncio.gather(
-                    *(conn.direct_batch(names.stream, {"next_by_subj": s, "seq": 1, "batch": 1}) for s in chunk)
+                    *(
+                        conn.direct_batch(names.stream, {"next_by_subj": s, "seq": 1, "batch": 1}, _SESSIONS_TIMEOUT)
+                        for s in chunk
+                    )
                 )
                 for subject, probe in zip(chunk, probes, strict=True):
                     if probe.msgs and not probe.msgs[0].data:
@@ -562,7 +587,7 @@ async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[t
     out = []
     request: dict[str, Any] = {"multi_last": [subjects]}
     while True:
-        batch = await conn.direct_batch(stream, request)
+        batch = await conn.direct_batch(stream, request, _SESSIONS_TIMEOUT)
         if batch.too_many:
             break
         for m in batch.msgs:
@@ -574,7 +599,7 @@ async def _last_messages(conn: Connection, stream: str, subjects: str) -> list[t
         # snapshot, from the next sequence on (the pending count of a multi-last get is exact).
         request = {"multi_last": [subjects], "seq": batch.last_seq + 1, "up_to_seq": batch.up_to_seq}
     # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
-    msgs = await conn.pull_headers(stream, subjects, last_per_subject=True)
+    msgs = await conn.pull_headers(stream, subjects, last_per_subject=True, timeout=_SESSIONS_TIMEOUT)
     return [
         (
             m.subject,

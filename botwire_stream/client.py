@@ -15,6 +15,25 @@ from .errors import BotWireError, InvalidArgument, WrongEventLoop
 from .settings import ConnectOptions
 from .transport import Connection, acquire, release
 
+# The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
+# timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the
+# first copy then, or a re-send would be stored twice and a read-back (``Connection._landed``)
+# would miss it.
+MAX_TIMEOUT = 60.0
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout=`` as a float: a finite number of seconds in (0, ``MAX_TIMEOUT``], else ``InvalidArgument``."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgument(f"timeout must be a number of seconds, not {timeout!r}")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise InvalidArgument(
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds (within the server's 2-minute "
+            f"duplicate window, so that a re-sent write is never stored twice), not {timeout!r}"
+        )
+    return seconds
+
 
 def running_loop() -> asyncio.AbstractEventLoop:
     """The running asyncio loop; ``WrongEventLoop`` when there is none (trio, or a coroutine
@@ -31,22 +50,20 @@ def running_loop() -> asyncio.AbstractEventLoop:
 
 def check_options(replicas: object, timeout: object) -> tuple[int, float]:
     """``replicas`` (an int from 1 to 5, JetStream's range) and ``timeout`` (positive, finite
-    seconds), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
+    seconds, at most ``MAX_TIMEOUT``), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
     first call for ``timeout="5"``, a JSON error from the server for ``replicas=True``)."""
     if type(replicas) is not int or not 1 <= replicas <= 5:
         raise InvalidArgument(f"replicas must be an int from 1 to 5, not {replicas!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise InvalidArgument(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
-    return replicas, float(timeout)
+    return replicas, check_timeout(timeout)
 
 
-async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig]) -> Connection:
+async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig], timeout: float = 5.0) -> Connection:
     """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
     running_loop()  # a clear error outside asyncio
     conn = await acquire(opts)
     try:
         for config in configs:
-            await conn.ensure_stream(config)
+            await conn.ensure_stream(config, timeout)
     except BaseException:
         await release(conn)
         raise
@@ -60,6 +77,8 @@ class StreamClient(ABC):
     raises ``WrongEventLoop`` before sending anything (nats-py would write on the other loop's
     socket and then fail with "attached to a different loop", the write's fate unknown).
     """
+
+    _timeout: float = 5.0  # each request's timeout (set by the subclass from its ``timeout=``)
 
     def __init__(self, opts: ConnectOptions) -> None:
         self._opts = opts
@@ -105,7 +124,7 @@ class StreamClient(ABC):
             raise self._wrong_loop()  # still opening on its first loop
         async with self._opening:
             if self._conn_ is None:
-                conn = await open_with_streams(self._opts, self._streams())
+                conn = await open_with_streams(self._opts, self._streams(), self._timeout)
                 try:
                     await self._opened(conn)
                 except BaseException:

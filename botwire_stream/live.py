@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import nats.errors
 from nats.aio.msg import Msg
 
+from . import embedded
 from .errors import BotWireError, ServerUnavailable, translate
 from .transport import Connection
 
@@ -34,6 +35,7 @@ class LiveIterator(ABC, Generic[T]):
     def __init__(self, connect: Callable[[], Awaitable[Connection]], stream: str, timeout: float) -> None:
         self._connect = connect
         self._stream = stream
+        self._timeout = timeout
         self._grace = 3 * timeout
         self._conn: Connection | None = None
         self._sub: Any = None
@@ -41,6 +43,7 @@ class LiveIterator(ABC, Generic[T]):
         self._next_seq: int | None = None  # the stream sequence to (re)start from
         self._waiting: asyncio.Task[Any] | None = None
         self._closed = False
+        self._alive = 0.0  # when the server last answered or delivered (loop time)
 
     @abstractmethod
     async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
@@ -61,12 +64,13 @@ class LiveIterator(ABC, Generic[T]):
             if self._next_seq is None:
                 self._next_seq = self._first_seq()
             if self._next_seq is None:
-                info = await conn.call(lambda: conn.js.stream_info(self._stream))
+                info = await conn.call(lambda: conn.js.stream_info(self._stream), timeout=self._timeout)
                 self._next_seq = info.state.last_seq + 1
             start = self._next_seq
             self._gen = conn.generation()
-            self._sub = await conn.call(lambda: self._subscribe(conn, start))
+            self._sub = await conn.call(lambda: self._subscribe(conn, start), timeout=self._timeout)
             self._conn = conn
+            self._alive = asyncio.get_running_loop().time()
         return self
 
     def __aiter__(self) -> AsyncIterator[T]:
@@ -85,6 +89,12 @@ class LiveIterator(ABC, Generic[T]):
                     continue
                 msg = await sub.next_msg(timeout=_CHECK_EVERY)
             except nats.errors.TimeoutError:
+                try:
+                    await self._check_alive(conn)
+                except asyncio.CancelledError:
+                    if self._closed:
+                        break
+                    raise
                 continue
             except asyncio.CancelledError:
                 if self._closed:
@@ -97,12 +107,38 @@ class LiveIterator(ABC, Generic[T]):
                 continue
             finally:
                 self._waiting = None
+            self._alive = asyncio.get_running_loop().time()
             if msg.reply and msg.reply.startswith("$JS.ACK."):
                 self._next_seq = msg.metadata.sequence.stream + 1
             item = await self._convert(conn, msg)
             if item is not None:
                 return item
         raise StopAsyncIteration
+
+    async def _check_alive(self, conn: Connection) -> None:
+        """After ``timeout`` seconds with nothing delivered, ask the server something (one small
+        request). A stopped server (SIGSTOP, a frozen VM) keeps its connection open, and nats-py
+        would notice only by its pings, minutes later: meanwhile the watch would block for good.
+        An embedded server that does not greet a new connection is restarted (the watch then
+        resumes); any other server silent for 3 x the timeout raises ``ServerUnavailable``."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._alive < self._timeout or not conn.nc.is_connected:
+            return
+        try:
+            await conn.request("$JS.API.INFO", b"", None, self._timeout)
+            self._alive = loop.time()
+            return
+        except (nats.errors.Error, asyncio.TimeoutError, OSError):
+            pass
+        if conn.home is not None and await asyncio.to_thread(embedded.hung, conn.home):
+            await asyncio.wait_for(conn._recover(), self._grace)  # replaced: the next turn resumes
+            self._gen = None
+            self._alive = loop.time()
+        elif loop.time() - self._alive > self._grace:
+            raise ServerUnavailable(
+                f"the server has not answered the watch for {self._grace:g} s (3 x the timeout); "
+                "start a new watch with the last sequence you received"
+            )
 
     async def _resume(self, conn: Connection) -> None:
         """Subscribe again from the last delivered sequence once the connection is back."""

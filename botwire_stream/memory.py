@@ -43,6 +43,10 @@ DEFAULT_HISTORY: Final = 16
 _MISSING: Final = object()
 _DELETE_OPS: Final = frozenset({"DEL", "PURGE"})
 _CHUNK_TTL_MARGIN: Final = 60  # seconds the chunks of a value with a TTL outlive its manifest
+# A chunked value's chunks share one deadline: the timeout plus one second per this many bytes (as
+# extend's); reading its chunks gets the same per request. Loopback moves 64 MiB in well under 4 s.
+BYTES_PER_SECOND: Final = 16 * 1024 * 1024
+_background: set[asyncio.Task[None]] = set()  # chunk purges left running after a failed write
 
 
 class _ChunksGone(BotWireError):
@@ -167,7 +171,7 @@ class AsyncMemory(StreamClient):
             body = msgspec.json.encode(config)
             _api_result((await conn.request(f"$JS.API.STREAM.UPDATE.{self.stream}", body, None, self._timeout)).data)
 
-        await conn.call(run)
+        await conn.call(run, timeout=self._timeout)
 
     # -- reading --------------------------------------------------------------------------------
     async def _last(self, key: str) -> tuple[Connection, str, Msg | None]:
@@ -217,7 +221,7 @@ class AsyncMemory(StreamClient):
         (the namespace's setting: 16 unless opened with another ``history=``)."""
         subject = self._prefix + keys.encode_key(key)
         conn = await self._connection()
-        msgs = await conn.read_subject(self.stream, subject, page=self._history or 64)
+        msgs = await conn.read_subject(self.stream, subject, page=self._history or 64, timeout=self._timeout)
         out = []
         for m in msgs:
             hdr = m.headers or {}
@@ -250,7 +254,9 @@ class AsyncMemory(StreamClient):
         if exact:
             msg = await conn.direct_get_last(self.stream, self._prefix + subject_filter, self._timeout)
             return [pattern] if msg is not None and op_of(msg.headers) == "set" else []
-        msgs = await conn.pull_headers(self.stream, self._prefix + subject_filter, last_per_subject=False)
+        msgs = await conn.pull_headers(
+            self.stream, self._prefix + subject_filter, last_per_subject=False, timeout=self._timeout
+        )
         live: dict[str, bool] = {}
         for m in msgs:  # stream order: the last revision of each key decides
             live[m.subject] = op_of(m.headers) == "set"
@@ -317,7 +323,8 @@ class AsyncMemory(StreamClient):
                 num_replicas=self._replicas,
                 max_msgs=-1,
                 metadata={"botwire.namespace": self.namespace},
-            )
+            ),
+            self._timeout,
         )
 
     async def _write_blob(
@@ -349,10 +356,20 @@ class AsyncMemory(StreamClient):
         view = memoryview(data)
         seqs = []
         committing = False
+        loop = asyncio.get_running_loop()
+        budget = self._timeout + len(data) / BYTES_PER_SECOND
+        deadline = loop.time() + budget
         try:
-            for i, start in enumerate(range(0, len(data), step)):
-                chunk = bytes(view[start : start + step])
-                seqs.append(await conn.publish(f"{base}.{blob}.{i}", chunk, chunk_headers, 30.0))
+            try:
+                for i, start in enumerate(range(0, len(data), step)):
+                    chunk = bytes(view[start : start + step])
+                    remaining = max(deadline - loop.time(), 0.001)
+                    seqs.append(await conn.publish(f"{base}.{blob}.{i}", chunk, chunk_headers, remaining))
+            except ServerUnavailable as exc:  # OutcomeUnknown too: without its manifest, no chunk counts
+                raise ServerUnavailable(
+                    f"the server did not store the {outcome.what} ({len(data)} bytes in chunks) within {budget:.3g} s "
+                    f"(its timeout plus 1 s per 16 MiB); nothing was stored: {SAFE}"
+                ) from exc
             manifest = msgspec.json.encode(_Manifest(blob=blob, size=len(data), chunks=len(seqs), first_seq=seqs[0]))
             headers["Botwire-Blob"] = blob
             committing = True
@@ -375,7 +392,14 @@ class AsyncMemory(StreamClient):
             # purging its chunks would leave the key unreadable for good. Only a refusal by the
             # server proves it is not stored; otherwise the chunks stay (they cost space only).
             if not committing or (isinstance(exc, BotWireError) and not isinstance(exc, ServerUnavailable)):
-                await asyncio.shield(self._purge_quietly(conn, f"{base}.{blob}.*"))
+                purge = asyncio.ensure_future(self._purge_quietly(conn, f"{base}.{blob}.*"))
+                if isinstance(exc, ServerUnavailable):
+                    # A server that did not answer would cost the caller one more timeout: purge
+                    # in the background, so the call fails within its own deadline.
+                    _background.add(purge)
+                    purge.add_done_callback(_background.discard)
+                else:
+                    await asyncio.shield(purge)
             raise
         await self._reclaim(conn, key, replaced, before=rev, keep=blob)
         return rev
@@ -411,10 +435,13 @@ class AsyncMemory(StreamClient):
                 blobs.add(blob)
         base = self._blob_subject(key)
         try:
-            present = {s.rsplit(".", 2)[1] for s in await conn.subject_counts(self._blob_stream, f"{base}.>")}
+            counts = await conn.subject_counts(self._blob_stream, f"{base}.>", self._timeout)
+            present = {s.rsplit(".", 2)[1] for s in counts}
             present.discard(keep)
             if present - blobs:  # chunks of other values: those of replaced revisions go too
-                kept = await conn.pull_headers(self.stream, self._prefix + keys.encode_key(key), last_per_subject=False)
+                kept = await conn.pull_headers(
+                    self.stream, self._prefix + keys.encode_key(key), last_per_subject=False, timeout=self._timeout
+                )
                 for m in kept:
                     blob = (m.headers or {}).get("Botwire-Blob")
                     if blob and m.metadata.sequence.stream < before:
@@ -427,7 +454,7 @@ class AsyncMemory(StreamClient):
 
     async def _purge_quietly(self, conn: Connection, subject: str) -> None:
         try:
-            await conn.purge(self._blob_stream, subject)
+            await conn.purge(self._blob_stream, subject, timeout=self._timeout)
         except BotWireError:
             pass  # leftover chunks cost space, never correctness
 
@@ -446,7 +473,7 @@ class AsyncMemory(StreamClient):
             batch = await conn.direct_batch(
                 self._blob_stream,
                 {"next_by_subj": subject, "seq": seq, "batch": manifest.chunks - len(msgs)},
-                timeout=60.0,
+                timeout=self._timeout + manifest.size / BYTES_PER_SECOND,
             )
             if not batch.msgs:
                 break
@@ -486,7 +513,7 @@ class AsyncMemory(StreamClient):
         Purges the key's revisions up to ``seq`` (the one read), which frees their space and keeps
         any newer write; then records the delete when it fits and nobody wrote meanwhile.
         """
-        await conn.purge(self.stream, subject, before_seq=seq + 1)
+        await conn.purge(self.stream, subject, before_seq=seq + 1, timeout=self._timeout)
         marker["Nats-Expected-Last-Subject-Sequence"] = "0"  # the key has no message left
         try:
             await conn.publish(subject, b"", marker, self._timeout)

@@ -284,6 +284,7 @@ class Connection:
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
+        self._healing: asyncio.Task[None] | None = None  # a hung-server check left running by _fail
         self._full_pid = 0  # the embedded server seen with a full disk (its streams then stay wedged)
         self._mux: _ReplyMux | None = None
         self._id_prefix = secrets.token_urlsafe(12) + "-"  # 96 random bits: unique across processes
@@ -326,6 +327,8 @@ class Connection:
 
     async def close(self) -> None:
         """Close the NATS connection; requests still waiting fail."""
+        if self._healing is not None:
+            self._healing.cancel()
         if self._mux is not None:
             self._mux.fail_all(nats.errors.ConnectionClosedError())
             self._mux = None
@@ -593,7 +596,25 @@ class Connection:
             full = await self._disk_full()
             if full is not None:
                 return full
+            self._heal_later()
         return self._failed(exc, timeout, write)
+
+    def _heal_later(self) -> None:
+        """After a call to the embedded server timed out: check in the background whether the server
+        hangs, and restart it if so. The in-call probe needs more than 2 s of timeout; without this,
+        a client whose timeout is shorter failed every call for good against a stopped server
+        (measured: SIGSTOP, timeout=1). The failing call still ends at its deadline."""
+        if self.home is None or (self._healing is not None and not self._healing.done()):
+            return
+        home = self.home
+
+        async def heal() -> None:
+            if await asyncio.to_thread(embedded.hung, home):
+                await self._recover()
+
+        task = asyncio.ensure_future(heal())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._healing = task
 
     @staticmethod
     def _failed(exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
@@ -614,8 +635,8 @@ class Connection:
         return translate(exc)
 
     # -- streams --------------------------------------------------------------------------------
-    async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream unless this connection already knows it exists."""
+    async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
+        """Create the stream unless this connection already knows it exists (within ``timeout``)."""
         name = config.name
         assert name is not None
         if name in self._ready_streams:
@@ -637,7 +658,7 @@ class Connection:
                         raise embedded.disk_full_error(self.home, free) from exc
                 raise
 
-        await self.call(run)
+        await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
 
     # -- publishing -----------------------------------------------------------------------------
@@ -836,6 +857,7 @@ class Connection:
         headers: bool = True,
         known: int | None = None,
         snapshot: bool = False,
+        timeout: float = 10.0,
     ) -> list[Msg]:
         """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets,
         however many bytes they hold.
@@ -850,6 +872,7 @@ class Connection:
         ``SubjectPurged``. Without it, reads racing a ``clear()`` and an append returned old
         messages followed by the new one (9 of 40 reads of 9,000 messages) or the first 10,000 of
         25,000 old ones. Reads whose first reply holds everything skip it.
+        ``timeout`` bounds each page's request.
         """
         out: list[Msg] = []
         seq = start_seq
@@ -859,7 +882,7 @@ class Connection:
             req: dict[str, Any] = {"next_by_subj": subject, "seq": seq, "batch": page}
             if not headers:
                 req["no_hdr"] = True
-            batch = await self.direct_batch(stream, req)
+            batch = await self.direct_batch(stream, req, timeout)
             out.extend(batch.msgs)
             check = check or (first_reply_end > 0 and bool(batch.msgs))
             # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
@@ -879,7 +902,7 @@ class Connection:
             seq = batch.last_seq + 1
         if snapshot and check:
             first = {"next_by_subj": subject, "seq": start_seq, "batch": 1, "no_hdr": True}
-            probe = await self.direct_batch(stream, first)
+            probe = await self.direct_batch(stream, first, timeout)
             if not probe.msgs or probe.last_seq > first_reply_end:
                 raise SubjectPurged(f"{subject} was purged or rolled up while it was read")
         return out
@@ -943,7 +966,7 @@ class Connection:
 
         return await self.call(run, timeout=timeout)
 
-    async def subject_counts(self, stream: str, subject_filter: str) -> dict[str, int]:
+    async def subject_counts(self, stream: str, subject_filter: str, timeout: float = 5.0) -> dict[str, int]:
         """How many messages each subject matching ``subject_filter`` holds (one request per
         100,000 subjects: the server sends at most that many per stream info reply, sorted, and
         nats-py's ``stream_info`` asks for the first page only)."""
@@ -954,7 +977,7 @@ class Connection:
                 req: dict[str, Any] = {"subjects_filter": subject_filter}
                 if counts:
                     req["offset"] = len(counts)
-                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, 10.0)
+                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, timeout)
                 info = msgspec.json.decode(resp.data)
                 if "error" in info:
                     err = info["error"]
@@ -967,7 +990,7 @@ class Connection:
                 if len(counts) == before or len(counts) >= info.get("total", 0):
                     return counts
 
-        return await self.call(run)
+        return await self.call(run, timeout=timeout)
 
     async def purge(
         self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
