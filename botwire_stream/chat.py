@@ -37,9 +37,13 @@ from .errors import (
 )
 from .live import LiveIterator
 from .models import Entry, SessionInfo
+from .nats.connect import origin_headers
+from .nats.errors import SubjectPurged
+from .nats.jetstream import Connection
+from .nats.pool import release
+from .nats.retry import READ_FIRST
 from .settings import resolve
 from .times import parse_time, ttl_seconds
-from .transport import READ_FIRST, Connection, SubjectPurged, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest

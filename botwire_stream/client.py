@@ -12,8 +12,9 @@ from typing import Self
 from nats.js.api import StreamConfig
 
 from .errors import BotWireError, InvalidArgument, WrongEventLoop
+from .nats.jetstream import Connection
+from .nats.pool import acquire, release
 from .settings import ConnectOptions
-from .transport import Connection, acquire, release
 
 # The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
 # timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the

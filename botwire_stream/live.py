@@ -20,8 +20,9 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, translate
-from .transport import Connection
+from .errors import BotWireError, ServerUnavailable
+from .nats.errors import translate
+from .nats.jetstream import Connection
 
 T = TypeVar("T")
 

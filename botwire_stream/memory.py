@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any, Final, NamedTuple
 
 import msgspec
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -34,9 +33,12 @@ from .errors import (
 )
 from .live import LiveIterator
 from .models import Change, Op, Revision
+from .nats.connect import origin_headers
+from .nats.errors import raise_api_error
+from .nats.jetstream import Connection
+from .nats.retry import SAFE
 from .settings import resolve
 from .times import parse_time, ttl_seconds
-from .transport import SAFE, Connection, origin_headers
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
@@ -78,9 +80,7 @@ def _api_result(data: bytes) -> dict[str, Any]:
     info: dict[str, Any] = msgspec.json.decode(data)
     err = info.get("error")
     if err:
-        raise nats.js.errors.APIError(
-            code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
-        )
+        raise_api_error(err)
     return info
 
 
