@@ -28,6 +28,7 @@ from . import codec, keys
 from .client import StreamClient, check_options, open_with_streams
 from .errors import (
     BotWireError,
+    ChangedWhileRead,
     Conflict,
     InvalidArgument,
     InvalidMessage,
@@ -403,7 +404,7 @@ class AsyncChatHistory(StreamClient):
             except SubjectPurged:
                 continue  # cleared or expired while read: what is there now, never old and new mixed
         else:
-            raise BotWireError(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
+            raise ChangedWhileRead(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
         msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
         if last is not None and len(msgs) > last:
             msgs = msgs[len(msgs) - last :]

@@ -11,7 +11,7 @@ from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError, InvalidArgument, WrongEventLoop
+from .errors import Closed, InvalidArgument, WrongEventLoop
 from .nats.jetstream import Connection
 from .nats.pool import acquire, release
 from .settings import ConnectOptions
@@ -117,7 +117,7 @@ class StreamClient(ABC):
         if conn is not None:
             return conn
         if self._closed:
-            raise BotWireError(f"{self!r} is closed")
+            raise Closed(f"{self!r} is closed")
         loop = running_loop()
         if self._opening is None:
             self._opening, self._loop = asyncio.Lock(), loop

@@ -2,8 +2,8 @@
 
 Pure: no NATS import. Every NATS, OS or encoding failure that reaches a user is translated (by
 ``botwire_stream.nats.errors.translate``) into a ``BotWireError`` subclass whose message says what
-went wrong and what to do. The HTTP server maps
-each class to a status code through ``http_status``.
+went wrong and what to do. The HTTP server maps each class to a status code through
+``http_status``, and clients tell classes apart by their ``code``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ __all__ = [
     "WrongEventLoop",
     "StorageFull",
     "HomeNotWritable",
+    "Closed",
+    "ChangedWhileRead",
 ]
 
 
@@ -160,3 +162,17 @@ class StorageFull(QuotaExceeded):
 
 class HomeNotWritable(ServerUnavailable):
     """``BOTWIRE_HOME`` (the embedded server's folder) cannot be created or written."""
+
+
+class Closed(BotWireError, RuntimeError):
+    """An ``AsyncMemory``/``AsyncChatHistory`` (or a watch over its connection) was used after
+    ``close()``; open a new one."""
+
+    http_status = 409
+
+
+class ChangedWhileRead(BotWireError):
+    """A value or conversation was overwritten or cleared on every try of one read (writers
+    faster than the read); read it again."""
+
+    http_status = 409

@@ -25,6 +25,7 @@ from . import codec, keys
 from .client import StreamClient, check_options
 from .errors import (
     BotWireError,
+    ChangedWhileRead,
     Conflict,
     InvalidArgument,
     QuotaExceeded,
@@ -199,7 +200,7 @@ class AsyncMemory(StreamClient):
                     return msg, _MISSING  # still the last: its chunks expired first, so it is expiring
                 gone = hdr["Nats-Sequence"]
                 continue  # overwritten while we read its chunks: read the new value
-        raise BotWireError(f"the value of {key!r} kept changing while it was read; try again")
+        raise ChangedWhileRead(f"the value of {key!r} kept changing while it was read; try again")
 
     async def contains(self, key: str) -> bool:
         """Whether ``key`` holds a value now."""
