@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,10 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from .. import embedded
-from ..errors import OutcomeUnknown, ServerNotTrusted, ServerUnavailable
-from ..settings import ConnectOptions
-from .connect import _connect, _connect_embedded
+from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
 from .replies import Batch, _BatchCollector
 from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
@@ -80,29 +76,6 @@ _purge_decoder = msgspec.json.Decoder(_Purged)
 class Connection(RetryingConnection):
     """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
 
-    # -- connecting -----------------------------------------------------------------------------
-    @staticmethod
-    async def open(opts: ConnectOptions) -> Connection:
-        if not opts.embedded:
-            assert opts.servers is not None
-            nc = await _connect(
-                list(opts.servers), token=opts.token, user=opts.user, password=opts.password, creds=opts.creds
-            )
-            return Connection(opts, nc, None)
-        home = Path(opts.home) if opts.home else embedded.home_dir()
-        state, _token = await asyncio.to_thread(embedded.ensure, home)
-        try:
-            nc = await _connect_embedded(state, timeout=1.0)
-        except ServerNotTrusted:
-            # Our server (ensure checked its pid and port) shows another certificate than cert.pem:
-            # the pair was replaced while it ran. Restart it with the pair on disk, once.
-            state = await asyncio.to_thread(embedded.restart, home, state.pid)
-            nc = await _connect_embedded(state)
-        except ServerUnavailable:  # it died between the check and the connect: start it again
-            state, _token = await asyncio.to_thread(embedded.ensure, home, verify=True)
-            nc = await _connect_embedded(state)
-        return Connection(opts, nc, home)
-
     # -- streams --------------------------------------------------------------------------------
     async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
         """Create the stream unless this connection already knows it exists (within ``timeout``)."""
@@ -121,10 +94,10 @@ class Connection(RetryingConnection):
                     raise
             except nats.js.errors.APIError as exc:
                 # 10049 "error creating store for stream": what a full disk gives (measured)
-                if exc.err_code == 10049 and self.home is not None:
-                    free = await asyncio.to_thread(embedded.free_bytes, self.home)
-                    if free < embedded.MIN_FREE:
-                        raise embedded.disk_full_error(self.home, free) from exc
+                if exc.err_code == 10049 and self.restart is not None:
+                    full = await self.restart.store_full()
+                    if full is not None:
+                        raise full from exc
                 raise
 
         await self.call(run, timeout=timeout)

@@ -1,5 +1,6 @@
-"""One shared ``Connection`` per event loop and connection settings, reference counted, and
-closed with its loop."""
+"""Opening a ``Connection`` (with the embedded server's restart hook when it is the embedded
+server), and one shared ``Connection`` per event loop and connection settings, reference counted,
+and closed with its loop."""
 
 from __future__ import annotations
 
@@ -7,9 +8,38 @@ import asyncio
 import socket
 import weakref
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
+from .. import embedded
+from ..errors import ServerNotTrusted, ServerUnavailable
 from ..settings import ConnectOptions
+from .connect import _connect, _connect_embedded
 from .jetstream import Connection
+from .restart import EmbeddedRestart
+
+
+async def open_connection(opts: ConnectOptions) -> Connection:
+    """A new ``Connection`` for ``opts``; to the embedded server (started if needed), with the
+    hook that restarts it."""
+    if not opts.embedded:
+        assert opts.servers is not None
+        nc = await _connect(
+            list(opts.servers), token=opts.token, user=opts.user, password=opts.password, creds=opts.creds
+        )
+        return Connection(opts, nc, None)
+    home = Path(opts.home) if opts.home else embedded.home_dir()
+    state, _token = await asyncio.to_thread(embedded.ensure, home)
+    try:
+        nc = await _connect_embedded(state, timeout=1.0)
+    except ServerNotTrusted:
+        # Our server (ensure checked its pid and port) shows another certificate than cert.pem:
+        # the pair was replaced while it ran. Restart it with the pair on disk, once.
+        state = await asyncio.to_thread(embedded.restart, home, state.pid)
+        nc = await _connect_embedded(state)
+    except ServerUnavailable:  # it died between the check and the connect: start it again
+        state, _token = await asyncio.to_thread(embedded.ensure, home, verify=True)
+        nc = await _connect_embedded(state)
+    return Connection(opts, nc, EmbeddedRestart(home))
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectOptions, Connection]] = (
     weakref.WeakKeyDictionary()
@@ -111,7 +141,7 @@ async def acquire(opts: ConnectOptions) -> Connection:
         async with lock:
             conn = pool.get(opts)
             if conn is None or conn.nc.is_closed:
-                conn = await Connection.open(opts)
+                conn = await open_connection(opts)
                 pool[opts] = conn
     conn.refs += 1
     return conn

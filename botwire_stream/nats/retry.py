@@ -6,12 +6,14 @@ only after the connection was lost or replaced, reusing its ids, so the server's
 drops a second copy. A conditional write or atomic batch re-sent after its first copy landed is
 refused by the server (wrong last sequence, duplicate message id: the server checks those before
 its duplicate window); the client then asks the duplicate window whether the write's message id
-was stored (``_landed``). A write whose outcome is still unknown at the deadline raises
-``OutcomeUnknown``.
+was stored (``jetstream.Connection._landed``). A write whose outcome is still unknown at the
+deadline raises ``OutcomeUnknown``.
 
 With the embedded server, a dead or hung server is restarted and the call retried, a full disk
 raises ``StorageFull``, and a server left unable to write by a full disk is restarted once space
-is back. Every NATS failure leaves ``call`` translated (``nats.errors.translate``).
+is back: all through the ``ServerRestart`` hook the connection is given (``restart.py``); a
+connection without one (any other server) never takes those paths. Every NATS failure leaves
+``call`` translated (``nats.errors.translate``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -29,10 +31,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from .. import embedded
 from ..errors import BotWireError, OutcomeUnknown, QuotaExceeded, ServerUnavailable, StorageFull
 from ..settings import ConnectOptions
-from .connect import _close_soon, _closing, _connect_embedded
+from .connect import _close_soon, _closing
 from .errors import translate
 from .replies import _ReplyMux, _Resend
 
@@ -63,6 +64,37 @@ _PROBE_AFTER = 1.0
 _GREETING_WAIT = 1.0  # embedded._answers' timeout
 
 
+class ServerRestart(Protocol):
+    """What a connection to a server it may restart (the embedded one) is given, so that
+    ``RetryingConnection`` itself knows nothing of that server (``restart.EmbeddedRestart``)."""
+
+    home: Path
+
+    async def revive(self, nc: NATS) -> NATS | None:
+        """Start the server again if needed; a new client, or None when ``nc`` is back."""
+
+    async def hung(self) -> bool:
+        """Whether the server does not greet a new connection."""
+
+    async def restart(self, pid: int) -> None:
+        """Stop server ``pid`` and start a new one."""
+
+    async def disk_wedged(self) -> int:
+        """The pid of a server left unable to write by a disk that has space again, or 0."""
+
+    async def limit_grew(self) -> int:
+        """The pid of a server whose storage limit freed space would raise, or 0."""
+
+    def limit_error(self) -> StorageFull:
+        """The error for a write refused at the storage limit."""
+
+    async def disk_full(self) -> StorageFull | None:
+        """At a call's deadline: the error for a full disk, or None."""
+
+    async def store_full(self) -> StorageFull | None:
+        """When creating a stream failed: the error for a full disk, or None."""
+
+
 class _Write:
     """What a write is, for its ``OutcomeUnknown`` message; whether the current try reached the
     socket, and whether any try ended without an answer (it may have been stored)."""
@@ -83,16 +115,16 @@ READ_FIRST = "read it back before repeating the call, which could store it twice
 class RetryingConnection:
     """A NATS connection whose ``call`` retries, recovers and translates (the base of ``Connection``)."""
 
-    def __init__(self, opts: ConnectOptions, nc: NATS, home: Path | None) -> None:
+    def __init__(self, opts: ConnectOptions, nc: NATS, restart: ServerRestart | None) -> None:
         self.opts = opts
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
-        self.home = home
+        self.restart = restart
+        self.home = restart.home if restart is not None else None  # the embedded server's home
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
         self._healing: asyncio.Task[None] | None = None  # a hung-server check left running by _fail
-        self._full_pid = 0  # the embedded server seen with a full disk (its streams then stay wedged)
         self._mux: _ReplyMux | None = None
         self._id_prefix = secrets.token_urlsafe(12) + "-"  # 96 random bits: unique across processes
         self._id_count = itertools.count(1)
@@ -153,24 +185,18 @@ class RetryingConnection:
 
     async def _recover(self) -> None:
         """Restart the embedded server if it died or hangs, and wait until the connection is back."""
-        if self.home is None:
+        restart = self.restart
+        if restart is None:
             return
         if self._recovering is not None:
             return await asyncio.shield(self._recovering)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._recovering = fut
         try:
-            state, _token = await asyncio.to_thread(embedded.ensure, self.home, verify=True)
-            url = self.nc.connected_url
-            same = url is not None and url.port == state.port and not self.nc.is_closed
-            if same:
-                for _ in range(200):  # nats-py reconnects by itself to the same port
-                    if self.nc.is_connected:
-                        break
-                    await asyncio.sleep(0.025)
-            if not same or not self.nc.is_connected:
+            new = await restart.revive(self.nc)
+            if new is not None:
                 old = self.nc
-                self.nc = await _connect_embedded(state)
+                self.nc = new
                 self.js = self.nc.jetstream()
                 if self._mux is not None:
                     self._mux.fail_all(_Resend())
@@ -191,59 +217,19 @@ class RetryingConnection:
         finally:
             self._recovering = None
 
-    async def _disk_wedged(self) -> int:
-        """Whether the embedded server (which greets new connections: it is not hung) met a full
-        disk and space is back. nats-server 2.15 then keeps failing writes to the streams it could
-        not write, without a reply, until it restarts (measured); such a write was not stored.
-        Returns that server's pid, or 0."""
-        assert self.home is not None
-        state = await asyncio.to_thread(embedded.status, self.home)
-        if state is None:
-            return 0
-        free = await asyncio.to_thread(embedded.free_bytes, self.home)
-        if free < embedded.MIN_FREE:
-            self._full_pid = state.pid
-            return 0  # still full: the call ends in StorageFull at its deadline
-        if self._full_pid == state.pid or await asyncio.to_thread(embedded.log_says_disk_full, self.home, state.pid):
-            return state.pid
-        return 0
-
     async def _limit_grew(self) -> bool:
         """After the embedded server refused a write for its storage limit: restart it when freed
-        space allows a higher limit (True: the caller retries). nats-server fixes the limit at
-        start, so without a restart the space freed since would never be used."""
-        assert self.home is not None
-        state = await asyncio.to_thread(embedded.status, self.home)
-        if state is None or not await asyncio.to_thread(embedded.store_limit_grew, self.home):
+        space allows a higher limit (True: the caller retries)."""
+        assert self.restart is not None
+        pid = await self.restart.limit_grew()
+        if not pid:
             return False
         try:
-            await asyncio.to_thread(embedded.restart, self.home, state.pid)
+            await self.restart.restart(pid)
             await self._recover()
         except Exception as exc:
             raise translate(exc) from exc
         return True
-
-    def _limit_error(self) -> StorageFull:
-        assert self.home is not None
-        return StorageFull(
-            f"disk full: the embedded server keeps a quarter of the disk holding {self.home} free, and "
-            "its data fills the rest; this write was not stored; free space (delete keys or conversations, "
-            "or other files), and writes work again by themselves"
-        )
-
-    async def _disk_full(self) -> StorageFull | None:
-        """At a call's deadline on the embedded server: ``StorageFull`` when its disk is full."""
-        assert self.home is not None
-        try:
-            free = await asyncio.to_thread(embedded.free_bytes, self.home)
-        except OSError:
-            return None
-        if free >= embedded.MIN_FREE:
-            return None
-        state = await asyncio.to_thread(embedded.status, self.home)
-        if state is not None:
-            self._full_pid = state.pid
-        return embedded.disk_full_error(self.home, free)
 
     async def _attempt(self, fn: Callable[[], Awaitable[T]], remaining: float) -> T:
         """One try of ``fn``, cut at ``remaining`` seconds. On the embedded server, when the budget
@@ -251,7 +237,8 @@ class RetryingConnection:
         that does not greet a new connection hangs (stopped, frozen), and one that met a full disk
         that has space again cannot write; either is restarted, and ``fn`` is re-sent (with a
         shorter budget the call just times out)."""
-        if self.home is None or remaining <= _PROBE_AFTER + _GREETING_WAIT:
+        restart = self.restart
+        if restart is None or remaining <= _PROBE_AFTER + _GREETING_WAIT:
             async with asyncio.timeout(remaining):  # a timer, no extra task (unlike wait_for)
                 return await fn()
         loop = asyncio.get_running_loop()
@@ -261,15 +248,13 @@ class RetryingConnection:
         hung: list[bool] = []
         probes: list[asyncio.Future[None]] = []
         finished = False
-        home = self.home
 
         async def probe() -> None:
-            if await asyncio.to_thread(embedded.hung, home) and not finished:
+            if await restart.hung() and not finished:
                 hung.append(True)
                 task.cancel()
-            elif (wedged := await self._disk_wedged()) and not finished:
-                await asyncio.to_thread(embedded.restart, home, wedged)
-                self._full_pid = 0
+            elif (wedged := await restart.disk_wedged()) and not finished:
+                await restart.restart(wedged)
                 hung.append(True)
                 task.cancel()
 
@@ -313,7 +298,7 @@ class RetryingConnection:
                     continue
                 raise await self._fail(last, timeout, write)
             try:
-                if self.home is not None and not self.nc.is_connected:
+                if self.restart is not None and not self.nc.is_connected:
                     # The embedded server went away: restart it now rather than after a timeout.
                     await asyncio.wait_for(self._recover(), remaining)
                     remaining = max(deadline - loop.time(), 0.001)
@@ -321,12 +306,12 @@ class RetryingConnection:
                     write.sent = False
                 return await self._attempt(fn, remaining)
             except QuotaExceeded as exc:
-                if self.home is None or type(exc) is not QuotaExceeded or not str(exc).startswith("insufficient"):
+                if self.restart is None or type(exc) is not QuotaExceeded or not str(exc).startswith("insufficient"):
                     raise
                 if not limit_checked and await self._limit_grew():
                     limit_checked = True
                     continue  # restarted with the higher limit that the freed space allows
-                raise self._limit_error() from exc
+                raise self.restart.limit_error() from exc
             except BotWireError:
                 raise
             except _RETRYABLE as exc:
@@ -342,7 +327,7 @@ class RetryingConnection:
                 delay = min(delay * 2, 1.0)
                 if self.nc.is_connected:
                     await asyncio.sleep(wait)
-                elif self.home is None:  # nats-py reconnects by itself: re-send once it has
+                elif self.restart is None:  # nats-py reconnects by itself: re-send once it has
                     if self.nc.is_closed:
                         raise await self._fail(exc, timeout, write) from exc
                     while not self.nc.is_connected and loop.time() < deadline:
@@ -360,14 +345,14 @@ class RetryingConnection:
 
         The hung-server probe does this within the deadline when the timeout leaves room (> 2 s);
         this covers shorter timeouts, at the cost of one more timeout."""
-        if self.home is None or not (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
+        restart = self.restart
+        if restart is None or not (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
             return False
         try:
-            pid = await self._disk_wedged()
+            pid = await restart.disk_wedged()
             if not pid:
                 return False
-            await asyncio.to_thread(embedded.restart, self.home, pid)
-            self._full_pid = 0
+            await restart.restart(pid)
             await self._recover()
         except Exception:  # noqa: BLE001 - the call fails with its own error
             return False
@@ -376,8 +361,10 @@ class RetryingConnection:
     async def _fail(self, exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
         """The error a call ends with; on the embedded server, a full disk says so (``StorageFull``:
         nats-server does not store, nor answer, a write it could not write)."""
-        if self.home is not None and (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
-            full = await self._disk_full()
+        if self.restart is not None and (
+            exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))
+        ):
+            full = await self.restart.disk_full()
             if full is not None:
                 return full
             self._heal_later()
@@ -388,12 +375,12 @@ class RetryingConnection:
         hangs, and restart it if so. The in-call probe needs more than 2 s of timeout; without this,
         a client whose timeout is shorter failed every call for good against a stopped server
         (measured: SIGSTOP, timeout=1). The failing call still ends at its deadline."""
-        if self.home is None or (self._healing is not None and not self._healing.done()):
+        restart = self.restart
+        if restart is None or (self._healing is not None and not self._healing.done()):
             return
-        home = self.home
 
         async def heal() -> None:
-            if await asyncio.to_thread(embedded.hung, home):
+            if await restart.hung():
                 await self._recover()
 
         task = asyncio.ensure_future(heal())
