@@ -1,7 +1,7 @@
 """Reply routing: one wildcard inbox whose replies go straight to the futures of their requests.
 
 This leans on a nats-py internal: ``nc.subscribe(..., future=obj)`` makes nats-py's reader call
-``obj.set_result(msg)`` for every message (it checks ``cancelled()``/``done()`` first), with no
+``obj.set_result(msg)`` for every message (unless ``obj.cancelled()``), with no
 per-subscription queue or task. ``tests/test_nats_replies.py`` pins that hook, so a nats-py
 release that changes it fails there first.
 """
