@@ -28,6 +28,7 @@ from . import codec, keys
 from .client import StreamClient, check_options, open_with_streams
 from .errors import (
     BotWireError,
+    ChangedWhileRead,
     Conflict,
     InvalidArgument,
     InvalidMessage,
@@ -37,9 +38,13 @@ from .errors import (
 )
 from .live import LiveIterator
 from .models import Entry, SessionInfo
+from .nats.connect import origin_headers
+from .nats.errors import SubjectPurged
+from .nats.jetstream import Connection
+from .nats.pool import release
+from .nats.retry import READ_FIRST
 from .settings import resolve
 from .times import parse_time, ttl_seconds
-from .transport import READ_FIRST, Connection, SubjectPurged, origin_headers, release
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
@@ -399,7 +404,7 @@ class AsyncChatHistory(StreamClient):
             except SubjectPurged:
                 continue  # cleared or expired while read: what is there now, never old and new mixed
         else:
-            raise BotWireError(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
+            raise ChangedWhileRead(f"{self!r} was cleared {_READ_TRIES} times while it was read; read it again")
         msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
         if last is not None and len(msgs) > last:
             msgs = msgs[len(msgs) - last :]

@@ -11,9 +11,10 @@ from typing import Self
 
 from nats.js.api import StreamConfig
 
-from .errors import BotWireError, InvalidArgument, WrongEventLoop
+from .errors import Closed, InvalidArgument, WrongEventLoop
+from .nats.jetstream import Connection
+from .nats.pool import acquire, release
 from .settings import ConnectOptions
-from .transport import Connection, acquire, release
 
 # The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
 # timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the
@@ -116,7 +117,7 @@ class StreamClient(ABC):
         if conn is not None:
             return conn
         if self._closed:
-            raise BotWireError(f"{self!r} is closed")
+            raise Closed(f"{self!r} is closed")
         loop = running_loop()
         if self._opening is None:
             self._opening, self._loop = asyncio.Lock(), loop

@@ -1,13 +1,13 @@
 """The one error tree of botwire-stream.
 
-Every NATS, OS or encoding failure that reaches a user is translated here (``translate``) into a
-``BotWireError`` subclass whose message says what went wrong and what to do. The HTTP server maps
-each class to a status code through ``http_status``.
+Pure: no NATS import. Every NATS, OS or encoding failure that reaches a user is translated (by
+``botwire_stream.nats.errors.translate``) into a ``BotWireError`` subclass whose message says what
+went wrong and what to do. The HTTP server maps each class to a status code through
+``http_status``, and clients tell classes apart by their ``code``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 
@@ -35,7 +35,8 @@ __all__ = [
     "WrongEventLoop",
     "StorageFull",
     "HomeNotWritable",
-    "translate",
+    "Closed",
+    "ChangedWhileRead",
 ]
 
 
@@ -163,68 +164,15 @@ class HomeNotWritable(ServerUnavailable):
     """``BOTWIRE_HOME`` (the embedded server's folder) cannot be created or written."""
 
 
-# JetStream API error codes (nats-server's errors.json) that mean something to a user.
-_CONFLICT_CODES = {10071, 10164, 10058}
-_QUOTA_CODES = {10023, 10026, 10027, 10028, 10047, 10077, 10078}
-_TOO_LARGE_CODES = {10054}
+class Closed(BotWireError, RuntimeError):
+    """An ``AsyncMemory``/``AsyncChatHistory`` (or a watch over its connection) was used after
+    ``close()``; open a new one."""
+
+    http_status = 409
 
 
-def translate(exc: BaseException) -> BaseException:
-    """Map a NATS, OS or asyncio exception to the matching ``BotWireError`` (others pass through)."""
-    if isinstance(exc, BotWireError):
-        return exc
-    # Imported here so that importing the error tree stays cheap.
-    import nats.errors as ne
-    import nats.js.errors as je
+class ChangedWhileRead(BotWireError):
+    """A value or conversation was overwritten or cleared on every try of one read (writers
+    faster than the read); read it again."""
 
-    if isinstance(exc, je.APIError):
-        code = exc.err_code or 0
-        desc = exc.description or str(exc)
-        if "no space left on device" in desc:
-            return StorageFull(f"{desc} (the disk holding the server's data is full; free space)")
-        if code in _CONFLICT_CODES or exc.code == 409:
-            return Conflict(f"{desc} (another writer changed it first; read again and retry)")
-        if code in _QUOTA_CODES:
-            return QuotaExceeded(f"{desc} (the server's storage limit was reached; free space or raise limits)")
-        if code in _TOO_LARGE_CODES:
-            return ValueTooLarge(f"{desc}")
-        if exc.code == 503:
-            return ServerUnavailable(
-                "JetStream is not available on the server (is it started with -js?): " + desc
-            )
-        if exc.code in (401, 403):
-            return Unauthorized(desc)
-        return BotWireError(f"NATS JetStream error {exc.code}/{code}: {desc}")
-    if isinstance(exc, ne.AuthorizationError) or "authorization" in str(exc).lower():
-        return Unauthorized(
-            "the NATS server refused the credentials; check token=/creds=/user= or BOTWIRE_TOKEN/BOTWIRE_CREDS"
-        )
-    if isinstance(exc, ne.MaxPayloadError):
-        return ValueTooLarge("the message is larger than the server's max_payload")
-    if isinstance(exc, (ne.TimeoutError, asyncio.TimeoutError, TimeoutError)):
-        return ServerUnavailable("the NATS server did not answer in time; is it running and reachable?")
-    if isinstance(exc, (je.NoStreamResponseError, ne.NoRespondersError)):
-        return ServerUnavailable(
-            "no JetStream stream answered; the server may be restarting or JetStream is disabled"
-        )
-    if isinstance(
-        exc,
-        (
-            ne.ConnectionClosedError,
-            ne.NoServersError,
-            ne.StaleConnectionError,
-            ne.OutboundBufferLimitError,
-            ConnectionError,
-            OSError,
-        ),
-    ):
-        from .settings import redact  # an OS error may name the URL, with its user:password@
-
-        return ServerUnavailable(
-            f"cannot reach the NATS server ({redact(str(exc))}); is it running? try `botwire server status`"
-        )
-    if isinstance(exc, ne.Error):
-        from .settings import redact
-
-        return BotWireError(f"NATS error: {redact(str(exc))}")
-    return exc
+    http_status = 409

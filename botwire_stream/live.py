@@ -20,8 +20,9 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from . import embedded
-from .errors import BotWireError, ServerUnavailable, translate
-from .transport import Connection
+from .errors import BotWireError, Closed, ServerUnavailable
+from .nats.errors import translate
+from .nats.jetstream import Connection
 
 T = TypeVar("T")
 
@@ -160,7 +161,7 @@ class LiveIterator(ABC, Generic[T]):
                     "start a new watch with the last sequence you received"
                 )
             if conn.nc.is_closed and conn.refs <= 0:
-                raise BotWireError(
+                raise Closed(
                     "the watch's connection was closed with its Memory/ChatHistory; close the watch first"
                 )
             try:

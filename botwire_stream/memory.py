@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any, Final, NamedTuple
 
 import msgspec
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
@@ -26,6 +25,7 @@ from . import codec, keys
 from .client import StreamClient, check_options
 from .errors import (
     BotWireError,
+    ChangedWhileRead,
     Conflict,
     InvalidArgument,
     QuotaExceeded,
@@ -34,9 +34,12 @@ from .errors import (
 )
 from .live import LiveIterator
 from .models import Change, Op, Revision
+from .nats.connect import origin_headers
+from .nats.errors import raise_api_error
+from .nats.jetstream import Connection
+from .nats.retry import SAFE
 from .settings import resolve
 from .times import parse_time, ttl_seconds
-from .transport import SAFE, Connection, origin_headers
 
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
@@ -78,9 +81,7 @@ def _api_result(data: bytes) -> dict[str, Any]:
     info: dict[str, Any] = msgspec.json.decode(data)
     err = info.get("error")
     if err:
-        raise nats.js.errors.APIError(
-            code=err.get("code"), err_code=err.get("err_code"), description=err.get("description")
-        )
+        raise_api_error(err)
     return info
 
 
@@ -199,7 +200,7 @@ class AsyncMemory(StreamClient):
                     return msg, _MISSING  # still the last: its chunks expired first, so it is expiring
                 gone = hdr["Nats-Sequence"]
                 continue  # overwritten while we read its chunks: read the new value
-        raise BotWireError(f"the value of {key!r} kept changing while it was read; try again")
+        raise ChangedWhileRead(f"the value of {key!r} kept changing while it was read; try again")
 
     async def contains(self, key: str) -> bool:
         """Whether ``key`` holds a value now."""

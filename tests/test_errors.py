@@ -17,6 +17,7 @@ import pytest
 from botwire_stream import AsyncMemory, ChatHistory, Memory, embedded
 from botwire_stream.errors import (
     BotWireError,
+    Closed,
     HomeNotWritable,
     InvalidArgument,
     InvalidKey,
@@ -140,6 +141,17 @@ async def test_async_face_raises_the_same_errors(url: str, namespace: str) -> No
             await memory.update("keep", lambda v: 2, ttl=-1)
         assert await memory.get("keep") == 1
         assert await memory.list_keys() == ["keep"]
+
+
+async def test_a_closed_memory_says_so(url: str, namespace: str) -> None:
+    """Using a closed ``AsyncMemory`` raises ``Closed`` (a ``RuntimeError``), not a bare error."""
+    memory = AsyncMemory(namespace, url=url)
+    await memory.set("keep", 1)
+    await memory.close()
+    with pytest.raises(Closed, match="is closed"):
+        await memory.get("keep")
+    with pytest.raises(RuntimeError):
+        await memory.set("keep", 2)
 
 
 # -- servers ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import pytest
 
 from botwire_stream import AsyncMemory, Memory, embedded
 from botwire_stream.errors import InvalidTTL, ServerUnavailable
+from botwire_stream.nats.jetstream import Connection
 from botwire_stream.times import ttl_seconds
-from botwire_stream.transport import Connection
 from tests.servers import NatsServer
 
 MiB = 1024 * 1024

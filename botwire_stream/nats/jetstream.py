@@ -1,0 +1,445 @@
+"""The raw JetStream API the cores use, with typed (msgspec) responses: the ``Connection``.
+
+It adds what nats-py 2.16 does not offer: batch and multi-last direct gets, atomic batch
+publishes, headers-only pulls, paged subject counts, and requests over one shared reply inbox.
+Every method runs through ``RetryingConnection.call`` and honours its ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import StreamConfig
+
+from ..errors import OutcomeUnknown
+from .errors import ApiError, SubjectPurged, raise_api_error
+from .replies import Batch, _BatchCollector
+from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
+
+# API errors of a publish that mean nothing was stored and the same publish may be sent again:
+# 10167 the stream's ingest queue is full (429), 10210 too many atomic batches in flight (429),
+# 10176 an atomic batch lost a staged message (dropped by a full ingest queue) or timed out.
+_BUSY_CODES = frozenset({10167, 10210, 10176})
+_WRONG_LAST = 10071
+_WRONG_LAST_MSG_ID = 10070
+_DUPLICATE_IN_BATCH = 10201
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+class _ConsumerCreated(msgspec.Struct):
+    """A ``$JS.API.CONSUMER.CREATE`` response (the fields we use)."""
+
+    name: str = ""
+    num_pending: int = 0
+    error: ApiError | None = None
+
+
+class _StreamState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    """A ``$JS.API.STREAM.INFO`` response with ``subjects_filter`` (one page of subject counts)."""
+
+    state: _StreamState | None = None
+    total: int = 0
+    error: ApiError | None = None
+
+
+class _Purged(msgspec.Struct):
+    """A ``$JS.API.STREAM.PURGE`` response."""
+
+    success: bool = False
+    purged: int = 0
+    error: ApiError | None = None
+
+
+_consumer_decoder = msgspec.json.Decoder(_ConsumerCreated)
+_info_decoder = msgspec.json.Decoder(_StreamInfo)
+_purge_decoder = msgspec.json.Decoder(_Purged)
+
+
+class Connection(RetryingConnection):
+    """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
+
+    # -- streams --------------------------------------------------------------------------------
+    async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
+        """Create the stream unless this connection already knows it exists (within ``timeout``)."""
+        name = config.name
+        assert name is not None
+        if name in self._ready_streams:
+            return
+
+        async def run() -> None:
+            # One request: creating a stream that exists with the same config is a no-op, and
+            # one that exists with another config (10058) is used as it is.
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:
+                    raise
+            except nats.js.errors.APIError as exc:
+                # 10049 "error creating store for stream": what a full disk gives (measured)
+                if exc.err_code == 10049 and self.restart is not None:
+                    full = await self.restart.store_full()
+                    if full is not None:
+                        raise full from exc
+                raise
+
+        await self.call(run, timeout=timeout)
+        self._ready_streams.add(name)
+
+    # -- publishing -----------------------------------------------------------------------------
+    def _ids(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """A copy of ``headers`` with a ``Nats-Msg-Id`` (kept when the caller gave one)."""
+        h = dict(headers) if headers else {}
+        h.setdefault("Nats-Msg-Id", self.new_id())
+        return h
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        *,
+        what: str = "write",
+        advice: str = READ_FIRST,
+    ) -> int:
+        """Publish to JetStream and wait for the ack; return the stream sequence.
+
+        Carries a ``Nats-Msg-Id`` and is re-sent with it after a lost connection (see the module
+        docstring). A conditional publish (``Nats-Expected-Last-Subject-Sequence``) refused on a
+        re-send is read back: found, its sequence is returned; not found, ``Conflict`` is raised.
+        """
+        h = self._ids(headers)
+        expected = h.get("Nats-Expected-Last-Subject-Sequence")
+        write = _Write(what, advice)
+        tries = 0
+
+        async def run() -> int:
+            nonlocal tries
+            tries += 1
+            msg = await self.request(subject, data, h, timeout, write)
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is not None:
+                if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
+                    found = await self._landed(subject, h["Nats-Msg-Id"], timeout)
+                    if found is not None:
+                        return found
+                if ack.error.err_code in _BUSY_CODES:
+                    raise _Busy  # dropped by a full ingest queue: nothing stored
+                raise_api_error(ack.error)
+            return ack.seq
+
+        return await self.call(run, timeout=timeout, write=write)
+
+    async def publish_pipelined(
+        self,
+        items: Sequence[tuple[str, bytes, Mapping[str, str]]],
+        timeout: float = 5.0,
+        *,
+        what: str = "write",
+        advice: str = READ_FIRST,
+    ) -> list[int]:
+        """Publish several unconditional messages back to back, then wait for all their acks.
+
+        Not atomic: each message is stored or refused on its own (the first error is raised).
+        Each carries a ``Nats-Msg-Id``, so a re-send after a lost connection stores none twice.
+        """
+        prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
+        write = _Write(what, advice)
+
+        async def run() -> list[int]:
+            mux = self._mux or await self._replies()
+            futures = []
+            for subject, data, headers in prepared:
+                reply, future = mux.expect(timeout)
+                futures.append(future)
+                await self.nc.publish(subject, data, reply=reply, headers=headers)
+                write.sent = True
+            seqs = []
+            for future in futures:
+                ack = _ack_decoder.decode((await future).data)
+                if ack.error is not None:
+                    raise_api_error(ack.error)
+                seqs.append(ack.seq)
+            return seqs
+
+        return await self.call(run, timeout=timeout, write=write)
+
+    async def publish_batch(
+        self,
+        subject: str,
+        payloads: Sequence[bytes],
+        headers: Sequence[Mapping[str, str]],
+        timeout: float = 10.0,
+        *,
+        expected: int | None = None,
+        what: str = "batch",
+        advice: str = READ_FIRST,
+    ) -> int:
+        """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence.
+
+        ``expected``: the batch is stored only if the subject's last sequence is this (0: empty).
+        Every message carries a ``Nats-Msg-Id``. A batch the server dropped for lack of room
+        (ingest queue full, too many batches in flight: nothing stored) is sent again, under a new
+        batch id, until the deadline. A batch re-sent after a lost connection that the server
+        refuses as a duplicate (or, conditional, as a wrong last sequence) is read back.
+        """
+        n = len(payloads)
+        if n == 0:
+            raise AssertionError("empty batch")
+        hs = [self._ids(x) for x in headers]
+        if expected is not None:
+            hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        write = _Write(what, advice)
+        tries = 0
+
+        async def run() -> int:
+            nonlocal tries
+            tries += 1
+            batch_id = self.new_id()
+            for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
+                h["Nats-Batch-Id"] = batch_id
+                h["Nats-Batch-Sequence"] = str(i)
+                if i < n:
+                    await self.nc.publish(subject, payload, headers=h)
+                    write.sent = True
+            hs[-1]["Nats-Batch-Commit"] = "1"
+            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is None:
+                return ack.seq
+            code = ack.error.err_code
+            if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
+                found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
+                if found is not None:
+                    return found
+            if code in _BUSY_CODES:
+                raise _Busy  # nothing stored: send it again after a pause
+            raise_api_error(ack.error)
+            raise AssertionError("unreachable")
+
+        return await self.call(run, timeout=timeout, write=write)
+
+    async def _landed(self, subject: str, msg_id: str, timeout: float) -> int | None:
+        """The sequence of the message stored with ``msg_id`` (None: not stored), by a probe the
+        server never stores: the same ``Nats-Msg-Id`` with an impossible
+        ``Nats-Expected-Last-Msg-Id``. The server checks its duplicate window (2 min, kept even
+        after the message itself was rolled up or removed) before that condition, so a duplicate
+        is answered with the original's sequence and anything else refused (10070)."""
+        probe = {"Nats-Msg-Id": msg_id, "Nats-Expected-Last-Msg-Id": "botwire-probe-" + self.new_id()}
+        msg = await self.request(subject, b"", probe, timeout)
+        ack = _ack_decoder.decode(msg.data)
+        if ack.duplicate:
+            return ack.seq
+        if ack.error is not None and ack.error.err_code == _WRONG_LAST_MSG_ID:
+            return None
+        if ack.error is not None:
+            raise_api_error(ack.error)
+        raise OutcomeUnknown(f"a read-back probe on {subject} was stored (seq {ack.seq}); please report this")
+
+    # -- reading --------------------------------------------------------------------------------
+    async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+        """The last message on ``subject`` (one request), or None when the subject is empty."""
+
+        async def run() -> Msg | None:
+            msg = await self.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", None, timeout)
+            hdr = msg.headers
+            if hdr is not None and "Status" in hdr:
+                if hdr["Status"] == "404":
+                    return None
+                raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
+            return msg
+
+        return await self.call(run, timeout=timeout)
+
+    async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
+        """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
+
+        Returns the messages of one reply batch and its end-of-batch figures; page with ``seq``.
+        """
+        body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
+        return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
+
+    async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
+        collector = _BatchCollector(asyncio.get_running_loop())
+        inbox = self.nc.new_inbox()
+        # future=: nats-py hands each reply to the collector from its reader, with no queue
+        sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
+        try:
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
+            await asyncio.wait_for(collector.done_future, timeout)
+        finally:
+            await sub.unsubscribe()
+        return collector.batch
+
+    async def read_subject(
+        self,
+        stream: str,
+        subject: str,
+        *,
+        start_seq: int = 1,
+        page: int = 1000,
+        headers: bool = True,
+        known: int | None = None,
+        snapshot: bool = False,
+        timeout: float = 10.0,
+    ) -> list[Msg]:
+        """Every message on ``subject`` from ``start_seq`` on, in order, by paged batch direct gets,
+        however many bytes they hold.
+
+        ``headers=False`` asks the server to leave out per-message headers: about twice as fast for
+        long reads, but the messages then carry neither sequence nor time. ``known``: how many
+        messages followed ``start_seq`` at some moment before the call; once that many are read,
+        all of them are (they have the lowest sequences), which saves the closing request.
+        ``snapshot``: a read that got messages after its first reply, or whose first reply surely
+        left some behind, ends by asking for the first message again: one of the first reply must
+        still be there (a purge or rollup removes every message of the subject), else
+        ``SubjectPurged``. Without it, reads racing a ``clear()`` and an append returned old
+        messages followed by the new one (9 of 40 reads of 9,000 messages) or the first 10,000 of
+        25,000 old ones. Reads whose first reply holds everything skip it.
+        ``timeout`` bounds each page's request.
+        """
+        out: list[Msg] = []
+        seq = start_seq
+        first_reply_end = 0  # the last sequence of the first reply
+        check = False  # whether the first reply must be checked for at the end
+        while True:
+            req: dict[str, Any] = {"next_by_subj": subject, "seq": seq, "batch": page}
+            if not headers:
+                req["no_hdr"] = True
+            batch = await self.direct_batch(stream, req, timeout)
+            out.extend(batch.msgs)
+            check = check or (first_reply_end > 0 and bool(batch.msgs))
+            # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
+            # fewer messages than asked does not mean the end. With headers the end-of-batch
+            # pending count is exact; with no_hdr the server never decrements it (nats-server
+            # 2.15), so 0 is still the end but anything else needs the next page: an empty
+            # reply (one small round trip) is then the end.
+            if not batch.msgs or not batch.last_seq or batch.pending == 0:
+                break
+            if known is not None and len(out) >= known:
+                break
+            if not first_reply_end:
+                first_reply_end = batch.last_seq
+                # Surely more left: a full page, or more pending than the reply holds (no_hdr's
+                # count includes the reply's own messages unless the stream grew meanwhile).
+                check = len(batch.msgs) >= page or batch.pending > (0 if headers else len(batch.msgs))
+            seq = batch.last_seq + 1
+        if snapshot and check:
+            first = {"next_by_subj": subject, "seq": start_seq, "batch": 1, "no_hdr": True}
+            probe = await self.direct_batch(stream, first, timeout)
+            if not probe.msgs or probe.last_seq > first_reply_end:
+                raise SubjectPurged(f"{subject} was purged or rolled up while it was read")
+        return out
+
+    async def pull_headers(
+        self, stream: str, filter_subject: str, *, last_per_subject: bool, timeout: float = 10.0
+    ) -> list[Msg]:
+        """The headers of the messages on subjects matching ``filter_subject``, in stream order, by
+        one ephemeral pull consumer: all of them, or only the last of each subject.
+
+        Costs two requests plus the messages. Creating a ``last_per_subject`` consumer costs the
+        server time that grows with the stream; one over every matching message does not.
+        """
+
+        async def run() -> list[Msg]:
+            cfg = {
+                "stream_name": stream,
+                "config": {
+                    "deliver_policy": "last_per_subject" if last_per_subject else "all",
+                    "ack_policy": "none",
+                    "filter_subject": filter_subject,
+                    "headers_only": True,
+                    "inactive_threshold": 5_000_000_000,
+                    "mem_storage": True,
+                    "num_replicas": 1,
+                },
+            }
+            resp = await self.request(f"$JS.API.CONSUMER.CREATE.{stream}", msgspec.json.encode(cfg), None, timeout)
+            created = _consumer_decoder.decode(resp.data)
+            if created.error is not None:
+                raise_api_error(created.error)
+            name, pending = created.name, created.num_pending
+            msgs: list[Msg] = []
+            try:
+                if pending:
+                    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                    async def on_msg(m: Msg) -> None:
+                        if m.headers and "Status" in m.headers and not m.data and m.reply == "":
+                            if not done.done():
+                                done.set_result(None)
+                            return
+                        msgs.append(m)
+                        if len(msgs) >= pending and not done.done():
+                            done.set_result(None)
+
+                    inbox = self.nc.new_inbox()
+                    sub = await self.nc.subscribe(inbox, cb=on_msg)
+                    try:
+                        req = msgspec.json.encode({"batch": pending, "no_wait": True})
+                        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=inbox)
+                        await asyncio.wait_for(done, timeout)
+                    finally:
+                        await sub.unsubscribe()
+            finally:  # fire and forget: the consumer would also vanish after inactive_threshold
+                await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
+            return msgs
+
+        return await self.call(run, timeout=timeout)
+
+    async def subject_counts(self, stream: str, subject_filter: str, timeout: float = 5.0) -> dict[str, int]:
+        """How many messages each subject matching ``subject_filter`` holds (one request per
+        100,000 subjects: the server sends at most that many per stream info reply, sorted, and
+        nats-py's ``stream_info`` asks for the first page only)."""
+
+        async def run() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            while True:
+                req: dict[str, Any] = {"subjects_filter": subject_filter}
+                if counts:
+                    req["offset"] = len(counts)
+                resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", msgspec.json.encode(req), None, timeout)
+                info = _info_decoder.decode(resp.data)
+                if info.error is not None:
+                    raise_api_error(info.error)
+                page = (info.state.subjects if info.state else None) or {}
+                before = len(counts)
+                counts.update(page)
+                if len(counts) == before or len(counts) >= info.total:
+                    return counts
+
+        return await self.call(run, timeout=timeout)
+
+    async def purge(
+        self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
+    ) -> None:
+        """Remove the messages on ``subject`` (below ``before_seq`` when given)."""
+
+        async def run() -> None:
+            req: dict[str, Any] = {"filter": subject}
+            if before_seq is not None:
+                req["seq"] = before_seq
+            resp = await self.request(f"$JS.API.STREAM.PURGE.{stream}", msgspec.json.encode(req), None, timeout)
+            purged = _purge_decoder.decode(resp.data)
+            if purged.error is not None:
+                raise_api_error(purged.error)
+
+        await self.call(run, timeout=timeout)

@@ -1,0 +1,140 @@
+"""Reply routing: one wildcard inbox whose replies go straight to the futures of their requests.
+
+This leans on a nats-py internal: ``nc.subscribe(..., future=obj)`` makes nats-py's reader call
+``obj.set_result(msg)`` for every message (unless ``obj.cancelled()``), with no
+per-subscription queue or task. ``tests/test_nats_replies.py`` pins that hook, so a nats-py
+release that changes it fails there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+_SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
+
+
+class _Resend(nats.errors.ConnectionClosedError):
+    """The connection was lost or replaced while a request waited: its reply will never come."""
+
+
+class Batch:
+    """One batch direct get reply: its messages, how many more match, the last sequence sent,
+    the snapshot sequence of a multi-last get (page on with ``up_to_seq``), and whether the
+    server refused a multi-last get for matching too many subjects (413)."""
+
+    __slots__ = ("msgs", "pending", "last_seq", "up_to_seq", "too_many")
+
+    def __init__(self, msgs: list[Msg], pending: int, last_seq: int) -> None:
+        self.msgs = msgs
+        self.pending = pending
+        self.last_seq = last_seq
+        self.up_to_seq = 0
+        self.too_many = False
+
+
+class _ReplyMux:
+    """Routes each reply on one wildcard inbox straight to the future of its request.
+
+    Passed to ``nc.subscribe(..., future=...)``: nats-py then hands every message to
+    ``set_result`` from its reader, skipping the per-subscription queue and task that
+    ``nc.request`` goes through. Timeouts are swept by one timer, armed only while requests wait,
+    instead of one timer per request. Together: lower latency and about twice the request
+    throughput (``benchmarks``).
+    """
+
+    def __init__(self, prefix: str, loop: asyncio.AbstractEventLoop, nc: NATS) -> None:
+        self.prefix = prefix
+        self._n = len(prefix)
+        self._loop = loop
+        self._nc = nc
+        self._next = 0
+        self._timer: asyncio.TimerHandle | None = None
+        # token -> (future, deadline, reconnect count when sent)
+        self.waiting: dict[str, tuple[asyncio.Future[Msg], float, int]] = {}
+
+    def cancelled(self) -> bool:  # the subscription's "future" is never done
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        entry = self.waiting.pop(msg.subject[self._n :], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    def expect(self, timeout: float) -> tuple[str, asyncio.Future[Msg]]:
+        """A reply subject and the future its reply will resolve."""
+        self._next += 1
+        token = str(self._next)
+        future: asyncio.Future[Msg] = self._loop.create_future()
+        self.waiting[token] = (future, self._loop.time() + timeout, self._nc.stats["reconnects"])
+        if self._timer is None:
+            self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep)
+        return self.prefix + token, future
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        gen = self._nc.stats["reconnects"]
+        lost = not self._nc.is_connected
+        # A lost connection loses the replies of the requests sent on it: fail them now (to be
+        # re-sent once connected) instead of letting them wait out their whole timeout.
+        expired = [
+            t for t, (f, deadline, g) in self.waiting.items() if deadline <= now or f.done() or g != gen or lost
+        ]
+        for token in expired:
+            future, deadline, g = self.waiting.pop(token)
+            if not future.done():
+                future.set_exception(nats.errors.TimeoutError() if deadline <= now else _Resend())
+        self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if self.waiting else None
+
+    def fail_all(self, exc: BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self.waiting = self.waiting, {}
+        for future, _, _ in waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+class _BatchCollector:
+    """Collects the replies of one batch direct get until its end-of-batch status."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.batch = Batch([], 0, 0)
+        self.done_future: asyncio.Future[None] = loop.create_future()
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, m: Msg) -> None:
+        hdr = m.headers
+        st = hdr.get("Status") if hdr else None
+        if st is None:
+            self.batch.msgs.append(m)
+            return
+        done = self.done_future
+        if done.done():
+            return
+        assert hdr is not None
+        if st == "204":
+            self.batch.pending = int(hdr.get("Nats-Num-Pending", 0))
+            self.batch.last_seq = int(hdr.get("Nats-Last-Sequence", 0))
+            self.batch.up_to_seq = int(hdr.get("Nats-UpTo-Sequence", 0))
+            done.set_result(None)
+        elif st == "404":
+            done.set_result(None)
+        elif st == "413":
+            self.batch.too_many = True
+            done.set_result(None)
+        else:
+            done.set_exception(nats.js.errors.APIError(code=int(st), description=hdr.get("Description", "")))
