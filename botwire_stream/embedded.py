@@ -53,7 +53,7 @@ _started: dict[int, subprocess.Popen[bytes]] = {}  # servers this process spawne
 
 @dataclass(frozen=True)
 class ServerState:
-    """What ``botwire server status --json`` prints."""
+    """What ``botwire nats status --json`` prints."""
 
     url: str
     pid: int
