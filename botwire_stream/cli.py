@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "BotWireGroup",
+    "Failure",
+    "Options",
+    "cli",
+    "main",
+    "parse_duration",
+    "parse_value",
+]
+
 EXIT_NOT_FOUND = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

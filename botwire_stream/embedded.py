@@ -36,6 +36,29 @@ from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavail
 if TYPE_CHECKING:
     import ssl
 
+__all__ = [
+    "MAX_PAYLOAD",
+    "MIN_FREE",
+    "MIN_TOKEN_LENGTH",
+    "ServerState",
+    "disk_full_error",
+    "ensure",
+    "find_binary",
+    "free_bytes",
+    "home_dir",
+    "hung",
+    "load_token",
+    "log_says_disk_full",
+    "pinned_context",
+    "read_token",
+    "restart",
+    "spawned_pids",
+    "status",
+    "stop",
+    "store_limit",
+    "store_limit_grew",
+]
+
 MAX_PAYLOAD = 8 * 1024 * 1024
 MIN_TOKEN_LENGTH = 32  # characters; ours are 43 (32 random bytes, URL-safe base64)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from .errors import BotWireError, InvalidArgument
 
+__all__ = ["ConnectOptions", "redact", "resolve"]
+
 # After a scheme, everything up to the last "@" before the host (a password may hold spaces or "@":
 # nats-py takes them raw); the stops are characters that end a URL's authority or start the text
 # around it in our messages ("within 5 s: [Errno ...]", "; is the server running?").
