@@ -6,7 +6,6 @@ this process started; nothing here touches a server it did not start.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from botwire_stream._natsproc import StartFailed, render_config, start
 from botwire_stream.embedded import find_binary
 
 _START_TIMEOUT = 15.0
@@ -52,34 +52,12 @@ class NatsServer:
         store.mkdir(parents=True, exist_ok=True)
         ports.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    "host: 127.0.0.1",
-                    "port: -1",
-                    f"ports_file_dir: {json.dumps(str(ports))}",
-                    f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
-                    "",
-                ]
-            )
-        )
-        log = self.workdir / "nats.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
-        ports_file = ports / f"{Path(binary).name}_{self.proc.pid}.ports"
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited at start:\n{log.read_text()[-2000:]}")
-            try:
-                self.port = int(json.loads(ports_file.read_text())["nats"][0].rsplit(":", 1)[1])
-                return self
-            except (OSError, ValueError, KeyError, IndexError):
-                time.sleep(0.005)
-        self.stop()
-        raise RuntimeError(f"nats-server did not start within {_START_TIMEOUT:.0f} s; see {log}")
+        conf.write_text(render_config(port=-1, ports_dir=ports, store_dir=store))
+        try:
+            self.proc, self.port = start(binary, conf, ports, log=self.workdir / "nats.log", timeout=_START_TIMEOUT)
+        except StartFailed as exc:
+            raise RuntimeError(str(exc)) from exc
+        return self
 
     def stop(self) -> None:
         _stop(self.proc)

@@ -4,7 +4,12 @@
 hold append-only conversation logs. Errors live in ``botwire_stream.errors``.
 
 The classes are imported on first access (PEP 562), so that ``botwire --help`` and importing
-``botwire_stream.errors`` do not pay for nats-py.
+``botwire_stream.errors`` do not pay for nats-py (nor cryptography, nkeys or langchain-core).
+
+Public, changed only compatibly: this package's ``__all__``, ``botwire_stream.errors``,
+``botwire_stream.models`` and the ``botwire_stream.integrations.<framework>`` modules. Every other
+module (``memory``, ``chat``, ``sync``, ``settings``, ``embedded``, ``transport``, ``cli``...) and
+every name starting with ``_`` is internal: import the public names instead, as they may move.
 """
 
 from __future__ import annotations

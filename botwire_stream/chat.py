@@ -46,6 +46,8 @@ from .nats.retry import READ_FIRST
 from .settings import resolve
 from .times import parse_time, ttl_seconds
 
+__all__ = ["AsyncChatHistory", "ChatWatch", "MAX_BATCH", "MAX_EXTEND_BYTES", "MAX_SEQ", "stream_name"]
+
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
 # queue (128 MiB) and drops what overflows it (429, "batch is incomplete"): 100 x 8 MB failed so.

@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "BotWireGroup",
+    "Failure",
+    "Options",
+    "cli",
+    "main",
+    "parse_duration",
+    "parse_value",
+]
+
 EXIT_NOT_FOUND = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -69,7 +82,7 @@ class Failure(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-class BotwireGroup(click.Group):
+class BotWireGroup(click.Group):
     """The root group: turns library errors into ``error: ...`` lines instead of tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -303,7 +316,7 @@ def _version() -> str:
     return __version__
 
 
-@click.group(cls=BotwireGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BotWireGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @_connection_options
 @click.version_option(_version(), "--version", "-V", prog_name="botwire")
 @click.pass_context
@@ -316,7 +329,7 @@ def cli(ctx: click.Context) -> None:
       botwire get user:42:name
       botwire keys 'user:*' --json
       botwire watch 'user:*'                    # one line per change, until Ctrl-C
-      botwire server status --json              # the embedded local server
+      botwire nats status --json                # the embedded local nats-server
 
     Exit codes: 0 ok, 1 not found, 2 error, 130 interrupted.
     """
@@ -457,10 +470,12 @@ def watch(opts: Options, pattern: str, count: int | None) -> None:
     _run(opts, follow)
 
 
-# -- the embedded server --------------------------------------------------------------------------
-@cli.group()
-def server() -> None:
-    """Manage the embedded local nats-server.
+# -- the embedded server ----------------------------------------------------------------------------
+# `botwire nats ...` manages the embedded nats-server; `botwire server ...` is its old spelling, kept
+# working (the same commands), so that `botwire serve` (the HTTP server) is not confused with it.
+@cli.group(name="nats")
+def nats_group() -> None:
+    """Manage the embedded local nats-server (start, stop, status).
 
     Its data, token and log live under $BOTWIRE_HOME (default: the user data folder).
     """
@@ -472,7 +487,7 @@ def _state_dict(state: Any) -> dict[str, Any]:
     return {"running": True, **asdict(state)}
 
 
-@server.command()
+@nats_group.command()
 @_json_option
 @click.pass_obj
 def start(opts: Options) -> None:
@@ -490,7 +505,7 @@ def start(opts: Options) -> None:
         click.echo(f"botwire server {verb}: {state.url} (pid {state.pid})")
 
 
-@server.command()
+@nats_group.command()
 @_json_option
 @click.pass_obj
 def stop(opts: Options) -> None:
@@ -507,7 +522,7 @@ def stop(opts: Options) -> None:
         click.echo(f"stopped botwire server (pid {state.pid})")
 
 
-@server.command()
+@nats_group.command()
 @_json_option
 @click.pass_obj
 def status(opts: Options) -> None:
@@ -520,7 +535,7 @@ def status(opts: Options) -> None:
         if opts.json:
             click.echo(_json({"running": False, "url": None, "pid": None, "home": str(home)}))
             raise click.exceptions.Exit(EXIT_NOT_FOUND)
-        _not_found(f"no botwire server is running (home {home}); start one with `botwire server start`")
+        _not_found(f"no botwire server is running (home {home}); start one with `botwire nats start`")
     if opts.json:
         click.echo(_json(_state_dict(state)))
         return
@@ -530,6 +545,16 @@ def status(opts: Options) -> None:
     )
     if os.environ.get("BOTWIRE_URL"):
         click.echo("note: BOTWIRE_URL is set, so clients connect there rather than to this server", err=True)
+
+
+cli.add_command(
+    click.Group(
+        "server",
+        commands=nats_group.commands,
+        help="Old spelling of `botwire nats`: the same start, stop and status commands.",
+        short_help="Old spelling of `botwire nats`.",
+    )
+)
 
 
 def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:

@@ -16,6 +16,8 @@ from .nats.jetstream import Connection
 from .nats.pool import acquire, release
 from .settings import ConnectOptions
 
+__all__ = ["MAX_TIMEOUT", "StreamClient", "check_options", "check_timeout", "open_with_streams", "running_loop"]
+
 # The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
 # timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the
 # first copy then, or a re-send would be stored twice and a read-back (``Connection._landed``)

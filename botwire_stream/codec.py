@@ -15,6 +15,8 @@ import msgspec
 
 from .errors import BotWireError
 
+__all__ = ["decode", "encode"]
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 _packer = msgspec.msgpack.Encoder()

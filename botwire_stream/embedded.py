@@ -31,10 +31,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import _natsproc
+from ._natsproc import StartFailed, conf_string, render_config
 from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
 
 if TYPE_CHECKING:
     import ssl
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "MIN_FREE",
+    "MIN_TOKEN_LENGTH",
+    "ServerState",
+    "disk_full_error",
+    "ensure",
+    "find_binary",
+    "free_bytes",
+    "home_dir",
+    "hung",
+    "load_token",
+    "log_says_disk_full",
+    "pinned_context",
+    "read_token",
+    "restart",
+    "spawned_pids",
+    "status",
+    "stop",
+    "store_limit",
+    "store_limit_grew",
+]
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 MIN_TOKEN_LENGTH = 32  # characters; ours are 43 (32 random bytes, URL-safe base64)
@@ -53,7 +78,7 @@ _started: dict[int, subprocess.Popen[bytes]] = {}  # servers this process spawne
 
 @dataclass(frozen=True)
 class ServerState:
-    """What ``botwire server status --json`` prints."""
+    """What ``botwire nats status --json`` prints."""
 
     url: str
     pid: int
@@ -577,16 +602,6 @@ def _pair_accepted(cert: Path, key: Path) -> bool:
     return False
 
 
-def _conf_string(text: str) -> str:
-    """``text`` as a double-quoted string of nats-server's config language.
-
-    Its lexer knows the escapes \\t \\n \\r \\" \\\\ and \\uXXXX/\\UXXXXXXXX but rejected the \\u00e9
-    that ``json.dumps`` writes for a non-ASCII home (2.15.1), so non-ASCII is written as UTF-8.
-    """
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    return f'"{escaped}"'
-
-
 def _open_log(path: Path) -> int:
     """The server log, appended to; a symlink there is refused (it would write wherever it points)."""
     try:
@@ -707,62 +722,60 @@ def _start(
     # Reuse the previous port so that clients connected before a crash reconnect by themselves.
     listen_port = port if port and _free(port) else -1
     conf = sdir / "nats.conf"
-    _write_private(
-        conf,
-        "\n".join(
-            [
-                "host: 127.0.0.1",
-                f"port: {listen_port}",
-                f"max_payload: {MAX_PAYLOAD}",
-                f"ports_file_dir: {_conf_string(str(ports_dir))}",
-                f"authorization {{ token: {_conf_string(token)} }}",
-                # TLS from the first byte: nothing is exchanged in clear, not even the server's INFO.
-                "tls {",
-                f"  cert_file: {_conf_string(str(cert))}",
-                f"  key_file: {_conf_string(str(sdir / 'key.pem'))}",
-                "  handshake_first: true",
-                "}",
-                f"jetstream {{ store_dir: {_conf_string(str(store))}, max_file_store: {store_limit(home)} }}",
-                "",
-            ]
-        ).encode(),
+    tls = [
+        # TLS from the first byte: nothing is exchanged in clear, not even the server's INFO.
+        "tls {",
+        f"  cert_file: {conf_string(str(cert))}",
+        f"  key_file: {conf_string(str(sdir / 'key.pem'))}",
+        "  handshake_first: true",
+        "}",
+    ]
+    config = render_config(
+        port=listen_port,
+        ports_dir=ports_dir,
+        store_dir=store,
+        max_file_store=store_limit(home),
+        max_payload=MAX_PAYLOAD,
+        token=token,
+        extra=tls,
     )
+    _write_private(conf, config.encode())
     log_path = sdir / "server.log"
-    log = _open_log(log_path)
-    log_start = os.lseek(log, 0, os.SEEK_END)  # the failure message shows this run's output, not older runs'
+
+    spawned: list[int] = []
+
+    def booting(proc: subprocess.Popen[bytes]) -> None:
+        _started[proc.pid] = proc
+        spawned.append(proc.pid)
+        if while_booting is not None:
+            while_booting()
+
     try:
-        proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
+        # The log is opened by _open_log: never through a symlink, and only when it is ours.
+        proc, chosen = _natsproc.start(
+            binary,
+            conf,
+            ports_dir,
+            log=log_path,
+            open_log=_open_log,
+            timeout=_START_TIMEOUT,
+            on_spawn=booting,
+            new_session=True,
         )
-    finally:
-        os.close(log)
-    _started[proc.pid] = proc
-    if while_booting is not None:
-        while_booting()
-    ports_file = ports_dir / f"{Path(binary).name}_{proc.pid}.ports"
-    deadline = time.monotonic() + _START_TIMEOUT
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, "rb") as f:
-                f.seek(log_start)
-                tail = f.read().decode(errors="replace")[-2000:]
-            error = StorageFull if "no space left on device" in tail else ServerUnavailable
+    except StartFailed as exc:
+        for pid in spawned:
+            _started.pop(pid, None)  # exited, or stopped by _natsproc.start
+        if exc.returncode is not None:
+            error = StorageFull if "no space left on device" in exc.output else ServerUnavailable
             reason = "disk full: " if error is StorageFull else ""
             raise error(
-                f"the embedded nats-server exited at start ({reason}code {proc.returncode}); its output:\n{tail}"
-            )
-        try:
-            url = json.loads(ports_file.read_text())["nats"][0]
-            break
-        except (OSError, ValueError, KeyError, IndexError):
-            time.sleep(0.001)
-    chosen = int(url.rsplit(":", 1)[1]) if url is not None else 0
+                f"the embedded nats-server exited at start ({reason}code {exc.returncode}); its output:\n{exc.output}"
+            ) from None
+        if (free := free_bytes(home)) < MIN_FREE:
+            raise disk_full_error(home, free, starting=True) from None
+        raise ServerUnavailable(
+            f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}"
+        ) from None
     state = ServerState(
         url=f"tls://127.0.0.1:{chosen}",
         pid=proc.pid,
@@ -774,11 +787,6 @@ def _start(
         ca_file=str(cert),
         start_time=_proc_start_time(proc.pid),
     )
-    if url is None:
-        _terminate(state, 2.0)
-        if (free := free_bytes(home)) < MIN_FREE:
-            raise disk_full_error(home, free, starting=True)
-        raise ServerUnavailable(f"the embedded nats-server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
     _write_private(sdir / "state.json", json.dumps(asdict(state)).encode())
     return state, token
 

@@ -20,6 +20,19 @@ MAX_SESSION_ID_CHARS = 256
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _GLOB_META = re.compile(r"[*?\[]")
+_GLOB_ESCAPE = re.compile(r"([*?\[])")
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_SESSION_ID_CHARS",
+    "check_namespace",
+    "check_session_id",
+    "decode_key",
+    "encode_key",
+    "glob_escape",
+    "matches",
+    "pattern_filter",
+]
 
 
 def check_namespace(namespace: object) -> str:
@@ -102,3 +115,9 @@ def pattern_filter(pattern: object) -> tuple[str, bool]:
 def matches(key: str, pattern: str) -> bool:
     """fnmatch semantics, case-sensitive: ``*`` spans ``:`` too."""
     return fnmatchcase(key, pattern)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as an fnmatch pattern that matches only itself (``*``, ``?``, ``[`` bracketed):
+    ``list_keys(glob_escape(prefix) + "*")`` lists the keys that start with ``prefix`` literally."""
+    return _GLOB_ESCAPE.sub(r"[\1]", text)

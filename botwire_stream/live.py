@@ -24,6 +24,8 @@ from .errors import BotWireError, Closed, ServerUnavailable
 from .nats.errors import translate
 from .nats.jetstream import Connection
 
+__all__ = ["LiveIterator"]
+
 T = TypeVar("T")
 
 # How often a waiting watch checks its connection (a lost one is noticed within this).

@@ -41,6 +41,8 @@ from .nats.retry import SAFE
 from .settings import resolve
 from .times import parse_time, ttl_seconds
 
+__all__ = ["AsyncMemory", "Watch", "MAX_VALUE_BYTES", "DEFAULT_HISTORY", "op_of"]
+
 MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_HISTORY: Final = 16
 _MISSING: Final = object()

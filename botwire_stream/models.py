@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import msgspec
 
+__all__ = ["Change", "Entry", "Op", "Revision", "SessionInfo"]
+
 Op = Literal["set", "delete", "expire"]
 
 

@@ -23,6 +23,8 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import anyio
 from anyio.from_thread import BlockingPortal
 
+__all__ = ["call", "get_portal", "started"]
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 

@@ -9,13 +9,32 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TypedDict
 
 from .errors import BotWireError, InvalidArgument
+
+__all__ = ["ConnectArgs", "ConnectOptions", "redact", "resolve"]
 
 # After a scheme, everything up to the last "@" before the host (a password may hold spaces or "@":
 # nats-py takes them raw); the stops are characters that end a URL's authority or start the text
 # around it in our messages ("within 5 s: [Errno ...]", "; is the server running?").
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\[\],]*@|[^/\s,]*@")
+
+
+class ConnectArgs(TypedDict, total=False):
+    """The connection arguments, defined once: every class that connects (``Memory``,
+    ``AsyncMemory``, ``ChatHistory``, ``AsyncChatHistory``, ``sessions()``) and ``resolve`` take
+    exactly these keywords, each ``str | None = None`` (tests/test_faces.py checks it).
+
+    The classes spell them out rather than taking ``**Unpack[ConnectArgs]``: explicit parameters
+    are what an IDE, ``help()`` and the README show a user; this is the list they are checked against.
+    """
+
+    url: str | None  # nats://host:port or tls://... (comma-separated: a cluster); None: BOTWIRE_URL, else embedded
+    token: str | None  # None: BOTWIRE_TOKEN
+    user: str | None
+    password: str | None
+    creds: str | None  # a NATS credentials file; None: BOTWIRE_CREDS
 
 
 def redact(url: str) -> str:

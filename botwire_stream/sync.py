@@ -16,6 +16,8 @@ from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 from .settings import ConnectOptions
 
+__all__ = ["ChatHistory", "Memory", "SyncWatch"]
+
 T = TypeVar("T")
 
 

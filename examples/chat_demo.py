@@ -66,7 +66,7 @@ def main() -> None:
     turns = Memory(NAMESPACE).get(f"user:{session}:turns")
     print(f"stored: {len(chat)} messages, {turns} turns; conversations in '{NAMESPACE}': "
           f"{len(ChatHistory.sessions(NAMESPACE, limit=None))}")
-    print("the embedded server keeps running; `botwire server status` shows it, `botwire server stop` stops it")
+    print("the embedded server keeps running; `botwire nats status` shows it, `botwire nats stop` stops it")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
+from botwire_stream._natsproc import render_config, start
 from botwire_stream.embedded import find_binary
 
 
@@ -47,41 +46,19 @@ class NatsServer:
     def start(self) -> NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         self.ports_dir.mkdir(parents=True, exist_ok=True)
-        for f in self.ports_dir.glob("*.ports"):
-            f.unlink()
-        lines = [
-            "host: 127.0.0.1",
-            f"port: {self.port}",
-            f"ports_file_dir: {json.dumps(str(self.ports_dir))}",
-            f"jetstream {{ store_dir: {json.dumps(str(self.store))}"
-            + (f", max_file_store: {self.max_file_store}" if self.max_file_store else "")
-            + " }",
-        ]
-        if self.max_payload:
-            lines.append(f"max_payload: {self.max_payload}")
-        if self.token:
-            lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
-        if self.extra_config:
-            lines.append(self.extra_config)
         conf = self.workdir / "nats.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [find_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-            files = list(self.ports_dir.glob("*.ports"))
-            if files:
-                try:
-                    self.port = int(json.loads(files[0].read_text())["nats"][0].rsplit(":", 1)[1])
-                    return self
-                except (ValueError, KeyError, IndexError):
-                    pass
-            time.sleep(0.005)
-        raise RuntimeError("nats-server did not start")
+        config = render_config(
+            port=self.port,
+            ports_dir=self.ports_dir,
+            store_dir=self.store,
+            max_file_store=self.max_file_store or None,
+            max_payload=self.max_payload or None,
+            token=self.token,
+            extra=[self.extra_config] if self.extra_config else [],
+        )
+        conf.write_text(config)
+        self.proc, self.port = start(find_binary(), conf, self.ports_dir, log=self.log)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server (SIGKILL with ``sig=signal.SIGKILL``); the store is kept."""

@@ -360,15 +360,16 @@ def test_installed_script(url: str, namespace: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
-    not_running = _botwire("server", "status", "--json")
+    # `botwire nats ...` and its old spelling `botwire server ...` manage the same server.
+    not_running = _botwire("nats", "status", "--json")
     assert not_running.returncode == 1
     assert json.loads(not_running.stdout)["running"] is False
     assert _botwire("server", "status").returncode == 1
 
-    started = _botwire("server", "start")
+    started = _botwire("nats", "start")
     assert started.returncode == 0 and "tls://127.0.0.1:" in started.stdout
 
-    status = _botwire("server", "status", "--json")
+    status = _botwire("nats", "status", "--json")
     assert status.returncode == 0
     state = json.loads(status.stdout)
     assert state["running"] is True and state["url"].startswith("tls://127.0.0.1:")
@@ -393,5 +394,17 @@ def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
     }
     assert not _alive(pid)
     assert _botwire("server", "status").returncode == 1
-    nothing = _botwire("server", "stop")
+    assert _botwire("nats", "status").returncode == 1
+    nothing = _botwire("nats", "stop")
     assert nothing.returncode == 0 and "no botwire server" in nothing.stdout
+
+
+def test_help_names_nats_and_marks_server_as_its_old_spelling() -> None:
+    top = _botwire("--help")
+    assert top.returncode == 0
+    lines = {line.split()[0]: line for line in top.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert "embedded" in lines["nats"] and "Old spelling of `botwire nats`" in lines["server"]
+    for group in ("nats", "server"):
+        sub = _botwire(group, "--help")
+        assert sub.returncode == 0
+        assert all(f"  {command} " in sub.stdout for command in ("start", "stop", "status"))

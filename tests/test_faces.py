@@ -47,3 +47,50 @@ def test_error_codes_are_stable_and_unique() -> None:
     assert codes["ServerUnavailable"] == "server_unavailable"
     assert codes["Conflict"] == "conflict"
     assert errors.InvalidKey("x").code == "invalid_key"
+
+
+def _connecting() -> dict[str, object]:
+    from botwire_stream import settings
+
+    return {
+        "AsyncMemory": AsyncMemory.__init__,
+        "Memory": Memory.__init__,
+        "AsyncChatHistory": AsyncChatHistory.__init__,
+        "ChatHistory": ChatHistory.__init__,
+        "AsyncChatHistory.sessions": AsyncChatHistory.sessions,
+        "ChatHistory.sessions": ChatHistory.sessions,
+        "settings.resolve": settings.resolve,
+    }
+
+
+def test_every_class_that_connects_takes_the_same_connection_arguments() -> None:
+    # One definition (settings.ConnectArgs); a new argument (an HTTP api_key=) added to some
+    # signatures but not to all, or with another default, fails here.
+    from botwire_stream.settings import ConnectArgs
+
+    names = list(ConnectArgs.__annotations__)
+    assert names == ["url", "token", "user", "password", "creds"]
+    for where, fn in _connecting().items():
+        params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+        for name in names:
+            p = params.get(name)
+            assert p is not None, f"{where} lacks {name}="
+            assert p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD), f"{where}: {name}= is not a keyword"
+            assert p.default is None and p.annotation == "str | None", f"{where}: {name}: {p.annotation} = {p.default!r}"
+    # timeout= and replicas=, where taken, have one default everywhere.
+    for option in ("timeout", "replicas"):
+        defaults = {
+            where: inspect.signature(fn).parameters[option].default  # type: ignore[arg-type]
+            for where, fn in _connecting().items()
+            if option in inspect.signature(fn).parameters  # type: ignore[arg-type]
+        }
+        assert len(defaults) >= 4 and len(set(defaults.values())) == 1, defaults
+
+
+def test_adapters_pass_the_connection_arguments_through() -> None:
+    from botwire_stream.integrations.langchain import BotWireByteStore, BotWireCache, BotWireChatHistory
+
+    for cls in (BotWireChatHistory, BotWireByteStore, BotWireCache):
+        params = inspect.signature(cls.__init__).parameters
+        assert params["url"].default is None
+        assert any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{cls.__name__} drops token=, creds=..."

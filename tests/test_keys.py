@@ -194,3 +194,12 @@ def test_change_key_is_the_original_key(memory: Memory) -> None:
 def test_list_keys_refuses_bad_patterns(memory: Memory, bad: object) -> None:
     with pytest.raises(InvalidKey):
         memory.list_keys(bad)  # type: ignore[arg-type]
+
+
+def test_glob_escape_lists_a_prefix_literally() -> None:
+    from botwire_stream.keys import glob_escape, matches
+
+    prefix = "a*b?c[d]"
+    assert glob_escape(prefix) == "a[*]b[?]c[[]d]"
+    assert matches(prefix + ":x", glob_escape(prefix) + "*")
+    assert not matches("aXbYcd:x", glob_escape(prefix) + "*")

@@ -88,7 +88,7 @@ def test_an_api_error_with_missing_fields() -> None:
         (ne.ConnectionClosedError(), errors.ServerUnavailable, "cannot reach the NATS server"),
         (ne.NoServersError(), errors.ServerUnavailable, "cannot reach the NATS server"),
         (ne.StaleConnectionError(), errors.ServerUnavailable, "cannot reach the NATS server"),
-        (ConnectionRefusedError(111, "Connection refused"), errors.ServerUnavailable, "botwire server status"),
+        (ConnectionRefusedError(111, "Connection refused"), errors.ServerUnavailable, "botwire nats status"),
         (OSError("no route to host"), errors.ServerUnavailable, "no route to host"),
         (ne.Error("nats: something else"), errors.BotWireError, "NATS error: nats: something else"),
     ],

@@ -5,3 +5,5 @@ Each adapter lives in its own module and imports its framework only when that mo
 ``botwire_stream`` never pulls in a framework. Install the matching extra, e.g.
 ``pip install 'botwire-stream[langchain]'``.
 """
+
+__all__: list[str] = []

@@ -18,18 +18,13 @@ connection is shared with every other botwire object on that loop and is release
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import json
-import re
-import threading
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final
 
 try:
     from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
@@ -50,116 +45,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from .. import keys
 from ..chat import MAX_BATCH, AsyncChatHistory, _encode_message
-from ..client import running_loop
 from ..errors import BotWireError, InvalidMessage
+from ..keys import glob_escape
 from ..memory import AsyncMemory
 from ..portal import call
 from ..times import ttl_seconds
+from ._base import LoopBound, PerLoop, map_bounded, memory_cores
 
-__all__ = ["BotWireByteStore", "BotWireCache", "BotWireChatHistory"]
-
-T = TypeVar("T")
-A = TypeVar("A")
-_CONCURRENCY: Final = 32  # requests in flight at once for multi-key operations
-
-
-class _Closeable(Protocol):
-    async def close(self) -> None: ...
-
-
-C = TypeVar("C", bound=_Closeable)
-
-
-class _PerLoop(Generic[C]):
-    """One async core per event loop, made on first use on that loop.
-
-    A core caches its connection, and a connection belongs to the loop that opened it, so a core
-    must never be used from another loop. Cores of loops that are gone are dropped with them.
-    """
-
-    def __init__(self, factory: Callable[[], C]) -> None:
-        self._factory = factory
-        self._cores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, C] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    def get(self) -> C:
-        """The core of the running loop."""
-        loop = running_loop()
-        core = self._cores.get(loop)
-        if core is None:
-            with self._lock:
-                core = self._cores.get(loop)
-                if core is None:
-                    # A core references its loop, so the weak dict alone never forgets a finished
-                    # loop (asyncio.run per request); the pool closed their connections already.
-                    for done in [other for other in self._cores if other.is_closed()]:
-                        del self._cores[done]
-                    core = self._factory()
-                    self._cores[loop] = core
-        return core
-
-    async def close(self) -> None:
-        """Close the running loop's core (a later call opens a new one)."""
-        with self._lock:
-            core = self._cores.pop(running_loop(), None)
-        if core is not None:
-            await core.close()
-
-
-def _memory_cores(namespace: str, url: str | None, connect_options: dict[str, Any]) -> _PerLoop[AsyncMemory]:
-    """One ``AsyncMemory`` per event loop; the arguments are checked now, without connecting."""
-
-    def make() -> AsyncMemory:
-        return AsyncMemory(namespace, url=url, **connect_options)
-
-    make()
-    return _PerLoop(make)
-
-
-class _LoopBound(Generic[C]):
-    """``close``/``aclose`` and the context managers of the adapters, over a ``_PerLoop``."""
-
-    _cores: _PerLoop[C]
-
-    def close(self) -> None:
-        """Release the connection used by the sync methods."""
-        call(self._cores.close)
-
-    async def aclose(self) -> None:
-        """Release the connection used by the async methods on the calling event loop."""
-        await self._cores.close()
-
-    def __enter__(self: T) -> T:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self: T) -> T:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-
-async def _map_bounded(fn: Callable[[A], Awaitable[T]], items: Sequence[A], limit: int = _CONCURRENCY) -> list[T]:
-    """``[await fn(x) for x in items]`` with up to ``limit`` in flight; the first error cancels the rest."""
-    if len(items) <= 1:
-        return [await fn(x) for x in items]
-    sem = asyncio.Semaphore(limit)
-
-    async def one(x: A) -> T:
-        async with sem:
-            return await fn(x)
-
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(one(x)) for x in items]
-    return [t.result() for t in tasks]
-
+__all__ = ["BotWireByteStore", "BotWireCache", "BotWireChatHistory", "glob_escape"]
 
 # -- chat message history ----------------------------------------------------------------------
 def _message_dicts(messages: object) -> list[dict[str, Any]]:
@@ -199,7 +92,7 @@ def _to_message(stored: dict[str, Any]) -> BaseMessage:
         raise InvalidMessage(f"a stored message is not a LangChain message: {str(stored)[:200]} ({exc})") from exc
 
 
-class BotWireChatHistory(_LoopBound[AsyncChatHistory], BaseChatMessageHistory):
+class BotWireChatHistory(LoopBound[AsyncChatHistory], BaseChatMessageHistory):
     """A LangChain chat message history kept in a botwire-stream conversation log.
 
     ``BotWireChatHistory("user-42", namespace="chat", ttl=3600)`` is shared by every process that
@@ -230,7 +123,7 @@ class BotWireChatHistory(_LoopBound[AsyncChatHistory], BaseChatMessageHistory):
         self.session_id = session_id
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._cores = _PerLoop(make)
+        self._cores = PerLoop(make)
 
     # -- sync face (on the portal's loop) --------------------------------------------------------
     @property
@@ -274,14 +167,6 @@ class BotWireChatHistory(_LoopBound[AsyncChatHistory], BaseChatMessageHistory):
 
 
 # -- byte store --------------------------------------------------------------------------------
-_GLOB_META = re.compile(r"([*?\[])")
-
-
-def glob_escape(text: str) -> str:
-    """``text`` as an fnmatch pattern that matches only itself (``*``, ``?``, ``[`` bracketed)."""
-    return _GLOB_META.sub(r"[\1]", text)
-
-
 def _as_bytes(value: object, key: str) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -290,7 +175,7 @@ def _as_bytes(value: object, key: str) -> bytes:
     raise TypeError(f"the value of {key!r} is a {type(value).__name__}; a byte store holds bytes")
 
 
-class BotWireByteStore(_LoopBound[AsyncMemory], BaseStore[str, bytes]):
+class BotWireByteStore(LoopBound[AsyncMemory], BaseStore[str, bytes]):
     """A LangChain ``ByteStore`` (``BaseStore[str, bytes]``) in a botwire-stream namespace.
 
     Keys are any non-empty ``str`` up to 1024 UTF-8 bytes; values are bytes, stored losslessly
@@ -309,7 +194,7 @@ class BotWireByteStore(_LoopBound[AsyncMemory], BaseStore[str, bytes]):
     ) -> None:
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._cores = _memory_cores(namespace, url, connect_options)
+        self._cores = memory_cores(namespace, url, connect_options)
 
     # -- sync face ---------------------------------------------------------------------------------
     def mget(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -333,7 +218,7 @@ class BotWireByteStore(_LoopBound[AsyncMemory], BaseStore[str, bytes]):
         """The value of each key, or None where missing (concurrent reads, duplicates read once)."""
         unique = list(dict.fromkeys(keys))
         core = self._cores.get()
-        values = await _map_bounded(core.get, unique)
+        values = await map_bounded(core.get, unique)
         found = {k: _decode_bytes(k, v) for k, v in zip(unique, values, strict=True)}
         return [found[k] for k in keys]
 
@@ -348,11 +233,11 @@ class BotWireByteStore(_LoopBound[AsyncMemory], BaseStore[str, bytes]):
         async def put(item: tuple[str, str]) -> int:
             return await core.set(item[0], item[1], ttl=self.ttl)
 
-        await _map_bounded(put, list(encoded.items()))
+        await map_bounded(put, list(encoded.items()))
 
     async def amdelete(self, keys: Sequence[str]) -> None:
         """Delete the keys (missing keys are ignored)."""
-        await _map_bounded(self._cores.get().delete, list(dict.fromkeys(keys)))
+        await map_bounded(self._cores.get().delete, list(dict.fromkeys(keys)))
 
     async def ayield_keys(self, *, prefix: str | None = None) -> AsyncIterator[str]:
         """The keys (starting with ``prefix``, taken literally), sorted."""
@@ -408,7 +293,7 @@ def _generation(stored: Mapping[str, Any]) -> Generation:
     return cls(text=stored["text"], generation_info=stored["generation_info"])
 
 
-class BotWireCache(_LoopBound[AsyncMemory], BaseCache):
+class BotWireCache(LoopBound[AsyncMemory], BaseCache):
     """A LangChain LLM cache in a botwire-stream namespace, shared by every process using it.
 
     ``set_llm_cache(BotWireCache(ttl=86400))``. An entry's key is the SHA-256 of
@@ -430,7 +315,7 @@ class BotWireCache(_LoopBound[AsyncMemory], BaseCache):
     ) -> None:
         self.namespace = namespace
         self.ttl = ttl_seconds(ttl)
-        self._cores = _memory_cores(namespace, url, connect_options)
+        self._cores = memory_cores(namespace, url, connect_options)
 
     @classmethod
     def key(cls, prompt: str, llm_string: str) -> str:
@@ -472,7 +357,7 @@ class BotWireCache(_LoopBound[AsyncMemory], BaseCache):
     async def aclear(self, **kwargs: Any) -> None:
         """Remove every entry of this cache (other keys of the namespace are kept)."""
         core = self._cores.get()
-        await _map_bounded(core.delete, await core.list_keys(self.KEY_PREFIX + "*"))
+        await map_bounded(core.delete, await core.list_keys(self.KEY_PREFIX + "*"))
 
     def __repr__(self) -> str:
         return f"BotWireCache({self.namespace!r})"

@@ -7,3 +7,5 @@ re-sends, recovery through a ``ServerRestart`` hook), ``restart`` (that hook for
 server), ``jetstream`` (the raw JetStream API with typed responses: the ``Connection`` the cores
 use), ``pool`` (opening connections, one shared connection per event loop).
 """
+
+__all__: list[str] = []

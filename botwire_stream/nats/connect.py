@@ -24,6 +24,8 @@ from ..errors import InvalidArgument, ServerNotTrusted, ServerUnavailable, Unaut
 from ..settings import redact
 from .errors import translate
 
+__all__ = ["ORIGIN", "CONNECT_TIMEOUT", "origin_headers"]
+
 ORIGIN = f"{socket.gethostname()}/{os.getpid()}"
 
 
@@ -38,6 +40,8 @@ if hasattr(os, "register_at_fork"):
 
 def origin_headers() -> dict[str, str]:
     """Headers that say who wrote an event (host/pid), for replay and audit."""
+    # Header names on the wire (Botwire-Origin here, Botwire-Blob and Botwire-Forked-From in the
+    # cores) are stored with the data: they keep this spelling, whatever the brand's spelling in code.
     return {"Botwire-Origin": ORIGIN}
 
 

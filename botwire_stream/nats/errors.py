@@ -109,7 +109,7 @@ def translate(exc: BaseException) -> BaseException:
     ):
         # an OS error may name the URL, with its user:password@
         return ServerUnavailable(
-            f"cannot reach the NATS server ({redact(str(exc))}); is it running? try `botwire server status`"
+            f"cannot reach the NATS server ({redact(str(exc))}); is it running? try `botwire nats status`"
         )
     if isinstance(exc, ne.Error):
         return BotWireError(f"NATS error: {redact(str(exc))}")

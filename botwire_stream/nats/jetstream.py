@@ -21,6 +21,8 @@ from .errors import ApiError, SubjectPurged, raise_api_error
 from .replies import Batch, _BatchCollector
 from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
 
+__all__ = ["Connection"]
+
 # API errors of a publish that mean nothing was stored and the same publish may be sent again:
 # 10167 the stream's ingest queue is full (429), 10210 too many atomic batches in flight (429),
 # 10176 an atomic batch lost a staged message (dropped by a full ingest queue) or timed out.

@@ -17,6 +17,8 @@ from .connect import _connect, _connect_embedded
 from .jetstream import Connection
 from .restart import EmbeddedRestart
 
+__all__ = ["acquire", "open_connection", "release"]
+
 
 async def open_connection(opts: ConnectOptions) -> Connection:
     """A new ``Connection`` for ``opts``; to the embedded server (started if needed), with the

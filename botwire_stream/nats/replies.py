@@ -15,6 +15,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+__all__ = ["Batch"]
+
 _SWEEP_EVERY = 0.25  # seconds between checks for requests that timed out
 
 

@@ -15,6 +15,8 @@ from .. import embedded
 from ..errors import StorageFull
 from .connect import _connect_embedded
 
+__all__ = ["EmbeddedRestart"]
+
 
 class EmbeddedRestart:
     """Checks and restarts the embedded server of ``home`` (see ``retry.ServerRestart``)."""

@@ -37,6 +37,8 @@ from .connect import _close_soon, _closing
 from .errors import translate
 from .replies import _ReplyMux, _Resend
 
+__all__ = ["HEADROOM", "READ_FIRST", "SAFE", "RetryingConnection", "ServerRestart"]
+
 T = TypeVar("T")
 
 _RETRYABLE = (
