@@ -34,8 +34,8 @@ def test_a_big_set_whose_commit_timed_out_leaves_the_key_readable(
     own_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server stalls (SIGSTOP, 2 s) just as a chunked value's manifest is sent, longer than the
-    request timeout (1 s): ``set`` raises ``ServerUnavailable``, but the server stores the manifest
-    when it resumes. The key must then read as one of the two values, whole, never as an error:
+    request timeout (1 s): ``set`` raises ``ServerUnavailable`` (or, on a loaded machine, is
+    confirmed in time), and the server stores the manifest when it resumes. The key must then read as one of the two values, whole, never as an error:
     the writer must not reclaim the chunks of a manifest whose outcome it does not know."""
     original = Connection.publish
     resume: list[threading.Timer] = []
@@ -57,12 +57,15 @@ def test_a_big_set_whose_commit_timed_out_leaves_the_key_readable(
         async with AsyncMemory("t" + uuid.uuid4().hex[:8], url=own_server.url, timeout=1) as memory:
             await memory.set("k", "old")
             monkeypatch.setattr(Connection, "publish", stall_on_manifest)
-            with pytest.raises(ServerUnavailable):
+            try:
                 await memory.set("k", big)
+                acknowledged = True  # on a loaded machine the stall can end within the deadline
+            except ServerUnavailable:  # OutcomeUnknown included: stored or not, never half
+                acknowledged = False
             monkeypatch.setattr(Connection, "publish", original)
             resume[0].join()
             for _ in range(3):
-                assert await memory.get("k") in ("old", big)
+                assert await memory.get("k") in ((big,) if acknowledged else ("old", big))
             trail = await memory.revisions("k")
             assert trail[-1].value == await memory.get("k")
 
