@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import time
 import warnings
 
@@ -12,20 +11,7 @@ from langchain_core.messages import HumanMessage
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.integrations.langchain import BotWireChatHistory
-
-
-def _open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass  # closed while listing
-    return count
-
-
-def _live_event_loops() -> int:
-    return sum(isinstance(o, asyncio.AbstractEventLoop) for o in gc.get_objects())
+from tests.resources import live_event_loops, open_sockets
 
 
 def test_event_loops_that_end_with_objects_left_open_leave_no_sockets(url: str, namespace: str) -> None:
@@ -47,13 +33,13 @@ def test_event_loops_that_end_with_objects_left_open_leave_no_sockets(url: str, 
         warnings.simplefilter("error", ResourceWarning)  # no socket left for the garbage collector
         asyncio.run(request(0))
         gc.collect()
-        before, loops_before = _open_sockets(), _live_event_loops()
+        before, loops_before = open_sockets(), live_event_loops()
         started = time.monotonic()
         for i in range(1, 31):
             asyncio.run(request(i))
         gc.collect()
-        assert _open_sockets() - before <= 2
-        assert _live_event_loops() - loops_before <= 2
+        assert open_sockets() - before <= 2
+        assert live_event_loops() - loops_before <= 2
     assert time.monotonic() - started < 60  # closing at loop shutdown does not hang
     assert len(shared.messages) == 31
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from langchain_core.messages import HumanMessage
 from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, SessionInfo
 from botwire_stream.errors import InvalidArgument, InvalidMessage, WrongEventLoop
 from botwire_stream.integrations.langchain import BotWireChatHistory
+from tests.resources import live_event_loops, open_sockets
 
 
 def _nested(depth: int) -> dict[str, Any]:
@@ -83,20 +83,6 @@ def test_a_hand_made_session_info_cursor_with_a_naive_time_is_an_invalid_argumen
         ChatHistory.sessions(namespace, url=url, before=before)
 
 
-def _open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass  # closed while listing
-    return count
-
-
-def _live_event_loops() -> int:
-    return sum(isinstance(o, asyncio.AbstractEventLoop) for o in gc.get_objects())
-
-
 # The garbage collector frees the shut sockets with asyncio's "unclosed transport" warning: the
 # loop that could have closed them cleanly was closed under them.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -125,13 +111,13 @@ def test_loops_closed_without_shutdown_asyncgens_leave_no_sockets(
 
     run(0)
     gc.collect()
-    before, loops_before = _open_sockets(), _live_event_loops()
+    before, loops_before = open_sockets(), live_event_loops()
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         for i in range(1, 21):
             run(i)
         gc.collect()
-    assert _open_sockets() - before <= 2
-    assert _live_event_loops() - loops_before <= 2
+    assert open_sockets() - before <= 2
+    assert live_event_loops() - loops_before <= 2
     assert not [r for r in caplog.records if r.name == "asyncio"]
     assert ChatHistory("plain-20", namespace=namespace, url=url).messages() == [{"i": 20}]
     assert Memory(namespace, url=url).get("k") == 20
