@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -64,15 +62,22 @@ async def _lose_ack(
     return await asyncio.wait_for(task, 15)
 
 
+def _counting_incr() -> tuple[list[int], Callable[[int], int]]:
+    """``v + 1``, and the list of the values it was called with (how often ``update`` ran it)."""
+    calls: list[int] = []
+
+    def incr(v: int) -> int:
+        calls.append(v)
+        return v + 1
+
+    return calls, incr
+
+
 # -- lost acknowledgements: the true outcome, applied once ---------------------------------------
 async def test_update_whose_ack_was_lost_is_applied_once(relay: Relay, own_server: NatsServer, namespace: str) -> None:
     async with AsyncMemory(namespace, url=relay.url) as m, AsyncMemory(namespace, url=own_server.url) as direct:
         await m.set("n", 0)
-        calls = []
-
-        def incr(v: int) -> int:
-            calls.append(v)
-            return v + 1
+        calls, incr = _counting_incr()
 
         async def landed() -> bool:
             return bool(await direct.get("n") == 1)
@@ -93,11 +98,7 @@ async def test_update_whose_ack_was_lost_and_whose_revision_rolled_off_is_applie
         AsyncMemory(namespace, url=own_server.url, history=2) as direct,
     ):
         await m.set("n", 0)
-        calls = []
-
-        def incr(v: int) -> int:
-            calls.append(v)
-            return v + 1
+        calls, incr = _counting_incr()
 
         async def landed() -> bool:
             if await direct.get("n") != 1:
@@ -495,16 +496,8 @@ def test_botwire_watch_restarts_a_killed_embedded_server_and_resumes(botwire_hom
 
     with Memory(namespace) as memory:
         memory.set("before", 0)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "watch", "--count", "3", "--json", "-n", namespace],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None and proc.stdout is not None
-        ready = proc.stderr.readline()  # printed once the subscription is live
-        assert "watching" in ready, ready
+    with procs.watching("--count", "3", "--json", "-n", namespace) as proc:
+        assert proc.stdout is not None
         with Memory(namespace) as memory:
             memory.set("a", 1)
         assert json.loads(proc.stdout.readline())["key"] == "a"
@@ -521,9 +514,5 @@ def test_botwire_watch_restarts_a_killed_embedded_server_and_resumes(botwire_hom
                 memory.set("b", 2)
                 memory.set("c", 3)
             out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [(c["key"], c["value"]) for c in map(json.loads, out.splitlines())] == [("b", 2), ("c", 3)]
