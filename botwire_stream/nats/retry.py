@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 import nats.errors
@@ -69,8 +68,6 @@ _GREETING_WAIT = 1.0  # embedded._answers' timeout
 class ServerRestart(Protocol):
     """What a connection to a server it may restart (the embedded one) is given, so that
     ``RetryingConnection`` itself knows nothing of that server (``restart.EmbeddedRestart``)."""
-
-    home: Path
 
     async def revive(self, nc: NATS) -> NATS | None:
         """Start the server again if needed; a new client, or None when ``nc`` is back."""
@@ -122,7 +119,6 @@ class RetryingConnection:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.restart = restart
-        self.home = restart.home if restart is not None else None  # the embedded server's home
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
