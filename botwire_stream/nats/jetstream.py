@@ -235,7 +235,6 @@ class Connection(RetryingConnection):
             if code in _BUSY_CODES:
                 raise _Busy  # nothing stored: send it again after a pause
             raise_api_error(ack.error)
-            raise AssertionError("unreachable")
 
         return await self.call(run, timeout=timeout, write=write)
 
