@@ -40,6 +40,9 @@ __all__ = ["HEADROOM", "READ_FIRST", "SAFE", "RetryingConnection", "ServerRestar
 
 T = TypeVar("T")
 
+# What a request that got no answer in time raises (nats-py's own timer, or the call's deadline).
+_TIMEOUTS = (asyncio.TimeoutError, nats.errors.TimeoutError)
+
 _RETRYABLE = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
@@ -344,7 +347,7 @@ class RetryingConnection:
         The hung-server probe does this within the deadline when the timeout leaves room (> 2 s);
         this covers shorter timeouts, at the cost of one more timeout."""
         restart = self.restart
-        if restart is None or not (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
+        if restart is None or not (exc is None or isinstance(exc, _TIMEOUTS)):
             return False
         try:
             pid = await restart.disk_wedged()
@@ -359,9 +362,7 @@ class RetryingConnection:
     async def _fail(self, exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
         """The error a call ends with; on the embedded server, a full disk says so (``StorageFull``:
         nats-server does not store, nor answer, a write it could not write)."""
-        if self.restart is not None and (
-            exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))
-        ):
+        if self.restart is not None and (exc is None or isinstance(exc, _TIMEOUTS)):
             full = await self.restart.disk_full()
             if full is not None:
                 return full
@@ -397,7 +398,7 @@ class RetryingConnection:
                 f"the server had no room for the {write.what if write else 'write'} within {timeout:g} s (its "
                 "ingest queue is full or too many batches are in flight); nothing was stored: retrying later is safe"
             )
-        if exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError, _Resend)):
+        if exc is None or isinstance(exc, (*_TIMEOUTS, _Resend)):
             return ServerUnavailable(
                 f"the NATS server did not answer within {timeout:g} s; is it running and reachable?"
             )
