@@ -27,6 +27,7 @@ from botwire_stream.errors import Conflict, InvalidArgument, OutcomeUnknown, Ser
 from tests import procs
 from tests.proxy import Relay
 from tests.servers import NatsServer
+from tests.waits import until
 
 
 @pytest.fixture
@@ -34,15 +35,6 @@ async def relay(own_server: NatsServer) -> AsyncIterator[Relay]:
     r = await Relay(own_server.port).start()
     yield r
     await r.close()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, bound: float = 10.0) -> None:
-    """Wait (bounded) until ``check()`` holds."""
-    deadline = time.monotonic() + bound
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {bound} s")
-        await asyncio.sleep(0.02)
 
 
 async def _lose_ack(
@@ -54,7 +46,7 @@ async def _lose_ack(
     relay.trigger = trigger
     task = asyncio.ensure_future(write)
     try:
-        await _until(landed, "the write reaching the server")
+        await until(landed, "the write reaching the server")
         assert not task.done()
     finally:
         relay.trigger, relay.drop = None, False
@@ -397,7 +389,7 @@ async def test_chat_watch_resumes_when_the_embedded_server_comes_back_on_another
             os.kill(state.pid, signal.SIGKILL)
             with _holding(state.port):  # keep the old port taken: the restart needs a new one
                 waiting = asyncio.ensure_future(_next(w))
-                await _until(
+                await until(
                     lambda: asyncio.sleep(0, result=embedded.status(botwire_home) is not None),
                     "the watch restarting the server",
                 )
