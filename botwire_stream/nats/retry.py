@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 
 from ..errors import BotWireError, OutcomeUnknown, QuotaExceeded, ServerUnavailable, StorageFull
 from ..settings import ConnectOptions
-from .connect import _close_soon, _closing
+from .connect import _close_soon
 from .errors import translate
 from .replies import _ReplyMux, _Resend
 
@@ -204,11 +204,7 @@ class RetryingConnection:
                     self._mux = None
                 # Closing a client stuck reconnecting to whatever took over the old port can hang
                 # (its TLS transport waits for the stranger; measured > 30 s): do not wait for it.
-                closing = asyncio.ensure_future(old.close())
-                _closing.add(closing)
-                closing.add_done_callback(_closing.discard)
-                closing.add_done_callback(lambda f: f.cancelled() or f.exception())
-                await asyncio.wait({closing}, timeout=1.0)
+                await _close_soon(old)
             self._ready_streams.clear()
             fut.set_result(None)
         except BaseException as exc:
