@@ -42,6 +42,7 @@ from .nats.connect import origin_headers
 from .nats.errors import SubjectPurged
 from .nats.jetstream import Connection
 from .nats.pool import release
+from .nats.replies import Batch
 from .nats.retry import READ_FIRST
 from .settings import resolve
 from .times import parse_time, ttl_seconds
@@ -340,6 +341,14 @@ class AsyncChatHistory(StreamClient):
         await conn.purge(self._names.stream, self.subject, timeout=self._timeout)
 
     # -- reading --------------------------------------------------------------------------------
+    async def _probe(self, conn: Connection, seq: int) -> tuple[Batch, int]:
+        """The conversation's first message at or after ``seq`` (a one-message batch), and how many
+        messages it has from there (the end-of-batch pending count, plus that one; 0: none)."""
+        probe = await conn.direct_batch(
+            self._names.stream, {"next_by_subj": self.subject, "seq": seq, "batch": 1}, self._timeout
+        )
+        return probe, (probe.pending + 1 if probe.msgs else 0)
+
     async def _start_seq(
         self, conn: Connection, after: int | None, last: int | None
     ) -> tuple[int, int | None] | None:
@@ -352,25 +361,20 @@ class AsyncChatHistory(StreamClient):
         start = (after or 0) + 1
         if last is None:
             return start, None
-        stream = self._names.stream
-        probe = await conn.direct_batch(stream, {"next_by_subj": self.subject, "seq": start, "batch": 1}, self._timeout)
-        if not probe.msgs:
+        probe, total = await self._probe(conn, start)
+        if not total:
             return None
         first = probe.last_seq
-        total = probe.pending + 1
         if total <= last:
             return first, total
-        tail = await conn.direct_get_last(stream, self.subject, self._timeout)
+        tail = await conn.direct_get_last(self._names.stream, self.subject, self._timeout)
         if tail is None:
             return None
         end = int((tail.headers or {})["Nats-Sequence"])
         lo, hi, at_lo = first, end, total  # count(>= lo) = at_lo >= last > count(> hi)
         guess = max(lo, end - int((end - first) * (last / total) * 1.25) - 1)
         for _ in range(12):
-            probe = await conn.direct_batch(
-                stream, {"next_by_subj": self.subject, "seq": guess, "batch": 1}, self._timeout
-            )
-            count = probe.pending + 1 if probe.msgs else 0
+            probe, count = await self._probe(conn, guess)
             if count >= last:
                 if count <= 2 * last + 64:
                     return probe.last_seq, count
@@ -422,13 +426,9 @@ class AsyncChatHistory(StreamClient):
 
     async def count(self) -> int:
         """How many messages the conversation holds."""
-        conn = await self._connection()
-        probe = await conn.direct_batch(
-            self._names.stream, {"next_by_subj": self.subject, "seq": 1, "batch": 1}, self._timeout
-        )
-        if not probe.msgs:
+        probe, n = await self._probe(await self._connection(), 1)
+        if not n:
             return 0
-        n = probe.pending + 1
         if not probe.msgs[0].data or n <= 2:  # an expiry marker may be the only one left
             n = len(await self._read(None, None, headers=False))
         return n

@@ -19,7 +19,6 @@ from typing import Any, Generic, TypeVar
 import nats.errors
 from nats.aio.msg import Msg
 
-from . import embedded
 from .errors import BotWireError, Closed, ServerUnavailable
 from .nats.errors import translate
 from .nats.jetstream import Connection
@@ -133,7 +132,7 @@ class LiveIterator(ABC, Generic[T]):
             return
         except (nats.errors.Error, asyncio.TimeoutError, OSError):
             pass
-        if conn.home is not None and await asyncio.to_thread(embedded.hung, conn.home):
+        if conn.restart is not None and await conn.restart.hung():
             await asyncio.wait_for(conn._recover(), self._grace)  # replaced: the next turn resumes
             self._gen = None
             self._alive = loop.time()
@@ -168,7 +167,7 @@ class LiveIterator(ABC, Generic[T]):
                 )
             try:
                 if not conn.nc.is_connected:
-                    if conn.home is None:  # nats-py reconnects by itself
+                    if conn.restart is None:  # nats-py reconnects by itself
                         await asyncio.sleep(min(0.05, remaining))
                         continue
                     await asyncio.wait_for(conn._recover(), remaining)  # restart the embedded server

@@ -35,7 +35,6 @@ from .errors import (
 from .live import LiveIterator
 from .models import Change, Op, Revision
 from .nats.connect import origin_headers
-from .nats.errors import raise_api_error
 from .nats.jetstream import Connection
 from .nats.retry import SAFE
 from .settings import resolve
@@ -76,15 +75,6 @@ class _Outcome(NamedTuple):
 
 _REREAD: Final = "read the key before repeating the update"
 _manifest_decoder = msgspec.json.Decoder(_Manifest)
-
-
-def _api_result(data: bytes) -> dict[str, Any]:
-    """A JetStream API response, with its error raised for ``Connection.call`` to translate."""
-    info: dict[str, Any] = msgspec.json.decode(data)
-    err = info.get("error")
-    if err:
-        raise_api_error(err)
-    return info
 
 
 def op_of(headers: dict[str, str] | None) -> Op:
@@ -156,25 +146,9 @@ class AsyncMemory(StreamClient):
         return f"AsyncMemory({self.namespace!r})"
 
     async def _opened(self, conn: Connection) -> None:
-        """Apply an explicit ``history=`` to a namespace that keeps another number of revisions.
-
-        The raw stream config is read and written back with only ``max_msgs_per_subject``
-        changed, so fields this nats-py does not model are kept as they are.
-        """
-        history = self._history
-        if history is None:
-            return
-
-        async def run() -> None:
-            resp = await conn.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", None, self._timeout)
-            config = _api_result(resp.data)["config"]
-            if config.get("max_msgs_per_subject") == history:
-                return
-            config["max_msgs_per_subject"] = history
-            body = msgspec.json.encode(config)
-            _api_result((await conn.request(f"$JS.API.STREAM.UPDATE.{self.stream}", body, None, self._timeout)).data)
-
-        await conn.call(run, timeout=self._timeout)
+        """Apply an explicit ``history=`` to a namespace that keeps another number of revisions."""
+        if self._history is not None:
+            await conn.set_max_per_subject(self.stream, self._history, self._timeout)
 
     # -- reading --------------------------------------------------------------------------------
     async def _last(self, key: str) -> tuple[Connection, str, Msg | None]:

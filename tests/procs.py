@@ -8,9 +8,11 @@ parent can release many of them at the same moment. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -107,3 +109,31 @@ def wait_for_go(go: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("the go file never appeared")
         time.sleep(0.002)
+
+
+def _interruptible() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+    # an inherited SIG_IGN: give the child the default disposition, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """A ``botwire watch`` subprocess, yielded once its subscription is live; killed on exit if
+    still running (the test communicates with it to see it end by itself)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "watch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_interruptible,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        ready = proc.stderr.readline()  # printed once the subscription is live
+        assert "watching" in ready, ready + proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 
 from botwire_stream import Memory
 from botwire_stream.cli import cli
+from tests import procs
 
 
 @pytest.fixture
@@ -216,39 +217,14 @@ def test_watch_count_json_in_process(run: Any, url: str, namespace: str) -> None
     assert [c["key"] for c in changes] == [f"user:{n}" for n in numbers]
 
 
-def _interruptible() -> None:
-    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
-    # an inherited SIG_IGN: give the child the default disposition, as a terminal would.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _start_watch(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "watch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_interruptible,
-    )
-    assert proc.stderr is not None
-    ready = proc.stderr.readline()  # printed once the subscription is live
-    assert "watching" in ready, ready + proc.stderr.read()
-    return proc
-
-
 @pytest.mark.timeout(90)
 def test_watch_subprocess_sees_exactly_the_matching_changes(url: str, namespace: str) -> None:
-    proc = _start_watch("user:*", "--count", "2", "--json", "--url", url, "-n", namespace)
-    try:
+    with procs.watching("user:*", "--count", "2", "--json", "--url", url, "-n", namespace) as proc:
         with Memory(namespace, url=url) as memory:
             memory.set("other", 1)
             memory.set("user:1", {"n": 1})
             memory.delete("user:1")
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     changes = [json.loads(line) for line in out.splitlines()]
     assert [(c["key"], c["op"], c["value"]) for c in changes] == [("user:1", "set", {"n": 1}), ("user:1", "delete", None)]
@@ -256,8 +232,7 @@ def test_watch_subprocess_sees_exactly_the_matching_changes(url: str, namespace:
 
 @pytest.mark.timeout(90)
 def test_watch_human_output_until_ctrl_c(url: str, namespace: str) -> None:
-    proc = _start_watch("--url", url, "-n", namespace)
-    try:
+    with procs.watching("--url", url, "-n", namespace) as proc:
         with Memory(namespace, url=url) as memory:
             memory.set("greeting", "hi")
         assert proc.stdout is not None
@@ -265,10 +240,6 @@ def test_watch_human_output_until_ctrl_c(url: str, namespace: str) -> None:
         assert " set " in line and "greeting" in line and '"hi"' in line
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130
     assert "Traceback" not in err, err
 

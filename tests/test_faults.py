@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +27,7 @@ from botwire_stream.errors import Conflict, InvalidArgument, OutcomeUnknown, Ser
 from tests import procs
 from tests.proxy import Relay
 from tests.servers import NatsServer
+from tests.waits import until
 
 
 @pytest.fixture
@@ -36,15 +35,6 @@ async def relay(own_server: NatsServer) -> AsyncIterator[Relay]:
     r = await Relay(own_server.port).start()
     yield r
     await r.close()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, bound: float = 10.0) -> None:
-    """Wait (bounded) until ``check()`` holds."""
-    deadline = time.monotonic() + bound
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {bound} s")
-        await asyncio.sleep(0.02)
 
 
 async def _lose_ack(
@@ -56,7 +46,7 @@ async def _lose_ack(
     relay.trigger = trigger
     task = asyncio.ensure_future(write)
     try:
-        await _until(landed, "the write reaching the server")
+        await until(landed, "the write reaching the server")
         assert not task.done()
     finally:
         relay.trigger, relay.drop = None, False
@@ -64,15 +54,22 @@ async def _lose_ack(
     return await asyncio.wait_for(task, 15)
 
 
+def _counting_incr() -> tuple[list[int], Callable[[int], int]]:
+    """``v + 1``, and the list of the values it was called with (how often ``update`` ran it)."""
+    calls: list[int] = []
+
+    def incr(v: int) -> int:
+        calls.append(v)
+        return v + 1
+
+    return calls, incr
+
+
 # -- lost acknowledgements: the true outcome, applied once ---------------------------------------
 async def test_update_whose_ack_was_lost_is_applied_once(relay: Relay, own_server: NatsServer, namespace: str) -> None:
     async with AsyncMemory(namespace, url=relay.url) as m, AsyncMemory(namespace, url=own_server.url) as direct:
         await m.set("n", 0)
-        calls = []
-
-        def incr(v: int) -> int:
-            calls.append(v)
-            return v + 1
+        calls, incr = _counting_incr()
 
         async def landed() -> bool:
             return bool(await direct.get("n") == 1)
@@ -93,11 +90,7 @@ async def test_update_whose_ack_was_lost_and_whose_revision_rolled_off_is_applie
         AsyncMemory(namespace, url=own_server.url, history=2) as direct,
     ):
         await m.set("n", 0)
-        calls = []
-
-        def incr(v: int) -> int:
-            calls.append(v)
-            return v + 1
+        calls, incr = _counting_incr()
 
         async def landed() -> bool:
             if await direct.get("n") != 1:
@@ -396,7 +389,7 @@ async def test_chat_watch_resumes_when_the_embedded_server_comes_back_on_another
             os.kill(state.pid, signal.SIGKILL)
             with _holding(state.port):  # keep the old port taken: the restart needs a new one
                 waiting = asyncio.ensure_future(_next(w))
-                await _until(
+                await until(
                     lambda: asyncio.sleep(0, result=embedded.status(botwire_home) is not None),
                     "the watch restarting the server",
                 )
@@ -495,16 +488,8 @@ def test_botwire_watch_restarts_a_killed_embedded_server_and_resumes(botwire_hom
 
     with Memory(namespace) as memory:
         memory.set("before", 0)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "watch", "--count", "3", "--json", "-n", namespace],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None and proc.stdout is not None
-        ready = proc.stderr.readline()  # printed once the subscription is live
-        assert "watching" in ready, ready
+    with procs.watching("--count", "3", "--json", "-n", namespace) as proc:
+        assert proc.stdout is not None
         with Memory(namespace) as memory:
             memory.set("a", 1)
         assert json.loads(proc.stdout.readline())["key"] == "a"
@@ -521,9 +506,5 @@ def test_botwire_watch_restarts_a_killed_embedded_server_and_resumes(botwire_hom
                 memory.set("b", 2)
                 memory.set("c", 3)
             out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [(c["key"], c["value"]) for c in map(json.loads, out.splitlines())] == [("b", 2), ("c", 3)]

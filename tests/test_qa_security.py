@@ -58,12 +58,24 @@ def _servers_of(home: Path) -> list[int]:
     return found
 
 
-@needs_proc
-def test_a_lost_state_file_never_leaves_two_servers_on_one_store(botwire_home: Path, namespace: str) -> None:
+def _serving(namespace: str) -> embedded.ServerState:
+    """The embedded server, started by a first write (``k`` = ``"v"``)."""
     with Memory(namespace) as m:
         m.set("k", "v")
-    first = embedded.status()
-    assert first is not None
+    state = embedded.status()
+    assert state is not None
+    return state
+
+
+def _signal_if_running(home: Path, pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``pid`` if it is still a live server of ``home`` (one this test started)."""
+    if pid in _servers_of(home):
+        os.kill(pid, sig)
+
+
+@needs_proc
+def test_a_lost_state_file_never_leaves_two_servers_on_one_store(botwire_home: Path, namespace: str) -> None:
+    first = _serving(namespace)
     try:
         (botwire_home / "server" / "state.json").unlink()  # lost (or never written: a full disk)
         with Memory(namespace) as m:
@@ -73,8 +85,7 @@ def test_a_lost_state_file_never_leaves_two_servers_on_one_store(botwire_home: P
         # running for good (nobody could reach it once the token rotated).
         assert _servers_of(botwire_home) == [embedded.status().pid]  # type: ignore[union-attr]
     finally:
-        if first.pid in _servers_of(botwire_home):
-            os.kill(first.pid, signal.SIGKILL)
+        _signal_if_running(botwire_home, first.pid, signal.SIGKILL)
 
 
 def test_a_lost_certificate_restarts_the_server(botwire_home: Path, namespace: str) -> None:
@@ -276,17 +287,13 @@ def test_a_relative_home_never_stops_the_server_of_another_folder(tmp_path: Path
 @pytest.mark.slow
 @needs_proc
 def test_server_stop_shuts_a_stopped_server_down_cleanly(botwire_home: Path, namespace: str) -> None:
-    with Memory(namespace) as m:
-        m.set("k", "v")
-    state = embedded.status()
-    assert state is not None
+    state = _serving(namespace)
     os.kill(state.pid, signal.SIGSTOP)  # hung: the server this test started
     try:
         done = _botwire("server", "stop")
         assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
     finally:
-        if state.pid in _servers_of(botwire_home):
-            os.kill(state.pid, signal.SIGCONT)
+        _signal_if_running(botwire_home, state.pid, signal.SIGCONT)
     # Was: SIGTERM waited 10 s on the stopped process, then SIGKILL (no JetStream flush, no log).
     log = (botwire_home / "server" / "server.log").read_text().splitlines()
     lines = [line for line in log if line.startswith(f"[{state.pid}] ")]

@@ -9,8 +9,7 @@ must remove has been removed, then looks at the long-lived one: no fixed sleep.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +20,7 @@ from botwire_stream import AsyncChatHistory, ChatHistory, Memory
 from botwire_stream.errors import InvalidTTL
 from botwire_stream.keys import encode_key
 from botwire_stream.times import MAX_TTL_SECONDS, ttl_seconds
+from tests.waits import until
 
 TOO_LONG: list[Any] = [
     MAX_TTL_SECONDS + 1,
@@ -38,14 +38,6 @@ TOO_LONG: list[Any] = [
 def memory(url: str, namespace: str) -> Iterator[Memory]:
     with Memory(namespace, url=url) as m:
         yield m
-
-
-async def _until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 def test_the_longest_ttl_is_100_years() -> None:
@@ -83,7 +75,7 @@ async def test_the_longest_ttl_is_kept_by_the_server(url: str, namespace: str) -
         async def control_gone() -> bool:
             return await asyncio.to_thread(memory.get, "wrapped") is None
 
-        await _until(control_gone, "the server removes a key whose TTL wrapped around")
+        await until(control_gone, "the server removes a key whose TTL wrapped around", bound=15, every=0.1)
         assert memory.get("kept") == "v"
         assert memory.revisions("kept")[-1].revision == rev
 
@@ -105,7 +97,7 @@ async def test_a_conversation_with_the_longest_ttl_is_kept(url: str, namespace: 
         async def control_gone() -> bool:
             return await control.messages() == []
 
-        await _until(control_gone, "the 1 s conversation expires")
+        await until(control_gone, "the 1 s conversation expires", bound=15, every=0.1)
         assert await kept.messages() == [{"role": "user", "content": "hi"}]
     finally:
         await kept.close()

@@ -105,6 +105,29 @@ class Connection(RetryingConnection):
         await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
 
+    async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
+        """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.
+
+        The raw stream config is read and written back with only that field changed, so fields
+        this nats-py does not model are kept as they are.
+        """
+
+        def result(data: bytes) -> dict[str, Any]:
+            info: dict[str, Any] = msgspec.json.decode(data)
+            if info.get("error"):
+                raise_api_error(info["error"])
+            return info
+
+        async def run() -> None:
+            config = result((await self.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, timeout)).data)["config"]
+            if config.get("max_msgs_per_subject") == n:
+                return
+            config["max_msgs_per_subject"] = n
+            body = msgspec.json.encode(config)
+            result((await self.request(f"$JS.API.STREAM.UPDATE.{stream}", body, None, timeout)).data)
+
+        await self.call(run, timeout=timeout)
+
     # -- publishing -----------------------------------------------------------------------------
     def _ids(self, headers: Mapping[str, str] | None) -> dict[str, str]:
         """A copy of ``headers`` with a ``Nats-Msg-Id`` (kept when the caller gave one)."""
@@ -235,7 +258,6 @@ class Connection(RetryingConnection):
             if code in _BUSY_CODES:
                 raise _Busy  # nothing stored: send it again after a pause
             raise_api_error(ack.error)
-            raise AssertionError("unreachable")
 
         return await self.call(run, timeout=timeout, write=write)
 

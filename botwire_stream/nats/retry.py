@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 import nats.errors
@@ -33,13 +32,16 @@ from nats.js import JetStreamContext
 
 from ..errors import BotWireError, OutcomeUnknown, QuotaExceeded, ServerUnavailable, StorageFull
 from ..settings import ConnectOptions
-from .connect import _close_soon, _closing
+from .connect import _close_soon
 from .errors import translate
 from .replies import _ReplyMux, _Resend
 
 __all__ = ["HEADROOM", "READ_FIRST", "SAFE", "RetryingConnection", "ServerRestart"]
 
 T = TypeVar("T")
+
+# What a request that got no answer in time raises (nats-py's own timer, or the call's deadline).
+_TIMEOUTS = (asyncio.TimeoutError, nats.errors.TimeoutError)
 
 _RETRYABLE = (
     nats.errors.ConnectionClosedError,
@@ -69,8 +71,6 @@ _GREETING_WAIT = 1.0  # embedded._answers' timeout
 class ServerRestart(Protocol):
     """What a connection to a server it may restart (the embedded one) is given, so that
     ``RetryingConnection`` itself knows nothing of that server (``restart.EmbeddedRestart``)."""
-
-    home: Path
 
     async def revive(self, nc: NATS) -> NATS | None:
         """Start the server again if needed; a new client, or None when ``nc`` is back."""
@@ -122,7 +122,6 @@ class RetryingConnection:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.restart = restart
-        self.home = restart.home if restart is not None else None  # the embedded server's home
         self.refs = 0
         self._ready_streams: set[str] = set()
         self._recovering: asyncio.Future[None] | None = None
@@ -205,11 +204,7 @@ class RetryingConnection:
                     self._mux = None
                 # Closing a client stuck reconnecting to whatever took over the old port can hang
                 # (its TLS transport waits for the stranger; measured > 30 s): do not wait for it.
-                closing = asyncio.ensure_future(old.close())
-                _closing.add(closing)
-                closing.add_done_callback(_closing.discard)
-                closing.add_done_callback(lambda f: f.cancelled() or f.exception())
-                await asyncio.wait({closing}, timeout=1.0)
+                await _close_soon(old)
             self._ready_streams.clear()
             fut.set_result(None)
         except BaseException as exc:
@@ -348,7 +343,7 @@ class RetryingConnection:
         The hung-server probe does this within the deadline when the timeout leaves room (> 2 s);
         this covers shorter timeouts, at the cost of one more timeout."""
         restart = self.restart
-        if restart is None or not (exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))):
+        if restart is None or not (exc is None or isinstance(exc, _TIMEOUTS)):
             return False
         try:
             pid = await restart.disk_wedged()
@@ -363,9 +358,7 @@ class RetryingConnection:
     async def _fail(self, exc: BaseException | None, timeout: float, write: _Write | None) -> BaseException:
         """The error a call ends with; on the embedded server, a full disk says so (``StorageFull``:
         nats-server does not store, nor answer, a write it could not write)."""
-        if self.restart is not None and (
-            exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError))
-        ):
+        if self.restart is not None and (exc is None or isinstance(exc, _TIMEOUTS)):
             full = await self.restart.disk_full()
             if full is not None:
                 return full
@@ -401,7 +394,7 @@ class RetryingConnection:
                 f"the server had no room for the {write.what if write else 'write'} within {timeout:g} s (its "
                 "ingest queue is full or too many batches are in flight); nothing was stored: retrying later is safe"
             )
-        if exc is None or isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError, _Resend)):
+        if exc is None or isinstance(exc, (*_TIMEOUTS, _Resend)):
             return ServerUnavailable(
                 f"the NATS server did not answer within {timeout:g} s; is it running and reachable?"
             )
