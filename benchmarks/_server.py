@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from botwire_stream._natsproc import StartFailed, render_config, start
-from botwire_stream.embedded import find_binary
+from botwire_stream.nats.embedded import find_binary
 
 _START_TIMEOUT = 15.0
 

@@ -26,7 +26,7 @@ from nats.js.api import StreamConfig
 from nats.nuid import NUID
 
 from botwire_stream import AsyncChatHistory, ChatHistory, Memory
-from botwire_stream.chat import stream_name
+from botwire_stream.nats.chatlog import stream_name
 
 from ._registry import Context, benchmark
 from ._report import RESULT, Ratio, Table, verdict

@@ -3,7 +3,7 @@
 Each run is a new Python subprocess with a fresh ``BOTWIRE_HOME`` (so no embedded server runs
 yet); the times are taken inside the subprocess, import included, interpreter start-up excluded.
 The server that run started is left running for a second subprocess (the "server running" case)
-and then stopped with ``botwire_stream.embedded.stop(home)``.
+and then stopped with ``botwire_stream.nats.embedded.stop(home)``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from botwire_stream import embedded
+from botwire_stream.nats import embedded
 
 from ._registry import Context, benchmark
 from ._report import RESULT, Table

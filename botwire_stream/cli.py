@@ -492,7 +492,7 @@ def _state_dict(state: Any) -> dict[str, Any]:
 @click.pass_obj
 def start(opts: Options) -> None:
     """Start the embedded server unless it runs; print its url and pid."""
-    from . import embedded
+    from .nats import embedded
 
     home = embedded.home_dir()
     state, _ = embedded.ensure(home, verify=True)  # also restarts a server whose token file was lost
@@ -510,7 +510,7 @@ def start(opts: Options) -> None:
 @click.pass_obj
 def stop(opts: Options) -> None:
     """Stop the embedded server; say whether one was running."""
-    from . import embedded
+    from .nats import embedded
 
     home = embedded.home_dir()
     state = embedded.stop(home)
@@ -527,7 +527,7 @@ def stop(opts: Options) -> None:
 @click.pass_obj
 def status(opts: Options) -> None:
     """Show the embedded server's url, pid and folders (exit 1: not running)."""
-    from . import embedded
+    from .nats import embedded
 
     home = embedded.home_dir()
     state = embedded.status(home)

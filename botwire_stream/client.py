@@ -1,5 +1,6 @@
-"""What ``AsyncMemory`` and ``AsyncChatHistory`` share: a lazily acquired shared connection on
-which their streams are made sure to exist, and the open/close/``async with`` lifecycle."""
+"""What ``AsyncMemory`` and ``AsyncChatHistory`` share: a lazily opened backend (``_backend``:
+its connection shared, its storage made sure to exist), the check that it is used from its own
+event loop, and the open/close/``async with`` lifecycle."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
-
-from nats.js.api import StreamConfig
+from typing import Generic, Protocol, Self, TypeVar
 
 from .errors import Closed, InvalidArgument, WrongEventLoop
-from .nats.jetstream import Connection
-from .nats.pool import acquire, release
 from .settings import ConnectOptions
 
-__all__ = ["MAX_TIMEOUT", "StreamClient", "check_options", "check_timeout", "open_with_streams", "running_loop"]
+__all__ = ["MAX_TIMEOUT", "StreamClient", "check_options", "check_timeout", "running_loop"]
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+B = TypeVar("B", bound=_Closable)
 
 # The longest timeout=. A write is re-sent (with its message id) until its deadline, which is the
 # timeout plus at most 4 s for 64 MiB; the streams' duplicate window (120 s) must still hold the
-# first copy then, or a re-send would be stored twice and a read-back (``Connection._landed``)
-# would miss it.
+# first copy then, or a re-send would be stored twice and a read-back
+# would miss it (``nats.jetstream.Connection._landed``).
 MAX_TIMEOUT = 60.0
 
 
@@ -60,21 +64,9 @@ def check_options(replicas: object, timeout: object) -> tuple[int, float]:
     return replicas, check_timeout(timeout)
 
 
-async def open_with_streams(opts: ConnectOptions, configs: list[StreamConfig], timeout: float = 5.0) -> Connection:
-    """The shared connection for ``opts``, with each stream made sure to exist (released on error)."""
-    running_loop()  # a clear error outside asyncio
-    conn = await acquire(opts)
-    try:
-        for config in configs:
-            await conn.ensure_stream(config, timeout)
-    except BaseException:
-        await release(conn)
-        raise
-    return conn
-
-
-class StreamClient(ABC):
-    """Base of the async cores. A client belongs to the event loop that first uses it.
+class StreamClient(ABC, Generic[B]):
+    """Base of the async cores, over a backend ``B``. A client belongs to the event loop that
+    first uses it.
 
     Its connection's futures and reader task live on that loop; used from another loop, a call
     raises ``WrongEventLoop`` before sending anything (nats-py would write on the other loop's
@@ -85,14 +77,14 @@ class StreamClient(ABC):
 
     def __init__(self, opts: ConnectOptions) -> None:
         self._opts = opts
-        self._conn_: Connection | None = None
+        self._conn_: B | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
         self._closed = False
 
     @property
-    def _conn(self) -> Connection | None:
-        """The connection, when open and this is its loop (the fast path of every call)."""
+    def _conn(self) -> B | None:
+        """The backend, when open and this is its loop (the fast path of every call)."""
         conn = self._conn_
         if conn is not None and self._loop is not running_loop():
             raise self._wrong_loop()
@@ -108,13 +100,10 @@ class StreamClient(ABC):
         )
 
     @abstractmethod
-    def _streams(self) -> list[StreamConfig]:
-        """The streams this client writes to, created on first use when missing."""
+    async def _open(self) -> B:
+        """Open the backend (``_backend.open_memory``/``open_chat``): connected, storage ready."""
 
-    async def _opened(self, conn: Connection) -> None:
-        """Called once the connection is open and the streams exist (a hook for subclasses)."""
-
-    async def _connection(self) -> Connection:
+    async def _connection(self) -> B:
         conn = self._conn
         if conn is not None:
             return conn
@@ -127,18 +116,12 @@ class StreamClient(ABC):
             raise self._wrong_loop()  # still opening on its first loop
         async with self._opening:
             if self._conn_ is None:
-                conn = await open_with_streams(self._opts, self._streams(), self._timeout)
-                try:
-                    await self._opened(conn)
-                except BaseException:
-                    await release(conn)
-                    raise
-                self._conn_ = conn
+                self._conn_ = await self._open()
         assert self._conn_ is not None
         return self._conn_
 
     async def open(self) -> Self:
-        """Connect and make sure the streams exist (the first call does it anyway)."""
+        """Connect and make sure the storage exists (the first call does it anyway)."""
         await self._connection()
         return self
 
@@ -153,7 +136,7 @@ class StreamClient(ABC):
         self._closed = True
         self._conn_ = None
         if conn is not None:
-            await release(conn)
+            await conn.close()
 
     async def __aenter__(self) -> Self:
         return await self.open()

@@ -25,6 +25,7 @@ _GLOB_ESCAPE = re.compile(r"([*?\[])")
 __all__ = [
     "MAX_KEY_BYTES",
     "MAX_SESSION_ID_CHARS",
+    "check_key",
     "check_namespace",
     "check_session_id",
     "decode_key",
@@ -59,6 +60,12 @@ def _decode_token(token: str) -> str:
 
 def encode_key(key: object) -> str:
     """Encode a user key into dot-separated NATS tokens; raise ``InvalidKey`` when it is not one."""
+    return ".".join(_encode_segment(s) for s in check_key(key).split(":"))
+
+
+def check_key(key: object) -> str:
+    """``key`` when it is a valid key, else ``InvalidKey`` (what the cores check before a backend
+    is reached; the backend encodes it for its storage)."""
     if not isinstance(key, str):
         raise InvalidKey(f"keys are str, not {type(key).__name__}")
     if not key:
@@ -69,7 +76,7 @@ def encode_key(key: object) -> str:
         raise InvalidKey(f"key {key[:40]!r} is not valid unicode (lone surrogate)") from exc
     if size > MAX_KEY_BYTES:
         raise InvalidKey(f"key is {size} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
-    return ".".join(_encode_segment(s) for s in key.split(":"))
+    return key
 
 
 def decode_key(token_path: str) -> str:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypedDict
 
-from .errors import BotWireError, InvalidArgument
+from .errors import InvalidArgument
 
-__all__ = ["ConnectArgs", "ConnectOptions", "redact", "resolve"]
+__all__ = ["SCHEMES", "ConnectArgs", "ConnectOptions", "home_dir", "redact", "resolve"]
+
+# The URL schemes and the transport (``_backend``'s implementation) that serves each.
+SCHEMES = {"nats": "nats", "tls": "nats", "ws": "nats", "wss": "nats"}
 
 # After a scheme, everything up to the last "@" before the host (a password may hold spaces or "@":
 # nats-py takes them raw); the stops are characters that end a URL's authority or start the text
@@ -57,6 +61,23 @@ class ConnectOptions:
     def embedded(self) -> bool:
         return self.servers is None
 
+    @property
+    def transport(self) -> str:
+        """Which backend serves these settings: ``"nats"`` (the embedded server is one too)."""
+        return "nats"
+
+
+def home_dir() -> Path:
+    """``BOTWIRE_HOME``, else the platform's user data folder for botwire (the embedded server's)."""
+    env = os.environ.get("BOTWIRE_HOME")
+    if env:
+        # Absolute: the server's command line names its config by this path, and a relative one
+        # (`.botwire`) would name another project's server alike.
+        return Path(env).expanduser().absolute()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("botwire", appauthor=False))
+
 
 def resolve(
     url: str | None = None,
@@ -79,8 +100,6 @@ def resolve(
         # nats-py reads it only when the server asks for a signature, and then fails obscurely.
         raise InvalidArgument(f"the creds file {creds!r} (creds= or BOTWIRE_CREDS) is not a file")
     if url is None:
-        from .embedded import home_dir
-
         return ConnectOptions(servers=None, home=str(home_dir()))
     servers = tuple(u.strip() for u in url.split(",") if u.strip())
     if not servers:
@@ -91,11 +110,15 @@ def resolve(
         )
     for s in servers:
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""
-        if scheme in ("http", "https"):
-            raise BotWireError(
-                f"{redact(s)}: the HTTP transport (a botwire HTTP server) is not available in this version; "
-                "use a nats:// or tls:// URL"
+        if scheme not in SCHEMES:
+            supported = ", ".join(f"{name}://" for name in SCHEMES)
+            hint = (
+                " (the HTTP transport, a botwire HTTP server, is not available in this version)"
+                if scheme in ("http", "https")
+                else ""
             )
-        if scheme not in ("nats", "tls", "ws", "wss"):
-            raise BotWireError(f"{redact(s)}: unsupported URL scheme; use nats://host:port or tls://host:port")
+            raise InvalidArgument(
+                f"{redact(s)}: unsupported URL scheme{hint}; use nats://host:port or tls://host:port "
+                f"(supported: {supported})"
+            )
     return ConnectOptions(servers=servers, token=token, user=user, password=password, creds=creds)

@@ -9,10 +9,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from . import embedded, portal
+from . import portal
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
+from .nats import embedded
 from .portal import call
 from .settings import ConnectOptions
 

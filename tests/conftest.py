@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from botwire_stream import embedded
+from botwire_stream.nats import embedded
 from tests.servers import NatsServer
 
 for _var in ("BOTWIRE_URL", "BOTWIRE_TOKEN", "BOTWIRE_CREDS", "BOTWIRE_API_KEY"):

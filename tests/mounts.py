@@ -56,7 +56,7 @@ def fill(folder: Path) -> Path:
 @contextmanager
 def home_on_tmpfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str) -> Iterator[Path]:
     """BOTWIRE_HOME on a tmpfs of ``size`` for the block; its server is stopped before the unmount."""
-    from botwire_stream import embedded
+    from botwire_stream.nats import embedded
 
     with tmpfs(tmp_path / "disk", size) as disk:
         home = disk / "home"

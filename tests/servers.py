@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from botwire_stream._natsproc import render_config, start
-from botwire_stream.embedded import find_binary
+from botwire_stream.nats.embedded import find_binary
 
 
 class NatsServer:

@@ -236,10 +236,11 @@ async def test_a_retried_publish_with_the_same_msg_id_is_stored_once(url: str, n
     """How the library de-duplicates an append retried after a timeout: the Nats-Msg-Id."""
     async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
         before = await chat.append({"n": 0})
-        conn = await chat._connection()
+        log = await chat._connection()  # the NATS backend's log: its connection and subject
+        conn = log.conn
         data = b'{"role":"user","content":"retried"}'
-        first = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"})
-        second = await conn.publish(chat.subject, data, headers={"Nats-Msg-Id": "retry-1"})
+        first = await conn.publish(log.subject, data, headers={"Nats-Msg-Id": "retry-1"})
+        second = await conn.publish(log.subject, data, headers={"Nats-Msg-Id": "retry-1"})
         assert first == second > before
         after = await chat.append({"n": 1})
         assert await chat.messages() == [{"n": 0}, {"role": "user", "content": "retried"}, {"n": 1}]

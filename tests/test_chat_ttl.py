@@ -127,7 +127,7 @@ async def test_a_message_appended_while_clear_runs_still_expires(url: str, names
     try:
         for chat in appenders + clearers:
             await chat.open()
-        assert appenders[0]._conn is not clearers[0]._conn
+        assert appenders[0]._conn.conn is not clearers[0]._conn.conn
         for i in range(trials):
             await asyncio.gather(clearers[i].clear(), append_later(appenders[i], i % 16))
         deadline = time.monotonic() + 10  # ttl 1 s, rounded up to the schedule's next whole second

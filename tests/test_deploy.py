@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from botwire_stream import ChatHistory, Memory
-from botwire_stream.embedded import find_binary
 from botwire_stream.errors import Unauthorized
+from botwire_stream.nats.embedded import find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 

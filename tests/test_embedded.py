@@ -17,8 +17,9 @@ import nats
 import nats.errors
 import pytest
 
-from botwire_stream import Memory, embedded
+from botwire_stream import Memory
 from botwire_stream.errors import ServerNotFound, ServerUnavailable
+from botwire_stream.nats import embedded
 from tests import workers
 
 

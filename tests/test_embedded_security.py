@@ -26,8 +26,9 @@ import nats
 import nats.errors
 import pytest
 
-from botwire_stream import AsyncMemory, Memory, embedded
+from botwire_stream import AsyncMemory, Memory
 from botwire_stream.errors import BotWireError, ServerNotTrusted, ServerUnavailable, UnsafeHome
+from botwire_stream.nats import embedded
 from tests import workers
 from tests.servers import NatsServer
 

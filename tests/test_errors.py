@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory, ChatHistory, Memory, embedded
+from botwire_stream import AsyncMemory, ChatHistory, Memory
 from botwire_stream.errors import (
     BotWireError,
     Closed,
@@ -27,6 +27,7 @@ from botwire_stream.errors import (
     Unauthorized,
     ValueTooLarge,
 )
+from botwire_stream.nats import embedded
 from tests.servers import NatsServer
 
 MiB = 1024 * 1024

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
+from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.errors import Conflict, InvalidArgument, OutcomeUnknown, ServerUnavailable, ValueTooLarge
+from botwire_stream.nats import embedded
 from tests import procs
 from tests.proxy import Relay
 from tests.servers import NatsServer

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from botwire_stream._natsproc import StartFailed, conf_string, render_config, start
-from botwire_stream.embedded import find_binary
 from botwire_stream.errors import ServerUnavailable
+from botwire_stream.nats.embedded import find_binary
 
 
 def test_start_returns_the_process_and_the_port_it_listens_on(tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
+from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.client import MAX_TIMEOUT
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
+from botwire_stream.nats import embedded
 from tests import procs
 from tests.servers import NatsServer
 from tests.test_faults import _kill_if_ours, _stop

@@ -27,8 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from botwire_stream import Memory, embedded
+from botwire_stream import Memory
 from botwire_stream.errors import ServerUnavailable, UnsafeHome
+from botwire_stream.nats import embedded
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 

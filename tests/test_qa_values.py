@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from botwire_stream import AsyncMemory, Memory, embedded
+from botwire_stream import AsyncMemory, Memory
 from botwire_stream.errors import InvalidTTL, ServerUnavailable
+from botwire_stream.nats import embedded
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.times import ttl_seconds
 from tests.servers import NatsServer

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from botwire_stream import ChatHistory, Memory, embedded
+from botwire_stream import ChatHistory, Memory
 from botwire_stream.errors import QuotaExceeded, StorageFull
+from botwire_stream.nats import embedded
 from tests.mounts import fill, home_on_tmpfs
 from tests.servers import NatsServer
 

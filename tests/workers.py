@@ -80,14 +80,15 @@ def main(argv: list[str]) -> Any:
             return [m.update(key, _incr, default=0) for _ in range(int(n))]
     if cmd == "ensure":  # go -> pid of the embedded server this process got
         (go,) = rest
-        from botwire_stream import embedded
+        from botwire_stream.nats import embedded
 
         _wait_for(go)
         state, _token = embedded.ensure()
         return state.pid
     if cmd == "open":  # ns go -> pid of the embedded server, after a write through Memory
         ns, go = rest
-        from botwire_stream import Memory, embedded
+        from botwire_stream import Memory
+        from botwire_stream.nats import embedded
 
         _wait_for(go)
         with Memory(ns) as m:

@@ -19,9 +19,9 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from .. import embedded
 from ..errors import InvalidArgument, ServerNotTrusted, ServerUnavailable, Unauthorized
 from ..settings import redact
+from . import embedded
 from .errors import translate
 
 __all__ = ["ORIGIN", "CONNECT_TIMEOUT", "origin_headers"]

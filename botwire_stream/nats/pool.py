@@ -10,9 +10,9 @@ import weakref
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from .. import embedded
 from ..errors import ServerNotTrusted, ServerUnavailable
 from ..settings import ConnectOptions
+from . import embedded
 from .connect import _connect, _connect_embedded
 from .jetstream import Connection
 from .restart import EmbeddedRestart

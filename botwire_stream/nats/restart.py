@@ -11,8 +11,8 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from .. import embedded
 from ..errors import StorageFull
+from . import embedded
 from .connect import _connect_embedded
 
 __all__ = ["EmbeddedRestart"]

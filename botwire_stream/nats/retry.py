@@ -184,7 +184,7 @@ class RetryingConnection:
         """Changes whenever the connection is replaced or reconnects (subscriptions may be lost)."""
         return id(self.nc), self.nc.stats["reconnects"]
 
-    async def _recover(self) -> None:
+    async def recover(self) -> None:
         """Restart the embedded server if it died or hangs, and wait until the connection is back."""
         restart = self.restart
         if restart is None:
@@ -223,7 +223,7 @@ class RetryingConnection:
             return False
         try:
             await self.restart.restart(pid)
-            await self._recover()
+            await self.recover()
         except Exception as exc:
             raise translate(exc) from exc
         return True
@@ -268,7 +268,7 @@ class RetryingConnection:
             timer.cancel()
             for running in probes:
                 running.cancel()
-        await asyncio.wait_for(self._recover(), max(end - loop.time(), 0.001))
+        await asyncio.wait_for(self.recover(), max(end - loop.time(), 0.001))
         raise _Resend()
 
     async def call(
@@ -297,7 +297,7 @@ class RetryingConnection:
             try:
                 if self.restart is not None and not self.nc.is_connected:
                     # The embedded server went away: restart it now rather than after a timeout.
-                    await asyncio.wait_for(self._recover(), remaining)
+                    await asyncio.wait_for(self.recover(), remaining)
                     remaining = max(deadline - loop.time(), 0.001)
                 if write is not None:
                     write.sent = False
@@ -350,7 +350,7 @@ class RetryingConnection:
             if not pid:
                 return False
             await restart.restart(pid)
-            await self._recover()
+            await self.recover()
         except Exception:  # noqa: BLE001 - the call fails with its own error
             return False
         return True
@@ -376,7 +376,7 @@ class RetryingConnection:
 
         async def heal() -> None:
             if await restart.hung():
-                await self._recover()
+                await self.recover()
 
         task = asyncio.ensure_future(heal())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())

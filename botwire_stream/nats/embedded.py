@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import _natsproc
-from ._natsproc import StartFailed, conf_string, render_config
-from .errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
+from .. import _natsproc
+from .._natsproc import StartFailed, conf_string, render_config
+from ..errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
+from ..settings import home_dir
 
 if TYPE_CHECKING:
     import ssl
@@ -89,18 +90,6 @@ class ServerState:
     token_file: str
     ca_file: str = ""  # the server's self-signed certificate: the only one its clients trust
     start_time: int = 0  # the process's start time (clock ticks since boot, /proc/PID/stat), 0: unknown
-
-
-def home_dir() -> Path:
-    """``BOTWIRE_HOME``, else the platform's user data folder for botwire."""
-    env = os.environ.get("BOTWIRE_HOME")
-    if env:
-        # Absolute: the server's command line names its config by this path, and a relative one
-        # (`.botwire`) would name another project's server alike.
-        return Path(env).expanduser().absolute()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("botwire", appauthor=False))
 
 
 def find_binary() -> str:

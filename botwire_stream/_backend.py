@@ -1,0 +1,226 @@
+"""The backend protocols: the storage operations the async cores need, whatever carries them.
+
+The cores (``memory.py``, ``chat.py``) validate arguments, encode and decode values, and keep the
+user-facing semantics (``update``'s read-modify-write loop, ``default=``, argument errors); a
+backend moves encoded bytes to and from storage and owns the storage layout (subjects, headers,
+chunks, schedules, paging, re-sends). ``nats/kv.py`` and ``nats/chatlog.py`` implement these
+over NATS JetStream; an HTTP transport implements the same protocols over the server's REST API.
+``open_memory`` and ``open_chat`` choose the implementation from the URL scheme.
+
+Protocols are at the level of our operations, not of JetStream's: nothing here names a stream, a
+subject or a header. Values cross as ``bytes`` (already encoded by ``codec``), so a backend never
+decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``messages``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol, Self, TypeVar
+
+import msgspec
+
+from .models import Op, SessionInfo
+from .settings import ConnectOptions
+
+__all__ = [
+    "ChatBackend",
+    "ChatLog",
+    "Current",
+    "Feed",
+    "KeyChange",
+    "KeyRevision",
+    "LogEntry",
+    "MemoryBackend",
+    "open_chat",
+    "open_memory",
+]
+
+R_co = TypeVar("R_co", covariant=True)
+
+class Current(msgspec.Struct, frozen=True):
+    """A key's last stored record (what ``MemoryBackend.get`` returns).
+
+    ``data`` is the encoded value, or None when the key holds none (deleted, expired, or a chunked
+    value expiring right now). ``handle`` is the backend's own note on that record, handed back
+    through ``put(replaced=)`` so that the write can reclaim what the replaced value occupied.
+    """
+
+    revision: int
+    data: bytes | None
+    handle: Any = None
+
+
+class KeyRevision(msgspec.Struct, frozen=True):
+    """One kept revision of a key (``MemoryBackend.revisions``); ``data`` None: no readable value."""
+
+    revision: int
+    op: Op
+    data: bytes | None
+    time: datetime
+
+
+class KeyChange(msgspec.Struct, frozen=True):
+    """One change delivered by a memory watch; ``data`` None for deletes and expiries."""
+
+    key: str
+    op: Op
+    data: bytes | None
+    revision: int
+    time: datetime
+
+
+class LogEntry(msgspec.Struct, frozen=True):
+    """One message of a conversation with its sequence and stored time."""
+
+    seq: int
+    time: datetime
+    data: bytes
+
+
+class Feed(Protocol[R_co]):
+    """A live subscription that survives reconnects (neither skips nor repeats a record).
+
+    ``start`` returns once subscribed: what is written afterwards is delivered. ``__anext__``
+    raises ``StopAsyncIteration`` once ``aclose`` was called (also from a reader blocked in it),
+    and ``ServerUnavailable`` when the server stays away: never a silent end.
+    """
+
+    async def start(self) -> object: ...
+    def __anext__(self) -> Any: ...  # an awaitable of R_co
+    async def aclose(self) -> None: ...
+
+
+class MemoryBackend(Protocol):
+    """One namespace's key-value storage, opened by ``open_memory`` and released by ``close``."""
+
+    async def get(self, key: str) -> Current | None:
+        """The key's last record (None: nothing stored); a chunked value is read whole or not at
+        all (``ChangedWhileRead`` when it kept changing)."""
+        ...
+
+    async def contains(self, key: str) -> bool:
+        """Whether the key holds a value now (reads no value)."""
+        ...
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        ttl: int | None,
+        expected: int | None = None,
+        replaced: Current | None = None,
+        what: str = "set",
+    ) -> int:
+        """Store ``data`` as the key's new value (with ``ttl`` whole seconds, None: forever); its
+        revision. ``expected``: only over that revision (0: none), else ``Conflict``; ``replaced``
+        is that revision's ``Current``. ``what`` names the write in an ``OutcomeUnknown``, which
+        says repeating it is safe for an unconditional write, and to read first for a conditional one."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete the key (recorded as a revision); True when it held a value."""
+        ...
+
+    async def list_keys(self, pattern: str) -> list[str]:
+        """The keys matching the glob that hold a value, sorted."""
+        ...
+
+    async def revisions(self, key: str) -> list[KeyRevision]:
+        """The kept revisions of the key, oldest first."""
+        ...
+
+    def watch(self, pattern: str) -> Feed[KeyChange]:
+        """Live changes of the keys matching the glob, from when it starts."""
+        ...
+
+    async def close(self) -> None:
+        """Release the connection (shared ones close with their last user)."""
+        ...
+
+
+class ChatLog(Protocol):
+    """One conversation of a ``ChatBackend``: an append-only log of encoded messages."""
+
+    @property
+    def max_message(self) -> int:
+        """The largest encoded message one append may carry (bytes)."""
+        ...
+
+    async def append(self, data: bytes) -> int:
+        """Append one message (re-arming the conversation's expiry); its sequence."""
+        ...
+
+    async def extend(self, payloads: list[bytes], total: int) -> list[int]:
+        """Append ``payloads`` (``total`` bytes) atomically; their sequences (``QuotaExceeded``
+        naming the stored ones when the server kept only some)."""
+        ...
+
+    async def read(self, after: int | None, last: int | None) -> list[bytes]:
+        """The messages after sequence ``after``, only the ``last`` newest when given, oldest
+        first; never a mix of before and after a concurrent clear."""
+        ...
+
+    async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        """As ``read``, with each message's sequence and time."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def clear(self) -> None:
+        """Remove every message (the pending expiry is kept)."""
+        ...
+
+    async def fork(self, target: Self, upto: int | None, origin: str) -> None:
+        """Copy the messages up to sequence ``upto`` into ``target``, which must be empty
+        (``Conflict``); ``origin`` is this conversation's id, recorded with each copy."""
+        ...
+
+    def watch(self, after: int | None) -> Feed[LogEntry]:
+        """Live entries; with ``after``, first those after that sequence."""
+        ...
+
+    async def close(self) -> None:
+        """Release the backend this log came from."""
+        ...
+
+
+class ChatBackend(Protocol):
+    """One namespace's conversation logs, opened by ``open_chat`` and released by ``close``."""
+
+    def log(self, session_id: str, ttl: int | None) -> ChatLog:
+        """The conversation ``session_id``; each write makes it expire ``ttl`` s later (None: never)."""
+        ...
+
+    async def sessions(
+        self, pattern: str, *, limit: int | None, offset: int, before: tuple[datetime, str] | None
+    ) -> list[SessionInfo]:
+        """Conversations matching the glob, newest ``(last_activity, session_id)`` first, only
+        those older than ``before``; ``offset`` and ``limit`` cut the page."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# ``open_memory``/``open_chat`` are the one place that names the implementations; they import
+# them when called (``settings.resolve`` has already refused unknown schemes, naming the supported
+# ones), so that importing a core stays light and ``nats/`` may import this module for its types.
+async def open_memory(
+    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float
+) -> MemoryBackend:
+    """The key-value backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
+    assert opts.transport == "nats", opts.transport
+    from .nats.kv import open_memory as open_nats
+
+    return await open_nats(opts, namespace, history=history, replicas=replicas, timeout=timeout)
+
+
+async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> ChatBackend:
+    """The conversation-log backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
+    assert opts.transport == "nats", opts.transport
+    from .nats.chatlog import open_chat as open_nats
+
+    return await open_nats(opts, namespace, replicas=replicas, timeout=timeout)
+
+
+# --- token streams (issue 7) ---

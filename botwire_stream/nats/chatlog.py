@@ -1,0 +1,481 @@
+"""``ChatBackend`` over NATS: conversation logs as append-only subjects of one JetStream stream.
+
+Each namespace has one stream, ``BOTWIRE_CHAT_<namespace>``; each conversation is one subject,
+``botwire.<namespace>.chat.<encoded session id>``. An append is one publish and the server-assigned
+stream sequence is the conversation's total order, so concurrent writers never lose or reorder each
+other's messages. Every append carries a ``Nats-Msg-Id``: a retry after a timeout is dropped by the
+stream's duplicate window instead of stored twice. ``extend`` is one atomic batch.
+
+Sliding TTL is kept by the server: each write with a ``ttl`` also replaces the conversation's
+one-shot schedule (``botwire.<namespace>.chatttl.<id>``, ``Nats-Schedule: @at now+ttl``). When it
+fires, the server writes an empty message that rolls up (removes) the whole conversation and
+expires itself a second later. No reaper process is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
+
+from .. import keys
+from .._backend import LogEntry
+from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded, ServerUnavailable
+from ..models import SessionInfo
+from ..settings import ConnectOptions
+from ..times import parse_time
+from .connect import origin_headers
+from .errors import SubjectPurged
+from .feeds import ResumingFeed
+from .jetstream import Connection
+from .pool import acquire, release
+from .replies import Batch
+from .retry import READ_FIRST
+
+__all__ = ["MAX_BATCH", "MAX_EXTEND_BYTES", "NatsChat", "NatsChatLog", "open_chat", "stream_name"]
+
+MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
+# The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
+# queue (128 MiB) and drops what overflows it (429, "batch is incomplete"): 100 x 8 MB failed so.
+# Half the queue leaves room for a concurrent batch; a dropped batch (nothing stored) is re-sent.
+MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
+# An extend's deadline grows by one second per this many bytes, beyond its timeout.
+_EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
+_PAGE: Final = 10_000
+_READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
+
+
+def stream_name(namespace: str) -> str:
+    return f"BOTWIRE_CHAT_{namespace}"
+
+
+async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> NatsChat:
+    """The shared connection for ``opts`` with the namespace's stream made sure to exist."""
+    chat = NatsChat(namespace, timeout)
+    conn = await acquire(opts)
+    try:
+        await conn.ensure_stream(chat.config(replicas), timeout)
+    except BaseException:
+        await release(conn)
+        raise
+    chat.conn = conn
+    return chat
+
+
+class NatsChat:
+    """One namespace's conversation logs on a shared ``Connection`` (a ``_backend.ChatBackend``)."""
+
+    conn: Connection
+
+    def __init__(self, namespace: str, timeout: float) -> None:
+        self.namespace = namespace
+        self.timeout = timeout
+        self.stream = stream_name(namespace)
+        self.chat = f"botwire.{namespace}.chat."
+        self.ttl = f"botwire.{namespace}.chatttl."
+
+    def config(self, replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.chat}>", f"{self.ttl}>"],
+            allow_direct=True,
+            allow_msg_ttl=True,
+            allow_msg_schedules=True,
+            allow_atomic=True,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            duplicate_window=120,
+            max_msgs=-1,
+            max_consumers=-1,
+            num_replicas=replicas,
+            metadata={"botwire.namespace": self.namespace},
+        )
+
+    def log(self, session_id: str, ttl: int | None) -> NatsChatLog:
+        return NatsChatLog(self, session_id, ttl)
+
+    async def close(self) -> None:
+        await release(self.conn)
+
+    # -- listing --------------------------------------------------------------------------------
+    async def sessions(
+        self, pattern: str, *, limit: int | None, offset: int, before: tuple[datetime, str] | None
+    ) -> list[SessionInfo]:
+        """The cost is the last message of each matching conversation (one multi-last get, or the
+        headers alone through a consumer beyond 1024 conversations) plus one count request,
+        whatever the page; the literal leading ``:``-segments of ``pattern`` narrow the search."""
+        conn, timeout = self.conn, self.timeout
+        subject_filter, exact = keys.pattern_filter(pattern)
+        subjects = self.chat + subject_filter
+        lasts = await _last_messages(conn, self.stream, subjects, timeout)
+        counts = await conn.subject_counts(self.stream, subjects, timeout)
+        found: list[tuple[datetime, str, str]] = []
+        n = len(self.chat)
+        for subject, last_activity, is_marker in lasts:
+            if is_marker:
+                continue  # expired a moment ago: only its expiry marker is left
+            session_id = keys.decode_key(subject[n:])
+            if not exact and not keys.matches(session_id, pattern):
+                continue
+            if before is not None and (last_activity, session_id) >= before:
+                continue
+            found.append((last_activity, session_id, subject))
+        found.sort(reverse=True)
+        end = None if limit is None else offset + limit
+        page = found[offset:end]
+        for _, _, subject in page:  # created while the counts were paged (past 100,000)
+            if subject not in counts:
+                counts.update(await conn.subject_counts(self.stream, subject, timeout))
+        # Written again within a second of expiring, a conversation still starts with the
+        # expiry marker, which is no message: probed for the page only (one request each).
+        recent = datetime.now(UTC) - timedelta(seconds=5)
+        suspects = [s for t, _, s in page if t > recent and counts.get(s, 0) > 1]
+        markers: set[str] = set()
+        for i in range(0, len(suspects), 64):  # 64 requests in flight at once
+            chunk = suspects[i : i + 64]
+            probes = await asyncio.gather(
+                *(conn.direct_batch(self.stream, {"next_by_subj": s, "seq": 1, "batch": 1}, timeout) for s in chunk)
+            )
+            for subject, probe in zip(chunk, probes, strict=True):
+                if probe.msgs and not probe.msgs[0].data:
+                    markers.add(subject)
+        return [
+            SessionInfo(session_id=sid, message_count=counts.get(subject, 0) - (subject in markers), last_activity=t)
+            for t, sid, subject in page
+        ]
+
+
+class NatsChatLog:
+    """One conversation: its subject in the namespace's stream (a ``_backend.ChatLog``)."""
+
+    def __init__(self, chat: NatsChat, session_id: str, ttl: int | None) -> None:
+        self._chat = chat
+        self.conn = chat.conn
+        self.session_id = session_id
+        self.ttl = ttl
+        self.stream = chat.stream
+        self.timeout = chat.timeout
+        token_path = keys.encode_key(session_id)
+        self.subject = chat.chat + token_path
+        self._ttl_subject = chat.ttl + token_path
+
+    async def close(self) -> None:
+        await self._chat.close()
+
+    @property
+    def max_message(self) -> int:
+        return self.conn.max_body
+
+    # -- writing --------------------------------------------------------------------------------
+    def _schedule(self) -> tuple[str, bytes, dict[str, str]] | None:
+        """The message that (re)arms the conversation's expiry, or None without a ttl."""
+        if self.ttl is None:
+            return None
+        at = datetime.now(UTC) + timedelta(seconds=self.ttl)
+        # @at has whole seconds: round up so that the conversation never expires early.
+        at = at.replace(microsecond=0) + timedelta(seconds=1)
+        headers = {
+            "Nats-Schedule": "@at " + at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Nats-Schedule-Target": self.subject,
+            "Nats-Schedule-Rollup": "sub",
+            "Nats-Schedule-TTL": "1s",
+            "Nats-Rollup": "sub",  # this schedule replaces the previous one
+        }
+        return self._ttl_subject, b"", headers
+
+    async def append(self, data: bytes) -> int:
+        conn = self.conn
+        headers = origin_headers()
+        schedule = self._schedule()
+        if schedule is None:
+            return await conn.publish(self.subject, data, headers, self.timeout, what="append")
+        # The schedule first, on the same connection, so the server re-arms the expiry before the
+        # message lands; both acks are awaited together (one round trip).
+        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self.timeout, what="append")
+        return seqs[1]
+
+    async def extend(self, payloads: list[bytes], total: int) -> list[int]:
+        """One atomic batch; the call's deadline is its timeout plus one second per 16 MiB."""
+        conn = self.conn
+        headers = [origin_headers() for _ in payloads]
+        for h in headers:  # ids known here, so that a batch cut at the storage limit can be looked up
+            h["Nats-Msg-Id"] = conn.new_id()
+        schedule = self._schedule()
+        if schedule is not None:
+            await conn.publish(*schedule, self.timeout, what="expiry schedule", advice=READ_FIRST)
+        if len(payloads) == 1:
+            last = await conn.publish(self.subject, payloads[0], headers[0], self.timeout, what="extend")
+        else:
+            budget = self.timeout + total / _EXTEND_BYTES_PER_SECOND
+            # One deadline: the batch gets most of it, the rest is kept to look up a batch cut short
+            # at the storage limit (a stalled server answers neither: the call still ends in time).
+            lookup = min(1.0, self.timeout / 4)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + budget
+            try:
+                last = await conn.publish_batch(self.subject, payloads, headers, timeout=budget - lookup, what="extend")
+            except (QuotaExceeded, ServerUnavailable) as exc:
+                if not conn.nc.is_connected:
+                    raise  # the server went away: not the storage limit
+                kept = []
+                try:
+                    async with asyncio.timeout(max(end - loop.time(), 0.001)):
+                        kept = await self._partial_batch({h["Nats-Msg-Id"] for h in headers})
+                except TimeoutError:
+                    pass  # no answer: the server stalled, nothing to learn
+                if len(kept) == len(payloads):
+                    return kept  # all stored: only the answer was lost (a server stalled past the deadline)
+                if kept:
+                    raise QuotaExceeded(
+                        f"the server stored only {len(kept)} of these {len(payloads)} messages (sequences "
+                        f"{kept[0]}-{kept[-1]}) and refused the rest: it is at its storage limit, where "
+                        "nats-server does not keep an atomic batch atomic; free space, then append the rest"
+                    ) from exc
+                raise
+        return list(range(last - len(payloads) + 1, last + 1))
+
+    async def _partial_batch(self, ids: set[str]) -> list[int]:
+        """The sequences of the messages of a failed batch that the server stored anyway.
+
+        nats-server 2.15 at its storage limit stores the messages of an atomic batch that arrive
+        before the limit and never answers the commit (measured: 18 of 20 stored, the commit timed
+        out). The stream denies deletes (conversations are append-only), so the caller reports them.
+        """
+        conn, stream = self.conn, self.stream
+        try:
+            last = await conn.direct_get_last(stream, self.subject, self.timeout)
+            if last is None:
+                return []
+            top = int((last.headers or {})["Nats-Sequence"])
+            # the batch is among this conversation's newest messages; others' writes interleave
+            msgs = await conn.read_subject(stream, self.subject, start_seq=max(1, top - 100_000), timeout=self.timeout)
+        except BotWireError:
+            return []  # the server is gone: nothing to learn
+        return [int(h["Nats-Sequence"]) for m in msgs if (h := m.headers or {}).get("Nats-Msg-Id") in ids]
+
+    async def clear(self) -> None:
+        """Remove every message of this conversation (its sequence numbers are not reused).
+
+        The conversation's expiry schedule is kept: an append publishes its schedule and then its
+        message, so any purge of the schedule can land between the two and leave a message that
+        never expires (measured: 50-56 of 80 appends racing a clear that purged both). A kept
+        schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
+        """
+        await self.conn.purge(self.stream, self.subject, timeout=self.timeout)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def _probe(self, seq: int) -> tuple[Batch, int]:
+        """The conversation's first message at or after ``seq`` (a one-message batch), and how many
+        messages it has from there (the end-of-batch pending count, plus that one; 0: none)."""
+        probe = await self.conn.direct_batch(
+            self.stream, {"next_by_subj": self.subject, "seq": seq, "batch": 1}, self.timeout
+        )
+        return probe, (probe.pending + 1 if probe.msgs else 0)
+
+    async def _start_seq(self, after: int | None, last: int | None) -> tuple[int, int | None] | None:
+        """The sequence to read from so that at least the ``last`` newest messages follow, and how
+        many messages followed it when probed (None: not probed), or None for nothing to read.
+
+        Counts come from one-message probes (the end-of-batch pending count), so reading the tail
+        of a long conversation costs a few small requests plus the tail itself.
+        """
+        start = (after or 0) + 1
+        if last is None:
+            return start, None
+        probe, total = await self._probe(start)
+        if not total:
+            return None
+        first = probe.last_seq
+        if total <= last:
+            return first, total
+        tail = await self.conn.direct_get_last(self.stream, self.subject, self.timeout)
+        if tail is None:
+            return None
+        end = int((tail.headers or {})["Nats-Sequence"])
+        lo, hi, at_lo = first, end, total  # count(>= lo) = at_lo >= last > count(> hi)
+        guess = max(lo, end - int((end - first) * (last / total) * 1.25) - 1)
+        for _ in range(12):
+            probe, count = await self._probe(guess)
+            if count >= last:
+                if count <= 2 * last + 64:
+                    return probe.last_seq, count
+                lo, at_lo = probe.last_seq, count
+            else:
+                hi = guess
+            guess = (lo + hi) // 2
+        return lo, at_lo
+
+    async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
+        for _ in range(_READ_TRIES):
+            found = await self._start_seq(after, last)
+            if found is None:
+                return []
+            start, known = found
+            try:
+                msgs = await self.conn.read_subject(
+                    self.stream,
+                    self.subject,
+                    start_seq=start,
+                    page=_PAGE,
+                    headers=headers,
+                    known=known,
+                    snapshot=True,
+                    timeout=self.timeout,
+                )
+                break
+            except SubjectPurged:
+                continue  # cleared or expired while read: what is there now, never old and new mixed
+        else:
+            raise ChangedWhileRead(
+                f"conversation {self.session_id!r} was cleared {_READ_TRIES} times while it was read; read it again"
+            )
+        msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
+        if last is not None and len(msgs) > last:
+            msgs = msgs[len(msgs) - last :]
+        return msgs
+
+    async def read(self, after: int | None, last: int | None) -> list[bytes]:
+        return [m.data for m in await self._read(after, last, headers=False)]
+
+    async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        return [_entry(m) for m in await self._read(after, last, headers=True)]
+
+    async def count(self) -> int:
+        probe, n = await self._probe(1)
+        if not n:
+            return 0
+        if not probe.msgs[0].data or n <= 2:  # an expiry marker may be the only one left
+            n = len(await self._read(None, None, headers=False))
+        return n
+
+    async def fork(self, target: NatsChatLog, upto: int | None, origin: str) -> None:
+        """Forks of up to 1000 messages are atomic; longer ones are written in atomic batches, each
+        conditional on the last, so that they never interleave with another writer's. A fork re-sent
+        after a lost connection is read back, never reported as a ``Conflict`` with itself."""
+        conn = target.conn
+        msgs = await self._read(None, None, headers=upto is not None)
+        if upto is not None:
+            msgs = [m for m in msgs if int((m.headers or {})["Nats-Sequence"]) <= upto]
+        if not msgs:  # nothing to copy: the target must still be new
+            existing = await conn.direct_get_last(self.stream, target.subject, self.timeout)
+            if existing is not None and existing.data:
+                raise Conflict(f"cannot fork into {target.session_id!r}: that conversation already has messages")
+            return
+        expected = 0
+        for i, chunk in enumerate(_batches([m.data for m in msgs])):
+            headers = []
+            for _ in range(len(chunk)):
+                h = origin_headers()
+                h["Botwire-Forked-From"] = origin
+                headers.append(h)
+            # Conditional: the fork must be a new conversation, and batches must not interleave.
+            try:
+                if len(chunk) == 1:
+                    headers[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+                    expected = await conn.publish(target.subject, chunk[0], headers[0], self.timeout, what="fork")
+                else:
+                    budget = self.timeout + sum(len(c) for c in chunk) / _EXTEND_BYTES_PER_SECOND
+                    expected = await conn.publish_batch(
+                        target.subject, chunk, headers, timeout=budget, expected=expected, what="fork"
+                    )
+            except Conflict:
+                raise Conflict(
+                    f"cannot fork into {target.session_id!r}: that conversation already has messages"
+                    if i == 0
+                    else f"the fork {target.session_id!r} was written to while it was being copied"
+                ) from None
+        schedule = target._schedule()
+        if schedule is not None:
+            await conn.publish(*schedule, self.timeout, what="expiry schedule")
+
+    def watch(self, after: int | None) -> LogFeed:
+        return LogFeed(self, after)
+
+
+async def _last_messages(
+    conn: Connection, stream: str, subjects: str, timeout: float
+) -> list[tuple[str, datetime, bool]]:
+    """(subject, time, is expiry marker) of the last message of each matching conversation."""
+    out = []
+    request: dict[str, Any] = {"multi_last": [subjects]}
+    while True:
+        batch = await conn.direct_batch(stream, request, timeout)
+        if batch.too_many:
+            break
+        for m in batch.msgs:
+            hdr = m.headers or {}
+            out.append((hdr["Nats-Subject"], parse_time(hdr["Nats-Time-Stamp"]), not m.data or "Nats-Scheduler" in hdr))
+        if not batch.msgs or not batch.pending:
+            return out
+        # The reply stopped at the server's byte cap (64 MiB by default): the rest of the same
+        # snapshot, from the next sequence on (the pending count of a multi-last get is exact).
+        request = {"multi_last": [subjects], "seq": batch.last_seq + 1, "up_to_seq": batch.up_to_seq}
+    # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
+    msgs = await conn.pull_headers(stream, subjects, last_per_subject=True, timeout=timeout)
+    return [
+        (
+            m.subject,
+            _delivery_time(m),
+            not m.headers or "Nats-Scheduler" in m.headers or m.headers.get("Nats-Msg-Size") == "0",
+        )
+        for m in msgs
+    ]
+
+
+def _delivery_time(m: Msg) -> datetime:
+    """The stored time of a consumer-delivered message, rounded to microseconds exactly as
+    ``parse_time`` rounds the ``Nats-Time-Stamp`` of a direct get (nats-py's own metadata goes
+    through a float and can differ by a microsecond), so that cursors compare equal on both paths."""
+    ns = int(_ack_timestamp(m.reply))
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
+    return parse_time(text)
+
+
+def _ack_timestamp(reply: str) -> str:
+    tokens = reply.split(".")
+    return tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp]
+
+
+def _batches(payloads: list[bytes]) -> list[list[bytes]]:
+    """``payloads`` cut into atomic batches of at most ``MAX_BATCH`` messages and
+    ``MAX_EXTEND_BYTES`` bytes (a single larger message gets a batch of its own)."""
+    out: list[list[bytes]] = []
+    size = 0
+    for p in payloads:
+        if not out or len(out[-1]) >= MAX_BATCH or size + len(p) > MAX_EXTEND_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += len(p)
+    return out
+
+
+def _entry(m: Msg) -> LogEntry:
+    hdr = m.headers or {}
+    return LogEntry(int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), m.data)
+
+
+class LogFeed(ResumingFeed[LogEntry]):
+    """New entries of one conversation, from an ordered consumer on its subject."""
+
+    def __init__(self, log: NatsChatLog, after: int | None) -> None:
+        super().__init__(log.conn, log.stream, log.timeout)
+        self._log = log
+        self._after = after
+
+    def _first_seq(self) -> int | None:
+        return None if self._after is None else self._after + 1
+
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        return await conn.js.subscribe(self._log.subject, ordered_consumer=True, config=config)
+
+    async def _convert(self, conn: Connection, msg: Msg) -> LogEntry | None:
+        if not msg.data:
+            return None  # the expiry marker
+        meta = msg.metadata
+        return LogEntry(meta.sequence.stream, meta.timestamp, msg.data)

@@ -1,0 +1,263 @@
+"""``MemoryBackend`` over NATS: one namespace's keys as a KV bucket.
+
+Each namespace is a NATS KV bucket (``botwire_<namespace>``, stream ``KV_botwire_<namespace>``)
+with direct gets and per-key TTL limit markers. Every write is one JetStream publish on
+``$KV.botwire_<namespace>.<encoded key>`` carrying a ``Botwire-Origin`` header, so the stream is
+also the namespace's event log. Values larger than one message go through ``blobs.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
+
+from .. import keys
+from .._backend import Current, KeyChange, KeyRevision
+from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded
+from ..settings import ConnectOptions
+from ..times import parse_time
+from .blobs import Blobs, ChunksGone, Outcome, op_of
+from .connect import origin_headers
+from .feeds import ResumingFeed
+from .jetstream import Connection
+from .pool import acquire, release
+from .retry import SAFE
+
+__all__ = ["DEFAULT_HISTORY", "KeyFeed", "NatsMemory", "open_memory"]
+
+DEFAULT_HISTORY: Final = 16
+_REREAD: Final = "read the key before repeating the update"
+
+
+async def open_memory(
+    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float
+) -> NatsMemory:
+    """The shared connection for ``opts`` with the namespace's bucket made sure to exist, and an
+    explicit ``history=`` applied to a bucket that keeps another number of revisions."""
+    conn = await acquire(opts)
+    try:
+        kv = NatsMemory(conn, namespace, history=history, replicas=replicas, timeout=timeout)
+        await conn.ensure_stream(kv.config(), timeout)
+        if history is not None:
+            await conn.set_max_per_subject(kv.stream, history, timeout)
+    except BaseException:
+        await release(conn)
+        raise
+    return kv
+
+
+class NatsMemory:
+    """One namespace's KV bucket on a shared ``Connection`` (a ``_backend.MemoryBackend``)."""
+
+    def __init__(self, conn: Connection, namespace: str, *, history: int | None, replicas: int, timeout: float) -> None:
+        self.conn = conn
+        self.namespace = namespace
+        self.history = history
+        self.replicas = replicas
+        self.timeout = timeout
+        self.bucket = f"botwire_{namespace}"
+        self.stream = f"KV_{self.bucket}"
+        self.prefix = f"$KV.{self.bucket}."
+        self.blobs = Blobs(self)
+
+    def config(self) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}>"],
+            max_msgs_per_subject=self.history or DEFAULT_HISTORY,
+            discard=DiscardPolicy.NEW,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+            allow_msg_ttl=True,
+            subject_delete_marker_ttl=1,
+            duplicate_window=120,
+            max_consumers=-1,
+            max_msgs=-1,
+            num_replicas=self.replicas,
+            metadata={"botwire.namespace": self.namespace},
+        )
+
+    def subject(self, key: str) -> str:
+        return self.prefix + keys.encode_key(key)
+
+    async def close(self) -> None:
+        await release(self.conn)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def _data(self, key: str, msg: Msg) -> bytes | None:
+        """The value bytes of a stored message (its chunks read whole); None for markers."""
+        hdr = msg.headers
+        if hdr:
+            if op_of(hdr) != "set":
+                return None
+            if "Botwire-Blob" in hdr:
+                return await self.blobs.read(key, msg.data)
+        return msg.data
+
+    async def get(self, key: str) -> Current | None:
+        subject = self.prefix + keys.encode_key(key)
+        gone = None
+        for _ in range(5):
+            msg = await self.conn.direct_get_last(self.stream, subject, self.timeout)
+            if msg is None:
+                return None
+            hdr = msg.headers or {}
+            try:
+                return Current(int(hdr["Nats-Sequence"]), await self._data(key, msg), msg)
+            except ChunksGone:
+                if gone == hdr["Nats-Sequence"] and "Nats-TTL" in hdr:
+                    # still the last: its chunks expired first, so it is expiring
+                    return Current(int(hdr["Nats-Sequence"]), None, msg)
+                gone = hdr["Nats-Sequence"]
+                continue  # overwritten while we read its chunks: read the new value
+        raise ChangedWhileRead(f"the value of {key!r} kept changing while it was read; try again")
+
+    async def contains(self, key: str) -> bool:
+        msg = await self.conn.direct_get_last(self.stream, self.subject(key), self.timeout)
+        return msg is not None and op_of(msg.headers) == "set"
+
+    async def revisions(self, key: str) -> list[KeyRevision]:
+        msgs = await self.conn.read_subject(
+            self.stream, self.subject(key), page=self.history or 64, timeout=self.timeout
+        )
+        out = []
+        for m in msgs:
+            hdr = m.headers or {}
+            op = op_of(hdr)
+            data = None
+            if op == "set":
+                try:
+                    data = await self._data(key, m)
+                except BotWireError:
+                    data = None  # an overwritten chunked value whose chunks are reclaimed
+            out.append(KeyRevision(int(hdr["Nats-Sequence"]), op, data, parse_time(hdr["Nats-Time-Stamp"])))
+        return out
+
+    async def list_keys(self, pattern: str) -> list[str]:
+        """The literal leading ``:``-segments of the pattern narrow the search on the server, so
+        the cost follows the candidate keys (their kept revisions, headers only), not the size of
+        the namespace."""
+        subject_filter, exact = keys.pattern_filter(pattern)
+        if exact:
+            msg = await self.conn.direct_get_last(self.stream, self.prefix + subject_filter, self.timeout)
+            return [pattern] if msg is not None and op_of(msg.headers) == "set" else []
+        msgs = await self.conn.pull_headers(
+            self.stream, self.prefix + subject_filter, last_per_subject=False, timeout=self.timeout
+        )
+        live: dict[str, bool] = {}
+        for m in msgs:  # stream order: the last revision of each key decides
+            live[m.subject] = op_of(m.headers) == "set"
+        n = len(self.prefix)
+        found = []
+        for subject, is_set in live.items():
+            if is_set:
+                key = keys.decode_key(subject[n:])
+                if keys.matches(key, pattern):
+                    found.append(key)
+        found.sort()
+        return found
+
+    # -- writing --------------------------------------------------------------------------------
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        ttl: int | None,
+        expected: int | None = None,
+        replaced: Current | None = None,
+        what: str = "set",
+    ) -> int:
+        conn = self.conn
+        headers = origin_headers()
+        if ttl is not None:
+            # Roll up older revisions: when this one expires, the key must read as missing,
+            # not fall back to an older revision.
+            headers["Nats-TTL"] = str(ttl)
+            headers["Nats-Rollup"] = "sub"
+        if expected is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+        subject = self.prefix + keys.encode_key(key)
+        # A set repeated writes the same value again; an update repeated applies fn twice.
+        outcome = Outcome(f"{what} of {key!r}", SAFE if expected is None else _REREAD)
+        if len(data) <= conn.max_body:
+            return await conn.publish(subject, data, headers, self.timeout, what=outcome.what, advice=outcome.advice)
+        msg = replaced.handle if replaced is not None else None
+        return await self.blobs.write(key, subject, data, ttl, headers, expected, msg, outcome)
+
+    async def delete(self, key: str) -> bool:
+        conn = self.conn
+        subject = self.subject(key)
+        for _ in range(100):
+            msg = await conn.direct_get_last(self.stream, subject, self.timeout)
+            if msg is None or op_of(msg.headers) != "set":
+                return False
+            hdr = msg.headers or {}
+            headers = origin_headers()
+            headers["KV-Operation"] = "DEL"
+            headers["Nats-Expected-Last-Subject-Sequence"] = hdr["Nats-Sequence"]
+            try:
+                rev = await conn.publish(subject, b"", headers, self.timeout, what=f"delete of {key!r}", advice=SAFE)
+            except Conflict:
+                continue  # written meanwhile: look again
+            except QuotaExceeded:
+                # At the storage limit: free the chunks first, then the revisions themselves.
+                seq = int(hdr["Nats-Sequence"])
+                await self.blobs.reclaim(key, msg, before=seq + 1, keep="")
+                await self._delete_at_limit(subject, seq, headers)
+                return True
+            await self.blobs.reclaim(key, msg, before=rev, keep="")
+            return True
+        raise Conflict(f"delete of {key!r} kept racing with other writers; try again")
+
+    async def _delete_at_limit(self, subject: str, seq: int, marker: dict[str, str]) -> None:
+        """Delete at the storage limit, where the delete marker (a new message) is refused.
+
+        Purges the key's revisions up to ``seq`` (the one read), which frees their space and keeps
+        any newer write; then records the delete when it fits and nobody wrote meanwhile.
+        """
+        await self.conn.purge(self.stream, subject, before_seq=seq + 1, timeout=self.timeout)
+        marker["Nats-Expected-Last-Subject-Sequence"] = "0"  # the key has no message left
+        try:
+            await self.conn.publish(subject, b"", marker, self.timeout)
+        except (Conflict, QuotaExceeded):
+            pass  # a newer value was written, or no room even now: the key is deleted all the same
+
+    # -- live changes ---------------------------------------------------------------------------
+    def watch(self, pattern: str) -> KeyFeed:
+        subject_filter, exact = keys.pattern_filter(pattern)
+        return KeyFeed(self, self.prefix + subject_filter, pattern, exact)
+
+
+class KeyFeed(ResumingFeed[KeyChange]):
+    """The changes of the keys matching a glob, from an ordered consumer on the bucket."""
+
+    def __init__(self, kv: NatsMemory, subject: str, pattern: str, exact: bool) -> None:
+        super().__init__(kv.conn, kv.stream, kv.timeout)
+        self._kv = kv
+        self._subject = subject
+        self._pattern = pattern
+        self._exact = exact
+
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        return await conn.js.subscribe(self._subject, ordered_consumer=True, config=config)
+
+    async def _convert(self, conn: Connection, msg: Msg) -> KeyChange | None:
+        """The change ``msg`` records; None for another key, or for a chunked value already
+        replaced (a later change with the newer value follows)."""
+        key = keys.decode_key(msg.subject[len(self._kv.prefix) :])
+        if not (self._exact or keys.matches(key, self._pattern)):
+            return None
+        op = op_of(msg.headers)
+        data = None
+        if op == "set":
+            try:
+                data = await self._kv._data(key, msg)
+            except ChunksGone:
+                return None
+        meta = msg.metadata
+        return KeyChange(key, op, data, meta.sequence.stream, meta.timestamp)
