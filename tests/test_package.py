@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import pathlib
 import pkgutil
 import subprocess
 import sys
@@ -50,3 +52,50 @@ def test_every_error_is_a_botwire_error_with_an_http_status() -> None:
         if isinstance(obj, type):
             assert issubclass(obj, errors.BotWireError)
             assert 400 <= obj.http_status < 600
+
+
+# -- layering: imports point down ----------------------------------------------------------------
+_PACKAGE = pathlib.Path(botwire_stream.__file__).parent
+# The async cores: they validate, encode and keep the semantics, and reach storage only through
+# the protocols of botwire_stream._backend, so that another transport (HTTP) serves them unchanged.
+_CORES = ("memory", "chat", "live", "client")
+# What sits above the NATS transport and so may never be imported by it.
+_ABOVE_NATS = (*_CORES, "sync", "portal", "cli", "integrations", "__main__")
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The absolute names of the modules ``path`` imports, anywhere in it (functions included)."""
+    package = ".".join(("botwire_stream", *path.relative_to(_PACKAGE).with_suffix("").parts[:-1]))
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x`
+    return found
+
+
+def _is_under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+@pytest.mark.parametrize("core", _CORES)
+def test_the_cores_import_no_nats_code(core: str) -> None:
+    # Neither nats-py nor botwire_stream.nats: only _backend and the pure modules.
+    imported = _imports(_PACKAGE / f"{core}.py")
+    bad = sorted(n for n in imported if _is_under(n, "nats") or _is_under(n, "botwire_stream.nats"))
+    assert bad == [], f"botwire_stream.{core} imports {bad}"
+
+
+def test_the_nats_transport_never_imports_what_is_above_it() -> None:
+    for path in sorted((_PACKAGE / "nats").glob("*.py")):
+        imported = _imports(path)
+        bad = sorted(n for n in imported for above in _ABOVE_NATS if _is_under(n, f"botwire_stream.{above}"))
+        assert bad == [], f"botwire_stream/nats/{path.name} imports {bad}"
