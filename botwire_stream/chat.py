@@ -35,7 +35,7 @@ MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch (J
 # Half the queue leaves room for a concurrent batch; a dropped batch (nothing stored) is re-sent.
 MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 _SESSIONS_TIMEOUT: Final = 5.0  # each request of sessions() (a classmethod: no client's timeout=)
-_encoder = msgspec.json.Encoder()
+_encoder = codec.encoder  # the shared one; _encode_message checks that what it wrote reads back
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import msgspec
 
-from .errors import BotWireError
+from .errors import BotWireError, InvalidValue
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "encoder"]
 
-_encoder = msgspec.json.Encoder()
+# The one JSON encoder: ``encode`` below, and chat messages (which check what it wrote themselves).
+encoder = _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 _packer = msgspec.msgpack.Encoder()
 # msgspec writes every float to MessagePack as 0xcb and 8 big-endian bytes; NaN and the
@@ -28,7 +29,7 @@ _ALLOWED = "values must be JSON-encodable (dict, list, str, int, float, bool, No
 
 
 def encode(value: object) -> bytes:
-    """Encode a value as JSON; ``TypeError`` for anything JSON cannot hold as it is.
+    """Encode a value as JSON; ``InvalidValue`` (a ``TypeError``) for anything JSON cannot hold as it is.
 
     That is: types msgspec cannot encode, NaN and infinities, strings with lone surrogates (not
     UTF-8), ints of over 4300 digits (``sys.get_int_max_str_digits``), and nesting deeper than
@@ -37,20 +38,20 @@ def encode(value: object) -> bytes:
     try:
         data = _encoder.encode(value)
     except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(f"cannot store a value of type {type(value).__name__}: {_ALLOWED} ({exc})") from exc
+        raise InvalidValue(f"cannot store a value of type {type(value).__name__}: {_ALLOWED} ({exc})") from exc
     except UnicodeEncodeError as exc:
-        raise TypeError(f"cannot store a string that is not valid Unicode (a lone surrogate?): {exc}") from exc
+        raise InvalidValue(f"cannot store a string that is not valid Unicode (a lone surrogate?): {exc}") from exc
     except ValueError as exc:  # an int of over 4300 digits: Python's limit for int to str
-        raise TypeError(f"cannot store this value: {exc}") from exc
+        raise InvalidValue(f"cannot store this value: {exc}") from exc
     except RecursionError as exc:
-        raise TypeError("cannot store a value nested this deeply; flatten it") from exc
+        raise InvalidValue("cannot store a value nested this deeply; flatten it") from exc
     # A non-finite float became ``null``: only a value whose JSON holds a null can hide one. The
     # value's MessagePack (which keeps every float as it is) shows whether it can hold one at all;
     # only then is it looked for, item by item.
     if b"null" in data and _may_hold_non_finite(value):
         plain = msgspec.to_builtins(value, str_keys=True)
         if _decoder.decode(data) != plain and _has_non_finite(plain):
-            raise TypeError(f"cannot store NaN or infinity (JSON has no such number): {_ALLOWED}")
+            raise InvalidValue(f"cannot store NaN or infinity (JSON has no such number): {_ALLOWED}")
     return data
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidMessage",
     "InvalidTTL",
+    "InvalidValue",
     "ValueTooLarge",
     "Conflict",
     "ServerUnavailable",
@@ -37,6 +38,7 @@ __all__ = [
     "HomeNotWritable",
     "Closed",
     "ChangedWhileRead",
+    "ServerNotStopped",
 ]
 
 
@@ -89,6 +91,13 @@ class InvalidTTL(BotWireError, ValueError):
 
 class InvalidMessage(BotWireError, TypeError):
     """A chat message is not a JSON-encodable mapping."""
+
+    http_status = 400
+
+
+class InvalidValue(BotWireError, TypeError):
+    """A value of a type its store does not hold (a LangChain byte store's non-bytes, an LLM
+    cache's non-``Generation``), or a stored value another writer's format left unreadable there."""
 
     http_status = 400
 
@@ -176,3 +185,9 @@ class ChangedWhileRead(BotWireError):
     faster than the read); read it again."""
 
     http_status = 409
+
+
+class ServerNotStopped(BotWireError, RuntimeError):
+    """The embedded server did not stop (``botwire nats stop``) within its timeout: it still runs."""
+
+    http_status = 500

@@ -23,6 +23,8 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from .errors import Closed, WrongEventLoop
+
 __all__ = ["call", "get_portal", "started"]
 
 T = TypeVar("T")
@@ -57,7 +59,7 @@ def get_portal() -> BlockingPortal:
         return portal
     with _lock:
         if _exiting:
-            raise RuntimeError("botwire-stream's event loop thread has stopped: the interpreter is exiting")
+            raise Closed("botwire-stream's event loop thread has stopped: the interpreter is exiting")
         if _portal is None:
             ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = (
                 concurrent.futures.Future()
@@ -89,7 +91,7 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     assert _loop is not None
     if _thread is not None and threading.get_ident() == _thread.ident:
         # e.g. a sync Memory method called from the function given to Memory.update
-        raise RuntimeError(
+        raise WrongEventLoop(
             "a sync botwire-stream method was called from botwire-stream's own event loop thread "
             "(inside a function passed to update()?); it would wait for itself forever"
         )
@@ -98,7 +100,7 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
         return future.result()
     except concurrent.futures.CancelledError:
         if _exiting:
-            raise RuntimeError("botwire-stream's event loop thread stopped: the interpreter is exiting") from None
+            raise Closed("botwire-stream's event loop thread stopped: the interpreter is exiting") from None
         raise
     except BaseException:
         future.cancel()

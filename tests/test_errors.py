@@ -23,9 +23,11 @@ from botwire_stream.errors import (
     InvalidKey,
     InvalidNamespace,
     InvalidTTL,
+    InvalidValue,
     ServerUnavailable,
     Unauthorized,
     ValueTooLarge,
+    WrongEventLoop,
 )
 from botwire_stream.nats import embedded
 from tests.servers import NatsServer
@@ -317,3 +319,29 @@ def test_start_failure_shows_only_this_runs_output(botwire_home: Path, namespace
         Memory(namespace)
     assert "storage directory is not a directory" in str(caught.value)
     assert "OLD RUN" not in str(caught.value)
+
+
+# -- documented classes instead of bare builtins ---------------------------------------------------
+@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "http://127.0.0.1:1", "127.0.0.1:4222x"])
+def test_an_unsupported_url_scheme_is_invalid_argument_naming_the_supported_ones(bad: str, namespace: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        Memory(namespace, url=bad)
+    assert "nats://" in str(info.value) and "tls://" in str(info.value)
+    assert info.value.code == "invalid_argument"
+
+
+def test_a_value_json_cannot_hold_is_invalid_value_and_still_a_type_error(url: str, namespace: str) -> None:
+    with Memory(namespace, url=url) as memory:
+        for bad in (object(), math.nan, "\ud800"):
+            with pytest.raises(InvalidValue) as info:
+                memory.set("k", bad)
+            assert isinstance(info.value, TypeError) and info.value.code == "invalid_value"
+        assert "k" not in memory
+
+
+def test_a_sync_call_from_the_librarys_own_loop_is_wrong_event_loop(url: str, namespace: str) -> None:
+    with Memory(namespace, url=url) as memory:
+        memory.set("counter", 1)
+        with pytest.raises(WrongEventLoop, match="event loop thread"):
+            memory.update("counter", lambda n: n + memory.get("counter"))
+        assert memory.get("counter") == 1

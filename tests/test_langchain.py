@@ -31,7 +31,7 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
 from botwire_stream import ChatHistory, Memory
-from botwire_stream.errors import InvalidKey, InvalidMessage, InvalidNamespace, InvalidSessionId
+from botwire_stream.errors import InvalidKey, InvalidMessage, InvalidNamespace, InvalidSessionId, InvalidValue
 from botwire_stream.integrations.langchain import (
     BotWireByteStore,
     BotWireCache,
@@ -441,3 +441,15 @@ def test_cache_rejects_non_generations(url: str, namespace: str) -> None:
 
 def test_glob_escape() -> None:
     assert glob_escape("a*b?c[d]") == "a[*]b[?]c[[]d]"
+
+
+def test_byte_store_and_cache_refuse_wrong_types_with_invalid_value(url: str, namespace: str) -> None:
+    # A documented class (also a TypeError, as LangChain's stores raise), nothing written.
+    with BotWireByteStore(namespace, url=url) as store:
+        with pytest.raises(InvalidValue, match="holds bytes"):
+            store.mset([("a", b"1"), ("b", "text")])  # type: ignore[list-item]
+        assert store.mget(["a", "b"]) == [None, None]
+    with BotWireCache(namespace, url=url) as cache:
+        with pytest.raises(InvalidValue, match="Generation"):
+            cache.update("prompt", "llm", ["not a generation"])  # type: ignore[list-item]
+        assert cache.lookup("prompt", "llm") is None

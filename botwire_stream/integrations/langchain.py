@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from .. import keys
 from ..chat import MAX_BATCH, AsyncChatHistory, _encode_message
-from ..errors import BotWireError, InvalidMessage
+from ..errors import InvalidMessage, InvalidValue
 from ..keys import glob_escape
 from ..memory import AsyncMemory
 from ..portal import call
@@ -172,7 +172,7 @@ def _as_bytes(value: object, key: str) -> bytes:
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
-    raise TypeError(f"the value of {key!r} is a {type(value).__name__}; a byte store holds bytes")
+    raise InvalidValue(f"the value of {key!r} is a {type(value).__name__}; a byte store holds bytes")
 
 
 class BotWireByteStore(LoopBound[AsyncMemory], BaseStore[str, bytes]):
@@ -255,11 +255,11 @@ def _decode_bytes(key: str, value: Any) -> bytes | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise BotWireError(f"the value of {key!r} was not written by a byte store ({type(value).__name__})")
+        raise InvalidValue(f"the value of {key!r} was not written by a byte store ({type(value).__name__})")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BotWireError(f"the value of {key!r} was not written by a byte store (not base64)") from exc
+        raise InvalidValue(f"the value of {key!r} was not written by a byte store (not base64)") from exc
 
 
 # -- LLM cache ---------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def _generation_dict(generation: object) -> dict[str, Any]:
             else:
                 out["text"] = generation.text
             return out
-    raise TypeError(f"an LLM cache holds Generation objects, not {type(generation).__name__}")
+    raise InvalidValue(f"an LLM cache holds Generation objects, not {type(generation).__name__}")
 
 
 def _generation(stored: Mapping[str, Any]) -> Generation:
@@ -350,7 +350,7 @@ class BotWireCache(LoopBound[AsyncMemory], BaseCache):
     async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Cache ``return_val`` for ``(prompt, llm_string)``."""
         if isinstance(return_val, (str, bytes, Mapping)) or not isinstance(return_val, Sequence):
-            raise TypeError(f"return_val is a sequence of Generation objects, not {type(return_val).__name__}")
+            raise InvalidValue(f"return_val is a sequence of Generation objects, not {type(return_val).__name__}")
         value = {"format": _CACHE_FORMAT, "generations": [_generation_dict(g) for g in return_val]}
         await self._cores.get().set(self.key(prompt, llm_string), value, ttl=self.ttl)
 

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING
 
 from .. import _natsproc
 from .._natsproc import StartFailed, conf_string, render_config
-from ..errors import BotWireError, HomeNotWritable, ServerNotFound, ServerUnavailable, StorageFull, UnsafeHome
+from ..errors import (
+    BotWireError,
+    HomeNotWritable,
+    ServerNotFound,
+    ServerNotStopped,
+    ServerUnavailable,
+    StorageFull,
+    UnsafeHome,
+)
 from ..settings import home_dir
 
 if TYPE_CHECKING:
@@ -810,5 +818,7 @@ def stop(home: Path | None = None, timeout: float = 10.0) -> ServerState | None:
         return None
     _terminate(state, timeout)
     if _is_our_server(state):
-        raise BotWireError(f"nats-server pid {state.pid} did not stop")
+        raise ServerNotStopped(
+            f"nats-server pid {state.pid} did not stop within {timeout:g} s; stop it by hand (kill {state.pid})"
+        )
     return state
