@@ -501,8 +501,8 @@ def start(opts: Options) -> None:
     if opts.json:
         click.echo(_json({**_state_dict(state), "started": not was_running}))
     else:
-        verb = "already running" if was_running else "started"
-        click.echo(f"botwire server {verb}: {state.url} (pid {state.pid})")
+        verb = "is already running" if was_running else "started"
+        click.echo(f"botwire nats: the embedded nats-server {verb}: {state.url} (pid {state.pid})")
 
 
 @nats_group.command()
@@ -517,9 +517,9 @@ def stop(opts: Options) -> None:
     if opts.json:
         click.echo(_json({"stopped": state is not None, "pid": state.pid if state else None, "home": str(home)}))
     elif state is None:
-        click.echo(f"no botwire server was running (home {home})")
+        click.echo(f"botwire nats: no embedded nats-server was running (home {home})")
     else:
-        click.echo(f"stopped botwire server (pid {state.pid})")
+        click.echo(f"botwire nats: stopped the embedded nats-server (pid {state.pid})")
 
 
 @nats_group.command()
@@ -535,7 +535,7 @@ def status(opts: Options) -> None:
         if opts.json:
             click.echo(_json({"running": False, "url": None, "pid": None, "home": str(home)}))
             raise click.exceptions.Exit(EXIT_NOT_FOUND)
-        _not_found(f"no botwire server is running (home {home}); start one with `botwire nats start`")
+        _not_found(f"no embedded nats-server is running (home {home}); start one with `botwire nats start`")
     if opts.json:
         click.echo(_json(_state_dict(state)))
         return

@@ -339,6 +339,8 @@ def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
 
     started = _botwire("nats", "start")
     assert started.returncode == 0 and "tls://127.0.0.1:" in started.stdout
+    # The messages name the command (never `botwire server`, easily taken for `botwire serve`).
+    assert started.stdout.startswith("botwire nats: the embedded nats-server started: ")
 
     status = _botwire("nats", "status", "--json")
     assert status.returncode == 0
@@ -349,6 +351,7 @@ def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
     assert _alive(pid)
     assert str(pid) in started.stdout
 
+    assert _botwire("server", "start").stdout.startswith("botwire nats: the embedded nats-server is already running: ")
     again = _botwire("server", "start", "--json")
     assert json.loads(again.stdout)["pid"] == pid and json.loads(again.stdout)["started"] is False
 
@@ -367,7 +370,9 @@ def test_embedded_server_lifecycle(botwire_home: Path, namespace: str) -> None:
     assert _botwire("server", "status").returncode == 1
     assert _botwire("nats", "status").returncode == 1
     nothing = _botwire("nats", "stop")
-    assert nothing.returncode == 0 and "no botwire server" in nothing.stdout
+    assert nothing.returncode == 0 and "botwire nats: no embedded nats-server was running" in nothing.stdout
+    missing = _botwire("nats", "status")
+    assert "no embedded nats-server is running" in missing.stderr and "botwire nats start" in missing.stderr
 
 
 def test_help_names_nats_and_marks_server_as_its_old_spelling() -> None:

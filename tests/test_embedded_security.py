@@ -415,7 +415,7 @@ def test_a_stale_pid_of_another_process_is_not_killed(botwire_home: Path, namesp
         _fake_state(botwire_home, tail.pid)
         assert embedded.status() is None
         stopped = _botwire("server", "stop")
-        assert stopped.returncode == 0 and "no botwire server was running" in stopped.stdout
+        assert stopped.returncode == 0 and "no embedded nats-server was running" in stopped.stdout
         with Memory(namespace) as m:
             m.set("k", 1)
         assert tail.poll() is None, "tail was killed"
