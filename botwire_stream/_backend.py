@@ -14,7 +14,9 @@ decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``mess
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
 
 import msgspec
@@ -33,6 +35,7 @@ __all__ = [
     "MemoryBackend",
     "open_chat",
     "open_memory",
+    "prepare",
 ]
 
 R_co = TypeVar("R_co", covariant=True)
@@ -202,7 +205,7 @@ class ChatBackend(Protocol):
     async def close(self) -> None: ...
 
 
-# ``open_memory``/``open_chat`` are the one place that names the implementations; they import
+# ``open_memory``/``open_chat``/``prepare`` are the one place that names the implementations; they import
 # them when called (``settings.resolve`` has already refused unknown schemes, naming the supported
 # ones), so that importing a core stays light and ``nats/`` may import this module for its types.
 async def open_memory(
@@ -213,6 +216,15 @@ async def open_memory(
     from .nats.kv import open_memory as open_nats
 
     return await open_nats(opts, namespace, history=history, replicas=replicas, timeout=timeout)
+
+
+def prepare(opts: ConnectOptions, while_booting: Callable[[], object]) -> None:
+    """Before a sync face's first call: start what ``opts`` needs on this machine (the embedded
+    server), calling ``while_booting`` (the portal's start) while it boots; else nothing."""
+    if opts.embedded:
+        from .nats import embedded
+
+        embedded.ensure(Path(opts.home) if opts.home else None, while_booting=while_booting)
 
 
 async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> ChatBackend:

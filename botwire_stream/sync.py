@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from . import portal
+from . import _backend, portal
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
-from .nats import embedded
 from .portal import call
 from .settings import ConnectOptions
 
@@ -26,7 +24,7 @@ def _first_use(opts: ConnectOptions) -> None:
     """Before the first sync call: start the embedded server (when needed) and the portal's
     thread together, so that the server boots while the thread starts."""
     if opts.embedded and not portal.started():
-        embedded.ensure(Path(opts.home) if opts.home else None, while_booting=portal.get_portal)
+        _backend.prepare(opts, portal.get_portal)
 T_co = TypeVar("T_co", covariant=True)
 
 
