@@ -288,8 +288,8 @@ def kv_rmw(ctx: Context) -> list[Table]:
 async def _load(url: str, namespace: str, users: int, per_user: int) -> float:
     """Write ``users * per_user`` keys ``user:<u>:k<i>`` into ``namespace``, pipelined; return seconds."""
     mem = AsyncMemory(namespace, url=url)
-    await mem.open()  # creates the namespace's stream
-    prefix, stream = f"$KV.{mem.bucket}.", mem.stream
+    kv = await mem._connection()  # creates the namespace's stream; the NATS backend names it
+    prefix, stream = kv.prefix, kv.stream  # type: ignore[attr-defined]
     await mem.close()
     nc = await nats.connect(url)
     try:
