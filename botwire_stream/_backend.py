@@ -14,7 +14,7 @@ decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``mess
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
@@ -89,7 +89,7 @@ class Feed(Protocol[R_co]):
     """
 
     async def start(self) -> object: ...
-    def __anext__(self) -> Any: ...  # an awaitable of R_co
+    def __anext__(self) -> Awaitable[R_co]: ...
     async def aclose(self) -> None: ...
 
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 import msgspec
 
 from . import codec, keys
-from ._backend import ChatLog, LogEntry, open_chat
+from ._backend import ChatLog, Feed, LogEntry, open_chat
 from .client import StreamClient, check_options, running_loop
 from .errors import InvalidArgument, InvalidMessage, ValueTooLarge
 from .live import LiveIterator
@@ -311,7 +311,7 @@ class ChatWatch(LiveIterator[LogEntry, Entry]):
     """An async iterator of new ``Entry`` of one conversation; close it when done."""
 
     def __init__(self, chat: AsyncChatHistory, after: int | None) -> None:
-        async def open_feed() -> Any:
+        async def open_feed() -> Feed[LogEntry]:
             return (await chat._connection()).watch(after)
 
         super().__init__(open_feed)

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from . import codec, keys
-from ._backend import Current, KeyChange, MemoryBackend, open_memory
+from ._backend import Current, Feed, KeyChange, MemoryBackend, open_memory
 from .client import StreamClient, check_options
 from .errors import BotWireError, Conflict, InvalidArgument, ValueTooLarge
 from .live import LiveIterator
@@ -183,7 +183,7 @@ class Watch(LiveIterator[KeyChange, Change]):
     """An async iterator of ``Change`` (see ``AsyncMemory.watch``); close it when done."""
 
     def __init__(self, memory: AsyncMemory, pattern: str) -> None:
-        async def open_feed() -> Any:
+        async def open_feed() -> Feed[KeyChange]:
             return (await memory._connection()).watch(pattern)
 
         super().__init__(open_feed)
