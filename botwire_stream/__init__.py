@@ -8,7 +8,7 @@ The classes are imported on first access (PEP 562), so that ``botwire --help`` a
 
 Public, changed only compatibly: this package's ``__all__``, ``botwire_stream.errors``,
 ``botwire_stream.models`` and the ``botwire_stream.integrations.<framework>`` modules. Every other
-module (``memory``, ``chat``, ``sync``, ``settings``, ``embedded``, ``transport``, ``cli``...) and
+module (``memory``, ``chat``, ``sync``, ``settings``, ``_backend``, ``nats``, ``cli``...) and
 every name starting with ``_`` is internal: import the public names instead, as they may move.
 """
 
