@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, embedded
+from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream.nats import embedded
 
 from ._registry import Context, benchmark
 from ._report import Ratio, Table
