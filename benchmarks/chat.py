@@ -320,10 +320,11 @@ async def _load_read_stream(
     (flow control); the final count is checked. Returns (seconds, messages stored).
     """
     probe = AsyncChatHistory("other-0", namespace=ns, url=url)
-    await probe.open()  # creates the namespace's stream with our configuration
+    log = await probe._connection()  # creates the namespace's stream with our configuration
     prefix = f"botwire.{ns}.chat."
-    if probe.subject != prefix + "other-0":
-        raise RuntimeError(f"unexpected chat subject {probe.subject!r}")
+    subject = log.subject  # type: ignore[attr-defined]  # the NATS backend's conversation subject
+    if subject != prefix + "other-0":
+        raise RuntimeError(f"unexpected chat subject {subject!r}")
     await probe.close()
     nc = await nats.connect(url)
     try:
