@@ -21,8 +21,9 @@ from typing import Any, Protocol, Self, TypeVar
 
 import msgspec
 
+from .errors import InvalidArgument
 from .models import Op, SessionInfo
-from .settings import ConnectOptions
+from .settings import SCHEMES, ConnectOptions
 
 __all__ = [
     "ChatBackend",
@@ -33,12 +34,16 @@ __all__ = [
     "KeyRevision",
     "LogEntry",
     "MemoryBackend",
+    "TRANSPORTS",
     "open_chat",
     "open_memory",
     "prepare",
 ]
 
 R_co = TypeVar("R_co", covariant=True)
+
+TRANSPORTS = frozenset(SCHEMES.values())  # the backends there are: {"nats"} (HTTP to come)
+
 
 class Current(msgspec.Struct, frozen=True):
     """A key's last stored record (what ``MemoryBackend.get`` returns).
@@ -208,11 +213,16 @@ class ChatBackend(Protocol):
 # ``open_memory``/``open_chat``/``prepare`` are the one place that names the implementations; they import
 # them when called (``settings.resolve`` has already refused unknown schemes, naming the supported
 # ones), so that importing a core stays light and ``nats/`` may import this module for its types.
+def _check_transport(opts: ConnectOptions) -> None:
+    if opts.transport not in TRANSPORTS:
+        raise InvalidArgument(f"no backend for the transport {opts.transport!r}; supported: {', '.join(TRANSPORTS)}")
+
+
 async def open_memory(
     opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float
 ) -> MemoryBackend:
     """The key-value backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
-    assert opts.transport == "nats", opts.transport
+    _check_transport(opts)
     from .nats.kv import open_memory as open_nats
 
     return await open_nats(opts, namespace, history=history, replicas=replicas, timeout=timeout)
@@ -229,7 +239,7 @@ def prepare(opts: ConnectOptions, while_booting: Callable[[], object]) -> None:
 
 async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> ChatBackend:
     """The conversation-log backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
-    assert opts.transport == "nats", opts.transport
+    _check_transport(opts)
     from .nats.chatlog import open_chat as open_nats
 
     return await open_nats(opts, namespace, replicas=replicas, timeout=timeout)
