@@ -37,6 +37,7 @@ __all__ = [
     "HomeNotWritable",
     "Closed",
     "ChangedWhileRead",
+    "MissingDependency",
 ]
 
 
@@ -176,3 +177,11 @@ class ChangedWhileRead(BotWireError):
     faster than the read); read it again."""
 
     http_status = 409
+
+
+class MissingDependency(BotWireError, ImportError):
+    """An optional feature needs a package that is not installed (``BotWireChatHistory`` needs
+    langchain-core); the message names the extra to install, e.g.
+    ``pip install 'botwire-stream[langchain]'``."""
+
+    http_status = 500
