@@ -1,12 +1,23 @@
-"""The blocking portal behind every sync face: one event loop thread per process.
+"""The event loop behind every sync face: one asyncio loop per process, run by whoever needs it.
 
-Sync objects (``Memory``, ``ChatHistory``) call their async core through it, so they work from
+Sync objects (``Memory``, ``ChatHistory``) call their async core on this loop, so they work from
 plain scripts, from many threads, and from inside a running event loop (the calling loop blocks
 for the call, as any sync I/O does). Connections opened by sync objects live on this loop and
 are shared between them.
 
-The thread runs an anyio ``BlockingPortal`` on asyncio. It is a daemon thread that is stopped at
-interpreter exit with bounded waits, so that a call still pending (a sync ``watch`` blocked in
+Who runs the loop: a thread that calls with no event loop of its own running takes the loop and
+runs it itself for the call (``run_until_complete``), so a call costs no thread hand-off: handing
+each call to a loop thread and back cost two thread wake-ups, 1.6-1.9x the async core's p50 for a
+``get`` (measured in ``benchmarks``, ``kv-latency``; a leaner hand-off saved nothing measurable).
+While one thread runs it, calls from other threads (and from threads with a running loop of their
+own) are handed to it and wait; when it returns, one of them takes over. When no call has run for
+``_IDLE`` seconds, the daemon thread ``botwire-stream`` runs the loop until the next call, so that
+watches keep receiving, pings are answered and background work (a server restart) goes on between
+calls; the next call stops it and then runs the loop itself.
+
+Ctrl-C while the main thread runs the loop cancels that call (as ``asyncio.run`` does) instead of
+interrupting whatever the loop was doing. At interpreter exit every task is cancelled and the
+loop is closed with bounded waits, so that a call still pending (a sync ``watch`` blocked in
 another thread, say) can never hang the exit.
 """
 
@@ -14,14 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import os
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, TypeVarTuple, Unpack
-
-import anyio
-from anyio.from_thread import BlockingPortal
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 __all__ = ["call", "get_portal", "started"]
 
@@ -29,103 +38,266 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 _EXIT_WAIT = 2.0  # seconds the exit waits for the loop to stop
-_lock = threading.Lock()
-_portal: BlockingPortal | None = None
+# How long the loop must have been free before the background thread runs it. Between calls of a
+# busy caller the loop is free for microseconds; taken by the background thread, the next call
+# pays the old hand-off once. 10 ms keeps that rare and delays background work by at most that.
+_IDLE = 0.01
+_cond = threading.Condition(threading.Lock())  # guards the state below
 _loop: asyncio.AbstractEventLoop | None = None
-_thread: threading.Thread | None = None
-_exiting = False  # set at interpreter exit: no new portal may start then
+_thread: threading.Thread | None = None  # the background thread
+_runner: int | None = None  # ident of the thread running the loop now (None: nobody)
+_released = 0.0  # time.monotonic() when the loop was last released
+_waiting = 0  # calls waiting for another thread to run them (from threads with a loop of their own)
+_exiting = False  # set at interpreter exit: no new loop may start then
 
 
-def _run(ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]]) -> None:
-    async def main() -> None:
-        async with BlockingPortal() as portal:
-            ready.set_result((portal, asyncio.get_running_loop()))
-            await portal.sleep_until_stopped()
-
-    try:
-        anyio.run(main, backend="asyncio")
-    except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the start
-        if not ready.done():
-            ready.set_exception(exc)
-
-
-def get_portal() -> BlockingPortal:
-    """The process's portal, started on first use."""
-    global _portal, _loop, _thread
-    portal = _portal
-    if portal is not None:
-        return portal
-    with _lock:
+def get_portal() -> asyncio.AbstractEventLoop:
+    """The process's loop (and its background thread), started on first use."""
+    global _loop, _thread
+    loop = _loop
+    if loop is not None:
+        return loop
+    with _cond:
         if _exiting:
-            raise RuntimeError("botwire-stream's event loop thread has stopped: the interpreter is exiting")
-        if _portal is None:
-            ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = (
-                concurrent.futures.Future()
-            )
-            thread = threading.Thread(target=_run, args=(ready,), name="botwire-stream", daemon=True)
+            raise RuntimeError("botwire-stream's event loop has stopped: the interpreter is exiting")
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=_background, args=(loop,), name="botwire-stream", daemon=True)
+            _loop, _thread = loop, thread
             thread.start()
-            _portal, _loop = ready.result()
-            _thread = thread
-        return _portal
+        return _loop
 
 
 def started() -> bool:
-    """Whether the portal's loop runs already."""
+    """Whether the loop exists already."""
     return _loop is not None
+
+
+def _take(me: int) -> bool:
+    """Become the loop's runner if nobody is (``_cond`` held)."""
+    global _runner
+    if _runner is None:
+        _runner = me
+        return True
+    return False
+
+
+def _release() -> None:
+    global _runner, _released
+    with _cond:
+        _runner = None
+        _released = time.monotonic()
+        _cond.notify_all()  # a waiting caller (or the background thread) takes over
+
+
+def _background(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the loop whenever it has been free for ``_IDLE`` seconds, until a call stops it."""
+    me = threading.get_ident()
+    while True:
+        with _cond:
+            while True:
+                if _exiting or _loop is not loop:
+                    return
+                idle = time.monotonic() - _released
+                if _runner is None and (idle >= _IDLE or _waiting):
+                    _take(me)
+                    break
+                # Free: look again when it has been free for _IDLE. Run by a caller (a watch can
+                # hold it for hours): woken by its release, and every second as a safety net.
+                _cond.wait(_IDLE - idle if _runner is None else 1.0)
+        try:
+            loop.run_forever()
+        finally:
+            _release()
+
+
+def _stop_background() -> None:
+    # Scheduled by a caller that found the background thread running the loop; runs on the loop.
+    if _thread is not None and threading.get_ident() == _thread.ident and _loop is not None:
+        _loop.stop()
+
+
+def _exiting_error() -> RuntimeError:
+    return RuntimeError("botwire-stream's event loop stopped: the interpreter is exiting")
+
+
+def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
+    """Run the coroutine function ``fn(*args)`` on the process's loop and return its result."""
+    loop = _loop or get_portal()
+    me = threading.get_ident()
+    try:
+        own = asyncio.get_running_loop()
+    except RuntimeError:
+        own = None
+    if own is loop:
+        # e.g. a sync Memory method called from the function given to Memory.update
+        raise RuntimeError(
+            "a sync botwire-stream method was called from botwire-stream's own event loop thread "
+            "(inside a function passed to update()?); it would wait for itself forever"
+        )
+    if own is None:
+        with _cond:
+            mine = _take(me)
+        if mine:
+            return _run_here(loop, loop.create_task(_await(fn, *args)))
+    return _hand_over(loop, me, own is None, fn, args)
 
 
 async def _await(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     return await fn(*args)
 
 
-def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
-    """Run the coroutine function ``fn(*args)`` on the portal's loop and return its result.
+def _run_here(loop: asyncio.AbstractEventLoop, task: asyncio.Future[T]) -> T:
+    """Run the loop in this thread until ``task`` is done (the caller is the runner); release it."""
+    interrupted = False
+    old: Any = None
+    main = threading.current_thread() is threading.main_thread()
 
-    Hot calls go straight to the portal's asyncio loop: ``run_coroutine_threadsafe`` costs about
-    a third of ``BlockingPortal.call`` per round trip (measured in ``benchmarks``).
-    """
-    if _loop is None:
-        get_portal()
-    assert _loop is not None
-    if _thread is not None and threading.get_ident() == _thread.ident:
-        # e.g. a sync Memory method called from the function given to Memory.update
-        raise RuntimeError(
-            "a sync botwire-stream method was called from botwire-stream's own event loop thread "
-            "(inside a function passed to update()?); it would wait for itself forever"
-        )
-    future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(_await(fn, *args), _loop)
+    def on_sigint(signum: int, frame: object) -> None:
+        # As asyncio.Runner: the first Ctrl-C cancels the call, not the loop's current callback.
+        nonlocal interrupted
+        if interrupted or task.done():
+            raise KeyboardInterrupt
+        interrupted = True
+        task.cancel()
+        loop.call_soon_threadsafe(lambda: None)
+
     try:
-        return future.result()
-    except concurrent.futures.CancelledError:
-        if _exiting:
-            raise RuntimeError("botwire-stream's event loop thread stopped: the interpreter is exiting") from None
-        raise
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            if _exiting:
+                raise _exiting_error() from None
+            raise
+        finally:
+            if not task.done():  # left by an exception out of the loop itself: do not leave it running
+                task.cancel()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        _release()
+
+
+def _hand_over(
+    loop: asyncio.AbstractEventLoop,
+    me: int,
+    may_run: bool,
+    fn: Callable[[Unpack[Ts]], Awaitable[T]],
+    args: tuple[Unpack[Ts]],
+) -> T:
+    """The loop is run by another thread (or this thread runs a loop of its own): schedule the
+    call there and wait; take the loop over if it is released before the call is done."""
+    done: asyncio.Future[T] = loop.create_future()  # only created here; completed on the loop
+
+    def start() -> None:
+        task = loop.create_task(_await(fn, *args))
+
+        def finish(t: asyncio.Task[T]) -> None:
+            if not done.cancelled():
+                if t.cancelled():
+                    done.cancel()
+                elif (exc := t.exception()) is not None:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(t.result())
+            with _cond:
+                _cond.notify_all()
+
+        task.add_done_callback(finish)
+        done.add_done_callback(lambda d: task.cancel() if d.cancelled() and not task.done() else None)
+
+    global _waiting
+    loop.call_soon_threadsafe(start)
+    stop_asked = False
+    try:
+        with _cond:
+            if not may_run:
+                _waiting += 1  # the background thread runs the loop for this call at once
+                _cond.notify_all()
+            try:
+                while not done.done():
+                    if may_run and _take(me):
+                        break
+                    if may_run and not stop_asked and _thread is not None and _runner == _thread.ident:
+                        stop_asked = True  # the background thread has it: stop it, then run it here
+                        loop.call_soon_threadsafe(_stop_background)
+                    _cond.wait()
+                else:
+                    return _result(done)
+            finally:
+                if not may_run:
+                    _waiting -= 1
     except BaseException:
-        future.cancel()
+        loop.call_soon_threadsafe(done.cancel)  # Ctrl-C while waiting: cancel the call
         raise
+    return _run_here(loop, done)
+
+
+def _result(done: asyncio.Future[T]) -> T:
+    if done.cancelled():
+        if _exiting:
+            raise _exiting_error()
+        raise asyncio.CancelledError
+    return done.result()
+
+
+async def _close(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=_EXIT_WAIT)
+    await asyncio.wait_for(loop.shutdown_asyncgens(), _EXIT_WAIT)  # closes the pools' connections
 
 
 def _shutdown() -> None:
     """Stop the loop at exit: cancel what is still pending, wait a bounded time, never hang."""
-    global _portal, _loop, _thread, _exiting
-    with _lock:
+    global _exiting, _loop, _thread
+    with _cond:
         _exiting = True
-        portal, loop, thread = _portal, _loop, _thread
-        _portal, _loop, _thread = None, None, None
-    if portal is None or loop is None or thread is None or not thread.is_alive():
+        loop, thread = _loop, _thread
+        _cond.notify_all()
+    if loop is None or loop.is_closed():
         return
+    me = threading.get_ident()
+    deadline = time.monotonic() + _EXIT_WAIT
+    with _cond:
+        while not _take(me):  # a watch blocked in another thread runs it: cancel everything there
+            loop.call_soon_threadsafe(_cancel_all, loop)
+            if thread is not None and _runner == thread.ident:
+                loop.call_soon_threadsafe(loop.stop)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # still held: leave it to the interpreter
+            _cond.wait(min(left, 0.1))
     try:
-        stopping = asyncio.run_coroutine_threadsafe(portal.stop(cancel_remaining=True), loop)
-        stopping.result(_EXIT_WAIT)
+        loop.run_until_complete(asyncio.wait_for(_close(loop), _EXIT_WAIT))
+        loop.close()
     except BaseException:  # noqa: BLE001 - interpreter exit: best effort
         pass
-    thread.join(_EXIT_WAIT)
+    finally:
+        with _cond:
+            _loop, _thread = None, None
+        _release()
+    if thread is not None:
+        thread.join(_EXIT_WAIT)
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    for t in asyncio.all_tasks(loop):
+        t.cancel()
 
 
 def _after_fork_in_child() -> None:
-    # The portal thread does not exist in a forked child: start a fresh one on next use.
-    global _portal, _loop, _thread
-    _portal, _loop, _thread = None, None, None
+    # Neither the background thread nor a runner exists in a forked child, and the lock may have
+    # been held at the fork: start afresh on next use (the parent's loop is left alone).
+    global _loop, _thread, _runner, _cond
+    _loop, _thread, _runner = None, None, None
+    _cond = threading.Condition(threading.Lock())
 
 
 atexit.register(_shutdown)
