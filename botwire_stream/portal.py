@@ -126,10 +126,32 @@ def _exiting_error() -> RuntimeError:
     return RuntimeError("botwire-stream's event loop stopped: the interpreter is exiting")
 
 
+class _Guard:
+    """Ctrl-C while the main thread makes a call: as ``asyncio.Runner``, the first one cancels the
+    call (the core undoes what it must) instead of interrupting whatever the loop runs, and makes
+    the call raise ``KeyboardInterrupt``; a second one raises at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] | None = None
+        self.hit = False
+
+    def watch(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+        if self.hit:
+            self.loop.call_soon_threadsafe(future.cancel)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        if self.future is not None:
+            self.loop.call_soon_threadsafe(self.future.cancel)
+
+
 def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     """Run the coroutine function ``fn(*args)`` on the process's loop and return its result."""
     loop = _loop or get_portal()
-    me = threading.get_ident()
     own = asyncio._get_running_loop()  # None when no loop runs in this thread (no exception raised)
     if own is loop:
         # e.g. a sync Memory method called from the function given to Memory.update
@@ -137,83 +159,100 @@ def call(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
             "a sync botwire-stream method was called from botwire-stream's own event loop thread "
             "(inside a function passed to update()?); it would wait for itself forever"
         )
-    if own is None:
-        with _cond:
-            mine = _take(me)
-        if mine:
-            return _run_here(loop, loop.create_task(_await(fn, *args)))
-    return _hand_over(loop, me, own is None, fn, args)
+    guard, old = None, None
+    if (
+        own is None
+        and threading.current_thread() is threading.main_thread()
+        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+    ):
+        guard = _Guard(loop)
+        old = _signal.signal(_signal.SIGINT, guard)
+    try:
+        return _call(loop, own is None, guard, fn, args)
+    except asyncio.CancelledError:
+        if guard is not None and guard.hit:
+            raise KeyboardInterrupt from None
+        if _exiting:
+            raise _exiting_error() from None
+        raise
+    finally:
+        if old is not None:
+            _signal.signal(_signal.SIGINT, old)
 
 
 async def _await(fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
     return await fn(*args)
 
 
-def _run_here(loop: asyncio.AbstractEventLoop, task: asyncio.Future[T]) -> T:
-    """Run the loop in this thread until ``task`` is done (the caller is the runner); release it."""
-    interrupted = False
-    old: Any = None
-    main = threading.current_thread() is threading.main_thread()
+def _call(
+    loop: asyncio.AbstractEventLoop,
+    may_run: bool,
+    guard: _Guard | None,
+    fn: Callable[[Unpack[Ts]], Awaitable[T]],
+    args: tuple[Unpack[Ts]],
+) -> T:
+    me = threading.get_ident()
+    if may_run:
+        with _cond:
+            mine = _take(me)
+        if mine:
+            try:
+                task = loop.create_task(_await(fn, *args))
+                if guard is not None:
+                    guard.watch(task)
+                return _run(loop, task)
+            finally:
+                _release()
+    return _hand_over(loop, me, may_run, guard, fn, args)
 
-    def on_sigint(signum: int, frame: object) -> None:
-        # As asyncio.Runner: the first Ctrl-C cancels the call, not the loop's current callback.
-        nonlocal interrupted
-        if interrupted or task.done():
-            raise KeyboardInterrupt
-        interrupted = True
-        task.cancel()
-        loop.call_soon_threadsafe(lambda: None)
 
+def _run(loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]) -> T:
+    """Run the loop in this thread (the runner) until ``future`` is done."""
     try:
-        if main and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-            old = _signal.signal(_signal.SIGINT, on_sigint)
-        try:
-            return loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            if interrupted:
-                raise KeyboardInterrupt from None
-            if _exiting:
-                raise _exiting_error() from None
-            raise
-        finally:
-            if not task.done():  # left by an exception out of the loop itself: do not leave it running
-                task.cancel()
+        return loop.run_until_complete(future)
     finally:
-        if old is not None:
-            _signal.signal(_signal.SIGINT, old)
-        _release()
+        if not future.done():  # left by an exception out of the loop itself: do not leave it running
+            future.cancel()
 
 
 def _hand_over(
     loop: asyncio.AbstractEventLoop,
     me: int,
     may_run: bool,
+    guard: _Guard | None,
     fn: Callable[[Unpack[Ts]], Awaitable[T]],
     args: tuple[Unpack[Ts]],
 ) -> T:
     """The loop is run by another thread (or this thread runs a loop of its own): schedule the
     call there and wait; take the loop over if it is released before the call is done."""
+    global _waiting, _handing
     done: asyncio.Future[T] = loop.create_future()  # only created here; completed on the loop
 
     def start() -> None:
+        if done.done():  # cancelled before it started
+            return
         task = loop.create_task(_await(fn, *args))
 
         def finish(t: asyncio.Task[T]) -> None:
-            if not done.cancelled():
+            if not done.done():
                 if t.cancelled():
                     done.cancel()
                 elif (exc := t.exception()) is not None:
                     done.set_exception(exc)
                 else:
                     done.set_result(t.result())
-            with _cond:
-                _cond.notify_all()
 
         task.add_done_callback(finish)
         done.add_done_callback(lambda d: task.cancel() if d.cancelled() and not task.done() else None)
 
-    global _waiting, _handing
+    def wake_waiters(_: asyncio.Future[T]) -> None:
+        with _cond:
+            _cond.notify_all()
+
+    done.add_done_callback(wake_waiters)
     loop.call_soon_threadsafe(start)
+    if guard is not None:
+        guard.watch(done)
     stop_asked = False
     try:
         with _cond:
@@ -236,9 +275,12 @@ def _hand_over(
                 if not may_run:
                     _waiting -= 1
     except BaseException:
-        loop.call_soon_threadsafe(done.cancel)  # Ctrl-C while waiting: cancel the call
+        loop.call_soon_threadsafe(done.cancel)  # Ctrl-C while waiting (off the main thread's guard)
         raise
-    return _run_here(loop, done)
+    try:
+        return _run(loop, done)
+    finally:
+        _release()
 
 
 def _result(done: asyncio.Future[T]) -> T:
