@@ -91,6 +91,8 @@ def _release() -> None:
         _released = time.monotonic()
         if _handing:
             _cond.notify_all()  # a waiting caller takes over (or learns its call is done)
+        if _waiting:
+            _wake.set()  # calls from threads with a loop of their own: the background thread runs them
 
 
 def _background(loop: asyncio.AbstractEventLoop) -> None:
