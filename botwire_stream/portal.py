@@ -114,6 +114,8 @@ def _background(loop: asyncio.AbstractEventLoop) -> None:
             _wake.clear()
         try:
             loop.run_forever()
+        except BaseException:  # noqa: BLE001 - SystemExit out of a call's task: that call has it
+            pass  # the thread must live on, or calls from threads with their own loop would wait forever
         finally:
             _release()
 
