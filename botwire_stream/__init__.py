@@ -5,6 +5,8 @@ hold append-only conversation logs. Errors live in ``botwire_stream.errors``.
 
 The classes are imported on first access (PEP 562), so that ``botwire --help`` and importing
 ``botwire_stream.errors`` do not pay for nats-py (nor cryptography, nkeys or langchain-core).
+``BotWireChatHistory`` (LangChain) is one of them but not in ``__all__``: it needs the extra
+``langchain`` (else ``errors.MissingDependency``, an ``ImportError``), and ``import *`` must not.
 
 Public, changed only compatibly: this package's ``__all__``, ``botwire_stream.errors``,
 ``botwire_stream.models`` and the ``botwire_stream.integrations.<framework>`` modules. Every other
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .chat import AsyncChatHistory
+    from .integrations.langchain import BotWireChatHistory as BotWireChatHistory
     from .memory import AsyncMemory
     from .models import Change, Entry, Revision, SessionInfo
     from .sync import ChatHistory, Memory
@@ -44,6 +47,7 @@ _WHERE = {
     "SessionInfo": "models",
     "ChatHistory": "sync",
     "Memory": "sync",
+    "BotWireChatHistory": "integrations.langchain",  # optional: needs langchain-core
 }
 
 

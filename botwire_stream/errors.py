@@ -39,6 +39,7 @@ __all__ = [
     "Closed",
     "ChangedWhileRead",
     "ServerNotStopped",
+    "MissingDependency",
 ]
 
 
@@ -189,5 +190,11 @@ class ChangedWhileRead(BotWireError):
 
 class ServerNotStopped(BotWireError, RuntimeError):
     """The embedded server did not stop (``botwire nats stop``) within its timeout: it still runs."""
+
+
+class MissingDependency(BotWireError, ImportError):
+    """An optional feature needs a package that is not installed (``BotWireChatHistory`` needs
+    langchain-core); the message names the extra to install, e.g.
+    ``pip install 'botwire-stream[langchain]'``."""
 
     http_status = 500

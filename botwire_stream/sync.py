@@ -1,4 +1,4 @@
-"""The sync faces: thin wrappers that run the async core on the shared blocking portal."""
+"""The sync faces: thin wrappers that run the async core on the shared event loop (portal.py)."""
 
 from __future__ import annotations
 

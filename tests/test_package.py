@@ -99,3 +99,41 @@ def test_the_nats_transport_never_imports_what_is_above_it() -> None:
         imported = _imports(path)
         bad = sorted(n for n in imported for above in _ABOVE_NATS if _is_under(n, f"botwire_stream.{above}"))
         assert bad == [], f"botwire_stream/nats/{path.name} imports {bad}"
+
+
+def test_langchain_history_from_the_top_level_without_importing_langchain_early() -> None:
+    # The hosted product's users write `from botwire_stream import BotWireChatHistory`; everyone
+    # else must not pay for langchain-core when they use the core classes.
+    code = (
+        "import sys, botwire_stream\n"
+        "botwire_stream.Memory, botwire_stream.AsyncChatHistory, botwire_stream.ChatHistory\n"
+        "early = 'langchain_core' in sys.modules\n"
+        "from botwire_stream import BotWireChatHistory\n"
+        "from botwire_stream.integrations.langchain import BotWireChatHistory as Direct\n"
+        "from langchain_core.chat_history import BaseChatMessageHistory\n"
+        "print(early, BotWireChatHistory is Direct, issubclass(BotWireChatHistory, BaseChatMessageHistory))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_langchain_history_without_langchain_core_names_the_extra() -> None:
+    # langchain-core absent (blocked in sys.modules): a documented ImportError that says what to install.
+    code = (
+        "import sys; sys.modules['langchain_core'] = None\n"
+        "import botwire_stream\n"
+        "from botwire_stream.errors import MissingDependency\n"
+        "try:\n"
+        "    from botwire_stream import BotWireChatHistory\n"
+        "except MissingDependency as exc:\n"
+        "    print(isinstance(exc, ImportError), exc.code)\n"
+        "    print(exc)\n"
+        "print(botwire_stream.Memory.__name__)\n"  # the core still works
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True missing_dependency"
+    assert "pip install 'botwire-stream[langchain]'" in lines[1]
+    assert lines[2] == "Memory"

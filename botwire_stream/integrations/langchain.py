@@ -38,8 +38,10 @@ try:
     )
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, GenerationChunk
     from langchain_core.stores import BaseStore
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
+except ImportError as exc:  # tests/test_package.py runs this with langchain-core blocked
+    from ..errors import MissingDependency
+
+    raise MissingDependency(
         "botwire_stream.integrations.langchain needs langchain-core: pip install 'botwire-stream[langchain]'"
     ) from exc
 
