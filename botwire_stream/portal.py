@@ -53,6 +53,7 @@ _waiting = 0  # calls waiting for another thread to run them (from threads with 
 _handing = 0  # calls waiting in _hand_over: a release wakes them (and only then notifies)
 _wake = threading.Event()  # wakes the background thread before its next look (exit, _waiting)
 _exiting = False  # set at interpreter exit: no new loop may start then
+_handed: set[asyncio.Task[Any]] = set()  # tasks of calls handed to the loop's runner (loop thread only)
 
 
 def get_portal() -> asyncio.AbstractEventLoop:
@@ -213,9 +214,18 @@ def _call(
 
 
 def _run(loop: asyncio.AbstractEventLoop, future: asyncio.Future[T]) -> T:
-    """Run the loop in this thread (the runner) until ``future`` is done."""
+    """Run the loop in this thread (the runner) until ``future`` is done.
+
+    A task that ends with ``SystemExit``/``KeyboardInterrupt`` (update's fn raised it) breaks out
+    of whichever thread runs the loop; when that task is another thread's call, its caller gets
+    the exception (``_handed``) and this thread's call goes on (tests/test_qa_portal.py)."""
     try:
-        return loop.run_until_complete(future)
+        while True:
+            try:
+                return loop.run_until_complete(future)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if future.done() or not any(t.done() and not t.cancelled() and t.exception() is exc for t in _handed):
+                    raise
     finally:
         if not future.done():  # left by an exception out of the loop itself: do not leave it running
             future.cancel()
@@ -238,8 +248,10 @@ def _hand_over(
         if done.done():  # cancelled before it started
             return
         task = loop.create_task(_await(fn, *args))
+        _handed.add(task)
 
         def finish(t: asyncio.Task[T]) -> None:
+            _handed.discard(t)
             if not done.done():
                 if t.cancelled():
                     done.cancel()
@@ -284,9 +296,15 @@ def _hand_over(
         loop.call_soon_threadsafe(done.cancel)  # Ctrl-C while waiting (off the main thread's guard)
         raise
     try:
-        return _run(loop, done)
+        # Through a task: run_until_complete(done) would never return if done ended with
+        # SystemExit/KeyboardInterrupt (asyncio expects those to have broken out of the loop already).
+        return _run(loop, loop.create_task(_wait(done)))
     finally:
         _release()
+
+
+async def _wait(done: asyncio.Future[T]) -> T:
+    return await done
 
 
 def _result(done: asyncio.Future[T]) -> T:
@@ -348,8 +366,8 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
 def _after_fork_in_child() -> None:
     # Neither the background thread nor a runner exists in a forked child, and the lock may have
     # been held at the fork: start afresh on next use (the parent's loop is left alone).
-    global _loop, _thread, _runner, _cond, _wake, _waiting, _handing
-    _loop, _thread, _runner, _waiting, _handing = None, None, None, 0, 0
+    global _loop, _thread, _runner, _cond, _wake, _waiting, _handing, _handed
+    _loop, _thread, _runner, _waiting, _handing, _handed = None, None, None, 0, 0, set()
     _cond, _wake = threading.Condition(threading.Lock()), threading.Event()
 
 

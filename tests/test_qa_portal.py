@@ -138,7 +138,6 @@ def test_system_exit_out_of_update_run_by_a_thread_holding_the_loop(url: str, na
     assert out.stdout.splitlines() == ["SystemExit 3"] * 3 + ["['w:1', 'w:2'] [] False"]
 
 
-
 def test_an_exception_in_update_run_by_another_thread_reaches_its_caller(url: str, namespace: str) -> None:
     m = Memory(namespace, url=url)
     watch = m.watch("w:*")
