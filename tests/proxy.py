@@ -20,6 +20,9 @@ class Relay:
         self.upstream = upstream
         self.drop = False
         self.trigger: bytes | None = None
+        # When the client sends bytes containing this, only what precedes it reaches the server,
+        # then every connection is cut (a write cut in the middle, e.g. between a batch's messages).
+        self.cut_at: bytes | None = None
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -48,6 +51,12 @@ class Relay:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_server: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if not from_server and self.cut_at is not None and (i := data.find(self.cut_at)) >= 0:
+                        self.cut_at = None
+                        dst.write(data[:i])
+                        await dst.drain()
+                        self.cut()
+                        return
                     if not from_server and self.trigger is not None and self.trigger in data:
                         self.trigger, self.drop = None, True  # swallow the reply to this one
                     if from_server and self.drop:

@@ -5,6 +5,7 @@ hang the interpreter."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -14,14 +15,16 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from botwire_stream import ChatHistory, Memory
+from botwire_stream import AsyncChatHistory, ChatHistory, Memory
 from botwire_stream.errors import BotWireError, WrongEventLoop
+from tests.proxy import Relay
 from tests.servers import NatsServer
 
 _JOIN = 60.0  # seconds: a generous bound for "does not hang"
@@ -166,8 +169,6 @@ def test_an_exception_in_update_run_by_another_thread_reaches_its_caller(url: st
 
 
 def test_pool_threads_and_a_running_loop_call_at_once(url: str, namespace: str) -> None:
-    import asyncio
-
     m = Memory(namespace, url=url)
 
     def work(i: int) -> int:
@@ -389,3 +390,54 @@ def test_a_signal_handler_makes_a_sync_call_while_the_main_thread_is_in_one(url:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+# -- extend across a cut connection: stored once, all or nothing ---------------------------------
+@pytest.fixture
+async def relay(own_server: NatsServer) -> AsyncIterator[Relay]:
+    r = await Relay(own_server.port).start()
+    yield r
+    await r.close()
+
+
+@pytest.mark.parametrize(
+    "cut_before", [b"Nats-Batch-Sequence: 2\r\n", b"Nats-Batch-Sequence: 4\r\n", b"Nats-Batch-Commit"]
+)
+async def test_extend_cut_between_its_messages_is_stored_once(
+    relay: Relay, own_server: NatsServer, namespace: str, cut_before: bytes
+) -> None:
+    # The connection is cut after part of the batch reached the server (before the commit): the
+    # re-sent batch is stored once, whole, with the sequences returned.
+    async with AsyncChatHistory("s", namespace=namespace, url=relay.url) as chat:
+        await chat.append({"n": -1})
+        relay.cut_at = cut_before
+        seqs = await asyncio.wait_for(chat.extend([{"n": i} for i in range(5)]), 30)
+        assert relay.cut_at is None  # the cut happened
+    async with AsyncChatHistory("s", namespace=namespace, url=own_server.url) as direct:
+        entries = await direct.entries()
+    assert [e.message for e in entries] == [{"n": i} for i in range(-1, 5)]
+    assert seqs == [e.seq for e in entries[1:]]
+
+
+@pytest.mark.parametrize("ttl", [None, 3600])
+async def test_extend_with_ttl_whose_ack_was_lost_is_stored_once(
+    relay: Relay, own_server: NatsServer, namespace: str, ttl: int | None
+) -> None:
+    async with AsyncChatHistory("s", namespace=namespace, url=relay.url, ttl=ttl) as chat:
+        await chat.append({"n": -1})
+        async with AsyncChatHistory("s", namespace=namespace, url=own_server.url) as direct:
+            relay.trigger = b"Nats-Batch-Commit"
+            task = asyncio.ensure_future(chat.extend([{"n": i} for i in range(3)]))
+            try:
+                deadline = time.monotonic() + 15
+                while await direct.count() < 4:
+                    assert time.monotonic() < deadline, "the batch never reached the server"
+                    await asyncio.sleep(0.01)
+                assert not task.done()
+            finally:
+                relay.trigger, relay.drop = None, False
+                relay.cut()
+            seqs = await asyncio.wait_for(task, 15)
+            entries = await direct.entries()
+    assert [e.message for e in entries] == [{"n": i} for i in range(-1, 3)]
+    assert seqs == [e.seq for e in entries[1:]]
