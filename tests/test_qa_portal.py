@@ -443,3 +443,37 @@ async def test_extend_with_ttl_whose_ack_was_lost_is_stored_once(
             entries = await direct.entries()
     assert [e.message for e in entries] == [{"n": i} for i in range(-1, 3)]
     assert seqs == [e.seq for e in entries[1:]]
+
+
+def test_ctrl_c_in_the_main_thread_running_the_loop_spares_other_threads_calls(url: str, namespace: str) -> None:
+    # The main thread, blocked in a watch, runs the loop and so runs a worker's update: Ctrl-C
+    # cancels the main thread's call only; the worker's update completes, applied once.
+    out = _script(
+        """
+        import os, signal, sys, threading, time
+        from botwire_stream import Memory
+        m = Memory(sys.argv[2], url=sys.argv[1])
+        watch = m.watch("nothing")
+        calls, results = [], []
+        def slow(v):
+            calls.append(v)
+            time.sleep(0.3)
+            return v + 1
+        def worker():
+            time.sleep(0.3)  # the main thread is blocked in next(watch) by then
+            results.append(m.update("n", slow, default=0))
+        t = threading.Thread(target=worker)
+        t.start()
+        threading.Timer(0.45, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            next(watch)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        t.join(10)
+        print(results, calls, m.get("n"), flush=True)
+        """,
+        url,
+        namespace,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["interrupted", "[1] [0] 1"]
