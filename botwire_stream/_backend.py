@@ -130,8 +130,9 @@ class MemoryBackend(Protocol):
         """Delete the key (recorded as a revision); True when it held a value."""
         ...
 
-    async def list_keys(self, pattern: str) -> list[str]:
-        """The keys matching the glob that hold a value, sorted."""
+    async def list_keys(self, pattern: str, *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """The keys matching the glob that hold a value, sorted; only those sorted after
+        ``after``, at most ``limit`` of them."""
         ...
 
     async def revisions(self, key: str) -> list[KeyRevision]:

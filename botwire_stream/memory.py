@@ -95,14 +95,20 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             out.append(Revision(revision=r.revision, op=r.op, value=value, time=r.time))
         return out
 
-    async def list_keys(self, pattern: str = "*") -> list[str]:
+    async def list_keys(self, pattern: str = "*", *, limit: int | None = None, after: str | None = None) -> list[str]:
         """The keys matching the glob ``pattern`` (fnmatch; ``*`` spans ``:``), sorted.
 
-        The literal leading ``:``-segments of the pattern narrow the search on the server, so the
-        cost follows the candidate keys, not the size of the namespace.
+        The server's per-subject index names the keys under the pattern's literal leading
+        ``:``-segments, so the cost follows the matching keys, not the size of the namespace nor
+        how their writes interleave. Pages: ``limit`` keys at most, and ``after`` (the last key
+        of the previous page) lists only the keys sorted after it.
         """
         keys.pattern_filter(pattern)  # InvalidKey before connecting
-        return await (await self._connection()).list_keys(pattern)
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidArgument(f"limit must be an int >= 0 or None, not {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument(f"after must be a key (str, the last of the previous page) or None, not {after!r}")
+        return await (await self._connection()).list_keys(pattern, limit=limit, after=after)
 
     # -- writing --------------------------------------------------------------------------------
     async def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None) -> int:

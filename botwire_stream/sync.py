@@ -109,9 +109,9 @@ class Memory:
     def __contains__(self, key: str) -> bool:
         return call(self._core.contains, key)
 
-    def list_keys(self, pattern: str = "*") -> list[str]:
-        """Keys matching the glob ``pattern``, sorted."""
-        return call(self._core.list_keys, pattern)
+    def list_keys(self, pattern: str = "*", *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """Keys matching the glob ``pattern``, sorted; a page: at most ``limit``, sorted after ``after``."""
+        return call(partial(self._core.list_keys, limit=limit, after=after), pattern)
 
     def update(
         self,
