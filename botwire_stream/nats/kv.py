@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from .. import keys
-from .._backend import Current, KeyChange, KeyRevision
+from .._backend import ChangeFeed, Current, KeyChange, KeyRevision
 from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded
 from ..settings import ConnectOptions
 from ..times import parse_time
@@ -265,6 +265,9 @@ class NatsMemory:
         subject_filter, exact = keys.pattern_filter(pattern)
         return KeyFeed(self, self.prefix + subject_filter, pattern, exact)
 
+    def changes(self) -> ChangeFeed:
+        return _CacheFeed(self, self.prefix + ">", "*", True)
+
 
 class KeyFeed(ResumingFeed[KeyChange]):
     """The changes of the keys matching a glob, from an ordered consumer on the bucket."""
@@ -295,3 +298,15 @@ class KeyFeed(ResumingFeed[KeyChange]):
                 return None
         meta = msg.metadata
         return KeyChange(key, op, data, meta.sequence.stream, meta.timestamp)
+
+
+class _CacheFeed(KeyFeed):
+    """Every change of the namespace for a read cache: a chunked value is not read (its
+    ``data`` is None: the cache drops the key, and reads it from the server when asked)."""
+
+    async def _convert(self, conn: Connection, msg: Msg) -> KeyChange | None:
+        hdr = msg.headers
+        op = op_of(hdr)
+        data = msg.data if op == "set" and not (hdr and "Botwire-Blob" in hdr) else None
+        meta = msg.metadata
+        return KeyChange(keys.decode_key(msg.subject[len(self._kv.prefix) :]), op, data, meta.sequence.stream, meta.timestamp)
