@@ -119,7 +119,7 @@ def sessions_interleaved(ctx: Context) -> list[Table]:
 
     async def load() -> float:
         chat = AsyncChatHistory("probe", namespace=ns, url=url)
-        prefix = (await chat._connection()).chat  # type: ignore[attr-defined]
+        prefix = (await chat._connection()).subject[: -len("probe")]  # type: ignore[attr-defined]
         await chat.close()
         subjects = [f"{prefix}tenant.{t}.c{i}" for i in range(per_tenant) for t in range(tenants)]
         return await _publish(url, subjects, json.dumps({"role": "user", "content": "hi"}).encode())
