@@ -112,11 +112,13 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             if not isinstance(hit, Miss):
                 return default if hit is None else codec.decode(hit)
             ticket = cache.begin(key)
-            current = None
             try:
                 current = await backend.get(key)
-            finally:
-                cache.finish(key, ticket, *((0, None) if current is None else (current.revision, current.data)))
+            except BaseException:
+                cache.finish(key, ticket, None, None)
+                raise
+            # a missing key is cached as revision 0: any write of it is newer
+            cache.finish(key, ticket, *((0, None) if current is None else (current.revision, current.data)))
         if current is None or current.data is None:
             return default
         return codec.decode(current.data)
