@@ -36,7 +36,10 @@ class AsyncMemory(StreamClient[MemoryBackend]):
 
     ``async with AsyncMemory("chat-app") as memory: await memory.set("k", {"a": 1})``. The
     connection is opened on first use; ``url`` and the credentials resolve as documented in the
-    README (argument, then ``BOTWIRE_*`` environment, then the embedded server).
+    README (argument, then ``BOTWIRE_*`` environment, then the embedded server). ``cache=True``
+    keeps read and written values in process (``cache.ReadCache``: at most ``cache_entries``
+    values and ``cache_bytes`` bytes), coherent with every process's writes through the
+    namespace's change feed.
     """
 
     def __init__(

@@ -13,6 +13,7 @@ then stops iterating.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any, Generic, TypeVar
@@ -33,6 +34,7 @@ _CHECK_EVERY = 0.5
 # Messages received but not yet taken from the subscription beyond which a feed is behind
 # (nats-py drops messages past 512Ki: a "slow consumer"); its reader is then not coherent.
 _BEHIND = 1000
+_SUBSCRIPTIONS = itertools.count(1)  # a token per subscription, unique in the process
 
 
 class ResumingFeed(ABC, Generic[T]):
@@ -50,7 +52,7 @@ class ResumingFeed(ABC, Generic[T]):
         self._waiting: asyncio.Task[Any] | None = None
         self._closed = False
         self._alive = 0.0  # when the server last answered or delivered (loop time)
-        self._subscriptions = 0  # how many times it subscribed: a new token for ``coherent``
+        self._subscription = 0  # the current subscription's token for ``coherent``
 
     @abstractmethod
     async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
@@ -77,7 +79,7 @@ class ResumingFeed(ABC, Generic[T]):
             self._gen = conn.generation()
             self._sub = await conn.call(lambda: self._subscribe(conn, start), timeout=self._timeout)
             self._conn = conn
-            self._subscriptions += 1
+            self._subscription = next(_SUBSCRIPTIONS)
             self._alive = asyncio.get_running_loop().time()
         return self
 
@@ -136,7 +138,7 @@ class ResumingFeed(ABC, Generic[T]):
             or sub.pending_msgs > _BEHIND
         ):
             return None
-        return self._subscriptions
+        return self._subscription
 
     async def _check_alive(self, conn: Connection) -> None:
         """After ``timeout`` seconds with nothing delivered, ask the server something (one small
@@ -195,7 +197,7 @@ class ResumingFeed(ABC, Generic[T]):
                 self._gen = conn.generation()
                 assert self._next_seq is not None
                 self._sub = await asyncio.wait_for(self._subscribe(conn, self._next_seq), remaining)
-                self._subscriptions += 1
+                self._subscription = next(_SUBSCRIPTIONS)
                 return
             except (BotWireError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, BotWireError) and not isinstance(exc, ServerUnavailable):
