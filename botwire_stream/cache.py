@@ -16,8 +16,13 @@ each change replaces or drops the entry of its key. The rules, and why each one 
 - Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes of values, least recently used
   dropped first; a value over an eighth of ``max_bytes`` is not kept.
 
+- The loop marks itself alive every 0.05 s. The sync face looks values up in its callers'
+  threads, which go on while the loop thread is blocked and changes wait unread: a lookup then
+  serves nothing once the mark is 0.2 s old, and the loop empties the cache when it comes back.
+
 A write by another process is therefore seen once the feed delivers it: the server's push to
-this process plus the loop's turn (measured in the README's performance section).
+this process plus the loop's turn (measured in the README's performance section), and never
+later than 0.2 s plus one turn of a loop that was blocked.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -37,6 +43,11 @@ DEFAULT_MAX_ENTRIES: Final = 10_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 _OVERHEAD: Final = 120  # bytes counted per entry besides its value (key, tuple, dict slot)
 _RETRY_FEED: Final = 1.0  # seconds before a feed that failed is opened again
+# The sync face looks values up from other threads, which keep running while the loop thread is
+# blocked (a long decode, a callback that sleeps): changes then wait unread in the socket. The loop
+# marks itself alive every _TICK s; a lookup finding the mark older than _STALLED serves nothing.
+_TICK: Final = 0.05
+_STALLED: Final = 0.2
 
 
 class Miss:
@@ -79,6 +90,8 @@ class ReadCache:
         # The sync face looks values up from its callers' threads, while the loop thread stores
         # and drops them: every touch of the entries holds this lock (never across an await).
         self._lock = threading.Lock()
+        self._ticked = 0.0  # time.monotonic() of the loop's last mark
+        self._ticker: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,11 +101,23 @@ class ReadCache:
         follow them in a task of the running loop."""
         self._feed = await self._open_feed()
         await self._feed.start()
-        self._task = asyncio.get_running_loop().create_task(self._follow(self._feed))
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._follow(self._feed))
+        self._tick()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now - self._ticked > _STALLED:
+            self.clear()  # it was blocked: changes may be waiting unread, behind this callback
+        self._ticked = now
+        if not self._closed:
+            self._ticker = asyncio.get_running_loop().call_later(_TICK, self._tick)
 
     async def close(self) -> None:
         self._closed = True
         self.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
         task, self._task = self._task, None
         feed, self._feed = self._feed, None
         if feed is not None:
@@ -143,6 +168,8 @@ class ReadCache:
         """The cached encoded value of ``key`` (None: known missing), or ``MISS``. Safe from any
         thread."""
         token = self._current_token()
+        if time.monotonic() - self._ticked > _STALLED:
+            return MISS  # the loop is blocked: changes may be waiting unread
         with self._lock:
             if token is None or token != self._token:
                 if self._entries:

@@ -179,3 +179,18 @@ def test_a_chunked_value_written_elsewhere_is_read_whole(cached: Memory, url: st
         _seen(cached, "doc", big)
         other.set("doc", "small again")
     _seen(cached, "doc", "small again")
+
+
+def test_a_blocked_event_loop_serves_nothing_stale(cached: Memory, url: str, namespace: str) -> None:
+    """The sync face looks values up in the caller's thread. While the loop thread that applies
+    changes is blocked, another process's write waits unread: the cache must not answer then."""
+    cached.set("k", "old")
+    assert cached.get("k") == "old"
+    loop = cached._core._loop
+    assert loop is not None
+    blocked = time.monotonic()
+    loop.call_soon_threadsafe(time.sleep, 2.5)  # the loop thread is stuck for 2.5 s
+    workers.run("set", url, namespace, "k", '"new"')  # acknowledged by the server
+    # The documented bound: a loop that has not marked itself alive for 0.2 s serves nothing.
+    time.sleep(max(0.0, blocked + 0.4 - time.monotonic()))
+    assert cached.get("k") == "new"  # no polling: read from the server once the loop is back
