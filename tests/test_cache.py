@@ -194,3 +194,21 @@ def test_a_blocked_event_loop_serves_nothing_stale(cached: Memory, url: str, nam
     # The documented bound: a loop that has not marked itself alive for 0.2 s serves nothing.
     time.sleep(max(0.0, blocked + 0.4 - time.monotonic()))
     assert cached.get("k") == "new"  # no polling: read from the server once the loop is back
+
+
+@pytest.mark.slow
+async def test_many_distinct_keys_read_stay_within_the_bounds(url: str, namespace: str) -> None:
+    """60,000 distinct keys read (most missing, which is cached too), 64 at a time."""
+    async with AsyncMemory(namespace, url=url, cache=True, cache_entries=1000, cache_bytes=100_000) as m:
+        cache = m._cache
+        assert cache is not None
+        for i in range(0, 500):
+            await m.set(f"v:{i}", "v" * 200)
+        peak_entries = peak_bytes = 0
+        names = [f"v:{i % 500}" if i % 120 == 0 else f"x:{i}" for i in range(60_000)]
+        for start in range(0, len(names), 64):
+            got = await asyncio.gather(*(m.get(name) for name in names[start : start + 64]))
+            assert all(v in (None, "v" * 200) for v in got)
+            peak_entries, peak_bytes = max(peak_entries, len(cache)), max(peak_bytes, cache.size)
+        assert peak_entries <= 1000 and peak_bytes <= 100_000
+        assert len(cache) > 0
