@@ -14,7 +14,8 @@ each change replaces or drops the entry of its key. The rules, and why each one 
 - A change replaces an entry only when its revision is newer, so a late change never hides the
   value this process just wrote or read.
 - Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes of values, least recently used
-  dropped first; a value over an eighth of ``max_bytes`` is not kept.
+  dropped first (an entry counts its value, its key and 229 B); a value over an eighth of
+  ``max_bytes`` is not kept.
 
 - The loop marks itself alive every 0.05 s. The sync face looks values up in its callers'
   threads, which go on while the loop thread is blocked and changes wait unread: a lookup then
@@ -41,7 +42,6 @@ __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "MISS", "Miss", "ReadCach
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
-_OVERHEAD: Final = 120  # bytes counted per entry besides its value (key, tuple, dict slot)
 _RETRY_FEED: Final = 1.0  # seconds before a feed that failed is opened again
 # The sync face looks values up from other threads, which keep running while the loop thread is
 # blocked (a long decode, a callback that sleeps): changes then wait unread in the socket. The loop
@@ -235,18 +235,22 @@ class ReadCache:
         if old is not None:
             if old[0] > revision:
                 return  # a newer one is kept already
-            self.size -= _OVERHEAD + (len(old[1]) if old[1] is not None else 0)
-            del self._entries[key]
-        size = _OVERHEAD + (len(data) if data is not None else 0)
-        if size - _OVERHEAD > self._largest:
+            self._drop(key)
+        if data is not None and len(data) > self._largest:
             return
         self._entries[key] = (revision, data)
-        self.size += size
+        self.size += _cost(key, data)
         while len(self._entries) > self.max_entries or self.size > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.size -= _OVERHEAD + (len(dropped) if dropped is not None else 0)
+            dropped, (_, value) = self._entries.popitem(last=False)
+            self.size -= _cost(dropped, value)
 
     def _drop(self, key: str) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self.size -= _OVERHEAD + (len(old[1]) if old[1] is not None else 0)
+            self.size -= _cost(key, old[1])
+
+
+def _cost(key: str, data: bytes | None) -> int:
+    """The bytes an entry holds: its value, its key, and the rest (measured with tracemalloc over
+    100,000 entries: 180 B for the dict slot, the tuple and the revision; 49 B of str header)."""
+    return 229 + len(key) + (0 if data is None else len(data))
