@@ -13,10 +13,9 @@ each change replaces or drops the entry of its key. The rules, and why each one 
   the read or write was in flight: a change could be newer than what the read got.
 - A change replaces an entry only when its revision is newer, so a late change never hides the
   value this process just wrote or read.
-- Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes of values, least recently used
+- Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes, least recently used
   dropped first (an entry counts its value, its key and 229 B); a value over an eighth of
   ``max_bytes`` is not kept.
-
 - The loop marks itself alive every 0.05 s. The sync face looks values up in its callers'
   threads, which go on while the loop thread is blocked and changes wait unread: a lookup then
   serves nothing once the mark is 0.2 s old, and the loop empties the cache when it comes back.
