@@ -26,6 +26,7 @@ from .models import Op, SessionInfo
 from .settings import SCHEMES, ConnectOptions
 
 __all__ = [
+    "ChangeFeed",
     "ChatBackend",
     "ChatLog",
     "Current",
@@ -98,6 +99,17 @@ class Feed(Protocol[R_co]):
     async def aclose(self) -> None: ...
 
 
+class ChangeFeed(Feed[KeyChange], Protocol):
+    """Every change of a namespace, for ``cache.ReadCache``; ``data`` is None also for a value
+    the feed does not carry (a chunked one): the cache then drops the key."""
+
+    def coherent(self) -> object | None:
+        """A token that stays the same while the feed delivers every change, in order, soon after
+        it is stored; None while it may not (disconnected, resubscribing, far behind). A feed that
+        comes back has a new token."""
+        ...
+
+
 class MemoryBackend(Protocol):
     """One namespace's key-value storage, opened by ``open_memory`` and released by ``close``."""
 
@@ -130,8 +142,9 @@ class MemoryBackend(Protocol):
         """Delete the key (recorded as a revision); True when it held a value."""
         ...
 
-    async def list_keys(self, pattern: str) -> list[str]:
-        """The keys matching the glob that hold a value, sorted."""
+    async def list_keys(self, pattern: str, *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """The keys matching the glob that hold a value, sorted; only those sorted after
+        ``after``, at most ``limit`` of them."""
         ...
 
     async def revisions(self, key: str) -> list[KeyRevision]:
@@ -140,6 +153,10 @@ class MemoryBackend(Protocol):
 
     def watch(self, pattern: str) -> Feed[KeyChange]:
         """Live changes of the keys matching the glob, from when it starts."""
+        ...
+
+    def changes(self) -> ChangeFeed:
+        """Every change of the namespace, from when it starts (what keeps a read cache coherent)."""
         ...
 
     async def close(self) -> None:

@@ -408,15 +408,17 @@ def delete(opts: Options, key: str) -> None:
 
 @cli.command()
 @click.argument("pattern", default="*")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="List at most N keys (a page).")
+@click.option("--after", metavar="KEY", default=None, help="List only the keys sorted after KEY (the last of the previous page).")
 @_connection_options
 @click.pass_obj
-def keys(opts: Options, pattern: str) -> None:
+def keys(opts: Options, pattern: str, limit: int | None, after: str | None) -> None:
     """List the keys matching PATTERN, sorted.
 
     PATTERN is a glob (default '*'): '*' matches any run of characters, ':' included; '?' one
-    character; [...] a set.
+    character; [...] a set. Page a long listing with --limit N, then --after LAST-KEY.
     """
-    found = _run(opts, lambda memory: memory.list_keys(pattern))
+    found = _run(opts, lambda memory: memory.list_keys(pattern, limit=limit, after=after))
     if opts.json:
         click.echo(_json(found))
     else:

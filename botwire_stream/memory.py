@@ -17,7 +17,8 @@ from datetime import timedelta
 from typing import Any, Final
 
 from . import codec, keys
-from ._backend import Current, Feed, KeyChange, MemoryBackend, open_memory
+from ._backend import ChangeFeed, Current, Feed, KeyChange, MemoryBackend, open_memory
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss, ReadCache
 from .client import StreamClient, check_options
 from .errors import BotWireError, Conflict, InvalidArgument, ValueTooLarge
 from .live import LiveIterator
@@ -35,7 +36,10 @@ class AsyncMemory(StreamClient[MemoryBackend]):
 
     ``async with AsyncMemory("chat-app") as memory: await memory.set("k", {"a": 1})``. The
     connection is opened on first use; ``url`` and the credentials resolve as documented in the
-    README (argument, then ``BOTWIRE_*`` environment, then the embedded server).
+    README (argument, then ``BOTWIRE_*`` environment, then the embedded server). ``cache=True``
+    keeps read and written values in process (``cache.ReadCache``: at most ``cache_entries``
+    values and ``cache_bytes`` bytes), coherent with every process's writes through the
+    namespace's change feed.
     """
 
     def __init__(
@@ -50,27 +54,74 @@ class AsyncMemory(StreamClient[MemoryBackend]):
         history: int | None = None,
         replicas: int = 1,
         timeout: float = 5.0,
+        cache: bool = False,
+        cache_entries: int = DEFAULT_MAX_ENTRIES,
+        cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.namespace = keys.check_namespace(namespace)
         if history is not None and (type(history) is not int or not 1 <= history <= 64):
             raise InvalidArgument(f"history must be an int from 1 to 64 revisions per key, not {history!r}")
         self._replicas, self._timeout = check_options(replicas, timeout)
+        if type(cache) is not bool:
+            raise InvalidArgument(f"cache must be True or False, not {cache!r}")
+        for name, bound in (("cache_entries", cache_entries), ("cache_bytes", cache_bytes)):
+            if type(bound) is not int or bound < 1:
+                raise InvalidArgument(f"{name} must be an int >= 1, not {bound!r}")
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
         self._history = history
+        self._cache_limits = (cache_entries, cache_bytes) if cache else None
+        self._cache: ReadCache | None = None
 
     def __repr__(self) -> str:
         return f"AsyncMemory({self.namespace!r})"
 
     async def _open(self) -> MemoryBackend:
-        return await open_memory(
+        backend = await open_memory(
             self._opts, self.namespace, history=self._history, replicas=self._replicas, timeout=self._timeout
         )
+        if self._cache_limits is not None:
+            entries, size = self._cache_limits
+
+            async def open_feed() -> ChangeFeed:
+                return backend.changes()
+
+            cache = ReadCache(open_feed, max_entries=entries, max_bytes=size)
+            try:
+                await cache.start()
+            except BaseException:
+                await cache.close()
+                await backend.close()
+                raise
+            self._cache = cache
+        return backend
+
+    async def close(self) -> None:
+        """Release the connection (a shared connection closes with its last user); stop the cache."""
+        cache, self._cache = self._cache, None
+        if cache is not None and self._loop is asyncio.get_running_loop():
+            await cache.close()
+        await super().close()
 
     # -- reading --------------------------------------------------------------------------------
     async def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is missing, deleted or expired."""
         keys.check_key(key)  # InvalidKey before connecting
-        current = await (self._conn or await self._connection()).get(key)
+        backend = self._conn or await self._connection()
+        cache = self._cache
+        if cache is None:
+            current = await backend.get(key)
+        else:
+            hit = cache.lookup(key)
+            if not isinstance(hit, Miss):
+                return default if hit is None else codec.decode(hit)
+            ticket = cache.begin(key)
+            try:
+                current = await backend.get(key)
+            except BaseException:
+                cache.finish(key, ticket, None, None)
+                raise
+            # a missing key is cached as revision 0: any write of it is newer
+            cache.finish(key, ticket, *((0, None) if current is None else (current.revision, current.data)))
         if current is None or current.data is None:
             return default
         return codec.decode(current.data)
@@ -78,7 +129,12 @@ class AsyncMemory(StreamClient[MemoryBackend]):
     async def contains(self, key: str) -> bool:
         """Whether ``key`` holds a value now."""
         keys.check_key(key)
-        return await (self._conn or await self._connection()).contains(key)
+        backend = self._conn or await self._connection()
+        if self._cache is not None:
+            hit = self._cache.lookup(key)
+            if not isinstance(hit, Miss):
+                return hit is not None
+        return await backend.contains(key)
 
     async def revisions(self, key: str) -> list[Revision]:
         """The audit trail of ``key``, oldest first: the last ``history`` writes the server keeps
@@ -95,14 +151,20 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             out.append(Revision(revision=r.revision, op=r.op, value=value, time=r.time))
         return out
 
-    async def list_keys(self, pattern: str = "*") -> list[str]:
+    async def list_keys(self, pattern: str = "*", *, limit: int | None = None, after: str | None = None) -> list[str]:
         """The keys matching the glob ``pattern`` (fnmatch; ``*`` spans ``:``), sorted.
 
-        The literal leading ``:``-segments of the pattern narrow the search on the server, so the
-        cost follows the candidate keys, not the size of the namespace.
+        The server's per-subject index names the keys under the pattern's literal leading
+        ``:``-segments, so the cost follows the matching keys, not the size of the namespace nor
+        how their writes interleave. Pages: ``limit`` keys at most, and ``after`` (the last key
+        of the previous page) lists only the keys sorted after it.
         """
         keys.pattern_filter(pattern)  # InvalidKey before connecting
-        return await (await self._connection()).list_keys(pattern)
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidArgument(f"limit must be an int >= 0 or None, not {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument(f"after must be a key (str, the last of the previous page) or None, not {after!r}")
+        return await (await self._connection()).list_keys(pattern, limit=limit, after=after)
 
     # -- writing --------------------------------------------------------------------------------
     async def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None) -> int:
@@ -127,12 +189,29 @@ class AsyncMemory(StreamClient[MemoryBackend]):
                 f"value of {key!r} encodes to {size} bytes; the limit is {MAX_VALUE_BYTES} (64 MiB)"
             )
         backend = self._conn or await self._connection()
-        return await backend.put(key, data, ttl=ttl, expected=expected, replaced=replaced, what=what)
+        cache = self._cache
+        if cache is None:
+            return await backend.put(key, data, ttl=ttl, expected=expected, replaced=replaced, what=what)
+        ticket = cache.begin(key)  # this process's own write is what its next get sees
+        revision = None
+        try:
+            revision = await backend.put(key, data, ttl=ttl, expected=expected, replaced=replaced, what=what)
+        finally:
+            cache.finish(key, ticket, revision, data)
+        return revision
 
     async def delete(self, key: str) -> bool:
         """Delete ``key``; True when it held a value. The delete is kept in its revisions."""
         keys.check_key(key)
-        return await (self._conn or await self._connection()).delete(key)
+        backend = self._conn or await self._connection()
+        cache = self._cache
+        if cache is None:
+            return await backend.delete(key)
+        ticket = cache.begin(key)
+        try:
+            return await backend.delete(key)
+        finally:
+            cache.finish(key, ticket, None, None)  # dropped: the next get reads the server
 
     async def update(
         self,

@@ -8,7 +8,8 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from . import _backend, portal
+from . import _backend, codec, keys, portal
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
@@ -78,6 +79,9 @@ class Memory:
         history: int | None = None,
         replicas: int = 1,
         timeout: float = 5.0,
+        cache: bool = False,
+        cache_entries: int = DEFAULT_MAX_ENTRIES,
+        cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._core = AsyncMemory(
             namespace,
@@ -89,6 +93,9 @@ class Memory:
             history=history,
             replicas=replicas,
             timeout=timeout,
+            cache=cache,
+            cache_entries=cache_entries,
+            cache_bytes=cache_bytes,
         )
         self.namespace = self._core.namespace
         _first_use(self._core._opts)
@@ -96,6 +103,11 @@ class Memory:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when missing or expired."""
+        cache = self._core._cache
+        if cache is not None:  # a cached value is looked up in this thread: no hop to the loop
+            hit = cache.lookup(keys.check_key(key))
+            if not isinstance(hit, Miss):
+                return default if hit is None else codec.decode(hit)
         return call(self._core.get, key, default)
 
     def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None) -> int:
@@ -109,9 +121,9 @@ class Memory:
     def __contains__(self, key: str) -> bool:
         return call(self._core.contains, key)
 
-    def list_keys(self, pattern: str = "*") -> list[str]:
-        """Keys matching the glob ``pattern``, sorted."""
-        return call(self._core.list_keys, pattern)
+    def list_keys(self, pattern: str = "*", *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """Keys matching the glob ``pattern``, sorted; a page: at most ``limit``, sorted after ``after``."""
+        return call(partial(self._core.list_keys, limit=limit, after=after), pattern)
 
     def update(
         self,

@@ -172,6 +172,15 @@ def test_keys(run: Any) -> None:
     assert human.exit_code == 0 and human.stdout == "user:1:name\nuser:2:name\n"
 
 
+def test_keys_pages(run: Any) -> None:
+    for i in range(5):
+        run("set", f"page:{i}", "1")
+    assert _json(run("keys", "page:*", "--limit", "2", "--json")) == ["page:0", "page:1"]
+    assert run("keys", "page:*", "--limit", "2", "--after", "page:1").stdout == "page:2\npage:3\n"
+    assert _json(run("keys", "page:*", "--after", "page:3", "--json")) == ["page:4"]
+    assert run("keys", "--limit", "-1").exit_code == 2  # a usage error, nothing listed
+
+
 def test_revisions(run: Any) -> None:
     run("set", "k", '{"v": 1}')
     run("set", "k", '{"v": 2}')

@@ -104,31 +104,27 @@ class NatsChat:
     async def sessions(
         self, pattern: str, *, limit: int | None, offset: int, before: tuple[datetime, str] | None
     ) -> list[SessionInfo]:
-        """The cost is the last message of each matching conversation (one multi-last get, or the
-        headers alone through a consumer beyond 1024 conversations) plus one count request,
-        whatever the page; the literal leading ``:``-segments of ``pattern`` narrow the search."""
+        """Costs what matches, not the namespace nor how its conversations interleave: the
+        server's per-subject index names the conversations under the pattern's literal leading
+        ``:``-segments with their counts (stream info's subjects filter), and one multi-last get
+        per 1024 of them reads their last messages, whatever the page."""
         conn, timeout = self.conn, self.timeout
         subject_filter, exact = keys.pattern_filter(pattern)
-        subjects = self.chat + subject_filter
-        lasts = await _last_messages(conn, self.stream, subjects, timeout)
-        counts = await conn.subject_counts(self.stream, subjects, timeout)
-        found: list[tuple[datetime, str, str]] = []
         n = len(self.chat)
+        counts = await conn.subject_counts(self.stream, self.chat + subject_filter, timeout)
+        subjects = [s for s in counts if exact or keys.matches(keys.decode_key(s[n:]), pattern)]
+        lasts = await _last_messages(conn, self.stream, subjects, timeout)
+        found: list[tuple[datetime, str, str]] = []
         for subject, last_activity, is_marker in lasts:
             if is_marker:
                 continue  # expired a moment ago: only its expiry marker is left
             session_id = keys.decode_key(subject[n:])
-            if not exact and not keys.matches(session_id, pattern):
-                continue
             if before is not None and (last_activity, session_id) >= before:
                 continue
             found.append((last_activity, session_id, subject))
         found.sort(reverse=True)
         end = None if limit is None else offset + limit
         page = found[offset:end]
-        for _, _, subject in page:  # created while the counts were paged (past 100,000)
-            if subject not in counts:
-                counts.update(await conn.subject_counts(self.stream, subject, timeout))
         # Written again within a second of expiring, a conversation still starts with the
         # expiry marker, which is no message: probed for the page only (one request each).
         recent = datetime.now(UTC) - timedelta(seconds=5)
@@ -395,49 +391,40 @@ class NatsChatLog:
         return LogFeed(self, after)
 
 
+_MULTI_LAST: Final = 1024  # the most subjects one multi-last get answers (nats-server: 413 beyond)
+_LIST_BYTES: Final = 256 * 1024  # the subjects named in one request: well under a 1 MiB max_payload
+
+
 async def _last_messages(
-    conn: Connection, stream: str, subjects: str, timeout: float
+    conn: Connection, stream: str, subjects: list[str], timeout: float
 ) -> list[tuple[str, datetime, bool]]:
-    """(subject, time, is expiry marker) of the last message of each matching conversation."""
+    """(subject, time, is expiry marker) of the last message of each of ``subjects``: one
+    multi-last get per 1024 of them (fewer for long ids), all capped at the sequence the first
+    one answered at, so the listing is one moment of the namespace."""
     out = []
-    request: dict[str, Any] = {"multi_last": [subjects]}
-    while True:
-        batch = await conn.direct_batch(stream, request, timeout)
-        if batch.too_many:
-            break
-        for m in batch.msgs:
-            hdr = m.headers or {}
-            out.append((hdr["Nats-Subject"], parse_time(hdr["Nats-Time-Stamp"]), not m.data or "Nats-Scheduler" in hdr))
-        if not batch.msgs or not batch.pending:
-            return out
-        # The reply stopped at the server's byte cap (64 MiB by default): the rest of the same
-        # snapshot, from the next sequence on (the pending count of a multi-last get is exact).
-        request = {"multi_last": [subjects], "seq": batch.last_seq + 1, "up_to_seq": batch.up_to_seq}
-    # More than the 1024 subjects a multi-last get answers: a headers-only consumer instead.
-    msgs = await conn.pull_headers(stream, subjects, last_per_subject=True, timeout=timeout)
-    return [
-        (
-            m.subject,
-            _delivery_time(m),
-            not m.headers or "Nats-Scheduler" in m.headers or m.headers.get("Nats-Msg-Size") == "0",
-        )
-        for m in msgs
-    ]
-
-
-def _delivery_time(m: Msg) -> datetime:
-    """The stored time of a consumer-delivered message, rounded to microseconds exactly as
-    ``parse_time`` rounds the ``Nats-Time-Stamp`` of a direct get (nats-py's own metadata goes
-    through a float and can differ by a microsecond), so that cursors compare equal on both paths."""
-    ns = int(_ack_timestamp(m.reply))
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
-    return parse_time(text)
-
-
-def _ack_timestamp(reply: str) -> str:
-    tokens = reply.split(".")
-    return tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp]
+    up_to = 0
+    i = 0
+    while i < len(subjects):
+        chunk: list[str] = []
+        size = 0
+        while i < len(subjects) and len(chunk) < _MULTI_LAST and size < _LIST_BYTES:
+            chunk.append(subjects[i])
+            size += len(subjects[i]) + 3
+            i += 1
+        request: dict[str, Any] = {"multi_last": chunk, "up_to_seq": up_to or None}
+        while True:
+            batch = await conn.direct_batch(stream, request, timeout)
+            up_to = up_to or batch.up_to_seq
+            for m in batch.msgs:
+                hdr = m.headers or {}
+                marker = not m.data or "Nats-Scheduler" in hdr
+                out.append((hdr["Nats-Subject"], parse_time(hdr["Nats-Time-Stamp"]), marker))
+            if not batch.msgs or not batch.pending:
+                break
+            # The reply stopped at the server's byte cap (64 MiB by default): the rest of the same
+            # snapshot, from the next sequence on (the pending count of a multi-last get is exact).
+            request = {"multi_last": chunk, "seq": batch.last_seq + 1, "up_to_seq": up_to}
+    return out
 
 
 def _batches(payloads: list[bytes]) -> list[list[bytes]]:

@@ -13,6 +13,7 @@ then stops iterating.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any, Generic, TypeVar
@@ -30,6 +31,10 @@ T = TypeVar("T")
 
 # How often a waiting watch checks its connection (a lost one is noticed within this).
 _CHECK_EVERY = 0.5
+# Messages received but not yet taken from the subscription beyond which a feed is behind
+# (nats-py drops messages past 512Ki: a "slow consumer"); its reader is then not coherent.
+_BEHIND = 1000
+_SUBSCRIPTIONS = itertools.count(1)  # a token per subscription, unique in the process
 
 
 class ResumingFeed(ABC, Generic[T]):
@@ -47,6 +52,7 @@ class ResumingFeed(ABC, Generic[T]):
         self._waiting: asyncio.Task[Any] | None = None
         self._closed = False
         self._alive = 0.0  # when the server last answered or delivered (loop time)
+        self._subscription = 0  # the current subscription's token for ``coherent``
 
     @abstractmethod
     async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
@@ -73,6 +79,7 @@ class ResumingFeed(ABC, Generic[T]):
             self._gen = conn.generation()
             self._sub = await conn.call(lambda: self._subscribe(conn, start), timeout=self._timeout)
             self._conn = conn
+            self._subscription = next(_SUBSCRIPTIONS)
             self._alive = asyncio.get_running_loop().time()
         return self
 
@@ -117,6 +124,21 @@ class ResumingFeed(ABC, Generic[T]):
             if item is not None:
                 return item
         raise StopAsyncIteration
+
+    def coherent(self) -> object | None:
+        """``_backend.ChangeFeed.coherent``: a token while subscribed on the live connection and
+        not behind; after a reconnect or a restart the feed subscribes again, with a new token."""
+        sub, conn = self._sub, self._conn
+        if (
+            sub is None
+            or conn is None
+            or self._closed
+            or not conn.nc.is_connected
+            or conn.generation() != self._gen
+            or sub.pending_msgs > _BEHIND
+        ):
+            return None
+        return self._subscription
 
     async def _check_alive(self, conn: Connection) -> None:
         """After ``timeout`` seconds with nothing delivered, ask the server something (one small
@@ -175,6 +197,7 @@ class ResumingFeed(ABC, Generic[T]):
                 self._gen = conn.generation()
                 assert self._next_seq is not None
                 self._sub = await asyncio.wait_for(self._subscribe(conn, self._next_seq), remaining)
+                self._subscription = next(_SUBSCRIPTIONS)
                 return
             except (BotWireError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
                 if isinstance(exc, BotWireError) and not isinstance(exc, ServerUnavailable):

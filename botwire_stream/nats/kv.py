@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 
 from .. import keys
-from .._backend import Current, KeyChange, KeyRevision
+from .._backend import ChangeFeed, Current, KeyChange, KeyRevision
 from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded
 from ..settings import ConnectOptions
 from ..times import parse_time
@@ -29,6 +29,8 @@ __all__ = ["DEFAULT_HISTORY", "KeyFeed", "NatsMemory", "open_memory"]
 
 DEFAULT_HISTORY: Final = 16
 _REREAD: Final = "read the key before repeating the update"
+_MULTI_LAST: Final = 1024  # the most subjects one multi-last get answers (nats-server: 413 beyond)
+_LIST_BYTES: Final = 256 * 1024  # the subjects named in one request: well under a 1 MiB max_payload
 
 
 async def open_memory(
@@ -136,29 +138,61 @@ class NatsMemory:
             out.append(KeyRevision(int(hdr["Nats-Sequence"]), op, data, parse_time(hdr["Nats-Time-Stamp"])))
         return out
 
-    async def list_keys(self, pattern: str) -> list[str]:
-        """The literal leading ``:``-segments of the pattern narrow the search on the server, so
-        the cost follows the candidate keys (their kept revisions, headers only), not the size of
-        the namespace."""
+    async def list_keys(self, pattern: str, *, limit: int | None = None, after: str | None = None) -> list[str]:
+        """The matching keys holding a value, sorted; only those after ``after``, at most ``limit``.
+
+        Costs what it returns, not the namespace nor how the keys interleave in its log: the
+        server's per-subject index names the keys under the pattern's literal leading segments
+        (stream info's subjects filter, 0.3 ms for 100 among 100k keys), and one multi-last get
+        per 1024 of them reads their last records (a delete or an expiry marker is no value).
+        Every multi-last get is capped at the sequence the first one answered at, so the listing
+        is the namespace as it was at one moment: a key written meanwhile is listed or not,
+        whole; a key deleted, purged or expired before it is never listed.
+        """
         subject_filter, exact = keys.pattern_filter(pattern)
         if exact:
+            if limit == 0 or (after is not None and pattern <= after):
+                return []
             msg = await self.conn.direct_get_last(self.stream, self.prefix + subject_filter, self.timeout)
             return [pattern] if msg is not None and op_of(msg.headers) == "set" else []
-        msgs = await self.conn.pull_headers(
-            self.stream, self.prefix + subject_filter, last_per_subject=False, timeout=self.timeout
-        )
-        live: dict[str, bool] = {}
-        for m in msgs:  # stream order: the last revision of each key decides
-            live[m.subject] = op_of(m.headers) == "set"
         n = len(self.prefix)
-        found = []
-        for subject, is_set in live.items():
-            if is_set:
-                key = keys.decode_key(subject[n:])
-                if keys.matches(key, pattern):
-                    found.append(key)
-        found.sort()
+        counts = await self.conn.subject_counts(self.stream, self.prefix + subject_filter, self.timeout)
+        candidates = []
+        for subject in counts:
+            key = keys.decode_key(subject[n:])
+            if keys.matches(key, pattern) and (after is None or key > after):
+                candidates.append((key, subject))
+        candidates.sort()
+        found: list[str] = []
+        up_to = 0
+        i = 0
+        while i < len(candidates) and (limit is None or len(found) < limit):
+            want = len(candidates) if limit is None else limit - len(found)
+            chunk: list[str] = []
+            size = 0
+            while i < len(candidates) and len(chunk) < min(want, _MULTI_LAST) and size < _LIST_BYTES:
+                chunk.append(candidates[i][1])
+                size += len(candidates[i][1]) + 3
+                i += 1
+            live, up_to = await self._last_ops(chunk, up_to)
+            found.extend(keys.decode_key(s[n:]) for s in chunk if s in live)
         return found
+
+    async def _last_ops(self, subjects: list[str], up_to: int) -> tuple[set[str], int]:
+        """Which of ``subjects`` held a value at sequence ``up_to`` (0: now), and that sequence:
+        one multi-last get, paged on when its reply stops at the server's byte cap."""
+        live: set[str] = set()
+        request: dict[str, Any] = {"multi_last": subjects, "up_to_seq": up_to or None}
+        while True:
+            batch = await self.conn.direct_batch(self.stream, request, self.timeout)
+            up_to = up_to or batch.up_to_seq
+            for m in batch.msgs:
+                hdr = m.headers or {}
+                if op_of(hdr) == "set":
+                    live.add(hdr["Nats-Subject"])
+            if not batch.msgs or not batch.pending:
+                return live, up_to
+            request = {"multi_last": subjects, "seq": batch.last_seq + 1, "up_to_seq": up_to}
 
     # -- writing --------------------------------------------------------------------------------
     async def put(
@@ -231,6 +265,9 @@ class NatsMemory:
         subject_filter, exact = keys.pattern_filter(pattern)
         return KeyFeed(self, self.prefix + subject_filter, pattern, exact)
 
+    def changes(self) -> ChangeFeed:
+        return _CacheFeed(self, self.prefix + ">", "*", True)
+
 
 class KeyFeed(ResumingFeed[KeyChange]):
     """The changes of the keys matching a glob, from an ordered consumer on the bucket."""
@@ -261,3 +298,15 @@ class KeyFeed(ResumingFeed[KeyChange]):
                 return None
         meta = msg.metadata
         return KeyChange(key, op, data, meta.sequence.stream, meta.timestamp)
+
+
+class _CacheFeed(KeyFeed):
+    """Every change of the namespace for a read cache: a chunked value is not read (its
+    ``data`` is None: the cache drops the key, and reads it from the server when asked)."""
+
+    async def _convert(self, conn: Connection, msg: Msg) -> KeyChange | None:
+        hdr = msg.headers
+        op = op_of(hdr)
+        data = msg.data if op == "set" and not (hdr and "Botwire-Blob" in hdr) else None
+        meta = msg.metadata
+        return KeyChange(keys.decode_key(msg.subject[len(self._kv.prefix) :]), op, data, meta.sequence.stream, meta.timestamp)
