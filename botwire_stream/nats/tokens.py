@@ -1,0 +1,243 @@
+"""Token streams on JetStream: the NATS side of ``AsyncTokenStream`` (``TokenBackend``).
+
+Layout: one JetStream stream ``BOTWIRE_TOKENS`` (subjects ``tok.>``) holds every token stream.
+A stream named ``path`` lives under ``tok.<h>`` with ``h`` the first 32 hex digits of
+sha256(path) (any UTF-8 path fits a subject that way):
+
+- ``tok.<h>.s`` its state (msgspec JSON: config, closed, producers, Stream-Seq, fork base,
+  fork references, soft delete); each state message rolls up the previous one, so the last
+  message *is* the state, and its sequence is the stream's version.
+- ``tok.<h>.d`` its chunks, one message per append, header-less. A chunk's JetStream sequence is
+  its offset: strictly increasing, and shared with a fork up to the fork point for free.
+- ``tok.<h>.t`` the last read of a stream with a sliding TTL (an empty message, rolled up).
+
+Every write is compare-and-set against the state's sequence
+(``Nats-Expected-Last-Subject-Sequence`` with ``...-Subject: tok.<h>.s``): a plain append is one
+publish; an append that changes the state (producer, Stream-Seq, close) is an atomic batch of the
+chunk and the new state, so producer state is committed with its data or not at all (measured:
+a stale expected sequence refuses the whole batch, 10071, nothing stored). Deleting purges
+``tok.<h>.>``; a new stream at the same path then starts at a higher sequence, with no trace.
+
+Live readers subscribe (plain NATS) to ``tok.<h>.d``/``.s`` only as a wake-up: they read from
+the stream afterwards, so a slow reader drops wake-ups, never data, and never slows a writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import StreamConfig
+
+from .._backend import CommitResult, Snapshot, TokenState
+from .errors import raise_api_error
+from .jetstream import Connection
+
+__all__ = ["NatsTokenBackend", "TOKENS_STREAM", "token_stream_config"]
+
+TOKENS_STREAM = "BOTWIRE_TOKENS"
+_PREFIX = "tok"
+
+_state_decoder = msgspec.json.Decoder(TokenState)
+
+
+def token_stream_config(replicas: int = 1) -> StreamConfig:
+    """The JetStream stream that holds every token stream."""
+    return StreamConfig(
+        name=TOKENS_STREAM,
+        subjects=[f"{_PREFIX}.>"],
+        allow_direct=True,
+        allow_atomic=True,
+        allow_rollup_hdrs=True,
+        duplicate_window=120,
+        max_msgs=-1,
+        max_consumers=-1,
+        num_replicas=replicas,
+    )
+
+
+def _stamp(msg: Msg) -> float:
+    """A direct-get reply's ``Nats-Time-Stamp`` as POSIX seconds (RFC 3339 with nanoseconds)."""
+    raw = (msg.headers or {}).get("Nats-Time-Stamp", "")
+    if not raw:
+        return 0.0
+    head, _, frac = raw.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + (float("0." + frac[:6]) if frac else 0.0)
+
+
+class _Wakeups:
+    """One plain-NATS subscription per watched token stream in this process, shared by all its
+    waiters (1,000 SSE readers of one stream cost one subscription); each message sets an event."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._subs: dict[str, tuple[Subscription, set[asyncio.Event]]] = {}
+
+    async def add(self, key: str, event: asyncio.Event) -> None:
+        entry = self._subs.get(key)
+        if entry is None:
+            waiters: set[asyncio.Event] = set()
+
+            async def wake(_msg: Msg) -> None:
+                for ev in waiters:
+                    ev.set()
+
+            sub = await self._conn.nc.subscribe(f"{_PREFIX}.{key}.*", cb=wake)
+            entry = self._subs.setdefault(key, (sub, waiters))
+            if entry[0] is not sub:
+                await sub.unsubscribe()
+        entry[1].add(event)
+
+    async def remove(self, key: str, event: asyncio.Event) -> None:
+        entry = self._subs.get(key)
+        if entry is None:
+            return
+        entry[1].discard(event)
+        if not entry[1]:
+            del self._subs[key]
+            try:
+                await entry[0].unsubscribe()
+            except Exception:  # the connection is gone: so is the subscription
+                pass
+
+
+class NatsTokenBackend:
+    """``TokenBackend`` over one shared ``Connection``."""
+
+    def __init__(self, conn: Connection, timeout: float = 5.0) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self._wakeups = _Wakeups(conn)
+
+    @property
+    def max_chunk(self) -> int:
+        return self._conn.max_body
+
+    def key(self, path: str) -> str:
+        return hashlib.sha256(path.encode()).hexdigest()[:32]
+
+    async def load(self, key: str) -> Snapshot | None:
+        """The state, its version and the last chunk's sequence (one multi-last direct get)."""
+        subjects = [f"{_PREFIX}.{key}.{x}" for x in ("s", "d", "t")]
+        batch = await self._conn.direct_batch(
+            TOKENS_STREAM, {"multi_last": subjects, "batch": 3}, self._timeout
+        )
+        state: TokenState | None = None
+        version = last = 0
+        activity = 0.0
+        for msg in batch.msgs:
+            hdr = msg.headers or {}
+            subject, seq = hdr.get("Nats-Subject", ""), int(hdr.get("Nats-Sequence", 0))
+            if subject.endswith(".s"):
+                state, version = _state_decoder.decode(msg.data), seq
+            elif subject.endswith(".d"):
+                last = seq
+            activity = max(activity, _stamp(msg))
+        if state is None:
+            return None
+        return Snapshot(key, state, version, last, activity)
+
+    def _headers(self, key: str, version: int) -> dict[str, str]:
+        return {
+            "Nats-Expected-Last-Subject-Sequence": str(version),
+            "Nats-Expected-Last-Subject-Sequence-Subject": f"{_PREFIX}.{key}.s",
+        }
+
+    async def commit(
+        self, key: str, version: int, chunk: bytes | None, state: TokenState | None
+    ) -> CommitResult:
+        """Store ``chunk`` and/or the new ``state`` if the state is still at ``version`` (0: no
+        stream yet); ``Conflict`` otherwise, with nothing stored."""
+        cas = self._headers(key, version)
+        data_subject, state_subject = f"{_PREFIX}.{key}.d", f"{_PREFIX}.{key}.s"
+        if state is None:
+            assert chunk is not None
+            seq = await self._conn.publish(data_subject, chunk, cas, self._timeout, what="append")
+            return CommitResult(seq, version)
+        body = msgspec.json.encode(state)
+        rollup = {"Nats-Rollup": "sub"}
+        if chunk is None:
+            seq = await self._conn.publish(state_subject, body, {**cas, **rollup}, self._timeout, what="stream update")
+            return CommitResult(0, seq)
+        seq = await self._batch(data_subject, state_subject, chunk, body, cas)
+        return CommitResult(seq - 1, seq)
+
+    async def _batch(
+        self, data_subject: str, state_subject: str, chunk: bytes, body: bytes, cas: Mapping[str, str]
+    ) -> int:
+        """The chunk then the state, as one atomic batch under the compare-and-set of ``cas``;
+        the state's sequence (the chunk's is one less: a batch is stored contiguously)."""
+        conn = self._conn
+        ids = [conn.new_id(), conn.new_id()]
+        tries = 0
+
+        async def run() -> int:
+            nonlocal tries
+            tries += 1
+            batch_id = conn.new_id()
+            first = {**cas, "Nats-Msg-Id": ids[0], "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": "1"}
+            await conn.nc.publish(data_subject, chunk, headers=first)
+            last = {
+                "Nats-Msg-Id": ids[1],
+                "Nats-Rollup": "sub",
+                "Nats-Batch-Id": batch_id,
+                "Nats-Batch-Sequence": "2",
+                "Nats-Batch-Commit": "1",
+            }
+            msg = await conn.request(state_subject, body, last, self._timeout)
+            ack = msgspec.json.decode(msg.data)
+            err = ack.get("error")
+            if err is None:
+                return int(ack["seq"])
+            if tries > 1 and err.get("err_code") in (10071, 10201):
+                # re-sent after a lost connection: the first copy may have landed
+                found = await conn._landed(state_subject, ids[1], self._timeout)
+                if found is not None:
+                    return found
+            raise_api_error(err)
+
+        return await conn.call(run, timeout=self._timeout)
+
+    async def read(self, segments: Sequence[tuple[str, int, int]], max_bytes: int) -> list[tuple[int, bytes]]:
+        """The chunks of ``(key, after, upto)`` segments, in order: sequences in (after, upto] of
+        each key's chunks (upto 0: no bound), at least one chunk and about ``max_bytes`` in all."""
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        for key, after, upto in segments:
+            seq = after + 1
+            more = True
+            while more and (upto == 0 or seq <= upto):
+                req: dict[str, Any] = {"next_by_subj": f"{_PREFIX}.{key}.d", "seq": seq, "batch": 1000}
+                req["max_bytes"] = max(max_bytes - size, 1)
+                batch = await self._conn.direct_batch(TOKENS_STREAM, req, self._timeout)
+                more = bool(batch.msgs) and batch.pending > 0
+                for msg in batch.msgs:
+                    s = int((msg.headers or {}).get("Nats-Sequence", 0))
+                    if upto and s > upto:
+                        more = False
+                        break
+                    out.append((s, msg.data))
+                    size += len(msg.data)
+                    seq = s + 1
+                if size >= max_bytes:
+                    return out
+        return out
+
+    async def purge(self, key: str) -> None:
+        await self._conn.purge(TOKENS_STREAM, f"{_PREFIX}.{key}.>", timeout=self._timeout)
+
+    async def touch(self, key: str) -> None:
+        """Record a read of a stream with a sliding TTL (renews it)."""
+        await self._conn.publish(f"{_PREFIX}.{key}.t", b"", {"Nats-Rollup": "sub"}, self._timeout, what="touch")
+
+    async def watch(self, key: str, event: asyncio.Event) -> None:
+        await self._wakeups.add(key, event)
+
+    async def unwatch(self, key: str, event: asyncio.Event) -> None:
+        await self._wakeups.remove(key, event)
