@@ -97,6 +97,8 @@ class TokenRead(msgspec.Struct, frozen=True):
     up_to_date: bool
     closed: bool
     chunks: int = 0
+    parts: tuple[tuple[str, bytes], ...] = ()  # with parts=True: each chunk alone, and its offset
+    content_type: str = ""
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -442,7 +444,7 @@ class TokenStreams:
             if current is not None and epoch < current[0]:
                 raise ProducerFenced(f"producer {pid!r} epoch {epoch} is stale (now {current[0]})", epoch=current[0])
         if st.closed:
-            if producer is not None and (st.closed_by == tuple(producer) or self._duplicate(st, producer)):
+            if producer is not None and st.closed_by == tuple(producer):
                 last = st.producers.get(producer[0], (epoch, pseq))
                 return AppendResult(tail, True, True, last[0], last[1])
             if not data and producer is None:
@@ -487,23 +489,21 @@ class TokenStreams:
         offset = format_offset(done.seq) if done.seq else tail
         return AppendResult(offset, close, False, epoch, pseq)
 
-    @staticmethod
-    def _duplicate(st: TokenState, producer: tuple[str, int, int]) -> bool:
-        current = st.producers.get(producer[0])
-        return current is not None and producer[1] == current[0] and producer[2] <= current[1]
-
     # -- read -----------------------------------------------------------------------------------
     def _segments(self, snap: Snapshot, after: int) -> list[tuple[str, int, int]]:
         segs = [(k, max(a, after), u) for k, a, u in snap.state.base if u > after]
         segs.append((snap.key, max(after, _base_end(snap.state)), 0))
         return segs
 
-    async def read(self, path: str, offset: str = START, *, max_bytes: int = READ_BYTES) -> TokenRead:
-        """The chunks after ``offset`` (``-1``: all, ``now``: none), up to about ``max_bytes``."""
+    async def read(
+        self, path: str, offset: str = START, *, max_bytes: int = READ_BYTES, parts: bool = False
+    ) -> TokenRead:
+        """The chunks after ``offset`` (``-1``: all, ``now``: none), up to about ``max_bytes``;
+        ``parts``: also each chunk on its own (for SSE, one event per append)."""
         snap = await self._load(path, renew=True)
-        return await self._read(snap, offset, max_bytes)
+        return await self._read(snap, offset, max_bytes, parts)
 
-    async def _read(self, snap: Snapshot, offset: str, max_bytes: int) -> TokenRead:
+    async def _read(self, snap: Snapshot, offset: str, max_bytes: int, parts: bool = False) -> TokenRead:
         tail = _tail(snap)
         after = tail if offset == NOW else parse_offset(offset)
         chunks = await self._b.read(self._segments(snap, after), max_bytes) if after < tail else []
@@ -512,9 +512,15 @@ class TokenStreams:
         data = _json_body(bodies) if json else b"".join(bodies)
         end = chunks[-1][0] if chunks else max(after, tail)
         up_to_date = end >= tail
-        return TokenRead(data, format_offset(end), up_to_date, snap.state.closed and up_to_date, len(chunks))
+        each: tuple[tuple[str, bytes], ...] = ()
+        if parts:
+            each = tuple((format_offset(seq), _json_body([c]) if json else c) for seq, c in chunks)
+        closed = snap.state.closed and up_to_date
+        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), each, snap.state.content_type)
 
-    async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
+    async def wait(
+        self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None, parts: bool = False
+    ) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
         closed), else an empty read at ``timeout`` (or when ``stop`` is set)."""
         snap = await self._load(path, renew=True)
@@ -529,7 +535,7 @@ class TokenStreams:
                 if not first:
                     snap = await self._load(path)
                 first = False
-                got = await self._read(snap, offset, READ_BYTES)
+                got = await self._read(snap, offset, READ_BYTES, parts)
                 if got.chunks or got.closed:
                     return got
                 remaining = deadline - asyncio.get_running_loop().time()
