@@ -376,7 +376,9 @@ class TokenStreams:
                         raise InvalidArgument("the fork sub-offset is beyond the bytes of that append")
                     part = body[:fork_sub_offset]
                 chunk = part + (b"\n" + chunk if chunk and is_json(content_type) else chunk or b"")
-            sources = sorted({k for k, _, _ in base})
+            # the direct source too, even when the fork shares none of its own chunks (forked
+            # at its base): deleting it must leave it soft-deleted while this fork lives
+            sources = sorted({k for k, _, _ in base} | {source.key})
             state = msgspec.structs.replace(state, base=base, sources=sources)
             for k in sources:
                 await self._hold(k)
@@ -530,11 +532,8 @@ class TokenStreams:
         await self._b.watch(snap.key, event)
         try:
             deadline = asyncio.get_running_loop().time() + timeout
-            first = True
             while True:
-                if not first:
-                    snap = await self._load(path)
-                first = False
+                snap = await self._load(path)  # after subscribing: no append slips between
                 got = await self._read(snap, offset, READ_BYTES, parts)
                 if got.chunks or got.closed:
                     return got

@@ -183,7 +183,8 @@ class Streams:
         if producer is not None:
             out["Producer-Epoch"] = str(done.producer_epoch if done.producer_epoch is not None else producer[1])
             out["Producer-Seq"] = str(done.producer_seq if done.producer_seq is not None else producer[2])
-        status = 200 if producer is not None and not done.duplicate else 204
+        # 200 only for a producer's new data; a close-only request and a duplicate get 204
+        status = 200 if producer is not None and body and not done.duplicate else 204
         return respond(status, b"", out)
 
     # -- GET ------------------------------------------------------------------------------------
