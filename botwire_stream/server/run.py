@@ -22,6 +22,11 @@ class _Server(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._stop.set)
         super().handle_exit(sig, frame)
+        # uvicorn (0.29+) raises the signal again once shut down, so the process would end
+        # "killed by SIGTERM" (-15) after a clean shutdown; `botwire serve` exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def serve(
