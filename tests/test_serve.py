@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from botwire_stream import ChatHistory
-from tests.http_serve import Serve, serving
+from tests.http_serve import serving
 
 TEXT = {"content-type": "text/plain"}
 
