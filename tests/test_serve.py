@@ -211,3 +211,69 @@ def test_pypi_client_survives_kill_9_of_the_serve_process_it_writes_through(url:
             w.close()
         assert acked == list(range(n))
         assert seen == acked  # every acknowledged write once, in order: no gap, no duplicate
+
+
+_TS_KILL9 = r"""
+const [clientPath, urlA, urlB, n, killAt, pidA] = process.argv.slice(2);
+const { DurableStream, stream } = await import(clientPath);
+await DurableStream.create({ url: urlA, contentType: "application/json" });
+const seen = [];
+const reading = (async () => {
+  const res = await stream({ url: urlB, offset: "-1", live: "sse", json: true });
+  for await (const item of res.jsonStream()) {
+    seen.push(item.i);
+    if (seen.length >= Number(n)) break;
+  }
+})();
+const writers = {
+  a: new DurableStream({ url: urlA, contentType: "application/json", batching: false }),
+  b: new DurableStream({ url: urlB, contentType: "application/json", batching: false }),
+};
+let via = "a";
+const acked = [];
+for (let i = 0; i < Number(n); i++) {
+  if (i === Number(killAt)) setTimeout(() => process.kill(Number(pidA), "SIGKILL"), 2);
+  for (;;) {
+    try {
+      // the client retries a refused connection with backoff: give up on A after 3 s
+      const signal = via === "a" ? AbortSignal.timeout(3000) : undefined;
+      await writers[via].append(JSON.stringify({ i }), { seq: String(i).padStart(8, "0"), signal });
+      break;
+    } catch (e) {
+      if (e && (e.code === "CONFLICT_SEQ" || e.status === 409)) break; // A stored it before dying: once
+      if (via === "b") throw e;
+      via = "b";
+    }
+  }
+  acked.push(i);
+}
+await Promise.race([reading, new Promise((r) => setTimeout(r, 20000))]);
+console.log(JSON.stringify({ acked, seen, via }));
+process.exit(0);
+"""
+
+
+@pytest.mark.slow
+def test_typescript_client_survives_kill_9_of_the_serve_process_it_writes_through(url: str, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from tests.test_conformance import suite_folder
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    client = suite_folder() / "node_modules" / "@durable-streams" / "client" / "dist" / "index.js"
+    script = tmp_path / "kill9.mjs"
+    script.write_text(_TS_KILL9)
+    with serving(url, tmp_path / "a.log") as a, serving(url, tmp_path / "b.log", long_poll=5) as b:
+        name = _name()
+        n = 300
+        proc = subprocess.run(
+            ["node", str(script), client.as_uri(), a.stream(name), b.stream(name), str(n), "120", str(a.proc.pid)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert a.proc.wait(10) == -signal.SIGKILL and out["via"] == "b"
+        assert out["acked"] == list(range(n))
+        assert out["seen"] == out["acked"]  # read through B: every acknowledged write once, in order
