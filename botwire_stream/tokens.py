@@ -97,7 +97,6 @@ class TokenRead(msgspec.Struct, frozen=True):
     up_to_date: bool
     closed: bool
     chunks: int = 0
-    parts: tuple[tuple[str, bytes], ...] = ()  # with parts=True: each chunk alone, and its offset
     content_type: str = ""
 
 
@@ -493,19 +492,18 @@ class TokenStreams:
 
     # -- read -----------------------------------------------------------------------------------
     def _segments(self, snap: Snapshot, after: int) -> list[tuple[str, int, int]]:
+        """What to read after ``after``: the shared segments of a fork, then the stream's own
+        chunks up to at least its tail in ``snap`` (0: it has none yet, read what there is)."""
         segs = [(k, max(a, after), u) for k, a, u in snap.state.base if u > after]
-        segs.append((snap.key, max(after, _base_end(snap.state)), 0))
+        segs.append((snap.key, max(after, _base_end(snap.state)), snap.last))
         return segs
 
-    async def read(
-        self, path: str, offset: str = START, *, max_bytes: int = READ_BYTES, parts: bool = False
-    ) -> TokenRead:
-        """The chunks after ``offset`` (``-1``: all, ``now``: none), up to about ``max_bytes``;
-        ``parts``: also each chunk on its own (for SSE, one event per append)."""
+    async def read(self, path: str, offset: str = START, *, max_bytes: int = READ_BYTES) -> TokenRead:
+        """The chunks after ``offset`` (``-1``: all, ``now``: none), up to about ``max_bytes``."""
         snap = await self._load(path, renew=True)
-        return await self._read(snap, offset, max_bytes, parts)
+        return await self._read(snap, offset, max_bytes)
 
-    async def _read(self, snap: Snapshot, offset: str, max_bytes: int, parts: bool = False) -> TokenRead:
+    async def _read(self, snap: Snapshot, offset: str, max_bytes: int) -> TokenRead:
         tail = _tail(snap)
         after = tail if offset == NOW else parse_offset(offset)
         chunks = await self._b.read(self._segments(snap, after), max_bytes) if after < tail else []
@@ -514,15 +512,10 @@ class TokenStreams:
         data = _json_body(bodies) if json else b"".join(bodies)
         end = chunks[-1][0] if chunks else max(after, tail)
         up_to_date = end >= tail
-        each: tuple[tuple[str, bytes], ...] = ()
-        if parts:
-            each = tuple((format_offset(seq), _json_body([c]) if json else c) for seq, c in chunks)
         closed = snap.state.closed and up_to_date
-        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), each, snap.state.content_type)
+        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type)
 
-    async def wait(
-        self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None, parts: bool = False
-    ) -> TokenRead:
+    async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
         closed), else an empty read at ``timeout`` (or when ``stop`` is set)."""
         snap = await self._load(path, renew=True)
@@ -534,7 +527,7 @@ class TokenStreams:
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 snap = await self._load(path)  # after subscribing: no append slips between
-                got = await self._read(snap, offset, READ_BYTES, parts)
+                got = await self._read(snap, offset, READ_BYTES)
                 if got.chunks or got.closed:
                     return got
                 remaining = deadline - asyncio.get_running_loop().time()

@@ -38,14 +38,11 @@ def serve(
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
-        )
-        await _Server(config, stop).serve()
-
-    asyncio.run(main())
+    """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server``
+    extra brings them; uvicorn picks them by itself)."""
+    stop = asyncio.Event()  # bound to the server's loop on first use
+    app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
+    )
+    _Server(config, stop).run()

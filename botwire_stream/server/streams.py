@@ -231,7 +231,7 @@ class Streams:
 
     # -- SSE ------------------------------------------------------------------------------------
     async def sse(self, name: str, offset: str, cursor: str | None) -> Response:
-        first = await self.store.read(name, offset, parts=True)  # errors (404, 410) before streaming
+        first = await self.store.read(name, offset)  # errors (404, 410) before streaming
         ct = media_type(first.content_type)
         b64 = not (ct.startswith("text/") or ct == "application/json")
         headers = {**COMMON, "content-type": "text/event-stream", "cache-control": "no-cache", "connection": "keep-alive"}
@@ -244,23 +244,16 @@ class Streams:
         end = loop.time() + self.sse_lifetime
         keepalive = min(self.long_poll, 15.0)
         while True:
-            for i, (off, part) in enumerate(got.parts):
-                last = i == len(got.parts) - 1
-                yield sse.data_event(part, base64_encoded=b64)
-                yield sse.control(
-                    off,
-                    cursor=next_cursor(cursor),
-                    up_to_date=last and got.up_to_date,
-                    closed=last and got.closed,
-                )
-            if not got.parts:
-                yield sse.control(got.next_offset, cursor=next_cursor(cursor), up_to_date=got.up_to_date, closed=got.closed)
+            # one data event per read (a JSON array, or the bytes), then its control event
+            if got.chunks:
+                yield sse.data_event(got.data, base64_encoded=b64)
+            yield sse.control(got.next_offset, cursor=next_cursor(cursor), up_to_date=got.up_to_date, closed=got.closed)
             if got.closed or self.stop.is_set() or loop.time() >= end:
                 return
             try:
                 if got.up_to_date:
-                    got = await self.store.wait(name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop, parts=True)
+                    got = await self.store.wait(name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop)
                 else:
-                    got = await self.store.read(name, got.next_offset, parts=True)
+                    got = await self.store.read(name, got.next_offset)
             except (errors.StreamNotFound, errors.StreamDeleted):
                 return
