@@ -62,7 +62,8 @@ def test_written_through_one_serve_process_read_live_through_another(url: str, t
         with httpx.stream("GET", b.stream(name), params={"offset": "-1", "live": "sse"}, timeout=10) as sse:
             raw = "".join(sse.iter_text())
         events = _sse_events(raw)
-        assert [d for k, d in events if k == "data"] == ["Hel", "lo"]
+        assert "".join(d for k, d in events if k == "data") == "Hello"
+        assert all(events[i + 1][0] == "control" for i, (k, _) in enumerate(events) if k == "data")
         assert json.loads(events[-1][1])["streamClosed"] is True
 
 
