@@ -61,6 +61,7 @@ MAX_PATH_BYTES = 1024
 _OFFSET = re.compile(r"(\d{1,16})_(\d{1,16})")
 _JSON = "application/json"
 _MAX_TRIES = 100  # compare-and-set rounds before giving up (each one lost to another writer)
+_CACHE_SIZE = 10_000  # snapshots of streams without TTL kept for one-publish appends
 READ_BYTES = 4 << 20  # a read returns about this much at most; page on with next_offset
 
 
@@ -222,6 +223,8 @@ class TokenStreams:
                 await self._drop(snap)
                 raise StreamNotFound(f"no token stream at {path!r} (it expired)")
             if snap.state.ttl is None and snap.state.expires is None:
+                if len(self._cache) >= _CACHE_SIZE:  # a long-running server: forget the oldest
+                    self._cache.pop(next(iter(self._cache)))
                 self._cache[key] = snap
             elif renew and snap.state.ttl is not None:
                 await self._b.touch(key)

@@ -278,3 +278,26 @@ def test_typescript_client_survives_kill_9_of_the_serve_process_it_writes_throug
         assert a.proc.wait(10) == -signal.SIGKILL and out["via"] == "b"
         assert out["acked"] == list(range(n))
         assert out["seen"] == out["acked"]  # read through B: every acknowledged write once, in order
+
+
+def test_a_reader_that_stops_reading_never_holds_back_the_writer(url: str, tmp_path: Path) -> None:
+    with serving(url, tmp_path / "a.log", long_poll=5) as a:
+        s = a.stream(_name())
+        httpx.put(s, headers=TEXT)
+        chunk, n = "x" * 16384, 300  # ~4.9 MB: far more than the socket buffers of a stalled reader
+        with httpx.Client(timeout=60) as reader, reader.stream("GET", s, params={"offset": "-1", "live": "sse"}) as sse:
+            with httpx.Client(timeout=30) as writer:
+                started = time.monotonic()
+                for _ in range(n):
+                    assert writer.post(s, headers=TEXT, content=chunk).status_code == 204
+                assert time.monotonic() - started < 60  # "does not hang": the writes never waited on the reader
+                writer.post(s, headers={**TEXT, "stream-closed": "true"})
+            size, kind = 0, ""
+            for line in sse.iter_lines():  # the stalled reader, reading at last, gets every byte
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "data":
+                    size += len(line) - 5
+                elif "streamClosed" in line:
+                    break
+        assert size == n * len(chunk)
