@@ -572,13 +572,18 @@ class TokenStreams:
     async def delete(self, path: str) -> None:
         """Delete the stream (``StreamNotFound`` when there is none). While forks read it, it is
         only marked deleted (gone for everything but them) and removed with the last of them."""
-        snap = await self._load(path)
-        self._cache.pop(snap.key, None)
-        if snap.state.refs > 0:
-            st = msgspec.structs.replace(snap.state, deleted=True)
-            await self._b.commit(snap.key, snap.version, None, st)
-            return
-        await self._drop(snap)
+        for _ in range(_MAX_TRIES):
+            snap = await self._load(path)
+            self._cache.pop(snap.key, None)
+            if snap.state.refs == 0:
+                await self._drop(snap)
+                return
+            try:
+                await self._b.commit(snap.key, snap.version, None, msgspec.structs.replace(snap.state, deleted=True))
+                return
+            except Conflict:
+                continue  # written meanwhile (an append, a new fork): decide again
+        raise Conflict(f"the token stream at {path!r} changed on every try; try again")
 
 
 def _opened(conn: Any, timeout: float) -> TokenBackend:
