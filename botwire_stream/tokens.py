@@ -214,22 +214,27 @@ class TokenStreams:
         key = self._b.key(check_path(path))
         snap = None if fresh else self._cache.get(key)
         if snap is None:
-            snap = await self._b.load(key)
-            if snap is None:
-                self._cache.pop(key, None)
-                raise StreamNotFound(f"no token stream at {path!r}")
-            if _expired(snap, time.time()):
-                self._cache.pop(key, None)
-                await self._drop(snap)
-                raise StreamNotFound(f"no token stream at {path!r} (it expired)")
-            if snap.state.ttl is None and snap.state.expires is None:
-                if len(self._cache) >= _CACHE_SIZE:  # a long-running server: forget the oldest
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = snap
-            elif renew and snap.state.ttl is not None:
-                await self._b.touch(key)
+            snap = await self._checked(path, key, await self._b.load(key), renew)
         if snap.state.deleted:
             raise StreamDeleted(f"the token stream at {path!r} was deleted (its forks still read it)")
+        return snap
+
+    async def _checked(self, path: str, key: str, snap: Snapshot | None, renew: bool) -> Snapshot:
+        """A freshly loaded snapshot, unless missing or expired (``StreamNotFound``); cached
+        when the stream has no TTL, its TTL renewed when ``renew``."""
+        if snap is None:
+            self._cache.pop(key, None)
+            raise StreamNotFound(f"no token stream at {path!r}")
+        if _expired(snap, time.time()):
+            self._cache.pop(key, None)
+            await self._drop(snap)
+            raise StreamNotFound(f"no token stream at {path!r} (it expired)")
+        if snap.state.ttl is None and snap.state.expires is None:
+            if len(self._cache) >= _CACHE_SIZE:  # a long-running server: forget the oldest
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = snap
+        elif renew and snap.state.ttl is not None:
+            await self._b.touch(key)
         return snap
 
     async def _drop(self, snap: Snapshot) -> None:
@@ -507,16 +512,39 @@ class TokenStreams:
         return await self._read(snap, offset, max_bytes)
 
     async def _read(self, snap: Snapshot, offset: str, max_bytes: int) -> TokenRead:
+        after = _tail(snap) if offset == NOW else parse_offset(offset)
+        chunks = await self._b.read(self._segments(snap, after), max_bytes) if after < _tail(snap) else []
+        return self._result(snap, after, chunks)
+
+    @staticmethod
+    def _result(snap: Snapshot, after: int, chunks: list[tuple[int, bytes]]) -> TokenRead:
         tail = _tail(snap)
-        after = tail if offset == NOW else parse_offset(offset)
-        chunks = await self._b.read(self._segments(snap, after), max_bytes) if after < tail else []
         json = is_json(snap.state.content_type)
         bodies = [c for _, c in chunks]
         data = _json_body(bodies) if json else b"".join(bodies)
-        end = chunks[-1][0] if chunks else max(after, tail)
+        end = chunks[-1][0] if chunks else after  # none read below the tail: not up to date, read again
         up_to_date = end >= tail
         closed = snap.state.closed and up_to_date
         return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type)
+
+    async def _read_live(self, path: str, snap: Snapshot, offset: str) -> tuple[Snapshot, TokenRead]:
+        """A fresh snapshot and the chunks after ``offset``. For a stream that is not a fork,
+        both requests go out together (live delivery waits for one round trip, not two); a read
+        that runs ahead of its snapshot is fine (chunks are immutable), one behind it says not
+        up to date, and the next read continues."""
+        if snap.state.base:
+            snap = await self._load(path)
+            return snap, await self._read(snap, offset, READ_BYTES)
+        after = parse_offset(offset)
+        loaded, chunks = await asyncio.gather(
+            self._b.load(snap.key), self._b.read([(snap.key, after, 0)], READ_BYTES)
+        )
+        fresh = await self._checked(path, snap.key, loaded, False)
+        if fresh.state.deleted:
+            raise StreamDeleted(f"the token stream at {path!r} was deleted (its forks still read it)")
+        if fresh.state.base:  # deleted and created again as a fork meanwhile
+            return fresh, await self._read(fresh, offset, READ_BYTES)
+        return fresh, self._result(fresh, after, chunks)
 
     async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
@@ -528,11 +556,14 @@ class TokenStreams:
         await self._b.watch(snap.key, event)
         try:
             deadline = asyncio.get_running_loop().time() + timeout
+            behind = 0
             while True:
-                snap = await self._load(path)  # after subscribing: no append slips between
-                got = await self._read(snap, offset, READ_BYTES)
+                snap, got = await self._read_live(path, snap, offset)  # after subscribing: none slips by
                 if got.chunks or got.closed:
                     return got
+                behind = behind + 1 if not got.up_to_date else 0
+                if 0 < behind <= 3:
+                    continue  # the read ran behind its snapshot: read again, no need to wait
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0 or (stop is not None and stop.is_set()):
                     return got

@@ -237,9 +237,14 @@ class NatsTokenBackend:
                 if i == last:
                     out.extend((0, m.data) for m in batch.msgs)
                     out[-1] = (batch.last_seq, out[-1][1])
-                    size += sum(len(m.data) for m in batch.msgs)
+                    page = sum(len(m.data) for m in batch.msgs)
+                    size += page
                     seq = batch.last_seq + 1
                     if batch.last_seq >= upto > 0:
+                        break
+                    # fewer than asked, and well under the byte cap (which also counts each
+                    # message's subject and framing): the server had no more; skip the empty page
+                    if len(batch.msgs) < req["batch"] and page + 512 * len(batch.msgs) < req["max_bytes"]:
                         break
                 else:
                     for m in batch.msgs:
