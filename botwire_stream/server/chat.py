@@ -140,10 +140,11 @@ class Conversations:
         try:
             entries = await chat.entries(after=after or None)
             while True:
+                data = b""
                 if entries:
                     after = entries[-1].seq
-                    yield sse.data_event(_body(entries), base64_encoded=False)
-                yield sse.control(format_offset(after), cursor=next_cursor(cursor), up_to_date=True)
+                    data = sse.data_event(_body(entries), base64_encoded=False)
+                yield data + sse.control(format_offset(after), cursor=next_cursor(cursor), up_to_date=True)
                 if self.stop.is_set() or loop.time() >= end:
                     return
                 entries = await self._wait(chat, after, min(15.0, self.long_poll, end - loop.time()))

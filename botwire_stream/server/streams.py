@@ -245,9 +245,10 @@ class Streams:
         keepalive = min(self.long_poll, 15.0)
         while True:
             # one data event per read (a JSON array, or the bytes), then its control event
-            if got.chunks:
-                yield sse.data_event(got.data, base64_encoded=b64)
-            yield sse.control(got.next_offset, cursor=next_cursor(cursor), up_to_date=got.up_to_date, closed=got.closed)
+            # in one write: a client that stops reading at the first "event: control" it sees
+            # (the suite's reader does, and a payload may hold that text) still gets the real one
+            data = sse.data_event(got.data, base64_encoded=b64) if got.chunks else b""
+            yield data + sse.control(got.next_offset, cursor=next_cursor(cursor), up_to_date=got.up_to_date, closed=got.closed)
             if got.closed or self.stop.is_set() or loop.time() >= end:
                 return
             try:
