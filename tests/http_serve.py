@@ -39,11 +39,13 @@ class Serve:
             self.proc.wait(20)
 
 
-def start_serve(url: str, log: Path, *, long_poll: float = 0.5, bound: float = 20.0) -> Serve:
+def start_serve(url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 20.0) -> Serve:
+    """``url`` None: the embedded server (of ``BOTWIRE_HOME``)."""
     port = free_port()
     out = log.open("wb")
+    nats = ["--url", url] if url else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), "--url", url,
+        [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), *nats,
          "--long-poll-timeout", str(long_poll)],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
@@ -65,7 +67,7 @@ def start_serve(url: str, log: Path, *, long_poll: float = 0.5, bound: float = 2
 
 
 @contextlib.contextmanager
-def serving(url: str, log: Path, *, long_poll: float = 0.5) -> Iterator[Serve]:
+def serving(url: str | None, log: Path, *, long_poll: float = 0.5) -> Iterator[Serve]:
     serve = start_serve(url, log, long_poll=long_poll)
     try:
         yield serve

@@ -301,3 +301,13 @@ def test_a_reader_that_stops_reading_never_holds_back_the_writer(url: str, tmp_p
                 elif "streamClosed" in line:
                     break
         assert size == n * len(chunk)
+
+
+def test_serve_uses_the_embedded_server_by_default(botwire_home: Path, tmp_path: Path) -> None:
+    from botwire_stream import TokenStream
+
+    with serving(None, tmp_path / "a.log") as a:
+        name = _name()
+        assert httpx.put(a.stream(name), headers=TEXT, content=b"kept").status_code == 201
+    with TokenStream(name) as s:  # the library, on the same embedded server, sees it
+        assert s.read().data == b"kept"
