@@ -57,7 +57,7 @@ def create_app(
         streams = handlers["streams"]
         assert isinstance(streams, Streams)
         raw = request.scope.get("raw_path") or request.url.path.encode()
-        if b"/v1/stream/chat/" in raw[: len(b"/v1/stream/chat/")]:
+        if raw.startswith(b"/v1/stream/" + CHAT_PREFIX.encode()):
             try:
                 name = stream_path(raw)
             except ProtocolError as exc:
@@ -94,5 +94,3 @@ class App:
             return
         await self.starlette(scope, receive, send)
 
-
-_ = CHAT_PREFIX

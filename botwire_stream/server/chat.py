@@ -20,7 +20,7 @@ from .. import errors
 from ..chat import AsyncChatHistory
 from ..models import Entry
 from ..tokens import NOW, format_offset, parse_offset
-from . import protocol, sse
+from . import sse
 from .cursor import next_cursor
 from .headers import COMMON, PREFLIGHT
 from .protocol import ProtocolError
@@ -151,5 +151,3 @@ class Conversations:
         finally:
             await chat.close()
 
-
-_ = protocol  # the path rules are shared with token streams (checked before dispatch)
