@@ -24,17 +24,20 @@ if TYPE_CHECKING:
     from .integrations.langchain import BotWireChatHistory as BotWireChatHistory
     from .memory import AsyncMemory
     from .models import Change, Entry, Revision, SessionInfo
-    from .sync import ChatHistory, Memory
+    from .sync import ChatHistory, Memory, TokenStream
+    from .tokens import AsyncTokenStream
 
 __all__ = [
     "AsyncChatHistory",
     "AsyncMemory",
+    "AsyncTokenStream",
     "Change",
     "ChatHistory",
     "Entry",
     "Memory",
     "Revision",
     "SessionInfo",
+    "TokenStream",
 ]
 __version__ = "0.1.0"
 
@@ -47,6 +50,8 @@ _WHERE = {
     "SessionInfo": "models",
     "ChatHistory": "sync",
     "Memory": "sync",
+    "AsyncTokenStream": "tokens",
+    "TokenStream": "sync",
     "BotWireChatHistory": "integrations.langchain",  # optional: needs langchain-core
 }
 

@@ -14,7 +14,8 @@ decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``mess
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
@@ -35,9 +36,13 @@ __all__ = [
     "KeyRevision",
     "LogEntry",
     "MemoryBackend",
+    "Snapshot",
     "TRANSPORTS",
+    "TokenBackend",
+    "TokenState",
     "open_chat",
     "open_memory",
+    "open_tokens",
     "prepare",
 ]
 
@@ -263,3 +268,79 @@ async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, time
 
 
 # --- token streams (issue 7) ---
+
+class TokenState(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """A token stream's stored state (everything but its chunks).
+
+    ``base``: for a fork, the ``(key, after, upto)`` segments it shares with its sources, oldest
+    first; ``sources``: the keys whose ``refs`` it holds. ``refs``: how many forks read this
+    stream's chunks (a deleted stream with refs is only marked ``deleted``). ``fork``: the fork
+    request as given (path, offset, sub-offset), to tell a re-creation from a conflict.
+    """
+
+    path: str
+    content_type: str
+    created: float
+    ttl: int | None = None
+    expires_at: str | None = None
+    expires: float | None = None
+    closed: bool = False
+    closed_by: tuple[str, int, int] | None = None
+    producers: dict[str, tuple[int, int]] = {}
+    stream_seq: str | None = None
+    base: list[tuple[str, int, int]] = []
+    sources: list[str] = []
+    fork: tuple[str, int, int] | None = None
+    refs: int = 0
+    deleted: bool = False
+
+
+class Snapshot(msgspec.Struct):
+    """A loaded state: its ``version`` (compare-and-set token), the sequence of the stream's own
+    last chunk (0: none), and the time of its last write or read (POSIX seconds)."""
+
+    key: str
+    state: TokenState
+    version: int
+    last: int
+    activity: float
+
+
+class CommitResult(msgspec.Struct):
+    """The stored chunk's sequence (0: no chunk) and the state's version after the commit."""
+
+    seq: int
+    version: int
+
+
+class TokenBackend(Protocol):
+    """Storage of token streams: every write is compare-and-set on the state's version."""
+
+    @property
+    def max_chunk(self) -> int: ...
+
+    def key(self, path: str) -> str: ...
+
+    async def load(self, key: str) -> Snapshot | None: ...
+
+    async def commit(self, key: str, version: int, chunk: bytes | None, state: TokenState | None) -> CommitResult: ...
+
+    async def read(self, segments: Sequence[tuple[str, int, int]], max_bytes: int) -> list[tuple[int, bytes]]: ...
+
+    async def purge(self, key: str) -> None: ...
+
+    async def touch(self, key: str) -> None: ...
+
+    async def watch(self, key: str, event: asyncio.Event) -> None: ...
+
+    async def unwatch(self, key: str, event: asyncio.Event) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_tokens(opts: ConnectOptions, *, replicas: int, timeout: float) -> TokenBackend:
+    """The token-stream backend for ``opts`` (by ``opts.transport``), its storage made sure to exist."""
+    _check_transport(opts)
+    from .nats.tokens import open_tokens as open_nats
+
+    return await open_nats(opts, replicas=replicas, timeout=timeout)

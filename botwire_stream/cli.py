@@ -559,6 +559,39 @@ cli.add_command(
 )
 
 
+# -- the HTTP server (issue 7) ----------------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option(
+    "--url",
+    "nats_url",
+    metavar="URL",
+    default=None,
+    help="NATS server for the state. Default: $BOTWIRE_URL, else the embedded local server.",
+)
+@click.option(
+    "--long-poll-timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.05, 300),
+    help="Seconds a long-poll waits for data before an empty 204 (also the SSE keep-alive, at most 15).",
+)
+@click.pass_obj
+def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_timeout: float) -> None:
+    """Serve Durable Streams over HTTP at /v1/stream/<path> (extra: botwire-stream[server]).
+
+    Token streams and conversation logs (/v1/stream/chat/<namespace>/<session>, read-only) live
+    in NATS, so any number of serve processes share them. SIGTERM ends open long-polls and SSE.
+    """
+    try:
+        from .server.run import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"botwire serve needs the server extra: pip install 'botwire-stream[server]' ({exc})")
+    click.echo(f"botwire serve: http://{host}:{port}/v1/stream/", err=True)
+    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout)
+
+
 def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:
     """Entry point of the ``botwire`` script."""
     cli.main(args=args, prog_name=prog_name)

@@ -40,6 +40,13 @@ __all__ = [
     "ChangedWhileRead",
     "ServerNotStopped",
     "MissingDependency",
+    "InvalidOffset",
+    "StreamNotFound",
+    "StreamDeleted",
+    "StreamClosed",
+    "ContentTypeMismatch",
+    "ProducerFenced",
+    "ProducerSeqGap",
 ]
 
 
@@ -198,3 +205,52 @@ class MissingDependency(BotWireError, ImportError):
     ``pip install 'botwire-stream[langchain]'``."""
 
     http_status = 500
+
+
+# --- token streams (issue 7) ---
+class InvalidOffset(InvalidArgument):
+    """A token stream offset is not ``-1``, ``now`` or one this server minted (``<digits>_<digits>``)."""
+
+
+class StreamNotFound(BotWireError, LookupError):
+    """No token stream at this path (never created, deleted, or expired)."""
+
+    http_status = 404
+
+
+class StreamDeleted(BotWireError, LookupError):
+    """The token stream was deleted while forks still read it: gone for everything but its forks."""
+
+    http_status = 410
+
+
+class StreamClosed(Conflict):
+    """An append to a token stream that was closed; ``next_offset`` is its final offset."""
+
+    def __init__(self, message: str, next_offset: str = "") -> None:
+        super().__init__(message)
+        self.next_offset = next_offset
+
+
+class ContentTypeMismatch(Conflict):
+    """An append's (or fork's) content type differs from the token stream's."""
+
+
+class ProducerFenced(BotWireError, PermissionError):
+    """An idempotent producer wrote with an epoch older than the stream's (a newer instance of it
+    took over); ``epoch`` is the current one."""
+
+    http_status = 403
+
+    def __init__(self, message: str, epoch: int = 0) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+class ProducerSeqGap(Conflict):
+    """An idempotent producer skipped sequence numbers: ``expected`` is the next one the stream takes."""
+
+    def __init__(self, message: str, expected: int = 0, received: int = 0) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.received = received

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -15,8 +15,9 @@ from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 from .settings import ConnectOptions
+from .tokens import AppendResult, AsyncTokenStream, TokenRead, TokenStreamInfo
 
-__all__ = ["ChatHistory", "Memory", "SyncWatch"]
+__all__ = ["ChatHistory", "Memory", "SyncWatch", "TokenStream"]
 
 T = TypeVar("T")
 
@@ -276,3 +277,112 @@ class ChatHistory:
 
     def __repr__(self) -> str:
         return f"ChatHistory({self.session_id!r}, namespace={self.namespace!r})"
+
+
+class _Started(Generic[T]):
+    """An async iterator with the ``start`` a ``SyncWatch`` calls (a generator needs none)."""
+
+    def __init__(self, it: AsyncIterator[T]) -> None:
+        self._it = it
+
+    async def start(self) -> None:
+        pass
+
+    async def __anext__(self) -> T:
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        close = getattr(self._it, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class TokenStream:
+    """One resumable token stream, sync face of ``AsyncTokenStream`` (same arguments and semantics).
+
+    ``s = TokenStream("answers/42"); s.create(content_type="text/plain"); s.append("Hel")``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        creds: str | None = None,
+        replicas: int = 1,
+        timeout: float = 5.0,
+    ) -> None:
+        self._core = AsyncTokenStream(
+            path, url=url, token=token, user=user, password=password, creds=creds, replicas=replicas, timeout=timeout
+        )
+        self.path = path
+        _first_use(self._core._client._opts)
+        call(self._core.open)
+
+    def create(
+        self,
+        *,
+        content_type: str = "application/octet-stream",
+        ttl: int | None = None,
+        expires_at: datetime | str | None = None,
+        data: bytes = b"",
+        closed: bool = False,
+    ) -> bool:
+        """Create the stream; False when it exists with the same settings."""
+        create = partial(self._core.create, content_type=content_type, ttl=ttl, expires_at=expires_at, data=data, closed=closed)
+        return call(create)
+
+    def fork(self, path: str, offset: str | None = None, sub_offset: int = 0) -> TokenStream:
+        """A new stream at ``path`` with this one's chunks up to ``offset`` (default: all)."""
+        core = call(self._core.fork, path, offset, sub_offset)
+        twin = TokenStream.__new__(TokenStream)
+        twin._core, twin.path = core, path
+        return twin
+
+    def append(
+        self,
+        data: bytes | str,
+        *,
+        producer: tuple[str, int, int] | None = None,
+        stream_seq: str | None = None,
+        close: bool = False,
+    ) -> AppendResult:
+        """Append a chunk; ``producer=(id, epoch, seq)`` makes retries store it once."""
+        return call(partial(self._core.append, data, producer=producer, stream_seq=stream_seq, close=close))
+
+    def close_stream(self, *, producer: tuple[str, int, int] | None = None) -> AppendResult:
+        """Close the stream: no more appends."""
+        return call(partial(self._core.close_stream, producer=producer))
+
+    def read(self, offset: str = "-1") -> TokenRead:
+        """The chunks after ``offset``, up to the tail."""
+        return call(self._core.read, offset)
+
+    def wait(self, offset: str, timeout: float = 30.0) -> TokenRead:
+        """Long-poll: the chunks after ``offset`` once there are any, or an empty read at ``timeout``."""
+        return call(self._core.wait, offset, timeout)
+
+    def follow(self, offset: str = "-1") -> SyncWatch[TokenRead]:
+        """Catch up, then every new chunk live, until the stream is closed."""
+        return SyncWatch(_Started(self._core.follow(offset)))
+
+    def info(self) -> TokenStreamInfo:
+        return call(self._core.info)
+
+    def delete(self) -> None:
+        call(self._core.delete)
+
+    def close(self) -> None:
+        call(self._core.close)
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TokenStream({self.path!r})"

@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, errors
+from botwire_stream import AsyncChatHistory, AsyncMemory, AsyncTokenStream, ChatHistory, Memory, TokenStream, errors
 
 # async core method -> the sync face's name for it, where they differ
 _RENAMED = {"contains": "__contains__", "count": "__len__"}
@@ -27,7 +27,9 @@ def _params(fn: object) -> list[tuple[str, object, object]]:
     return [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name not in ("self", "cls")]
 
 
-@pytest.mark.parametrize(("core", "face"), [(AsyncMemory, Memory), (AsyncChatHistory, ChatHistory)])
+@pytest.mark.parametrize(
+    ("core", "face"), [(AsyncMemory, Memory), (AsyncChatHistory, ChatHistory), (AsyncTokenStream, TokenStream)]
+)
 def test_every_core_method_has_a_sync_twin_with_the_same_parameters(core: type, face: type) -> None:
     for name, method in _public(core).items():
         if name in _ASYNC_ONLY:

@@ -1,0 +1,96 @@
+"""The ASGI app: ``create_app(url=...)`` opens ``TokenStreams`` on start and routes
+``/v1/stream/...`` to token streams, or to conversations under ``chat/``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..tokens import open_token_streams
+from .chat import CHAT_PREFIX, Conversations
+from .protocol import ProtocolError, stream_path
+from .streams import Streams, error_response, respond
+
+__all__ = ["App", "create_app"]
+
+_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+
+
+def create_app(
+    *,
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    long_poll_timeout: float = 20.0,
+    sse_lifetime: float = 60.0,
+    stop: asyncio.Event | None = None,
+) -> App:
+    """The app. ``long_poll_timeout``: how long a long-poll (and an idle SSE) waits before an
+    empty answer; ``sse_lifetime``: SSE connections end after this (clients reconnect from their
+    offset); ``stop``: set it to end open long-polls and SSE at once (graceful shutdown)."""
+    connect = {"url": url, "token": token, "user": user, "password": password, "creds": creds}
+    handlers: dict[str, object] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ending = stop if stop is not None else asyncio.Event()
+        store, client = await open_token_streams(url=url, token=token, user=user, password=password, creds=creds)
+        max_body = store._b.max_chunk
+        handlers["streams"] = Streams(store, max_body, long_poll_timeout, sse_lifetime, ending)
+        handlers["chat"] = Conversations(connect, long_poll_timeout, sse_lifetime, ending)
+        try:
+            yield
+        finally:
+            ending.set()
+            await client.close()
+
+    async def endpoint(request: Request) -> Response:
+        streams = handlers["streams"]
+        assert isinstance(streams, Streams)
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        if raw.startswith(b"/v1/stream/" + CHAT_PREFIX.encode()):
+            try:
+                name = stream_path(raw)
+            except ProtocolError as exc:
+                return error_response(exc)
+            chat = handlers["chat"]
+            assert isinstance(chat, Conversations)
+            return await chat(request, name)
+        return await streams(request)
+
+    async def not_found(request: Request) -> Response:
+        return respond(404, b"not found", {"content-type": "text/plain"})
+
+    star = Starlette(
+        routes=[Route("/v1/stream/{path:path}", endpoint, methods=_METHODS), Route("/{rest:path}", not_found)],
+        lifespan=lifespan,
+    )
+    return App(star, endpoint, handlers)
+
+
+class App:
+    """The ASGI app: requests under ``/v1/stream/`` go straight to their endpoint (Starlette's
+    middleware and router cost ~0.1 ms of a ~1.2 ms append over HTTP, measured); everything else
+    (lifespan, other routes added to ``starlette``) goes through the Starlette app."""
+
+    def __init__(self, starlette: Starlette, endpoint: Callable[[Request], Awaitable[Response]], handlers: dict[str, object]) -> None:
+        self.starlette = starlette
+        self._endpoint = endpoint
+        self._handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/stream/") and self._handlers:
+            response = await self._endpoint(Request(scope, receive))
+            await response(scope, receive, send)
+            return
+        await self.starlette(scope, receive, send)
+

@@ -1,0 +1,48 @@
+"""Running the app on uvicorn; SIGTERM/SIGINT first end open long-polls and SSE (they answer at
+once), then uvicorn finishes the requests in flight and stops."""
+
+from __future__ import annotations
+
+import asyncio
+from types import FrameType
+
+import uvicorn
+
+from .app import create_app
+
+__all__ = ["serve"]
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, stop: asyncio.Event) -> None:
+        super().__init__(config)
+        self._stop = stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._stop.set)
+        super().handle_exit(sig, frame)
+        # uvicorn (0.29+) raises the signal again once shut down, so the process would end
+        # "killed by SIGTERM" (-15) after a clean shutdown; `botwire serve` exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    url: str | None = None,
+    long_poll_timeout: float = 20.0,
+    sse_lifetime: float = 60.0,
+    log_level: str = "warning",
+) -> None:
+    """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server``
+    extra brings them; uvicorn picks them by itself)."""
+    stop = asyncio.Event()  # bound to the server's loop on first use
+    app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
+    )
+    _Server(config, stop).run()
