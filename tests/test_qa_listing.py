@@ -1,0 +1,66 @@
+"""QA of the listings (issue 13 item 1): what ``list_keys`` and ``sessions`` give while the
+namespace changes under them, at sizes past the server's per-reply limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import nats
+import pytest
+
+from botwire_stream import AsyncChatHistory, Memory
+from botwire_stream.keys import encode_key
+from tests.test_listing import _bucket, _load
+
+
+async def _purge_one_by_one(url: str, stream: str, subjects: list[str], started: threading.Event, stop: threading.Event) -> int:
+    """Purge ``subjects`` in order (a stream purge: the subject leaves the server's index), as an
+    operator's ``nats stream purge --subject`` would, until all are gone or ``stop`` is set."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        done = 0
+        for subject in subjects:
+            if stop.is_set():
+                break
+            await js.purge_stream(stream, subject=subject)
+            done += 1
+            started.set()
+        return done
+    finally:
+        started.set()
+        await nc.close()
+
+
+@pytest.mark.slow
+def test_keys_that_exist_throughout_are_listed_while_other_keys_vanish_past_100k(url: str, namespace: str) -> None:
+    """Past 100,000 keys the server's subject index is read in pages (offset into its sorted
+    names); keys sorted before the page boundary vanishing between two pages (purged, or an
+    expiry marker gone) must not make a key that existed all along go missing."""
+    stream, prefix = _bucket(namespace)
+    gone = [f"a:{i:05d}" for i in range(3000)]
+    kept = [f"b:{i:06d}" for i in range(100_000)]
+    with Memory(namespace, url=url, timeout=30) as m:
+        m.set("init", 0)
+        asyncio.run(_load(url, namespace, gone + kept))
+        started, stop = threading.Event(), threading.Event()
+        purged: list[int] = []
+        t = threading.Thread(
+            target=lambda: purged.append(
+                asyncio.run(_purge_one_by_one(url, stream, [prefix + encode_key(k) for k in gone], started, stop))
+            )
+        )
+        t.start()
+        try:
+            assert started.wait(30)
+            missing: set[str] = set()
+            for _ in range(3):  # each listing spans two pages of the index
+                listed = set(m.list_keys("*"))
+                missing |= set(kept) - listed
+        finally:
+            stop.set()
+            t.join(60)
+        assert purged and purged[0] > 0
+        assert not missing, f"{len(missing)} keys that existed throughout were not listed, e.g. {sorted(missing)[:3]}"
