@@ -1,0 +1,64 @@
+"""QA of the read cache (issue 13 item 2): ``Memory(..., cache=True)`` must never serve a value
+the server no longer holds beyond its bound, whatever else changes the namespace: other OS
+processes, operators' tools, deletion of the namespace itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import pytest
+
+from botwire_stream import Memory
+from botwire_stream.errors import ServerUnavailable
+from tests import workers
+
+SEEN_WITHIN = 5.0  # seconds: "does not stay stale"; measured about 1 s (the feed's reopen delay)
+_GONE = object()
+
+
+def _read(m: Memory, key: str) -> Any:
+    try:
+        return m.get(key, None)
+    except ServerUnavailable:
+        return _GONE  # the namespace does not exist: no value is served
+
+
+def _until(m: Memory, key: str, ok: Callable[[Any], bool]) -> Any:
+    """Poll ``m.get(key)`` until ``ok`` holds of what it reads (fails past ``SEEN_WITHIN``)."""
+    t0 = time.monotonic()
+    while True:
+        got = _read(m, key)
+        if ok(got):
+            return got
+        assert time.monotonic() - t0 < SEEN_WITHIN, f"{key} still reads {got!r}"
+        time.sleep(0.01)
+
+
+async def _nats(url: str, action: Callable[[Any], Any]) -> None:
+    nc = await nats.connect(url)
+    try:
+        await action(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def test_a_deleted_and_recreated_namespace_is_not_served_from_the_cache(url: str, namespace: str) -> None:
+    """An operator deletes the namespace (``nats stream rm``) and an app makes it again: a
+    cached reader must not keep the old value, neither while it is gone nor once new values are
+    written by another process (before: ``old`` was served for good)."""
+    stream = f"KV_botwire_{namespace}"
+    with Memory(namespace, url=url, cache=True, timeout=1) as m:
+        m.set("k", "old")
+        assert m.get("k") == "old"
+        asyncio.run(_nats(url, lambda js: js.delete_stream(stream)))
+        _until(m, "k", lambda got: got != "old")
+        workers.run("set", url, namespace, "k", '"new"')
+        _until(m, "k", lambda got: got == "new")
+        workers.run("set", url, namespace, "k", '"newer"')
+        _until(m, "k", lambda got: got == "newer")
+        workers.run("ops", url, namespace, '[["delete", "k"]]')
+        _until(m, "k", lambda got: got is None)
