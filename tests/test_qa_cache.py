@@ -79,3 +79,29 @@ def test_a_stream_purge_is_not_served_from_the_cache(url: str, namespace: str, w
         subject = None if whole else f"$KV.botwire_{namespace}.k"
         asyncio.run(_nats(url, lambda js: js.purge_stream(stream, subject=subject)))
         _until(m, "k", lambda got: got is None)
+
+
+def test_two_cached_objects_of_one_namespace_see_each_others_writes_at_once(url: str, namespace: str) -> None:
+    """The README's "a read after this process's own set, update or delete sees it at once" with
+    two cached ``Memory`` objects of one namespace in one process (two parts of one app)."""
+    with (
+        Memory(namespace, url=url, cache=True) as a,
+        Memory(namespace, url=url, cache=True) as b,
+        Memory(namespace, url=url) as c,
+    ):
+        stale = []
+        for i in range(300):
+            b.get("k")  # b keeps the previous value
+            (a if i % 2 else c).set("k", i)  # a cached object, or an uncached one
+            got = b.get("k")
+            if got != i:
+                stale.append((i, got))
+        assert b.delete("k")
+        assert a.get("k") is None
+        a.set("n", 0)
+        assert b.get("n") == 0
+        assert b.update("n", lambda v: v + 1) == 1
+        assert a.get("n") == 1
+        assert c.update("n", lambda v: v + 1) == 2
+        assert a.get("n") == b.get("n") == 2
+        assert not stale, f"{len(stale)} of 300 reads after the other object's set gave the old value: {stale[:3]}"
