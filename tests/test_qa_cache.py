@@ -105,3 +105,69 @@ def test_two_cached_objects_of_one_namespace_see_each_others_writes_at_once(url:
         assert c.update("n", lambda v: v + 1) == 2
         assert a.get("n") == b.get("n") == 2
         assert not stale, f"{len(stale)} of 300 reads after the other object's set gave the old value: {stale[:3]}"
+
+
+_WRITER = """
+import sys
+from botwire_stream import Memory
+url, ns, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Memory(ns, url=url) as m:
+    print("ready", flush=True)
+    for i in range(1, n + 1):
+        value = {"i": i, "pad": "x" * 1_200_000} if i % 97 == 0 else {"i": i}  # some chunked
+        m.set("k", value, ttl=30 if i % 5 == 0 else None)
+        if i % 3 == 0:
+            m.delete("k")
+print("done", flush=True)
+"""
+
+
+def _check_order(seen: list[int | None]) -> None:
+    """The writer went set 1, set 2, set 3, delete, set 4, ...: reads must follow that order."""
+    top = 0  # the newest state seen: the value ``i`` (i), or a delete after ``top`` (-)
+    deleted = False
+    for got in seen:
+        if got is None:
+            if not deleted and top:
+                top = top + (-top % 3)  # the first delete at or after the last value seen
+                deleted = True
+            continue
+        assert got > top or (got == top and not deleted), f"read {got} after {top}{' deleted' if deleted else ''}"
+        top, deleted = got, False
+
+
+@pytest.mark.slow
+def test_reads_in_two_threads_follow_another_process_writes_and_deletes_in_order(url: str, namespace: str) -> None:
+    """Another process sets a key to 1, 2, 3..., deleting it after every third (some values
+    chunked, some with a TTL); cached readers in two threads read it in a tight loop: neither
+    ever reads a value older than one it read, nor a deleted value again after reading the delete."""
+    import subprocess
+    import sys
+    import threading
+
+    from tests.procs import ROOT
+
+    with Memory(namespace, url=url, cache=True) as m:
+        m.get("k")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, url, namespace, "1501"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        seen: dict[int, list[int | None]] = {0: [], 1: []}
+
+        def read(n: int) -> None:
+            while proc.poll() is None:
+                v = m.get("k")
+                seen[n].append(None if v is None else v["i"])
+
+        threads = [threading.Thread(target=read, args=(n,)) for n in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert proc.wait(120) == 0
+        assert _until(m, "k", lambda got: got is not None and got["i"] == 1501)["i"] == 1501
+    for n in (0, 1):
+        assert len(seen[n]) > 100
+        _check_order(seen[n])

@@ -64,3 +64,47 @@ def test_keys_that_exist_throughout_are_listed_while_other_keys_vanish_past_100k
             t.join(60)
         assert purged and purged[0] > 0
         assert not missing, f"{len(missing)} keys that existed throughout were not listed, e.g. {sorted(missing)[:3]}"
+
+
+TRICKY = [
+    "a", "a:", ":a", "::", "a::b", "a:b:c", "a:b", "a*b:c", "a?b:c", "a[b]:c", "[:x", "]:x", "a.b:c", "a>b",
+    "a b:c d", "ü:ö", "üser:42:x", "user:42:x", "user:42:", "user:420:y", "user:4:2", "*", "?", "[", "[!]",
+    "日本:語", "emoji:🙂:1", "tab\tkey", "x:" + "é" * 510, "y:" + "a" * 1020, "z" * 1024,
+]
+GLOBS = [
+    "*", "a*", "a:*", "a:?", "a:b*", "?:*", "[ab]:*", "[!a]*", "[a-c]:*", "a[*]b:*", "a[?]b:c", "a[[]b]:c",
+    "[[]:x", "]:*", "[]]:x", "*:c", "*:c*", "ü:*", "üser:*", "user:4*", "user:42:*", "user:42:?", "user:42*",
+    "[*]", "[?]", "[[]", "[[]![]]", "日*", "emoji:*:1", "tab*", "x:é*", "y:" + "a" * 1020, "y:*a", "z*",
+    "*:", "*::*", ":*", "a.b:*", "a>*", "a b:*", "user:42:x", "user", "[",
+]
+
+
+def test_every_glob_feature_lists_what_fnmatch_matches(url: str, namespace: str) -> None:
+    """Keys holding glob metacharacters, empty segments, unicode and 1024-byte keys; patterns
+    with ``*``, ``?``, ``[...]``, ``[!...]``, ranges and bracket escapes: ``list_keys`` gives
+    what fnmatch matches among the keys, sorted, and pages of 1 and 3 give the same."""
+    from fnmatch import fnmatchcase
+
+    from botwire_stream.keys import glob_escape
+
+    with Memory(namespace, url=url) as m:
+        for i, k in enumerate(TRICKY):
+            m.set(k, i)
+        m.set("gone:1", 1)
+        m.delete("gone:1")
+        for pattern in GLOBS + [glob_escape(k) for k in TRICKY] + [glob_escape(k[:3]) + "*" for k in TRICKY]:
+            expected = sorted(k for k in TRICKY if fnmatchcase(k, pattern))
+            assert m.list_keys(pattern) == expected, pattern
+            for size in (1, 3):
+                pages: list[str] = []
+                while True:
+                    page = m.list_keys(pattern, limit=size, after=pages[-1] if pages else None)
+                    assert len(page) <= size
+                    if not page:
+                        break
+                    pages += page
+                assert pages == expected, (pattern, size)
+            assert m.list_keys(pattern, limit=0) == []
+            if expected:
+                assert m.list_keys(pattern, after=expected[-1]) == []
+                assert m.list_keys(pattern, after=expected[0] + "\x00") == expected[1:]  # a key that is not there
