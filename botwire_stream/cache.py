@@ -157,10 +157,16 @@ class ReadCache:
                 await task
 
     async def _follow(self, feed: ChangeFeed) -> None:
+        # Python 3.11's wait_for (inside nats-py's next_msg) can swallow a cancel when a message
+        # arrives with it: the task then went on following for good, and asyncio.run's exit (which
+        # cancels every task once) never returned. So the task checks that it is being cancelled.
+        task = asyncio.current_task()
+        assert task is not None
         while not self._closed:
             try:
-                while True:
+                while not task.cancelling():
                     self._apply(await feed.__anext__())
+                raise asyncio.CancelledError
             except StopAsyncIteration:
                 return  # closed
             except asyncio.CancelledError:
@@ -168,6 +174,8 @@ class ReadCache:
             except Exception:  # noqa: BLE001 - the server stayed away: serve nothing, then try again
                 self._feed = None
                 self.clear()
+                if task.cancelling():
+                    raise asyncio.CancelledError from None  # a cancel turned into an error: stop
                 with contextlib.suppress(Exception):
                     await feed.aclose()
                 await asyncio.sleep(_RETRY_FEED)

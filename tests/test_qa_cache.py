@@ -171,3 +171,34 @@ def test_reads_in_two_threads_follow_another_process_writes_and_deletes_in_order
     for n in (0, 1):
         assert len(seen[n]) > 100
         _check_order(seen[n])
+
+
+_UNCLOSED = """
+import asyncio, sys
+from botwire_stream import AsyncMemory
+
+async def main(i):
+    m = AsyncMemory(sys.argv[2], url=sys.argv[1], cache=True)  # never closed: asyncio.run ends it
+    await m.set("k", i)
+    assert await m.get("k") == i
+
+for i in range(3):
+    asyncio.run(main(i))
+print("exited", flush=True)
+"""
+
+
+def test_asyncio_run_returns_with_a_cached_async_memory_left_open(url: str, namespace: str) -> None:
+    """A script that never closes its ``AsyncMemory(cache=True)`` ends when its ``asyncio.run``
+    does, as without the cache (before: asyncio.run's exit cancelled the cache's task, Python
+    3.11's wait_for inside nats-py swallowed the cancel, and the process hung for good)."""
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", _UNCLOSED, url, namespace], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["exited"]
