@@ -202,3 +202,53 @@ def test_asyncio_run_returns_with_a_cached_async_memory_left_open(url: str, name
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["exited"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"cache": 1},
+        {"cache": "yes"},
+        {"cache": None},
+        {"cache": True, "cache_entries": 0},
+        {"cache": True, "cache_entries": -1},
+        {"cache": True, "cache_entries": 1.0},
+        {"cache": True, "cache_entries": True},
+        {"cache": True, "cache_entries": "10"},
+        {"cache": True, "cache_bytes": 0},
+        {"cache": True, "cache_bytes": -5},
+        {"cache": True, "cache_bytes": float("inf")},
+        {"cache": True, "cache_bytes": None},
+    ],
+)
+def test_bad_cache_options_raise_invalid_argument(url: str, namespace: str, options: dict[str, Any]) -> None:
+    from botwire_stream.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        Memory(namespace, url=url, **options)
+
+
+def test_tiny_and_huge_bounds_keep_reads_right(url: str, namespace: str) -> None:
+    """At 1 entry / 1 byte every read still gives the server's value; a huge bound is accepted;
+    a value of exactly an eighth of ``cache_bytes`` is kept, one byte more is not."""
+    import json
+
+    for n, (entries, size) in enumerate(((1, 10**9), (10**9, 1), (1, 1), (10**30, 10**30))):
+        with Memory(namespace, url=url, cache=True, cache_entries=entries, cache_bytes=size) as m:
+            for i in range(20):
+                m.set(f"{n}:k{i % 3}", i)
+                assert m.get(f"{n}:k{i % 3}") == i
+                assert m.get(f"{n}:k{(i + 1) % 3}") == (None if i < 2 else i - 2)
+            cache = m._core._cache
+            assert cache is not None
+            assert len(cache) <= entries and (cache.size <= size or len(cache) == 0)
+    with Memory(namespace, url=url, cache=True, cache_bytes=80_000) as m:
+        exact = "x" * (10_000 - 2)  # encodes to 10,000 bytes: an eighth of 80,000
+        assert len(json.dumps(exact)) == 10_000
+        m.set("exact", exact)
+        m.set("over", exact + "x")
+        assert m.get("exact") == exact and m.get("over") == exact + "x"
+        cache = m._core._cache
+        assert cache is not None
+        assert cache.lookup("exact") == json.dumps(exact).encode()
+        assert cache.lookup("over") is cache.lookup("never-read")  # MISS: not kept
