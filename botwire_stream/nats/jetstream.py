@@ -462,7 +462,7 @@ class Connection(RetryingConnection):
                         counts[subject] = count
                 if not page or offset + len(page) >= info.total:
                     return counts
-                last = max(page)
+                last = max(page) if last is None else max(last, max(page))  # never moves back
                 offset += len(page) - 1
                 back = 1024
 
