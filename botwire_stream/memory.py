@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from . import codec, keys
 from ._backend import ChangeFeed, Current, Feed, KeyChange, MemoryBackend, open_memory
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss, ReadCache
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss, ReadCache, notify
 from .client import StreamClient, check_options
 from .errors import BotWireError, Conflict, InvalidArgument, ValueTooLarge
 from .live import LiveIterator
@@ -85,7 +85,7 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             async def open_feed() -> ChangeFeed:
                 return backend.changes()
 
-            cache = ReadCache(open_feed, max_entries=entries, max_bytes=size)
+            cache = ReadCache(open_feed, max_entries=entries, max_bytes=size, scope=self.namespace)
             try:
                 await cache.start()
             except BaseException:
@@ -190,14 +190,15 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             )
         backend = self._conn or await self._connection()
         cache = self._cache
-        if cache is None:
-            return await backend.put(key, data, ttl=ttl, expected=expected, replaced=replaced, what=what)
-        ticket = cache.begin(key)  # this process's own write is what its next get sees
+        ticket = None if cache is None else cache.begin(key)  # this process's own write is what its next get sees
+        notify(self.namespace, key, cache)  # also through this process's other objects
         revision = None
         try:
             revision = await backend.put(key, data, ttl=ttl, expected=expected, replaced=replaced, what=what)
         finally:
-            cache.finish(key, ticket, revision, data)
+            if cache is not None and ticket is not None:
+                cache.finish(key, ticket, revision, data)
+            notify(self.namespace, key, cache)
         return revision
 
     async def delete(self, key: str) -> bool:
@@ -205,13 +206,14 @@ class AsyncMemory(StreamClient[MemoryBackend]):
         keys.check_key(key)
         backend = self._conn or await self._connection()
         cache = self._cache
-        if cache is None:
-            return await backend.delete(key)
-        ticket = cache.begin(key)
+        ticket = None if cache is None else cache.begin(key)
+        notify(self.namespace, key, cache)
         try:
             return await backend.delete(key)
         finally:
-            cache.finish(key, ticket, None, None)  # dropped: the next get reads the server
+            if cache is not None and ticket is not None:
+                cache.finish(key, ticket, None, None)  # dropped: the next get reads the server
+            notify(self.namespace, key, cache)
 
     async def update(
         self,

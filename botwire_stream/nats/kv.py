@@ -8,6 +8,7 @@ also the namespace's event log. Values larger than one message go through ``blob
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Final
 
 from nats.aio.msg import Msg
@@ -15,7 +16,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConf
 
 from .. import keys
 from .._backend import ChangeFeed, Current, KeyChange, KeyRevision
-from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded
+from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded, ServerUnavailable
 from ..settings import ConnectOptions
 from ..times import parse_time
 from .blobs import Blobs, ChunksGone, Outcome, op_of
@@ -302,7 +303,45 @@ class KeyFeed(ResumingFeed[KeyChange]):
 
 class _CacheFeed(KeyFeed):
     """Every change of the namespace for a read cache: a chunked value is not read (its
-    ``data`` is None: the cache drops the key, and reads it from the server when asked)."""
+    ``data`` is None: the cache drops the key, and reads it from the server when asked).
+
+    A deleted namespace (its stream removed, e.g. ``nats stream rm``) takes the consumer with it
+    and delivers nothing more, not even once the namespace is made again (measured: a cached
+    reader kept the old value for good). The server's stream-deleted advisory marks the feed not
+    coherent at once, and the feed then ends with ``ServerUnavailable`` (within 0.5 s): the
+    cache empties and opens a new feed once the namespace exists again.
+    """
+
+    def __init__(self, kv: NatsMemory, subject: str, pattern: str, exact: bool) -> None:
+        super().__init__(kv, subject, pattern, exact)
+        self._deleted = False
+        self._advisory: Any = None
+
+    async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
+        if self._advisory is None:  # before the consumer: a delete after it is created is seen
+
+            async def deleted(_: Msg) -> None:
+                self._deleted = True
+                self._gen = None  # the next turn of __anext__ resumes, which ends the feed
+
+            subject = f"$JS.EVENT.ADVISORY.STREAM.DELETED.{self._kv.stream}"
+            self._advisory = await conn.nc.subscribe(subject, cb=deleted)
+        return await super()._subscribe(conn, start_seq)
+
+    async def _resume(self, conn: Connection) -> None:
+        if self._deleted:
+            raise ServerUnavailable(f"namespace {self._kv.namespace!r} was deleted while the cache followed it")
+        await super()._resume(conn)
+
+    def coherent(self) -> object | None:
+        return None if self._deleted else super().coherent()
+
+    async def aclose(self) -> None:
+        advisory, self._advisory = self._advisory, None
+        if advisory is not None:
+            with contextlib.suppress(Exception):
+                await advisory.unsubscribe()
+        await super().aclose()
 
     async def _convert(self, conn: Connection, msg: Msg) -> KeyChange | None:
         hdr = msg.headers
