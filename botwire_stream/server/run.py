@@ -4,6 +4,7 @@ once), then uvicorn finishes the requests in flight and stops."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -37,8 +38,10 @@ def serve(
     long_poll_timeout: float = 20.0,
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
+    ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT; ``ready`` is called with the server's base URL once it
+    answers (with ``port=0``, the port the system chose)."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -46,6 +49,23 @@ def serve(
         config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
         )
-        await _Server(config, stop).serve()
+        server = _Server(config, stop)
+        if ready is None:
+            await server.serve()
+            return
+
+        async def announce() -> None:
+            while not server.started:
+                if server.should_exit:
+                    return
+                await asyncio.sleep(0.01)
+            sockets = [s for srv in server.servers for s in srv.sockets]
+            ready(f"http://{host}:{sockets[0].getsockname()[1] if sockets else port}/")
+
+        told = asyncio.ensure_future(announce())
+        try:
+            await server.serve()
+        finally:
+            told.cancel()
 
     asyncio.run(main())
