@@ -42,10 +42,11 @@ class ChatModel(Protocol):
 
 
 class FakeModel:
-    """A deterministic stand-in for an LLM: ``tokens`` words (default 60) after an echo of the
-    last user message, each after ``pace`` seconds (default 0.03 s, about a real model's speed)."""
+    """A deterministic stand-in for an LLM: ``tokens`` words (default: one paragraph, 82) after
+    an echo of the last user message, each after ``pace`` seconds (default 0.03 s, about a real
+    model's speed)."""
 
-    def __init__(self, *, pace: float = 0.03, tokens: int = 60) -> None:
+    def __init__(self, *, pace: float = 0.03, tokens: int = len(_WORDS)) -> None:
         if pace < 0 or tokens < 1:
             raise InvalidArgument("FakeModel needs pace >= 0 and tokens >= 1")
         self.pace = pace
@@ -139,7 +140,7 @@ def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
     kind = env.get("BOTWIRE_CHAT_MODEL", "").strip() or "fake"
     try:
         if kind == "fake":
-            return FakeModel(pace=float(env.get("BOTWIRE_FAKE_PACE", "0.03")), tokens=int(env.get("BOTWIRE_FAKE_TOKENS", "60")))
+            return FakeModel(pace=float(env.get("BOTWIRE_FAKE_PACE", "0.03")), tokens=int(env.get("BOTWIRE_FAKE_TOKENS", str(len(_WORDS)))))
     except ValueError:
         raise InvalidArgument("BOTWIRE_FAKE_PACE must be seconds and BOTWIRE_FAKE_TOKENS a whole number") from None
     if kind == "openai":

@@ -41,7 +41,10 @@ async function listConversations() {
       a.href = "#" + encodeURIComponent(c.session);
       a.textContent = c.title || "New conversation";
       a.dataset.session = c.session;
-      if (current && c.session === current.session) a.setAttribute("aria-current", "page");
+      if (current && c.session === current.session) {
+        a.setAttribute("aria-current", "page");
+        $("title").textContent = a.textContent;
+      }
       li.append(a);
       return li;
     }));
@@ -110,10 +113,14 @@ function render(message, fresh) {
   }
   const pending = meta.answer && answers.get(meta.answer);
   if (pending) {
-    pending.abort.abort();
-    sessionStorage.removeItem("botwire.answer." + meta.answer);
+    // the reader goes on to the stream's close (a moment: the stream is closed before the
+    // conversation gets the answer) but no longer draws: the stored answer is what shows
+    pending.final = true;
+    if (!pending.started) {
+      answers.delete(meta.answer);
+      sessionStorage.removeItem("botwire.answer." + meta.answer);
+    }
     finish(pending.el, message);
-    answers.delete(meta.answer);
   } else {
     finish(bubble(message.role || "assistant"), message);
   }
@@ -152,7 +159,7 @@ async function readAnswer(id) {
   let text = saved ? saved.text : "";
   a.el.dataset.resumedFrom = offset;
   a.el.dataset.streamed = text;
-  a.el.textContent = text;
+  if (!a.final) a.el.textContent = text;
   while (!a.abort.signal.aborted) {
     try {
       const r = await fetch(`/v1/stream/${a.stream}?offset=${offset}&live=long-poll`, { signal: a.abort.signal, cache: "no-store" });
@@ -162,12 +169,16 @@ async function readAnswer(id) {
         const chunk = await r.text();
         if (a.abort.signal.aborted) return;
         text += chunk;
-        a.el.textContent = text;
+        if (!a.final) a.el.textContent = text;
         a.el.dataset.streamed = text;
       }
       offset = r.headers.get("Stream-Next-Offset") || offset;
+      if (r.headers.get("Stream-Closed") === "true") {
+        a.el.dataset.closed = "true";
+        sessionStorage.removeItem(key);
+        return;
+      }
       sessionStorage.setItem(key, JSON.stringify({ offset, text }));
-      if (r.headers.get("Stream-Closed") === "true") { a.el.dataset.closed = "true"; return; }
     } catch (e) {
       if (a.abort.signal.aborted) return;
       await sleep(500, a.abort.signal);
