@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,8 @@ import httpx
 import pytest
 
 from botwire_stream.server.model import FakeModel
+from tests import chat_serve
+from tests.chat_serve import stop
 from tests.http_serve import Serve, free_port
 from tests.procs import ROOT
 
@@ -47,39 +47,9 @@ def expected(text: str) -> str:
     return "".join(FakeModel(pace=PACE, tokens=TOKENS).answer([{"role": "user", "content": text}]))
 
 
-def start(url: str, log: Path, *, port: int | None = None, lease_ttl: int | None = None) -> Serve:
-    """A ``botwire serve`` with the fake model paced at PACE, ready once it serves the page."""
-    port = port or free_port()
-    env = {**os.environ, "BOTWIRE_FAKE_PACE": str(PACE), "BOTWIRE_FAKE_TOKENS": str(TOKENS)}
-    out = log.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), "--url", url, "--long-poll-timeout", "2"],
-        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    out.close()
-    serve = Serve(proc, port, log)
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"botwire serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(serve.base + "/", timeout=1.0).status_code == 200:
-                return serve
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            serve.kill()
-            raise AssertionError(f"botwire serve did not answer within 20 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def stop(serve: Serve) -> None:
-    if serve.proc.poll() is None:
-        os.kill(serve.proc.pid, signal.SIGTERM)
-        try:
-            serve.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+def start(url: str, log: Path, *, port: int | None = None) -> Serve:
+    """A ``botwire serve`` with the fake model paced at PACE."""
+    return chat_serve.start(url, log, port=port, env={"BOTWIRE_FAKE_PACE": str(PACE), "BOTWIRE_FAKE_TOKENS": str(TOKENS)})
 
 
 @pytest.fixture
