@@ -51,9 +51,9 @@ def stop(serve: Serve) -> None:
             serve.kill()
 
 
-def read_answer(client: httpx.Client, answer_url: str, bound: float = 30.0) -> str:
-    """The answer's whole text, read by long-polls until the stream says it is closed."""
-    offset, text = "-1", ""
+def read_answer(client: httpx.Client, answer_url: str, bound: float = 30.0, offset: str = "-1") -> str:
+    """The answer's text after ``offset``, read by long-polls until the stream says it is closed."""
+    text = ""
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline:
         r = client.get(answer_url, params={"offset": offset, "live": "long-poll"})

@@ -4,6 +4,7 @@ and bad input is refused with a 4xx and a clear body, nothing written, the serve
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -185,3 +186,34 @@ def test_conversations_are_listed_per_user_newest_first(serve: Serve, namespace:
         assert [c["session"] for c in listed] == [first, second]
         assert listed[0]["title"] == "the first one" and listed[1]["title"] == "New conversation"
         assert client.get(f"/v1/chat/{namespace}", params={"user": "a*"}).status_code == 400
+
+
+@pytest.mark.slow
+def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url: str, namespace: str, tmp_path: Path) -> None:
+    env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}  # about 10 s of answer
+    producer = start(url, tmp_path / "a.log", env=env)
+    other = start(url, tmp_path / "b.log", env=env)
+    try:
+        with httpx.Client(base_url=other.base, timeout=10) as client:
+            session = conversation(client, namespace)
+            answer = httpx.post(f"{producer.base}/v1/chat/{namespace}/{session}/messages", json={"content": "go"}).json()
+            offset, text = "-1", ""
+            while len(text) < 100:  # read some of it from the other process
+                r = client.get(answer["answer"], params={"offset": offset, "live": "long-poll"})
+                text += r.text if r.status_code == 200 else ""
+                offset = r.headers["stream-next-offset"]
+            producer.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            rest = read_answer(client, answer["answer"], bound=20, offset=offset)  # ends: closed
+            assert time.monotonic() - killed < 20
+        partial = text + rest
+        want = "".join(FakeModel(pace=0, tokens=200).answer([{"role": "user", "content": "go"}]))
+        assert want.startswith(partial) and len(partial) < len(want)
+        last = wait_messages(url, namespace, session, 2)
+        assert len(last) == 2 and last[-1]["content"] == partial
+        assert last[-1]["meta"]["incomplete"] is True  # type: ignore[index]
+        time.sleep(1.5)  # a few more lease checks of the surviving process: no second copy
+        assert len(wait_messages(url, namespace, session, 3, bound=0.1)) == 2
+    finally:
+        producer.kill(signal.SIGKILL)
+        stop(other)
