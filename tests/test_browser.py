@@ -69,11 +69,17 @@ def serve(url: str, tmp_path: Path) -> Iterator[Serve]:
         yield s
     finally:
         stop(s)
+        print("serve log:", s.log.read_text()[-3000:])
 
 
 def open_page(browser_or_page: Any, base: str, namespace: str, session: str = "") -> Page:
     page: Page = browser_or_page.new_page() if hasattr(browser_or_page, "new_page") else browser_or_page
     page.set_default_timeout(BOUND)
+    # shown by pytest when a test fails: what the page said
+    page.on("console", lambda m: print(f"console {m.type}: {m.text}"))
+    page.on("pageerror", lambda e: print(f"page error: {e}"))
+    page.on("requestfailed", lambda r: print(f"request failed: {r.method} {r.url} {r.failure}"))
+    page.on("response", lambda r: print(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
     page.goto(f"{base}/?ns={namespace}" + (f"#{session}" if session else ""))
     page.wait_for_selector("#status:has-text('connected'), #new")
     return page
