@@ -298,8 +298,16 @@ class ChatService:
         await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
         chat = self.chat(ns, session)
         try:
-            seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
-            history = [_plain_message(m) for m in await chat.messages(last=_HISTORY)]
+            try:
+                seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
+            except BaseException:
+                # no answer without its question: forget it (a watcher would close it otherwise)
+                with contextlib.suppress(errors.BotWireError):
+                    await registry.delete(f"answer:{answer}")
+                raise
+            history = [{"role": "user", "content": content}]
+            with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
+                history = [_plain_message(m) for m in await chat.messages(last=_HISTORY)]
         finally:
             await chat.close()
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
@@ -361,7 +369,7 @@ class ChatService:
                         continue
                     if await registry.get(f"lease:{answer}") is None:
                         await self.recover(answer)
-            except errors.BotWireError as exc:
+            except Exception as exc:  # the watcher must outlive any one bad record or outage
                 log.warning("lease check failed: %r", exc)
             await asyncio.sleep(self.lease_ttl / 4)
 
