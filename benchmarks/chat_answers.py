@@ -197,7 +197,7 @@ def chat_persist(ctx: Context) -> list[Table]:
         _stop(proc)
     table.add("botwire serve: POST the message, read the answer's stream over SSE to its close", statistics.median(serve_times), _pct(serve_times, 0.99), Ratio(statistics.median(serve_times) / plain), "-", "")
     table.notes.append(f"{rounds} interleaved rounds after 2 warm-up rounds; client and server on one event loop (the same for both).")
-    table.notes.append("the last event is sent before the stream's closing append and the conversation append (about 3 ms more on loopback: the second row).")
+    table.notes.append("the last event is sent before the stream's closing append and the conversation append (the second row: when those are done).")
     return [table]
 
 
