@@ -16,6 +16,7 @@ import pytest
 
 from botwire_stream import AsyncTokenStream, ChatHistory
 from botwire_stream.server.model import FakeModel
+from botwire_stream.tokens import format_offset
 from tests.chat_models import OPENAI_KEY, OPENAI_PIECES
 from tests.chat_serve import read_answer, start, stop
 from tests.http_serve import Serve, free_port
@@ -218,3 +219,35 @@ def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url:
     finally:
         producer.kill(signal.SIGKILL)
         stop(other)
+
+
+def test_a_new_conversations_first_message_ends_a_long_poll_at_once(url: str, namespace: str, tmp_path: Path) -> None:
+    """The page tails an empty conversation with a long-poll from offset 0 while its first message
+    is stored: the long-poll must answer with it, whenever the append lands (it used to start its
+    watch "from now", missing a message stored between its read and its watch: a 20 s wait)."""
+    import threading
+
+    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=30) as client:
+            slow = 0
+            for i in range(60):
+                session = f"race-{i}"
+                chat = ChatHistory(session, namespace=namespace, url=url)
+                chat.messages()  # connected before the race
+                tail = f"/v1/stream/chat/{namespace}/{session}"
+                # appends landing from before the long-poll's read to after its watch started
+                poster = threading.Timer(0.0005 * (i % 30), chat.append, [{"role": "user", "content": "first"}])
+                t0 = time.monotonic()
+                poster.start()
+                r = client.get(tail, params={"offset": format_offset(0), "live": "long-poll"})
+                poster.join(10)
+                chat.close()
+                if r.status_code == 204:  # the long-poll timed out (2 s here) without the message
+                    slow += 1
+                else:
+                    assert r.json()[0]["content"] == "first"
+                assert time.monotonic() - t0 < 10
+            assert slow == 0
+    finally:
+        stop(s)
