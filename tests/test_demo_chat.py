@@ -251,3 +251,23 @@ def test_a_new_conversations_first_message_ends_a_long_poll_at_once(url: str, na
             assert slow == 0
     finally:
         stop(s)
+
+
+def test_an_answer_larger_than_a_message_is_stored_whole(url: str, namespace: str, tmp_path: Path) -> None:
+    """A model faster than the appends: 1.3 MB of answer piles up before the first append, more
+    than the server's 1 MiB message limit; it goes out in several appends, nothing lost."""
+    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "200000"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=30) as client:
+            session = conversation(client, namespace)
+            answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "é" * 10}).json()
+            text = read_answer(client, answer["answer"])
+        want = "".join(FakeModel(pace=0, tokens=200000).answer([{"role": "user", "content": "é" * 10}]))
+        assert len(want.encode()) > 1 << 20
+        assert text == want
+        # the conversation gets what fits in one of its messages, marked; the stream has it all
+        last = wait_messages(url, namespace, session, 2)[-1]
+        assert last["meta"]["truncated"] is True and len(last["content"]) > 100_000  # type: ignore[index, arg-type]
+        assert want.startswith(last["content"])  # type: ignore[arg-type]
+    finally:
+        stop(s)

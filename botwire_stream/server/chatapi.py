@@ -117,10 +117,26 @@ class Producer:
             self._task = asyncio.ensure_future(self._flusher())
 
     async def _append(self, data: bytes, close: bool = False) -> None:
+        """``data`` in appends the server takes (a model faster than the appends could pile up
+        more than one message's size), the last one closing the stream when ``close``."""
         if self._ready is not None:
             await self._ready
-        await self.store.append(self.path, data, content_type="text/plain", close=close, producer=(self.id, 0, self.seq))
-        self.seq += 1
+        size = max(1024, self.store._b.max_chunk // 2)
+        parts: list[bytes] = []
+        while len(data) > size:
+            cut = size
+            while data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character: each part is text
+                cut -= 1
+            parts.append(data[:cut])
+            data = data[cut:]
+        parts.append(data)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if part or (last and close):
+                await self.store.append(
+                    self.path, part, content_type="text/plain", close=close and last, producer=(self.id, 0, self.seq)
+                )
+                self.seq += 1
 
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()
@@ -341,11 +357,7 @@ class ChatService:
             meta: dict[str, Any] = {"answer": answer, "stream": path}
             if failure:
                 meta.update(incomplete=True, error=failure)
-            chat = self.chat(ns, session)
-            try:
-                await chat.append({"role": "assistant", "content": "".join(producer.text), "meta": meta})
-            finally:
-                await chat.close()
+            await self._store_answer(ns, session, "".join(producer.text), meta)
             registry = self.memory(REGISTRY_NAMESPACE)
             await registry.delete(f"answer:{answer}")
             await registry.delete(f"lease:{answer}")
@@ -357,6 +369,21 @@ class ChatService:
             producer.cancel()
             renew.cancel()
             self._tasks.pop(answer, None)
+
+    async def _store_answer(self, ns: str, session: str, content: str, meta: dict[str, Any]) -> None:
+        """The answer into the conversation; one larger than a message can be is cut (halved until
+        it fits, ``meta.truncated``): the whole text stays in its stream."""
+        chat = self.chat(ns, session)
+        try:
+            for _ in range(40):
+                try:
+                    await chat.append({"role": "assistant", "content": content, "meta": meta})
+                    return
+                except errors.ValueTooLarge:
+                    content = content[: len(content) // 2]
+                    meta = {**meta, "truncated": True}
+        finally:
+            await chat.close()
 
     # -- leases -------------------------------------------------------------------------------------
     async def _watch_leases(self) -> None:
@@ -407,9 +434,10 @@ class ChatService:
                 meta: dict[str, Any] = {"answer": answer, "stream": path}
                 if not complete:
                     meta.update(incomplete=True, error="the process producing this answer stopped")
-                await chat.append({"role": "assistant", "content": got.data.decode("utf-8", "replace"), "meta": meta})
         finally:
             await chat.close()
+        if not done:
+            await self._store_answer(ns, session, got.data.decode("utf-8", "replace"), meta)
         await registry.delete(f"answer:{answer}")
         log.warning("answer %s: its producer's lease expired; closed it%s", answer, "" if complete else " as incomplete")
         return True
