@@ -13,7 +13,8 @@ Routes (JSON bodies; a refusal is a 4xx with ``{"error": "..."}`` and nothing wr
 The producer appends the model's text coalesced (every ``flush_interval`` seconds at most one
 append, see ``Producer``) with an idempotent producer id, so persisting costs a few appends per
 second. When the model ends, the stream is closed, then the whole answer is appended to the
-conversation (``meta``: ``stream``, ``answer``; ``incomplete: true`` if the model failed).
+conversation (``meta``: ``stream``, ``answer``; ``incomplete: true`` if the model failed;
+``truncated: true`` when it was cut to fit one message: the stream has it whole).
 
 **Leases.** While it streams, the producer renews ``lease:<answer>`` (a ``Memory`` key with a
 TTL of ``lease_ttl`` seconds) in the namespace ``botwire-answers``, where ``answer:<answer>``
