@@ -208,7 +208,7 @@ def test_killed_producer_leaves_a_partial_answer_marked_incomplete(browser: Brow
         producer.kill(signal.SIGKILL)
         killed = time.monotonic()
         page.wait_for_selector("#log li.assistant.incomplete", timeout=15_000)
-        assert time.monotonic() - killed < 15  # lease 2 s + checks every 0.5 s: a few seconds
+        assert time.monotonic() - killed < 15  # lease 5 s + checks every 1.25 s + expiry's lag
         el = last_answer(page)
         partial = page.evaluate("el => el.firstChild.textContent", el.element_handle())
         assert partial and want.startswith(partial) and len(partial) < len(want)

@@ -207,6 +207,7 @@ def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url:
             producer.kill(sig)  # SIGTERM: a clean stop leaves its answers in flight to the others too
             killed = time.monotonic()
             rest = read_answer(client, answer["answer"], bound=20, offset=offset)  # ends: closed
+            print(f"closed {time.monotonic() - killed:.2f} s after the kill")
             assert time.monotonic() - killed < 20
         partial = text + rest
         want = "".join(FakeModel(pace=0, tokens=200).answer([{"role": "user", "content": "go"}]))

@@ -35,7 +35,7 @@ def create_app(
     sse_lifetime: float = 60.0,
     stop: asyncio.Event | None = None,
     model: ChatModel | None = None,
-    lease_ttl: int = 2,
+    lease_ttl: int = 5,
 ) -> Starlette:
     """The app. ``long_poll_timeout``: how long a long-poll (and an idle SSE) waits before an
     empty answer; ``sse_lifetime``: SSE connections end after this (clients reconnect from their

@@ -180,7 +180,7 @@ class ChatService:
         connect: Mapping[str, str | None],
         model: ChatModel,
         *,
-        lease_ttl: int = 2,
+        lease_ttl: int = 5,
         flush_interval: float = 0.02,
     ) -> None:
         self.store: TokenStreams = None  # type: ignore[assignment]  # set by start()
