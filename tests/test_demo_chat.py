@@ -4,6 +4,7 @@ and bad input is refused with a 4xx and a clear body, nothing written, the serve
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -272,3 +273,34 @@ def test_an_answer_larger_than_a_message_is_stored_whole(url: str, namespace: st
         assert want.startswith(last["content"])  # type: ignore[arg-type]
     finally:
         stop(s)
+
+
+@pytest.mark.slow
+def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, namespace: str, tmp_path: Path) -> None:
+    """SIGSTOP the producing process past its lease: another process closes the answer as
+    incomplete; once resumed, the old producer appends nothing more and stores no second copy."""
+    env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}
+    producer = start(url, tmp_path / "a.log", env=env)
+    other = start(url, tmp_path / "b.log", env=env)
+    try:
+        with httpx.Client(base_url=other.base, timeout=10) as client:
+            session = conversation(client, namespace)
+            answer = httpx.post(f"{producer.base}/v1/chat/{namespace}/{session}/messages", json={"content": "stall"}).json()
+            time.sleep(1.0)
+            os.kill(producer.proc.pid, signal.SIGSTOP)
+            try:
+                text = read_answer(client, answer["answer"], bound=20)  # closed by the other process
+            finally:
+                os.kill(producer.proc.pid, signal.SIGCONT)
+            time.sleep(3.0)  # the resumed producer tries to go on (fenced) and stops
+            assert read_answer(client, answer["answer"], bound=5) == text  # nothing appended after the close
+        messages = wait_messages(url, namespace, session, 3, bound=1.0)
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[-1]["content"] == text and messages[-1]["meta"]["incomplete"] is True  # type: ignore[index]
+        want = "".join(FakeModel(pace=0, tokens=200).answer([{"role": "user", "content": "stall"}]))
+        assert want.startswith(text) and len(text) < len(want)
+        assert producer.proc.poll() is None  # the stalled process itself carries on serving
+        assert httpx.get(producer.base + "/").status_code == 200
+    finally:
+        producer.kill(signal.SIGKILL)
+        stop(other)
