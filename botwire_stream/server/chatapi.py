@@ -88,9 +88,9 @@ class Producer:
     """Appends one answer's text to its token stream, coalesced: text that arrives while an
     append is in flight, or within ``interval`` of the last one, goes out in the next append.
 
-    Measured on loopback NATS (benchmarks/chat_answers.py): an append takes about 1 ms, so at a
-    model's 20-100 tokens per second every token still goes out alone, while 2,000 tokens from a
-    model at full speed go out in a handful of appends.
+    An append took 2.4-3.5 ms on loopback NATS (measured, a closing one), so at a model's 20-100
+    tokens per second nearly every token still goes out alone (tested: 20 tokens 30 ms apart, 10
+    or more appends), while 2,000 tokens at full speed go out in a handful (tested: at most 10).
     """
 
     def __init__(
