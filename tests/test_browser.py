@@ -131,7 +131,17 @@ def test_tokens_stream_into_the_page(browser: Browser, serve: Serve, namespace: 
         shutil.copy(shot, ROOT / os.environ["BOTWIRE_DEMO_SCREENSHOT"])
 
 
-def test_reload_mid_answer_resumes_from_its_offset(browser: Browser, serve: Serve, namespace: str) -> None:
+def test_reload_mid_answer_resumes_from_its_offset(browser: Browser, url: str, namespace: str, tmp_path: Path) -> None:
+    # 0.1 s a token (8 s an answer): still mid-answer after the first quarter on a loaded machine
+    serve = chat_serve.start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0.1", "BOTWIRE_FAKE_TOKENS": str(TOKENS)})
+    try:
+        _reload_mid_answer(browser, serve, namespace)
+    finally:
+        stop(serve)
+        print("serve log:", serve.log.read_text()[-3000:])
+
+
+def _reload_mid_answer(browser: Browser, serve: Serve, namespace: str) -> None:
     page = open_page(browser, serve.base, namespace)
     send(page, "resume me")
     want = expected("resume me")
