@@ -592,6 +592,30 @@ def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_t
     run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout)
 
 
+# -- the streaming chat demo (issue 8) --------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free one).")
+@click.option("--url", "nats_url", metavar="URL", default=None, help="NATS server. Default: $BOTWIRE_URL, else the embedded local server.")
+@click.pass_obj
+def demo(opts: Options, host: str, port: int, nats_url: str | None) -> None:
+    """Chat in the browser: `botwire serve` with its chat page, on the embedded server.
+
+    Prints the page's URL once it answers and opens nothing. Answers stream token by token and
+    survive reloads, restarts of this command and a second tab. The model is a local fake one
+    unless BOTWIRE_CHAT_MODEL says otherwise (openai, or module:attribute of a LangChain model).
+    """
+    try:
+        from .server.run import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"botwire demo needs the server extra: pip install 'botwire-stream[server]' ({exc})")
+
+    def ready(base: str) -> None:
+        click.echo(f"botwire demo: open {base} in your browser (Ctrl-C stops)", err=False)
+
+    run_server(host=host, port=port, url=nats_url or opts.url, ready=ready)
+
+
 def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:
     """Entry point of the ``botwire`` script."""
     cli.main(args=args, prog_name=prog_name)

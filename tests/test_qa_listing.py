@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import nats
 import pytest
 
-from botwire_stream import AsyncChatHistory, Memory
+from botwire_stream import Memory
 from botwire_stream.keys import encode_key
 from tests.test_listing import _bucket, _load
 

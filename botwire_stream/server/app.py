@@ -15,6 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from ..tokens import open_token_streams
 from .chat import CHAT_PREFIX, Conversations
+from .chatapi import ChatService
+from .model import ChatModel, model_from_env
 from .protocol import ProtocolError, stream_path
 from .streams import Streams, error_response, respond
 
@@ -33,12 +35,17 @@ def create_app(
     long_poll_timeout: float = 20.0,
     sse_lifetime: float = 60.0,
     stop: asyncio.Event | None = None,
+    model: ChatModel | None = None,
+    lease_ttl: int = 5,
 ) -> App:
     """The app. ``long_poll_timeout``: how long a long-poll (and an idle SSE) waits before an
     empty answer; ``sse_lifetime``: SSE connections end after this (clients reconnect from their
-    offset); ``stop``: set it to end open long-polls and SSE at once (graceful shutdown)."""
+    offset); ``stop``: set it to end open long-polls and SSE at once (graceful shutdown);
+    ``model``: the chat endpoint's model (default: ``model_from_env()``); ``lease_ttl``: seconds
+    after which an answer whose producer died is closed as incomplete (see ``chatapi``)."""
     connect = {"url": url, "token": token, "user": user, "password": password, "creds": creds}
     handlers: dict[str, object] = {}
+    service = ChatService(connect, model if model is not None else model_from_env(), lease_ttl=lease_ttl)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -47,10 +54,12 @@ def create_app(
         max_body = store._b.max_chunk
         handlers["streams"] = Streams(store, max_body, long_poll_timeout, sse_lifetime, ending)
         handlers["chat"] = Conversations(connect, long_poll_timeout, sse_lifetime, ending)
+        await service.start(store)
         try:
             yield
         finally:
             ending.set()
+            await service.close()
             await client.close()
 
     async def endpoint(request: Request) -> Response:
@@ -71,7 +80,11 @@ def create_app(
         return respond(404, b"not found", {"content-type": "text/plain"})
 
     star = Starlette(
-        routes=[Route("/v1/stream/{path:path}", endpoint, methods=_METHODS), Route("/{rest:path}", not_found)],
+        routes=[
+            Route("/v1/stream/{path:path}", endpoint, methods=_METHODS),
+            *service.routes(),
+            Route("/{rest:path}", not_found),
+        ],
         lifespan=lifespan,
     )
     return App(star, endpoint, handlers)

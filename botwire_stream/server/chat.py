@@ -117,7 +117,9 @@ class Conversations:
 
     async def _wait(self, chat: AsyncChatHistory, after: int, timeout: float) -> list[Entry]:
         """The entries after ``after`` once there is one, or [] at ``timeout`` or shutdown."""
-        watch = chat.watch(after or None)
+        # after=0 (an empty conversation) must not mean "from now": a first message appended
+        # between the caller's read and this watch's start would wait out the whole long-poll
+        watch = chat.watch(after)
         try:
             await watch.start()
             first = asyncio.ensure_future(watch.__anext__())

@@ -4,6 +4,7 @@ once), then uvicorn finishes the requests in flight and stops."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -37,12 +38,36 @@ def serve(
     long_poll_timeout: float = 20.0,
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
+    ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server``
-    extra brings them; uvicorn picks them by itself)."""
+    """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server`` extra
+    brings them; uvicorn picks them by itself); ``ready`` is called with the server's base URL once
+    it answers (with ``port=0``, the port the system chose)."""
     stop = asyncio.Event()  # bound to the server's loop on first use
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
     )
-    _Server(config, stop).run()
+    server = _Server(config, stop)
+
+    async def main() -> None:
+        if ready is None:
+            await server.serve()
+            return
+
+        async def announce() -> None:
+            while not server.started:
+                if server.should_exit:
+                    return
+                await asyncio.sleep(0.01)
+            sockets = [s for srv in server.servers for s in srv.sockets]
+            ready(f"http://{host}:{sockets[0].getsockname()[1] if sockets else port}/")
+
+        told = asyncio.ensure_future(announce())
+        try:
+            await server.serve()
+        finally:
+            told.cancel()
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(main())
