@@ -15,6 +15,8 @@ expires itself a second later. No reaper process is needed.
 from __future__ import annotations
 
 import asyncio
+from bisect import insort
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -46,6 +48,8 @@ MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 _EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
 _READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
+_HINT_SEQS: Final = 512  # sequences a hint keeps per conversation (the newest)
+_HINTS_KEPT: Final = 4096  # conversations with a hint per process (least recently used dropped)
 
 
 def stream_name(namespace: str) -> str:
@@ -63,6 +67,79 @@ async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, time
         raise
     chat.conn = conn
     return chat
+
+
+class _Hint:
+    """Where this process last saw a conversation's newest messages: a guess, never trusted.
+
+    ``last=N`` reads one reply of the conversation's messages from a start sequence ``X``. When
+    that reply holds every message from ``X`` on and at least N of them, the newest N are exactly
+    its tail, whatever ``X`` was; with fewer, the conversation was cleared or expired since, or
+    the guess was wrong, and the probing read (several requests) answers instead. So a hint only
+    decides the cost: one request when it is good, one more when it is not.
+
+    ``seqs``: sequences this process knows messages at (its own appends, reads with headers), the
+    newest ``_HINT_SEQS``; ``anchor``/``count``: a read found ``count`` messages from ``anchor``
+    on, and ``added`` appends followed it (reads without headers give no sequences, only that).
+    """
+
+    __slots__ = ("seqs", "anchor", "count", "added", "refresh")
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.anchor = 0  # 0: none
+        self.count = 0
+        self.added = 0
+        self.refresh = False  # the next read asks for headers, to learn sequences again
+
+    def start(self, n: int) -> int | None:
+        """A sequence with (as far as this process knows) at least ``n`` messages from it on, the
+        highest known; 1 when the conversation had fewer when last read; None: no idea."""
+        best = 0
+        if len(self.seqs) >= n:
+            best = self.seqs[-n]
+        if self.anchor and self.count + self.added >= n:
+            best = max(best, self.anchor)
+        if best:
+            return best
+        return 1 if self.anchor else None
+
+    def appended(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            insort(self.seqs, seq)
+        self.added += len(seqs)
+        self._trim()
+
+    def found(self, start: int, msgs: list[Msg], last_seq: int, headers: bool) -> None:
+        """A read from ``start`` got every message from there on: ``msgs``, the newest at ``last_seq``."""
+        self.anchor, self.count, self.added = start, len(msgs), 0
+        if headers:
+            self.seqs = sorted({*self.seqs, *(int((m.headers or {})["Nats-Sequence"]) for m in msgs)})
+            self.refresh = False
+        elif last_seq and last_seq not in self.seqs:
+            insort(self.seqs, last_seq)
+        self._trim()
+
+    def _trim(self) -> None:
+        if len(self.seqs) > _HINT_SEQS:
+            del self.seqs[: len(self.seqs) - _HINT_SEQS]
+
+
+# Per process, for every connection and loop: a hint from another server or another stream of the
+# same name only costs the fallback read (see ``_Hint``), so the key needs no server identity.
+_hints: OrderedDict[tuple[str, str], _Hint] = OrderedDict()
+
+
+def _hint(key: tuple[str, str]) -> _Hint:
+    """The hint for ``key``, made when missing, as the most recently used."""
+    hint = _hints.get(key)
+    if hint is None:
+        hint = _hints[key] = _Hint()
+        if len(_hints) > _HINTS_KEPT:
+            _hints.popitem(last=False)
+    else:
+        _hints.move_to_end(key)
+    return hint
 
 
 class NatsChat:
@@ -161,6 +238,7 @@ class NatsChatLog:
         token_path = keys.encode_key(session_id)
         self.subject = chat.chat + token_path
         self._ttl_subject = chat.ttl + token_path
+        self._key = (self.stream, self.subject)
 
     async def close(self) -> None:
         await self._chat.close()
@@ -191,11 +269,14 @@ class NatsChatLog:
         headers = origin_headers()
         schedule = self._schedule()
         if schedule is None:
-            return await conn.publish(self.subject, data, headers, self.timeout, what="append")
-        # The schedule first, on the same connection, so the server re-arms the expiry before the
-        # message lands; both acks are awaited together (one round trip).
-        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self.timeout, what="append")
-        return seqs[1]
+            seq = await conn.publish(self.subject, data, headers, self.timeout, what="append")
+        else:
+            # The schedule first, on the same connection, so the server re-arms the expiry before
+            # the message lands; both acks are awaited together (one round trip).
+            pair = [schedule, (self.subject, data, headers)]
+            seq = (await conn.publish_pipelined(pair, self.timeout, what="append"))[1]
+        _hint(self._key).appended([seq])
+        return seq
 
     async def extend(self, payloads: list[bytes], total: int) -> list[int]:
         """One atomic batch; the call's deadline is its timeout plus one second per 16 MiB."""
@@ -235,7 +316,9 @@ class NatsChatLog:
                         "nats-server does not keep an atomic batch atomic; free space, then append the rest"
                     ) from exc
                 raise
-        return list(range(last - len(payloads) + 1, last + 1))
+        seqs = list(range(last - len(payloads) + 1, last + 1))
+        _hint(self._key).appended(seqs)
+        return seqs
 
     async def _partial_batch(self, ids: set[str]) -> list[int]:
         """The sequences of the messages of a failed batch that the server stored anyway.
@@ -265,6 +348,7 @@ class NatsChatLog:
         schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
         """
         await self.conn.purge(self.stream, self.subject, timeout=self.timeout)
+        _hints.pop(self._key, None)
 
     # -- reading --------------------------------------------------------------------------------
     async def _probe(self, seq: int) -> tuple[Batch, int]:
@@ -308,7 +392,56 @@ class NatsChatLog:
             guess = (lo + hi) // 2
         return lo, at_lo
 
+    async def _read_once(self, start: int, last: int | None, headers: bool) -> list[Msg] | None:
+        """The read in one request when this process's hint says where to start (any conversation
+        length, any interleaving), or None when one request cannot tell (then ``_read`` probes).
+
+        Exact whatever the hint (see ``_Hint``): one reply is a snapshot (the server holds the
+        stream's lock while it sends it), and it is used only when it holds every message from
+        its start on and, for ``last``, at least that many or all there are after ``after``.
+        """
+        hint = _hints.get(self._key)
+        if last is None:
+            if hint is not None and hint.count + hint.added >= _PAGE:
+                return None  # long: paged by read_subject
+            seq, batch = start, _PAGE
+        else:
+            guess = None if hint is None else hint.start(last)
+            if guess is None:
+                return None
+            seq = max(guess, start)
+            # Room for what others appended since the hint was made; more costs the probing read.
+            batch = min(2 * last + 256, _PAGE)
+            headers = headers or hint is not None and hint.refresh
+        req: dict[str, Any] = {"next_by_subj": self.subject, "seq": seq, "batch": batch}
+        if not headers:
+            req["no_hdr"] = True
+        reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+        msgs = reply.msgs
+        # Every message from seq on: with headers the end-of-batch pending count is what is left;
+        # without, the server leaves it at the count from seq on (nats-server 2.15, measured).
+        if msgs and reply.pending and (headers or len(msgs) < reply.pending):
+            return None  # cut at batch or at the server's byte cap
+        if last is not None and len(msgs) < last and seq > start:
+            return None  # cleared or expired since the hint, or a wrong hint: probe
+        hint = _hint(self._key)
+        hint.found(seq, msgs, reply.last_seq, headers)
+        if last is not None and len(msgs) > 2 * last + 64:
+            hint.refresh = True  # others appended much: learn sequences on the next read
+        return msgs
+
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
+        start = (after or 0) + 1
+        msgs = await self._read_once(start, last, headers)
+        if msgs is None:
+            msgs = await self._read_probing(after, last, headers)
+        msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
+        if last is not None and len(msgs) > last:
+            msgs = msgs[len(msgs) - last :]
+        return msgs
+
+    async def _read_probing(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
+        """The read by probing for where the ``last`` newest start (a few requests), and paged."""
         for _ in range(_READ_TRIES):
             found = await self._start_seq(after, last)
             if found is None:
@@ -332,9 +465,8 @@ class NatsChatLog:
             raise ChangedWhileRead(
                 f"conversation {self.session_id!r} was cleared {_READ_TRIES} times while it was read; read it again"
             )
-        msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
-        if last is not None and len(msgs) > last:
-            msgs = msgs[len(msgs) - last :]
+        # Counted from start: the next last=N read starts there, in one request.
+        _hint(self._key).found(start, msgs, 0, headers)
         return msgs
 
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
