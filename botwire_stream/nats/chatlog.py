@@ -104,6 +104,10 @@ class _Hint:
             return best
         return 1 if self.anchor else None
 
+    def cleared(self) -> None:
+        """Emptied by this process: the next reads start at sequence 1."""
+        self.seqs, self.anchor, self.count, self.added, self.refresh = [], 1, 0, 0, False
+
     def appended(self, seqs: list[int]) -> None:
         for seq in seqs:
             insort(self.seqs, seq)
@@ -348,7 +352,7 @@ class NatsChatLog:
         schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
         """
         await self.conn.purge(self.stream, self.subject, timeout=self.timeout)
-        _hints.pop(self._key, None)
+        _hint(self._key).cleared()
 
     # -- reading --------------------------------------------------------------------------------
     async def _probe(self, seq: int) -> tuple[Batch, int]:
@@ -369,13 +373,15 @@ class NatsChatLog:
         start = (after or 0) + 1
         if last is None:
             return start, None
-        probe, total = await self._probe(start)
+        # Both at once (one round trip): the count from start, and where the conversation ends.
+        (probe, total), tail = await asyncio.gather(
+            self._probe(start), self.conn.direct_get_last(self.stream, self.subject, self.timeout)
+        )
         if not total:
             return None
         first = probe.last_seq
         if total <= last:
             return first, total
-        tail = await self.conn.direct_get_last(self.stream, self.subject, self.timeout)
         if tail is None:
             return None
         end = int((tail.headers or {})["Nats-Sequence"])
