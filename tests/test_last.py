@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from botwire_stream import AsyncChatHistory, ChatHistory, Entry
 from tests import procs
+from tests.servers import NatsServer
 
 
 def _sent(chat: AsyncChatHistory) -> int:
@@ -66,26 +67,26 @@ def _in_other_process(url: str, ns: str, sid: str, body: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-async def _interleaved(url: str, ns: str, sid: str, length: int, others: int, per_other: int) -> None:
-    """``length`` messages in ``sid``, each followed by ``per_other`` messages of one of ``others``
-    other conversations (round robin), so the conversation's messages are spread over the stream."""
+async def _interleaved(url: str, ns: str, sid: str, length: int, chunk: int, others: int, per_other: int) -> None:
+    """``length`` messages in ``sid``, ``chunk`` at a time, each chunk followed by ``per_other``
+    messages of one of ``others`` other conversations (round robin), so that the conversation's
+    messages are spread over the whole stream."""
     async with AsyncChatHistory(sid, namespace=ns, url=url) as chat:
         rest = [AsyncChatHistory(f"{sid}-o{i}", namespace=ns, url=url) for i in range(others)]
         try:
-            for i in range(length):
-                await chat.append({"role": "user", "i": i})
-                other = rest[i % others]
-                await other.extend([{"role": "other", "i": i, "j": j} for j in range(per_other)])
+            for c, i in enumerate(range(0, length, chunk)):
+                await chat.extend([{"role": "user", "i": j} for j in range(i, min(i + chunk, length))])
+                await rest[c % others].extend([{"role": "other", "j": j} for j in range(per_other)])
         finally:
             await asyncio.gather(*(o.close() for o in rest))
 
 
-@pytest.mark.parametrize(("length", "others", "per_other"), [(40, 100, 1), (2_000, 100, 10)])
+@pytest.mark.parametrize(("length", "chunk", "others", "per_other"), [(40, 1, 100, 1), (2_000, 10, 100, 100)])
 async def test_last_n_is_one_request_at_any_length(
-    url: str, namespace: str, length: int, others: int, per_other: int
+    url: str, namespace: str, length: int, chunk: int, others: int, per_other: int
 ) -> None:
     sid = "conv-" + uuid.uuid4().hex[:8]
-    await _interleaved(url, namespace, sid, length, others, per_other)
+    await _interleaved(url, namespace, sid, length, chunk, others, per_other)
     # A new object: what this process learned when it wrote the conversation is shared.
     async with AsyncChatHistory(sid, namespace=namespace, url=url) as chat:
         await chat.open()
@@ -128,3 +129,74 @@ async def test_a_reader_that_did_not_write(url: str, namespace: str) -> None:
             assert [m["i"] for m in got] == list(range(end - 20, end))
             if more <= 150:
                 assert sent == 1, f"{sent} requests after the writer appended {more}"
+
+
+# -- exact under random interleavings -----------------------------------------------------------
+# An operation: (writer 0-2, conversation 0-1, what, n): append one, extend n, clear, or read the
+# last n (compared with a full read). Three writers per conversation share this process's hint.
+OPS = st.lists(
+    st.tuples(
+        st.integers(0, 2),
+        st.integers(0, 1),
+        st.sampled_from(["append", "append", "append", "extend", "clear", "read", "read"]),
+        st.integers(0, 30),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@pytest.fixture(scope="module")
+def shared_ns() -> str:
+    """One namespace for the module (hypothesis runs many examples; each uses new conversations)."""
+    return "t" + uuid.uuid4().hex[:16]
+
+
+@given(OPS)
+@settings(max_examples=25, deadline=None)
+def test_last_n_matches_a_full_read_for_random_interleavings(
+    nats_server: NatsServer, shared_ns: str, ops: list[Any]
+) -> None:
+    asyncio.run(_run_ops(nats_server.url, shared_ns, ops))
+
+
+async def _run_ops(url: str, ns: str, ops: list[tuple[int, int, str, int]]) -> None:
+    run = uuid.uuid4().hex[:8]
+    chats = [[AsyncChatHistory(f"{run}-{c}", namespace=ns, url=url) for _ in range(3)] for c in range(2)]
+    n_written = 0
+    seen = [False, False]
+    try:
+        for row in chats:
+            for c in row:
+                await c.open()
+        for writer, conv, what, n in ops:
+            chat = chats[conv][writer]
+            seen[conv] = seen[conv] or what == "clear"
+            if what == "append":
+                await chat.append({"w": writer, "k": n_written})
+                n_written += 1
+            elif what == "extend":
+                await chat.extend([{"w": writer, "k": n_written + j} for j in range(n + 1)])
+                n_written += n + 1
+            elif what == "clear":
+                await chat.clear()
+            else:
+                got, sent = await _counted(chat, chat.entries(last=n))
+                full = await chat.entries()
+                assert got == (full[-n:] if n else [])
+                # One request once this process has read (or cleared) the conversation. A first
+                # read asks for its oldest messages and its last one at once: enough when short.
+                if not n:
+                    assert sent == 0
+                elif seen[conv]:
+                    assert sent == 1
+                elif len(full) <= n:
+                    assert sent <= 2
+                seen[conv] = seen[conv] or n > 0
+                assert await chat.messages(last=n + 3) == [e.message for e in full[-(n + 3) :]]
+        for row in chats:  # and at the end, every N from 0 to beyond the length
+            full = await row[0].entries()
+            for n in range(len(full) + 2):
+                assert await row[1].entries(last=n) == (full[-n:] if n else [])
+    finally:
+        await asyncio.gather(*(c.close() for row in chats for c in row))

@@ -47,6 +47,7 @@ MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 # An extend's deadline grows by one second per this many bytes, beyond its timeout.
 _EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
+_HEAD: Final = 32  # messages the first request of a probing read asks for (short conversations)
 _READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
 _HINT_SEQS: Final = 512  # sequences a hint keeps per conversation (the newest)
 _HINTS_KEPT: Final = 4096  # conversations with a hint per process (least recently used dropped)
@@ -363,25 +364,36 @@ class NatsChatLog:
         )
         return probe, (probe.pending + 1 if probe.msgs else 0)
 
-    async def _start_seq(self, after: int | None, last: int | None) -> tuple[int, int | None] | None:
+    async def _start_seq(
+        self, after: int | None, last: int | None, headers: bool
+    ) -> tuple[int, int | None] | list[Msg] | None:
         """The sequence to read from so that at least the ``last`` newest messages follow, and how
-        many messages followed it when probed (None: not probed), or None for nothing to read.
+        many messages followed it when probed (None: not probed); or every message after
+        ``after`` when the first probe got them all; or None for nothing to read.
 
-        Counts come from one-message probes (the end-of-batch pending count), so reading the tail
-        of a long conversation costs a few small requests plus the tail itself.
+        The first round trip asks at once for the oldest ``min(last, 32)`` messages with the
+        count from there (the end-of-batch pending count) and for the last message: a short
+        conversation is then read, a long one costs a few one-message probes plus its tail.
         """
         start = (after or 0) + 1
         if last is None:
             return start, None
-        # Both at once (one round trip): the count from start, and where the conversation ends.
-        (probe, total), tail = await asyncio.gather(
-            self._probe(start), self.conn.direct_get_last(self.stream, self.subject, self.timeout)
+        req: dict[str, Any] = {"next_by_subj": self.subject, "seq": start, "batch": min(last, _HEAD)}
+        if not headers:
+            req["no_hdr"] = True
+        head, tail = await asyncio.gather(
+            self.conn.direct_batch(self.stream, req, self.timeout),
+            self.conn.direct_get_last(self.stream, self.subject, self.timeout),
         )
-        if not total:
+        if not head.msgs:
             return None
-        first = probe.last_seq
-        if total <= last:
-            return first, total
+        # With headers the pending count is what the reply left; without, the count from start.
+        total = head.pending + len(head.msgs) if headers else max(head.pending, len(head.msgs))
+        if total <= len(head.msgs):
+            return head.msgs
+        if total - len(head.msgs) + 1 < last:
+            return start, total  # fewer than 2 x last: all of them
+        first, total = head.last_seq, total - len(head.msgs) + 1  # from the head's last message on
         if tail is None:
             return None
         end = int((tail.headers or {})["Nats-Sequence"])
@@ -449,9 +461,14 @@ class NatsChatLog:
     async def _read_probing(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
         """The read by probing for where the ``last`` newest start (a few requests), and paged."""
         for _ in range(_READ_TRIES):
-            found = await self._start_seq(after, last)
+            found = await self._start_seq(after, last, headers)
             if found is None:
+                if after is None:
+                    _hint(self._key).found(1, [], 0, headers)  # empty: the next read starts at 1
                 return []
+            if isinstance(found, list):
+                _hint(self._key).found((after or 0) + 1, found, 0, headers)
+                return found
             start, known = found
             try:
                 msgs = await self.conn.read_subject(
