@@ -28,7 +28,7 @@ from tests.servers import NatsServer
 
 def _sent(chat: AsyncChatHistory) -> int:
     """How many messages (requests and publishes) the chat's connection has sent so far."""
-    conn = chat._conn
+    conn = chat._conn_
     assert conn is not None
     sent: int = conn.conn.nc.stats["out_msgs"]  # type: ignore[attr-defined]
     return sent
@@ -200,3 +200,128 @@ async def _run_ops(url: str, ns: str, ops: list[tuple[int, int, str, int]]) -> N
                 assert await row[1].entries(last=n) == (full[-n:] if n else [])
     finally:
         await asyncio.gather(*(c.close() for row in chats for c in row))
+
+
+# -- other processes: concurrent appends, clear, expiry ---------------------------------------------
+_APPEND_UNTIL_STOP = """
+import os, time
+other = AsyncChatHistory(sys.argv[3] + "-other", namespace=sys.argv[2], url=sys.argv[1])
+n, deadline = 0, time.monotonic() + 60
+print("ready", flush=True)
+while not os.path.exists(sys.argv[4]) and time.monotonic() < deadline:
+    await chat.append({"writer": os.getpid(), "i": n})
+    await other.append({"writer": os.getpid(), "i": n})
+    n += 1
+await other.close()
+result = n
+"""
+
+
+@pytest.mark.slow
+async def test_last_n_is_exact_during_appends_from_other_processes(url: str, namespace: str, tmp_path: Any) -> None:
+    """Two other processes append to the conversation (and to another one) without pause while
+    this one, between appends of its own, reads the last N: every read is N consecutive messages
+    of the final log ending at or after this process's own acknowledged append."""
+    sid = "conv-" + uuid.uuid4().hex[:8]
+    stop = tmp_path / "stop"
+    script = (
+        "import asyncio, json, sys\n"
+        "from botwire_stream import AsyncChatHistory\n"
+        "async def main():\n"
+        "    async with AsyncChatHistory(sys.argv[3], namespace=sys.argv[2], url=sys.argv[1]) as chat:\n"
+        + "".join(f"        {line}\n" for line in _APPEND_UNTIL_STOP.strip().splitlines())
+        + "        return result\n"
+        "print(json.dumps(asyncio.run(main())))\n"
+    )
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, url, namespace, sid, str(stop)],
+            cwd=procs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )
+        for _ in range(2)
+    ]
+    reads: list[tuple[int, int, list[Entry]]] = []
+    requests = 0
+    try:
+        for w in writers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        async with AsyncChatHistory(sid, namespace=namespace, url=url) as chat:
+            deadline = time.monotonic() + 10
+            for i in range(300):
+                if time.monotonic() > deadline:
+                    break
+                mine = await chat.append({"writer": "reader", "i": i})
+                n = (1, 5, 20, 100)[i % 4]
+                got, sent = await _counted(chat, chat.entries(last=n))
+                reads.append((n, mine, got))
+                requests += sent
+            stop.touch()
+            counts = [json_last_line(w.communicate(timeout=procs.WAIT)[0]) for w in writers]
+            assert all(c > 0 for c in counts)
+            full = await chat.entries()
+    finally:
+        stop.touch()
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(5)
+    assert len(full) == len(reads) + sum(counts)
+    # one request each, but when the others appended more than a few hundred since the last read
+    assert requests <= 1.5 * len(reads)
+    index = {e.seq: i for i, e in enumerate(full)}
+    for n, mine, got in reads:
+        assert got[-1].seq >= mine  # nothing acknowledged before the read is missing
+        end = index[got[-1].seq] + 1
+        assert got == full[max(0, end - n) : end]
+
+
+def json_last_line(out: str) -> Any:
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("new", [0, 3, 20, 45])
+async def test_last_n_after_another_process_cleared_and_wrote(url: str, namespace: str, new: int) -> None:
+    """What this process learned before the clear never brings old messages back, nor hides new ones."""
+    sid = "conv-" + uuid.uuid4().hex[:8]
+    async with AsyncChatHistory(sid, namespace=namespace, url=url) as chat:
+        await chat.extend([{"old": i} for i in range(50)])
+        assert [m["old"] for m in await chat.messages(last=20)] == list(range(30, 50))
+        _in_other_process(
+            url, namespace, sid, f"await chat.clear()\nresult = [await chat.append({{'new': i}}) for i in range({new})]"
+        )
+        for n in (1, 20, 100):
+            want = [{"new": i} for i in range(new)][-n:]
+            assert await chat.messages(last=n) == want
+            assert [e.message for e in await chat.entries(last=n)] == want
+        assert await chat.messages() == [{"new": i} for i in range(new)]
+        got, sent = await _counted(chat, chat.messages(last=20))  # relearned: one request again
+        assert got == [{"new": i} for i in range(new)][-20:] and sent == 1
+
+
+@pytest.mark.slow
+async def test_last_n_across_a_ttl_expiry(url: str, namespace: str) -> None:
+    """A conversation that expired (server-side, no reader running) reads as empty, then as only
+    what was appended after, from this process and from another one, for N below and above."""
+    sid = "conv-" + uuid.uuid4().hex[:8]
+    async with AsyncChatHistory(sid, namespace=namespace, url=url, ttl=1) as chat:
+        await chat.extend([{"old": i} for i in range(30)])
+        for i in range(30, 40):
+            await chat.append({"old": i})
+        assert [m["old"] for m in await chat.messages(last=20)] == list(range(20, 40))
+        deadline = time.monotonic() + 15  # expires 1-2 s after the last write
+        while await chat.messages(last=20) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await chat.messages(last=20) == []
+        assert await chat.entries(last=5) == []
+        async with AsyncChatHistory(sid, namespace=namespace, url=url) as plain:  # no ttl: no new expiry
+            for i in range(3):
+                await plain.append({"new": i})
+        assert await chat.messages(last=20) == [{"new": i} for i in range(3)]
+        assert await chat.messages(last=2) == [{"new": 1}, {"new": 2}]
+        _in_other_process(url, namespace, sid, "result = [await chat.append({'new': i}) for i in range(3, 30)]")
+        assert await chat.messages(last=20) == [{"new": i} for i in range(10, 30)]
+        assert await chat.messages(last=100) == [{"new": i} for i in range(30)]
+        got, sent = await _counted(chat, chat.messages(last=20))  # relearned: one request again
+        assert got == [{"new": i} for i in range(10, 30)] and sent == 1

@@ -441,7 +441,8 @@ class NatsChatLog:
         if msgs and reply.pending and (headers or len(msgs) < reply.pending):
             return None  # cut at batch or at the server's byte cap
         if last is not None and len(msgs) < last and seq > start:
-            return None  # cleared or expired since the hint, or a wrong hint: probe
+            _hints.pop(self._key, None)  # cleared or expired since, or a wrong hint: forget, probe
+            return None
         hint = _hint(self._key)
         hint.found(seq, msgs, reply.last_seq, headers)
         if last is not None and len(msgs) > 2 * last + 64:
