@@ -51,6 +51,9 @@ _HEAD: Final = 32  # messages the first request of a probing read asks for (shor
 _READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
 _HINT_SEQS: Final = 512  # sequences a hint keeps per conversation (the newest)
 _HINTS_KEPT: Final = 4096  # conversations with a hint per process (least recently used dropped)
+_TAIL_MESSAGES: Final = 64  # newest messages kept per conversation, for last=N up to this
+_TAIL_BYTES: Final = 64 * 1024  # ... and at most these bytes of them
+_TAILS_BYTES: Final = 16 * 1024 * 1024  # all conversations' kept messages (least recently used dropped)
 
 
 def stream_name(namespace: str) -> str:
@@ -84,7 +87,7 @@ class _Hint:
     on, and ``added`` appends followed it (reads without headers give no sequences, only that).
     """
 
-    __slots__ = ("seqs", "anchor", "count", "added", "refresh")
+    __slots__ = ("seqs", "anchor", "count", "added", "refresh", "tail", "tail_all", "tail_bytes")
 
     def __init__(self) -> None:
         self.seqs: list[int] = []
@@ -92,6 +95,34 @@ class _Hint:
         self.count = 0
         self.added = 0
         self.refresh = False  # the next read asks for headers, to learn sequences again
+        # The newest messages, all of them from the first one's sequence on as one reply found
+        # them, with their Nats-Msg-Id; replaced, never changed in place (readers keep a snapshot).
+        self.tail: list[tuple[LogEntry, str]] | None = None
+        self.tail_all = False  # the tail starts at the conversation's first message
+        self.tail_bytes = 0
+
+    def keep_tail(self, tail: list[tuple[LogEntry, str]] | None, complete: bool) -> None:
+        """Keep ``tail`` (its newest ``_TAIL_MESSAGES``, at most ``_TAIL_BYTES``); None: forget it."""
+        global _tails_bytes
+        size = 0
+        if tail:
+            cut = max(0, len(tail) - _TAIL_MESSAGES)
+            size = sum(len(e.data) for e, _ in tail[cut:])
+            while size > _TAIL_BYTES and cut < len(tail) - 1:
+                size -= len(tail[cut][0].data)
+                cut += 1
+            if cut:
+                tail, complete = tail[cut:], False
+        else:
+            tail, complete = None, False
+        _tails_bytes += size - self.tail_bytes
+        self.tail, self.tail_all, self.tail_bytes = tail, complete, size
+        if _tails_bytes > _TAILS_BYTES:
+            for hint in list(_hints.values()):  # the least recently used first
+                if _tails_bytes <= _TAILS_BYTES // 2:
+                    break
+                if hint is not self and hint.tail:
+                    hint.keep_tail(None, False)
 
     def start(self, n: int) -> int | None:
         """A sequence with (as far as this process knows) at least ``n`` messages from it on, the
@@ -108,6 +139,7 @@ class _Hint:
     def cleared(self) -> None:
         """Emptied by this process: the next reads start at sequence 1."""
         self.seqs, self.anchor, self.count, self.added, self.refresh = [], 1, 0, 0, False
+        self.keep_tail(None, False)
 
     def appended(self, seqs: list[int]) -> None:
         for seq in seqs:
@@ -133,6 +165,13 @@ class _Hint:
 # Per process, for every connection and loop: a hint from another server or another stream of the
 # same name only costs the fallback read (see ``_Hint``), so the key needs no server identity.
 _hints: OrderedDict[tuple[str, str], _Hint] = OrderedDict()
+_tails_bytes = 0  # the bytes of every hint's kept messages
+
+
+def _forget(key: tuple[str, str]) -> None:
+    hint = _hints.pop(key, None)
+    if hint is not None:
+        hint.keep_tail(None, False)
 
 
 def _hint(key: tuple[str, str]) -> _Hint:
@@ -141,7 +180,7 @@ def _hint(key: tuple[str, str]) -> _Hint:
     if hint is None:
         hint = _hints[key] = _Hint()
         if len(_hints) > _HINTS_KEPT:
-            _hints.popitem(last=False)
+            _hints.popitem(last=False)[1].keep_tail(None, False)
     else:
         _hints.move_to_end(key)
     return hint
@@ -430,7 +469,9 @@ class NatsChatLog:
             seq = max(guess, start)
             # Room for what others appended since the hint was made; more costs the probing read.
             batch = min(2 * last + 256, _PAGE)
-            headers = headers or hint is not None and hint.refresh
+            # With headers when a tail is to be kept: later reads then fetch only what is newer.
+            tail_wanted = start == 1 and last <= _TAIL_MESSAGES and hint is not None and not hint.tail
+            headers = headers or hint is not None and hint.refresh or tail_wanted
         req: dict[str, Any] = {"next_by_subj": self.subject, "seq": seq, "batch": batch}
         if not headers:
             req["no_hdr"] = True
@@ -441,13 +482,53 @@ class NatsChatLog:
         if msgs and reply.pending and (headers or len(msgs) < reply.pending):
             return None  # cut at batch or at the server's byte cap
         if last is not None and len(msgs) < last and seq > start:
-            _hints.pop(self._key, None)  # cleared or expired since, or a wrong hint: forget, probe
+            _forget(self._key)  # cleared or expired since, or a wrong hint: forget, probe
             return None
         hint = _hint(self._key)
         hint.found(seq, msgs, reply.last_seq, headers)
         if last is not None and len(msgs) > 2 * last + 64:
             hint.refresh = True  # others appended much: learn sequences on the next read
+        if headers and start == 1 and all(m.data for m in msgs):  # no expiry marker among them
+            hint.keep_tail([_tail_item(m) for m in msgs], seq == 1)
         return msgs
+
+    async def _read_tail(self, last: int) -> list[LogEntry] | None:
+        """The newest ``last`` messages from the kept tail and what was appended after it, in one
+        request from the tail's newest message on (with headers: usually a few messages); None
+        when no tail is kept, or it no longer holds (then the caller reads as usual).
+
+        Exact because a conversation's messages leave only all at once (``clear`` purges them, an
+        expiry rolls them up; the stream denies deletes and has no limits): while the tail's
+        newest message is still there (same sequence, message id and body), so is the rest of
+        the tail, and the reply, one snapshot, holds everything after it.
+        """
+        hint = _hints.get(self._key)
+        kept = None if hint is None else hint.tail
+        if hint is None or not kept or last > _TAIL_MESSAGES:
+            return None
+        complete = hint.tail_all
+        newest, newest_id = kept[-1]
+        req = {"next_by_subj": self.subject, "seq": newest.seq, "batch": 2 * last + 256}
+        reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+        msgs = reply.msgs
+        first = (msgs[0].headers or {}) if msgs else {}
+        if (
+            reply.pending
+            or not msgs
+            or first.get("Nats-Sequence") != str(newest.seq)
+            or first.get("Nats-Msg-Id", "") != newest_id
+            or msgs[0].data != newest.data
+            or not all(m.data for m in msgs)
+        ):
+            if hint.tail is kept:  # cut short, or cleared or expired since: read as usual
+                hint.keep_tail(None, False)
+            return None
+        tail = kept + [_tail_item(m) for m in msgs[1:]] if len(msgs) > 1 else kept
+        if hint.tail is kept:  # else another read replaced it meanwhile: keep theirs
+            hint.keep_tail(tail, complete)
+        if len(tail) < last and not complete:
+            return None
+        return [e for e, _ in tail[-last:]]
 
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
         start = (after or 0) + 1
@@ -494,9 +575,13 @@ class NatsChatLog:
         return msgs
 
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
+        if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
+            return [e.data for e in tail]
         return [m.data for m in await self._read(after, last, headers=False)]
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
+            return tail
         return [_entry(m) for m in await self._read(after, last, headers=True)]
 
     async def count(self) -> int:
@@ -613,6 +698,11 @@ def _batches(payloads: list[bytes]) -> list[list[bytes]]:
 def _entry(m: Msg) -> LogEntry:
     hdr = m.headers or {}
     return LogEntry(int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), m.data)
+
+
+def _tail_item(m: Msg) -> tuple[LogEntry, str]:
+    """A message read with headers as a ``_Hint.tail`` item: its entry and its ``Nats-Msg-Id``."""
+    return _entry(m), (m.headers or {}).get("Nats-Msg-Id", "")
 
 
 class LogFeed(ResumingFeed[LogEntry]):
