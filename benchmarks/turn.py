@@ -21,7 +21,7 @@ from botwire_stream import AsyncChatHistory
 from botwire_stream.nats import chatlog
 
 from ._registry import Context, benchmark
-from ._report import RESULT, Ratio, Table, verdict
+from ._report import RESULT, Ratio, Table
 from ._timing import Stats, interleave, time_async
 from .chat import _load_read_stream, chat_message
 
@@ -84,7 +84,9 @@ def _aof_everysec(sync_client: Any) -> None:
     raise RuntimeError("redis did not finish its AOF rewrite within 30 s")
 
 
-@benchmark("chat-turn", "a chat turn (last 20 + two appends), 100 conversations at once, 0-200 messages, vs Redis lists")
+@benchmark(
+    "chat-turn", "a chat turn (last 20 + two appends), 100 conversations at once, 0-200 messages, vs Redis lists"
+)
 def chat_turn(ctx: Context) -> list[Table]:
     url = ctx.nats_url
     n_conv, rounds = ctx.pick((50, 4), (100, 10))
@@ -121,8 +123,18 @@ def chat_turn(ctx: Context) -> list[Table]:
             sync_redis.close()
     table = Table(
         f"chat-turn: {n_conv} conversations at once, each turn messages(last={CONTEXT}) + 2 appends",
-        ["messages before", "turns/s", "p50 µs", "p99 µs", "redis turns/s", "redis p50", "redis p99",
-         "vs redis", "target", RESULT],
+        [
+            "messages before",
+            "turns/s",
+            "p50 µs",
+            "p99 µs",
+            "redis turns/s",
+            "redis p50",
+            "redis p99",
+            "vs redis",
+            "target",
+            RESULT,
+        ],
     )
     for r, (samples, wall) in enumerate(ours):
         st = Stats.of(samples)
@@ -134,8 +146,18 @@ def chat_turn(ctx: Context) -> list[Table]:
             rrate = len(rs) / (rwall / 1e9)
             ratio = Ratio(rate / rrate)
             # higher is better here: a MISS below the target
-            table.add(f"{lo}-{hi}", rate, st.p50, st.p99, rrate, rst.p50, rst.p99, ratio,
-                      f">= {TURN_TARGET:.1f}x", "PASS" if ratio >= TURN_TARGET else "MISS")
+            table.add(
+                f"{lo}-{hi}",
+                rate,
+                st.p50,
+                st.p99,
+                rrate,
+                rst.p50,
+                rst.p99,
+                ratio,
+                f">= {TURN_TARGET:.1f}x",
+                "PASS" if ratio >= TURN_TARGET else "MISS",
+            )
         else:
             table.add(f"{lo}-{hi}", rate, st.p50, st.p99, None, None, None, None, "-", "")
     table.notes.append(
@@ -166,7 +188,7 @@ def chat_last(ctx: Context) -> list[Table]:
     try:
 
         async def cold(chat: AsyncChatHistory) -> object:
-            chatlog._hints.clear()  # as the first read of a process that never saw the conversation
+            chatlog._forget_all()  # as the first read of a process that never saw the conversation
             return await chat.messages(last=CONTEXT)
 
         contenders = {
@@ -176,7 +198,9 @@ def chat_last(ctx: Context) -> list[Table]:
         }
         for op in contenders.values():
             ctx.run(time_async(op, warm))
-        samples = interleave(rounds, {name: (lambda op=op: ctx.run(time_async(op, n))) for name, op in contenders.items()})
+        samples = interleave(
+            rounds, {name: (lambda op=op: ctx.run(time_async(op, n))) for name, op in contenders.items()}
+        )
         for k, chat in chats.items():  # still exactly the newest 20
             got = ctx.run(chat.messages(last=CONTEXT))
             want = [chat_message(j) for j in range(sizes[k] - CONTEXT, sizes[k])]
@@ -196,8 +220,14 @@ def chat_last(ctx: Context) -> list[Table]:
     for k, size in sizes.items():
         st = stats[f"last-{k}"]
         ratio = Ratio(st.p50 / base.p50)
-        table.add(f"messages(last=20) of {size:,}", st.p50, st.p99, ratio, f"< {LAST_TARGET:.1f}x",
-                  "PASS" if ratio < LAST_TARGET else "MISS")
+        table.add(
+            f"messages(last=20) of {size:,}",
+            st.p50,
+            st.p99,
+            ratio,
+            f"< {LAST_TARGET:.1f}x",
+            "PASS" if ratio < LAST_TARGET else "MISS",
+        )
     for k, size in sizes.items():
         st = stats[f"cold-{k}"]
         table.add(f"  first read in a process, {size:,}", st.p50, st.p99, Ratio(st.p50 / base.p50), "info", "")

@@ -11,6 +11,7 @@ after a TTL expiry.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from botwire_stream import AsyncChatHistory, ChatHistory, Entry
+from botwire_stream import AsyncChatHistory, Entry
 from tests import procs
 from tests.servers import NatsServer
 
@@ -41,10 +42,11 @@ async def _counted(chat: AsyncChatHistory, op: Any) -> tuple[Any, int]:
     return result, _sent(chat) - before
 
 
-def _in_other_process(url: str, ns: str, sid: str, body: str) -> Any:
-    """Run ``body`` (async code using ``chat``, an ``AsyncChatHistory`` of ``sid``) in a child
-    OS process; the value of its last expression line ``result = ...`` is returned."""
-    script = (
+def _script(body: str) -> str:
+    """A child's program: ``body`` (async code using ``chat``, the ``AsyncChatHistory`` of
+    ``argv[3]`` in namespace ``argv[2]`` at ``argv[1]``, that sets ``result``), whose ``result``
+    it prints as JSON on its last line."""
+    return (
         "import asyncio, json, sys\n"
         "from botwire_stream import AsyncChatHistory\n"
         "async def main():\n"
@@ -53,8 +55,12 @@ def _in_other_process(url: str, ns: str, sid: str, body: str) -> Any:
         + "        return result\n"
         "print(json.dumps(asyncio.run(main())))\n"
     )
+
+
+def _in_other_process(url: str, ns: str, sid: str, body: str) -> Any:
+    """Run ``_script(body)`` in a child OS process to completion; its ``result``."""
     proc = subprocess.run(
-        [sys.executable, "-c", script, url, ns, sid],
+        [sys.executable, "-c", _script(body), url, ns, sid],
         capture_output=True,
         text=True,
         timeout=procs.WAIT,
@@ -62,8 +68,6 @@ def _in_other_process(url: str, ns: str, sid: str, body: str) -> Any:
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -114,7 +118,9 @@ async def test_a_reader_that_did_not_write(url: str, namespace: str) -> None:
     sid = "conv-" + uuid.uuid4().hex[:8]
 
     def write(first: int, end: int) -> None:
-        _in_other_process(url, namespace, sid, f"result = [await chat.append({{'i': i}}) for i in range({first}, {end})]")
+        _in_other_process(
+            url, namespace, sid, f"result = [await chat.append({{'i': i}}) for i in range({first}, {end})]"
+        )
 
     write(0, 300)
     async with AsyncChatHistory(sid, namespace=namespace, url=url) as chat:
@@ -224,19 +230,15 @@ async def test_last_n_is_exact_during_appends_from_other_processes(url: str, nam
     of the final log ending at or after this process's own acknowledged append."""
     sid = "conv-" + uuid.uuid4().hex[:8]
     stop = tmp_path / "stop"
-    script = (
-        "import asyncio, json, sys\n"
-        "from botwire_stream import AsyncChatHistory\n"
-        "async def main():\n"
-        "    async with AsyncChatHistory(sys.argv[3], namespace=sys.argv[2], url=sys.argv[1]) as chat:\n"
-        + "".join(f"        {line}\n" for line in _APPEND_UNTIL_STOP.strip().splitlines())
-        + "        return result\n"
-        "print(json.dumps(asyncio.run(main())))\n"
-    )
+    script = _script(_APPEND_UNTIL_STOP)
     writers = [
         subprocess.Popen(
             [sys.executable, "-c", script, url, namespace, sid, str(stop)],
-            cwd=procs.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            cwd=procs.ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -256,7 +258,7 @@ async def test_last_n_is_exact_during_appends_from_other_processes(url: str, nam
                 reads.append((n, mine, got))
                 requests += sent
             stop.touch()
-            counts = [json_last_line(w.communicate(timeout=procs.WAIT)[0]) for w in writers]
+            counts = [json.loads(w.communicate(timeout=procs.WAIT)[0].strip().splitlines()[-1]) for w in writers]
             assert all(c > 0 for c in counts)
             full = await chat.entries()
     finally:
@@ -273,12 +275,6 @@ async def test_last_n_is_exact_during_appends_from_other_processes(url: str, nam
         assert got[-1].seq >= mine  # nothing acknowledged before the read is missing
         end = index[got[-1].seq] + 1
         assert got == full[max(0, end - n) : end]
-
-
-def json_last_line(out: str) -> Any:
-    import json
-
-    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("new", [0, 3, 20, 45])
@@ -325,3 +321,23 @@ async def test_last_n_across_a_ttl_expiry(url: str, namespace: str) -> None:
         assert await chat.messages(last=100) == [{"new": i} for i in range(30)]
         got, sent = await _counted(chat, chat.messages(last=20))  # relearned: one request again
         assert got == [{"new": i} for i in range(10, 30)] and sent == 1
+
+
+async def test_kept_messages_are_not_served_after_another_process_rewrote_them(url: str, namespace: str) -> None:
+    """This process keeps the newest messages it read; another one clears the conversation and
+    writes the same bodies again, the first of them equal to the newest kept one: reads give the
+    new messages (their new sequences), not the kept ones."""
+    sid = "conv-" + uuid.uuid4().hex[:8]
+    async with AsyncChatHistory(sid, namespace=namespace, url=url) as chat:
+        await chat.extend([{"i": i} for i in range(50)])
+        old = await chat.entries(last=20)
+        assert await chat.entries(last=20) == old  # from what it kept
+        rewrite = "await chat.clear()\nresult = await chat.extend([{'i': 49}, {'i': 50}])"
+        _in_other_process(url, namespace, sid, rewrite)
+        got = await chat.entries(last=20)
+        full = await chat.entries()
+        assert [e.message for e in full] == [{"i": 49}, {"i": 50}]
+        assert got == full and got[0].seq > old[-1].seq
+        assert await chat.messages(last=20) == [{"i": 49}, {"i": 50}]
+        again, sent = await _counted(chat, chat.entries(last=20))
+        assert again == got and sent == 1

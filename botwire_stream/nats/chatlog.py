@@ -174,6 +174,12 @@ def _forget(key: tuple[str, str]) -> None:
         hint.keep_tail(None, False)
 
 
+def _forget_all() -> None:
+    """Forget every hint, as a new process would start (benchmarks of a first read)."""
+    for key in list(_hints):
+        _forget(key)
+
+
 def _hint(key: tuple[str, str]) -> _Hint:
     """The hint for ``key``, made when missing, as the most recently used."""
     hint = _hints.get(key)
