@@ -18,7 +18,7 @@ from nats.js.api import StreamConfig
 
 from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
-from .replies import Batch, _BatchCollector
+from .replies import Batch
 from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
 
 __all__ = ["Connection"]
@@ -302,15 +302,14 @@ class Connection(RetryingConnection):
         return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
 
     async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
-        collector = _BatchCollector(asyncio.get_running_loop())
-        inbox = self.nc.new_inbox()
-        # future=: nats-py hands each reply to the collector from its reader, with no queue
-        sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
+        # Over the shared reply inbox; the mux times it out (or fails it on a lost connection).
+        mux = self._mux or await self._replies()
+        reply, collector = mux.expect_batch(timeout)
         try:
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
-            await asyncio.wait_for(collector.done_future, timeout)
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=reply)
+            await collector.done_future
         finally:
-            await sub.unsubscribe()
+            mux.forget(reply)
         return collector.batch
 
     async def read_subject(
