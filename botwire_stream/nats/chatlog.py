@@ -529,9 +529,11 @@ class NatsChatLog:
             if hint.tail is kept:  # cut short, or cleared or expired since: read as usual
                 hint.keep_tail(None, False)
             return None
-        tail = kept + [_tail_item(m) for m in msgs[1:]] if len(msgs) > 1 else kept
-        if hint.tail is kept:  # else another read replaced it meanwhile: keep theirs
-            hint.keep_tail(tail, complete)
+        tail = kept
+        if len(msgs) > 1:
+            tail = kept + [_tail_item(m) for m in msgs[1:]]
+            if hint.tail is kept:  # else another read replaced it meanwhile: keep theirs
+                hint.keep_tail(tail, complete)
         if len(tail) < last and not complete:
             return None
         return [e for e, _ in tail[-last:]]
