@@ -10,6 +10,14 @@ Sliding TTL is kept by the server: each write with a ``ttl`` also replaces the c
 one-shot schedule (``botwire.<namespace>.chatttl.<id>``, ``Nats-Schedule: @at now+ttl``). When it
 fires, the server writes an empty message that rolls up (removes) the whole conversation and
 expires itself a second later. No reaper process is needed.
+
+``last=N`` reads are one request once this process has read or written the conversation: a
+per-process ``_Hint`` remembers where its newest messages start and keeps the newest ones read,
+so a read asks only for what follows the newest kept message. The server walks a subject's
+messages between two of them one by one (its index has only each subject's first and last per
+block), so reading from the right place, not probing, is what keeps a turn's read cheap. The
+hint never decides what is returned, only the cost: each reply is checked (see ``_Hint`` and
+``_read_tail``), and a read that finds it wrong falls back to probing.
 """
 
 from __future__ import annotations
