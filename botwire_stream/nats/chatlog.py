@@ -472,20 +472,15 @@ class NatsChatLog:
         its start on and, for ``last``, at least that many or all there are after ``after``.
         """
         hint = _hints.get(self._key)
-        if last is None:
-            if hint is not None and hint.count + hint.added >= _PAGE:
-                return None  # long: paged by read_subject
-            seq, batch = start, _PAGE
-        else:
-            guess = None if hint is None else hint.start(last)
-            if guess is None:
-                return None
-            seq = max(guess, start)
-            # Room for what others appended since the hint was made; more costs the probing read.
-            batch = min(2 * last + 256, _PAGE)
-            # With headers when a tail is to be kept: later reads then fetch only what is newer.
-            tail_wanted = start == 1 and last <= _TAIL_MESSAGES and hint is not None and not hint.tail
-            headers = headers or hint is not None and hint.refresh or tail_wanted
+        guess = None if hint is None or last is None else hint.start(last)
+        if hint is None or last is None or guess is None:
+            return None  # a whole read: paged by read_subject (one request under 10,000 messages)
+        seq = max(guess, start)
+        # Room for what others appended since the hint was made; more costs the probing read.
+        batch = min(2 * last + 256, _PAGE)
+        # With headers when a tail is to be kept: later reads then fetch only what is newer.
+        tail_wanted = start == 1 and last <= _TAIL_MESSAGES and not hint.tail
+        headers = headers or hint.refresh or tail_wanted
         req: dict[str, Any] = {"next_by_subj": self.subject, "seq": seq, "batch": batch}
         if not headers:
             req["no_hdr"] = True
@@ -495,15 +490,15 @@ class NatsChatLog:
         # without, the server leaves it at the count from seq on (nats-server 2.15, measured).
         if msgs and reply.pending and (headers or len(msgs) < reply.pending):
             return None  # cut at batch or at the server's byte cap
-        if last is not None and len(msgs) < last and seq > start:
+        if len(msgs) < last and seq > start:
             _forget(self._key)  # cleared or expired since, or a wrong hint: forget, probe
             return None
         hint = _hint(self._key)
         hint.found(seq, msgs, reply.last_seq, headers)
-        if last is not None and len(msgs) > 2 * last + 64:
+        if len(msgs) > 2 * last + 64:
             hint.refresh = True  # others appended much: learn sequences on the next read
-        if headers and start == 1 and all(m.data for m in msgs):  # no expiry marker among them
-            hint.keep_tail([_tail_item(m) for m in msgs], seq == 1)
+        if headers and start == 1:
+            _keep_tail(hint, msgs, seq == 1)
         return msgs
 
     async def _read_tail(self, last: int) -> list[LogEntry] | None:
@@ -518,7 +513,7 @@ class NatsChatLog:
         """
         hint = _hints.get(self._key)
         kept = None if hint is None else hint.tail
-        if hint is None or not kept or last > _TAIL_MESSAGES:
+        if hint is None or not kept or last > _TAIL_MESSAGES or len(kept) < last and not hint.tail_all:
             return None
         complete = hint.tail_all
         newest, newest_id = kept[-1]
@@ -587,7 +582,10 @@ class NatsChatLog:
                 f"conversation {self.session_id!r} was cleared {_READ_TRIES} times while it was read; read it again"
             )
         # Counted from start: the next last=N read starts there, in one request.
-        _hint(self._key).found(start, msgs, 0, headers)
+        hint = _hint(self._key)
+        hint.found(start, msgs, 0, headers)
+        if headers and after is None:
+            _keep_tail(hint, msgs, start == 1)
         return msgs
 
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
@@ -714,6 +712,14 @@ def _batches(payloads: list[bytes]) -> list[list[bytes]]:
 def _entry(m: Msg) -> LogEntry:
     hdr = m.headers or {}
     return LogEntry(int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), m.data)
+
+
+def _keep_tail(hint: _Hint, msgs: list[Msg], from_first: bool) -> None:
+    """Keep the newest of ``msgs`` (every message from the first one's sequence on, read with
+    headers) as ``hint``'s tail, unless an expiry marker is among them."""
+    newest = msgs[-_TAIL_MESSAGES:]
+    if all(m.data for m in newest):
+        hint.keep_tail([_tail_item(m) for m in newest], from_first and len(newest) == len(msgs))
 
 
 def _tail_item(m: Msg) -> tuple[LogEntry, str]:

@@ -352,10 +352,12 @@ class Connection(RetryingConnection):
             check = check or (first_reply_end > 0 and bool(batch.msgs))
             # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
             # fewer messages than asked does not mean the end. With headers the end-of-batch
-            # pending count is exact; with no_hdr the server never decrements it (nats-server
-            # 2.15), so 0 is still the end but anything else needs the next page: an empty
-            # reply (one small round trip) is then the end.
+            # pending count is what is left; with no_hdr the server never decrements it (nats-server
+            # 2.15): it is the count from seq on, taken under the same lock as the reply, so a
+            # reply holding that many holds everything from seq on.
             if not batch.msgs or not batch.last_seq or batch.pending == 0:
+                break
+            if not headers and len(batch.msgs) >= batch.pending:
                 break
             if known is not None and len(out) >= known:
                 break
