@@ -159,7 +159,8 @@ class _Hint:
         """A read from ``start`` got every message from there on: ``msgs``, the newest at ``last_seq``."""
         self.anchor, self.count, self.added = start, len(msgs), 0
         if headers:
-            self.seqs = sorted({*self.seqs, *(int((m.headers or {})["Nats-Sequence"]) for m in msgs)})
+            newest = msgs[-_HINT_SEQS:]
+            self.seqs = sorted({*self.seqs, *(int((m.headers or {})["Nats-Sequence"]) for m in newest)})
             self.refresh = False
         elif last_seq and last_seq not in self.seqs:
             insort(self.seqs, last_seq)
@@ -478,6 +479,8 @@ class NatsChatLog:
         seq = max(guess, start)
         # Room for what others appended since the hint was made; more costs the probing read.
         batch = min(2 * last + 256, _PAGE)
+        if guess == hint.anchor and hint.count + hint.added > batch:
+            return None  # more than one reply holds: the probing read pages
         # With headers when a tail is to be kept: later reads then fetch only what is newer.
         tail_wanted = start == 1 and last <= _TAIL_MESSAGES and not hint.tail
         headers = headers or hint.refresh or tail_wanted
