@@ -188,7 +188,9 @@ class ChatLog(Protocol):
 
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
         """The messages after sequence ``after``, only the ``last`` newest when given, oldest
-        first; never a mix of before and after a concurrent clear."""
+        first; never a mix of before and after a concurrent clear. ``last`` is what a chat turn
+        reads: it should cost about an append, whatever the conversation's length (NATS: one
+        request once this process has read or written the conversation)."""
         ...
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:

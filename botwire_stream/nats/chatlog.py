@@ -10,11 +10,21 @@ Sliding TTL is kept by the server: each write with a ``ttl`` also replaces the c
 one-shot schedule (``botwire.<namespace>.chatttl.<id>``, ``Nats-Schedule: @at now+ttl``). When it
 fires, the server writes an empty message that rolls up (removes) the whole conversation and
 expires itself a second later. No reaper process is needed.
+
+``last=N`` reads are one request once this process has read or written the conversation: a
+per-process ``_Hint`` remembers where its newest messages start and keeps the newest ones read,
+so a read asks only for what follows the newest kept message. The server walks a subject's
+messages between two of them one by one (its index has only each subject's first and last per
+block), so reading from the right place, not probing, is what keeps a turn's read cheap. The
+hint never decides what is returned, only the cost: each reply is checked (see ``_Hint`` and
+``_read_tail``), and a read that finds it wrong falls back to probing.
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import insort
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -45,7 +55,13 @@ MAX_EXTEND_BYTES: Final = 64 * 1024 * 1024
 # An extend's deadline grows by one second per this many bytes, beyond its timeout.
 _EXTEND_BYTES_PER_SECOND: Final = 16 * 1024 * 1024
 _PAGE: Final = 10_000
+_HEAD: Final = 32  # messages the first request of a probing read asks for (short conversations)
 _READ_TRIES: Final = 5  # reads started again after racing a clear or an expiry
+_HINT_SEQS: Final = 512  # sequences a hint keeps per conversation (the newest)
+_HINTS_KEPT: Final = 4096  # conversations with a hint per process (least recently used dropped)
+_TAIL_MESSAGES: Final = 64  # newest messages kept per conversation, for last=N up to this
+_TAIL_BYTES: Final = 64 * 1024  # ... and at most these bytes of them
+_TAILS_BYTES: Final = 16 * 1024 * 1024  # all conversations' kept messages (least recently used dropped)
 
 
 def stream_name(namespace: str) -> str:
@@ -63,6 +79,126 @@ async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, time
         raise
     chat.conn = conn
     return chat
+
+
+class _Hint:
+    """Where this process last saw a conversation's newest messages: a guess, never trusted.
+
+    ``last=N`` reads one reply of the conversation's messages from a start sequence ``X``. When
+    that reply holds every message from ``X`` on and at least N of them, the newest N are exactly
+    its tail, whatever ``X`` was; with fewer, the conversation was cleared or expired since, or
+    the guess was wrong, and the probing read (several requests) answers instead. So a hint only
+    decides the cost: one request when it is good, one more when it is not.
+
+    ``seqs``: sequences this process knows messages at (its own appends, reads with headers), the
+    newest ``_HINT_SEQS``; ``anchor``/``count``: a read found ``count`` messages from ``anchor``
+    on, and ``added`` appends followed it (reads without headers give no sequences, only that).
+    """
+
+    __slots__ = ("seqs", "anchor", "count", "added", "refresh", "tail", "tail_all", "tail_bytes")
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.anchor = 0  # 0: none
+        self.count = 0
+        self.added = 0
+        self.refresh = False  # the next read asks for headers, to learn sequences again
+        # The newest messages, all of them from the first one's sequence on as one reply found
+        # them, with their Nats-Msg-Id; replaced, never changed in place (readers keep a snapshot).
+        self.tail: list[tuple[LogEntry, str]] | None = None
+        self.tail_all = False  # the tail starts at the conversation's first message
+        self.tail_bytes = 0
+
+    def keep_tail(self, tail: list[tuple[LogEntry, str]] | None, complete: bool) -> None:
+        """Keep ``tail`` (its newest ``_TAIL_MESSAGES``, at most ``_TAIL_BYTES``); None: forget it."""
+        global _tails_bytes
+        size = 0
+        if tail:
+            cut = max(0, len(tail) - _TAIL_MESSAGES)
+            size = sum(len(e.data) for e, _ in tail[cut:])
+            while size > _TAIL_BYTES and cut < len(tail) - 1:
+                size -= len(tail[cut][0].data)
+                cut += 1
+            if cut:
+                tail, complete = tail[cut:], False
+        else:
+            tail, complete = None, False
+        _tails_bytes += size - self.tail_bytes
+        self.tail, self.tail_all, self.tail_bytes = tail, complete, size
+        if _tails_bytes > _TAILS_BYTES:
+            for hint in list(_hints.values()):  # the least recently used first
+                if _tails_bytes <= _TAILS_BYTES // 2:
+                    break
+                if hint is not self and hint.tail:
+                    hint.keep_tail(None, False)
+
+    def start(self, n: int) -> int | None:
+        """A sequence with (as far as this process knows) at least ``n`` messages from it on, the
+        highest known; 1 when the conversation had fewer when last read; None: no idea."""
+        best = 0
+        if len(self.seqs) >= n:
+            best = self.seqs[-n]
+        if self.anchor and self.count + self.added >= n:
+            best = max(best, self.anchor)
+        if best:
+            return best
+        return 1 if self.anchor else None
+
+    def cleared(self) -> None:
+        """Emptied by this process: the next reads start at sequence 1."""
+        self.seqs, self.anchor, self.count, self.added, self.refresh = [], 1, 0, 0, False
+        self.keep_tail(None, False)
+
+    def appended(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            insort(self.seqs, seq)
+        self.added += len(seqs)
+        self._trim()
+
+    def found(self, start: int, msgs: list[Msg], last_seq: int, headers: bool) -> None:
+        """A read from ``start`` got every message from there on: ``msgs``, the newest at ``last_seq``."""
+        self.anchor, self.count, self.added = start, len(msgs), 0
+        if headers:
+            newest = msgs[-_HINT_SEQS:]
+            self.seqs = sorted({*self.seqs, *(int((m.headers or {})["Nats-Sequence"]) for m in newest)})
+            self.refresh = False
+        elif last_seq and last_seq not in self.seqs:
+            insort(self.seqs, last_seq)
+        self._trim()
+
+    def _trim(self) -> None:
+        if len(self.seqs) > _HINT_SEQS:
+            del self.seqs[: len(self.seqs) - _HINT_SEQS]
+
+
+# Per process, for every connection and loop: a hint from another server or another stream of the
+# same name only costs the fallback read (see ``_Hint``), so the key needs no server identity.
+_hints: OrderedDict[tuple[str, str], _Hint] = OrderedDict()
+_tails_bytes = 0  # the bytes of every hint's kept messages
+
+
+def _forget(key: tuple[str, str]) -> None:
+    hint = _hints.pop(key, None)
+    if hint is not None:
+        hint.keep_tail(None, False)
+
+
+def _forget_all() -> None:
+    """Forget every hint, as a new process would start (benchmarks of a first read)."""
+    for key in list(_hints):
+        _forget(key)
+
+
+def _hint(key: tuple[str, str]) -> _Hint:
+    """The hint for ``key``, made when missing, as the most recently used."""
+    hint = _hints.get(key)
+    if hint is None:
+        hint = _hints[key] = _Hint()
+        if len(_hints) > _HINTS_KEPT:
+            _hints.popitem(last=False)[1].keep_tail(None, False)
+    else:
+        _hints.move_to_end(key)
+    return hint
 
 
 class NatsChat:
@@ -157,6 +293,7 @@ class NatsChatLog:
         token_path = keys.encode_key(session_id)
         self.subject = chat.chat + token_path
         self._ttl_subject = chat.ttl + token_path
+        self._key = (self.stream, self.subject)
 
     async def close(self) -> None:
         await self._chat.close()
@@ -187,11 +324,14 @@ class NatsChatLog:
         headers = origin_headers()
         schedule = self._schedule()
         if schedule is None:
-            return await conn.publish(self.subject, data, headers, self.timeout, what="append")
-        # The schedule first, on the same connection, so the server re-arms the expiry before the
-        # message lands; both acks are awaited together (one round trip).
-        seqs = await conn.publish_pipelined([schedule, (self.subject, data, headers)], self.timeout, what="append")
-        return seqs[1]
+            seq = await conn.publish(self.subject, data, headers, self.timeout, what="append")
+        else:
+            # The schedule first, on the same connection, so the server re-arms the expiry before
+            # the message lands; both acks are awaited together (one round trip).
+            pair = [schedule, (self.subject, data, headers)]
+            seq = (await conn.publish_pipelined(pair, self.timeout, what="append"))[1]
+        _hint(self._key).appended([seq])
+        return seq
 
     async def extend(self, payloads: list[bytes], total: int) -> list[int]:
         """One atomic batch; the call's deadline is its timeout plus one second per 16 MiB."""
@@ -231,7 +371,9 @@ class NatsChatLog:
                         "nats-server does not keep an atomic batch atomic; free space, then append the rest"
                     ) from exc
                 raise
-        return list(range(last - len(payloads) + 1, last + 1))
+        seqs = list(range(last - len(payloads) + 1, last + 1))
+        _hint(self._key).appended(seqs)
+        return seqs
 
     async def _partial_batch(self, ids: set[str]) -> list[int]:
         """The sequences of the messages of a failed batch that the server stored anyway.
@@ -261,6 +403,7 @@ class NatsChatLog:
         schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
         """
         await self.conn.purge(self.stream, self.subject, timeout=self.timeout)
+        _hint(self._key).cleared()
 
     # -- reading --------------------------------------------------------------------------------
     async def _probe(self, seq: int) -> tuple[Batch, int]:
@@ -271,23 +414,36 @@ class NatsChatLog:
         )
         return probe, (probe.pending + 1 if probe.msgs else 0)
 
-    async def _start_seq(self, after: int | None, last: int | None) -> tuple[int, int | None] | None:
+    async def _start_seq(
+        self, after: int | None, last: int | None, headers: bool
+    ) -> tuple[int, int | None] | list[Msg] | None:
         """The sequence to read from so that at least the ``last`` newest messages follow, and how
-        many messages followed it when probed (None: not probed), or None for nothing to read.
+        many messages followed it when probed (None: not probed); or every message after
+        ``after`` when the first probe got them all; or None for nothing to read.
 
-        Counts come from one-message probes (the end-of-batch pending count), so reading the tail
-        of a long conversation costs a few small requests plus the tail itself.
+        The first round trip asks at once for the oldest ``min(last, 32)`` messages with the
+        count from there (the end-of-batch pending count) and for the last message: a short
+        conversation is then read, a long one costs a few one-message probes plus its tail.
         """
         start = (after or 0) + 1
         if last is None:
             return start, None
-        probe, total = await self._probe(start)
-        if not total:
+        req: dict[str, Any] = {"next_by_subj": self.subject, "seq": start, "batch": min(last, _HEAD)}
+        if not headers:
+            req["no_hdr"] = True
+        head, tail = await asyncio.gather(
+            self.conn.direct_batch(self.stream, req, self.timeout),
+            self.conn.direct_get_last(self.stream, self.subject, self.timeout),
+        )
+        if not head.msgs:
             return None
-        first = probe.last_seq
-        if total <= last:
-            return first, total
-        tail = await self.conn.direct_get_last(self.stream, self.subject, self.timeout)
+        # With headers the pending count is what the reply left; without, the count from start.
+        total = head.pending + len(head.msgs) if headers else max(head.pending, len(head.msgs))
+        if total <= len(head.msgs):
+            return head.msgs
+        if total - len(head.msgs) + 1 < last:
+            return start, total  # fewer than 2 x last: all of them
+        first, total = head.last_seq, total - len(head.msgs) + 1  # from the head's last message on
         if tail is None:
             return None
         end = int((tail.headers or {})["Nats-Sequence"])
@@ -304,11 +460,107 @@ class NatsChatLog:
             guess = (lo + hi) // 2
         return lo, at_lo
 
+    async def _read_once(self, start: int, last: int | None, headers: bool) -> list[Msg] | None:
+        """The read in one request when this process's hint says where to start (any conversation
+        length, any interleaving), or None when one request cannot tell (then ``_read`` probes).
+
+        Exact whatever the hint (see ``_Hint``): one reply is a snapshot (the server holds the
+        stream's lock while it sends it), and it is used only when it holds every message from
+        its start on and, for ``last``, at least that many or all there are after ``after``.
+        """
+        hint = _hints.get(self._key)
+        guess = None if hint is None or last is None else hint.start(last)
+        if hint is None or last is None or guess is None:
+            return None  # a whole read: paged by read_subject (one request under 10,000 messages)
+        seq = max(guess, start)
+        # Room for what others appended since the hint was made; more costs the probing read.
+        batch = min(2 * last + 256, _PAGE)
+        if guess == hint.anchor and hint.count + hint.added > batch:
+            return None  # more than one reply holds: the probing read pages
+        # With headers when a tail is to be kept: later reads then fetch only what is newer.
+        tail_wanted = start == 1 and last <= _TAIL_MESSAGES and not hint.tail
+        headers = headers or hint.refresh or tail_wanted
+        req: dict[str, Any] = {"next_by_subj": self.subject, "seq": seq, "batch": batch}
+        if not headers:
+            req["no_hdr"] = True
+        reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+        msgs = reply.msgs
+        # Every message from seq on: with headers the end-of-batch pending count is what is left;
+        # without, the server leaves it at the count from seq on (nats-server 2.15, measured).
+        if msgs and reply.pending and (headers or len(msgs) < reply.pending):
+            return None  # cut at batch or at the server's byte cap
+        if len(msgs) < last and seq > start:
+            _forget(self._key)  # cleared or expired since, or a wrong hint: forget, probe
+            return None
+        hint = _hint(self._key)
+        hint.found(seq, msgs, reply.last_seq, headers)
+        if len(msgs) > 2 * last + 64:
+            hint.refresh = True  # others appended much: learn sequences on the next read
+        if headers and start == 1:
+            _keep_tail(hint, msgs, seq == 1)
+        return msgs
+
+    async def _read_tail(self, last: int) -> list[LogEntry] | None:
+        """The newest ``last`` messages from the kept tail and what was appended after it, in one
+        request from the tail's newest message on (with headers: usually a few messages); None
+        when no tail is kept, or it no longer holds (then the caller reads as usual).
+
+        Exact because a conversation's messages leave only all at once (``clear`` purges them, an
+        expiry rolls them up; the stream denies deletes and has no limits): while the tail's
+        newest message is still there (same sequence, message id and body), so is the rest of
+        the tail, and the reply, one snapshot, holds everything after it.
+        """
+        hint = _hints.get(self._key)
+        kept = None if hint is None else hint.tail
+        if hint is None or not kept or last > _TAIL_MESSAGES or len(kept) < last and not hint.tail_all:
+            return None
+        complete = hint.tail_all
+        newest, newest_id = kept[-1]
+        req = {"next_by_subj": self.subject, "seq": newest.seq, "batch": 2 * last + 256}
+        reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+        msgs = reply.msgs
+        first = (msgs[0].headers or {}) if msgs else {}
+        if (
+            reply.pending
+            or not msgs
+            or first.get("Nats-Sequence") != str(newest.seq)
+            or first.get("Nats-Msg-Id", "") != newest_id
+            or msgs[0].data != newest.data
+            or not all(m.data for m in msgs)
+        ):
+            if hint.tail is kept:  # cut short, or cleared or expired since: read as usual
+                hint.keep_tail(None, False)
+            return None
+        tail = kept
+        if len(msgs) > 1:
+            tail = kept + [_tail_item(m) for m in msgs[1:]]
+            if hint.tail is kept:  # else another read replaced it meanwhile: keep theirs
+                hint.keep_tail(tail, complete)
+        if len(tail) < last and not complete:
+            return None
+        return [e for e, _ in tail[-last:]]
+
     async def _read(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
+        start = (after or 0) + 1
+        msgs = await self._read_once(start, last, headers)
+        if msgs is None:
+            msgs = await self._read_probing(after, last, headers)
+        msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
+        if last is not None and len(msgs) > last:
+            msgs = msgs[len(msgs) - last :]
+        return msgs
+
+    async def _read_probing(self, after: int | None, last: int | None, headers: bool) -> list[Msg]:
+        """The read by probing for where the ``last`` newest start (a few requests), and paged."""
         for _ in range(_READ_TRIES):
-            found = await self._start_seq(after, last)
+            found = await self._start_seq(after, last, headers)
             if found is None:
+                if after is None:
+                    _hint(self._key).found(1, [], 0, headers)  # empty: the next read starts at 1
                 return []
+            if isinstance(found, list):
+                _hint(self._key).found((after or 0) + 1, found, 0, headers)
+                return found
             start, known = found
             try:
                 msgs = await self.conn.read_subject(
@@ -328,15 +580,21 @@ class NatsChatLog:
             raise ChangedWhileRead(
                 f"conversation {self.session_id!r} was cleared {_READ_TRIES} times while it was read; read it again"
             )
-        msgs = [m for m in msgs if m.data]  # an empty body is the expiry marker, not a message
-        if last is not None and len(msgs) > last:
-            msgs = msgs[len(msgs) - last :]
+        # Counted from start: the next last=N read starts there, in one request.
+        hint = _hint(self._key)
+        hint.found(start, msgs, 0, headers)
+        if headers and after is None:
+            _keep_tail(hint, msgs, start == 1)
         return msgs
 
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
+        if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
+            return [e.data for e in tail]
         return [m.data for m in await self._read(after, last, headers=False)]
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
+            return tail
         return [_entry(m) for m in await self._read(after, last, headers=True)]
 
     async def count(self) -> int:
@@ -444,6 +702,19 @@ def _batches(payloads: list[bytes]) -> list[list[bytes]]:
 def _entry(m: Msg) -> LogEntry:
     hdr = m.headers or {}
     return LogEntry(int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), m.data)
+
+
+def _keep_tail(hint: _Hint, msgs: list[Msg], from_first: bool) -> None:
+    """Keep the newest of ``msgs`` (every message from the first one's sequence on, read with
+    headers) as ``hint``'s tail, unless an expiry marker is among them."""
+    newest = msgs[-_TAIL_MESSAGES:]
+    if all(m.data for m in newest):
+        hint.keep_tail([_tail_item(m) for m in newest], from_first and len(newest) == len(msgs))
+
+
+def _tail_item(m: Msg) -> tuple[LogEntry, str]:
+    """A message read with headers as a ``_Hint.tail`` item: its entry and its ``Nats-Msg-Id``."""
+    return _entry(m), (m.headers or {}).get("Nats-Msg-Id", "")
 
 
 class LogFeed(ResumingFeed[LogEntry]):

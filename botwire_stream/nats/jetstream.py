@@ -18,7 +18,7 @@ from nats.js.api import StreamConfig
 
 from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
-from .replies import Batch, _BatchCollector
+from .replies import Batch
 from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
 
 __all__ = ["Connection"]
@@ -302,15 +302,14 @@ class Connection(RetryingConnection):
         return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
 
     async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
-        collector = _BatchCollector(asyncio.get_running_loop())
-        inbox = self.nc.new_inbox()
-        # future=: nats-py hands each reply to the collector from its reader, with no queue
-        sub = await self.nc.subscribe(inbox, future=collector)  # type: ignore[arg-type]
+        # Over the shared reply inbox; the mux times it out (or fails it on a lost connection).
+        mux = self._mux or await self._replies()
+        reply, collector = mux.expect_batch(timeout)
         try:
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=inbox)
-            await asyncio.wait_for(collector.done_future, timeout)
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, reply=reply)
+            await collector.done_future
         finally:
-            await sub.unsubscribe()
+            mux.forget(reply)
         return collector.batch
 
     async def read_subject(
@@ -353,10 +352,12 @@ class Connection(RetryingConnection):
             check = check or (first_reply_end > 0 and bool(batch.msgs))
             # A reply also ends at the server's byte cap (its max_pending, 64 MiB by default), so
             # fewer messages than asked does not mean the end. With headers the end-of-batch
-            # pending count is exact; with no_hdr the server never decrements it (nats-server
-            # 2.15), so 0 is still the end but anything else needs the next page: an empty
-            # reply (one small round trip) is then the end.
+            # pending count is what is left; with no_hdr the server never decrements it (nats-server
+            # 2.15): it is the count from seq on, taken under the same lock as the reply, so a
+            # reply holding that many holds everything from seq on.
             if not batch.msgs or not batch.last_seq or batch.pending == 0:
+                break
+            if not headers and len(batch.msgs) >= batch.pending:
                 break
             if known is not None and len(out) >= known:
                 break

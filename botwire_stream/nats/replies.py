@@ -58,6 +58,9 @@ class _ReplyMux:
         self._timer: asyncio.TimerHandle | None = None
         # token -> (future, deadline, reconnect count when sent)
         self.waiting: dict[str, tuple[asyncio.Future[Msg], float, int]] = {}
+        # token -> (collector, deadline, reconnect count when sent): batch direct gets, whose
+        # replies are several messages up to an end-of-batch status
+        self.batches: dict[str, tuple[_BatchCollector, float, int]] = {}
 
     def cancelled(self) -> bool:  # the subscription's "future" is never done
         return False
@@ -66,9 +69,17 @@ class _ReplyMux:
         return False
 
     def set_result(self, msg: Msg) -> None:
-        entry = self.waiting.pop(msg.subject[self._n :], None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
+        token = msg.subject[self._n :]
+        entry = self.waiting.pop(token, None)
+        if entry is not None:
+            if not entry[0].done():
+                entry[0].set_result(msg)
+            return
+        batch = self.batches.get(token)
+        if batch is not None:
+            batch[0].set_result(msg)
+            if batch[0].done_future.done():
+                del self.batches[token]
 
     def expect(self, timeout: float) -> tuple[str, asyncio.Future[Msg]]:
         """A reply subject and the future its reply will resolve."""
@@ -79,6 +90,21 @@ class _ReplyMux:
         if self._timer is None:
             self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep)
         return self.prefix + token, future
+
+    def expect_batch(self, timeout: float) -> tuple[str, _BatchCollector]:
+        """A reply subject and the collector of the batch direct get answered on it (no
+        subscription of its own: measured 80 µs less per read than one inbox per batch)."""
+        self._next += 1
+        token = str(self._next)
+        collector = _BatchCollector(self._loop)
+        self.batches[token] = (collector, self._loop.time() + timeout, self._nc.stats["reconnects"])
+        if self._timer is None:
+            self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep)
+        return self.prefix + token, collector
+
+    def forget(self, reply: str) -> None:
+        """Stop routing replies to ``reply`` (its request was given up)."""
+        self.batches.pop(reply[self._n :], None)
 
     def _sweep(self) -> None:
         now = self._loop.time()
@@ -93,7 +119,14 @@ class _ReplyMux:
             future, deadline, g = self.waiting.pop(token)
             if not future.done():
                 future.set_exception(nats.errors.TimeoutError() if deadline <= now else _Resend())
-        self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if self.waiting else None
+        for token, (collector, deadline, g) in list(self.batches.items()):
+            done = collector.done_future
+            if deadline <= now or done.done() or g != gen or lost:
+                del self.batches[token]
+                if not done.done():
+                    done.set_exception(nats.errors.TimeoutError() if deadline <= now else _Resend())
+        busy = self.waiting or self.batches
+        self._timer = self._loop.call_later(_SWEEP_EVERY, self._sweep) if busy else None
 
     def fail_all(self, exc: BaseException) -> None:
         if self._timer is not None:
@@ -103,6 +136,10 @@ class _ReplyMux:
         for future, _, _ in waiting.values():
             if not future.done():
                 future.set_exception(exc)
+        batches, self.batches = self.batches, {}
+        for collector, _, _ in batches.values():
+            if not collector.done_future.done():
+                collector.done_future.set_exception(exc)
 
 
 class _BatchCollector:
