@@ -58,7 +58,7 @@ __all__ = [
 START = "-1"
 NOW = "now"
 MAX_PATH_BYTES = 1024
-_OFFSET = re.compile(r"(\d{1,16})_(\d{1,16})")
+_OFFSET = re.compile(r"([0-9]{1,16})_([0-9]{1,16})")  # ASCII only: \d also takes other scripts' digits
 _JSON = "application/json"
 _MAX_TRIES = 100  # compare-and-set rounds before giving up (each one lost to another writer)
 _CACHE_SIZE = 10_000  # snapshots of streams without TTL kept for one-publish appends
@@ -163,17 +163,20 @@ def _check_ttl(ttl: object) -> int | None:
 
 def encode_json_chunk(body: bytes, *, allow_empty: bool) -> bytes | None:
     """A JSON append as stored: its messages (a top-level array is flattened one level), each
-    compact and one per line (compact JSON has no raw newline). None: an empty array."""
+    one per line as the writer sent it. Kept as raw text (``msgspec.Raw``), not decoded and
+    encoded again: that turned 1.0000000000000000000001 into 1.0, -0 into 0, and dropped all
+    but the last of duplicate keys. A raw newline can only be whitespace between tokens (never
+    inside a JSON string), so it becomes a space. None: an empty array."""
     try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise InvalidArgument("the body is not valid JSON") from None
-    items = value if isinstance(value, list) else [value]
-    if not items:
+        whole = msgspec.json.decode(body, type=msgspec.Raw)
+        raw = [whole] if bytes(whole)[:1] != b"[" else msgspec.json.decode(body, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):  # nesting deeper than ~1000 levels: RecursionError
+        raise InvalidArgument("the body is not valid JSON (or nested too deeply)") from None
+    if not raw:
         if allow_empty:
             return None
         raise InvalidArgument("an append of an empty JSON array stores nothing; send at least one message")
-    return b"\n".join(msgspec.json.encode(x) for x in items)
+    return b"\n".join(bytes(x).replace(b"\n", b" ") for x in raw)
 
 
 def _json_body(chunks: list[bytes]) -> bytes:
@@ -186,6 +189,13 @@ def _base_end(state: TokenState) -> int:
 
 def _tail(snap: Snapshot) -> int:
     return snap.last or _base_end(snap.state)
+
+
+def _same_stream(path: str, old: Snapshot, new: Snapshot) -> None:
+    """``StreamNotFound`` when ``new`` is another stream at the path (deleted and created again
+    while a live read waited): its chunks must not reach that reader as the old stream's."""
+    if new.state.created != old.state.created:
+        raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
 
 
 def _expired(snap: Snapshot, now: float) -> bool:
@@ -305,6 +315,9 @@ class TokenStreams:
         if ttl is not None and expires_at is not None:
             raise InvalidArgument("give ttl or expires_at, not both")
         expires_text, expires = _expiry(expires_at)
+        if expires is not None and expires <= time.time():
+            # stored, it was gone at once: the PUT answered 404 after writing and purging
+            raise InvalidArgument(f"expires_at {expires_text} is in the past")
         if type(fork_sub_offset) is not int or fork_sub_offset < 0:
             raise InvalidArgument(f"fork_sub_offset must be an int >= 0, not {fork_sub_offset!r}")
         if fork_from is None and (fork_offset is not None or fork_sub_offset):
@@ -533,8 +546,9 @@ class TokenStreams:
         that runs ahead of its snapshot is fine (chunks are immutable), one behind it says not
         up to date, and the next read continues."""
         if snap.state.base:
-            snap = await self._load(path)
-            return snap, await self._read(snap, offset, READ_BYTES)
+            fresh = await self._load(path)
+            _same_stream(path, snap, fresh)
+            return fresh, await self._read(fresh, offset, READ_BYTES)
         after = parse_offset(offset)
         loaded, chunks = await asyncio.gather(
             self._b.load(snap.key), self._b.read([(snap.key, after, 0)], READ_BYTES)
@@ -542,6 +556,7 @@ class TokenStreams:
         fresh = await self._checked(path, snap.key, loaded, False)
         if fresh.state.deleted:
             raise StreamDeleted(f"the token stream at {path!r} was deleted (its forks still read it)")
+        _same_stream(path, snap, fresh)
         if fresh.state.base:  # deleted and created again as a fork meanwhile
             return fresh, await self._read(fresh, offset, READ_BYTES)
         return fresh, self._result(fresh, after, chunks)
