@@ -3,41 +3,49 @@ nats-server, real serve processes, real HTTP clients; no mocks)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.http_serve import serving
+from tests.http_serve import Serve, serving
+from tests.servers import NatsServer
 
 TEXT = {"content-type": "text/plain"}
 JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def shared(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    """One serve process for the bad-input tests: each also checks it keeps serving."""
+    with serving(nats_server.url, tmp_path_factory.mktemp("serve") / "shared.log") as serve:
+        yield serve
 
 
 def _name() -> str:
     return "qa-" + uuid.uuid4().hex
 
 
-def test_a_write_to_a_conversation_path_with_encoded_slashes_is_refused_read_only(url: str, tmp_path: Path) -> None:
+def test_a_write_to_a_conversation_path_with_encoded_slashes_is_refused_read_only(shared: Serve) -> None:
     # /v1/stream/chat%2Fns%2Fsess names the same stream as /v1/stream/chat/ns/sess once decoded:
     # it must get the conversations' read-only status, and create no token stream there
-    with serving(url, tmp_path / "a.log") as a:
-        ns, session = "n" + uuid.uuid4().hex[:8], "s1"
-        encoded = f"{a.base}/v1/stream/chat%2F{ns}%2F{session}"
-        for method in ("PUT", "POST"):
-            r = httpx.request(method, encoded, headers=TEXT, content=b"forged")
-            assert r.status_code == 405, (method, r.status_code, r.text)
-        plain = httpx.get(f"{a.base}/v1/stream/chat/{ns}/{session}", params={"offset": "-1"})
-        assert b"forged" not in plain.content
-        # and the server keeps serving token streams
-        assert httpx.put(a.stream(_name()), headers=TEXT, content=b"x").status_code == 201
+    a = shared
+    ns, session = "n" + uuid.uuid4().hex[:8], "s1"
+    encoded = f"{a.base}/v1/stream/chat%2F{ns}%2F{session}"
+    for method in ("PUT", "POST"):
+        r = httpx.request(method, encoded, headers=TEXT, content=b"forged")
+        assert r.status_code == 405, (method, r.status_code, r.text)
+    plain = httpx.get(f"{a.base}/v1/stream/chat/{ns}/{session}", params={"offset": "-1"})
+    assert b"forged" not in plain.content
+    # and the server keeps serving token streams
+    assert httpx.put(a.stream(_name()), headers=TEXT, content=b"x").status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -49,26 +57,26 @@ def test_a_write_to_a_conversation_path_with_encoded_slashes_is_refused_read_onl
         b"1e400",  # beyond a double: must not become inf/null
     ],
 )
-def test_a_json_message_reads_back_as_the_same_json_text(url: str, tmp_path: Path, message: bytes) -> None:
+def test_a_json_message_reads_back_as_the_same_json_text(shared: Serve, message: bytes) -> None:
     # a JSON stream keeps message boundaries, never the writer's numbers or keys rewritten
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=JSON).status_code == 201
-        r = httpx.post(a.stream(name), headers=JSON, content=b"[" + message + b", 7]")
-        assert r.status_code == 204, r.text
-        got = httpx.get(a.stream(name), params={"offset": "-1"})
-        assert got.status_code == 200
-        assert got.content.replace(b" ", b"") == b"[" + message + b",7]"
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=JSON).status_code == 201
+    r = httpx.post(a.stream(name), headers=JSON, content=b"[" + message + b", 7]")
+    assert r.status_code == 204, r.text
+    got = httpx.get(a.stream(name), params={"offset": "-1"})
+    assert got.status_code == 200
+    assert got.content.replace(b" ", b"") == b"[" + message + b",7]"
 
 
 @pytest.mark.parametrize("body", [b"NaN", b"[1,]", b"{\"a\":}", b"[" * 5000 + b"]" * 5000 + b"x", b"\xff"])
-def test_invalid_json_is_refused_and_nothing_is_written(url: str, tmp_path: Path, body: bytes) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=JSON, content=b"[1]").status_code == 201
-        r = httpx.post(a.stream(name), headers=JSON, content=body)
-        assert r.status_code == 400, r.status_code
-        assert httpx.get(a.stream(name), params={"offset": "-1"}).content == b"[1]"
+def test_invalid_json_is_refused_and_nothing_is_written(shared: Serve, body: bytes) -> None:
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=JSON, content=b"[1]").status_code == 201
+    r = httpx.post(a.stream(name), headers=JSON, content=body)
+    assert r.status_code == 400, r.status_code
+    assert httpx.get(a.stream(name), params={"offset": "-1"}).content == b"[1]"
 
 
 def test_a_live_reader_never_sees_a_recreated_streams_data_as_the_old_ones(url: str, tmp_path: Path) -> None:
@@ -101,28 +109,28 @@ def test_a_live_reader_never_sees_a_recreated_streams_data_as_the_old_ones(url: 
         assert r.status_code in (404, 410, 204), r.status_code
 
 
-def test_odd_paths_get_their_status_nothing_is_written_and_the_server_keeps_serving(url: str, tmp_path: Path) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        base = f"{a.base}/v1/stream/"
-        cases = {
-            "%ff%fe": 400,  # not UTF-8 once decoded
-            "a%00b": 400,  # NUL
-            "a%0Ab": 400,  # newline
-            "x" * 1025: 414,
-        }
-        for raw, status in cases.items():
-            r = httpx.put(base + raw, headers=TEXT, content=b"x")
-            assert r.status_code == status, (raw[:20], r.status_code, r.text)
-            assert r.headers["content-type"].startswith("text/plain")
-        # NATS wildcards and dots are plain characters of a name: each its own stream
-        names = ["a.*", "a.>", "*", ">", "a..b", "a/../b", "a%2Fb", "é/ü", "x" * 1024]
-        for i, n in enumerate(names):
-            assert httpx.put(base + n, headers=TEXT, content=str(i).encode()).status_code == 201, n
-        for i, n in enumerate(names):
-            got = httpx.get(base + n, params={"offset": "-1"})
-            assert got.content == str(i).encode(), (n, got.status_code, got.content)
-        # names are percent-decoded: a%2Fb and a/b are one stream (as for conversations)
-        assert httpx.get(base + "a/b").content == str(names.index("a%2Fb")).encode()
+def test_odd_paths_get_their_status_nothing_is_written_and_the_server_keeps_serving(shared: Serve) -> None:
+    a = shared
+    base = f"{a.base}/v1/stream/"
+    cases = {
+        "%ff%fe": 400,  # not UTF-8 once decoded
+        "a%00b": 400,  # NUL
+        "a%0Ab": 400,  # newline
+        "x" * 1025: 414,
+    }
+    for raw, status in cases.items():
+        r = httpx.put(base + raw, headers=TEXT, content=b"x")
+        assert r.status_code == status, (raw[:20], r.status_code, r.text)
+        assert r.headers["content-type"].startswith("text/plain")
+    # NATS wildcards and dots are plain characters of a name: each its own stream
+    names = ["a.*", "a.>", "*", ">", "a..b", "a/../b", "a%2Fb", "é/ü", "x" * 1024]
+    for i, n in enumerate(names):
+        assert httpx.put(base + n, headers=TEXT, content=str(i).encode()).status_code == 201, n
+    for i, n in enumerate(names):
+        got = httpx.get(base + n, params={"offset": "-1"})
+        assert got.content == str(i).encode(), (n, got.status_code, got.content)
+    # names are percent-decoded: a%2Fb and a/b are one stream (as for conversations)
+    assert httpx.get(base + "a/b").content == str(names.index("a%2Fb")).encode()
 
 
 @pytest.mark.parametrize(
@@ -130,99 +138,99 @@ def test_odd_paths_get_their_status_nothing_is_written_and_the_server_keeps_serv
     [("", 400), (" 1_1", 400), ("1_1/", 400), ("-2", 400), ("1", 400), ("1_", 400), ("_1", 400),
      ("1" * 17 + "_0", 400), ("٣_٣", 400), ("0_0\x00", 400), ("NOW", 400)],
 )
-def test_malformed_offsets_are_400(url: str, tmp_path: Path, offset: str, status: int) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=TEXT, content=b"abc").status_code == 201
-        r = httpx.get(a.stream(name), params={"offset": offset})
-        assert r.status_code == status, (offset, r.status_code, r.text)
+def test_malformed_offsets_are_400(shared: Serve, offset: str, status: int) -> None:
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=TEXT, content=b"abc").status_code == 201
+    r = httpx.get(a.stream(name), params={"offset": offset})
+    assert r.status_code == status, (offset, r.status_code, r.text)
 
 
-def test_offsets_with_leading_zeros_and_the_start_read_the_same(url: str, tmp_path: Path) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=TEXT, content=b"abc").status_code == 201
-        assert httpx.post(a.stream(name), headers=TEXT, content=b"def").status_code == 204
-        for off in ("-1", "0_0", "0000000000000000_0000000000000000"):
-            assert httpx.get(a.stream(name), params={"offset": off}).content == b"abcdef", off
+def test_offsets_with_leading_zeros_and_the_start_read_the_same(shared: Serve) -> None:
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=TEXT, content=b"abc").status_code == 201
+    assert httpx.post(a.stream(name), headers=TEXT, content=b"def").status_code == 204
+    for off in ("-1", "0_0", "0000000000000000_0000000000000000"):
+        assert httpx.get(a.stream(name), params={"offset": off}).content == b"abcdef", off
 
 
 @pytest.mark.parametrize("ttl", ["-1", "1.5", "01", "1e3", "", "0x10", "+5"])
-def test_bad_ttls_are_400_and_create_nothing(url: str, tmp_path: Path, ttl: str) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        r = httpx.put(a.stream(name), headers={**TEXT, "stream-ttl": ttl})
-        assert r.status_code == 400, (ttl, r.status_code, r.text)
-        assert httpx.head(a.stream(name)).status_code == 404
+def test_bad_ttls_are_400_and_create_nothing(shared: Serve, ttl: str) -> None:
+    a = shared
+    name = _name()
+    r = httpx.put(a.stream(name), headers={**TEXT, "stream-ttl": ttl})
+    assert r.status_code == 400, (ttl, r.status_code, r.text)
+    assert httpx.head(a.stream(name)).status_code == 404
 
 
 @pytest.mark.parametrize("when", ["2000-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2030-01-01T00:00:00", "2030-13-01T00:00:00Z", "10000-01-01T00:00:00Z"])
-def test_expires_at_boundaries(url: str, tmp_path: Path, when: str) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        r = httpx.put(a.stream(name), headers={**TEXT, "stream-expires-at": when}, content=b"x")
-        if when.startswith("9999"):
-            assert r.status_code == 201
-            assert httpx.get(a.stream(name)).content == b"x"
-        elif when.startswith("2000"):
-            # already expired: refused, nothing written
-            assert r.status_code == 400, r.status_code
-            assert httpx.get(a.stream(name)).status_code == 404
-        else:
-            assert r.status_code == 400, (when, r.status_code)
-            assert httpx.head(a.stream(name)).status_code == 404
-        assert httpx.put(a.stream(_name()), headers=TEXT).status_code == 201
+def test_expires_at_boundaries(shared: Serve, when: str) -> None:
+    a = shared
+    name = _name()
+    r = httpx.put(a.stream(name), headers={**TEXT, "stream-expires-at": when}, content=b"x")
+    if when.startswith("9999"):
+        assert r.status_code == 201
+        assert httpx.get(a.stream(name)).content == b"x"
+    elif when.startswith("2000"):
+        # already expired: refused, nothing written
+        assert r.status_code == 400, r.status_code
+        assert httpx.get(a.stream(name)).status_code == 404
+    else:
+        assert r.status_code == 400, (when, r.status_code)
+        assert httpx.head(a.stream(name)).status_code == 404
+    assert httpx.put(a.stream(_name()), headers=TEXT).status_code == 201
 
 
-def test_producer_seq_at_2_53_minus_1_and_2_53(url: str, tmp_path: Path) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=TEXT).status_code == 201
-        top = 2**53 - 1
-        p = {**TEXT, "producer-id": "p", "producer-epoch": str(top), "producer-seq": "0"}
-        assert httpx.post(a.stream(name), headers=p, content=b"a").status_code == 200
-        over = {**p, "producer-epoch": str(top + 1)}
-        assert httpx.post(a.stream(name), headers=over, content=b"b").status_code == 400
-        assert httpx.post(a.stream(name), headers={**p, "producer-seq": str(2**53)}, content=b"c").status_code == 400
-        assert httpx.get(a.stream(name)).content == b"a"
+def test_producer_seq_at_2_53_minus_1_and_2_53(shared: Serve) -> None:
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=TEXT).status_code == 201
+    top = 2**53 - 1
+    p = {**TEXT, "producer-id": "p", "producer-epoch": str(top), "producer-seq": "0"}
+    assert httpx.post(a.stream(name), headers=p, content=b"a").status_code == 200
+    over = {**p, "producer-epoch": str(top + 1)}
+    assert httpx.post(a.stream(name), headers=over, content=b"b").status_code == 400
+    assert httpx.post(a.stream(name), headers={**p, "producer-seq": str(2**53)}, content=b"c").status_code == 400
+    assert httpx.get(a.stream(name)).content == b"a"
 
 
-def test_bodies_at_the_size_limit_and_one_over_and_chunked(url: str, tmp_path: Path) -> None:
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers={"content-type": "application/octet-stream"}).status_code == 201
-        limit = 0
-        # find the limit from a 413 body: binary search would be slow; the server says it
-        r = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=b"\0" * (64 << 20))
-        assert r.status_code == 413
-        limit = int([w for w in r.text.split() if w.isdigit()][0])
-        at = os.urandom(limit)
-        assert httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=at).status_code == 204
+def test_bodies_at_the_size_limit_and_one_over_and_chunked(shared: Serve) -> None:
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers={"content-type": "application/octet-stream"}).status_code == 201
+    limit = 0
+    # find the limit from a 413 body: binary search would be slow; the server says it
+    r = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=b"\0" * (64 << 20))
+    assert r.status_code == 413
+    limit = int([w for w in r.text.split() if w.isdigit()][0])
+    at = os.urandom(limit)
+    assert httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=at).status_code == 204
 
-        def chunks(n: int) -> Any:
-            left = n
-            while left:
-                k = min(left, 65536)
-                yield b"\1" * k
-                left -= k
+    def chunks(n: int) -> Any:
+        left = n
+        while left:
+            k = min(left, 65536)
+            yield b"\1" * k
+            left -= k
 
-        over = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=chunks(limit + 1))
-        assert over.status_code == 413
-        small = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=chunks(3))
-        assert small.status_code == 204
-        assert httpx.get(a.stream(name), params={"offset": "-1"}, timeout=30).content == at + b"\1\1\1"
+    over = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=chunks(limit + 1))
+    assert over.status_code == 413
+    small = httpx.post(a.stream(name), headers={"content-type": "application/octet-stream"}, content=chunks(3))
+    assert small.status_code == 204
+    assert httpx.get(a.stream(name), params={"offset": "-1"}, timeout=30).content == at + b"\1\1\1"
 
 
-def test_a_deeply_nested_json_append_is_400_and_the_server_keeps_serving(url: str, tmp_path: Path) -> None:
+def test_a_deeply_nested_json_append_is_400_and_the_server_keeps_serving(shared: Serve) -> None:
     # valid JSON nested 5,000 deep: the decoder's recursion limit must be a 400, not a 500
-    with serving(url, tmp_path / "a.log") as a:
-        name = _name()
-        assert httpx.put(a.stream(name), headers=JSON, content=b"[1]").status_code == 201
-        deep = b"[" * 5000 + b"]" * 5000
-        r = httpx.post(a.stream(name), headers=JSON, content=deep)
-        assert r.status_code == 400, (r.status_code, r.text[:200])
-        assert httpx.put(a.stream(_name()), headers=JSON, content=deep).status_code == 400
-        assert httpx.get(a.stream(name), params={"offset": "-1"}).content == b"[1]"
+    a = shared
+    name = _name()
+    assert httpx.put(a.stream(name), headers=JSON, content=b"[1]").status_code == 201
+    deep = b"[" * 5000 + b"]" * 5000
+    r = httpx.post(a.stream(name), headers=JSON, content=deep)
+    assert r.status_code == 400, (r.status_code, r.text[:200])
+    assert httpx.put(a.stream(_name()), headers=JSON, content=deep).status_code == 400
+    assert httpx.get(a.stream(name), params={"offset": "-1"}).content == b"[1]"
 
 
 @pytest.mark.slow
