@@ -310,3 +310,65 @@ def test_close_racing_appends_from_two_processes_nothing_after_an_acknowledged_c
                 assert piece not in body.text
             assert len(body.text) == sum(len(p) for p in acked)
             assert httpx.post(a.stream(name), headers=TEXT, content=b"late").status_code == 409
+
+
+@pytest.mark.slow
+def test_kill_9_of_nats_during_producer_appends_and_a_long_poll(own_server: NatsServer, tmp_path: Path) -> None:
+    # a producer appends (retrying each tuple until acknowledged) while the nats-server is
+    # killed (-9) and restarted; a long-poll waiting meanwhile ends (any status) within a bound;
+    # afterwards every chunk is in the stream exactly once, in order, and reads resume
+    with serving(own_server.url, tmp_path / "a.log", long_poll=5) as a:
+        name = _name()
+        assert httpx.put(a.stream(name), headers=TEXT).status_code == 201
+        tail = httpx.head(a.stream(name)).headers["stream-next-offset"]
+        acked: list[int] = []
+        poll: dict[str, Any] = {}
+
+        def produce() -> None:
+            with httpx.Client(timeout=15) as c:
+                for seq in range(120):
+                    h = {**TEXT, "producer-id": "p", "producer-epoch": "0", "producer-seq": str(seq)}
+                    for _try in range(40):
+                        try:
+                            r = c.post(a.stream(name), headers=h, content=f"<{seq}>".encode())
+                        except httpx.HTTPError:
+                            time.sleep(0.25)
+                            continue
+                        if r.status_code in (200, 204):
+                            acked.append(seq)
+                            break
+                        assert r.status_code >= 500, (seq, r.status_code, r.text)
+                        time.sleep(0.25)
+                    else:
+                        return
+
+        def long_poll() -> None:
+            started = time.monotonic()
+            try:
+                r = httpx.get(a.stream(name + "-idle"), params={"offset": "-1", "live": "long-poll"}, timeout=40)
+                poll["status"] = r.status_code
+            except httpx.HTTPError as exc:
+                poll["status"] = repr(exc)
+            poll["took"] = time.monotonic() - started
+
+        assert httpx.put(a.stream(name + "-idle"), headers=TEXT).status_code == 201
+        t, p = threading.Thread(target=produce), threading.Thread(target=long_poll)
+        t.start()
+        p.start()
+        deadline = time.monotonic() + 10
+        while len(acked) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        own_server.kill()
+        time.sleep(0.5)
+        own_server.restart()
+        t.join(60)
+        p.join(60)
+        assert not t.is_alive() and not p.is_alive()
+        assert acked == list(range(120))
+        assert poll["took"] < 30, poll  # the 5 s long-poll is not stuck behind the outage
+        got = httpx.get(a.stream(name), params={"offset": "-1"}, timeout=10)
+        assert got.text == "".join(f"<{s}>" for s in range(120))
+        # resumable from the offset taken before the outage, and strictly increasing
+        again = httpx.get(a.stream(name), params={"offset": tail}, timeout=10)
+        assert again.text == got.text
+        assert again.headers["stream-next-offset"] > tail
