@@ -99,6 +99,7 @@ class TokenRead(msgspec.Struct, frozen=True):
     closed: bool
     chunks: int = 0
     content_type: str = ""
+    created: float = 0.0  # the stream's creation time: which stream at this path was read
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -538,7 +539,9 @@ class TokenStreams:
         end = chunks[-1][0] if chunks else after  # none read below the tail: not up to date, read again
         up_to_date = end >= tail
         closed = snap.state.closed and up_to_date
-        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type)
+        return TokenRead(
+            data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type, snap.state.created
+        )
 
     async def _read_live(self, path: str, snap: Snapshot, offset: str) -> tuple[Snapshot, TokenRead]:
         """A fresh snapshot and the chunks after ``offset``. For a stream that is not a fork,
@@ -561,10 +564,16 @@ class TokenStreams:
             return fresh, await self._read(fresh, offset, READ_BYTES)
         return fresh, self._result(fresh, after, chunks)
 
-    async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
+    async def wait(
+        self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None, created: float | None = None
+    ) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
-        closed), else an empty read at ``timeout`` (or when ``stop`` is set)."""
+        closed), else an empty read at ``timeout`` (or when ``stop`` is set). ``created``: the
+        ``TokenRead.created`` of the read that gave ``offset``; ``StreamNotFound`` when the path
+        now holds another stream (deleted and created again between two reads)."""
         snap = await self._load(path, renew=True)
+        if created is not None and snap.state.created != created:
+            raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
         if offset == NOW:
             offset = format_offset(_tail(snap))
         event = asyncio.Event()
@@ -603,7 +612,7 @@ class TokenStreams:
         got = await self.read(path, offset)
         yield got
         while not got.closed and not (stop is not None and stop.is_set()):
-            got = await self.wait(path, got.next_offset, idle, stop=stop)
+            got = await self.wait(path, got.next_offset, idle, stop=stop, created=got.created)
             yield got
 
     async def info(self, path: str) -> TokenStreamInfo:

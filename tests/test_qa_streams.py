@@ -372,3 +372,28 @@ def test_kill_9_of_nats_during_producer_appends_and_a_long_poll(own_server: Nats
         again = httpx.get(a.stream(name), params={"offset": tail}, timeout=10)
         assert again.text == got.text
         assert again.headers["stream-next-offset"] > tail
+
+
+async def test_follow_ends_when_the_stream_is_deleted_and_created_again_between_reads(url: str) -> None:
+    # the catch-up read is taken, then the stream is deleted and created again with other
+    # data: the follower's next read must end (StreamNotFound), not yield the new stream's data
+    from botwire_stream.errors import StreamNotFound
+    from botwire_stream.tokens import open_token_streams
+
+    store, client = await open_token_streams(url=url)
+    try:
+        name = _name()
+        await store.create(name, content_type="text/plain", data=b"old")
+        follow = store.follow(name, idle=5.0)
+        first = await follow.__anext__()
+        assert first.data == b"old"
+        await store.delete(name)
+        await store.create(name, content_type="text/plain", data=b"NEW")
+        await store.append(name, b"MORE")
+        with pytest.raises((StreamNotFound, StopAsyncIteration)):
+            got = await follow.__anext__()
+            assert b"NEW" not in got.data and b"MORE" not in got.data, got
+            raise AssertionError(f"the follower read on: {got!r}")
+        await follow.aclose()
+    finally:
+        await client.close()

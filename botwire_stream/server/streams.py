@@ -213,7 +213,9 @@ class Streams:
         if live == "long-poll":
             if not got.chunks and got.up_to_date:
                 if not got.closed:
-                    got = await self.store.wait(name, got.next_offset if start == NOW else start, self.long_poll, stop=self.stop)
+                    got = await self.store.wait(
+                        name, got.next_offset if start == NOW else start, self.long_poll, stop=self.stop, created=got.created
+                    )
                 if not got.chunks:
                     out = {"Stream-Next-Offset": got.next_offset, "Stream-Up-To-Date": "true", "Stream-Cursor": next_cursor(cursor)}
                     if got.closed:
@@ -253,8 +255,13 @@ class Streams:
                 return
             try:
                 if got.up_to_date:
-                    got = await self.store.wait(name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop)
+                    got = await self.store.wait(
+                        name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop, created=got.created
+                    )
                 else:
-                    got = await self.store.read(name, got.next_offset)
+                    nxt = await self.store.read(name, got.next_offset)
+                    if nxt.created != got.created:
+                        return  # deleted and created again: not this reader's stream
+                    got = nxt
             except (errors.StreamNotFound, errors.StreamDeleted):
                 return
