@@ -414,3 +414,45 @@ def test_a_conversation_whose_session_holds_a_percent_sign_reads_its_own_message
     finally:
         other.close()
         odd.close()
+
+
+@pytest.mark.slow
+async def test_sigterm_with_300_open_long_polls_and_sse_readers_ends_them_all_and_exits_0(url: str, tmp_path: Path) -> None:
+    import asyncio
+
+    with serving(url, tmp_path / "a.log", long_poll=30) as a:
+        name = _name()
+        assert httpx.put(a.stream(name), headers=TEXT, content=b"x").status_code == 201
+        tail = httpx.head(a.stream(name)).headers["stream-next-offset"]
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=40, limits=limits) as c:
+
+            async def poll() -> str:
+                try:
+                    r = await c.get(a.stream(name), params={"offset": tail, "live": "long-poll"})
+                    return str(r.status_code)
+                except httpx.HTTPError as exc:
+                    return type(exc).__name__
+
+            async def sse() -> str:
+                try:
+                    async with c.stream("GET", a.stream(name), params={"offset": tail, "live": "sse"}) as r:
+                        async for _ in r.aiter_bytes():
+                            pass
+                    return "sse-ended"
+                except httpx.HTTPError as exc:
+                    return type(exc).__name__
+
+            tasks = [asyncio.ensure_future(poll()) for _ in range(150)] + [asyncio.ensure_future(sse()) for _ in range(150)]
+            await asyncio.sleep(3)  # all connected and waiting (30 s long-poll)
+            assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()][:5]
+            started = time.monotonic()
+            os.kill(a.proc.pid, signal.SIGTERM)
+            done, pending = await asyncio.wait(tasks, timeout=20)
+            assert not pending
+            assert time.monotonic() - started < 20
+            results = [t.result() for t in done]
+            assert a.proc.wait(20) == 0
+        # every long-poll got an answer (204: nothing new) and every SSE stream ended cleanly
+        assert results.count("204") == 150, sorted(set(results))
+        assert results.count("sse-ended") == 150, sorted(set(results))
