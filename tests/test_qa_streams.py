@@ -456,3 +456,33 @@ async def test_sigterm_with_300_open_long_polls_and_sse_readers_ends_them_all_an
         # every long-poll got an answer (204: nothing new) and every SSE stream ended cleanly
         assert results.count("204") == 150, sorted(set(results))
         assert results.count("sse-ended") == 150, sorted(set(results))
+
+
+@pytest.mark.slow
+def test_two_processes_racing_the_same_producer_tuples_store_each_seq_once(url: str, tmp_path: Path) -> None:
+    with serving(url, tmp_path / "a.log") as a, serving(url, tmp_path / "b.log") as b:
+        name = _name()
+        assert httpx.put(a.stream(name), headers=TEXT).status_code == 201
+        statuses: dict[str, list[int]] = {"A": [], "B": []}
+        barrier = threading.Barrier(2)
+
+        def run(tag: str, serve: Any) -> None:
+            with httpx.Client(timeout=15) as c:
+                for seq in range(40):
+                    barrier.wait(15)
+                    h = {**TEXT, "producer-id": "same", "producer-epoch": "0", "producer-seq": str(seq)}
+                    r = c.post(serve.stream(name), headers=h, content=f"{tag}{seq};".encode())
+                    statuses[tag].append(r.status_code)
+
+        threads = [threading.Thread(target=run, args=("A", a)), threading.Thread(target=run, args=("B", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        pieces = httpx.get(a.stream(name), params={"offset": "-1"}).text.split(";")[:-1]
+        assert [int(p[1:]) for p in pieces] == list(range(40))  # each seq once, in order
+        for seq in range(40):
+            # one of the two stored it (200), the other was told it is a duplicate (204)
+            assert sorted([statuses["A"][seq], statuses["B"][seq]]) == [200, 204], seq
+            assert pieces[seq][0] == ("A" if statuses["A"][seq] == 200 else "B")
