@@ -486,3 +486,75 @@ def test_two_processes_racing_the_same_producer_tuples_store_each_seq_once(url: 
             # one of the two stored it (200), the other was told it is a duplicate (204)
             assert sorted([statuses["A"][seq], statuses["B"][seq]]) == [200, 204], seq
             assert pieces[seq][0] == ("A" if statuses["A"][seq] == 200 else "B")
+
+
+@pytest.mark.slow
+def test_delete_racing_fork_creation_never_leaves_a_fork_without_its_data(url: str, tmp_path: Path) -> None:
+    # a fork is created through B while its source is deleted through A: either the fork is
+    # refused, or it exists and reads the source's chunks (the source then only soft-deleted)
+    with serving(url, tmp_path / "a.log") as a, serving(url, tmp_path / "b.log") as b:
+        outcomes: set[tuple[int, int]] = set()
+        for _round in range(12):
+            src, fork = _name(), _name()
+            assert httpx.put(a.stream(src), headers=TEXT, content=b"source-data").status_code == 201
+            barrier = threading.Barrier(2)
+            got: dict[str, int] = {}
+
+            def do_fork() -> None:
+                barrier.wait(10)
+                got["fork"] = httpx.put(b.stream(fork), headers={"stream-forked-from": src}, timeout=15).status_code
+
+            def do_delete() -> None:
+                barrier.wait(10)
+                got["delete"] = httpx.delete(a.stream(src), timeout=15).status_code
+
+            threads = [threading.Thread(target=do_fork), threading.Thread(target=do_delete)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert got["delete"] == 204
+            outcomes.add((got["fork"], got["delete"]))
+            if got["fork"] == 201:
+                r = httpx.get(b.stream(fork), params={"offset": "-1"})
+                assert (r.status_code, r.content) == (200, b"source-data"), (_round, r.status_code, r.content)
+            else:
+                assert got["fork"] in (404, 409), got
+            assert httpx.get(a.stream(src)).status_code in (404, 410)
+
+
+@pytest.mark.slow
+def test_an_epoch_bump_racing_appends_fences_every_later_old_epoch_append(url: str, tmp_path: Path) -> None:
+    # epoch 0 appends through A while epoch 1 starts through B: once epoch 1 is acknowledged,
+    # no epoch-0 append is stored after it (each one acknowledged is before it, the rest 403)
+    with serving(url, tmp_path / "a.log") as a, serving(url, tmp_path / "b.log") as b:
+        name = _name()
+        assert httpx.put(a.stream(name), headers=TEXT).status_code == 201
+        acked: list[int] = []
+        fenced: list[int] = []
+
+        def old() -> None:
+            with httpx.Client(timeout=15) as c:
+                for seq in range(200):
+                    h = {**TEXT, "producer-id": "p", "producer-epoch": "0", "producer-seq": str(seq)}
+                    r = c.post(a.stream(name), headers=h, content=f"e0s{seq};".encode())
+                    if r.status_code == 403:
+                        assert r.headers["producer-epoch"] == "1"
+                        fenced.append(seq)
+                        return
+                    assert r.status_code == 200, r.status_code
+                    acked.append(seq)
+
+        t = threading.Thread(target=old)
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(acked) < 10 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        h = {**TEXT, "producer-id": "p", "producer-epoch": "1", "producer-seq": "0"}
+        assert httpx.post(b.stream(name), headers=h, content=b"e1s0;").status_code == 200
+        t.join(60)
+        assert not t.is_alive()
+        pieces = httpx.get(a.stream(name), params={"offset": "-1"}).text.split(";")[:-1]
+        assert pieces[-1] == "e1s0"
+        assert pieces[:-1] == [f"e0s{s}" for s in acked]
+        assert fenced or len(acked) == 200
