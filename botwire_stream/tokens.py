@@ -227,7 +227,8 @@ class TokenStreams:
             raise StreamNotFound(f"no token stream at {path!r}")
         if _expired(snap, time.time()):
             self._cache.pop(key, None)
-            await self._drop(snap)
+            if not snap.state.deleted:  # marked already: whoever marked it purges (and releases sources once)
+                await self._drop(snap)
             raise StreamNotFound(f"no token stream at {path!r} (it expired)")
         if snap.state.ttl is None and snap.state.expires is None:
             if len(self._cache) >= _CACHE_SIZE:  # a long-running server: forget the oldest
