@@ -156,8 +156,9 @@ def _expiry(expires_at: datetime | str | None) -> tuple[str | None, float | None
 def _check_ttl(ttl: object) -> int | None:
     if ttl is None:
         return None
-    if type(ttl) is not int or ttl < 0:
-        raise InvalidArgument(f"ttl must be a whole number of seconds (0 or more), not {ttl!r}")
+    if type(ttl) is not int or ttl < 1:
+        # 0 was taken, then the stream was gone at once: a PUT wrote it, purged it, answered 404
+        raise InvalidArgument(f"ttl must be a whole number of seconds (1 or more), not {ttl!r}")
     return ttl
 
 

@@ -155,7 +155,7 @@ def test_offsets_with_leading_zeros_and_the_start_read_the_same(shared: Serve) -
         assert httpx.get(a.stream(name), params={"offset": off}).content == b"abcdef", off
 
 
-@pytest.mark.parametrize("ttl", ["-1", "1.5", "01", "1e3", "", "0x10", "+5"])
+@pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "01", "1e3", "", "0x10", "+5"])
 def test_bad_ttls_are_400_and_create_nothing(shared: Serve, ttl: str) -> None:
     a = shared
     name = _name()
