@@ -58,7 +58,7 @@ __all__ = [
 START = "-1"
 NOW = "now"
 MAX_PATH_BYTES = 1024
-_OFFSET = re.compile(r"(\d{1,16})_(\d{1,16})")
+_OFFSET = re.compile(r"([0-9]{1,16})_([0-9]{1,16})")  # ASCII only: \d also takes other scripts' digits
 _JSON = "application/json"
 _MAX_TRIES = 100  # compare-and-set rounds before giving up (each one lost to another writer)
 _CACHE_SIZE = 10_000  # snapshots of streams without TTL kept for one-publish appends
@@ -99,6 +99,7 @@ class TokenRead(msgspec.Struct, frozen=True):
     closed: bool
     chunks: int = 0
     content_type: str = ""
+    created: float = 0.0  # the stream's creation time: which stream at this path was read
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -164,17 +165,20 @@ def _check_ttl(ttl: object) -> int | None:
 
 def encode_json_chunk(body: bytes, *, allow_empty: bool) -> bytes | None:
     """A JSON append as stored: its messages (a top-level array is flattened one level), each
-    compact and one per line (compact JSON has no raw newline). None: an empty array."""
+    one per line as the writer sent it. Kept as raw text (``msgspec.Raw``), not decoded and
+    encoded again: that turned 1.0000000000000000000001 into 1.0, -0 into 0, and dropped all
+    but the last of duplicate keys. A raw newline can only be whitespace between tokens (never
+    inside a JSON string), so it becomes a space. None: an empty array."""
     try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise InvalidArgument("the body is not valid JSON") from None
-    items = value if isinstance(value, list) else [value]
-    if not items:
+        whole = msgspec.json.decode(body, type=msgspec.Raw)
+        raw = [whole] if bytes(whole)[:1] != b"[" else msgspec.json.decode(body, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):  # nesting deeper than ~1000 levels: RecursionError
+        raise InvalidArgument("the body is not valid JSON (or nested too deeply)") from None
+    if not raw:
         if allow_empty:
             return None
         raise InvalidArgument("an append of an empty JSON array stores nothing; send at least one message")
-    return b"\n".join(msgspec.json.encode(x) for x in items)
+    return b"\n".join(bytes(x).replace(b"\n", b" ") for x in raw)
 
 
 def _json_body(chunks: list[bytes]) -> bytes:
@@ -187,6 +191,13 @@ def _base_end(state: TokenState) -> int:
 
 def _tail(snap: Snapshot) -> int:
     return snap.last or _base_end(snap.state)
+
+
+def _same_stream(path: str, old: Snapshot, new: Snapshot) -> None:
+    """``StreamNotFound`` when ``new`` is another stream at the path (deleted and created again
+    while a live read waited): its chunks must not reach that reader as the old stream's."""
+    if new.state.created != old.state.created:
+        raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
 
 
 def _expired(snap: Snapshot, now: float) -> bool:
@@ -310,6 +321,9 @@ class TokenStreams:
         if ttl is not None and expires_at is not None:
             raise InvalidArgument("give ttl or expires_at, not both")
         expires_text, expires = _expiry(expires_at)
+        if expires is not None and expires <= time.time():
+            # stored, it was gone at once: the PUT answered 404 after writing and purging
+            raise InvalidArgument(f"expires_at {expires_text} is in the past")
         if type(fork_sub_offset) is not int or fork_sub_offset < 0:
             raise InvalidArgument(f"fork_sub_offset must be an int >= 0, not {fork_sub_offset!r}")
         if fork_from is None and (fork_offset is not None or fork_sub_offset):
@@ -530,7 +544,9 @@ class TokenStreams:
         end = chunks[-1][0] if chunks else after  # none read below the tail: not up to date, read again
         up_to_date = end >= tail
         closed = snap.state.closed and up_to_date
-        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type)
+        return TokenRead(
+            data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type, snap.state.created
+        )
 
     async def _read_live(self, path: str, snap: Snapshot, offset: str) -> tuple[Snapshot, TokenRead]:
         """A fresh snapshot and the chunks after ``offset``. For a stream that is not a fork,
@@ -538,8 +554,9 @@ class TokenStreams:
         that runs ahead of its snapshot is fine (chunks are immutable), one behind it says not
         up to date, and the next read continues."""
         if snap.state.base:
-            snap = await self._load(path)
-            return snap, await self._read(snap, offset, READ_BYTES)
+            fresh = await self._load(path)
+            _same_stream(path, snap, fresh)
+            return fresh, await self._read(fresh, offset, READ_BYTES)
         after = parse_offset(offset)
         loaded, chunks = await asyncio.gather(
             self._b.load(snap.key), self._b.read([(snap.key, after, 0)], READ_BYTES)
@@ -547,14 +564,21 @@ class TokenStreams:
         fresh = await self._checked(path, snap.key, loaded, False)
         if fresh.state.deleted:
             raise StreamDeleted(f"the token stream at {path!r} was deleted (its forks still read it)")
+        _same_stream(path, snap, fresh)
         if fresh.state.base:  # deleted and created again as a fork meanwhile
             return fresh, await self._read(fresh, offset, READ_BYTES)
         return fresh, self._result(fresh, after, chunks)
 
-    async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
+    async def wait(
+        self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None, created: float | None = None
+    ) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
-        closed), else an empty read at ``timeout`` (or when ``stop`` is set)."""
+        closed), else an empty read at ``timeout`` (or when ``stop`` is set). ``created``: the
+        ``TokenRead.created`` of the read that gave ``offset``; ``StreamNotFound`` when the path
+        now holds another stream (deleted and created again between two reads)."""
         snap = await self._load(path, renew=True)
+        if created is not None and snap.state.created != created:
+            raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
         if offset == NOW:
             offset = format_offset(_tail(snap))
         event = asyncio.Event()
@@ -593,7 +617,7 @@ class TokenStreams:
         got = await self.read(path, offset)
         yield got
         while not got.closed and not (stop is not None and stop.is_set()):
-            got = await self.wait(path, got.next_offset, idle, stop=stop)
+            got = await self.wait(path, got.next_offset, idle, stop=stop, created=got.created)
             yield got
 
     async def info(self, path: str) -> TokenStreamInfo:
