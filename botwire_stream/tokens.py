@@ -58,7 +58,7 @@ __all__ = [
 START = "-1"
 NOW = "now"
 MAX_PATH_BYTES = 1024
-_OFFSET = re.compile(r"(\d{1,16})_(\d{1,16})")
+_OFFSET = re.compile(r"([0-9]{1,16})_([0-9]{1,16})")  # ASCII only: \d also takes other scripts' digits
 _JSON = "application/json"
 _MAX_TRIES = 100  # compare-and-set rounds before giving up (each one lost to another writer)
 _CACHE_SIZE = 10_000  # snapshots of streams without TTL kept for one-publish appends
@@ -99,6 +99,7 @@ class TokenRead(msgspec.Struct, frozen=True):
     closed: bool
     chunks: int = 0
     content_type: str = ""
+    created: float = 0.0  # the stream's creation time: which stream at this path was read
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -156,24 +157,28 @@ def _expiry(expires_at: datetime | str | None) -> tuple[str | None, float | None
 def _check_ttl(ttl: object) -> int | None:
     if ttl is None:
         return None
-    if type(ttl) is not int or ttl < 0:
-        raise InvalidArgument(f"ttl must be a whole number of seconds (0 or more), not {ttl!r}")
+    if type(ttl) is not int or ttl < 1:
+        # 0 was taken, then the stream was gone at once: a PUT wrote it, purged it, answered 404
+        raise InvalidArgument(f"ttl must be a whole number of seconds (1 or more), not {ttl!r}")
     return ttl
 
 
 def encode_json_chunk(body: bytes, *, allow_empty: bool) -> bytes | None:
     """A JSON append as stored: its messages (a top-level array is flattened one level), each
-    compact and one per line (compact JSON has no raw newline). None: an empty array."""
+    one per line as the writer sent it. Kept as raw text (``msgspec.Raw``), not decoded and
+    encoded again: that turned 1.0000000000000000000001 into 1.0, -0 into 0, and dropped all
+    but the last of duplicate keys. A raw newline can only be whitespace between tokens (never
+    inside a JSON string), so it becomes a space. None: an empty array."""
     try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise InvalidArgument("the body is not valid JSON") from None
-    items = value if isinstance(value, list) else [value]
-    if not items:
+        whole = msgspec.json.decode(body, type=msgspec.Raw)
+        raw = [whole] if bytes(whole)[:1] != b"[" else msgspec.json.decode(body, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):  # nesting deeper than ~1000 levels: RecursionError
+        raise InvalidArgument("the body is not valid JSON (or nested too deeply)") from None
+    if not raw:
         if allow_empty:
             return None
         raise InvalidArgument("an append of an empty JSON array stores nothing; send at least one message")
-    return b"\n".join(msgspec.json.encode(x) for x in items)
+    return b"\n".join(bytes(x).replace(b"\n", b" ") for x in raw)
 
 
 def _json_body(chunks: list[bytes]) -> bytes:
@@ -186,6 +191,13 @@ def _base_end(state: TokenState) -> int:
 
 def _tail(snap: Snapshot) -> int:
     return snap.last or _base_end(snap.state)
+
+
+def _same_stream(path: str, old: Snapshot, new: Snapshot) -> None:
+    """``StreamNotFound`` when ``new`` is another stream at the path (deleted and created again
+    while a live read waited): its chunks must not reach that reader as the old stream's."""
+    if new.state.created != old.state.created:
+        raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
 
 
 def _expired(snap: Snapshot, now: float) -> bool:
@@ -227,7 +239,8 @@ class TokenStreams:
             raise StreamNotFound(f"no token stream at {path!r}")
         if _expired(snap, time.time()):
             self._cache.pop(key, None)
-            await self._drop(snap)
+            if not snap.state.deleted:  # marked already: whoever marked it purges (and releases sources once)
+                await self._drop(snap)
             raise StreamNotFound(f"no token stream at {path!r} (it expired)")
         if snap.state.ttl is None and snap.state.expires is None:
             if len(self._cache) >= _CACHE_SIZE:  # a long-running server: forget the oldest
@@ -241,12 +254,15 @@ class TokenStreams:
         """Remove an expired or deleted stream: marked deleted while forks read it, else purged
         (releasing its own sources, which may then go too)."""
         st = snap.state
+        if not st.deleted:
+            # marked first, compare-and-set, even with no fork: a fork taking hold of it
+            # meanwhile fails this (and retries, finding it deleted); purging on the snapshot
+            # alone lost the chunks of a fork created in between (56 of 300 raced tries)
+            try:
+                await self._b.commit(snap.key, snap.version, None, msgspec.structs.replace(st, deleted=True))
+            except Conflict:
+                return  # changed meanwhile: the next access decides again
         if st.refs > 0:
-            if not st.deleted:
-                try:
-                    await self._b.commit(snap.key, snap.version, None, msgspec.structs.replace(st, deleted=True))
-                except Conflict:
-                    pass  # changed meanwhile: the next access decides again
             return
         await self._b.purge(snap.key)
         self._cache.pop(snap.key, None)
@@ -305,6 +321,9 @@ class TokenStreams:
         if ttl is not None and expires_at is not None:
             raise InvalidArgument("give ttl or expires_at, not both")
         expires_text, expires = _expiry(expires_at)
+        if expires is not None and expires <= time.time():
+            # stored, it was gone at once: the PUT answered 404 after writing and purging
+            raise InvalidArgument(f"expires_at {expires_text} is in the past")
         if type(fork_sub_offset) is not int or fork_sub_offset < 0:
             raise InvalidArgument(f"fork_sub_offset must be an int >= 0, not {fork_sub_offset!r}")
         if fork_from is None and (fork_offset is not None or fork_sub_offset):
@@ -525,7 +544,9 @@ class TokenStreams:
         end = chunks[-1][0] if chunks else after  # none read below the tail: not up to date, read again
         up_to_date = end >= tail
         closed = snap.state.closed and up_to_date
-        return TokenRead(data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type)
+        return TokenRead(
+            data, format_offset(end), up_to_date, closed, len(chunks), snap.state.content_type, snap.state.created
+        )
 
     async def _read_live(self, path: str, snap: Snapshot, offset: str) -> tuple[Snapshot, TokenRead]:
         """A fresh snapshot and the chunks after ``offset``. For a stream that is not a fork,
@@ -533,8 +554,9 @@ class TokenStreams:
         that runs ahead of its snapshot is fine (chunks are immutable), one behind it says not
         up to date, and the next read continues."""
         if snap.state.base:
-            snap = await self._load(path)
-            return snap, await self._read(snap, offset, READ_BYTES)
+            fresh = await self._load(path)
+            _same_stream(path, snap, fresh)
+            return fresh, await self._read(fresh, offset, READ_BYTES)
         after = parse_offset(offset)
         loaded, chunks = await asyncio.gather(
             self._b.load(snap.key), self._b.read([(snap.key, after, 0)], READ_BYTES)
@@ -542,14 +564,21 @@ class TokenStreams:
         fresh = await self._checked(path, snap.key, loaded, False)
         if fresh.state.deleted:
             raise StreamDeleted(f"the token stream at {path!r} was deleted (its forks still read it)")
+        _same_stream(path, snap, fresh)
         if fresh.state.base:  # deleted and created again as a fork meanwhile
             return fresh, await self._read(fresh, offset, READ_BYTES)
         return fresh, self._result(fresh, after, chunks)
 
-    async def wait(self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None) -> TokenRead:
+    async def wait(
+        self, path: str, offset: str, timeout: float, *, stop: asyncio.Event | None = None, created: float | None = None
+    ) -> TokenRead:
         """A long-poll: the chunks after ``offset`` as soon as there are any (or the stream is
-        closed), else an empty read at ``timeout`` (or when ``stop`` is set)."""
+        closed), else an empty read at ``timeout`` (or when ``stop`` is set). ``created``: the
+        ``TokenRead.created`` of the read that gave ``offset``; ``StreamNotFound`` when the path
+        now holds another stream (deleted and created again between two reads)."""
         snap = await self._load(path, renew=True)
+        if created is not None and snap.state.created != created:
+            raise StreamNotFound(f"the token stream at {path!r} was deleted (and created again)")
         if offset == NOW:
             offset = format_offset(_tail(snap))
         event = asyncio.Event()
@@ -588,7 +617,7 @@ class TokenStreams:
         got = await self.read(path, offset)
         yield got
         while not got.closed and not (stop is not None and stop.is_set()):
-            got = await self.wait(path, got.next_offset, idle, stop=stop)
+            got = await self.wait(path, got.next_offset, idle, stop=stop, created=got.created)
             yield got
 
     async def info(self, path: str) -> TokenStreamInfo:
@@ -606,14 +635,14 @@ class TokenStreams:
         for _ in range(_MAX_TRIES):
             snap = await self._load(path)
             self._cache.pop(snap.key, None)
-            if snap.state.refs == 0:
-                await self._drop(snap)
-                return
-            try:
-                await self._b.commit(snap.key, snap.version, None, msgspec.structs.replace(snap.state, deleted=True))
-                return
+            st = msgspec.structs.replace(snap.state, deleted=True)
+            try:  # see _drop: marked deleted under compare-and-set first, then purged if no fork holds it
+                version = (await self._b.commit(snap.key, snap.version, None, st)).version
             except Conflict:
                 continue  # written meanwhile (an append, a new fork): decide again
+            if st.refs == 0:
+                await self._drop(msgspec.structs.replace(snap, state=st, version=version))
+            return
         raise Conflict(f"the token stream at {path!r} changed on every try; try again")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -66,7 +67,9 @@ def create_app(
         streams = handlers["streams"]
         assert isinstance(streams, Streams)
         raw = request.scope.get("raw_path") or request.url.path.encode()
-        if raw.startswith(b"/v1/stream/" + CHAT_PREFIX.encode()):
+        # on the decoded path: /v1/stream/chat%2Fns%2Fs names the conversation chat/ns/s too
+        # (matched on the raw bytes, a PUT there created a token stream by that name)
+        if unquote_to_bytes(raw).startswith(b"/v1/stream/" + CHAT_PREFIX.encode()):
             try:
                 name = stream_path(raw)
             except ProtocolError as exc:

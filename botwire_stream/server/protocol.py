@@ -14,7 +14,7 @@ PREFIX = "/v1/stream/"
 MAX_SAFE = 2**53 - 1
 _DIGITS = re.compile(r"0|[1-9][0-9]*")
 _ANY_DIGITS = re.compile(r"[0-9]+")
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
 class ProtocolError(Exception):

@@ -23,7 +23,7 @@ from .protocol import ProtocolError
 
 __all__ = ["Streams", "error_response", "respond"]
 
-_OFFSET = re.compile(r"-1|now|\d+_\d+")
+_OFFSET = re.compile(r"-1|now|[0-9]+_[0-9]+")  # ASCII digits: "\d" took "٣_٣", a 500 (non-Latin-1 ETag)
 _CONTENT_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 _CACHEABLE = "public, max-age=60, stale-while-revalidate=300"
 
@@ -122,7 +122,7 @@ class Streams:
             raise ProtocolError(400, "give Stream-TTL or Stream-Expires-At, not both")
         ttl, expires = protocol.ttl(ttl_text), protocol.expires_at(expires_text)
         fork_offset = h.get("stream-fork-offset")
-        if fork_offset is not None and not re.fullmatch(r"\d+_\d+", fork_offset):
+        if fork_offset is not None and not re.fullmatch(r"[0-9]+_[0-9]+", fork_offset):
             raise ProtocolError(400, "Stream-Fork-Offset is not an offset")
         sub_text = h.get("stream-fork-sub-offset")
         if sub_text is not None and source is None:
@@ -213,7 +213,9 @@ class Streams:
         if live == "long-poll":
             if not got.chunks and got.up_to_date:
                 if not got.closed:
-                    got = await self.store.wait(name, got.next_offset if start == NOW else start, self.long_poll, stop=self.stop)
+                    got = await self.store.wait(
+                        name, got.next_offset if start == NOW else start, self.long_poll, stop=self.stop, created=got.created
+                    )
                 if not got.chunks:
                     out = {"Stream-Next-Offset": got.next_offset, "Stream-Up-To-Date": "true", "Stream-Cursor": next_cursor(cursor)}
                     if got.closed:
@@ -253,8 +255,13 @@ class Streams:
                 return
             try:
                 if got.up_to_date:
-                    got = await self.store.wait(name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop)
+                    got = await self.store.wait(
+                        name, got.next_offset, min(keepalive, end - loop.time()), stop=self.stop, created=got.created
+                    )
                 else:
-                    got = await self.store.read(name, got.next_offset)
+                    nxt = await self.store.read(name, got.next_offset)
+                    if nxt.created != got.created:
+                        return  # deleted and created again: not this reader's stream
+                    got = nxt
             except (errors.StreamNotFound, errors.StreamDeleted):
                 return
