@@ -399,8 +399,6 @@ async def test_follow_ends_when_the_stream_is_deleted_and_created_again_between_
         await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="server/chat.py unquotes the already percent-decoded session again "
-                   "(issue 8's area): session 'a%41' reads session 'aA'")
 def test_a_conversation_whose_session_holds_a_percent_sign_reads_its_own_messages(shared: Serve, namespace: str, url: str) -> None:
     from botwire_stream import ChatHistory
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from urllib.parse import unquote
 
 import msgspec
 from starlette.requests import Request
@@ -48,7 +47,8 @@ class Conversations:
         namespace, sep, session = rest.partition("/")
         if not sep or not session:
             raise ProtocolError(404, "a conversation is at /v1/stream/chat/<namespace>/<session>")
-        return AsyncChatHistory(unquote(session), namespace=namespace, **self._connect)  # type: ignore[arg-type]
+        # ``name`` is already percent-decoded (once): decoding again would let 'a%41' read 'aA'
+        return AsyncChatHistory(session, namespace=namespace, **self._connect)  # type: ignore[arg-type]
 
     async def __call__(self, request: Request, name: str) -> Response:
         method = request.method
