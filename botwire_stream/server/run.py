@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from .app import create_app
+from .auth import AuthMiddleware, Policy
 
 __all__ = ["serve"]
 
@@ -37,12 +38,16 @@ def serve(
     long_poll_timeout: float = 20.0,
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
+    policy: Policy | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server``
-    extra brings them; uvicorn picks them by itself)."""
+    extra brings them; uvicorn picks them by itself). ``policy``: auth and quotas (``auth.Policy``)."""
     stop = asyncio.Event()  # bound to the server's loop on first use
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
+    if policy is not None and policy.active:
+        policy.connect = {"url": url, **policy.connect}
+    asgi = AuthMiddleware(app, policy) if policy is not None and policy.active else app
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
+        asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
     )
     _Server(config, stop).run()
