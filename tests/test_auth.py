@@ -32,7 +32,9 @@ def botwire(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def new_key(url: str, *namespaces: str, scope: str = "write", extra: tuple[str, ...] = ()) -> dict[str, object]:
     globs = [a for ns in namespaces for a in ("--namespace", ns)]
-    out: dict[str, object] = json.loads(botwire("keys", "create", "--url", url, *globs, "--scope", scope, *extra, "--json").stdout)
+    out: dict[str, object] = json.loads(
+        botwire("keys", "create", "--url", url, *globs, "--scope", scope, *extra, "--json").stdout
+    )
     return out
 
 
@@ -47,9 +49,15 @@ def server(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) ->
         yield serve
 
 
-def raw_request(serve: Serve, target: bytes, method: bytes = b"GET", headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, bytes]:
+def raw_request(
+    serve: Serve, target: bytes, method: bytes = b"GET", headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, bytes]:
     """One request with the path sent byte for byte (httpx would normalise '..' and encodings)."""
-    head = b"%s %s HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: %d\r\n" % (method, target, len(body))
+    head = b"%s %s HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: %d\r\n" % (
+        method,
+        target,
+        len(body),
+    )
     for k, v in (headers or {}).items():
         head += f"{k}: {v}\r\n".encode()
     with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
@@ -93,13 +101,19 @@ def test_memory_keys_listing_still_works_beside_the_api_key_commands(url: str, n
     assert botwire("keys", "--url", url, "-n", namespace).stdout.split() == ["k1"]
 
 
-def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_write_nothing(server: Serve, url: str, namespace: str) -> None:
+def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_write_nothing(
+    server: Serve, url: str, namespace: str
+) -> None:
     key = new_key(url, namespace)
     stream = server.stream(f"{namespace}/s")
     body = {"content": b"x", "headers": {"content-type": "text/plain"}}
     tampered = str(key["key"])[:-4] + ("AAAA" if not str(key["key"]).endswith("AAAA") else "BBBB")
-    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": f"Bearer {tampered}"},
-                    {"authorization": f"Basic {key['key']}"}):
+    for headers in (
+        {},
+        {"authorization": "Bearer nope"},
+        {"authorization": f"Bearer {tampered}"},
+        {"authorization": f"Basic {key['key']}"},
+    ):
         got = httpx.put(stream, **body | {"headers": {**body["headers"], **headers}})  # type: ignore[operator]
         assert got.status_code == 401, (headers, got.text)
         assert got.headers["www-authenticate"].startswith("Bearer")
@@ -186,11 +200,16 @@ CRAFTED = [
 ]
 
 
-def test_crafted_paths_never_reach_another_namespace_and_write_nothing_there(server: Serve, url: str, namespace: str) -> None:
+def test_crafted_paths_never_reach_another_namespace_and_write_nothing_there(
+    server: Serve, url: str, namespace: str
+) -> None:
     a, b = namespace + "a", namespace + "b"
     key_a, key_b = new_key(url, a, scope="admin"), new_key(url, b)
     text = {"content-type": "text/plain"}
-    assert httpx.put(server.stream(f"{b}/secret"), content=b"B-SECRET", headers={**text, **bearer(key_b)}).status_code == 201
+    assert (
+        httpx.put(server.stream(f"{b}/secret"), content=b"B-SECRET", headers={**text, **bearer(key_b)}).status_code
+        == 201
+    )
 
     async def chat(op: str) -> int:
         c = AsyncChatHistory("s", namespace=b, url=url)

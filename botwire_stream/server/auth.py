@@ -161,7 +161,11 @@ class Policy:
         scheme, _, token = header.decode("latin-1").partition(" ")
         key = await keys.verify(token.strip()) if scheme.lower() == "bearer" else None
         if key is None:
-            raise Refusal(401, "the API key is not valid (unknown, malformed or revoked)", {"www-authenticate": _REALM + ', error="invalid_token"'})
+            raise Refusal(
+                401,
+                "the API key is not valid (unknown, malformed or revoked)",
+                {"www-authenticate": _REALM + ', error="invalid_token"'},
+            )
         reaches = "*" in key.namespaces if target.namespace is None else key.reaches(target.namespace)
         if not reaches:
             raise Refusal(403, "this API key does not reach this namespace")
@@ -208,7 +212,9 @@ def _rate_headers(c: Counted) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def _reply(send: Send, status: int, message: str, headers: dict[str, str] | list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+async def _reply(
+    send: Send, status: int, message: str, headers: dict[str, str] | list[tuple[bytes, bytes]] = ()
+) -> None:  # type: ignore[assignment]
     body = message.encode()
     out = [(k.encode(), v.encode()) for k, v in COMMON.items()]
     out += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
@@ -243,7 +249,12 @@ class AuthMiddleware:
             await _reply(send, exc.status, exc.message, exc.headers)
             return
         except BotWireError as exc:  # NATS unreachable while checking: refuse, write nothing
-            await _reply(send, 503, "cannot check the API key or quota now: " + str(exc).split("\n", 1)[0][:200], {"retry-after": "1"})
+            await _reply(
+                send,
+                503,
+                "cannot check the API key or quota now: " + str(exc).split("\n", 1)[0][:200],
+                {"retry-after": "1"},
+            )
             return
         over = [c for c in taken if c.exceeded]
         if over:
@@ -251,8 +262,12 @@ class AuthMiddleware:
                 if not c.exceeded:
                     await policy._counters.give_back(c)  # type: ignore[union-attr]
             worst = max(over, key=lambda c: c.reset)
-            await _reply(send, 429, "quota exceeded; retry after the Retry-After seconds",
-                         [(b"retry-after", str(worst.reset).encode()), *_rate_headers(worst)])
+            await _reply(
+                send,
+                429,
+                "quota exceeded; retry after the Retry-After seconds",
+                [(b"retry-after", str(worst.reset).encode()), *_rate_headers(worst)],
+            )
             return
         if not taken:
             await self.app(scope, receive, send)

@@ -91,8 +91,13 @@ class KeyStore:
             raise InvalidArgument("give at least one --namespace GLOB (1-256 characters)")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         record = ApiKey(
-            key_id, _digest(secret), list(namespaces), scope, time.time(),
-            writes_per_day=writes_per_day, requests_per_second=requests_per_second,
+            key_id,
+            _digest(secret),
+            list(namespaces),
+            scope,
+            time.time(),
+            writes_per_day=writes_per_day,
+            requests_per_second=requests_per_second,
         )
         await self._kv.create(key_id, msgspec.json.encode(record))  # type: ignore[attr-defined]
         return f"bwk_{key_id}_{secret}", record

@@ -51,7 +51,11 @@ def parse_limits(text: str) -> Limits:
     values: dict[str, int] = {}
     for item in text.split(","):
         m = _ITEM.fullmatch(item.strip())
-        if m is None or (m.group(1) == "writes" and m.group(3) == "/s") or (m.group(1) == "rps" and m.group(3) in ("/day", "/d")):
+        if (
+            m is None
+            or (m.group(1) == "writes" and m.group(3) == "/s")
+            or (m.group(1) == "rps" and m.group(3) in ("/day", "/d"))
+        ):
             raise InvalidArgument(f"limit {item.strip()!r}: use writes=N/day, rps=N, or a preset (hosted, unlimited)")
         values["writes_per_day" if m.group(1) == "writes" else "requests_per_second"] = int(m.group(2))
     return Limits(**values)
@@ -108,7 +112,9 @@ class Counters:
             return
         for name, subject, age in ((DAY_STREAM, _DAY, 2 * 86400.0), (SEC_STREAM, _SEC, 10.0)):
             await self.conn.ensure_stream(
-                StreamConfig(name=name, subjects=[subject + ".>"], storage=StorageType.FILE, max_age=age, allow_msg_counter=True)
+                StreamConfig(
+                    name=name, subjects=[subject + ".>"], storage=StorageType.FILE, max_age=age, allow_msg_counter=True
+                )
             )
         self._ready = True
 

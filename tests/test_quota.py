@@ -1,0 +1,93 @@
+"""Quotas of ``botwire serve``, counted in NATS: the N+1th write of the day gets 429 (with
+``Retry-After`` and ``RateLimit-*``) and writes nothing, across two serve processes; reads stay
+unlimited; a write refused as bad input does not spend the quota."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.http_serve import Serve, serving
+from tests.servers import NatsServer
+from tests.test_auth import bearer, botwire, new_key
+
+TEXT = {"content-type": "text/plain"}
+
+
+@pytest.fixture(scope="module")
+def pair(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve, Serve]]:
+    """Two serve processes on one NATS: 'q-*' public with 5 writes a day, 'h-*' public with the
+    hosted preset, and 'r-*' limited to 3 requests a second for every caller."""
+    folder = tmp_path_factory.mktemp("quota")
+    extra = ["--public", "q-*=writes=5/day", "--public", "h-*", "--quota", "r-*=rps=3", "--public", "r-*=unlimited"]
+    with (
+        serving(nats_server.url, folder / "one.log", extra=extra) as one,
+        serving(nats_server.url, folder / "two.log", extra=extra) as two,
+    ):
+        yield one, two
+
+
+def test_the_n_plus_1th_write_of_the_day_gets_429_and_writes_nothing_across_two_servers(
+    pair: tuple[Serve, Serve], namespace: str
+) -> None:
+    one, two = pair
+    name = f"q-{namespace}/log"
+    assert httpx.put(one.stream(name), content=b"0", headers=TEXT).status_code == 201  # write 1
+    assert httpx.post(two.stream(name), content=b"bad").status_code == 400  # no content-type: not spent
+    for i in range(1, 5):  # writes 2..5, alternating servers
+        got = httpx.post((one, two)[i % 2].stream(name), content=str(i).encode(), headers=TEXT)
+        assert got.status_code == 204, got.text
+        assert got.headers["ratelimit-limit"] == "5" and got.headers["ratelimit-remaining"] == str(5 - (i + 1))
+    for serve in (one, two):  # the 6th write, on either server
+        refused = httpx.post(serve.stream(name), content=b"X", headers=TEXT)
+        assert refused.status_code == 429
+        assert 0 < int(refused.headers["retry-after"]) <= 86400
+        assert refused.headers["ratelimit-remaining"] == "0" and refused.headers["ratelimit-limit"] == "5"
+        assert 0 < int(refused.headers["ratelimit-reset"]) <= 86400
+    assert httpx.put(one.stream(f"q-{namespace}/other"), content=b"X", headers=TEXT).status_code == 429
+    assert httpx.head(two.stream(f"q-{namespace}/other")).status_code == 404  # not created
+    for _ in range(30):  # reads stay unlimited
+        got = httpx.get(two.stream(name))
+        assert got.status_code == 200 and got.content == b"01234"
+        assert "ratelimit-limit" not in got.headers  # not counted at all
+    other = f"q-{namespace}x/log"  # another namespace has its own count
+    assert httpx.put(one.stream(other), content=b"0", headers=TEXT).status_code == 201
+
+
+def test_the_hosted_preset_allows_1000_writes_a_day(pair: tuple[Serve, Serve], namespace: str) -> None:
+    got = httpx.put(pair[0].stream(f"h-{namespace}/s"), content=b"0", headers=TEXT)
+    assert got.status_code == 201 and got.headers["ratelimit-limit"] == "1000"
+    assert got.headers["ratelimit-remaining"] == "999"
+
+
+def test_a_requests_per_second_limit_refuses_bursts_with_retry_after(pair: tuple[Serve, Serve], namespace: str) -> None:
+    one, two = pair
+    stream = f"r-{namespace}/s"
+    statuses = []
+    start = time.time()
+    with httpx.Client() as a, httpx.Client() as b:
+        for i in range(12):  # a burst over both servers: at most 3 pass per 1 s window it spans
+            got = (a, b)[i % 2].get(((one, two)[i % 2]).stream(stream))
+            statuses.append(got.status_code)
+            if got.status_code == 429:
+                assert got.headers["retry-after"] == "1" and got.headers["ratelimit-limit"] == "3"
+    windows = int(time.time()) - int(start) + 1
+    assert statuses.count(404) <= 3 * windows and 429 in statuses and set(statuses) <= {404, 429}
+
+
+def test_a_key_has_its_own_writes_per_day(url: str, nats_server: NatsServer, tmp_path: Path, namespace: str) -> None:
+    key = new_key(url, namespace, extra=("--writes-per-day", "2"))
+    assert json.loads(botwire("keys", "list", "--url", url, "--json").stdout)
+    with serving(url, tmp_path / "serve.log", extra=["--auth"]) as serve:
+        stream = serve.stream(f"{namespace}/s")
+        assert httpx.put(stream, content=b"a", headers={**TEXT, **bearer(key)}).status_code == 201
+        assert httpx.post(stream, content=b"b", headers={**TEXT, **bearer(key)}).status_code == 204
+        assert httpx.post(stream, content=b"c", headers={**TEXT, **bearer(key)}).status_code == 429
+        other = new_key(url, namespace)  # another key to the same namespace is not limited by it
+        assert httpx.post(stream, content=b"d", headers={**TEXT, **bearer(other)}).status_code == 204
+        assert httpx.get(stream, headers=bearer(key)).content == b"abd"
