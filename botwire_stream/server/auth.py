@@ -179,7 +179,7 @@ class Policy:
     def limits(self, target: Target, key: ApiKey | None, public: Rule | None) -> list[tuple[str, Limits]]:
         """The limits that apply, each with the name its counters are kept under."""
         found: list[tuple[str, Limits]] = []
-        if key is not None and (key.writes_per_day or key.requests_per_second):
+        if key is not None and (key.writes_per_day is not None or key.requests_per_second is not None):
             found.append(("key:" + key.id, Limits(key.writes_per_day, key.requests_per_second)))
         if target.namespace is not None:
             if public is not None:
@@ -198,6 +198,14 @@ class Policy:
                 jobs.append(("sec", who, lim.requests_per_second))
             if target.writes and lim.writes_per_day is not None:
                 jobs.append(("day", who, lim.writes_per_day))
+        if target.writes and target.namespace is not None:
+            cap = min((lim.max_bytes for _, lim in limits if lim.max_bytes is not None), default=None)
+            if cap is not None and (size := await counters.namespace_bytes(target.namespace)) >= cap:
+                raise Refusal(
+                    429,
+                    f"the namespace holds {size} bytes, at or over its limit of {cap}; delete keys or conversations to write again",
+                    {"retry-after": "60"},
+                )
         if not jobs:
             return [], []
         taken = await asyncio.gather(*(counters.take(kind, who, n) for kind, who, n in jobs))
@@ -212,9 +220,7 @@ def _rate_headers(c: Counted) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def _reply(
-    send: Send, status: int, message: str, headers: dict[str, str] | list[tuple[bytes, bytes]] = ()
-) -> None:  # type: ignore[assignment]
+async def _reply(send: Send, status: int, message: str, headers: dict[str, str] | list[tuple[bytes, bytes]]) -> None:
     body = message.encode()
     out = [(k.encode(), v.encode()) for k, v in COMMON.items()]
     out += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]

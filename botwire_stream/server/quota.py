@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import nats.js.errors
 from nats.js.api import Header, StorageType, StreamConfig
 
 from ..errors import InvalidArgument
@@ -36,27 +37,39 @@ class Limits:
 
     writes_per_day: int | None = None
     requests_per_second: int | None = None
+    max_bytes: int | None = None  # the namespace's memory, blobs and conversations, as NATS stores them
 
 
-HOSTED = Limits(writes_per_day=1000)  # the hosted free tier: 1,000 writes a day, reads unlimited
+_MB = 1_000_000
+HOSTED = Limits(writes_per_day=1000, max_bytes=50 * _MB)  # the hosted free tier; reads unlimited
 _PRESETS = {"hosted": HOSTED, "unlimited": Limits()}
 _ITEM = re.compile(r"(writes|rps)=(\d+)(/day|/d|/s)?")
+_BYTES = re.compile(r"bytes=(\d+)(kb|mb|gb)?", re.IGNORECASE)
+_UNIT = {"": 1, "kb": 1000, "mb": _MB, "gb": 1000 * _MB}
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SIZE_TTL = 1.0  # seconds a namespace's size is reused: a write costs no stream-info requests
 
 
 def parse_limits(text: str) -> Limits:
-    """``hosted``, ``unlimited``, or comma-separated ``writes=N/day`` and ``rps=N``."""
+    """``hosted``, ``unlimited``, or comma-separated ``writes=N/day``, ``rps=N``, ``bytes=N[KB|MB|GB]``."""
     text = text.strip()
     if text in _PRESETS:
         return _PRESETS[text]
     values: dict[str, int] = {}
     for item in text.split(","):
+        size = _BYTES.fullmatch(item.strip())
+        if size is not None:
+            values["max_bytes"] = int(size.group(1)) * _UNIT[(size.group(2) or "").lower()]
+            continue
         m = _ITEM.fullmatch(item.strip())
         if (
             m is None
             or (m.group(1) == "writes" and m.group(3) == "/s")
             or (m.group(1) == "rps" and m.group(3) in ("/day", "/d"))
         ):
-            raise InvalidArgument(f"limit {item.strip()!r}: use writes=N/day, rps=N, or a preset (hosted, unlimited)")
+            raise InvalidArgument(
+                f"limit {item.strip()!r}: use writes=N/day, rps=N, bytes=N[KB|MB|GB], or a preset (hosted, unlimited)"
+            )
         values["writes_per_day" if m.group(1) == "writes" else "requests_per_second"] = int(m.group(2))
     return Limits(**values)
 
@@ -106,6 +119,25 @@ class Counters:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._ready = False
+        self._sizes: dict[str, tuple[float, int]] = {}
+
+    async def namespace_bytes(self, namespace: str) -> int:
+        """What the namespace occupies in NATS: its KV bucket, its chunked values and its
+        conversations (three stream-info requests, reused for a second per process)."""
+        if not _NAMESPACE.fullmatch(namespace):
+            return 0  # not a memory namespace: it holds nothing in those streams
+        now = time.monotonic()
+        cached = self._sizes.get(namespace)
+        if cached is not None and now - cached[0] < _SIZE_TTL:
+            return cached[1]
+        total = 0
+        for stream in (f"KV_botwire_{namespace}", f"BOTWIRE_BLOBS_{namespace}", f"BOTWIRE_CHAT_{namespace}"):
+            try:
+                total += (await self.conn.js.stream_info(stream)).state.bytes
+            except nats.js.errors.NotFoundError:
+                pass
+        self._sizes[namespace] = (now, total)
+        return total
 
     async def _ensure(self) -> None:
         if self._ready:
