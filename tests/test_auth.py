@@ -99,7 +99,9 @@ def test_keys_are_shown_once_stored_hashed_listed_and_revoked(url: str, namespac
 
 def test_memory_keys_listing_still_works_beside_the_api_key_commands(url: str, namespace: str) -> None:
     botwire("set", "k1", "1", "--url", url, "-n", namespace)
-    assert botwire("keys", "--url", url, "-n", namespace).stdout.split() == ["k1"]
+    botwire("set", "list", "1", "--url", url, "-n", namespace)
+    assert botwire("keys", "--url", url, "-n", namespace).stdout.split() == ["k1", "list"]
+    assert botwire("keys", "[l]ist", "--url", url, "-n", namespace).stdout.split() == ["list"]
 
 
 def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_write_nothing(
@@ -122,6 +124,12 @@ def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_write_nothing(
     assert httpx.head(stream, headers=bearer(key)).status_code == 404  # nothing was created
     assert httpx.put(stream, content=b"x", headers={"content-type": "text/plain", **bearer(key)}).status_code == 201
     assert httpx.get(stream, headers=bearer(key)).content == b"x"
+    for _ in range(50):  # the use is recorded in the background, once a minute per key at most
+        listed = {k["id"]: k for k in json.loads(botwire("keys", "list", "--url", url, "--json").stdout)}
+        if listed[key["id"]]["last_used"] is not None:
+            break
+        time.sleep(0.1)
+    assert listed[key["id"]]["last_used"] >= key["created"]
     botwire("keys", "revoke", str(key["id"]), "--url", url)
     time.sleep(1.1)  # a serve process reuses a verified key for up to 1 s (documented)
     assert httpx.post(stream, content=b"y", headers={"content-type": "text/plain", **bearer(key)}).status_code == 401
@@ -144,6 +152,16 @@ def test_a_key_reaches_only_its_namespaces_and_its_scope(server: Serve, url: str
     assert httpx.delete(server.stream(f"{a}/x"), headers=bearer(reader)).status_code == 403
     assert httpx.get(server.stream(f"{a}/x"), headers=bearer(reader)).content == b"A"
     assert httpx.get(server.stream(f"{b}/y"), headers=bearer(key_b)).content == b"B"  # untouched
+    for source in (f"{b}/y", f"/v1/stream/{b}/y"):  # a fork copies its source: it needs to reach it
+        fork = httpx.put(server.stream(f"{a}/fork"), headers={"stream-forked-from": source, **bearer(key_a)})
+        assert fork.status_code == 403
+    assert httpx.head(server.stream(f"{a}/fork"), headers=bearer(key_a)).status_code == 404
+    both = new_key(url, a, b)
+    assert (
+        httpx.put(server.stream(f"{a}/fork"), headers={"stream-forked-from": f"{b}/y", **bearer(both)}).status_code
+        == 201
+    )
+    assert httpx.get(server.stream(f"{a}/fork"), headers=bearer(key_a)).content == b"B"
 
     async def chat() -> None:
         c = AsyncChatHistory("s", namespace=b, url=url)

@@ -27,7 +27,7 @@ from ..errors import BotWireError
 from ..nats.jetstream import Connection
 from .headers import COMMON
 from .keystore import ApiKey, KeyStore, allows
-from .protocol import PREFIX, ProtocolError, stream_path
+from .protocol import PREFIX, ProtocolError, source_path, stream_path
 from .quota import Counted, Counters, Limits, Rule
 
 __all__ = ["OPEN_PATHS", "ROUTES", "AuthMiddleware", "Policy", "Refusal", "Target", "resolve"]
@@ -49,6 +49,7 @@ class Target:
 
     namespace: str | None
     need: str  # read, write or admin
+    reads: tuple[str, ...] = ()  # other namespaces the request reads (a fork's source)
 
     @property
     def writes(self) -> bool:
@@ -76,7 +77,14 @@ def _stream_target(scope: Scope) -> Target:
         raise Refusal(exc.status, exc.message) from None
     if raw.startswith((PREFIX + "chat/").encode()):
         name = name[len("chat/") :]
-    return Target(_checked(name.partition("/")[0]), _need(scope["method"]))
+    reads: tuple[str, ...] = ()
+    source = next((v for k, v in scope["headers"] if k == b"stream-forked-from"), None)
+    if source is not None and scope["method"] == "PUT":  # a fork copies its source: it reads there
+        try:
+            reads = (_checked(source_path(source.decode("latin-1")).partition("/")[0]),)
+        except ProtocolError as exc:
+            raise Refusal(exc.status, exc.message) from None
+    return Target(_checked(name.partition("/")[0]), _need(scope["method"]), reads)
 
 
 def _prefixed(prefix: str) -> Callable[[Scope], Target]:
@@ -155,6 +163,8 @@ class Policy:
             public = None
             if target.namespace is not None and target.need != "admin":
                 public = next((r for r in self.public if r.matches(target.namespace)), None)
+                if public is not None and not all(any(r.matches(ns) for r in self.public) for ns in target.reads):
+                    public = None
             if public is None:
                 raise Refusal(401, "an API key is required: Authorization: Bearer <key>", {"www-authenticate": _REALM})
             return None, public
@@ -167,6 +177,7 @@ class Policy:
                 {"www-authenticate": _REALM + ', error="invalid_token"'},
             )
         reaches = "*" in key.namespaces if target.namespace is None else key.reaches(target.namespace)
+        reaches = reaches and all(key.reaches(ns) for ns in target.reads)
         if not reaches:
             raise Refusal(403, "this API key does not reach this namespace")
         if not allows(key.scope, target.need):
