@@ -5,6 +5,8 @@ unlimited; a write refused as bad input does not spend the quota."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +126,19 @@ def test_a_namespace_over_its_bytes_takes_no_more_writes_but_reads(
     for serve in (one, two):
         assert httpx.post(serve.stream(f"{ns}/s"), content=b"2", headers=TEXT).status_code == 429
     assert httpx.get(two.stream(f"{ns}/s")).content == before  # reads go on; the refused writes wrote nothing
+
+
+@pytest.mark.slow
+def test_when_nats_cannot_count_a_write_is_refused_with_503_not_passed(own_server: NatsServer, tmp_path: Path) -> None:
+    with serving(own_server.url, tmp_path / "serve.log", extra=["--public", "q-*=writes=5/day"]) as serve:
+        stream = serve.stream("q-x/s")
+        assert httpx.put(stream, content=b"0", headers=TEXT).status_code == 201
+        os.kill(own_server.pid, signal.SIGSTOP)  # NATS hangs: the count cannot be taken
+        try:
+            start = time.monotonic()
+            got = httpx.post(stream, content=b"1", headers=TEXT, timeout=60)
+            assert got.status_code == 503 and got.headers["retry-after"] == "1"
+            assert time.monotonic() - start < 3 * 5.0  # does not hang (NATS request timeout: 5 s)
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+        assert httpx.get(stream).content == b"0"  # the refused write wrote nothing

@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import nats.errors
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BotWireError
@@ -265,7 +266,8 @@ class AuthMiddleware:
         except Refusal as exc:
             await _reply(send, exc.status, exc.message, exc.headers)
             return
-        except BotWireError as exc:  # NATS unreachable while checking: refuse, write nothing
+        except (BotWireError, nats.errors.Error, OSError, RuntimeError) as exc:
+            # NATS unreachable or slow while checking: refuse (nothing reaches the app, nothing is written)
             await _reply(
                 send,
                 503,
