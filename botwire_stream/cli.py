@@ -592,15 +592,15 @@ cli.add_command(
     metavar="GLOB[=LIMITS]",
     multiple=True,
     help="Serve namespaces matching GLOB without a key (implies --auth), with their own limits "
-    "(default 'hosted': 1000 writes/day, reads unlimited). Repeatable.",
+    "(default 'hosted': 1000 writes/day and 50 MB per namespace, reads unlimited). Repeatable.",
 )
 @click.option(
     "--quota",
     "quota",
     metavar="GLOB=LIMITS",
     multiple=True,
-    help="Limits for namespaces matching GLOB, whoever calls: 'writes=N/day', 'rps=N' (comma-separated), "
-    "or 'hosted'. Repeatable; the first matching GLOB applies.",
+    help="Limits for namespaces matching GLOB, whoever calls: 'writes=N/day', 'rps=N', 'bytes=N[KB|MB|GB]' "
+    "(comma-separated), or 'hosted'. Repeatable; the first matching GLOB applies.",
 )
 @click.pass_obj
 def serve(

@@ -142,3 +142,14 @@ def test_when_nats_cannot_count_a_write_is_refused_with_503_not_passed(own_serve
         finally:
             os.kill(own_server.pid, signal.SIGCONT)
         assert httpx.get(stream).content == b"0"  # the refused write wrote nothing
+
+
+def test_malformed_limits_stop_serve_at_start(url: str) -> None:
+    for bad in (
+        ["--public", "q-*=writes=many"],
+        ["--quota", "q-*"],
+        ["--quota", "q-*=rps=5/day"],
+        ["--public", "=hosted"],
+    ):
+        done = botwire("serve", "--url", url, "--port", "1", *bad, check=False)
+        assert done.returncode == 2 and done.stderr.startswith("error: "), (bad, done.stderr)
