@@ -98,6 +98,14 @@ class BotWireGroup(click.Group):
         except KeyboardInterrupt:
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        # `botwire keys create|list|revoke ...` manages API keys; `botwire keys [PATTERN]` lists
+        # memory keys as before (a pattern spelled like a subcommand: `botwire keys '[l]ist'`).
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name == "keys" and rest and rest[0] in api_keys.commands:
+            return name, api_keys, rest
+        return name, cmd, rest
+
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
@@ -413,7 +421,7 @@ def delete(opts: Options, key: str) -> None:
 @_connection_options
 @click.pass_obj
 def keys(opts: Options, pattern: str, limit: int | None, after: str | None) -> None:
-    """List the keys matching PATTERN, sorted.
+    """List the keys matching PATTERN, sorted (API keys: `botwire keys create|list|revoke`).
 
     PATTERN is a glob (default '*'): '*' matches any run of characters, ':' included; '?' one
     character; [...] a set. Page a long listing with --limit N, then --after LAST-KEY.
@@ -577,19 +585,167 @@ cli.add_command(
     type=click.FloatRange(0.05, 300),
     help="Seconds a long-poll waits for data before an empty 204 (also the SSE keep-alive, at most 15).",
 )
+@click.option("--auth", is_flag=True, help="Require an API key (`botwire keys create`) except in --public namespaces.")
+@click.option(
+    "--public",
+    "public",
+    metavar="GLOB[=LIMITS]",
+    multiple=True,
+    help="Serve namespaces matching GLOB without a key (implies --auth), with their own limits "
+    "(default 'hosted': 1000 writes/day and 50 MB per namespace, reads unlimited). Repeatable.",
+)
+@click.option(
+    "--quota",
+    "quota",
+    metavar="GLOB=LIMITS",
+    multiple=True,
+    help="Limits for namespaces matching GLOB, whoever calls: 'writes=N/day', 'rps=N', 'bytes=N[KB|MB|GB]' "
+    "(comma-separated), or 'hosted'. Repeatable; the first matching GLOB applies.",
+)
 @click.pass_obj
-def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_timeout: float) -> None:
+def serve(
+    opts: Options,
+    host: str,
+    port: int,
+    nats_url: str | None,
+    long_poll_timeout: float,
+    auth: bool,
+    public: tuple[str, ...],
+    quota: tuple[str, ...],
+) -> None:
     """Serve Durable Streams over HTTP at /v1/stream/<path> (extra: botwire-stream[server]).
 
     Token streams and conversation logs (/v1/stream/chat/<namespace>/<session>, read-only) live
     in NATS, so any number of serve processes share them. SIGTERM ends open long-polls and SSE.
+    Without --auth (or --public) anyone who reaches the port reads and writes everything, so the
+    server then listens on loopback only.
     """
     try:
+        from .server.auth import Policy
+        from .server.quota import HOSTED, parse_rule
         from .server.run import serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"botwire serve needs the server extra: pip install 'botwire-stream[server]' ({exc})")
+    policy = Policy(
+        auth=auth or bool(public),
+        public=[parse_rule(p, HOSTED) for p in public],
+        quotas=[parse_rule(q) for q in quota],
+        connect={"token": opts.resolved_token(), "creds": opts.creds},
+    )
+    if not policy.auth:
+        if not _loopback(host):
+            raise Failure(
+                f"--host {host} without auth would let anyone on the network read and write every namespace; "
+                "add --auth (and create keys with `botwire keys create`) or --public GLOB, or listen on 127.0.0.1"
+            )
+        click.echo("botwire serve: no auth (no --auth or --public): listening on loopback only", err=True)
     click.echo(f"botwire serve: http://{host}:{port}/v1/stream/", err=True)
-    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout)
+    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout, policy=policy)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- API keys for `botwire serve` (issue 9) -------------------------------------------------------
+@click.group(name="keys")
+def api_keys() -> None:
+    """Manage the API keys of `botwire serve --auth` (kept hashed in NATS; shared by every serve process)."""
+
+
+def _key_store_call(opts: Options, body: Callable[[Any], Any]) -> Any:
+    import asyncio
+
+    async def run() -> Any:
+        from .nats.pool import open_connection
+        from .server.keystore import KeyStore
+        from .settings import resolve
+
+        conn = await open_connection(resolve(opts.url, token=opts.resolved_token(), creds=opts.creds))
+        try:
+            return await body(await KeyStore.open(conn))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _nats_options(f: F) -> F:
+    for option in reversed(
+        [
+            click.option("--url", "url", metavar="URL", expose_value=False, callback=_store, help="NATS server. Default: $BOTWIRE_URL, else the embedded local server."),
+            click.option("--token-file", "token_file", metavar="FILE", expose_value=False, callback=_store, help="File holding the NATS auth token."),
+            click.option("--creds", "creds", metavar="FILE", expose_value=False, callback=_store, help="NATS credentials file."),
+            _json_option,
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _key_dict(key: Any) -> dict[str, Any]:
+    import msgspec
+
+    out: dict[str, Any] = msgspec.structs.asdict(key)
+    out.pop("digest")
+    return out
+
+
+@api_keys.command(name="create")
+@click.option("--namespace", "-n", "namespaces", metavar="GLOB", multiple=True, required=True, help="Namespaces the key reaches (glob; repeatable).")
+@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="read", show_default=True, help="read < write < admin.")
+@click.option("--writes-per-day", type=click.IntRange(min=0), default=None, help="This key's writes per UTC day.")
+@click.option("--rps", type=click.IntRange(min=1), default=None, help="This key's requests per second.")
+@_nats_options
+@click.pass_obj
+def keys_create(opts: Options, namespaces: tuple[str, ...], scope: str, writes_per_day: int | None, rps: int | None) -> None:
+    """Create a key and print it once (only its hash is kept)."""
+    plain, key = _key_store_call(
+        opts, lambda store: store.create(list(namespaces), scope, writes_per_day=writes_per_day, requests_per_second=rps)
+    )
+    if opts.json:
+        click.echo(_json({"key": plain, **_key_dict(key)}))
+    else:
+        click.echo(plain)
+        click.echo(f"created key {key.id} ({scope} on {', '.join(namespaces)}); it is shown only now", err=True)
+
+
+@api_keys.command(name="list")
+@_nats_options
+@click.pass_obj
+def keys_list(opts: Options) -> None:
+    """List the keys: id, scope, namespaces, created, last used, revoked (never the secret)."""
+    found = _key_store_call(opts, lambda store: store.list())
+    if opts.json:
+        click.echo(_json([_key_dict(k) for k in found]))
+        return
+    from datetime import datetime, timezone
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+    for k in found:
+        state = f"revoked {when(k.revoked)}" if k.revoked else "live"
+        click.echo(f"{k.id}  {k.scope:<5}  {','.join(k.namespaces)}  created {when(k.created)}  last used {when(k.last_used)}  {state}")
+
+
+@api_keys.command(name="revoke")
+@click.argument("key_id")
+@_nats_options
+@click.pass_obj
+def keys_revoke(opts: Options, key_id: str) -> None:
+    """Revoke the key KEY_ID (its id, or the whole key); exit 1 when no such live key."""
+    key_id = key_id.split("_")[1] if key_id.startswith("bwk_") and key_id.count("_") >= 2 else key_id
+    if not _key_store_call(opts, lambda store: store.revoke(key_id)):
+        _not_found(f"no live API key {key_id!r}")
+    click.echo(f"revoked {key_id}")
 
 
 # -- the streaming chat demo (issue 8) --------------------------------------------------------------

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -39,14 +39,16 @@ class Serve:
             self.proc.wait(20)
 
 
-def start_serve(url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 20.0) -> Serve:
-    """``url`` None: the embedded server (of ``BOTWIRE_HOME``)."""
+def start_serve(
+    url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 20.0, extra: Sequence[str] = ()
+) -> Serve:
+    """``url`` None: the embedded server (of ``BOTWIRE_HOME``); ``extra``: more ``serve`` options."""
     port = free_port()
     out = log.open("wb")
     nats = ["--url", url] if url else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), *nats,
-         "--long-poll-timeout", str(long_poll)],
+         "--long-poll-timeout", str(long_poll), *extra],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     out.close()
@@ -56,7 +58,7 @@ def start_serve(url: str | None, log: Path, *, long_poll: float = 0.5, bound: fl
         if proc.poll() is not None:
             raise AssertionError(f"botwire serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            if httpx.head(serve.stream("__ready__"), timeout=1.0).status_code == 404:
+            if httpx.head(serve.stream("__ready__"), timeout=1.0).status_code in (404, 401):  # 401: --auth
                 return serve
         except httpx.HTTPError:
             pass
@@ -67,8 +69,8 @@ def start_serve(url: str | None, log: Path, *, long_poll: float = 0.5, bound: fl
 
 
 @contextlib.contextmanager
-def serving(url: str | None, log: Path, *, long_poll: float = 0.5) -> Iterator[Serve]:
-    serve = start_serve(url, log, long_poll=long_poll)
+def serving(url: str | None, log: Path, *, long_poll: float = 0.5, extra: Sequence[str] = ()) -> Iterator[Serve]:
+    serve = start_serve(url, log, long_poll=long_poll, extra=extra)
     try:
         yield serve
     finally:

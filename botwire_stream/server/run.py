@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 
 from .app import create_app
+from .auth import AuthMiddleware, Policy
 
 __all__ = ["serve"]
 
@@ -39,14 +40,18 @@ def serve(
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
     ready: Callable[[str], None] | None = None,
+    policy: Policy | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server`` extra
     brings them; uvicorn picks them by itself); ``ready`` is called with the server's base URL once
-    it answers (with ``port=0``, the port the system chose)."""
+    it answers (with ``port=0``, the port the system chose); ``policy``: auth and quotas (``auth.Policy``)."""
     stop = asyncio.Event()  # bound to the server's loop on first use
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
+    if policy is not None and policy.active:
+        policy.connect = {"url": url, **policy.connect}
+    asgi = AuthMiddleware(app, policy) if policy is not None and policy.active else app
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
+        asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
     )
     server = _Server(config, stop)
 
