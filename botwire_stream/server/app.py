@@ -6,16 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..tokens import open_token_streams
 from .chat import CHAT_PREFIX, Conversations
+from .hosted import Hosted
+from .openapi import docs_page, document
+from .ops import Ops
 from .protocol import ProtocolError, stream_path
+from .rest import Namespaces, json_response
+from .rest_api import RestApi
 from .streams import Streams, error_response, respond
 
 __all__ = ["App", "create_app"]
@@ -47,10 +53,15 @@ def create_app(
         max_body = store._b.max_chunk
         handlers["streams"] = Streams(store, max_body, long_poll_timeout, sse_lifetime, ending)
         handlers["chat"] = Conversations(connect, long_poll_timeout, sse_lifetime, ending)
+        spaces = Namespaces(connect)
+        handlers["rest"] = RestApi(spaces, sse_lifetime, ending)
+        handlers["hosted"] = Hosted(spaces)
+        handlers["ops"] = Ops(spaces)
         try:
             yield
         finally:
             ending.set()
+            await spaces.close()
             await client.close()
 
     async def endpoint(request: Request) -> Response:
@@ -70,8 +81,34 @@ def create_app(
     async def not_found(request: Request) -> Response:
         return respond(404, b"not found", {"content-type": "text/plain"})
 
+    def handler(name: str, attr: str | None = None) -> Callable[[Request], Awaitable[Response]]:
+        async def call(request: Request) -> Response:
+            target: Any = handlers[name]
+            fn = getattr(target, attr) if attr else target
+            result: Response = await fn(request)
+            return result
+
+        return call
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document())
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_page())
+
+    # REST (/v1/ns/), the hosted wire format (/memory/) and operations go through Starlette, so
+    # middleware added to ``App.starlette`` (auth, quotas, metrics) covers them.
     star = Starlette(
-        routes=[Route("/v1/stream/{path:path}", endpoint, methods=_METHODS), Route("/{rest:path}", not_found)],
+        routes=[
+            Route("/v1/stream/{path:path}", endpoint, methods=_METHODS),
+            Route("/v1/ns/{path:path}", handler("rest"), methods=_METHODS),
+            Route("/memory/{path:path}", handler("hosted"), methods=_METHODS),
+            Route("/openapi.json", openapi),
+            Route("/docs", docs),
+            Route("/healthz", handler("ops", "healthz")),
+            Route("/readyz", handler("ops", "readyz")),
+            Route("/{rest:path}", not_found),
+        ],
         lifespan=lifespan,
     )
     return App(star, endpoint, handlers)

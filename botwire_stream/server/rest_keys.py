@@ -1,0 +1,174 @@
+"""Keys over REST: ``/v1/ns/{namespace}/keys[/{key}[/revisions]]`` and ``/v1/ns/{namespace}/watch``.
+
+Values cross as the JSON the library stores (``codec``): the server passes the stored bytes
+through (``msgspec.Raw``) and never decodes them, so a value set over HTTP is what
+``Memory(namespace).get`` returns, and the other way round. A key is one path segment,
+percent-encoded (``user%3A42`` or ``user:42``; ``a%2Fb`` is the key ``a/b``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .. import codec, errors, keys
+from ..memory import MAX_VALUE_BYTES
+from ..models import Op
+from ..times import ttl_seconds
+from .headers import COMMON
+from .rest import Namespaces, RestError, decode_body, json_response
+
+__all__ = ["KeyRoutes"]
+
+MAX_PAGE = 10_000
+
+
+class SetKey(msgspec.Struct, forbid_unknown_fields=True):
+    """``PUT`` body: the value (any JSON), ``ttl`` seconds (None: forever), and ``revision``:
+    write only over that revision (0: only when the key holds none), else 409 ``conflict``."""
+
+    value: msgspec.Raw
+    ttl: float | None = None
+    revision: int | None = None
+
+
+class KeyValue(msgspec.Struct):
+    key: str
+    value: msgspec.Raw
+    revision: int
+
+
+class Written(msgspec.Struct):
+    key: str
+    revision: int
+
+
+class Deleted(msgspec.Struct):
+    key: str
+    deleted: bool
+
+
+class KeyPage(msgspec.Struct):
+    """Sorted keys; ``next``: pass it as ``after`` for the next page (None: no more)."""
+
+    keys: list[str]
+    next: str | None
+
+
+class RevisionOut(msgspec.Struct):
+    revision: int
+    op: Op
+    value: msgspec.Raw | None
+    time: datetime
+
+
+class Revisions(msgspec.Struct):
+    key: str
+    revisions: list[RevisionOut]
+
+
+class ChangeOut(msgspec.Struct):
+    """One SSE ``change`` event's data (its ``id`` is the revision)."""
+
+    key: str
+    op: Op
+    value: msgspec.Raw | None
+    revision: int
+    time: datetime
+
+
+def _int(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise errors.InvalidArgument(f"{name} must be an integer from {low} to {high}, not {text!r}")
+    return int(text)
+
+
+class KeyRoutes:
+    def __init__(self, spaces: Namespaces, sse_lifetime: float, stop: asyncio.Event) -> None:
+        self.spaces, self.sse_lifetime, self.stop = spaces, sse_lifetime, stop
+
+    async def __call__(self, request: Request, namespace: str, rest: list[str]) -> Response:
+        method = request.method
+        mem = self.spaces.memory(namespace)
+        if rest == ["keys"] and method == "GET":
+            pattern = request.query_params.get("pattern", "*")
+            limit = _int(request, "limit", 1000, 1, MAX_PAGE)
+            after = request.query_params.get("after")
+            found = await mem.list_keys(pattern, limit=limit, after=after)
+            return json_response(KeyPage(found, found[-1] if limit is not None and len(found) == limit else None))
+        if rest == ["watch"] and method == "GET":
+            pattern = request.query_params.get("pattern", "*")
+            keys.pattern_filter(pattern)
+            if request.headers.get("last-event-id"):
+                raise errors.InvalidArgument(
+                    "key watches start now (Last-Event-ID is for conversations); read the keys, then watch"
+                )
+            watch = mem.watch(pattern)
+            await watch.start()  # subscribed before the response starts: later writes are delivered
+            return StreamingResponse(self._events(watch), 200, {**COMMON, "content-type": "text/event-stream", "cache-control": "no-cache"})
+        if len(rest) not in (2, 3) or rest[0] != "keys" or (len(rest) == 3 and rest[2] != "revisions"):
+            raise RestError(404, "not_found", "no such route")
+        key = keys.check_key(rest[1])
+        if len(rest) == 3:
+            if method != "GET":
+                raise RestError(405, "method_not_allowed", "revisions are read with GET")
+            backend = await mem._connection()
+            revs = [RevisionOut(r.revision, r.op, None if r.data is None else msgspec.Raw(r.data), r.time) for r in await backend.revisions(key)]
+            return json_response(Revisions(key, revs))
+        if method in ("GET", "HEAD"):
+            backend = await mem._connection()
+            current = await backend.get(key)
+            if current is None or current.data is None:
+                raise RestError(404, "not_found", f"no value under {key!r}")
+            if method == "HEAD":
+                return Response(b"", 200, {**COMMON, "x-revision": str(current.revision)})
+            return json_response(KeyValue(key, msgspec.Raw(current.data), current.revision))
+        if method == "PUT":
+            body = await decode_body(request, SetKey)
+            data = bytes(body.value)
+            if len(data) > MAX_VALUE_BYTES:
+                raise errors.ValueTooLarge(f"the value is {len(data)} bytes; the limit is {MAX_VALUE_BYTES}")
+            codec.decode(data)  # msgspec.Raw keeps the text as sent; refuse what is not JSON
+            ttl = ttl_seconds(body.ttl)
+            if body.revision is not None and body.revision < 0:
+                raise errors.InvalidArgument(f"revision must be >= 0, not {body.revision}")
+            what = "set" if body.revision is None else "conditional set"
+            revision = await mem._write(key, data, ttl, expected=body.revision, what=what)
+            return json_response(Written(key, revision))
+        if method == "DELETE":
+            return json_response(Deleted(key, await mem.delete(key)))
+        raise RestError(405, "method_not_allowed", f"{method} is not allowed here")
+
+    async def _events(self, watch: object) -> AsyncIterator[bytes]:
+        from ..memory import Watch
+
+        assert isinstance(watch, Watch)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.sse_lifetime
+        try:
+            yield b": live\n\n"
+            while not self.stop.is_set() and loop.time() < end:
+                nxt = asyncio.ensure_future(watch.__anext__())
+                stop = asyncio.ensure_future(self.stop.wait())
+                try:
+                    await asyncio.wait([nxt, stop], timeout=min(15.0, end - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                if not nxt.done():
+                    nxt.cancel()
+                    yield b": keep-alive\n\n"
+                    continue
+                change = nxt.result()
+                value = None if change.op != "set" else msgspec.Raw(codec.encoder.encode(change.value))
+                data = msgspec.json.encode(ChangeOut(change.key, change.op, value, change.revision, change.time))
+                yield b"id: %d\nevent: change\ndata:%s\n\n" % (change.revision, data)
+        finally:
+            await watch.aclose()
