@@ -51,3 +51,13 @@ def botwire_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setenv("BOTWIRE_HOME", str(home))
     yield home
     embedded.stop(home)
+
+
+@pytest.fixture(scope="session")
+def http_server(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``botwire serve`` process over the session's nats-server, shared by the session: its
+    base URL (``http://127.0.0.1:PORT``)."""
+    from tests.http_serve import serving
+
+    with serving(nats_server.url, tmp_path_factory.mktemp("serve") / "serve.log") as serve:
+        yield serve.base
