@@ -55,7 +55,7 @@ def json_response(body: object, status: int = 200, headers: dict[str, str] | Non
     return Response(msgspec.json.encode(body), status, {**COMMON, **_JSON, **(headers or {})})
 
 
-def rest_error(exc: BaseException) -> Response:
+def rest_error(exc: BaseException, headers: dict[str, str] | None = None) -> Response:
     """The JSON refusal for ``exc``: a ``RestError``, a ``BotWireError`` (its ``http_status``
     and ``code``) or a body msgspec refused (400 ``invalid_argument``); anything else is raised."""
     if isinstance(exc, RestError):
@@ -66,7 +66,7 @@ def rest_error(exc: BaseException) -> Response:
         status, code, message = 400, errors.InvalidArgument.code, f"invalid body: {exc}"
     else:
         raise exc
-    return json_response(ErrorResponse(ErrorBody(code, message[:1000])), status)
+    return json_response(ErrorResponse(ErrorBody(code, message[:1000])), status, headers)
 
 
 def raw_segments(request: Request, prefix: bytes) -> list[str]:

@@ -91,13 +91,20 @@ class ChatRoutes:
         if rest == ["chats"]:
             if method != "GET":
                 raise RestError(405, "method_not_allowed", "conversations are listed with GET")
-            limit = _opt_int(request, "limit")
+            q = request.query_params
+            before = None
+            if "before_time" in q or "before_session" in q:
+                try:
+                    before = (datetime.fromisoformat(q.get("before_time", "")), q.get("before_session", ""))
+                except ValueError as exc:
+                    raise errors.InvalidArgument(f"before_time must be an ISO 8601 time: {exc}") from exc
             found = await AsyncChatHistory.sessions(
                 namespace,
-                request.query_params.get("pattern", "*"),
-                limit=100 if limit is None else limit,
+                q.get("pattern", "*"),
+                limit=_opt_int(request, "limit"),  # absent: every conversation
                 offset=_opt_int(request, "offset") or 0,
-                **self.spaces.connect,  # type: ignore[arg-type]
+                before=before,
+                **self.spaces.connect,
             )
             return json_response(Sessions([SessionOut(s.session_id, s.message_count, s.last_activity) for s in found]))
         if len(rest) != 3 or rest[0] != "chats":

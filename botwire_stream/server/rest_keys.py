@@ -21,7 +21,7 @@ from ..memory import MAX_VALUE_BYTES
 from ..models import Op
 from ..times import ttl_seconds
 from .headers import COMMON
-from .rest import Namespaces, RestError, decode_body, json_response
+from .rest import Namespaces, RestError, decode_body, json_response, rest_error
 
 __all__ = ["KeyRoutes"]
 
@@ -60,10 +60,17 @@ class KeyPage(msgspec.Struct):
     next: str | None
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class RevisionOut(msgspec.Struct):
+    """``value`` is meaningful only with ``has_value`` (a stored ``null`` is a value; a delete,
+    an expiry or a value the revision does not carry has none)."""
+
     revision: int
     op: Op
-    value: msgspec.Raw | None
+    value: msgspec.Raw
+    has_value: bool
     time: datetime
 
 
@@ -77,7 +84,8 @@ class ChangeOut(msgspec.Struct):
 
     key: str
     op: Op
-    value: msgspec.Raw | None
+    value: msgspec.Raw
+    has_value: bool
     revision: int
     time: datetime
 
@@ -121,13 +129,21 @@ class KeyRoutes:
             if method != "GET":
                 raise RestError(405, "method_not_allowed", "revisions are read with GET")
             backend = await mem._connection()
-            revs = [RevisionOut(r.revision, r.op, None if r.data is None else msgspec.Raw(r.data), r.time) for r in await backend.revisions(key)]
+            revs = [
+                RevisionOut(r.revision, r.op, _NULL if r.data is None else msgspec.Raw(r.data), r.data is not None, r.time)
+                for r in await backend.revisions(key)
+            ]
             return json_response(Revisions(key, revs))
         if method in ("GET", "HEAD"):
             backend = await mem._connection()
             current = await backend.get(key)
             if current is None or current.data is None:
-                raise RestError(404, "not_found", f"no value under {key!r}")
+                # x-revision: the delete or expiry that is the key's last record, which a
+                # conditional write must name (a create over it is "revision": that number)
+                headers = {} if current is None else {"x-revision": str(current.revision)}
+                if method == "HEAD":
+                    return Response(b"", 404, {**COMMON, **headers})
+                return rest_error(RestError(404, "not_found", f"no value under {key!r}"), headers)
             if method == "HEAD":
                 return Response(b"", 200, {**COMMON, "x-revision": str(current.revision)})
             return json_response(KeyValue(key, msgspec.Raw(current.data), current.revision))
@@ -141,7 +157,11 @@ class KeyRoutes:
             if body.revision is not None and body.revision < 0:
                 raise errors.InvalidArgument(f"revision must be >= 0, not {body.revision}")
             what = "set" if body.revision is None else "conditional set"
-            revision = await mem._write(key, data, ttl, expected=body.revision, what=what)
+            replaced = None
+            if body.revision:  # what the write replaces, so that a chunked value's chunks are reclaimed
+                current = await (await mem._connection()).get(key)
+                replaced = current if current is not None and current.revision == body.revision else None
+            revision = await mem._write(key, data, ttl, expected=body.revision, replaced=replaced, what=what)
             return json_response(Written(key, revision))
         if method == "DELETE":
             return json_response(Deleted(key, await mem.delete(key)))
@@ -167,8 +187,9 @@ class KeyRoutes:
                     yield b": keep-alive\n\n"
                     continue
                 change = nxt.result()
-                value = None if change.op != "set" else msgspec.Raw(codec.encoder.encode(change.value))
-                data = msgspec.json.encode(ChangeOut(change.key, change.op, value, change.revision, change.time))
+                has = change.op == "set"
+                value = msgspec.Raw(codec.encoder.encode(change.value)) if has else _NULL
+                data = msgspec.json.encode(ChangeOut(change.key, change.op, value, has, change.revision, change.time))
                 yield b"id: %d\nevent: change\ndata:%s\n\n" % (change.revision, data)
         finally:
             await watch.aclose()
