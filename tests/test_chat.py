@@ -232,6 +232,7 @@ def test_extend_over_1000_messages_or_with_an_oversized_one_stores_nothing(url: 
 
 
 # -- retries --------------------------------------------------------------------------------------
+@pytest.mark.nats_only  # JetStream's message ids
 async def test_a_retried_publish_with_the_same_msg_id_is_stored_once(url: str, namespace: str) -> None:
     """How the library de-duplicates an append retried after a timeout: the Nats-Msg-Id."""
     async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:

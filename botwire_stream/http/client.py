@@ -140,7 +140,9 @@ def acquire(opts: ConnectOptions, timeout: float) -> Http:
     if entry is None or entry[0].is_closed:
         headers = {"authorization": f"Bearer {opts.token}"} if opts.token else {}
         # a timeout a little over the server's own NATS timeout, so that its answer (503) arrives first
-        client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout + 5.0))
+        # (no pool timeout: a request waits for one of the 100 connections, then has its own timeout;
+        # 1100 concurrent appends timed out in the pool otherwise)
+        client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout + 5.0, pool=None))
         entry = (client, 0)
     _clients[key] = (entry[0], entry[1] + 1)
 

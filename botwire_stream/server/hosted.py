@@ -140,7 +140,7 @@ class Hosted:
 
     async def _list(self, request: Request, namespace: str) -> Response:
         text = request.query_params.get("limit", "100")
-        if not text.isdigit() or not 1 <= int(text) <= 1000:
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
             return _detail(422, "limit must be an integer from 1 to 1000")
         limit = int(text)
         mem = self.spaces.memory(namespace)

@@ -77,7 +77,7 @@ def _opt_int(request: Request, name: str, text: str | None = None) -> int | None
     text = request.query_params.get(name) if text is None else text
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 18:
+    if not text.isascii() or not text.isdigit() or len(text) > 20:  # the library checks the range
         raise errors.InvalidArgument(f"{name} must be an integer >= 0, not {text!r}")
     return int(text)
 

@@ -94,7 +94,7 @@ def _int(request: Request, name: str, default: int | None, low: int, high: int) 
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
         raise errors.InvalidArgument(f"{name} must be an integer from {low} to {high}, not {text!r}")
     return int(text)
 
