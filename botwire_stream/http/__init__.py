@@ -3,3 +3,5 @@
 ``http://`` and ``https://`` URLs; the cores above are the same as over NATS, and so are the
 errors (the server sends each error's ``code``; ``client.raise_for`` maps it back to its class).
 """
+
+__all__: list[str] = []
