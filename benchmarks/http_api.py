@@ -72,7 +72,7 @@ def _load(port: int, method: str, path: str, conns: int, seconds: float) -> dict
         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60,
     )
     if out.returncode != 0:
-        raise SystemExit(out.stderr + out.stdout)
+        raise SystemExit(f"{method} {path} on port {port}: {out.stderr[-600:]}{out.stdout}")
     result: dict[str, float] = json.loads(out.stdout)
     return result
 
@@ -95,8 +95,8 @@ def main() -> None:
             _wait(f"http://127.0.0.1:{ours_port}/healthz", ours, work / "serve.log")
             _wait(f"http://127.0.0.1:{base_port}/docs", base, work / "baseline.log")
             for port in (ours_port, base_port):
-                httpx.put(f"http://127.0.0.1:{port}/memory/bench/k", content=VALUE).raise_for_status()
-            httpx.put(f"http://127.0.0.1:{ours_port}/v1/ns/bench/keys/k", content=VALUE).raise_for_status()
+                httpx.put(f"http://127.0.0.1:{port}/memory/bench/k", content=VALUE, headers={"content-type": "application/json"}).raise_for_status()
+            httpx.put(f"http://127.0.0.1:{ours_port}/v1/ns/bench/keys/k", content=VALUE, headers={"content-type": "application/json"}).raise_for_status()
             contenders = {
                 "serve /v1 GET": (ours_port, "GET", "/v1/ns/bench/keys/k"),
                 "serve /memory GET": (ours_port, "GET", "/memory/bench/k"),
@@ -123,6 +123,9 @@ def main() -> None:
             p50, rps = med["serve /v1 GET"]
             print(f"serve /v1 GET p50 {p50 / 1000:.2f} ms (target < 2 ms: {'PASS' if p50 < 2000 else 'MISS'}), "
                   f"{rps:.0f} req/s (target >= 3000: {'PASS' if rps >= 3000 else 'MISS'})")
+        except SystemExit:
+            print("serve log:", (work / "serve.log").read_text()[-3000:], "baseline log:", (work / "baseline.log").read_text()[-3000:])
+            raise
         finally:
             _stop(ours)
             _stop(base)
