@@ -577,8 +577,9 @@ cli.add_command(
     type=click.FloatRange(0.05, 300),
     help="Seconds a long-poll waits for data before an empty 204 (also the SSE keep-alive, at most 15).",
 )
+@click.option("--access-log", is_flag=True, help="One JSON line per request on stderr (logger botwire.access).")
 @click.pass_obj
-def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_timeout: float) -> None:
+def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_timeout: float, access_log: bool) -> None:
     """Serve Durable Streams over HTTP at /v1/stream/<path> (extra: botwire-stream[server]).
 
     Token streams and conversation logs (/v1/stream/chat/<namespace>/<session>, read-only) live
@@ -589,7 +590,7 @@ def serve(opts: Options, host: str, port: int, nats_url: str | None, long_poll_t
     except ImportError as exc:
         raise click.ClickException(f"botwire serve needs the server extra: pip install 'botwire-stream[server]' ({exc})")
     click.echo(f"botwire serve: http://{host}:{port}/v1/stream/", err=True)
-    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout)
+    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout, access_log=access_log)
 
 
 def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:

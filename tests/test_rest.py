@@ -217,3 +217,79 @@ def test_openapi_and_docs(http_server: str) -> None:
 def test_healthz_and_readyz(http_server: str) -> None:
     assert httpx.get(f"{http_server}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{http_server}/readyz").json() == {"status": "ready"}
+
+
+def test_metrics_count_requests_by_route_and_status(http_server: str, namespace: str) -> None:
+    def count(text: str, route: str, status: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("botwire_http_requests_total{") and f'route="{route}"' in line and f'status="{status}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    before = httpx.get(f"{http_server}/metrics").text
+    for _ in range(3):
+        httpx.get(f"{http_server}/v1/ns/{namespace}/keys/missing")
+    httpx.put(f"{http_server}/memory/{namespace}/k", json={"value": "v"})
+    after = httpx.get(f"{http_server}/metrics").text
+    assert count(after, "/v1/ns/keys", "404") - count(before, "/v1/ns/keys", "404") == 3
+    assert count(after, "/memory", "200") - count(before, "/memory", "200") == 1
+    assert "botwire_http_request_duration_seconds_bucket" in after
+    assert "botwire_http_errors_total" in after
+    assert "missing" not in after  # no key, session or stream name in a label
+
+
+def test_access_log_is_one_json_line_per_request(url: str, tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.http_serve import free_port
+    from tests.procs import ROOT
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), "--url", url, "--access-log"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        httpx.get(f"http://127.0.0.1:{port}/v1/ns/ns1/keys/nope")
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    hit = [x for x in lines if x["path"] == "/v1/ns/ns1/keys/nope"]
+    assert len(hit) == 1 and hit[0]["status"] == 404 and hit[0]["method"] == "GET" and hit[0]["ms"] > 0
+
+
+@pytest.mark.slow
+def test_readyz_fails_while_nats_is_stopped_and_healthz_does_not(own_server: Any, tmp_path: Any) -> None:
+    import os
+    import signal
+
+    from tests.http_serve import serving
+
+    with serving(own_server.url, tmp_path / "serve.log") as serve:
+        assert httpx.get(f"{serve.base}/readyz", timeout=10).status_code == 200
+        os.kill(own_server.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = httpx.get(f"{serve.base}/readyz", timeout=30)
+            assert r.status_code == 503 and r.json()["status"] == "unavailable"
+            assert time.monotonic() - t0 < 15  # bounded: readyz gives NATS 2 s
+            assert httpx.get(f"{serve.base}/healthz", timeout=10).status_code == 200
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+        assert httpx.get(f"{serve.base}/readyz", timeout=10).status_code == 200

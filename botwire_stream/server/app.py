@@ -18,7 +18,7 @@ from ..tokens import open_token_streams
 from .chat import CHAT_PREFIX, Conversations
 from .hosted import Hosted
 from .openapi import docs_page, document
-from .ops import Ops
+from .ops import Observed, Ops
 from .protocol import ProtocolError, stream_path
 from .rest import Namespaces, json_response
 from .rest_api import RestApi
@@ -96,6 +96,9 @@ def create_app(
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_page())
 
+    async def metrics(request: Request) -> Response:
+        return Response(app.observed.metrics(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+
     # REST (/v1/ns/), the hosted wire format (/memory/) and operations go through Starlette, so
     # middleware added to ``App.starlette`` (auth, quotas, metrics) covers them.
     star = Starlette(
@@ -107,11 +110,13 @@ def create_app(
             Route("/docs", docs),
             Route("/healthz", handler("ops", "healthz")),
             Route("/readyz", handler("ops", "readyz")),
+            Route("/metrics", metrics),
             Route("/{rest:path}", not_found),
         ],
         lifespan=lifespan,
     )
-    return App(star, endpoint, handlers)
+    app = App(star, endpoint, handlers)
+    return app
 
 
 class App:
@@ -123,8 +128,12 @@ class App:
         self.starlette = starlette
         self._endpoint = endpoint
         self._handlers = handlers
+        self.observed = Observed(self._dispatch)  # metrics and access logs of every request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.observed(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/stream/") and self._handlers:
             response = await self._endpoint(Request(scope, receive))
             await response(scope, receive, send)

@@ -4,6 +4,7 @@ once), then uvicorn finishes the requests in flight and stops."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import FrameType
 
 import uvicorn
@@ -37,9 +38,18 @@ def serve(
     long_poll_timeout: float = 20.0,
     sse_lifetime: float = 60.0,
     log_level: str = "warning",
+    access_log: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server``
-    extra brings them; uvicorn picks them by itself)."""
+    extra brings them; uvicorn picks them by itself). ``access_log``: one JSON line per request
+    on stderr (``server.ops.Observed``)."""
+    if access_log:
+        logger = logging.getLogger("botwire.access")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     stop = asyncio.Event()  # bound to the server's loop on first use
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
     config = uvicorn.Config(
