@@ -156,8 +156,9 @@ class MemoryBackend(Protocol):
         """The kept revisions of the key, oldest first."""
         ...
 
-    def watch(self, pattern: str) -> Feed[KeyChange]:
-        """Live changes of the keys matching the glob, from when it starts."""
+    def watch(self, pattern: str, after: int | None = None) -> Feed[KeyChange]:
+        """Live changes of the keys matching the glob, from when it starts; with ``after`` (a
+        revision), first the changes after it (how an SSE client resumes with Last-Event-ID)."""
         ...
 
     def changes(self) -> ChangeFeed:

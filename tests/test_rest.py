@@ -293,3 +293,19 @@ def test_readyz_fails_while_nats_is_stopped_and_healthz_does_not(own_server: Any
         finally:
             os.kill(own_server.pid, signal.SIGCONT)
         assert httpx.get(f"{serve.base}/readyz", timeout=10).status_code == 200
+
+
+def test_sse_of_a_key_pattern_resumes_with_last_event_id(http_server: str, namespace: str) -> None:
+    base = f"{http_server}/v1/ns/{namespace}"
+    revs = [httpx.put(f"{base}/keys/user:{i}", json={"value": i}).json()["revision"] for i in range(3)]
+    httpx.put(f"{base}/keys/other", json={"value": "x"}).raise_for_status()
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    ready = threading.Event()
+    t = threading.Thread(target=_read_events, args=(f"{base}/watch?pattern=user:*", {"Last-Event-ID": str(revs[0])}, 3, out, ready))
+    t.start()
+    assert ready.wait(10)
+    httpx.put(f"{base}/keys/user:9", json={"value": 9}).raise_for_status()
+    t.join(20)
+    assert not t.is_alive()
+    assert [(d["key"], d["value"]) for _, _, d in out] == [("user:1", 1), ("user:2", 2), ("user:9", 9)]
+    assert [i for i, _, _ in out][:2] == [str(revs[1]), str(revs[2])]

@@ -71,12 +71,12 @@ def _bytes(raw: msgspec.Raw, has_value: bool) -> bytes | None:
 
 
 class KeyFeed:
-    """Live changes over SSE (``/watch``). The server starts a key watch at subscription, so a
-    response that ends (the server's SSE lifetime, a restart) is reopened and changes made while
-    it was closed are not delivered; the feed raises ``ServerUnavailable`` when it cannot reopen."""
+    """Live changes over SSE (``/watch``); a response that ends (the server's SSE lifetime, a
+    restart) is reopened with ``Last-Event-ID`` (the last revision delivered), so nothing is
+    skipped or repeated; ``ServerUnavailable`` when it cannot reopen."""
 
-    def __init__(self, http: Http, path: str, pattern: str) -> None:
-        self._http, self._path, self._pattern = http, path, pattern
+    def __init__(self, http: Http, path: str, pattern: str, after: int | None) -> None:
+        self._http, self._path, self._pattern, self._last = http, path, pattern, after
         self._queue: asyncio.Queue[KeyChange | BaseException | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Future[None] | None = None
@@ -93,12 +93,14 @@ class KeyFeed:
         assert self._subscribed is not None
         try:
             while True:
-                async for ident, data in self._http.events(self._path, {"pattern": self._pattern}, None):
+                last = None if self._last is None else str(self._last)
+                async for ident, data in self._http.events(self._path, {"pattern": self._pattern}, last):
                     if not data:
                         if not self._subscribed.done():
                             self._subscribed.set_result(None)
                         continue
                     c = msgspec.json.decode(data, type=_Change)
+                    self._last = c.revision
                     self._queue.put_nowait(KeyChange(c.key, c.op, _bytes(c.value, c.has_value), c.revision, c.time))
         except BaseException as exc:  # noqa: BLE001 - handed to the reader
             if not self._subscribed.done():
@@ -199,8 +201,8 @@ class HttpMemory:
         got = msgspec.json.decode(r.content, type=_Revisions)
         return [KeyRevision(x.revision, x.op, _bytes(x.value, x.has_value), x.time) for x in got.revisions]
 
-    def watch(self, pattern: str) -> KeyFeed:
-        return KeyFeed(self._http, f"{self._base}/watch", pattern)
+    def watch(self, pattern: str, after: int | None = None) -> KeyFeed:
+        return KeyFeed(self._http, f"{self._base}/watch", pattern, after)
 
     def changes(self) -> ChangeFeed:
         return _NoChanges()

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .. import codec, errors, keys
+from .._backend import Feed, KeyChange
+from ..live import LiveIterator
 from ..memory import MAX_VALUE_BYTES
 from ..models import Op
 from ..times import ttl_seconds
@@ -99,6 +101,19 @@ def _int(request: Request, name: str, default: int | None, low: int, high: int) 
     return int(text)
 
 
+class _Watch(LiveIterator[KeyChange, KeyChange]):
+    """A backend key feed as stored records (the value's JSON passes through undecoded)."""
+
+    def __init__(self, feed: Feed[KeyChange]) -> None:
+        async def open_feed() -> Feed[KeyChange]:
+            return feed
+
+        super().__init__(open_feed)
+
+    def _convert(self, record: KeyChange) -> KeyChange:
+        return record
+
+
 class KeyRoutes:
     def __init__(self, spaces: Namespaces, sse_lifetime: float, stop: asyncio.Event) -> None:
         self.spaces, self.sse_lifetime, self.stop = spaces, sse_lifetime, stop
@@ -115,11 +130,14 @@ class KeyRoutes:
         if rest == ["watch"] and method == "GET":
             pattern = request.query_params.get("pattern", "*")
             keys.pattern_filter(pattern)
-            if request.headers.get("last-event-id"):
-                raise errors.InvalidArgument(
-                    "key watches start now (Last-Event-ID is for conversations); read the keys, then watch"
-                )
-            watch = mem.watch(pattern)
+            last = request.headers.get("last-event-id") or request.query_params.get("after")
+            resume = None
+            if last is not None:
+                if not last.isascii() or not last.isdigit() or len(last) > 20:
+                    raise errors.InvalidArgument(f"Last-Event-ID (after) must be a revision, not {last!r}")
+                resume = int(last)
+            backend = await mem._connection()
+            watch = _Watch(backend.watch(pattern, resume))
             await watch.start()  # subscribed before the response starts: later writes are delivered
             return StreamingResponse(self._events(watch), 200, {**COMMON, "content-type": "text/event-stream", "cache-control": "no-cache"})
         if len(rest) not in (2, 3) or rest[0] != "keys" or (len(rest) == 3 and rest[2] != "revisions"):
@@ -167,10 +185,7 @@ class KeyRoutes:
             return json_response(Deleted(key, await mem.delete(key)))
         raise RestError(405, "method_not_allowed", f"{method} is not allowed here")
 
-    async def _events(self, watch: object) -> AsyncIterator[bytes]:
-        from ..memory import Watch
-
-        assert isinstance(watch, Watch)
+    async def _events(self, watch: _Watch) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.sse_lifetime
         try:
@@ -187,8 +202,8 @@ class KeyRoutes:
                     yield b": keep-alive\n\n"
                     continue
                 change = nxt.result()
-                has = change.op == "set"
-                value = msgspec.Raw(codec.encoder.encode(change.value)) if has else _NULL
+                has = change.data is not None
+                value = msgspec.Raw(change.data) if change.data is not None else _NULL
                 data = msgspec.json.encode(ChangeOut(change.key, change.op, value, has, change.revision, change.time))
                 yield b"id: %d\nevent: change\ndata:%s\n\n" % (change.revision, data)
         finally:
