@@ -30,15 +30,20 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": _REF.format(name=name)}
 
 
-def _op(summary: str, ok: str | None, params: list[dict[str, Any]], body: str | None = None, status: str = "200", sse: bool = False) -> dict[str, Any]:
+_DETAIL = {"type": "object", "properties": {"detail": {}}, "required": ["detail"]}
+
+
+def _op(summary: str, ok: str | None, params: list[dict[str, Any]], body: str | None = None, status: str = "200", sse: bool = False, hosted: bool = False) -> dict[str, Any]:
     content = {"text/event-stream": {"schema": {"type": "string"}}} if sse else {"application/json": {"schema": _ref(ok)}} if ok else {}
+    error = (
+        {"description": "the hosted API's error body", "content": {"application/json": {"schema": _DETAIL}}}
+        if hosted
+        else {"description": "an error of the library's tree (code: its class)", "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+    )
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": params,
-        "responses": {
-            status: {"description": "OK", "content": content},
-            "default": {"description": "an error of the library's tree (code: its class)", "content": {"application/json": {"schema": _ref("ErrorResponse")}}},
-        },
+        "responses": {status: {"description": "OK", "content": content}, "default": error},
     }
     if body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
@@ -75,11 +80,11 @@ def document() -> dict[str, Any]:
         "/v1/ns/{namespace}/chats/{session}/count": {"get": _op("How many messages", "Count", [_NS, _SESSION])},
         "/v1/ns/{namespace}/chats/{session}/fork": {"post": _op("Copy into a new conversation", "Forked", [_NS, _SESSION], "ForkBody", status="201")},
         "/v1/ns/{namespace}/chats/{session}/events": {"get": _op("SSE: live messages (event message, id sequence; resume with Last-Event-ID or after)", None, [_NS, _SESSION, _q("after", "integer")], sse=True)},
-        "/memory/{namespace}": {"get": _op("Hosted format: keys, newest first", "Listing", [_NS, _q("limit", "integer")])},
+        "/memory/{namespace}": {"get": _op("Hosted format: keys, newest first", "Listing", [_NS, _q("limit", "integer")], hosted=True)},
         "/memory/{namespace}/{key}": {
-            "get": _op("Hosted format: read a string value", "Item", [_NS, hkey]),
-            "put": _op("Hosted format: write a string value", "Stored", [_NS, hkey], "PutBody"),
-            "delete": _op("Hosted format: delete", "RemovedItem", [_NS, hkey]),
+            "get": _op("Hosted format: read a string value", "Item", [_NS, hkey], hosted=True),
+            "put": _op("Hosted format: write a string value", "Stored", [_NS, hkey], "PutBody", hosted=True),
+            "delete": _op("Hosted format: delete", "RemovedItem", [_NS, hkey], hosted=True),
         },
     }
     return {
