@@ -80,7 +80,7 @@ class Http:
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise errors.ServerUnavailable(f"cannot reach the botwire server at {redact(self.base)}: {exc}") from exc
+            raise errors.ServerUnavailable(f"cannot reach the botwire HTTP server at {redact(self.base)}: {exc}") from exc
         except httpx.TransportError as exc:
             if what is not None:
                 raise errors.OutcomeUnknown(
