@@ -93,6 +93,8 @@ async def test_list_by_glob_with_pagination(http_server: str, url: str, namespac
         ("PUT", "keys/k", b'{"value": 1, "revision": -1}', 400, "invalid_argument"),
         ("PUT", "keys/k", b'{"value": "x", "ttl": "soon"}', 400, "invalid_argument"),
         ("PUT", "keys/%FF%FE", b'{"value": 1}', 400, "invalid_argument"),
+        ("PUT", "keys/k", b'{"value": 1e999}', 400, "invalid_value"),
+        ("PUT", "keys/k", b'{"value": "\xff"}', 400, "invalid_value"),
         ("PUT", "keys/" + "x" * 1025, b'{"value": 1}', 400, "invalid_key"),
         ("GET", "keys?limit=0", b"", 400, "invalid_argument"),
         ("GET", "keys?pattern=", b"", 400, "invalid_key"),

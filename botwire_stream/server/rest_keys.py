@@ -170,7 +170,13 @@ class KeyRoutes:
             data = bytes(body.value)
             if len(data) > MAX_VALUE_BYTES:
                 raise errors.ValueTooLarge(f"the value is {len(data)} bytes; the limit is {MAX_VALUE_BYTES}")
-            codec.decode(data)  # msgspec.Raw keeps the text as sent; refuse what is not JSON
+            # msgspec.Raw keeps the text as sent, which may hold what the library never stores
+            # (invalid UTF-8 in a string, 1e999 read as infinity): decoded and encoded as the
+            # library does, so InvalidValue refuses those, and the stored bytes are canonical
+            try:
+                data = codec.encode(codec.decode(data))
+            except msgspec.DecodeError as exc:
+                raise errors.InvalidValue(f"the value is not valid JSON: {exc}") from exc
             ttl = ttl_seconds(body.ttl)
             if body.revision is not None and body.revision < 0:
                 raise errors.InvalidArgument(f"revision must be >= 0, not {body.revision}")
