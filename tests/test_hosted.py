@@ -107,3 +107,28 @@ def test_the_wire_format_exactly(http_server: str, namespace: str) -> None:
     assert httpx.get(f"{base}/big").status_code == 404
     assert httpx.put(f"{http_server}/memory/bad.ns/k", json={"value": "x"}).status_code == 400
     assert httpx.delete(f"{base}/k1").json() == {"deleted": True, "namespace": namespace, "key": "k1"}
+
+
+def test_a_crafted_hosted_path_never_reaches_another_namespace(http_server: str, url: str, namespace: str) -> None:
+    import asyncio
+    import uuid
+
+    other = "o" + uuid.uuid4().hex[:12]
+
+    async def seed() -> None:
+        async with AsyncMemory(other, url=url) as victim:
+            await victim.set("k", "secret")
+
+    asyncio.run(seed())
+    for path in (f"{namespace}%2F..%2F{other}/k", f"{namespace}%2F{other}/k", f"../{other}/k", f"{namespace}/..%2F{other}%2Fk", "*/k", ">/k", f"{other}%00/k"):
+        got = httpx.get(httpx.URL(f"{http_server}/memory/{path}"))
+        assert "secret" not in got.text
+        put = httpx.put(httpx.URL(f"{http_server}/memory/{path}"), json={"value": "overwritten"})
+        assert put.status_code >= 400 or put.json()["namespace"] == namespace, (path, put.text)
+
+    async def check() -> None:
+        async with AsyncMemory(other, url=url) as victim:
+            assert await victim.get("k") == "secret"
+            assert len(await victim.revisions("k")) == 1
+
+    asyncio.run(check())
