@@ -48,7 +48,7 @@ __all__ = [
 
 R_co = TypeVar("R_co", covariant=True)
 
-TRANSPORTS = frozenset(SCHEMES.values())  # the backends there are: {"nats"} (HTTP to come)
+TRANSPORTS = frozenset(SCHEMES.values())  # the backends there are: {"nats", "http"}
 
 
 class Current(msgspec.Struct, frozen=True):
@@ -156,8 +156,9 @@ class MemoryBackend(Protocol):
         """The kept revisions of the key, oldest first."""
         ...
 
-    def watch(self, pattern: str) -> Feed[KeyChange]:
-        """Live changes of the keys matching the glob, from when it starts."""
+    def watch(self, pattern: str, after: int | None = None) -> Feed[KeyChange]:
+        """Live changes of the keys matching the glob, from when it starts; with ``after`` (a
+        revision), first the changes after it (how an SSE client resumes with Last-Event-ID)."""
         ...
 
     def changes(self) -> ChangeFeed:
@@ -247,6 +248,10 @@ async def open_memory(
 ) -> MemoryBackend:
     """The key-value backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
     _check_transport(opts)
+    if opts.transport == "http":
+        from .http.memory import open_memory as open_http
+
+        return await open_http(opts, namespace, history=history, replicas=replicas, timeout=timeout)
     from .nats.kv import open_memory as open_nats
 
     return await open_nats(opts, namespace, history=history, replicas=replicas, timeout=timeout)
@@ -264,6 +269,10 @@ def prepare(opts: ConnectOptions, while_booting: Callable[[], object]) -> None:
 async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> ChatBackend:
     """The conversation-log backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
     _check_transport(opts)
+    if opts.transport == "http":
+        from .http.chat import open_chat as open_http
+
+        return await open_http(opts, namespace, replicas=replicas, timeout=timeout)
     from .nats.chatlog import open_chat as open_nats
 
     return await open_nats(opts, namespace, replicas=replicas, timeout=timeout)
@@ -343,6 +352,8 @@ class TokenBackend(Protocol):
 async def open_tokens(opts: ConnectOptions, *, replicas: int, timeout: float) -> TokenBackend:
     """The token-stream backend for ``opts`` (by ``opts.transport``), its storage made sure to exist."""
     _check_transport(opts)
+    if opts.transport != "nats":
+        raise InvalidArgument("token streams are served over NATS; over HTTP, use the Durable Streams protocol of botwire serve")
     from .nats.tokens import open_tokens as open_nats
 
     return await open_nats(opts, replicas=replicas, timeout=timeout)

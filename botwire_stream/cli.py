@@ -602,6 +602,7 @@ cli.add_command(
     help="Limits for namespaces matching GLOB, whoever calls: 'writes=N/day', 'rps=N', 'bytes=N[KB|MB|GB]' "
     "(comma-separated), or 'hosted'. Repeatable; the first matching GLOB applies.",
 )
+@click.option("--access-log", is_flag=True, help="One JSON line per request on stderr (logger botwire.access).")
 @click.pass_obj
 def serve(
     opts: Options,
@@ -612,6 +613,7 @@ def serve(
     auth: bool,
     public: tuple[str, ...],
     quota: tuple[str, ...],
+    access_log: bool,
 ) -> None:
     """Serve Durable Streams over HTTP at /v1/stream/<path> (extra: botwire-stream[server]).
 
@@ -640,7 +642,14 @@ def serve(
             )
         click.echo("botwire serve: no auth (no --auth or --public): listening on loopback only", err=True)
     click.echo(f"botwire serve: http://{host}:{port}/v1/stream/", err=True)
-    run_server(host=host, port=port, url=nats_url or opts.url, long_poll_timeout=long_poll_timeout, policy=policy)
+    run_server(
+        host=host,
+        port=port,
+        url=nats_url or opts.url,
+        long_poll_timeout=long_poll_timeout,
+        policy=policy,
+        access_log=access_log,
+    )
 
 
 def _loopback(host: str) -> bool:

@@ -17,7 +17,7 @@ from .errors import InvalidArgument
 __all__ = ["SCHEMES", "ConnectArgs", "ConnectOptions", "home_dir", "redact", "resolve"]
 
 # The URL schemes and the transport (``_backend``'s implementation) that serves each.
-SCHEMES = {"nats": "nats", "tls": "nats", "ws": "nats", "wss": "nats"}
+SCHEMES = {"nats": "nats", "tls": "nats", "ws": "nats", "wss": "nats", "http": "http", "https": "http"}
 
 # After a scheme, everything up to the last "@" before the host (a password may hold spaces or "@":
 # nats-py takes them raw); the stops are characters that end a URL's authority or start the text
@@ -63,8 +63,11 @@ class ConnectOptions:
 
     @property
     def transport(self) -> str:
-        """Which backend serves these settings: ``"nats"`` (the embedded server is one too)."""
-        return "nats"
+        """Which backend serves these settings: ``"nats"`` (the embedded server is one too) or
+        ``"http"`` (a ``botwire serve`` REST API)."""
+        if self.servers is None:
+            return "nats"
+        return SCHEMES[self.servers[0].split("://", 1)[0].lower()]
 
 
 def home_dir() -> Path:
@@ -112,13 +115,14 @@ def resolve(
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""
         if scheme not in SCHEMES:
             supported = ", ".join(f"{name}://" for name in SCHEMES)
-            hint = (
-                " (the HTTP transport, a botwire HTTP server, is not available in this version)"
-                if scheme in ("http", "https")
-                else ""
-            )
             raise InvalidArgument(
-                f"{redact(s)}: unsupported URL scheme{hint}; use nats://host:port or tls://host:port "
-                f"(supported: {supported})"
+                f"{redact(s)}: unsupported URL scheme; use nats://host:port, tls://host:port or "
+                f"http://host:port (botwire serve) (supported: {supported})"
             )
+    if len({SCHEMES[s.split("://", 1)[0].lower()] for s in servers}) > 1 or (
+        SCHEMES[servers[0].split("://", 1)[0].lower()] == "http" and len(servers) > 1
+    ):
+        raise InvalidArgument(
+            f"{source} names several servers over HTTP; give one http(s):// URL (a load balancer in front of serve processes)"
+        )
     return ConnectOptions(servers=servers, token=token, user=user, password=password, creds=creds)

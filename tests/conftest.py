@@ -25,8 +25,32 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.stop()
 
 
+# Test modules of the public API run twice: over NATS and over HTTP (a ``botwire serve`` of the
+# session's nats-server), with the same expectations; a test marked ``nats_only`` runs once.
+HTTP_MODULES = {"tests.test_memory", "tests.test_chat"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (
+        metafunc.module.__name__ in HTTP_MODULES
+        and "url" in metafunc.fixturenames
+        and metafunc.definition.get_closest_marker("nats_only") is None
+    ):
+        metafunc.parametrize("transport", ["nats", "http"], indirect=True)
+
+
 @pytest.fixture
-def url(nats_server: NatsServer) -> str:
+def transport(request: pytest.FixtureRequest) -> str:
+    """``"nats"``, or ``"http"`` where ``pytest_generate_tests`` parametrizes it."""
+    return str(getattr(request, "param", "nats"))
+
+
+@pytest.fixture
+def url(nats_server: NatsServer, transport: str, request: pytest.FixtureRequest) -> str:
+    """The URL a test connects to: the nats-server, or over HTTP a ``botwire serve`` of it."""
+    if transport == "http":
+        base: str = request.getfixturevalue("http_server")
+        return base
     return nats_server.url
 
 
@@ -51,3 +75,13 @@ def botwire_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setenv("BOTWIRE_HOME", str(home))
     yield home
     embedded.stop(home)
+
+
+@pytest.fixture(scope="session")
+def http_server(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``botwire serve`` process over the session's nats-server, shared by the session: its
+    base URL (``http://127.0.0.1:PORT``)."""
+    from tests.http_serve import serving
+
+    with serving(nats_server.url, tmp_path_factory.mktemp("serve") / "serve.log") as serve:
+        yield serve.base

@@ -188,7 +188,8 @@ def test_a_key_reaches_only_its_namespaces_and_its_scope(server: Serve, url: str
     assert httpx.get(f"{server.base}/metrics", headers=bearer(key_a)).status_code == 403
     assert httpx.get(f"{server.base}/metrics").status_code == 401
     admin = new_key(url, "*", scope="admin")
-    assert httpx.get(f"{server.base}/metrics", headers=bearer(admin)).status_code == 404
+    metrics = httpx.get(f"{server.base}/metrics", headers=bearer(admin))
+    assert metrics.status_code == 200 and b"# TYPE" in metrics.content
 
 
 def test_public_namespaces_are_served_without_a_key_and_no_others(server: Serve, namespace: str) -> None:

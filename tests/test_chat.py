@@ -232,6 +232,7 @@ def test_extend_over_1000_messages_or_with_an_oversized_one_stores_nothing(url: 
 
 
 # -- retries --------------------------------------------------------------------------------------
+@pytest.mark.nats_only  # JetStream's message ids
 async def test_a_retried_publish_with_the_same_msg_id_is_stored_once(url: str, namespace: str) -> None:
     """How the library de-duplicates an append retried after a timeout: the Nats-Msg-Id."""
     async with AsyncChatHistory("s", namespace=namespace, url=url) as chat:
@@ -665,6 +666,7 @@ def test_sync_chat_history_works_inside_async_def(url: str, namespace: str) -> N
     assert sorted(ids) == ["in-loop", "in-loop-2"]
 
 
+@pytest.mark.nats_only  # JetStream's multi-last get limit (over HTTP: 1100 conversations take ~100 s)
 async def test_sessions_lists_more_conversations_than_one_multi_last_get_answers(url: str, namespace: str) -> None:
     # A multi-last direct get answers at most 1024 subjects; beyond that sessions() pulls the last
     # message of each conversation through a consumer instead, and must list them all.

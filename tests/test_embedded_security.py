@@ -352,8 +352,9 @@ async def test_url_credentials_are_redacted_in_errors(namespace: str) -> None:
             await m.get("k")
     assert "pa55word" not in str(info.value) and "alice" not in str(info.value)
     assert "127.0.0.1" in str(info.value)
-    with pytest.raises(BotWireError) as info2:
-        Memory(namespace, url="https://bob:hunter22@example.invalid")
+    with pytest.raises(BotWireError) as info2:  # over HTTP (botwire serve): at first use
+        with Memory(namespace, url="https://bob:hunter22@example.invalid", timeout=2) as m2:
+            m2.get("k")
     assert "hunter22" not in str(info2.value)
 
 

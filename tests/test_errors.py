@@ -196,7 +196,7 @@ def test_token_protected_server(tmp_path: Path, namespace: str, monkeypatch: pyt
         server.stop()
 
 
-@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "http://127.0.0.1:1", "127.0.0.1:4222x"])
+@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "ftp://127.0.0.1:1", "127.0.0.1:4222x"])  # http:// is a transport now
 def test_unsupported_urls(bad: str, namespace: str) -> None:
     with pytest.raises(BotWireError):
         Memory(namespace, url=bad)
@@ -322,7 +322,7 @@ def test_start_failure_shows_only_this_runs_output(botwire_home: Path, namespace
 
 
 # -- documented classes instead of bare builtins ---------------------------------------------------
-@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "http://127.0.0.1:1", "127.0.0.1:4222x"])
+@pytest.mark.parametrize("bad", ["redis://127.0.0.1:6379", "ftp://127.0.0.1:1", "127.0.0.1:4222x"])  # http:// is a transport now
 def test_an_unsupported_url_scheme_is_invalid_argument_naming_the_supported_ones(bad: str, namespace: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         Memory(namespace, url=bad)

@@ -262,9 +262,9 @@ class NatsMemory:
             pass  # a newer value was written, or no room even now: the key is deleted all the same
 
     # -- live changes ---------------------------------------------------------------------------
-    def watch(self, pattern: str) -> KeyFeed:
+    def watch(self, pattern: str, after: int | None = None) -> KeyFeed:
         subject_filter, exact = keys.pattern_filter(pattern)
-        return KeyFeed(self, self.prefix + subject_filter, pattern, exact)
+        return KeyFeed(self, self.prefix + subject_filter, pattern, exact, after)
 
     def changes(self) -> ChangeFeed:
         return _CacheFeed(self, self.prefix + ">", "*", True)
@@ -273,12 +273,17 @@ class NatsMemory:
 class KeyFeed(ResumingFeed[KeyChange]):
     """The changes of the keys matching a glob, from an ordered consumer on the bucket."""
 
-    def __init__(self, kv: NatsMemory, subject: str, pattern: str, exact: bool) -> None:
+    def __init__(self, kv: NatsMemory, subject: str, pattern: str, exact: bool, after: int | None = None) -> None:
         super().__init__(kv.conn, kv.stream, kv.timeout)
         self._kv = kv
         self._subject = subject
         self._pattern = pattern
         self._exact = exact
+        self._after = after
+
+    def _first_seq(self) -> int | None:
+        # a revision is the bucket stream's sequence: resume right after it
+        return None if self._after is None else self._after + 1
 
     async def _subscribe(self, conn: Connection, start_seq: int) -> Any:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)

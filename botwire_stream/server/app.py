@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..tokens import open_token_streams
 from .chat import CHAT_PREFIX, Conversations
 from .chatapi import ChatService
+from .hosted import Hosted
 from .model import ChatModel, model_from_env
+from .openapi import docs_page, document
+from .ops import Observed, Ops
 from .protocol import ProtocolError, stream_path
+from .rest import Namespaces, json_response
+from .rest_api import RestApi
 from .streams import Streams, error_response, respond
 
 __all__ = ["App", "create_app"]
@@ -55,12 +61,17 @@ def create_app(
         max_body = store._b.max_chunk
         handlers["streams"] = Streams(store, max_body, long_poll_timeout, sse_lifetime, ending)
         handlers["chat"] = Conversations(connect, long_poll_timeout, sse_lifetime, ending)
+        spaces = Namespaces(connect)
+        handlers["rest"] = RestApi(spaces, sse_lifetime, ending)
+        handlers["hosted"] = Hosted(spaces)
+        handlers["ops"] = Ops(spaces)
         await service.start(store)
         try:
             yield
         finally:
             ending.set()
             await service.close()
+            await spaces.close()
             await client.close()
 
     async def endpoint(request: Request) -> Response:
@@ -82,15 +93,43 @@ def create_app(
     async def not_found(request: Request) -> Response:
         return respond(404, b"not found", {"content-type": "text/plain"})
 
+    def handler(name: str, attr: str | None = None) -> Callable[[Request], Awaitable[Response]]:
+        async def call(request: Request) -> Response:
+            target: Any = handlers[name]
+            fn = getattr(target, attr) if attr else target
+            result: Response = await fn(request)
+            return result
+
+        return call
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document())
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_page())
+
+    async def metrics(request: Request) -> Response:
+        return Response(app.observed.metrics(), 200, {"content-type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    # REST (/v1/ns/), the hosted wire format (/memory/) and operations go through Starlette, so
+    # middleware added to ``App.starlette`` (auth, quotas, metrics) covers them.
     star = Starlette(
         routes=[
             Route("/v1/stream/{path:path}", endpoint, methods=_METHODS),
+            Route("/v1/ns/{path:path}", handler("rest"), methods=_METHODS),
+            Route("/memory/{path:path}", handler("hosted"), methods=_METHODS),
+            Route("/openapi.json", openapi),
+            Route("/docs", docs),
+            Route("/healthz", handler("ops", "healthz")),
+            Route("/readyz", handler("ops", "readyz")),
+            Route("/metrics", metrics),
             *service.routes(),
             Route("/{rest:path}", not_found),
         ],
         lifespan=lifespan,
     )
-    return App(star, endpoint, handlers)
+    app = App(star, endpoint, handlers)
+    return app
 
 
 class App:
@@ -102,8 +141,12 @@ class App:
         self.starlette = starlette
         self._endpoint = endpoint
         self._handlers = handlers
+        self.observed = Observed(self._dispatch)  # metrics and access logs of every request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.observed(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/stream/") and self._handlers:
             response = await self._endpoint(Request(scope, receive))
             await response(scope, receive, send)

@@ -4,6 +4,7 @@ once), then uvicorn finishes the requests in flight and stops."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from types import FrameType
 
@@ -41,10 +42,19 @@ def serve(
     log_level: str = "warning",
     ready: Callable[[str], None] | None = None,
     policy: Policy | None = None,
+    access_log: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT (on uvloop and httptools when installed: the ``server`` extra
     brings them; uvicorn picks them by itself); ``ready`` is called with the server's base URL once
-    it answers (with ``port=0``, the port the system chose); ``policy``: auth and quotas (``auth.Policy``)."""
+    it answers (with ``port=0``, the port the system chose); ``policy``: auth and quotas
+    (``auth.Policy``); ``access_log``: one JSON line per request on stderr (``server.ops.Observed``)."""
+    if access_log:
+        logger = logging.getLogger("botwire.access")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     stop = asyncio.Event()  # bound to the server's loop on first use
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
     if policy is not None and policy.active:

@@ -1,0 +1,163 @@
+"""The hosted memory API's wire format at ``/memory/...``, so that the ``botwire`` client from
+PyPI (0.2.1) works unchanged with ``BOTWIRE_URL=http://host:port``.
+
+Every value is a string there; it is stored as that string under the same key as
+``Memory(namespace).set(key, value)`` would, so either side reads what the other wrote. A value
+our library stored that is not a string goes out as its JSON text (the hosted client parses text
+starting with ``[`` or ``{``, as it does for what it wrote itself). Times are the kept revisions'
+(``created_at``: the first write since the key last held no value, as far as the history
+reaches). Errors are ``{"detail": ...}`` with the hosted server's statuses (400, 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .. import codec, errors, keys
+from .._backend import KeyRevision
+from .headers import COMMON
+from .rest import Namespaces, raw_segments, read_body
+
+__all__ = ["Hosted", "MAX_VALUE_CHARS"]
+
+MAX_VALUE_CHARS = 100_000  # the hosted server's limit on a value (characters)
+_LIST_CONCURRENCY = 32
+
+
+class PutBody(msgspec.Struct):
+    value: str
+
+
+class Stored(msgspec.Struct):
+    namespace: str
+    key: str
+    stored: bool
+    bytes: int
+
+
+class Item(msgspec.Struct):
+    namespace: str
+    key: str
+    value: str
+    created_at: float
+    updated_at: float
+
+
+class RemovedItem(msgspec.Struct):
+    deleted: bool
+    namespace: str
+    key: str
+
+
+class KeyInfo(msgspec.Struct):
+    key: str
+    bytes: int
+    updated_at: float
+
+
+class Listing(msgspec.Struct):
+    namespace: str
+    count: int
+    keys: list[KeyInfo]
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status, {**COMMON, "content-type": "application/json"})
+
+
+def _detail(status: int, message: str) -> Response:
+    return _json({"detail": message}, status)
+
+
+def _text(data: bytes) -> str:
+    value = codec.decode(data)
+    return value if isinstance(value, str) else data.decode()
+
+
+def _live(revs: list[KeyRevision]) -> tuple[KeyRevision, float] | None:
+    """The last revision when it holds a value, and the time of the first write since the key
+    last held none."""
+    if not revs or revs[-1].op != "set":
+        return None
+    first = revs[-1]
+    for r in reversed(revs):
+        if r.op != "set":
+            break
+        first = r
+    return revs[-1], first.time.timestamp()
+
+
+class Hosted:
+    def __init__(self, spaces: Namespaces) -> None:
+        self.spaces = spaces
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            parts = raw_segments(request, b"/memory/")
+            namespace = keys.check_namespace(parts[0])
+            if len(parts) == 1:
+                if request.method != "GET":
+                    return _detail(405, "Method Not Allowed")
+                return await self._list(request, namespace)
+            if len(parts) != 2:
+                return _detail(404, "Not Found")
+            key = keys.check_key(parts[1])
+            mem = self.spaces.memory(namespace)
+            if request.method == "PUT":
+                body = msgspec.json.decode(await read_body(request, 4 * MAX_VALUE_CHARS + 1024), type=PutBody)
+                if len(body.value) > MAX_VALUE_CHARS:
+                    return _detail(400, f"value exceeds {MAX_VALUE_CHARS} characters")
+                await mem.set(key, body.value)
+                return _json(Stored(namespace, key, True, len(body.value.encode())))
+            if request.method == "GET":
+                backend = await mem._connection()
+                found = _live(await backend.revisions(key))
+                if found is None:
+                    return _detail(404, "Key not found")
+                last, created = found
+                data = last.data
+                if data is None:  # a value stored in chunks: the revision does not carry it
+                    current = await backend.get(key)
+                    if current is None or current.data is None:
+                        return _detail(404, "Key not found")
+                    data = current.data
+                return _json(Item(namespace, key, _text(data), created, last.time.timestamp()))
+            if request.method == "DELETE":
+                if not await mem.delete(key):
+                    return _detail(404, "Key not found")
+                return _json(RemovedItem(True, namespace, key))
+            return _detail(405, "Method Not Allowed")
+        except (errors.InvalidKey, errors.InvalidNamespace, errors.InvalidArgument, errors.InvalidValue) as exc:
+            return _detail(400, str(exc))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _detail(422, f"invalid body: {exc}")
+        except errors.BotWireError as exc:
+            return _detail(exc.http_status, str(exc))
+
+    async def _list(self, request: Request, namespace: str) -> Response:
+        text = request.query_params.get("limit", "100")
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
+            return _detail(422, "limit must be an integer from 1 to 1000")
+        limit = int(text)
+        mem = self.spaces.memory(namespace)
+        backend = await mem._connection()
+        names = await mem.list_keys("*")
+        gate = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+        async def info(key: str) -> KeyInfo | None:
+            async with gate:
+                found = _live(await backend.revisions(key))
+            if found is None:
+                return None
+            last, _ = found
+            size = len(_text(last.data).encode()) if last.data is not None else 0
+            return KeyInfo(key, size, last.time.timestamp())
+
+        items = [i for i in await asyncio.gather(*(info(k) for k in names)) if i is not None]
+        items.sort(key=lambda i: i.updated_at, reverse=True)
+        items = items[:limit]
+        return _json(Listing(namespace, len(items), items))
