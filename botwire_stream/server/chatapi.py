@@ -358,10 +358,7 @@ class ChatService:
             meta: dict[str, Any] = {"answer": answer, "stream": path}
             if failure:
                 meta.update(incomplete=True, error=failure)
-            await self._store_answer(ns, session, "".join(producer.text), meta)
-            registry = self.memory(REGISTRY_NAMESPACE)
-            await registry.delete(f"answer:{answer}")
-            await registry.delete(f"lease:{answer}")
+            await self._conclude(ns, session, answer, "".join(producer.text), meta)
         except (errors.ProducerFenced, errors.StreamClosed):
             log.warning("answer %s was closed by another process (its lease had expired)", answer)
         except errors.BotWireError as exc:
@@ -370,6 +367,36 @@ class ChatService:
             producer.cancel()
             renew.cancel()
             self._tasks.pop(answer, None)
+
+    async def _conclude(self, ns: str, session: str, answer: str, content: str, meta: dict[str, Any]) -> bool:
+        """Store a closed answer into the conversation, unless another process claimed it first.
+
+        The producer takes the same claim as ``recover`` (a compare-and-set on ``answer:``): a
+        producer stalled past its lease between closing its stream and this append would otherwise
+        store a second copy after the process that recovered it (False then)."""
+        registry = self.memory(REGISTRY_NAMESPACE)
+        try:
+            await registry.update(f"answer:{answer}", self._claim(time.time()))
+        except _Taken:
+            log.warning("answer %s was stored by another process (its lease had expired)", answer)
+            return False
+        await self._store_answer(ns, session, content, meta)
+        await registry.delete(f"answer:{answer}")
+        await registry.delete(f"lease:{answer}")
+        return True
+
+    def _claim(self, now: float) -> Any:
+        """The compare-and-set that makes one process the one to store an answer."""
+
+        def claim(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Taken
+            claimed = value.get("recovering")
+            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
+                raise _Taken
+            return {**value, "recovering": {"by": self.owner, "at": now}}
+
+        return claim
 
     async def _store_answer(self, ns: str, session: str, content: str, meta: dict[str, Any]) -> None:
         """The answer into the conversation; one larger than a message can be is cut (halved until
@@ -404,18 +431,8 @@ class ChatService:
     async def recover(self, answer: str) -> bool:
         """Close an answer whose producer is gone; False when another process does (or did) it."""
         registry = self.memory(REGISTRY_NAMESPACE)
-        now = time.time()
-
-        def claim(value: Any) -> Any:
-            if not isinstance(value, dict):
-                raise _Taken
-            claimed = value.get("recovering")
-            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
-                raise _Taken
-            return {**value, "recovering": {"by": self.owner, "at": now}}
-
         try:
-            record = await registry.update(f"answer:{answer}", claim)
+            record = await registry.update(f"answer:{answer}", self._claim(time.time()))
         except _Taken:
             return False
         ns, session, path = record["ns"], record["session"], record["stream"]
