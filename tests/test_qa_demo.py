@@ -114,3 +114,36 @@ def test_bad_message_bodies_write_nothing(serve: Serve, url: str, namespace: str
         assert chat.messages() == []
     finally:
         chat.close()
+
+
+def test_a_process_stopped_before_storing_the_question_leaves_no_answer_without_its_question(url: str, namespace: str) -> None:
+    """``POST .../messages`` registers the answer, then appends the question: a process killed in
+    between (the client got no 202) must not leave an empty "incomplete" answer to a question the
+    conversation never got (it did: the recovery appended it)."""
+
+    async def scenario() -> list[dict[str, object]]:
+        store, client = await open_token_streams(url=url)
+        b = ChatService({"url": url}, FakeModel(pace=0, tokens=3))
+        b.store = store
+        session, answer = "s-" + uuid.uuid4().hex[:8], uuid.uuid4().hex[:16]
+        path = f"answers/{namespace}/{answer}"
+        chat = AsyncChatHistory(session, namespace=namespace, url=url)
+        try:
+            await chat.append({"role": "user", "content": "an earlier question"})
+            await chat.append({"role": "assistant", "content": "an earlier answer"})
+            await store.create(path, content_type="text/plain", ttl=3600)
+            registry = b.memory(REGISTRY_NAMESPACE)
+            await registry.set(f"answer:{answer}", {"ns": namespace, "session": session, "stream": path, "owner": "gone"})
+            # the process dies here, before the question's append; its lease expires
+            assert await b.recover(answer) is True
+            assert await registry.get(f"answer:{answer}") is None  # not recovered again and again
+            info = await store.read(path, "-1")
+            assert info.closed  # a late producer of it is fenced
+            return await chat.messages()
+        finally:
+            await chat.close()
+            await b.close()
+            await client.close()
+
+    messages = asyncio.run(scenario())
+    assert [m["content"] for m in messages] == ["an earlier question", "an earlier answer"]

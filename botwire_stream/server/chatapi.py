@@ -447,7 +447,14 @@ class ChatService:
         got = await self.store.read(path, "-1", max_bytes=1 << 30)
         chat = self.chat(ns, session)
         try:
-            done = any(e.message.get("role") == "assistant" and (e.message.get("meta") or {}).get("answer") == answer for e in await chat.entries(last=_HISTORY))
+            recent = await chat.entries(last=_HISTORY)
+            mine = [e.message for e in recent if (e.message.get("meta") or {}).get("answer") == answer]
+            if not mine and len(recent) >= _HISTORY:  # its question is older than these: read it all (rare)
+                mine = [e.message for e in await chat.entries() if (e.message.get("meta") or {}).get("answer") == answer]
+            # a process stopped between registering the answer and storing its question: the client
+            # got no 202, so no answer is stored (the stream is closed above: a late producer is fenced)
+            asked = any(m.get("role") == "user" for m in mine)
+            done = not asked or any(m.get("role") == "assistant" for m in mine)
             if not done:
                 meta: dict[str, Any] = {"answer": answer, "stream": path}
                 if not complete:
@@ -457,5 +464,5 @@ class ChatService:
         if not done:
             await self._store_answer(ns, session, got.data.decode("utf-8", "replace"), meta)
         await registry.delete(f"answer:{answer}")
-        log.warning("answer %s: its producer's lease expired; closed it%s", answer, "" if complete else " as incomplete")
+        log.warning("answer %s: its producer's lease expired; closed it%s", answer, "" if complete else " as incomplete" if asked else " (its question was never stored)")
         return True
