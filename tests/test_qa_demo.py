@@ -147,3 +147,35 @@ def test_a_process_stopped_before_storing_the_question_leaves_no_answer_without_
 
     messages = asyncio.run(scenario())
     assert [m["content"] for m in messages] == ["an earlier question", "an earlier answer"]
+
+
+XSS = "<img src=x onerror=window.__xss=1> <script>window.__xss=2</script> &lt;b&gt; <b>bold</b> \u202e\u0000end"
+
+
+@pytest.mark.slow
+def test_markup_in_a_message_and_in_the_models_answer_renders_as_text(serve: Serve, namespace: str) -> None:
+    """The fake model echoes the message: both bubbles and the conversation's title get markup,
+    which must show as typed, run nothing and make no element."""
+    browser_test = pytest.importorskip("tests.test_browser")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser_test.CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = b.new_page()
+            page.add_init_script("window.alert = () => { window.__xss = 3 }")
+            page = browser_test.open_page(page, serve.base, namespace)
+            browser_test.send(page, XSS)
+            browser_test.wait_done(page)
+            want = "".join(FakeModel(pace=0, tokens=5).answer([{"role": "user", "content": XSS}]))
+            assert page.locator("#log li.user").last.text_content() == XSS.replace("\u0000", "\ufffd") or page.locator(
+                "#log li.user"
+            ).last.text_content() == XSS
+            assert browser_test.last_answer(page).text_content() in (want, want.replace("\u0000", "\ufffd"))
+            page.reload()
+            browser_test.wait_done(page)
+            page.wait_for_selector("#conversations a")
+            assert page.evaluate("() => window.__xss") is None
+            assert page.locator("#log img, #log script, #log b, #conversations img, #conversations b, #title b").count() == 0
+        finally:
+            b.close()
