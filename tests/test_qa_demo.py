@@ -179,3 +179,45 @@ def test_markup_in_a_message_and_in_the_models_answer_renders_as_text(serve: Ser
             assert page.locator("#log img, #log script, #log b, #conversations img, #conversations b, #title b").count() == 0
         finally:
             b.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["before-first-token", "mid-answer"])
+def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: str, namespace: str, tmp_path: Path, phase: str) -> None:
+    """SIGKILL the producer; two other serve processes both watch the leases: the stream ends
+    (closed) within the bound and the conversation gets exactly one incomplete answer."""
+    import signal
+    import time
+
+    from tests.chat_serve import read_answer
+
+    env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}
+    procs = [start(url, tmp_path / f"{i}.log", env=env) for i in range(3)]
+    producer, others = procs[0], procs[1:]
+    try:
+        with httpx.Client(base_url=others[0].base, timeout=10) as client:
+            session = client.post(f"/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
+            answer = httpx.post(f"{producer.base}/v1/chat/{namespace}/{session}/messages", json={"content": "race"}).json()
+            if phase == "mid-answer":
+                time.sleep(1.0)
+            producer.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            text = read_answer(client, answer["answer"], bound=20)
+            assert time.monotonic() - killed < 20
+        deadline = time.monotonic() + 10
+        chat = ChatHistory(session, namespace=namespace, url=url)
+        try:
+            while len(chat.messages()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.5)  # more lease checks of both survivors: still one answer
+            messages = chat.messages()
+        finally:
+            chat.close()
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[1]["content"] == text and messages[1]["meta"]["incomplete"] is True
+        want = "".join(FakeModel(pace=0, tokens=200).answer([{"role": "user", "content": "race"}]))
+        assert want.startswith(text) and len(text) < len(want)
+    finally:
+        producer.kill(signal.SIGKILL)
+        for s in others:
+            stop(s)
