@@ -17,6 +17,7 @@ from botwire_stream.server.model import FakeModel
 from botwire_stream.tokens import open_token_streams
 from tests.chat_serve import start, stop
 from tests.http_serve import Serve
+from tests.servers import NatsServer
 
 
 def test_a_producer_stalled_between_closing_its_stream_and_storing_its_answer_stores_no_second_copy(
@@ -221,3 +222,51 @@ def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: st
         producer.kill(signal.SIGKILL)
         for s in others:
             stop(s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stall", [2.0, 7.0, -1.0])
+def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, tmp_path: Path, stall: float) -> None:
+    """SIGSTOP the nats-server mid-answer for less than a lease (2 s) and for more (7 s), or
+    SIGKILL and restart it on its store (-1): the
+    answer's stream still ends (closed) within a bound, and the conversation holds exactly one
+    answer whose text is the stream's."""
+    import os
+    import signal
+    import time
+
+    from tests.chat_serve import read_answer
+
+    url = own_server.url
+    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "100"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=20) as client:
+            session = client.post("/v1/chat/ns", json={"user": "ada"}).json()["session"]
+            answer = client.post(f"/v1/chat/ns/{session}/messages", json={"content": "stall"}).json()
+            time.sleep(1.0)
+            if stall < 0:
+                own_server.kill()
+                time.sleep(1.0)
+                own_server.start()
+            else:
+                os.kill(own_server.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(stall)
+                finally:
+                    os.kill(own_server.pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            text = read_answer(client, answer["answer"], bound=40)
+            assert time.monotonic() - resumed < 40
+        chat = ChatHistory(session, namespace="ns", url=url)
+        try:
+            deadline = time.monotonic() + 15
+            while len(chat.messages()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.5)
+            messages = chat.messages()
+        finally:
+            chat.close()
+        assert [m["role"] for m in messages] == ["user", "assistant"], (messages, s.log.read_text()[-3000:])
+        assert messages[1]["content"] == text
+    finally:
+        stop(s)
