@@ -270,3 +270,49 @@ def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, tmp_path: Pa
         assert messages[1]["content"] == text
     finally:
         stop(s)
+
+
+def test_messages_posted_at_once_to_many_conversations_are_each_answered_once(serve: Serve, url: str, namespace: str) -> None:
+    """Two messages at once to each of 12 conversations (24 posts at once): every question is
+    stored, and exactly one complete answer follows each, linked by its answer id, answering it
+    (the model was given the conversation up to the other question, and answered that one)."""
+    from concurrent.futures import ThreadPoolExecutor
+    import time
+
+    import threading
+
+    with httpx.Client(base_url=serve.base, timeout=20) as client:
+        sessions = [client.post(f"/v1/chat/{namespace}", json={"user": "ada"}).json()["session"] for _ in range(12)]
+    targets = [s for s in sessions for _ in range(2)]
+    barrier = threading.Barrier(len(targets))
+
+    def post(i: int) -> httpx.Response:
+        with httpx.Client(base_url=serve.base, timeout=20) as own:
+            own.get("/")  # connected before the race
+            barrier.wait(20)
+            return own.post(f"/v1/chat/{namespace}/{targets[i]}/messages", json={"content": f"q{i}"})
+
+    with ThreadPoolExecutor(len(targets)) as pool:
+        replies = list(pool.map(post, range(len(targets))))
+    assert [r.status_code for r in replies] == [202] * len(targets)
+    for session in sessions:
+        want = 4
+        chat = ChatHistory(session, namespace=namespace, url=url)
+        try:
+            deadline = time.monotonic() + 20
+            while len(chat.messages()) < want and time.monotonic() < deadline:
+                time.sleep(0.1)
+            messages = chat.messages()
+        finally:
+            chat.close()
+        assert len(messages) == want, messages
+        questions = {m["meta"]["answer"]: m["content"] for m in messages if m["role"] == "user"}
+        answers = [m for m in messages if m["role"] == "assistant"]
+        assert sorted(m["meta"]["answer"] for m in answers) == sorted(questions)
+        for m in answers:
+            assert not m["meta"].get("incomplete")
+            assert str(m["content"]).startswith(f"You said: {questions[m['meta']['answer']]}.")
+        # an answer comes after its own question
+        order = [(m["role"], m["meta"]["answer"]) for m in messages]
+        for a in questions:
+            assert order.index(("user", a)) < order.index(("assistant", a))

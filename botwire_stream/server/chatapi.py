@@ -324,7 +324,10 @@ class ChatService:
                 raise
             history = [{"role": "user", "content": content}]
             with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
-                history = [_plain_message(m) for m in await chat.messages(last=_HISTORY)]
+                # up to this question: one posted to the conversation at the same moment may already
+                # follow it, and the model would answer that one instead (it did, the fake model's echo)
+                upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
+                history = upto[-_HISTORY:] if upto else history
         finally:
             await chat.close()
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
