@@ -276,10 +276,9 @@ def test_messages_posted_at_once_to_many_conversations_are_each_answered_once(se
     """Two messages at once to each of 12 conversations (24 posts at once): every question is
     stored, and exactly one complete answer follows each, linked by its answer id, answering it
     (the model was given the conversation up to the other question, and answered that one)."""
-    from concurrent.futures import ThreadPoolExecutor
-    import time
-
     import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
 
     with httpx.Client(base_url=serve.base, timeout=20) as client:
         sessions = [client.post(f"/v1/chat/{namespace}", json={"user": "ada"}).json()["session"] for _ in range(12)]
