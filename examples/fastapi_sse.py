@@ -99,11 +99,14 @@ async def resume(answer: str, offset: str = "-1", last_event_id: str | None = He
     start = last_event_id or offset
     try:
         parse_offset(start)
-        await AsyncTokenStream(f"answers/{answer}").info()
+        async with AsyncTokenStream(f"answers/{answer}") as stream:
+            await stream.info()
     except InvalidOffset as exc:
         raise HTTPException(400, str(exc)) from None
     except StreamNotFound:
         raise HTTPException(404, f"no answer {answer!r}") from None
+    except BotWireError as exc:  # an answer id no stream can have (control characters, too long): 400
+        raise HTTPException(exc.http_status, str(exc)) from None
     return StreamingResponse(events(answer, start), media_type="text/event-stream")
 
 

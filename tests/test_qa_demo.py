@@ -18,6 +18,7 @@ from botwire_stream.tokens import open_token_streams
 from tests.chat_serve import start, stop
 from tests.http_serve import Serve
 from tests.servers import NatsServer
+from tests.test_examples import example  # noqa: F401  (the fixture)
 
 
 def test_a_producer_stalled_between_closing_its_stream_and_storing_its_answer_stores_no_second_copy(
@@ -315,3 +316,36 @@ def test_messages_posted_at_once_to_many_conversations_are_each_answered_once(se
         order = [(m["role"], m["meta"]["answer"]) for m in messages]
         for a in questions:
             assert order.index(("user", a)) < order.index(("assistant", a))
+
+
+@pytest.mark.parametrize("example", ["fastapi_sse"], indirect=True)
+def test_sse_example_refuses_bad_answers_and_offsets_with_a_4xx(example: str) -> None:
+    """Resuming with a Last-Event-ID that is malformed, or beyond the answer's end, and an answer
+    id no stream can have: a 4xx before the stream starts (or, beyond the end, the rest: nothing
+    then done), never a 500 or a broken stream; the example keeps serving."""
+    import json as _json
+
+    from tests.test_examples import sse_events
+
+    session = "s-" + uuid.uuid4().hex[:8]
+    with httpx.Client(base_url=example, timeout=15) as client:
+        with client.stream("POST", f"/chat/{session}", json={"content": "hi"}) as r:
+            events = list(sse_events(r.iter_lines()))
+        answer = events[0]["data"]
+        end = [e["id"] for e in events if "id" in e][-1]
+        for bad in ("bogus", "-2", "1" * 40, "\u00e9"):
+            r = client.get(f"/answers/{answer}", headers={"Last-Event-ID": bad.encode()})
+            assert r.status_code == 400, (bad, r.status_code, r.text)
+        for path in ("/answers/%01x", "/answers/" + "x" * 2000):
+            r = client.get(path)
+            assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        with client.stream("GET", f"/answers/{answer}", headers={"Last-Event-ID": end}) as r:
+            assert r.status_code == 200
+            rest = list(sse_events(r.iter_lines()))
+        assert [e.get("event") for e in rest] == ["answer", "done"], rest
+        beyond = end[:-1] + chr(ord(end[-1]) + 1) if end[-1] in "012345678" else end
+        r = client.get(f"/answers/{answer}", headers={"Last-Event-ID": beyond})
+        assert r.status_code in (200, 400), (r.status_code, r.text)
+        if r.status_code == 200:
+            assert [e.get("event") for e in sse_events(iter(r.text.splitlines()))] in (["answer", "done"],), r.text
+        assert _json.loads(client.get(f"/chat/{session}").text)[0]["content"] == "hi"
