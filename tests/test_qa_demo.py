@@ -18,7 +18,7 @@ from botwire_stream.tokens import open_token_streams
 from tests.chat_serve import start, stop
 from tests.http_serve import Serve
 from tests.servers import NatsServer
-from tests.test_examples import example  # noqa: F401  (the fixture)
+from tests.test_examples import example  # noqa: F401, F811  (the fixture)
 
 
 def test_a_producer_stalled_between_closing_its_stream_and_storing_its_answer_stores_no_second_copy(
@@ -319,7 +319,7 @@ def test_messages_posted_at_once_to_many_conversations_are_each_answered_once(se
 
 
 @pytest.mark.parametrize("example", ["fastapi_sse"], indirect=True)
-def test_sse_example_refuses_bad_answers_and_offsets_with_a_4xx(example: str) -> None:
+def test_sse_example_refuses_bad_answers_and_offsets_with_a_4xx(example: str) -> None:  # noqa: F811
     """Resuming with a Last-Event-ID that is malformed, or beyond the answer's end, and an answer
     id no stream can have: a 4xx before the stream starts (or, beyond the end, the rest: nothing
     then done), never a 500 or a broken stream; the example keeps serving."""
