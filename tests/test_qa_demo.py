@@ -349,3 +349,30 @@ def test_sse_example_refuses_bad_answers_and_offsets_with_a_4xx(example: str) ->
         if r.status_code == 200:
             assert [e.get("event") for e in sse_events(iter(r.text.splitlines()))] in (["answer", "done"],), r.text
         assert _json.loads(client.get(f"/chat/{session}").text)[0]["content"] == "hi"
+
+
+def test_a_conversation_reader_with_a_forged_old_or_future_offset(serve: Serve, namespace: str) -> None:
+    """Reading a conversation from a malformed offset is a 400; from past its end it is an empty
+    answer (no message invented, none repeated); the server keeps serving."""
+    from botwire_stream.tokens import format_offset
+
+    with httpx.Client(base_url=serve.base, timeout=15) as client:
+        session = client.post(f"/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
+        client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hi"})
+        tail = f"/v1/stream/chat/{namespace}/{session}"
+        r = client.get(tail, params={"offset": "-1"})
+        assert r.status_code == 200 and r.json()[0]["content"] == "hi"
+        end = r.headers["stream-next-offset"]
+        for bad in ("bogus", "-2", "1" * 60, "%00", "..", format_offset(0) + "x"):
+            r = client.get(tail, params={"offset": bad})
+            assert r.status_code == 400, (bad, r.status_code, r.text)
+        for far in (format_offset(10**9), format_offset(2**62)):
+            r = client.get(tail, params={"offset": far})
+            assert r.status_code in (200, 204, 400), (far, r.status_code, r.text)
+            if r.status_code == 200:
+                assert r.json() == [], r.text
+        r = client.get(tail, params={"offset": end})
+        assert r.status_code in (200, 204)
+        if r.status_code == 200:
+            assert all(m["content"] != "hi" for m in r.json())
+        assert client.get("/").status_code == 200
