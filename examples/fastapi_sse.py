@@ -81,8 +81,10 @@ async def chat(session: str, message: Message) -> StreamingResponse:
     history = AsyncChatHistory(session, namespace=NAMESPACE)
     try:
         await stream.create(content_type="text/plain", ttl=3600)  # gone an hour after its last read
-        await history.append({"role": "user", "content": message.content, "meta": {"answer": answer}})
-        context = [{"role": m["role"], "content": m["content"]} for m in await history.messages(last=50)]
+        seq = await history.append({"role": "user", "content": message.content, "meta": {"answer": answer}})
+        # up to this question: one posted at the same moment may already follow it
+        recent = await history.entries(last=51)
+        context = [{"role": e.message["role"], "content": e.message["content"]} for e in recent if e.seq <= seq][-50:]
     except BotWireError as exc:
         raise HTTPException(exc.http_status, str(exc)) from None
     finally:

@@ -376,3 +376,30 @@ def test_a_conversation_reader_with_a_forged_old_or_future_offset(serve: Serve, 
         if r.status_code == 200:
             assert all(m["content"] != "hi" for m in r.json())
         assert client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("example", ["fastapi_sse"], indirect=True)
+def test_sse_example_answers_each_of_two_questions_posted_at_once(example: str) -> None:  # noqa: F811
+    """Two questions posted at once to each of 8 conversations: each streamed answer answers its
+    own question (the model was given the conversation up to the other one)."""
+    import json as _json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_examples import sse_events
+
+    sessions = ["s-" + uuid.uuid4().hex[:8] for _ in range(8)]
+    targets = [s for s in sessions for _ in range(2)]
+    barrier = threading.Barrier(len(targets))
+
+    def ask(i: int) -> tuple[str, str]:
+        with httpx.Client(base_url=example, timeout=30) as client:
+            client.get("/docs")
+            barrier.wait(20)
+            with client.stream("POST", f"/chat/{targets[i]}", json={"content": f"q{i}"}) as r:
+                text = "".join(_json.loads(e["data"]) for e in sse_events(r.iter_lines()) if "id" in e)
+            return f"q{i}", text
+
+    with ThreadPoolExecutor(len(targets)) as pool:
+        for question, text in pool.map(ask, range(len(targets))):
+            assert text.startswith(f"You said: {question}."), (question, text[:40])
