@@ -81,8 +81,10 @@ async def chat(session: str, message: Message) -> StreamingResponse:
     history = AsyncChatHistory(session, namespace=NAMESPACE)
     try:
         await stream.create(content_type="text/plain", ttl=3600)  # gone an hour after its last read
-        await history.append({"role": "user", "content": message.content, "meta": {"answer": answer}})
-        context = [{"role": m["role"], "content": m["content"]} for m in await history.messages(last=50)]
+        seq = await history.append({"role": "user", "content": message.content, "meta": {"answer": answer}})
+        # up to this question: one posted at the same moment may already follow it
+        recent = await history.entries(last=51)
+        context = [{"role": e.message["role"], "content": e.message["content"]} for e in recent if e.seq <= seq][-50:]
     except BotWireError as exc:
         raise HTTPException(exc.http_status, str(exc)) from None
     finally:
@@ -99,11 +101,14 @@ async def resume(answer: str, offset: str = "-1", last_event_id: str | None = He
     start = last_event_id or offset
     try:
         parse_offset(start)
-        await AsyncTokenStream(f"answers/{answer}").info()
+        async with AsyncTokenStream(f"answers/{answer}") as stream:
+            await stream.info()
     except InvalidOffset as exc:
         raise HTTPException(400, str(exc)) from None
     except StreamNotFound:
         raise HTTPException(404, f"no answer {answer!r}") from None
+    except BotWireError as exc:  # an answer id no stream can have (control characters, too long): 400
+        raise HTTPException(exc.http_status, str(exc)) from None
     return StreamingResponse(events(answer, start), media_type="text/event-stream")
 
 

@@ -54,8 +54,10 @@ async def ask(session: str, content: str) -> str:
     history = AsyncChatHistory(session, namespace=NAMESPACE)
     try:
         await stream.create(content_type="text/plain", ttl=3600)
-        await history.append({"role": "user", "content": content, "meta": {"answer": answer}})
-        context = [{"role": m["role"], "content": m["content"]} for m in await history.messages(last=50)]
+        seq = await history.append({"role": "user", "content": content, "meta": {"answer": answer}})
+        # up to this question: one posted at the same moment may already follow it
+        recent = await history.entries(last=51)
+        context = [{"role": e.message["role"], "content": e.message["content"]} for e in recent if e.seq <= seq][-50:]
     finally:
         await stream.close()
         await history.close()

@@ -324,7 +324,10 @@ class ChatService:
                 raise
             history = [{"role": "user", "content": content}]
             with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
-                history = [_plain_message(m) for m in await chat.messages(last=_HISTORY)]
+                # up to this question: one posted to the conversation at the same moment may already
+                # follow it, and the model would answer that one instead (it did, the fake model's echo)
+                upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
+                history = upto[-_HISTORY:] if upto else history
         finally:
             await chat.close()
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
@@ -358,10 +361,7 @@ class ChatService:
             meta: dict[str, Any] = {"answer": answer, "stream": path}
             if failure:
                 meta.update(incomplete=True, error=failure)
-            await self._store_answer(ns, session, "".join(producer.text), meta)
-            registry = self.memory(REGISTRY_NAMESPACE)
-            await registry.delete(f"answer:{answer}")
-            await registry.delete(f"lease:{answer}")
+            await self._conclude(ns, session, answer, "".join(producer.text), meta)
         except (errors.ProducerFenced, errors.StreamClosed):
             log.warning("answer %s was closed by another process (its lease had expired)", answer)
         except errors.BotWireError as exc:
@@ -370,6 +370,36 @@ class ChatService:
             producer.cancel()
             renew.cancel()
             self._tasks.pop(answer, None)
+
+    async def _conclude(self, ns: str, session: str, answer: str, content: str, meta: dict[str, Any]) -> bool:
+        """Store a closed answer into the conversation, unless another process claimed it first.
+
+        The producer takes the same claim as ``recover`` (a compare-and-set on ``answer:``): a
+        producer stalled past its lease between closing its stream and this append would otherwise
+        store a second copy after the process that recovered it (False then)."""
+        registry = self.memory(REGISTRY_NAMESPACE)
+        try:
+            await registry.update(f"answer:{answer}", self._claim(time.time()))
+        except _Taken:
+            log.warning("answer %s was stored by another process (its lease had expired)", answer)
+            return False
+        await self._store_answer(ns, session, content, meta)
+        await registry.delete(f"answer:{answer}")
+        await registry.delete(f"lease:{answer}")
+        return True
+
+    def _claim(self, now: float) -> Any:
+        """The compare-and-set that makes one process the one to store an answer."""
+
+        def claim(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Taken
+            claimed = value.get("recovering")
+            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
+                raise _Taken
+            return {**value, "recovering": {"by": self.owner, "at": now}}
+
+        return claim
 
     async def _store_answer(self, ns: str, session: str, content: str, meta: dict[str, Any]) -> None:
         """The answer into the conversation; one larger than a message can be is cut (halved until
@@ -404,18 +434,8 @@ class ChatService:
     async def recover(self, answer: str) -> bool:
         """Close an answer whose producer is gone; False when another process does (or did) it."""
         registry = self.memory(REGISTRY_NAMESPACE)
-        now = time.time()
-
-        def claim(value: Any) -> Any:
-            if not isinstance(value, dict):
-                raise _Taken
-            claimed = value.get("recovering")
-            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
-                raise _Taken
-            return {**value, "recovering": {"by": self.owner, "at": now}}
-
         try:
-            record = await registry.update(f"answer:{answer}", claim)
+            record = await registry.update(f"answer:{answer}", self._claim(time.time()))
         except _Taken:
             return False
         ns, session, path = record["ns"], record["session"], record["stream"]
@@ -430,7 +450,14 @@ class ChatService:
         got = await self.store.read(path, "-1", max_bytes=1 << 30)
         chat = self.chat(ns, session)
         try:
-            done = any(e.message.get("role") == "assistant" and (e.message.get("meta") or {}).get("answer") == answer for e in await chat.entries(last=_HISTORY))
+            recent = await chat.entries(last=_HISTORY)
+            mine = [e.message for e in recent if (e.message.get("meta") or {}).get("answer") == answer]
+            if not mine and len(recent) >= _HISTORY:  # its question is older than these: read it all (rare)
+                mine = [e.message for e in await chat.entries() if (e.message.get("meta") or {}).get("answer") == answer]
+            # a process stopped between registering the answer and storing its question: the client
+            # got no 202, so no answer is stored (the stream is closed above: a late producer is fenced)
+            asked = any(m.get("role") == "user" for m in mine)
+            done = not asked or any(m.get("role") == "assistant" for m in mine)
             if not done:
                 meta: dict[str, Any] = {"answer": answer, "stream": path}
                 if not complete:
@@ -440,5 +467,5 @@ class ChatService:
         if not done:
             await self._store_answer(ns, session, got.data.decode("utf-8", "replace"), meta)
         await registry.delete(f"answer:{answer}")
-        log.warning("answer %s: its producer's lease expired; closed it%s", answer, "" if complete else " as incomplete")
+        log.warning("answer %s: its producer's lease expired; closed it%s", answer, "" if complete else " as incomplete" if asked else " (its question was never stored)")
         return True
