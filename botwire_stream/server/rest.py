@@ -72,6 +72,10 @@ def rest_error(exc: BaseException, headers: dict[str, str] | None = None) -> Res
 def raw_segments(request: Request, prefix: bytes) -> list[str]:
     """The path after ``prefix`` as percent-decoded segments (``InvalidArgument`` for invalid UTF-8)."""
     raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    if not raw.startswith(prefix):
+        # auth decides the namespace on the decoded path: an encoded prefix (/v1/%6Es/...) cut
+        # at the prefix's length here named another namespace than the one auth checked (QA-9)
+        raise errors.InvalidArgument("the route prefix must not be percent-encoded")
     rest = raw[len(prefix) :]
     out = []
     for part in rest.split(b"/"):
