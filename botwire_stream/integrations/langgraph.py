@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import msgspec
 
@@ -43,11 +43,13 @@ try:
     )
     from langgraph.checkpoint.serde.base import SerializerProtocol
     from langgraph.store.base import (
+        NOT_PROVIDED,
         BaseStore,
         GetOp,
         InvalidNamespaceError,
         Item,
         ListNamespacesOp,
+        NotProvided,
         Op,
         PutOp,
         Result,
@@ -560,6 +562,36 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
     def __repr__(self) -> str:
         return f"BotWireStore({self.namespace!r})"
 
+    def put(
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        value: Mapping[str, Any],
+        index: Literal[False] | list[str] | None = None,
+        *,
+        ttl: float | None | NotProvided = NOT_PROVIDED,
+    ) -> None:
+        """``BaseStore.put``, with a bad namespace raising ``InvalidNamespace`` (a ``ValueError``)."""
+        try:
+            super().put(namespace, key, value, index, ttl=ttl)
+        except InvalidNamespaceError as exc:
+            raise InvalidNamespace(f"{exc}; nothing was written") from exc
+
+    async def aput(
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        value: Mapping[str, Any],
+        index: Literal[False] | list[str] | None = None,
+        *,
+        ttl: float | None | NotProvided = NOT_PROVIDED,
+    ) -> None:
+        """``BaseStore.aput``, with a bad namespace raising ``InvalidNamespace`` (a ``ValueError``)."""
+        try:
+            await super().aput(namespace, key, value, index, ttl=ttl)
+        except InvalidNamespaceError as exc:
+            raise InvalidNamespace(f"{exc}; nothing was written") from exc
+
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run ``ops`` in order; their results."""
         return call(self.abatch, list(ops))
@@ -602,8 +634,10 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
                 raise InvalidKey(f"a store key is a str, not {op.key!r}")
             keys.check_key(_item_key(op.namespace, op.key))
         if isinstance(op, PutOp):
-            if op.value is not None and not isinstance(op.value, dict):
-                raise InvalidValue(f"a store value is a dict, not {type(op.value).__name__}; nothing was written")
+            if op.value is not None and not isinstance(op.value, Mapping):
+                raise InvalidValue(
+                    f"a store value is a dict (a Mapping), not {type(op.value).__name__}; nothing was written"
+                )
             if op.ttl is not None and (
                 isinstance(op.ttl, bool) or not isinstance(op.ttl, (int, float)) or not op.ttl > 0
             ):
