@@ -149,6 +149,33 @@ async def test_concurrent_pending_writes_to_one_checkpoint_are_all_kept(asaver: 
     )
 
 
+async def test_latest_has_its_writes_whatever_the_order_they_were_stored_in(asaver: BotWireSaver) -> None:
+    """LangGraph saves a checkpoint and the writes against it in the background, in no set order
+    (durability="async"): writes stored before their checkpoint are still its pending writes."""
+    from botwire_stream.nats import checkpoints
+
+    cp1 = _checkpoint({"a": 1})
+    early = _cfg("t", cp1["id"])
+    await asaver.aput_writes(early, [("a", "before its checkpoint")], "task-1")
+    stored1 = await asaver.aput(_cfg("t"), cp1, {"step": 0}, {"a": 1})
+    await asaver.aput_writes(stored1, [("a", "after it")], "task-2")
+    for forget in (False, True):  # this process knows the latest id / a new process does not
+        if forget:
+            checkpoints._latest_ids.clear()
+        tup = await asaver.aget_tuple(_cfg("t"))
+        assert tup is not None and tup.config == stored1
+        assert sorted(tup.pending_writes) == [("task-1", "a", "before its checkpoint"), ("task-2", "a", "after it")]
+    # Another process stored a newer checkpoint: the id this process remembers is stale.
+    remembered = dict(checkpoints._latest_ids)
+    cp2 = _checkpoint({"a": 2})
+    await asaver.aput_writes(_cfg("t", cp2["id"]), [("a", "w2")], "task-3")
+    stored2 = await asaver.aput(stored1, cp2, {"step": 1}, {"a": 2})
+    checkpoints._latest_ids.update(remembered)
+    tup = await asaver.aget_tuple(_cfg("t"))
+    assert tup is not None and tup.config == stored2 and tup.pending_writes == [("task-3", "a", "w2")]
+    assert tup.parent_config == stored1
+
+
 # -- the sync face and listing -------------------------------------------------------------------------
 def test_sync_face_lists_newest_first_with_filters_before_and_limit(saver: BotWireSaver) -> None:
     ids = []

@@ -10,9 +10,10 @@ Every name is one subject token (``keys`` segment encoding: plain ``[A-Za-z0-9_-
 anything else, the empty checkpoint namespace included, as ``=`` + base64url), so a thread, a
 namespace or a checkpoint is a subject filter and the server's per-subject index does the lookups:
 
-- the latest checkpoint of a thread and namespace is one direct get of the last message on
-  ``<thread>.<ns>.c.*`` (the one stored last: LangGraph's checkpoint ids grow with time, and a
-  copy keeps their order); a given checkpoint and its writes are two requests sent together;
+- the latest checkpoint of a thread and namespace is the last message on ``<thread>.<ns>.c.*``
+  (the one stored last: LangGraph's checkpoint ids grow with time, and a copy keeps their order):
+  one direct get and one read of its writes by subject (sent together when the process knows
+  the latest id already); a given checkpoint and its writes are two requests sent together;
 - a thread's checkpoints and writes are batch direct gets on its filters (paged);
 - deleting a thread, a checkpoint or its writes is a purge by subject filter.
 
@@ -42,6 +43,20 @@ __all__ = ["NatsCheckpoints", "open_checkpoints"]
 
 _PAGE: Final = 1000
 _IN_FLIGHT: Final = 64  # publishes or purges awaited at once
+_LATEST_KEPT: Final = 4096  # threads whose latest checkpoint id a process remembers (the oldest dropped)
+
+# (stream, thread/ns subject base) -> the id of the checkpoint this process last stored or read as
+# the latest there. It only lets ``latest`` ask for that checkpoint's writes together with the
+# latest record; the record read decides, and a different one costs a second request.
+_latest_ids: dict[tuple[str, str], str] = {}
+
+
+def _remember(stream: str, base: str, checkpoint_id: str) -> None:
+    key = (stream, base)
+    _latest_ids.pop(key, None)
+    if len(_latest_ids) >= _LATEST_KEPT:
+        _latest_ids.pop(next(iter(_latest_ids)), None)  # the oldest
+    _latest_ids[key] = checkpoint_id
 
 
 def _token(name: str) -> str:
@@ -114,8 +129,10 @@ class NatsCheckpoints:
     # -- writes ---------------------------------------------------------------------------------
     async def put_checkpoint(self, thread: str, ns: str, checkpoint_id: str, data: bytes) -> None:
         """Store (or replace) one checkpoint record."""
-        subject = f"{self._base(thread, ns)}.c.{_token(checkpoint_id)}"
+        base = self._base(thread, ns)
+        subject = f"{base}.c.{_token(checkpoint_id)}"
         await self.conn.publish(subject, data, None, self.timeout, what="checkpoint put", advice=SAFE)
+        _remember(self.stream, base, checkpoint_id)
 
     async def put_writes(
         self, thread: str, ns: str, checkpoint_id: str, task_id: str, writes: Sequence[tuple[int, bytes]]
@@ -134,12 +151,28 @@ class NatsCheckpoints:
         await _bounded([one(idx, data) for idx, data in writes])
 
     # -- reads ----------------------------------------------------------------------------------
-    async def latest(self, thread: str, ns: str) -> tuple[str, bytes] | None:
-        """``(checkpoint id, record)`` of the checkpoint stored last for the thread and namespace."""
-        msg = await self.conn.direct_get_last(self.stream, f"{self._base(thread, ns)}.c.*", self.timeout)
+    async def latest(self, thread: str, ns: str) -> tuple[str, bytes, list[tuple[str, int, bytes]]] | None:
+        """The checkpoint stored last for the thread and namespace: ``(checkpoint id, record,
+        its writes)``. Its record and its writes are read by subject, so writes stored before
+        their checkpoint (LangGraph saves both in the background, in no set order) are found.
+        One round trip when this process knows the latest id (``_latest_ids``), else two."""
+        base = self._base(thread, ns)
+        known = _latest_ids.get((self.stream, base))
+        if known is None:
+            msg = await self.conn.direct_get_last(self.stream, f"{base}.c.*", self.timeout)
+            writes = None
+        else:  # both at once: right when the latest is still the one this process knows
+            msg, writes = await asyncio.gather(
+                self.conn.direct_get_last(self.stream, f"{base}.c.*", self.timeout), self.writes(thread, ns, known)
+            )
         if msg is None:
+            _latest_ids.pop((self.stream, base), None)
             return None
-        return _name(self._subject(msg).rsplit(".", 1)[1]), msg.data
+        checkpoint_id = _name(self._subject(msg).rsplit(".", 1)[1])
+        if checkpoint_id != known or writes is None:
+            writes = await self.writes(thread, ns, checkpoint_id)
+            _remember(self.stream, base, checkpoint_id)
+        return checkpoint_id, msg.data, writes
 
     async def checkpoint(self, thread: str, ns: str, checkpoint_id: str) -> bytes | None:
         msg = await self.conn.direct_get_last(
