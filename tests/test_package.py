@@ -25,7 +25,7 @@ def test_every_public_name_resolves() -> None:
 def test_import_is_light_until_a_class_is_used(module: str) -> None:
     # `botwire --help` and `from botwire_stream import errors` must not pay for nats-py, nor for the
     # optional or heavy dependencies (the certificate's cryptography, nkeys for creds, langchain).
-    heavy = ["nats", "cryptography", "langchain_core", "nkeys"]
+    heavy = ["nats", "cryptography", "langchain_core", "nkeys", "langgraph"]
     code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
@@ -136,4 +136,25 @@ def test_langchain_history_without_langchain_core_names_the_extra() -> None:
     lines = out.stdout.splitlines()
     assert lines[0] == "True missing_dependency"
     assert "pip install 'botwire-stream[langchain]'" in lines[1]
+    assert lines[2] == "Memory"
+
+
+def test_langgraph_adapters_without_langgraph_name_the_extra() -> None:
+    # langgraph absent (blocked in sys.modules): MissingDependency naming the extra; the core works.
+    code = (
+        "import sys; sys.modules['langgraph'] = None\n"
+        "import botwire_stream\n"
+        "from botwire_stream.errors import MissingDependency\n"
+        "try:\n"
+        "    from botwire_stream.integrations.langgraph import BotWireSaver\n"
+        "except MissingDependency as exc:\n"
+        "    print(isinstance(exc, ImportError))\n"
+        "    print(exc)\n"
+        "print(botwire_stream.Memory.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True"
+    assert "pip install 'botwire-stream[langgraph]'" in lines[1]
     assert lines[2] == "Memory"
