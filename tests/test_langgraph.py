@@ -384,3 +384,26 @@ def test_thread_ids_may_be_uuids_and_ints(saver: BotWireSaver) -> None:
     assert saver.get_tuple({"configurable": {"thread_id": str(tid)}}) is not None
     saver.put({"configurable": {"thread_id": 7, "checkpoint_ns": ""}}, _checkpoint({"a": 1}), {}, {"a": 1})
     assert saver.get_tuple({"configurable": {"thread_id": "7"}}) is not None
+
+
+def test_the_example_runs(url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # examples/langgraph_approval.py's two steps (as separate processes in the example itself;
+    # here in this one, the cross-process resume being tested above).
+    import importlib.util
+
+    monkeypatch.setenv("BOTWIRE_URL", url)
+    spec = importlib.util.spec_from_file_location(
+        "langgraph_approval", procs.ROOT / "examples" / "langgraph_approval.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    thread = f"t-{uuid.uuid4().hex[:8]}"
+    example.start(thread)
+    example.resume(thread, "approved")
+    out = capsys.readouterr().out
+    assert (
+        "stopped for approval: {'question': 'Send this answer?', 'draft': 'Draft: we refund order 42 in full.'}" in out
+    )
+    assert "waits at ('review',)" in out and "human: Reviewer: approved" in out
+    assert out.rstrip().endswith("stored: {'decision': 'Reviewer: approved'}")
