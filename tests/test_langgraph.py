@@ -21,7 +21,7 @@ from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.store.base import GetOp, ListNamespacesOp, PutOp, SearchOp  # noqa: E402
 
 from botwire_stream import AsyncMemory, Memory  # noqa: E402
-from botwire_stream.errors import InvalidArgument, InvalidKey, InvalidNamespace, InvalidValue  # noqa: E402
+from botwire_stream.errors import InvalidArgument, InvalidKey, InvalidNamespace, InvalidValue, ValueTooLarge  # noqa: E402
 from botwire_stream.integrations.langgraph import BotWireSaver, BotWireStore  # noqa: E402
 from tests import langgraph_workers, procs  # noqa: E402
 
@@ -242,6 +242,8 @@ def test_bad_input_raises_and_writes_nothing(saver: BotWireSaver, url: str, name
         BotWireSaver("bad namespace!", url=url)
     with pytest.raises(InvalidArgument, match="NATS"):
         BotWireSaver(namespace, url="http://127.0.0.1:1")
+    with pytest.raises(ValueTooLarge, match="max_payload"):  # one checkpoint is one message (1 MiB here)
+        saver.put(_cfg("t"), _checkpoint({"a": "x" * 2_000_000}), {"step": 0}, {"a": 1})
     assert saver.get_tuple(_cfg("t")) is None
     tup = saver.get_tuple(stored)
     assert tup is not None and tup.pending_writes == []  # the bad batch stored none of its writes

@@ -70,7 +70,7 @@ except ImportError as exc:  # tests/test_package.py runs this with langgraph blo
 
 from .. import keys
 from ..client import StreamClient, check_options
-from ..errors import InvalidArgument, InvalidKey, InvalidNamespace, InvalidValue
+from ..errors import InvalidArgument, InvalidKey, InvalidNamespace, InvalidValue, ValueTooLarge
 from ..memory import AsyncMemory
 from ..portal import call
 from ..settings import resolve
@@ -350,7 +350,13 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         parent = conf.get("checkpoint_id")
         record = _encoder.encode(_Stored(ctype, cdata, mtype, mdata, parent if isinstance(parent, str) else None))
         backend = await self._cores.get().backend()
-        await backend.put_checkpoint(thread, ns, checkpoint["id"], record)
+        try:
+            await backend.put_checkpoint(thread, ns, checkpoint["id"], record)
+        except ValueTooLarge as exc:
+            raise ValueTooLarge(
+                f"this checkpoint is {len(record):,} bytes encoded, more than one message of the server may hold "
+                "(its max_payload): keep less state in the graph or raise the server's max_payload; nothing was written"
+            ) from exc
         return _config(thread, ns, checkpoint["id"])
 
     async def aput_writes(
