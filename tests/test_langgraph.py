@@ -340,11 +340,14 @@ async def test_store_ttl_expires_and_reads_refresh_it(url: str, namespace: str) 
         await store.aput(("s",), "read", {"v": 1}, ttl=ttl)
         await store.aput(("s",), "unread", {"v": 2}, ttl=ttl)
         await store.aput(("s",), "kept", {"v": 3})
+        await store.aput(("found",), "searched", {"v": 4}, ttl=ttl)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        # Read "read" twice a second for 5 s (past its first 3 s): it never expires meanwhile.
+        # Read "read" (and search "searched") twice a second for 5 s (past their first 3 s): they
+        # never expire meanwhile.
         while loop.time() - start < 5:
             assert await store.aget(("s",), "read") is not None
+            assert [i.key for i in await store.asearch(("found",))] == ["searched"]
             await asyncio.sleep(0.5)
         assert await store.aget(("s",), "unread", refresh_ttl=False) is None  # expired at ~3 s
         # A read that does not refresh leaves the clock alone: it expires within its TTL (+ slack).
@@ -353,7 +356,11 @@ async def test_store_ttl_expires_and_reads_refresh_it(url: str, namespace: str) 
             assert loop.time() < deadline, "an item with a TTL did not expire"
             await asyncio.sleep(0.2)
         assert (await store.aget(("s",), "kept")) is not None
-        assert await AsyncMemory(namespace, url=url).list_keys() == ["s:kept"]
+        while await store.aget(("found",), "searched", refresh_ttl=False) is not None:
+            assert loop.time() < deadline, "an item with a TTL did not expire"
+            await asyncio.sleep(0.2)
+        async with AsyncMemory(namespace, url=url) as memory:
+            assert await memory.list_keys() == ["s:kept"]
 
 
 def test_store_default_ttl_applies(url: str, namespace: str) -> None:
@@ -375,7 +382,7 @@ def test_saver_and_store_work_from_sync_and_async_faces_together(url: str, names
     saver.close()
 
 
-def test_timedelta_free_ttl_config_is_a_dict() -> None:
+def test_store_ttl_config_must_be_a_dict() -> None:
     with pytest.raises(InvalidArgument):
         BotWireStore("x", ttl=timedelta(seconds=1))  # type: ignore[arg-type]
 
