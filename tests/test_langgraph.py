@@ -62,6 +62,7 @@ def _checkpoint(values: dict[str, Any]) -> Any:
 
 
 # -- a real graph across processes ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_graph_interrupted_in_one_process_resumes_in_another(url: str, namespace: str) -> None:
     first = langgraph_workers.run("start", url, namespace, "refund-42")
     assert first["interrupts"] == [{"draft": "Draft: refund order 42 in full."}]
