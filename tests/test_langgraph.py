@@ -237,6 +237,12 @@ def test_bad_input_raises_and_writes_nothing(saver: BotWireSaver, url: str, name
     stored = saver.put(_cfg("t2"), good, {"step": 0}, {"a": 1})
     with pytest.raises(InvalidValue):
         saver.put_writes(stored, [("a", 1), ("b", lambda: 1)], "task")
+    with pytest.raises(InvalidArgument, match="512"):  # a name past what a subject may carry
+        saver.put(_cfg("t" * 600), good, {"step": 0}, {"a": 1})
+    with pytest.raises(InvalidArgument, match="256"):
+        saver.put_writes(stored, [("a", 1)], "task" * 100)
+    with pytest.raises(InvalidArgument, match="str"):
+        saver.get_tuple({"configurable": {"thread_id": 1.5}})
     with pytest.raises(InvalidArgument, match="strategy"):
         saver.prune(["t2"], strategy="keep_oldest")
     with pytest.raises(InvalidNamespace):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
@@ -152,11 +153,23 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _PER_CHECKPOINT_READS: Final = 8  # a list of up to this many reads each one's writes; more: one scan
 
 
+# The most UTF-8 bytes of each name (its subject token is a third longer): a record's subject then
+# stays far below nats-server's 4 KiB control line, past which the server drops the connection.
+_MAX_NAME: Final = 512  # thread ids and checkpoint namespaces (nested subgraphs make long ones)
+_MAX_ID: Final = 256  # checkpoint and task ids (LangGraph's are 36-character UUIDs)
+
+
+def _sized(value: str, what: str, limit: int) -> str:
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise InvalidArgument(f"{what} is over {limit} UTF-8 bytes: {value[:80]!r}...; nothing was written")
+    return value
+
+
 def _name(value: object, what: str) -> str:
     """A thread id (str, int or UUID as LangGraph allows; stored as its ``str``), else ``InvalidArgument``."""
-    if isinstance(value, bool) or value is None or not isinstance(value, (str, int)) and not hasattr(value, "hex"):
+    if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
         raise InvalidArgument(f"{what} must be a str (or an int or UUID), not {value!r}")
-    return str(value)
+    return _sized(str(value), what, _MAX_NAME)
 
 
 def _configurable(config: object) -> dict[str, Any]:
@@ -177,7 +190,7 @@ def _ns(conf: dict[str, Any]) -> str:
     ns = conf.get("checkpoint_ns", "")
     if not isinstance(ns, str):
         raise InvalidArgument(f"checkpoint_ns must be a str, not {ns!r}")
-    return ns
+    return _sized(ns, "checkpoint_ns", _MAX_NAME)
 
 
 def _config(thread: str, ns: str, checkpoint_id: str) -> RunnableConfig:
@@ -253,6 +266,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         backend = await self._cores.get().backend()
         checkpoint_id = get_checkpoint_id(config)
         if checkpoint_id:
+            _sized(checkpoint_id, "checkpoint_id", _MAX_ID)
             # Both requests at once: one round trip.
             data, writes = await asyncio.gather(
                 backend.checkpoint(thread, ns, checkpoint_id), backend.writes(thread, ns, checkpoint_id)
@@ -345,6 +359,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             raise InvalidArgument(f"a checkpoint is a dict with a non-empty str 'id', not {checkpoint!r:.200}")
         if not isinstance(metadata, dict):
             raise InvalidArgument(f"checkpoint metadata must be a dict, not {metadata!r:.200}")
+        _sized(checkpoint["id"], "the checkpoint's id", _MAX_ID)
         ctype, cdata = self._dump(checkpoint, "checkpoint")
         mtype, mdata = self._dump(get_checkpoint_metadata(config, metadata), "metadata")
         parent = conf.get("checkpoint_id")
@@ -377,6 +392,8 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             raise InvalidArgument("put_writes needs the config of a stored checkpoint (with its 'checkpoint_id')")
         if not isinstance(task_id, str) or not isinstance(task_path, str):
             raise InvalidArgument(f"task_id and task_path must be str, not {task_id!r} and {task_path!r}")
+        _sized(checkpoint_id, "checkpoint_id", _MAX_ID)
+        _sized(task_id, "task_id", _MAX_ID)
         records = []
         for idx, item in enumerate(writes):
             if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
