@@ -315,6 +315,25 @@ async def test_store_search_filters_query_and_pages(url: str, namespace: str) ->
         assert await store.asearch(("nothing",)) == []
 
 
+async def test_store_concurrent_writers(url: str, namespace: str) -> None:
+    """64 puts at once from two store objects: 32 distinct items all land; one item written by 32
+    ends with one writer's whole value and the first write's created_at."""
+    async with BotWireStore(namespace, url=url) as a, BotWireStore(namespace, url=url) as b:
+        await a.aput(("c",), "shared", {"writer": -1})
+        first = await a.aget(("c",), "shared")
+        await asyncio.gather(
+            *((a if i % 2 else b).aput(("c", "own"), f"k{i}", {"i": i}) for i in range(32)),
+            *((a if i % 2 else b).aput(("c",), "shared", {"writer": i, "pad": "x" * i}) for i in range(32)),
+        )
+        own = await a.asearch(("c", "own"), limit=100)
+        assert sorted(item.value["i"] for item in own) == list(range(32))
+        shared = await b.aget(("c",), "shared")
+        assert first is not None and shared is not None
+        w = shared.value["writer"]
+        assert 0 <= w < 32 and shared.value == {"writer": w, "pad": "x" * w}
+        assert shared.created_at == first.created_at
+
+
 def test_store_list_namespaces(store: BotWireStore) -> None:
     for ns in [("a", "b", "c"), ("a", "b", "d"), ("a", "x"), ("z", "b", "c"), ("z", "b", "c", "e")]:
         store.put(ns, "k", {"v": 1})
