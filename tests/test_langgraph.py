@@ -207,6 +207,53 @@ def test_sync_face_lists_newest_first_with_filters_before_and_limit(saver: BotWi
     assert saver.get_tuple(_cfg("t2")) is not None
 
 
+async def test_list_agrees_with_in_memory_saver_across_pages(asaver: BotWireSaver) -> None:
+    """300 checkpoints (more than one page of records) in two threads and two namespaces, some
+    with writes: every list query gives what LangGraph's InMemorySaver gives for the same puts,
+    newest first across threads too (as LangGraph's SQL savers order them; InMemorySaver groups
+    them by thread)."""
+    reference = InMemorySaver()
+    parents: dict[tuple[str, str], Any] = {}
+    ids = []
+    for i in range(300):
+        key = (f"t{i % 2}", "" if i % 3 else "sub")
+        config = parents.get(key, _cfg(*key[:1], ns=key[1]))
+        cp = _checkpoint({"i": i})
+        cp["channel_versions"] = {"i": i + 1}  # InMemorySaver keeps values per channel version
+        meta = {"step": i, "source": "loop", "kind": i % 5}
+        for saver in (asaver, reference):
+            stored = await saver.aput(config, cp, meta, {"i": i + 1})
+            if i % 7 == 0:
+                await saver.aput_writes(stored, [("i", -i), ("x", f"w{i}")], f"task-{i}")
+        parents[key] = stored
+        ids.append(stored)
+
+    def view(tuples: list[Any]) -> list[Any]:
+        return [
+            (t.config, t.checkpoint["channel_values"], t.metadata, sorted(t.pending_writes), t.parent_config)
+            for t in tuples
+        ]
+
+    queries: list[tuple[Any, dict[str, Any]]] = [
+        (None, {}),
+        (_cfg("t0"), {}),
+        ({"configurable": {"thread_id": "t1"}}, {}),
+        (_cfg("t1", ns="sub"), {"limit": 3}),
+        (None, {"filter": {"kind": 2}, "limit": 40}),
+        (_cfg("t0"), {"filter": {"kind": 0}}),
+        (None, {"before": ids[150], "limit": 5}),
+        ({"configurable": {"thread_id": "t0"}}, {"before": ids[299], "filter": {"kind": 4}, "limit": 30}),
+        (_cfg("t0"), {"limit": 0}),
+        (ids[10], {}),
+    ]
+    for config, kwargs in queries:
+        ours = [t async for t in asaver.alist(config, **kwargs)]
+        limit = kwargs.pop("limit", None)
+        theirs = sorted(reference.list(config, **kwargs), key=lambda t: t.config["configurable"]["checkpoint_id"])
+        theirs = theirs[::-1][:limit]
+        assert view(ours) == view(theirs), (config, kwargs)
+
+
 def test_names_of_any_shape_stay_apart(saver: BotWireSaver) -> None:
     # Thread ids and namespaces that look like subject syntax, or are empty, never mix.
     threads = ["a.b", "a", "a.*", ">", "ü 1", ""]

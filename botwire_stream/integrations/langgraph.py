@@ -96,6 +96,8 @@ class CheckpointBackend(Protocol):
     async def checkpoint(self, thread: str, ns: str, checkpoint_id: str) -> bytes | None: ...
     async def writes(self, thread: str, ns: str, checkpoint_id: str) -> list[tuple[str, int, bytes]]: ...
     async def checkpoints(self, thread: str | None, ns: str | None) -> list[tuple[str, str, str, bytes]]: ...
+    async def checkpoint_ids(self, thread: str | None, ns: str | None) -> list[tuple[str, str, str]]: ...
+    async def records(self, items: Sequence[tuple[str, str, str]]) -> list[bytes | None]: ...
     async def all_writes(self, thread: str | None, ns: str | None) -> list[tuple[str, str, str, str, int, bytes]]: ...
     async def delete_thread(self, thread: str) -> None: ...
     async def delete_checkpoints(self, items: Sequence[tuple[str, str, str]]) -> None: ...
@@ -151,6 +153,7 @@ _stored_decoder: Final = msgspec.msgpack.Decoder(_Stored)
 _write_decoder: Final = msgspec.msgpack.Decoder(_Write)
 _encoder: Final = msgspec.msgpack.Encoder()
 _PER_CHECKPOINT_READS: Final = 8  # a list of up to this many reads each one's writes; more: one scan
+_LIST_PAGE: Final = 256  # checkpoint records a filtered list reads per request
 
 
 # The most UTF-8 bytes of each name (its subject token is a third longer): a record's subject then
@@ -316,22 +319,29 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
         before_id = get_checkpoint_id(before) if before is not None else None
         backend = await self._cores.get().backend()
-        found = []
-        for t, n, cid, data in await backend.checkpoints(thread, ns):
-            if (wanted_id and cid != wanted_id) or (before_id and cid >= before_id):
-                continue
-            found.append((cid, t, n, data))
-        found.sort(key=lambda f: f[0], reverse=True)
+        # The ids come from the server's subject index; only the records that may be returned are
+        # read (all of them when a filter must look at their metadata, a page at a time).
+        ids = [
+            (t, n, cid)
+            for t, n, cid in await backend.checkpoint_ids(thread, ns)
+            if not ((wanted_id and cid != wanted_id) or (before_id and cid >= before_id))
+        ]
+        ids.sort(key=lambda i: i[2], reverse=True)
         selected: list[tuple[str, str, str, bytes]] = []
-        for cid, t, n, data in found:
+        page = _LIST_PAGE if filter or limit is None else max(limit, 1)
+        for start in range(0, len(ids), page):
             if limit is not None and len(selected) >= limit:
                 break
-            if filter:
-                stored = _stored_decoder.decode(data)
-                metadata = self.serde.loads_typed((stored.metadata_type, stored.metadata))
-                if not all(metadata.get(k) == v for k, v in filter.items()):
-                    continue
-            selected.append((t, n, cid, data))
+            chunk = ids[start : start + page]
+            for (t, n, cid), data in zip(chunk, await backend.records(chunk), strict=True):
+                if data is None or (limit is not None and len(selected) >= limit):
+                    continue  # removed since it was listed
+                if filter:
+                    stored = _stored_decoder.decode(data)
+                    metadata = self.serde.loads_typed((stored.metadata_type, stored.metadata))
+                    if not all(metadata.get(k) == v for k, v in filter.items()):
+                        continue
+                selected.append((t, n, cid, data))
         if not selected:
             return []
         writes: dict[tuple[str, str, str], list[tuple[str, int, bytes]]] = {}
@@ -450,7 +460,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
                 await backend.delete_thread(thread)
                 continue
             by_ns: dict[str, list[str]] = {}
-            for _, n, cid, _ in await backend.checkpoints(thread, None):
+            for _, n, cid in await backend.checkpoint_ids(thread, None):
                 by_ns.setdefault(n, []).append(cid)
             doomed = [(thread, n, cid) for n, cids in by_ns.items() for cid in sorted(cids)[:-1]]
             await backend.delete_checkpoints(doomed)

@@ -43,6 +43,7 @@ __all__ = ["NatsCheckpoints", "open_checkpoints"]
 
 _PAGE: Final = 1000
 _IN_FLIGHT: Final = 64  # publishes or purges awaited at once
+_MULTI_LAST: Final = 256  # subjects per multi-last get (their names fill the request: up to ~2 KB each)
 _LATEST_KEPT: Final = 4096  # threads whose latest checkpoint id a process remembers (the oldest dropped)
 
 # (stream, thread/ns subject base) -> the id of the checkpoint this process last stored or read as
@@ -197,6 +198,34 @@ class NatsCheckpoints:
             t, n, _, rest = self._parse(self._subject(msg))
             out.append((t, n, _name(rest[0]), msg.data))
         return out
+
+    async def checkpoint_ids(self, thread: str | None, ns: str | None) -> list[tuple[str, str, str]]:
+        """``(thread, ns, checkpoint id)`` of every checkpoint of the thread and namespace (None:
+        all), from the server's subject index: no record is read (one request per 100,000)."""
+        counts = await self.conn.subject_counts(self.stream, f"{self._base(thread, ns)}.c.*", self.timeout)
+        out = []
+        for subject in counts:
+            t, n, _, rest = self._parse(subject)
+            out.append((t, n, _name(rest[0])))
+        return out
+
+    async def records(self, items: Sequence[tuple[str, str, str]]) -> list[bytes | None]:
+        """The records of the checkpoints ``(thread, ns, checkpoint id)``, in that order (None:
+        removed meanwhile): one multi-last get per ``_MULTI_LAST`` of them, paged on when a reply
+        stops at the server's byte cap."""
+        subjects = [f"{self._base(t, n)}.c.{_token(cid)}" for t, n, cid in items]
+        found: dict[str, bytes] = {}
+        for i in range(0, len(subjects), _MULTI_LAST):
+            chunk = subjects[i : i + _MULTI_LAST]
+            request: dict[str, Any] = {"multi_last": chunk}
+            while True:
+                batch = await self.conn.direct_batch(self.stream, request, self.timeout)
+                for msg in batch.msgs:
+                    found[self._subject(msg)] = msg.data
+                if not batch.msgs or not batch.pending:
+                    break
+                request = {"multi_last": chunk, "seq": batch.last_seq + 1, "up_to_seq": batch.up_to_seq or None}
+        return [found.get(subject) for subject in subjects]
 
     async def all_writes(self, thread: str | None, ns: str | None) -> list[tuple[str, str, str, str, int, bytes]]:
         """Every pending write ``(thread, ns, checkpoint id, task id, idx, record)`` (None: all)."""
