@@ -64,8 +64,11 @@ class ScriptedLLM(BaseLLM):
         if system == _prompt("consolidation_system"):
             return json.dumps({"actions": [], "insert_new": True})
         self.prompts.append(text)
-        seen = re.findall(r"FACT: [^\n]*|- (?:\S.*colour.*)", text.split("# Memories from past conversations:")[-1]) \
-            if "# Memories from past conversations:" in text else []
+        seen = (
+            re.findall(r"FACT: [^\n]*|- (?:\S.*colour.*)", text.split("# Memories from past conversations:")[-1])
+            if "# Memories from past conversations:" in text
+            else []
+        )
         reply = self.replies.pop(0) if self.replies else "Thought: done\nFinal Answer: done"
         return reply.replace("{seen}", "; ".join(seen) or "nothing")
 
