@@ -32,7 +32,7 @@ from typing import Any, Final
 
 try:
     from autogen_core import CancellationToken, Component
-    from autogen_core.memory import Memory, MemoryContent, MemoryQueryResult, UpdateContextResult
+    from autogen_core.memory import Memory, MemoryContent, MemoryMimeType, MemoryQueryResult, UpdateContextResult
     from autogen_core.model_context import ChatCompletionContext
     from autogen_core.models import FunctionExecutionResultMessage, LLMMessage, SystemMessage
     from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -57,6 +57,7 @@ __all__ = [
 
 _MESSAGE: Final[TypeAdapter[LLMMessage]] = TypeAdapter(LLMMessage)
 _MEMORY_PREFIX: Final = "mem:"
+_MIME_TYPES: Final = {m.value for m in MemoryMimeType}
 
 
 def _dump_message(message: object) -> dict[str, Any]:
@@ -74,6 +75,13 @@ def _load_message(stored: Mapping[str, Any]) -> LLMMessage:
         return _MESSAGE.validate_python(stored)
     except ValidationError as exc:
         raise InvalidMessage(f"a stored message is not an AutoGen LLMMessage: {str(stored)[:200]}") from exc
+
+
+def _content(stored: dict[str, Any]) -> MemoryContent:
+    content = MemoryContent.model_validate(stored)
+    if content.mime_type in _MIME_TYPES:  # JSON gives back a str: the enum, as it was added
+        content.mime_type = MemoryMimeType(content.mime_type)
+    return content
 
 
 class BotWireChatCompletionContextConfig(BaseModel):
@@ -213,7 +221,7 @@ class BotWireMemory(Memory, Component[BotWireMemoryConfig]):
         core = self._cores.get()
         found = await core.list_keys(_MEMORY_PREFIX + "*")
         values = await map_bounded(core.get, found)
-        return MemoryQueryResult(results=[MemoryContent.model_validate(v) for v in values if isinstance(v, dict)])
+        return MemoryQueryResult(results=[_content(v) for v in values if isinstance(v, dict)])
 
     async def update_context(self, model_context: ChatCompletionContext) -> UpdateContextResult:
         """Add the memories to ``model_context`` as one system message (nothing when there are none)."""
