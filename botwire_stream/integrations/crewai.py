@@ -330,13 +330,14 @@ class BotWireStorage(LoopBound[AsyncMemory]):
         """Record count, categories, oldest/newest and child scopes of ``scope`` (and below)."""
         path = _norm_scope(scope)
         records = [r for _, r in await self._records(path)]
-        created = [_aware(r.created_at) for r in records]
+        # returned as stored (CrewAI's own records carry naive UTC times); compared as UTC
+        created = sorted((r.created_at for r in records), key=_aware)
         return ScopeInfo(
             path=path,
             record_count=len(records),
             categories=sorted({c for r in records for c in r.categories}),
-            oldest_record=min(created, default=None),
-            newest_record=max(created, default=None),
+            oldest_record=created[0] if created else None,
+            newest_record=created[-1] if created else None,
             child_scopes=_children(path, [_norm_scope(r.scope) for r in records]),
         )
 
@@ -371,7 +372,9 @@ class BotWireStorage(LoopBound[AsyncMemory]):
             record = _record(value)
             if record is None:
                 return value  # deleted meanwhile: write nothing back
-            return _stored(record.model_copy(update={"last_accessed": now}))
+            # CrewAI writes naive UTC times (datetime.utcnow): keep the record's convention
+            stamp = now if record.last_accessed.tzinfo is not None else now.replace(tzinfo=None)
+            return _stored(record.model_copy(update={"last_accessed": stamp}))
 
         async def one(key: str) -> Any:
             if await core.contains(key):
