@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("autogen_agentchat")
 
-from autogen_core import ComponentModel  # noqa: E402
+from autogen_core import ComponentModel, FunctionCall  # noqa: E402
 from autogen_core.memory import MemoryContent, MemoryMimeType  # noqa: E402
 from autogen_core.model_context import ChatCompletionContext, UnboundedChatCompletionContext  # noqa: E402
 from autogen_core.models import (  # noqa: E402
@@ -92,6 +92,7 @@ async def test_messages_round_trip_and_state_replaces_the_log(url: str, namespac
         SystemMessage(content="be brief"),
         UserMessage(content="hi", source="user"),
         AssistantMessage(content="hello", source="assistant", thought="greet"),
+        AssistantMessage(content=[FunctionCall(id="c1", name="f", arguments='{"x": 1}')], source="assistant"),
         FunctionExecutionResultMessage(
             content=[FunctionExecutionResult(content="42", name="f", call_id="c1", is_error=False)]
         ),
