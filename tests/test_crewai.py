@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -28,12 +29,12 @@ from botwire_stream.errors import InvalidArgument, InvalidKey, InvalidNamespace,
 from botwire_stream.integrations.crewai import BotWireStorage, memory_tools  # noqa: E402
 from tests.crewai_fakes import ScriptedLLM, embed, run_crew  # noqa: E402
 
-_ENV = {
-    **os.environ,
-    "CREWAI_DISABLE_TELEMETRY": "true",
-    "OTEL_SDK_DISABLED": "true",
-    "CREWAI_TRACING_ENABLED": "false",
-}
+
+@pytest.fixture(autouse=True)
+def crewai_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CrewAI keeps files (its kickoff outputs' SQLite) in a folder named by CREWAI_STORAGE_DIR
+    (an absolute path is used as is): one per test, so that parallel tests share nothing."""
+    monkeypatch.setenv("CREWAI_STORAGE_DIR", str(tmp_path / "crewai"))
 
 
 def _rec(content: str, scope: str = "/", **kw: object) -> MemoryRecord:
@@ -48,7 +49,7 @@ def _crew_run(url: str, namespace: str, fact: str, *, here: bool = False) -> dic
         capture_output=True,
         text=True,
         timeout=180,
-        env=_ENV,
+        env={**os.environ},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])

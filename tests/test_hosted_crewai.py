@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +63,9 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-async def test_its_crewai_memory_tools_against_botwire_serve(http_server: str, url: str, namespace: str) -> None:
+async def test_its_crewai_memory_tools_against_botwire_serve(
+    http_server: str, url: str, namespace: str, tmp_path: Path
+) -> None:
     async with AsyncMemory(namespace, url=url) as mem:
         await mem.set("from-lib", "written by botwire-stream")
         env = {
@@ -71,6 +74,7 @@ async def test_its_crewai_memory_tools_against_botwire_serve(http_server: str, u
             "CREWAI_DISABLE_TELEMETRY": "true",
             "OTEL_SDK_DISABLED": "true",
         }
+        env["CREWAI_STORAGE_DIR"] = str(tmp_path / "crewai")  # its files: this test's own
         done = subprocess.run(
             [sys.executable, "-c", _TOOLS, namespace], capture_output=True, text=True, timeout=180, env=env
         )
