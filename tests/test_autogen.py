@@ -12,9 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
-pytest.importorskip("autogen_agentchat")
-
 from autogen_core import ComponentModel, FunctionCall  # noqa: E402
 from autogen_core.memory import MemoryContent, MemoryMimeType  # noqa: E402
 from autogen_core.model_context import ChatCompletionContext, UnboundedChatCompletionContext  # noqa: E402

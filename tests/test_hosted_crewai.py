@@ -21,9 +21,6 @@ import pytest
 
 from botwire_stream import AsyncMemory
 
-pytest.importorskip("crewai")
-pytest.importorskip("botwire")
-
 _TOOLS = r"""
 import json, sys
 import crewai_tools
