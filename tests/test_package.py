@@ -158,3 +158,22 @@ def test_langgraph_adapters_without_langgraph_name_the_extra() -> None:
     assert lines[0] == "True"
     assert "pip install 'botwire-stream[langgraph]'" in lines[1]
     assert lines[2] == "Memory"
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [("crewai", "crewai", "crewai"), ("autogen", "autogen_core", "autogen")],
+)
+def test_framework_adapters_without_their_framework_name_the_extra(module: str, blocked: str, extra: str) -> None:
+    # The framework absent (blocked in sys.modules): MissingDependency naming the extra to install.
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "from botwire_stream.errors import MissingDependency\n"
+        "try:\n"
+        f"    import botwire_stream.integrations.{module}\n"
+        "except MissingDependency as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"pip install 'botwire-stream[{extra}]'" in out.stdout
