@@ -163,3 +163,16 @@ async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+@pytest.mark.slow
+async def test_the_example_runs(url: str) -> None:
+    env = {**os.environ, "BOTWIRE_URL": url}
+    done = subprocess.run(
+        [sys.executable, "examples/mcp_agent_memory.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory_get: {'found': True, 'value': {'tone': 'brief'}}" in done.stdout
+    assert "another namespace: True unauthorized: " in done.stdout.replace("Error executing tool memory_get: ", "")
+    async with AsyncMemory("my-agent", url=url) as mem:
+        assert await mem.get("user:42:prefs") == {"tone": "brief"}
