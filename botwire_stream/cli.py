@@ -675,6 +675,8 @@ def _loopback(host: str) -> bool:
     "Default: the group's --namespace, $BOTWIRE_NAMESPACE, else 'default'.",
 )
 @click.option("--url", "nats_url", metavar="URL", default=None, help="NATS server; default: $BOTWIRE_URL, else the embedded one.")
+@click.option("--token-file", "token_file", metavar="FILE", expose_value=False, callback=_store, help="File holding the auth token. Default: $BOTWIRE_TOKEN.")
+@click.option("--creds", "creds", metavar="FILE", expose_value=False, callback=_store, help="NATS credentials file. Default: $BOTWIRE_CREDS.")
 @click.option("--http", is_flag=True, help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="With --http: the address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="With --http: the port (0: any free one).")
