@@ -141,6 +141,7 @@ class Hosted:
             seen = self._seen.get((namespace, key))
             if created_text is None and seen is not None and seen.revision == current.revision:
                 created_text = created_of(seen.handle.headers or {})  # the same revision, read before
+                current = seen
             if created_text is not None:
                 created = parse_time(created_text).timestamp()
             else:  # written by a plain set: the first write since the key last held no value
