@@ -87,9 +87,27 @@ async def test_tools_read_and_write_what_memory_and_chat_history_see(url: str, n
         assert {(s["session_id"], s["message_count"]) for s in sessions} == {("s1", 2), ("s2", 5)}
 
 
-async def test_a_namespace_outside_the_globs_is_refused(url: str, namespace: str) -> None:
+async def test_tools_schemas_other_namespaces_and_bad_input(url: str, namespace: str) -> None:
+    """Lists its tools with schemas; a namespace outside the globs and bad input are tool errors
+    with the error code, and nothing is written."""
     other = namespace + "x"
     async with AsyncMemory(other, url=url) as victim, stdio(url, namespace) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert set(tools) == TOOLS
+        for tool in tools.values():
+            assert tool.description and tool.input_schema["type"] == "object"
+        assert tools["memory_set"].input_schema["required"] == ["key", "value"]
+        assert "ttl" in tools["memory_set"].input_schema["properties"]
+        assert tools["chat_append"].input_schema["properties"]["message"]["type"] == "object"
+        assert tools["chat_read"].input_schema["properties"]["last"]["anyOf"][0]["type"] == "integer"
+        assert (await refused(client, "memory_set", key="k" * 2000, value=1)).startswith("invalid_key: ")
+        assert (await refused(client, "memory_get", key="")).startswith("invalid_key: ")
+        assert await refused(client, "memory_set", key="k", value=1, ttl=-5)  # the schema: ttl > 0
+        assert await refused(client, "chat_append", session_id="s", message="not an object")
+        assert (await refused(client, "chat_append", session_id="", message={"a": 1})).startswith("invalid_session_id: ")
+        assert await refused(client, "memory_keys", limit=0)
+        assert await call(client, "memory_keys") == {"keys": []}
+        assert await AsyncChatHistory.sessions(namespace, url=url) == []
         await victim.set("k", "secret")
         for name, args in [
             ("memory_get", {"key": "k"}),
@@ -109,26 +127,6 @@ async def test_a_namespace_outside_the_globs_is_refused(url: str, namespace: str
         await call(client, "memory_set", key="k", value="mine")
         async with AsyncMemory(namespace, url=url) as mem:
             assert await mem.get("k") == "mine"
-
-
-async def test_lists_its_tools_and_bad_input_is_a_tool_error_that_writes_nothing(url: str, namespace: str) -> None:
-    async with stdio(url, namespace) as client:
-        tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == TOOLS
-        for tool in tools.values():
-            assert tool.description and tool.input_schema["type"] == "object"
-        assert tools["memory_set"].input_schema["required"] == ["key", "value"]
-        assert "ttl" in tools["memory_set"].input_schema["properties"]
-        assert tools["chat_append"].input_schema["properties"]["message"]["type"] == "object"
-        assert tools["chat_read"].input_schema["properties"]["last"]["anyOf"][0]["type"] == "integer"
-        assert (await refused(client, "memory_set", key="k" * 2000, value=1)).startswith("invalid_key: ")
-        assert (await refused(client, "memory_get", key="")).startswith("invalid_key: ")
-        assert await refused(client, "memory_set", key="k", value=1, ttl=-5)  # the schema: ttl > 0
-        assert await refused(client, "chat_append", session_id="s", message="not an object")
-        assert (await refused(client, "chat_append", session_id="", message={"a": 1})).startswith("invalid_session_id: ")
-        assert await refused(client, "memory_keys", limit=0)
-        assert await call(client, "memory_keys") == {"keys": []}
-        assert await AsyncChatHistory.sessions(namespace, url=url) == []
 
 
 @pytest.mark.slow
