@@ -663,6 +663,41 @@ def _loopback(host: str) -> bool:
         return False
 
 
+# -- MCP server (issue 11) ----------------------------------------------------------------------
+@cli.command(name="mcp")
+@click.option(
+    "--namespace",
+    "-n",
+    "globs",
+    metavar="GLOB",
+    multiple=True,
+    help="A namespace (or glob of namespaces) the tools may reach; repeatable. "
+    "Default: the group's --namespace, $BOTWIRE_NAMESPACE, else 'default'.",
+)
+@click.option("--url", "nats_url", metavar="URL", default=None, help="NATS server; default: $BOTWIRE_URL, else the embedded one.")
+@click.option("--token-file", "token_file", metavar="FILE", expose_value=False, callback=_store, help="File holding the auth token. Default: $BOTWIRE_TOKEN.")
+@click.option("--creds", "creds", metavar="FILE", expose_value=False, callback=_store, help="NATS credentials file. Default: $BOTWIRE_CREDS.")
+@click.option("--http", is_flag=True, help="Serve streamable HTTP at http://HOST:PORT/mcp instead of stdio.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --http: the address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="With --http: the port (0: any free one).")
+@click.pass_obj
+def mcp_command(opts: Options, globs: tuple[str, ...], nats_url: str | None, http: bool, host: str, port: int) -> None:
+    """Run a Model Context Protocol server (extra: botwire-stream[mcp]) whose tools read and write
+    keys and conversations in the namespaces given (stdio by default, for desktop assistants)."""
+    try:
+        from .integrations.mcp import run
+    except ImportError as exc:
+        raise click.ClickException(f"botwire mcp needs the mcp extra: pip install 'botwire-stream[mcp]' ({exc})")
+    if http and not _loopback(host):
+        raise Failure(f"--host {host}: the MCP server has no auth, so it listens on loopback only")
+
+    def ready(url: str) -> None:
+        click.echo(f"botwire mcp: {url}", err=True)
+
+    connect = {"url": nats_url or opts.url, "token": opts.resolved_token(), "creds": opts.creds}
+    run(list(globs) or [opts.resolved_namespace()], connect, http=http, host=host, port=port, ready=ready)
+
+
 # -- API keys for `botwire serve` (issue 9) -------------------------------------------------------
 @click.group(name="keys")
 def api_keys() -> None:

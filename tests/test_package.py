@@ -177,3 +177,20 @@ def test_framework_adapters_without_their_framework_name_the_extra(module: str, 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"pip install 'botwire-stream[{extra}]'" in out.stdout
+
+
+def test_the_mcp_server_imports_no_nats_code_and_names_its_extra() -> None:
+    # integrations/mcp.py works through the cores (AsyncMemory, AsyncChatHistory) only
+    imported = _imports(_PACKAGE / "integrations" / "mcp.py")
+    assert sorted(n for n in imported if _is_under(n, "nats") or _is_under(n, "botwire_stream.nats")) == []
+    code = (
+        "import sys; sys.modules['mcp'] = None\n"
+        "from botwire_stream.errors import MissingDependency\n"
+        "try:\n"
+        "    import botwire_stream.integrations.mcp\n"
+        "except MissingDependency as exc:\n"
+        "    print(isinstance(exc, ImportError), 'botwire-stream[mcp]' in str(exc))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]

@@ -26,10 +26,14 @@ from .jetstream import Connection
 from .pool import acquire, release
 from .retry import SAFE
 
-__all__ = ["DEFAULT_HISTORY", "KeyFeed", "NatsMemory", "open_memory"]
+__all__ = ["CREATED", "DEFAULT_HISTORY", "KeyFeed", "NatsMemory", "created_of", "open_memory"]
 
 DEFAULT_HISTORY: Final = 16
 _REREAD: Final = "read the key before repeating the update"
+# When the key last came to hold a value, carried by writes conditional on the revision they
+# replace (so it is exact): that revision's own ``Nats-Time-Stamp``, or "self" (this message's).
+# A plain set does not know it and leaves it out; readers then fall back to the revisions.
+CREATED: Final = "Botwire-Created"
 _MULTI_LAST: Final = 1024  # the most subjects one multi-last get answers (nats-server: 413 beyond)
 _LIST_BYTES: Final = 256 * 1024  # the subjects named in one request: well under a 1 MiB max_payload
 
@@ -49,6 +53,24 @@ async def open_memory(
         await release(conn)
         raise
     return kv
+
+
+def _created(expected: int, replaced: Current | None) -> str | None:
+    """The ``CREATED`` header of a write conditional on revision ``expected`` (``replaced``)."""
+    if expected == 0:
+        return "self"  # the key has no message at all
+    if replaced is None or replaced.revision != expected:
+        return None
+    if replaced.data is None:
+        return "self"  # it replaces a delete or an expiry
+    return created_of(getattr(replaced.handle, "headers", None) or {})
+
+
+def created_of(headers: dict[str, str]) -> str | None:
+    """The time (a NATS ``Nats-Time-Stamp``) a stored value's key came to hold a value, from the
+    headers of a message read with them; None when its writer did not know."""
+    created = headers.get(CREATED)
+    return headers.get("Nats-Time-Stamp") if created == "self" else created
 
 
 class NatsMemory:
@@ -215,6 +237,9 @@ class NatsMemory:
             headers["Nats-Rollup"] = "sub"
         if expected is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+            created = _created(expected, replaced)
+            if created is not None:
+                headers[CREATED] = created
         subject = self.prefix + keys.encode_key(key)
         # A set repeated writes the same value again; an update repeated applies fn twice.
         outcome = Outcome(f"{what} of {key!r}", SAFE if expected is None else _REREAD)

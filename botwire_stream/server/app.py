@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..tokens import open_token_streams
 from .chat import CHAT_PREFIX, Conversations
@@ -142,6 +142,11 @@ class App:
         self._endpoint = endpoint
         self._handlers = handlers
         self.observed = Observed(self._dispatch)  # metrics and access logs of every request
+
+    def guard(self, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
+        """Put a middleware (auth and quotas) inside the metrics and access logs, so that its
+        refusals (401, 403, 429) are counted and logged like every other response."""
+        self.observed.app = wrap(self.observed.app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.observed(scope, receive, send)

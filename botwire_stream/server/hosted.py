@@ -12,13 +12,20 @@ reaches). Errors are ``{"detail": ...}`` with the hosted server's statuses (400,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections import OrderedDict
+from datetime import UTC, datetime
 
 import msgspec
+from nats.aio.msg import Msg
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import codec, errors, keys
-from .._backend import KeyRevision
+from .._backend import Current, KeyRevision
+from ..memory import AsyncMemory
+from ..nats.kv import CREATED, created_of
+from ..times import parse_time
 from .headers import COMMON
 from .rest import Namespaces, raw_segments, read_body
 
@@ -26,6 +33,8 @@ __all__ = ["Hosted", "MAX_VALUE_CHARS"]
 
 MAX_VALUE_CHARS = 100_000  # the hosted server's limit on a value (characters)
 _LIST_CONCURRENCY = 32
+_GET_TRIES = 5
+_SEEN = 4096  # keys whose last revision a process remembers, for PUT's conditional write
 
 
 class PutBody(msgspec.Struct):
@@ -91,9 +100,81 @@ def _live(revs: list[KeyRevision]) -> tuple[KeyRevision, float] | None:
     return revs[-1], first.time.timestamp()
 
 
+def _stamp(ts: float) -> str:
+    """``ts`` as a NATS-style RFC 3339 time (what ``parse_time`` reads)."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Hosted:
+    """``/memory/...``. A GET is one direct get of the key's last message: ``updated_at`` is its
+    stored time, ``created_at`` the ``Botwire-Created`` header that writes conditional on the
+    revision they replace carry (``nats.kv``). A PUT is such a write when this process knows the
+    key's last revision (it read or wrote it; a bounded LRU), else, or when another writer came
+    in between, a plain set; a value written without the header (by ``Memory.set``, or by
+    another server process first) costs its first GET a read of the key's kept revisions."""
+
     def __init__(self, spaces: Namespaces) -> None:
         self.spaces = spaces
+        # (namespace, key) -> its last revision as this process saw it, with CREATED resolved
+        self._seen: OrderedDict[tuple[str, str], Current] = OrderedDict()
+
+    def _remember(self, where: tuple[str, str], current: Current | None) -> None:
+        if current is None:
+            self._seen.pop(where, None)
+            return
+        self._seen[where] = current
+        self._seen.move_to_end(where)
+        if len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
+
+    async def _get(self, mem: AsyncMemory, namespace: str, key: str) -> Response:
+        backend = await mem._connection()
+        for _ in range(_GET_TRIES):
+            current = await backend.get(key)
+            msg = None if current is None else current.handle
+            if current is None or current.data is None or not isinstance(msg, Msg):
+                self._remember((namespace, key), None)
+                return _detail(404, "Key not found")
+            data, hdr = current.data, msg.headers or {}
+            updated = parse_time(hdr["Nats-Time-Stamp"]).timestamp()
+            created_text = created_of(hdr)
+            seen = self._seen.get((namespace, key))
+            if created_text is None and seen is not None and seen.revision == current.revision:
+                created_text = created_of(seen.handle.headers or {})  # the same revision, read before
+                current = seen
+            if created_text is not None:
+                created = parse_time(created_text).timestamp()
+            else:  # written by a plain set: the first write since the key last held no value
+                found = _live(await backend.revisions(key))
+                if found is None or found[0].revision != current.revision:
+                    continue  # written or deleted in between: read again
+                created = found[1]
+                msg = dataclasses.replace(msg, headers={**hdr, CREATED: _stamp(created)})
+                current = Current(current.revision, data, msg)
+            self._remember((namespace, key), current)
+            return _json(Item(namespace, key, _text(data), created, updated))
+        raise errors.ChangedWhileRead(f"{key!r} kept changing while it was read; read it again")
+
+    async def _put(self, mem: AsyncMemory, namespace: str, key: str, value: str) -> None:
+        """Conditional on the revision this process last saw (so that it carries ``created_at``),
+        else a plain set; a conflict (another writer) falls back to a plain set."""
+        where = (namespace, key)
+        known = self._seen.pop(where, None)
+        data = codec.encode(value)
+        if known is not None:
+            try:
+                revision = await mem._write(key, data, None, expected=known.revision, replaced=known, what="set")
+            except errors.Conflict:
+                pass
+            else:
+                created = created_of((known.handle.headers or {}) if isinstance(known.handle, Msg) else {})
+                conn = getattr(await mem._connection(), "conn", None)
+                if created is not None and len(data) <= getattr(conn, "max_body", 0):  # not chunked
+                    handle = Msg(known.handle._client, headers={CREATED: created})
+                    self._remember(where, Current(revision, data, handle))
+                return
+        await mem.set(key, value)
+
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -111,22 +192,12 @@ class Hosted:
                 body = msgspec.json.decode(await read_body(request, 4 * MAX_VALUE_CHARS + 1024), type=PutBody)
                 if len(body.value) > MAX_VALUE_CHARS:
                     return _detail(400, f"value exceeds {MAX_VALUE_CHARS} characters")
-                await mem.set(key, body.value)
+                await self._put(mem, namespace, key, body.value)
                 return _json(Stored(namespace, key, True, len(body.value.encode())))
             if request.method == "GET":
-                backend = await mem._connection()
-                found = _live(await backend.revisions(key))
-                if found is None:
-                    return _detail(404, "Key not found")
-                last, created = found
-                data = last.data
-                if data is None:  # a value stored in chunks: the revision does not carry it
-                    current = await backend.get(key)
-                    if current is None or current.data is None:
-                        return _detail(404, "Key not found")
-                    data = current.data
-                return _json(Item(namespace, key, _text(data), created, last.time.timestamp()))
+                return await self._get(mem, namespace, key)
             if request.method == "DELETE":
+                self._seen.pop((namespace, key), None)
                 if not await mem.delete(key):
                     return _detail(404, "Key not found")
                 return _json(RemovedItem(True, namespace, key))

@@ -11,6 +11,7 @@ is fully validated (the cores validate before their first storage call).
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -106,11 +107,18 @@ async def decode_body(request: Request, kind: type[T], limit: int = MAX_BODY) ->
 
 class Namespaces:
     """One ``AsyncMemory`` per namespace, opened on first use and kept (each holds the namespace's
-    bucket handle over the server's one shared NATS connection), and conversations per request."""
+    bucket handle over the server's one shared NATS connection), and conversations per request.
 
-    def __init__(self, connect: dict[str, str | None]) -> None:
+    At most ``max_open`` are kept, the least recently used dropped first: a server addressed with
+    many namespaces (one per tenant or user) would otherwise grow without bound. A dropped one is
+    closed ``grace`` seconds later, so that a request (or an SSE watch, at most ``grace`` long)
+    still using it finishes; the namespace is opened again on its next request."""
+
+    def __init__(self, connect: dict[str, str | None], *, max_open: int = 1024, grace: float = 180.0) -> None:
         self.connect = connect
-        self._memories: dict[str, AsyncMemory] = {}
+        self.max_open, self.grace = max_open, grace
+        self._memories: OrderedDict[str, AsyncMemory] = OrderedDict()
+        self._retiring: dict[asyncio.Task[None], AsyncMemory] = {}
         self._lock = asyncio.Lock()
 
     def memory(self, namespace: str) -> AsyncMemory:
@@ -119,14 +127,30 @@ class Namespaces:
         if mem is None:
             mem = AsyncMemory(namespace, **self.connect)  # type: ignore[arg-type]
             self._memories[namespace] = mem
+            while len(self._memories) > self.max_open:
+                self._retire(self._memories.popitem(last=False)[1])
+        else:
+            self._memories.move_to_end(namespace)
         return mem
+
+    def _retire(self, mem: AsyncMemory) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self.grace)
+            await mem.close()
+
+        task = asyncio.ensure_future(later())
+        self._retiring[task] = mem
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     def chat(self, namespace: str, session_id: str, ttl: float | None = None) -> AsyncChatHistory:
         return AsyncChatHistory(session_id, namespace=namespace, ttl=ttl, **self.connect)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        memories, self._memories = self._memories, {}
-        for mem in memories.values():
+        memories, self._memories = self._memories, OrderedDict()
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring:
+            task.cancel()
+        for mem in [*memories.values(), *retiring.values()]:
             await mem.close()
 
 

@@ -59,7 +59,9 @@ def serve(
     app = create_app(url=url, long_poll_timeout=long_poll_timeout, sse_lifetime=sse_lifetime, stop=stop)
     if policy is not None and policy.active:
         policy.connect = {"url": url, **policy.connect}
-    asgi = AuthMiddleware(app, policy) if policy is not None and policy.active else app
+        active = policy  # inside the metrics: quota rejections and auth refusals are counted
+        app.guard(lambda inner: AuthMiddleware(inner, active))
+    asgi = app
     config = uvicorn.Config(
         asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on", access_log=False
     )
