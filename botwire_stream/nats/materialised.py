@@ -7,9 +7,11 @@ second stream, ``BOTWIRE_MAT_<namespace>``:
 
 - ``botwire.<ns>.mat.c<level>.<session>``: chunks, each a run of the conversation's messages in
   order (``Chunk``: the raw sequence before the run, then each message's sequence, time and body).
-  Level 0 chunks are written as messages arrive; every ``MERGE`` chunks of a level are merged into
-  one chunk of the next level and the lower subject purged, so a conversation has at most about
-  ``MERGE`` chunks per level and each message is copied at most ``LEVELS - 1`` more times.
+  Level 0 chunks are written as messages arrive; every ``MERGE`` chunks of level 0 or 1 are
+  re-packed into chunks of about ``CHUNK_BYTES`` (level 2, kept) and one smaller remainder (level
+  1), and the merged ones purged; so a conversation has fewer than ``2 * MERGE`` small chunks plus
+  one per ``CHUNK_BYTES`` of its messages. A message larger than a chunk is kept only in the log:
+  its chunk entry has an empty body (empty messages, expiry markers, are never put in chunks).
 - ``botwire.<ns>.mat.s.<session>``: the conversation's ``Summary`` (rolled up: only the newest).
 
 This module defines the layout and its exact read; only the materialiser writes it. The read never
@@ -36,6 +38,7 @@ from .errors import SubjectPurged
 from .jetstream import Connection
 
 __all__ = [
+    "CHUNK_BYTES",
     "LEVELS",
     "MERGE",
     "Chunk",
@@ -49,8 +52,9 @@ __all__ = [
     "summary_subject",
 ]
 
-LEVELS: Final = 5  # chunk levels: 0 (as written) .. 4 (merged MERGE**4 times)
-MERGE: Final = 8  # chunks of one level merged into one of the next
+LEVELS: Final = 3  # chunk levels: 0 (as written), 1 (merged remainders), 2 (full chunks)
+MERGE: Final = 8  # chunks of level 0 or 1 merged at once
+CHUNK_BYTES: Final = 256 * 1024  # a full chunk's message bodies (the server's max_payload is 1 MiB by default)
 _TRIES: Final = 5  # reads started again after racing a clear or an expiry
 
 
@@ -168,12 +172,26 @@ async def read_exact(
         start, chunks = (await read_chain(conn, namespace, token_path, timeout))[:2]
         out: list[LogEntry] = []
         covered = 0
+        big: list[int] = []  # messages kept only in the log
         if chunks and first > start:  # the chain covers every message from ``first`` to its end
             for c in chunks:
-                out.extend(
-                    LogEntry(s, t, d) for s, t, d in zip(c.seqs, c.times, c.data, strict=True) if s >= first and d
-                )
+                for s, t, d in zip(c.seqs, c.times, c.data, strict=True):
+                    if s >= first:
+                        out.append(LogEntry(s, t, d))
+                        if not d:
+                            big.append(len(out) - 1)
             covered = chunks[-1].last
+        if big:
+            got = await asyncio.gather(
+                *(
+                    conn.direct_batch(stream, {"next_by_subj": subject, "seq": out[i].seq, "batch": 1}, timeout)
+                    for i in big
+                )
+            )
+            for i, reply in zip(big, got, strict=True):
+                if not reply.msgs or reply.last_seq != out[i].seq:
+                    break  # cleared meanwhile: the check below reads it again
+                out[i] = LogEntry(out[i].seq, out[i].time, reply.msgs[0].data)
         try:
             tail = await conn.read_subject(
                 stream, subject, start_seq=max(covered + 1, first), page=10_000, headers=True, snapshot=True, timeout=timeout
