@@ -43,6 +43,9 @@ _url_option = click.option("--url", metavar="URL", default=None, help="nats:// s
 _ns_option = click.option(
     "--namespace", "-n", "namespaces", multiple=True, metavar="NAME", help="Namespace (repeatable where it makes sense)."
 )
+_batch_option = click.option(
+    "--batch", default=None, type=click.IntRange(min=1), help="Events fetched at once (default: the consumer's own)."
+)
 _name_option = click.option("--name", default=None, help="Consumer id, to run several of one kind (botwire-KIND-NAME).")
 
 
@@ -58,9 +61,11 @@ def consume() -> None:
     """
 
 
-def _start(ctx: click.Context, worker: Worker, url: str | None) -> None:
+def _start(ctx: click.Context, worker: Worker, url: str | None, batch: int | None) -> None:
     from .runtime import run
 
+    if batch is not None:
+        worker.batch = batch
     _go(run(worker, _url(ctx, url)))
 
 
@@ -68,12 +73,15 @@ def _start(ctx: click.Context, worker: Worker, url: str | None) -> None:
 @_url_option
 @click.option("--namespace", "-n", "namespace", metavar="NAME", default=None, help="The namespace to materialise.")
 @_name_option
+@_batch_option
 @click.pass_context
-def materialise(ctx: click.Context, url: str | None, namespace: str | None, name: str | None) -> None:
+def materialise(
+    ctx: click.Context, url: str | None, namespace: str | None, name: str | None, batch: int | None
+) -> None:
     """Keep each conversation of a namespace as contiguous chunks, with a summary."""
     from .materialiser import Materialiser
 
-    _start(ctx, Materialiser(_namespaces(ctx, (namespace,) if namespace else ())[0], name=name), url)
+    _start(ctx, Materialiser(_namespaces(ctx, (namespace,) if namespace else ())[0], name=name), url, batch)
 
 
 @consume.command()
@@ -83,6 +91,7 @@ def materialise(ctx: click.Context, url: str | None, namespace: str | None, name
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Where the files go.")
 @click.option("--gzip", "compress", is_flag=True, help="Compress each file once it is rotated (.jsonl.gz).")
 @click.option("--rotate-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1024))
+@_batch_option
 @click.option("--progress/--no-progress", default=None, help="A progress bar while catching up (default: on a terminal).")
 @click.pass_context
 def audit(
@@ -93,6 +102,7 @@ def audit(
     directory: str,
     compress: bool,
     rotate_bytes: int,
+    batch: int | None,
     progress: bool | None,
 ) -> None:
     """Write every event (keys and conversations) of the namespaces to JSON Lines files."""
@@ -101,13 +111,14 @@ def audit(
     worker = Audit(
         _namespaces(ctx, namespaces), directory, name=name, compress=compress, rotate_bytes=rotate_bytes, progress=progress
     )
-    _start(ctx, worker, url)
+    _start(ctx, worker, url, batch)
 
 
 @consume.command()
 @_url_option
 @_ns_option
 @_name_option
+@_batch_option
 @click.option("--match", "pattern", default="*", show_default=True, help="Key or conversation glob.")
 @click.option("--to", "target", required=True, help="The URL events are POSTed to.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), required=True, help="HMAC-SHA256 key.")
@@ -119,6 +130,7 @@ def webhook(
     url: str | None,
     namespaces: tuple[str, ...],
     name: str | None,
+    batch: int | None,
     pattern: str,
     target: str,
     secret_file: str,
@@ -135,7 +147,7 @@ def webhook(
     worker = Webhook(
         _namespaces(ctx, namespaces), pattern, target, secret, name=name, attempts=attempts, backoff=backoff
     )
-    _start(ctx, worker, url)
+    _start(ctx, worker, url, batch)
 
 
 @consume.command(name="status")
