@@ -87,7 +87,12 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
         max_ack_pending=-1,
         filter_subject=source.subject,
     )
-    return await conn.js.pull_subscribe(source.subject, durable=worker.durable, stream=source.stream, config=config)
+    sub = await conn.js.pull_subscribe(source.subject, durable=worker.durable, stream=source.stream, config=config)
+    # Resume at once from the ack floor: what a killed run had fetched but not acknowledged would
+    # otherwise wait out ack_wait (measured: a restarted audit idle for the full 60 s). Needs
+    # nats-server 2.14 (consumer reset); one process per consumer name is expected.
+    await conn.js.reset_consumer(source.stream, worker.durable)
+    return sub
 
 
 async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | None = None) -> None:
