@@ -109,7 +109,9 @@ class Audit(Worker):
 
     async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
         done = self._state.seqs.get(source.stream, 0)
-        lines = [msgspec.json.encode(event_record(source, m)) + b"\n" for m in msgs if m.metadata.sequence.stream > done]
+        lines = [
+            msgspec.json.encode(event_record(source, m)) + b"\n" for m in msgs if m.metadata.sequence.stream > done
+        ]
         if lines:
             path = self._path(self._state.file)
             with open(path, "ab") as f:

@@ -41,7 +41,12 @@ def _go(coro: Coroutine[Any, Any, None]) -> None:
 
 _url_option = click.option("--url", metavar="URL", default=None, help="nats:// server (default: as for botwire).")
 _ns_option = click.option(
-    "--namespace", "-n", "namespaces", multiple=True, metavar="NAME", help="Namespace (repeatable where it makes sense)."
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    metavar="NAME",
+    help="Namespace (repeatable where it makes sense).",
 )
 _batch_option = click.option(
     "--batch", default=None, type=click.IntRange(min=1), help="Events fetched at once (default: the consumer's own)."
@@ -92,7 +97,9 @@ def materialise(
 @click.option("--gzip", "compress", is_flag=True, help="Compress each file once it is rotated (.jsonl.gz).")
 @click.option("--rotate-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1024))
 @_batch_option
-@click.option("--progress/--no-progress", default=None, help="A progress bar while catching up (default: on a terminal).")
+@click.option(
+    "--progress/--no-progress", default=None, help="A progress bar while catching up (default: on a terminal)."
+)
 @click.pass_context
 def audit(
     ctx: click.Context,
@@ -109,7 +116,12 @@ def audit(
     from .audit import Audit
 
     worker = Audit(
-        _namespaces(ctx, namespaces), directory, name=name, compress=compress, rotate_bytes=rotate_bytes, progress=progress
+        _namespaces(ctx, namespaces),
+        directory,
+        name=name,
+        compress=compress,
+        rotate_bytes=rotate_bytes,
+        progress=progress,
     )
     _start(ctx, worker, url, batch)
 
@@ -122,8 +134,16 @@ def audit(
 @click.option("--match", "pattern", default="*", show_default=True, help="Key or conversation glob.")
 @click.option("--to", "target", required=True, help="The URL events are POSTed to.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), required=True, help="HMAC-SHA256 key.")
-@click.option("--attempts", default=5, show_default=True, type=click.IntRange(min=1), help="Tries before dead-lettering.")
-@click.option("--backoff", default=0.5, show_default=True, type=click.FloatRange(min=0), help="First retry delay (s), doubled each time.")
+@click.option(
+    "--attempts", default=5, show_default=True, type=click.IntRange(min=1), help="Tries before dead-lettering."
+)
+@click.option(
+    "--backoff",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="First retry delay (s), doubled each time.",
+)
 @click.pass_context
 def webhook(
     ctx: click.Context,

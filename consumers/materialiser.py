@@ -210,7 +210,11 @@ class Materialiser(Worker):
                     msg: Any = msgspec.json.decode(d)
                 except msgspec.DecodeError:
                     continue
-                if isinstance(msg, dict) and msg.get("role") in ("user", "human") and isinstance(msg.get("content"), str):
+                if (
+                    isinstance(msg, dict)
+                    and msg.get("role") in ("user", "human")
+                    and isinstance(msg.get("content"), str)
+                ):
                     title = msg["content"][:_TITLE]
                     break
         conv.summary = Summary(

@@ -21,7 +21,9 @@ async def write(url: str, namespace: str, rounds: int, sessions: list[str]) -> i
             for h in histories:
                 role = "user" if k % 2 == 0 else "assistant"
                 if k % 10 == 9:  # now and then an atomic batch
-                    await h.extend([{"role": role, "content": f"{pid}-{k}-a"}, {"role": role, "content": f"{pid}-{k}-b"}])
+                    await h.extend(
+                        [{"role": role, "content": f"{pid}-{k}-a"}, {"role": role, "content": f"{pid}-{k}-b"}]
+                    )
                     n += 2
                 else:
                     await h.append({"role": role, "content": f"{pid}-{k}"})

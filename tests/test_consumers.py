@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -63,7 +62,10 @@ def _running(url: str, *args: str) -> Iterator[subprocess.Popen[str]]:
 
 def _writers(url: str, namespace: str, rounds: int, sessions: list[str], processes: int) -> list[subprocess.Popen[str]]:
     cmd = [sys.executable, "-m", "tests.consumer_workers", "write", url, namespace, str(rounds), *sessions]
-    return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    return [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
 
 
 def _wait_all(procs: list[subprocess.Popen[str]]) -> None:
@@ -246,6 +248,7 @@ async def test_sigterm_finishes_the_batch_in_hand_and_acks_it(url: str, namespac
     # everything written is acknowledged, nothing more: the ack floor is the last event written
     written = json.loads((out / "state.json").read_text())["seqs"][f"BOTWIRE_CHAT_{namespace}"]
     [info] = [s for s in await status(url) if s.name == "botwire-audit" and s.stream == f"BOTWIRE_CHAT_{namespace}"]
+    assert 0 < written < max(int(i.split(":")[1]) for i in expected)  # stopped in the middle of the backlog
     assert info.ack_pending == 0
     assert info.ack_floor == written
     assert len(_audit_ids(out)) == written
@@ -341,7 +344,11 @@ async def test_webhook_that_always_fails_dead_letters_the_event(url: str, namesp
         dead = await conn.direct_batch(deadletter_stream(namespace), {"seq": 1, "batch": 10}, 5.0)
         assert len(dead.msgs) == 1
         body = json.loads(dead.msgs[0].data)
-        assert (body["session_id"], body["seq"], json.loads(body["data"])) == ("conv:1", seq, {"role": "user", "content": "hi"})
+        assert (body["session_id"], body["seq"], json.loads(body["data"])) == (
+            "conv:1",
+            seq,
+            {"role": "user", "content": "hi"},
+        )
         assert (dead.msgs[0].headers or {})["Botwire-Error"] == "HTTP 500"
     finally:
         receiver.close()
@@ -357,7 +364,11 @@ def test_consume_status_shows_each_consumers_lag(url: str, namespace: str, tmp_p
         assert proc.wait(timeout=20) == 0
     run = subprocess.run(
         [sys.executable, "-m", "botwire_stream", "consume", "status", "--json", "--url", url],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     rows = {(r["name"], r["stream"]): r for r in json.loads(run.stdout)}
     row = rows[("botwire-audit", f"BOTWIRE_CHAT_{namespace}")]
@@ -365,7 +376,22 @@ def test_consume_status_shows_each_consumers_lag(url: str, namespace: str, tmp_p
     assert row["last_active"] is not None
     table = subprocess.run(
         [sys.executable, "-m", "botwire_stream", "--url", url, "consume", "status"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
-    assert table.splitlines()[0].split() == ["CONSUMER", "STREAM", "PENDING", "UNACKED", "ACK", "FLOOR", "LAST", "SEQ", "LAST", "ACTIVE"]
+    assert table.splitlines()[0].split() == [
+        "CONSUMER",
+        "STREAM",
+        "PENDING",
+        "UNACKED",
+        "ACK",
+        "FLOOR",
+        "LAST",
+        "SEQ",
+        "LAST",
+        "ACTIVE",
+    ]
     assert any(line.split()[:2] == ["botwire-audit", f"KV_botwire_{namespace}"] for line in table.splitlines())

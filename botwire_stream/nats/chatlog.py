@@ -38,10 +38,10 @@ from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded, Se
 from ..models import SessionInfo
 from ..settings import ConnectOptions
 from ..times import parse_time
+from . import materialised
 from .connect import origin_headers
 from .errors import SubjectPurged
 from .feeds import ResumingFeed
-from . import materialised
 from .jetstream import Connection
 from .pool import acquire, release
 from .replies import Batch

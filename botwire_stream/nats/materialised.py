@@ -194,7 +194,13 @@ async def read_exact(
                 out[i] = LogEntry(out[i].seq, out[i].time, reply.msgs[0].data)
         try:
             tail = await conn.read_subject(
-                stream, subject, start_seq=max(covered + 1, first), page=10_000, headers=True, snapshot=True, timeout=timeout
+                stream,
+                subject,
+                start_seq=max(covered + 1, first),
+                page=10_000,
+                headers=True,
+                snapshot=True,
+                timeout=timeout,
             )
         except SubjectPurged:
             continue
