@@ -98,8 +98,10 @@ class Materialiser(Worker):
         held, conv.held = conv.held, []
         if not conv.loaded:
             await self._load(conv)
-        if max(m.metadata.sequence.stream for m in held) > conv.covered:
-            await self._materialise(conv)
+        fresh = sorted({m.metadata.sequence.stream: m for m in held}.items())
+        fresh = [(seq, m) for seq, m in fresh if seq > conv.covered]  # redelivered: already in a chunk
+        if fresh:
+            await self._materialise(conv, fresh)
         for m in held:
             await m.ack()
         self._held -= len(held)
@@ -124,15 +126,56 @@ class Materialiser(Worker):
     def _chunk_subject(self, conv: _Conv, level: int) -> str:
         return mat.chunk_subject(self.namespace, level, conv.token)
 
-    async def _materialise(self, conv: _Conv) -> None:
-        conn, timeout = self.conn, 10.0
+    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Msg]]) -> None:
+        """Write the delivered messages after ``covered`` as a chunk.
+
+        They are every message of the conversation after ``covered``: a pull consumer delivers
+        first deliveries in stream order, and every message at or below its ack floor is in a
+        chunk already (acknowledged only once written; a restart resumes from the ack floor).
+        A message removed before it was delivered went with every older one (a clear or an
+        expiry), which the first-sequence check below sees. An empty message is an expiry's
+        rollup marker: the chain starts again after it.
+        """
+        markers = [seq for seq, m in fresh if not m.data]
+        if markers:
+            await self._reset(conv, markers[-1] + 1)
+            fresh = [(seq, m) for seq, m in fresh if seq > markers[-1]]
+        known_first = conv.first_seq
+        seqs = [seq for seq, m in fresh if m.data]
+        times = [m.metadata.timestamp for _, m in fresh if m.data]
+        data = [m.data for _, m in fresh if m.data]
+        last = max(conv.covered, fresh[-1][0]) if fresh else conv.covered
+        # The conversation's first sequence now, asked while the chunk is written: when it moved
+        # past the chain's first message, the conversation was cleared (no event says so).
+        first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
+        if known_first is not None and (first is None or first > known_first):
+            await self._reset(conv, first)
+            await self._from_log(conv)
+
+    async def _commit(
+        self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
+    ) -> None:
+        if seqs:
+            chunk = Chunk(conv.covered, seqs, times, data)
+            if conv.first_seq is None:
+                conv.first_seq = seqs[0]
+            conv.covered = last
+            await asyncio.gather(self._write(conv, chunk), self._summarise(conv, seqs, times, data, last))
+        else:
+            conv.covered = last
+            await self._summarise(conv, seqs, times, data, last)
+
+    async def _first(self, conv: _Conv) -> int | None:
         source = self.sources[0]
         raw = source.subject[:-1] + conv.token
-        probe = await conn.direct_batch(source.stream, {"next_by_subj": raw, "seq": 1, "batch": 1}, timeout)
-        first = int((probe.msgs[0].headers or {})["Nats-Sequence"]) if probe.msgs else None
-        if conv.first_seq is not None and (first is None or first > conv.first_seq):
-            await self._reset(conv, first)  # cleared or expired: start the chain again
-        msgs = await conn.read_subject(source.stream, raw, start_seq=conv.covered + 1, page=10_000, timeout=timeout)
+        probe = await self.conn.direct_batch(source.stream, {"next_by_subj": raw, "seq": 1, "batch": 1}, 10.0)
+        return int((probe.msgs[0].headers or {})["Nats-Sequence"]) if probe.msgs else None
+
+    async def _from_log(self, conv: _Conv) -> None:
+        """Materialise what the log holds after ``covered`` (after a reset), read from the log."""
+        source = self.sources[0]
+        raw = source.subject[:-1] + conv.token
+        msgs = await self.conn.read_subject(source.stream, raw, start_seq=conv.covered + 1, page=10_000, timeout=10.0)
         if not msgs:
             return
         seqs, times, data = [], [], []
@@ -142,13 +185,7 @@ class Materialiser(Worker):
                 seqs.append(int(hdr["Nats-Sequence"]))
                 times.append(parse_time(hdr["Nats-Time-Stamp"]))
                 data.append(m.data)
-        last = int((msgs[-1].headers or {})["Nats-Sequence"])
-        if seqs:
-            await self._write(conv, Chunk(conv.covered, seqs, times, data))
-            if conv.first_seq is None:
-                conv.first_seq = seqs[0]
-        conv.covered = last
-        await self._summarise(conv, seqs, times, data, last)
+        await self._commit(conv, seqs, times, data, int((msgs[-1].headers or {})["Nats-Sequence"]))
 
     async def _reset(self, conv: _Conv, first: int | None) -> None:
         for level in range(LEVELS):
@@ -167,11 +204,7 @@ class Materialiser(Worker):
                 await self._merge(conv, level)
 
     async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
-        # The id makes a chunk re-sent after a lost connection (or by a restarted materialiser
-        # within the duplicate window) stored once.
-        msg_id = f"{level}:{chunk.prev}:{chunk.last}:{len(chunk.seqs)}"
-        headers = {"Nats-Msg-Id": f"{self.namespace}:{conv.token}:{msg_id}"}
-        seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), headers, 10.0)
+        seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), None, 10.0)
         conv.counts[level] += 1
         return seq
 

@@ -105,7 +105,7 @@ async def test_materialised_reads_are_exact_while_it_runs_after_a_kill_and_while
     try:
         # 1. while it runs: 2 processes x 4 interleaved conversations (8 writers' streams)
         with _running(url, "materialise", "-n", namespace) as proc:
-            writers = _writers(url, namespace, 150, sessions, 2)
+            writers = _writers(url, namespace, 100, sessions, 2)
             seen: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in sessions}
             while any(w.poll() is None for w in writers):
                 for s, h in histories.items():
@@ -114,7 +114,7 @@ async def test_materialised_reads_are_exact_while_it_runs_after_a_kill_and_while
             await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
             for s, h in histories.items():
                 final = await _raw(h)
-                assert len(final) == 2 * 165
+                assert len(final) == 2 * 110
                 assert await h.messages() == final
                 for read in seen[s]:  # every read during the writes: exactly what was there then
                     assert read == final[: len(read)]
@@ -123,10 +123,10 @@ async def test_materialised_reads_are_exact_while_it_runs_after_a_kill_and_while
             proc.wait(timeout=10)
 
         # 2. after it was killed: new writes are read from the log after the chunks
-        _wait_all(_writers(url, namespace, 100, sessions, 2))
+        _wait_all(_writers(url, namespace, 50, sessions, 2))
         for h in histories.values():
             assert await h.messages() == await _raw(h)
-            assert len(await h.messages()) == 2 * 165 + 2 * 110
+            assert len(await h.messages()) == 2 * 110 + 2 * 55
 
         # clear, and write again, while no materialiser runs: the stale chunks are never served
         await histories["s0"].clear()
