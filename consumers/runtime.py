@@ -119,6 +119,8 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                 try:
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    msgs = []
+                if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)
                     async with lock:
                         await worker.idle()
                     continue
