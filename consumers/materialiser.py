@@ -57,6 +57,7 @@ class Materialiser(Worker):
 
     kind = "materialise"
     batch = 1000
+    max_ack_pending = MAX_HELD + 1000
 
     def __init__(self, namespace: str, *, name: str | None = None) -> None:
         super().__init__([namespace], ["chat"], name=name)

@@ -54,6 +54,9 @@ class Worker(ABC):
 
     kind: str = "worker"
     batch: int = 500
+    # Events delivered and not yet acknowledged, at most: the server stops delivering beyond (its
+    # default for -1 is 1,000, measured: a materialiser holding more waited out every fetch).
+    max_ack_pending: int = 10_000
 
     def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
         self.namespaces = list(namespaces)
@@ -84,7 +87,7 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=_ACK_WAIT,
-        max_ack_pending=-1,
+        max_ack_pending=worker.max_ack_pending,
         filter_subject=source.subject,
     )
     sub = await conn.js.pull_subscribe(source.subject, durable=worker.durable, stream=source.stream, config=config)
