@@ -28,7 +28,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import nats.js.errors
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -247,9 +247,10 @@ class NatsChat:
         if not self._mat and loop.time() - self._mat_at >= _MAT_RECHECK:
             self._mat_at = loop.time()
             try:
-                await self.conn.js.stream_info(materialised.mat_stream(self.namespace))
+                async with asyncio.timeout(min(1.0, self.timeout)):
+                    await self.conn.js.stream_info(materialised.mat_stream(self.namespace))
                 self._mat = True
-            except nats.js.errors.NotFoundError:
+            except (nats.errors.Error, TimeoutError):  # none, or not ours to read (permissions): the log
                 self._mat = False
         return self._mat
 
