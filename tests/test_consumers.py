@@ -395,3 +395,35 @@ def test_consume_status_shows_each_consumers_lag(url: str, namespace: str, tmp_p
         "ACTIVE",
     ]
     assert any(line.split()[:2] == ["botwire-audit", f"KV_botwire_{namespace}"] for line in table.splitlines())
+
+
+@pytest.mark.slow
+async def test_webhook_killed_mid_backlog_then_restarted_delivers_every_event(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "hook.key"
+    secret.write_bytes(b"k3y\n")
+    receiver = _Receiver(fail=0, secret=b"k3y")
+    try:
+        expected = await _backlog(url, namespace, 150, 0)
+        args = ("webhook", "-n", namespace, "--match", "k:*", "--to", receiver.url, "--secret-file", str(secret))
+        with _running(url, *args, "--batch", "5") as proc:
+
+            async def some() -> bool:
+                return len(receiver.delivered) >= 10
+
+            await until(some, "the first deliveries", 30, every=0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        killed_at = len(receiver.delivered)
+        assert killed_at < len(expected)  # killed in the middle of the backlog
+        with _running(url, *args) as proc:
+            await until(lambda: _caught_up(url, "botwire-webhook", f"KV_botwire_{namespace}"), "the webhook to catch up", 30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        ids = [e["id"] for e in receiver.delivered]
+        assert set(ids) == expected  # every event, at least once
+        assert len(ids) - len(set(ids)) <= 5  # repeats: at most the batch in hand when killed
+        assert receiver.bad_signatures == 0
+    finally:
+        receiver.close()
