@@ -25,7 +25,7 @@ import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.nats import materialised as mat
-from botwire_stream.nats.chatlog import NatsChatLog
+from botwire_stream.nats.chatlog import NatsChatLog, _entry
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
@@ -147,7 +147,10 @@ async def test_materialised_reads_are_exact_while_it_runs_after_a_kill_and_while
             await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
             for h in histories.values():
                 assert await h.messages() == await _raw(h)
-                assert [e.message for e in await h.entries()] == await h.messages()
+                log = await h._connection()
+                assert isinstance(log, NatsChatLog)
+                raw_entries = [(e.seq, e.time) for e in map(_entry, await log._read(None, None, headers=True))]
+                assert [(e.seq, e.time) for e in await h.entries()] == raw_entries  # same sequences and times
             assert await histories["s0"].messages() == [{"role": "user", "content": "after the clear"}]
             # a fork is a new conversation like any other
             fork = AsyncChatHistory("fork", namespace=namespace, url=url)
