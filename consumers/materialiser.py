@@ -116,7 +116,9 @@ class Materialiser(Worker):
         last = await conn.direct_get_last(mat.mat_stream(self.namespace), self._summary_subject(conv), timeout)
         conv.summary = _summary_decoder.decode(last.data) if last is not None and last.data else None
         conv.counts = counts
-        conv.covered = max(chunks[-1].last if chunks else 0, conv.summary.covered if conv.summary else 0)
+        # The chain, not the summary (written alongside a chunk, it may have landed without it),
+        # says what is materialised; the summary only when a reset left no chunk.
+        conv.covered = chunks[-1].last if chunks else (conv.summary.covered if conv.summary else 0)
         firsts = [s for c in chunks for s in c.seqs]
         conv.first_seq = firsts[0] if firsts else None
         conv.loaded = True
