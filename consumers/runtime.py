@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
-from botwire_stream import settings
+from botwire_stream import keys, settings
 from botwire_stream.nats.chatlog import NatsChat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.kv import NatsMemory
@@ -59,7 +59,7 @@ class Worker(ABC):
     max_ack_pending: int = 10_000
 
     def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
-        self.namespaces = list(namespaces)
+        self.namespaces = [keys.check_namespace(ns) for ns in namespaces]  # InvalidNamespace before connecting
         self.kinds = list(kinds)
         self.sources: list[Source] = []
         self.durable = PREFIX + self.kind + (f"-{name}" if name else "")

@@ -430,3 +430,19 @@ async def test_webhook_killed_mid_backlog_then_restarted_delivers_every_event(
         assert receiver.bad_signatures == 0
     finally:
         receiver.close()
+
+
+def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from botwire_stream.cli import cli
+
+    key = tmp_path / "k"
+    key.write_text("k")
+    for args, message in [
+        (["materialise", "-n", "bad ns!"], "namespace"),
+        (["webhook", "-n", "app", "--match", "", "--to", "http://127.0.0.1:9/", "--secret-file", str(key)], "pattern"),
+    ]:
+        result = CliRunner().invoke(cli, ["consume", *args, "--url", "nats://127.0.0.1:1"])
+        assert result.exit_code == 2
+        assert "error: " in result.output and message in result.output
