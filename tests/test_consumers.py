@@ -446,3 +446,36 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, ["consume", *args, "--url", "nats://127.0.0.1:1"])
         assert result.exit_code == 2
         assert "error: " in result.output and message in result.output
+
+
+@pytest.mark.slow
+async def test_materialised_reads_stay_exact_across_a_ttl_expiry(url: str, namespace: str) -> None:
+    from consumers.materialiser import Materialiser
+    from consumers.runtime import run
+
+    stream = f"BOTWIRE_CHAT_{namespace}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(Materialiser(namespace), url, stop=stop))
+    h = AsyncChatHistory("short", namespace=namespace, url=url, ttl=1)
+    conn = await acquire(resolve(url))
+    try:
+        await h.extend([{"role": "user", "content": f"old {i}"} for i in range(3)])
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        assert await _chunks(conn, namespace, "short") == 1
+
+        async def expired() -> bool:
+            return await _raw(h) == []
+
+        await until(expired, "the conversation to expire", 15, every=0.05)
+        assert await h.messages() == []  # the chunks of the expired messages are not served
+        await h.append({"role": "user", "content": "new"})
+        assert await h.messages() == [{"role": "user", "content": "new"}]
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        assert await h.messages() == [{"role": "user", "content": "new"}]
+        start, chunks, _ = await mat.read_chain(conn, namespace, "short", 5.0)
+        assert [m for c in chunks for m in c.data] == [b'{"role":"user","content":"new"}']  # started again
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await h.close()
+        await release(conn)
