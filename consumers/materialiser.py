@@ -15,6 +15,7 @@ caught-up materialiser writes every batch at once (its lag is a batch).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -33,6 +34,7 @@ __all__ = ["Materialiser"]
 
 CHUNK: Final = 256  # a conversation's held events that trigger its flush
 MAX_HELD: Final = 50_000  # events held (unacknowledged) at most: beyond, every conversation is flushed
+_PROBE_EVERY: Final = 1.0  # seconds between looks for a clear, per conversation
 _KEPT: Final = 10_000  # conversations whose state is kept in memory between flushes
 _PARALLEL: Final = 64  # conversations flushed at once
 _TITLE: Final = 80  # characters of the first user message kept as the title
@@ -50,6 +52,7 @@ class _Conv:
     summary: Summary | None = None
     first_seq: int | None = None  # the first raw sequence the chain and summary count
     held: list[Msg] = field(default_factory=list)
+    probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
 
 
 class Materialiser(Worker):
@@ -149,7 +152,14 @@ class Materialiser(Worker):
         data = [m.data for _, m in fresh if m.data]
         last = max(conv.covered, fresh[-1][0]) if fresh else conv.covered
         # The conversation's first sequence now, asked while the chunk is written: when it moved
-        # past the chain's first message, the conversation was cleared (no event says so).
+        # past the chain's first message, the conversation was cleared (no event says so). At
+        # most once a second per conversation: readers check it themselves (stale chunks are
+        # never served), so a late look only delays dropping them and resetting the summary.
+        now = time.monotonic()
+        if now - conv.probed < _PROBE_EVERY:
+            await self._commit(conv, seqs, times, data, last)
+            return
+        conv.probed = now
         first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
         if known_first is not None and (first is None or first > known_first):
             await self._reset(conv, first)
