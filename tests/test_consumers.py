@@ -365,37 +365,21 @@ def test_consume_status_shows_each_consumers_lag(url: str, namespace: str, tmp_p
         asyncio.run(until(lambda: _all_acked(url, namespace), "the audit to catch up", 30))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-    run = subprocess.run(
-        [sys.executable, "-m", "botwire_stream", "consume", "status", "--json", "--url", url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    rows = {(r["name"], r["stream"]): r for r in json.loads(run.stdout)}
+    from click.testing import CliRunner
+
+    from botwire_stream.cli import cli
+
+    result = CliRunner().invoke(cli, ["consume", "status", "--json", "--url", url])
+    assert result.exit_code == 0, result.output
+    rows = {(r["name"], r["stream"]): r for r in json.loads(result.output)}
     row = rows[("botwire-audit", f"BOTWIRE_CHAT_{namespace}")]
     assert (row["pending"], row["ack_pending"], row["ack_floor"]) == (0, 0, row["stream_last"])
     assert row["last_active"] is not None
-    table = subprocess.run(
-        [sys.executable, "-m", "botwire_stream", "--url", url, "consume", "status"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    result = CliRunner().invoke(cli, ["--url", url, "consume", "status"])  # the group's --url applies too
+    assert result.exit_code == 0, result.output
+    table = result.output
     assert table.splitlines()[0].split() == [
-        "CONSUMER",
-        "STREAM",
-        "PENDING",
-        "UNACKED",
-        "ACK",
-        "FLOOR",
-        "LAST",
-        "SEQ",
-        "LAST",
-        "ACTIVE",
+        "CONSUMER", "STREAM", "PENDING", "UNACKED", "ACK", "FLOOR", "LAST", "SEQ", "LAST", "ACTIVE"
     ]
     assert any(line.split()[:2] == ["botwire-audit", f"KV_botwire_{namespace}"] for line in table.splitlines())
 
