@@ -463,3 +463,29 @@ async def test_materialised_reads_stay_exact_across_a_ttl_expiry(url: str, names
         await asyncio.wait_for(task, 20)
         await h.close()
         await release(conn)
+
+
+@pytest.mark.slow
+async def test_a_message_larger_than_a_chunk_is_read_from_the_log(url: str, namespace: str) -> None:
+    from consumers.materialiser import Materialiser
+    from consumers.runtime import run
+
+    stream = f"BOTWIRE_CHAT_{namespace}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(Materialiser(namespace), url, stop=stop))
+    h = AsyncChatHistory("big", namespace=namespace, url=url)
+    conn = await acquire(resolve(url))
+    try:
+        sent = [{"role": "user", "content": "a"}, {"role": "tool", "content": "x" * (mat.CHUNK_BYTES + 1)}]
+        sent.append({"role": "assistant", "content": "b"})
+        for m in sent:
+            await h.append(m)
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        _, chunks, _ = await mat.read_chain(conn, namespace, "big", 5.0)
+        assert [len(d) for c in chunks for d in c.data][1] == 0  # kept only in the log
+        assert await h.messages() == sent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await h.close()
+        await release(conn)
