@@ -54,8 +54,8 @@ class Worker(ABC):
 
     kind: str = "worker"
     batch: int = 500
-    # Events delivered and not yet acknowledged, at most: the server stops delivering beyond (its
-    # default for -1 is 1,000, measured: a materialiser holding more waited out every fetch).
+    # Events delivered and not yet acknowledged, at most: the server stops delivering beyond, so
+    # this bounds what a worker holds in memory (-1, unlimited, is kept as such by nats-server 2.15).
     max_ack_pending: int = 10_000
 
     def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
