@@ -98,6 +98,16 @@ class BotWireGroup(click.Group):
         except KeyboardInterrupt:
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "consume":  # the consumers package, imported only when it is used
+            from consumers.cli import consume
+
+            return consume
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "consume"})
+
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
         # `botwire keys create|list|revoke ...` manages API keys; `botwire keys [PATTERN]` lists
         # memory keys as before (a pattern spelled like a subcommand: `botwire keys '[l]ist'`).

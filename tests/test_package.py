@@ -194,3 +194,38 @@ def test_the_mcp_server_imports_no_nats_code_and_names_its_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_botwire_stream_never_imports_the_consumers_package() -> None:
+    # consumers/ sits on top of botwire_stream; only the CLI hands `botwire consume` to it, from
+    # inside a function (so that `import botwire_stream.cli` and `botwire --help` do not load it).
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        imported = _imports(path)
+        bad = sorted(n for n in imported if _is_under(n, "consumers"))
+        if path.name == "cli.py" and path.parent == _PACKAGE:
+            top = ast.parse(path.read_text())
+            assert not any(
+                isinstance(node, (ast.Import, ast.ImportFrom)) and "consumers" in ast.dump(node) for node in top.body
+            ), "botwire_stream/cli.py imports consumers at module level"
+            continue
+        assert bad == [], f"{path.relative_to(_PACKAGE)} imports {bad}"
+    code = "import sys, botwire_stream, botwire_stream.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'consumers'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_consumers_import_only_downward() -> None:
+    # consumers/ may use botwire_stream's cores and nats/, never its HTTP server or integrations.
+    root = _PACKAGE.parent / "consumers"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert any(_is_under(n, "botwire_stream") for n in imported) or path.name in ("__init__.py", "cli.py")
+        bad = sorted(
+            n
+            for n in imported
+            for above in ("server", "http", "integrations", "portal")
+            if _is_under(n, f"botwire_stream.{above}")
+        )
+        assert bad == [], f"consumers/{path.name} imports {bad}"

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -37,6 +38,7 @@ from ..errors import BotWireError, ChangedWhileRead, Conflict, QuotaExceeded, Se
 from ..models import SessionInfo
 from ..settings import ConnectOptions
 from ..times import parse_time
+from . import materialised
 from .connect import origin_headers
 from .errors import SubjectPurged
 from .feeds import ResumingFeed
@@ -62,6 +64,7 @@ _HINTS_KEPT: Final = 4096  # conversations with a hint per process (least recent
 _TAIL_MESSAGES: Final = 64  # newest messages kept per conversation, for last=N up to this
 _TAIL_BYTES: Final = 64 * 1024  # ... and at most these bytes of them
 _TAILS_BYTES: Final = 16 * 1024 * 1024  # all conversations' kept messages (least recently used dropped)
+_MAT_RECHECK: Final = 10.0  # seconds between looks for a materialised stream that was not there
 
 
 def stream_name(namespace: str) -> str:
@@ -233,6 +236,24 @@ class NatsChat:
     def log(self, session_id: str, ttl: int | None) -> NatsChatLog:
         return NatsChatLog(self, session_id, ttl)
 
+    # -- the materialised layout (nats/materialised.py) -------------------------------------------
+    _mat_at = -_MAT_RECHECK  # when the materialised stream was last looked for (loop time)
+    _mat = False
+
+    async def materialised(self) -> bool:
+        """Whether the history materialiser keeps this namespace (its stream exists); looked up
+        at most every ``_MAT_RECHECK`` seconds while it does not, once when it does."""
+        loop = asyncio.get_running_loop()
+        if not self._mat and loop.time() - self._mat_at >= _MAT_RECHECK:
+            self._mat_at = loop.time()
+            try:
+                async with asyncio.timeout(min(1.0, self.timeout)):
+                    await self.conn.js.stream_info(materialised.mat_stream(self.namespace))
+                self._mat = True
+            except (nats.errors.Error, TimeoutError):  # none, or not ours to read (permissions): the log
+                self._mat = False
+        return self._mat
+
     async def close(self) -> None:
         await release(self.conn)
 
@@ -290,7 +311,7 @@ class NatsChatLog:
         self.ttl = ttl
         self.stream = chat.stream
         self.timeout = chat.timeout
-        token_path = keys.encode_key(session_id)
+        token_path = self._token_path = keys.encode_key(session_id)
         self.subject = chat.chat + token_path
         self._ttl_subject = chat.ttl + token_path
         self._key = (self.stream, self.subject)
@@ -582,13 +603,25 @@ class NatsChatLog:
             _keep_tail(hint, msgs, start == 1)
         return msgs
 
+    async def _materialised(self) -> list[LogEntry] | None:
+        """The whole conversation from the materialised layout, or None where there is none."""
+        if not await self._chat.materialised():
+            return None
+        return await materialised.read_exact(
+            self.conn, self.stream, self.subject, self._chat.namespace, self._token_path, self.timeout
+        )
+
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
+        if after is None and last is None and (whole := await self._materialised()) is not None:
+            return [e.data for e in whole]
         # Not from the kept tail: its check reads every kept message it serves with headers, which
         # nats-py parses in Python (~25 µs a message); a header-free reply from the hint's start,
         # as many messages, is exact by itself (see ``_read_once``).
         return [m.data for m in await self._read(after, last, headers=False)]
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        if after is None and last is None and (whole := await self._materialised()) is not None:
+            return whole
         if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
             return tail
         return [_entry(m) for m in await self._read(after, last, headers=True)]

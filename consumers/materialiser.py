@@ -1,0 +1,317 @@
+"""The history materialiser: each conversation of a namespace as contiguous chunks, plus a summary.
+
+The layout and its exact read are ``botwire_stream/nats/materialised.py``. Events are only a
+trigger here: for each conversation with pending events, the materialiser reads the raw log from
+the last sequence it materialised (``covered``) on, and writes what it found as chunks. So the
+chunks are gap-free whatever order events arrive in (redeliveries after a crash come after newer
+events), and a redelivered event at or below ``covered`` changes nothing: it is acknowledged.
+Events are acknowledged only once their messages are in a chunk; a restart resumes at the ack floor.
+
+Events are held per conversation until it has ``CHUNK`` of them, the consumer is caught up, or
+``MAX_HELD`` are held (then all are flushed): catching up on a backlog writes large chunks, and a
+caught-up materialiser writes every batch at once (its lag is a batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from nats.aio.msg import Msg
+
+from botwire_stream import keys
+from botwire_stream.nats import materialised as mat
+from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, Summary
+from botwire_stream.times import parse_time
+
+from .runtime import Source, Worker
+
+__all__ = ["Materialiser"]
+
+CHUNK: Final = 256  # a conversation's held events that trigger its flush
+MAX_HELD: Final = 50_000  # events held (unacknowledged) at most: beyond, every conversation is flushed
+_PROBE_EVERY: Final = 1.0  # seconds between looks for a clear, per conversation
+_KEPT: Final = 10_000  # conversations whose state is kept in memory between flushes
+_PARALLEL: Final = 64  # conversations flushed at once
+_TITLE: Final = 80  # characters of the first user message kept as the title
+_FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top level
+_packer = msgspec.msgpack.Encoder()
+_summary_decoder = msgspec.json.Decoder(Summary)
+
+
+@dataclass
+class _Conv:
+    token: str  # the session id's subject tokens
+    loaded: bool = False
+    covered: int = 0  # the last raw sequence materialised
+    counts: list[int] = field(default_factory=lambda: [0] * LEVELS)
+    summary: Summary | None = None
+    first_seq: int | None = None  # the first raw sequence the chain and summary count
+    held: list[Msg] = field(default_factory=list)
+    probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
+
+
+class Materialiser(Worker):
+    """``botwire consume materialise -n NS``: keeps NS's conversations materialised."""
+
+    kind = "materialise"
+    batch = 1000
+    max_ack_pending = MAX_HELD + 1000
+
+    def __init__(self, namespace: str, *, name: str | None = None) -> None:
+        super().__init__([namespace], ["chat"], name=name)
+        self.namespace = namespace
+        self._convs: dict[str, _Conv] = {}
+        self._held = 0
+
+    async def setup(self) -> None:
+        await self.conn.ensure_stream(mat.mat_config(self.namespace))
+
+    async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
+        n = len(source.subject) - 1  # the prefix before the conversation's tokens
+        for m in msgs:
+            token = m.subject[n:]
+            conv = self._convs.get(token)
+            if conv is None:
+                conv = self._convs[token] = _Conv(token)
+            conv.held.append(m)
+        self._held += len(msgs)
+        if caught_up or self._held >= MAX_HELD:
+            await self.flush_all()
+        else:
+            await self._flush([c for c in self._convs.values() if len(c.held) >= CHUNK])
+
+    async def idle(self) -> None:
+        await self.flush_all()
+
+    async def finish(self) -> None:
+        await self.flush_all()
+
+    async def flush_all(self) -> None:
+        await self._flush([c for c in self._convs.values() if c.held])
+
+    async def _flush(self, convs: list[_Conv]) -> None:
+        for i in range(0, len(convs), _PARALLEL):
+            await asyncio.gather(*(self._flush_one(c) for c in convs[i : i + _PARALLEL]))
+
+    async def _flush_one(self, conv: _Conv) -> None:
+        held, conv.held = conv.held, []
+        if not conv.loaded:
+            await self._load(conv)
+        fresh = sorted({m.metadata.sequence.stream: m for m in held}.items())
+        fresh = [(seq, m) for seq, m in fresh if seq > conv.covered]  # redelivered: already in a chunk
+        if fresh:
+            await self._materialise(conv, fresh)
+        for m in held:
+            await m.ack()
+        self._held -= len(held)
+        if len(self._convs) > _KEPT:  # the state is in the stream: reloaded when written again
+            for token in [t for t, c in self._convs.items() if not c.held][: len(self._convs) // 2]:
+                del self._convs[token]
+
+    async def _load(self, conv: _Conv) -> None:
+        conn, timeout = self.conn, 10.0
+        start, chunks, counts = await mat.read_chain(conn, self.namespace, conv.token, timeout)
+        last = await conn.direct_get_last(mat.mat_stream(self.namespace), self._summary_subject(conv), timeout)
+        conv.summary = _summary_decoder.decode(last.data) if last is not None and last.data else None
+        conv.counts = counts
+        # The chain, not the summary (written alongside a chunk, it may have landed without it),
+        # says what is materialised; the summary only when a reset left no chunk.
+        conv.covered = chunks[-1].last if chunks else (conv.summary.covered if conv.summary else 0)
+        firsts = [s for c in chunks for s in c.seqs]
+        conv.first_seq = firsts[0] if firsts else None
+        conv.loaded = True
+
+    def _summary_subject(self, conv: _Conv) -> str:
+        return mat.summary_subject(self.namespace, conv.token)
+
+    def _chunk_subject(self, conv: _Conv, level: int) -> str:
+        return mat.chunk_subject(self.namespace, level, conv.token)
+
+    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Msg]]) -> None:
+        """Write the delivered messages after ``covered`` as a chunk.
+
+        They are every message of the conversation after ``covered``: a pull consumer delivers
+        first deliveries in stream order, and every message at or below its ack floor is in a
+        chunk already (acknowledged only once written; a restart resumes from the ack floor).
+        A message removed before it was delivered went with every older one (a clear or an
+        expiry), which the first-sequence check below sees. An empty message is an expiry's
+        rollup marker: the chain starts again after it.
+        """
+        markers = [seq for seq, m in fresh if not m.data]
+        if markers:
+            await self._reset(conv, markers[-1] + 1)
+            fresh = [(seq, m) for seq, m in fresh if seq > markers[-1]]
+        known_first = conv.first_seq
+        seqs = [seq for seq, m in fresh if m.data]
+        times = [_stored_time(m) for _, m in fresh if m.data]
+        data = [m.data for _, m in fresh if m.data]
+        last = max(conv.covered, fresh[-1][0]) if fresh else conv.covered
+        # The conversation's first sequence now, asked while the chunk is written: when it moved
+        # past the chain's first message, the conversation was cleared (no event says so). At
+        # most once a second per conversation: readers check it themselves (stale chunks are
+        # never served), so a late look only delays dropping them and resetting the summary.
+        now = time.monotonic()
+        if now - conv.probed < _PROBE_EVERY:
+            await self._commit(conv, seqs, times, data, last)
+            return
+        conv.probed = now
+        first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
+        if known_first is not None and (first is None or first > known_first):
+            await self._reset(conv, first)
+            await self._from_log(conv)
+
+    async def _commit(
+        self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
+    ) -> None:
+        if seqs:
+            chunk = Chunk(conv.covered, seqs, times, data)
+            if conv.first_seq is None:
+                conv.first_seq = seqs[0]
+            conv.covered = last
+            await asyncio.gather(self._write(conv, chunk), self._summarise(conv, seqs, times, data, last))
+        else:
+            conv.covered = last
+            await self._summarise(conv, seqs, times, data, last)
+
+    async def _first(self, conv: _Conv) -> int | None:
+        source = self.sources[0]
+        raw = source.subject[:-1] + conv.token
+        probe = await self.conn.direct_batch(source.stream, {"next_by_subj": raw, "seq": 1, "batch": 1}, 10.0)
+        return int((probe.msgs[0].headers or {})["Nats-Sequence"]) if probe.msgs else None
+
+    async def _from_log(self, conv: _Conv) -> None:
+        """Materialise what the log holds after ``covered`` (after a reset), read from the log."""
+        source = self.sources[0]
+        raw = source.subject[:-1] + conv.token
+        msgs = await self.conn.read_subject(source.stream, raw, start_seq=conv.covered + 1, page=10_000, timeout=10.0)
+        if not msgs:
+            return
+        seqs, times, data = [], [], []
+        for m in msgs:
+            hdr = m.headers or {}
+            if m.data:
+                seqs.append(int(hdr["Nats-Sequence"]))
+                times.append(parse_time(hdr["Nats-Time-Stamp"]))
+                data.append(m.data)
+        await self._commit(conv, seqs, times, data, int((msgs[-1].headers or {})["Nats-Sequence"]))
+
+    async def _reset(self, conv: _Conv, first: int | None) -> None:
+        for level in range(LEVELS):
+            await self.conn.purge(mat.mat_stream(self.namespace), self._chunk_subject(conv, level))
+        conv.counts = [0] * LEVELS
+        conv.summary, conv.first_seq = None, None
+        if first is not None:
+            conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
+
+    async def _write(self, conv: _Conv, chunk: Chunk) -> None:
+        """Write ``chunk`` (split to ``CHUNK_BYTES``) and merge level 0 or 1 when they are full."""
+        for piece in _pack([chunk]):
+            await self._publish(conv, 2 if _size(piece) >= _FULL else 0, piece)
+        for level in (0, 1):
+            if conv.counts[level] >= MERGE:
+                await self._merge(conv, level)
+
+    async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
+        seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), None, 10.0)
+        conv.counts[level] += 1
+        return seq
+
+    async def _merge(self, conv: _Conv, level: int) -> None:
+        stream = mat.mat_stream(self.namespace)
+        subject = self._chunk_subject(conv, level)
+        msgs = await self.conn.read_subject(stream, subject, headers=True, timeout=10.0)
+        decoder = msgspec.msgpack.Decoder(Chunk)
+        _, chained = mat.chain([decoder.decode(m.data) for m in msgs])
+        if not chained:
+            return
+        pieces = _pack(chained)
+        rest = pieces.pop() if _size(pieces[-1]) < _FULL else None
+        for piece in pieces:
+            await self._publish(conv, 2, piece)
+        if rest is not None:
+            if level == 1 and len(chained) == 1:
+                conv.counts[1] = 1
+                return  # already one remainder
+            seq = await self._publish(conv, 1, rest)
+            if level == 1:  # the merged ones are older than the remainder just written
+                await self.conn.purge(stream, subject, before_seq=seq)
+                conv.counts[1] = 1
+                return
+        await self.conn.purge(stream, subject)
+        conv.counts[level] = 0
+
+    async def _summarise(
+        self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
+    ) -> None:
+        s = conv.summary
+        title = s.title if s else None
+        if title is None:
+            for d in data:
+                try:
+                    msg: Any = msgspec.json.decode(d)
+                except msgspec.DecodeError:
+                    continue
+                if (
+                    isinstance(msg, dict)
+                    and msg.get("role") in ("user", "human")
+                    and isinstance(msg.get("content"), str)
+                ):
+                    title = msg["content"][:_TITLE]
+                    break
+        conv.summary = Summary(
+            session_id=keys.decode_key(conv.token),
+            message_count=(s.message_count if s else 0) + len(seqs),
+            first_activity=(s.first_activity if s else None) or (times[0] if times else None),
+            last_activity=times[-1] if times else (s.last_activity if s else None),
+            title=title,
+            tokens=(s.tokens if s else 0) + sum(len(d) for d in data) // 4,
+            covered=last,
+        )
+        await self.conn.publish(
+            self._summary_subject(conv), msgspec.json.encode(conv.summary), {"Nats-Rollup": "sub"}, 10.0
+        )
+
+
+def _stored_time(m: Msg) -> datetime:
+    """The message's stored time exactly as a read of the log gives it (``parse_time`` of the
+    RFC 3339 text): nats-py's ``metadata.timestamp`` goes through a float and was measured a
+    microsecond off now and then. The ack subject carries the time in nanoseconds (the 8th
+    token, or the 10th in the longer form with domain and account)."""
+    tokens = (m.reply or "").split(".")
+    ns = int(tokens[7] if len(tokens) == 9 else tokens[9])
+    whole = datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return parse_time(f"{whole}.{ns % 1_000_000_000:09d}Z")
+
+
+def _size(chunk: Chunk) -> int:
+    return sum(len(d) for d in chunk.data)
+
+
+def _pack(chunks: list[Chunk]) -> list[Chunk]:
+    """The messages of ``chunks`` (chained) as chunks of at most ``CHUNK_BYTES`` of bodies; a
+    larger message gets an empty body (it is read from the log)."""
+    out: list[Chunk] = []
+    prev = chunks[0].prev
+    seqs: list[int] = []
+    times: list[datetime] = []
+    data: list[bytes] = []
+    size = 0
+    for c in chunks:
+        for s, t, d in zip(c.seqs, c.times, c.data, strict=True):
+            if len(d) > CHUNK_BYTES:
+                d = b""
+            if seqs and size + len(d) > CHUNK_BYTES:
+                out.append(Chunk(prev, seqs, times, data))
+                prev, seqs, times, data, size = seqs[-1], [], [], [], 0
+            seqs.append(s)
+            times.append(t)
+            data.append(d)
+            size += len(d)
+    if seqs:
+        out.append(Chunk(prev, seqs, times, data))
+    return out

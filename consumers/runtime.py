@@ -1,0 +1,190 @@
+"""The worker runtime: durable pull consumers, one fetch loop per source, a graceful SIGTERM stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+
+from botwire_stream import keys, settings
+from botwire_stream.nats.chatlog import NatsChat
+from botwire_stream.nats.jetstream import Connection
+from botwire_stream.nats.kv import NatsMemory
+from botwire_stream.nats.pool import acquire, release
+
+__all__ = ["ConsumerStatus", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
+
+PREFIX: Final = "botwire-"  # every consumer this package makes is named botwire-<kind>[-<id>]
+_ACK_WAIT: Final = 60.0  # seconds before an unacknowledged event is delivered again
+FETCH_WAIT: Final = 0.5  # seconds a fetch waits for events: also how soon a stop is noticed
+
+
+@dataclass(frozen=True)
+class Source:
+    """A stream a worker consumes: which stream, which subjects, and how to create it if missing."""
+
+    stream: str
+    subject: str
+    namespace: str
+    kind: str  # "keys" or "chat"
+    config: StreamConfig
+
+
+def kv_source(conn: Connection, namespace: str) -> Source:
+    kv = NatsMemory(conn, namespace, history=None, replicas=1, timeout=5.0)
+    return Source(kv.stream, kv.prefix + ">", namespace, "keys", kv.config())
+
+
+def chat_source(conn: Connection, namespace: str) -> Source:
+    chat = NatsChat(namespace, 5.0)
+    return Source(chat.stream, chat.chat + ">", namespace, "chat", chat.config(1))
+
+
+class Worker(ABC):
+    """A consumer: its durable name, its sources, and what it does with a batch of events."""
+
+    kind: str = "worker"
+    batch: int = 500
+    # Events delivered and not yet acknowledged, at most: the server stops delivering beyond, so
+    # this bounds what a worker holds in memory (-1, unlimited, is kept as such by nats-server 2.15).
+    max_ack_pending: int = 10_000
+
+    def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
+        self.namespaces = [keys.check_namespace(ns) for ns in namespaces]  # InvalidNamespace before connecting
+        self.kinds = list(kinds)
+        self.sources: list[Source] = []
+        self.durable = PREFIX + self.kind + (f"-{name}" if name else "")
+        self.conn: Connection
+
+    async def setup(self) -> None:
+        """Prepare before the first batch (the connection is open)."""
+
+    @abstractmethod
+    async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
+        """Process ``msgs`` (in stream order) and acknowledge each one once it is safe.
+        ``caught_up``: nothing more was pending when the last of them was delivered."""
+
+    async def idle(self) -> None:
+        """Called when a fetch found nothing (every ``FETCH_WAIT`` s while idle)."""
+
+    async def finish(self) -> None:
+        """Called once when stopping, after the last batch."""
+
+
+async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
+    await conn.ensure_stream(source.config)
+    config = ConsumerConfig(
+        durable_name=worker.durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=_ACK_WAIT,
+        max_ack_pending=worker.max_ack_pending,
+        filter_subject=source.subject,
+    )
+    sub = await conn.js.pull_subscribe(source.subject, durable=worker.durable, stream=source.stream, config=config)
+    # Resume at once from the ack floor: what a killed run had fetched but not acknowledged would
+    # otherwise wait out ack_wait (measured: a restarted audit idle for the full 60 s). Needs
+    # nats-server 2.14 (consumer reset); one process per consumer name is expected.
+    await conn.js.reset_consumer(source.stream, worker.durable)
+    return sub
+
+
+async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | None = None) -> None:
+    """Run ``worker`` until SIGTERM/SIGINT (or ``stop`` is set): each source fetched by its own
+    loop, batches handled one at a time. A stop lets the batch in hand finish and be acknowledged."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests run it in-process)
+            pass
+    conn = await acquire(settings.resolve(url))
+    worker.conn = conn
+    makers = {"keys": kv_source, "chat": chat_source}
+    worker.sources = [makers[k](conn, ns) for ns in worker.namespaces for k in worker.kinds]
+    lock = asyncio.Lock()
+    try:
+        await worker.setup()
+        subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
+
+        async def pump(source: Source, sub: Any) -> None:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    msgs = []
+                if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)
+                    async with lock:
+                        await worker.idle()
+                    continue
+                caught_up = msgs[-1].metadata.num_pending == 0
+                async with lock:  # shielded: a stop never cuts a batch in half
+                    await asyncio.shield(worker.handle(source, msgs, caught_up))
+
+        await asyncio.gather(*(pump(s, sub) for s, sub in subs))
+        async with lock:
+            await worker.finish()
+        await conn.nc.flush(timeout=5)  # the last acknowledgements are on the wire before exit
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await release(conn)
+
+
+@dataclass(frozen=True)
+class ConsumerStatus:
+    """One consumer's lag: events not yet delivered, delivered but unacknowledged, the stream
+    sequence every event up to which is acknowledged, and when it last acknowledged one."""
+
+    name: str
+    stream: str
+    pending: int
+    ack_pending: int
+    ack_floor: int
+    stream_last: int
+    last_active: datetime | None
+
+
+async def status(url: str | None = None) -> list[ConsumerStatus]:
+    """Every ``botwire-`` consumer on every stream of the server."""
+    conn = await acquire(settings.resolve(url))
+    try:
+        out = []
+        for info in await conn.js.streams_info():
+            name = info.config.name or ""
+            try:
+                consumers = await conn.js.consumers_info(name)
+            except nats.js.errors.NotFoundError:
+                continue
+            for c in consumers:
+                if not c.name.startswith(PREFIX):
+                    continue
+                floor = c.ack_floor
+                active = (floor.last_active if floor else None) or (c.delivered.last_active if c.delivered else None)
+                out.append(
+                    ConsumerStatus(
+                        name=c.name,
+                        stream=name,
+                        pending=c.num_pending or 0,
+                        ack_pending=c.num_ack_pending or 0,
+                        ack_floor=floor.stream_seq if floor else 0,
+                        stream_last=info.state.last_seq,
+                        last_active=active,
+                    )
+                )
+        return sorted(out, key=lambda s: (s.name, s.stream))
+    finally:
+        await release(conn)
