@@ -12,6 +12,7 @@ from . import _backend, codec, keys, portal
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
+from .audit import Event, check_bound
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
 from .settings import ConnectOptions
@@ -102,8 +103,10 @@ class Memory:
         _first_use(self._core._opts)
         call(self._core.open)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` when missing or expired."""
+    def get(self, key: str, default: Any = None, *, at: datetime | None = None) -> Any:
+        """The value of ``key``, or ``default`` when missing or expired; ``at``: as of that moment."""
+        if at is not None:
+            return call(partial(self._core.get, at=at), key, default)
         cache = self._core._cache
         if cache is not None:  # a cached value is looked up in this thread: no hop to the loop
             hit = cache.lookup(keys.check_key(key))
@@ -145,6 +148,15 @@ class Memory:
     def watch(self, pattern: str = "*") -> SyncWatch[Change]:
         """Live changes of matching keys from any process; subscribed when this returns."""
         return SyncWatch(self._core.watch(pattern))
+
+    def replay(
+        self, pattern: str = "*", *, start: int | datetime | None = None, end: int | datetime | None = None
+    ) -> SyncWatch[Event]:
+        """The kept events of matching keys, oldest first (a blocking iterator; ``close()`` it)."""
+        keys.pattern_filter(pattern)
+        check_bound(start, "start")
+        check_bound(end, "end")
+        return SyncWatch(_Started(self._core.replay(pattern, start=start, end=end)))
 
     def close(self) -> None:
         """Release the connection."""
@@ -213,9 +225,16 @@ class ChatHistory:
         """Append several messages, all or nothing; return their sequence numbers."""
         return call(self._core.extend, messages)
 
-    def messages(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The messages, oldest first, exactly as appended."""
-        return call(self._core.messages, last)
+    def messages(
+        self, last: int | None = None, *, at: datetime | None = None, window: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The messages, oldest first, exactly as appended; ``at``: as of that moment;
+        ``window=N``: the latest summary and at most N messages after it."""
+        return call(partial(self._core.messages, at=at, window=window), last)
+
+    def compact(self, summary: str | Mapping[str, Any], *, upto: int) -> int:
+        """Record a summary covering the messages up to ``upto`` (the messages stay)."""
+        return call(partial(self._core.compact, upto=upto), summary)
 
     def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with sequence and time."""
