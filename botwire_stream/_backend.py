@@ -15,10 +15,9 @@ decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``mess
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, Self, TypeVar
 
 import msgspec

@@ -6,7 +6,7 @@ Every write of a namespace is an event in one of its two logs, kept by the serve
 of the writer). ``areplay`` reads them back in order; ``arestore`` writes a namespace as it was
 at a moment into another one; ``aretention`` reads and sets how much the server keeps, which is
 what the first two can reach. The sync functions (``replay``, ``restore``, ``retention``) run the
-same code on the shared event loop. Over NATS only (``ReplayBackend``).
+same code on the shared event loop (``sync.py``). Over NATS only (``ReplayBackend``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ __all__ = [
     "arestore",
     "aretention",
     "check_bound",
+    "check_replay",
+    "check_retention",
     "check_time",
     "parse_when",
-    "replay",
-    "restore",
-    "retention",
 ]
 
 MAX_KEY_HISTORY: Final = 64  # the most revisions per key a KV bucket keeps (nats-server's limit)
@@ -184,7 +183,7 @@ async def events(
         yield to_event(raw)
 
 
-def _check_replay(
+def check_replay(
     namespace: str, start: object, end: object, keys_glob: object, conversations: object
 ) -> tuple[Bound, Bound, str | None, str | None]:
     keys.check_namespace(namespace)
@@ -219,7 +218,7 @@ async def areplay(
     to replay (None: none of them). Keys and conversations are merged by time; within a log the
     order is the log's. What is kept: see ``aretention``.
     """
-    lo, hi, k, c = _check_replay(namespace, start, end, keys, conversations)
+    lo, hi, k, c = check_replay(namespace, start, end, keys, conversations)
     opts = resolve(url, token=token, user=user, password=password, creds=creds)
     _, seconds = check_options(1, timeout)
     running_loop()
@@ -231,39 +230,14 @@ async def areplay(
         await backend.close()
 
 
-def replay(
-    namespace: str,
-    *,
-    start: int | datetime | None = None,
-    end: int | datetime | None = None,
-    keys: str | None = "*",
-    conversations: str | None = "*",
-    url: str | None = None,
-    token: str | None = None,
-    user: str | None = None,
-    password: str | None = None,
-    creds: str | None = None,
-    timeout: float = 5.0,
-) -> Any:
-    """Sync face of ``areplay``: a blocking iterator of ``Event`` (``close()`` it, or use ``with``)."""
-    from .sync import SyncWatch, _first_use, _Started
-
-    _check_replay(namespace, start, end, keys, conversations)  # errors here, not at the first event
-    opts = resolve(url, token=token, user=user, password=password, creds=creds)
-    _first_use(opts)
-    it = areplay(
-        namespace, start=start, end=end, keys=keys, conversations=conversations, url=url, token=token,
-        user=user, password=password, creds=creds, timeout=timeout,
-    )
-    return SyncWatch(_Started(it))
-
-
 # -- retention ----------------------------------------------------------------------------------
-def _check_retention(key_history: object, log_messages: object, log_age: object) -> tuple[int | None, int | None, float | None]:
-    if key_history is not None and (
-        type(key_history) is not int or not 1 <= key_history <= MAX_KEY_HISTORY
-    ):
-        raise InvalidArgument(f"key_history must be an int from 1 to {MAX_KEY_HISTORY} revisions per key, not {key_history!r}")
+def check_retention(
+    key_history: object, log_messages: object, log_age: object
+) -> tuple[int | None, int | None, float | None]:
+    if key_history is not None and (type(key_history) is not int or not 1 <= key_history <= MAX_KEY_HISTORY):
+        raise InvalidArgument(
+            f"key_history must be an int from 1 to {MAX_KEY_HISTORY} revisions per key, not {key_history!r}"
+        )
     if log_messages is not None and (type(log_messages) is not int or log_messages < 0):
         raise InvalidArgument(f"log_messages must be an int >= 0 (0: keep all), not {log_messages!r}")
     age: float | None = None
@@ -302,7 +276,7 @@ async def aretention(
     nothing changed.
     """
     keys.check_namespace(namespace)
-    history, messages, age = _check_retention(key_history, log_messages, log_age)
+    history, messages, age = check_retention(key_history, log_messages, log_age)
     opts = resolve(url, token=token, user=user, password=password, creds=creds)
     _, seconds = check_options(1, timeout)
     running_loop()
@@ -313,37 +287,9 @@ async def aretention(
         state = await backend.retention()
     finally:
         await backend.close()
-    return Retention(state.key_history, state.log_messages, state.log_age, state.oldest_key_event, state.oldest_log_event)
-
-
-def retention(
-    namespace: str,
-    *,
-    key_history: int | None = None,
-    log_messages: int | None = None,
-    log_age: float | timedelta | None = None,
-    url: str | None = None,
-    token: str | None = None,
-    user: str | None = None,
-    password: str | None = None,
-    creds: str | None = None,
-    timeout: float = 5.0,
-) -> Retention:
-    """Sync face of ``aretention``."""
-    from .portal import call
-    from .sync import _first_use
-
-    keys.check_namespace(namespace)
-    _check_retention(key_history, log_messages, log_age)
-    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
-
-    async def run() -> Retention:
-        return await aretention(
-            namespace, key_history=key_history, log_messages=log_messages, log_age=log_age, url=url,
-            token=token, user=user, password=password, creds=creds, timeout=timeout,
-        )
-
-    return call(run)
+    return Retention(
+        state.key_history, state.log_messages, state.log_age, state.oldest_key_event, state.oldest_log_event
+    )
 
 
 # -- restore ------------------------------------------------------------------------------------
@@ -433,32 +379,3 @@ async def arestore(
         finally:
             await chat.close()
     return RestoreReport(len(values), len(logs), count)
-
-
-def restore(
-    source: str,
-    *,
-    at: datetime,
-    into: str,
-    overwrite: bool = False,
-    url: str | None = None,
-    token: str | None = None,
-    user: str | None = None,
-    password: str | None = None,
-    creds: str | None = None,
-    timeout: float = 5.0,
-) -> RestoreReport:
-    """Sync face of ``arestore``."""
-    from .portal import call
-    from .sync import _first_use
-
-    check_time(at)
-    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
-
-    async def run() -> RestoreReport:
-        return await arestore(
-            source, at=at, into=into, overwrite=overwrite, url=url, token=token, user=user,
-            password=password, creds=creds, timeout=timeout,
-        )
-
-    return call(run)

@@ -9,16 +9,27 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _backend, codec, keys, portal
+from .audit import (
+    Event,
+    RestoreReport,
+    Retention,
+    areplay,
+    arestore,
+    aretention,
+    check_bound,
+    check_replay,
+    check_retention,
+    check_time,
+)
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
-from .audit import Event, check_bound
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
-from .settings import ConnectOptions
+from .settings import ConnectOptions, resolve
 from .tokens import AppendResult, AsyncTokenStream, TokenRead, TokenStreamInfo
 
-__all__ = ["ChatHistory", "Memory", "SyncWatch", "TokenStream"]
+__all__ = ["ChatHistory", "Memory", "SyncWatch", "TokenStream", "replay", "restore", "retention"]
 
 T = TypeVar("T")
 
@@ -405,3 +416,82 @@ class TokenStream:
 
     def __repr__(self) -> str:
         return f"TokenStream({self.path!r})"
+
+
+# -- replay, restore, retention of a namespace (audit.py) --------------------------------------
+def replay(
+    namespace: str,
+    *,
+    start: int | datetime | None = None,
+    end: int | datetime | None = None,
+    keys: str | None = "*",
+    conversations: str | None = "*",
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> SyncWatch[Event]:
+    """Sync face of ``areplay``: a blocking iterator of ``Event`` (``close()`` it, or use ``with``)."""
+    check_replay(namespace, start, end, keys, conversations)  # errors here, not at the first event
+    opts = resolve(url, token=token, user=user, password=password, creds=creds)
+    _first_use(opts)
+    it = areplay(
+        namespace, start=start, end=end, keys=keys, conversations=conversations, url=url, token=token,
+        user=user, password=password, creds=creds, timeout=timeout,
+    )
+    return SyncWatch(_Started(it))
+
+
+def retention(
+    namespace: str,
+    *,
+    key_history: int | None = None,
+    log_messages: int | None = None,
+    log_age: float | timedelta | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> Retention:
+    """Sync face of ``aretention``."""
+    keys.check_namespace(namespace)
+    check_retention(key_history, log_messages, log_age)
+    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
+
+    async def run() -> Retention:
+        return await aretention(
+            namespace, key_history=key_history, log_messages=log_messages, log_age=log_age, url=url,
+            token=token, user=user, password=password, creds=creds, timeout=timeout,
+        )
+
+    return call(run)
+
+
+def restore(
+    source: str,
+    *,
+    at: datetime,
+    into: str,
+    overwrite: bool = False,
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> RestoreReport:
+    """Sync face of ``arestore``."""
+    check_time(at)
+    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
+
+    async def run() -> RestoreReport:
+        return await arestore(
+            source, at=at, into=into, overwrite=overwrite, url=url, token=token, user=user,
+            password=password, creds=creds, timeout=timeout,
+        )
+
+    return call(run)

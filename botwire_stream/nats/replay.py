@@ -151,10 +151,10 @@ class NatsReplay:
         kv = self.kv
         n = len(kv.prefix)
         async for m in self._scan(kv.stream, kv.prefix + subject_filter, start, end):
-            key = keys.decode_key(m.subject[n:])
+            hdr = m.headers or {}
+            key = keys.decode_key(hdr["Nats-Subject"][n:])  # a direct get's subject is its reply inbox
             if not exact and not keys.matches(key, pattern):
                 continue
-            hdr = m.headers or {}
             kind = _kv_kind(hdr)
             data = None
             if kind == "set":
@@ -163,7 +163,12 @@ class NatsReplay:
                 except BotWireError:
                     data = None  # an overwritten large value: its chunks are reclaimed
             yield RawEvent(
-                "memory", int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), kind, key, data,
+                "memory",
+                int(hdr["Nats-Sequence"]),
+                parse_time(hdr["Nats-Time-Stamp"]),
+                kind,
+                key,
+                data,
                 hdr.get("Botwire-Origin"),
             )
 
@@ -171,13 +176,13 @@ class NatsReplay:
         subject_filter, exact = keys.pattern_filter(pattern)
         prefix = f"botwire.{self.namespace}."
         async for m in self._scan(self.chat_stream, f"{prefix}*.{subject_filter}", start, end):
-            kind_of_subject, _, token_path = m.subject[len(prefix) :].partition(".")
+            hdr = m.headers or {}
+            kind_of_subject, _, token_path = hdr["Nats-Subject"][len(prefix) :].partition(".")
             if kind_of_subject not in ("chat", "chatev"):
                 continue  # an expiry schedule: how expiry works, not an event
             session_id = keys.decode_key(token_path)
             if not exact and not keys.matches(session_id, pattern):
                 continue
-            hdr = m.headers or {}
             upto = None
             if kind_of_subject == "chatev":
                 kind = hdr.get("Botwire-Event", "summary")
@@ -185,8 +190,14 @@ class NatsReplay:
             else:
                 kind = "append" if m.data else "expire"  # an empty body: the expiry rollup
             yield RawEvent(
-                "chat", int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), kind, session_id,
-                m.data or None, hdr.get("Botwire-Origin"), upto,
+                "chat",
+                int(hdr["Nats-Sequence"]),
+                parse_time(hdr["Nats-Time-Stamp"]),
+                kind,
+                session_id,
+                m.data or None,
+                hdr.get("Botwire-Origin"),
+                upto,
             )
 
     # -- past states ----------------------------------------------------------------------------
@@ -315,8 +326,14 @@ class NatsReplay:
         if m is None or hdr.get("Botwire-Event") != "summary":
             return None  # none, or cleared since
         return RawEvent(
-            "chat", int(hdr["Nats-Sequence"]), parse_time(hdr["Nats-Time-Stamp"]), "summary", session_id,
-            m.data, hdr.get("Botwire-Origin"), int(hdr["Botwire-Upto"]),
+            "chat",
+            int(hdr["Nats-Sequence"]),
+            parse_time(hdr["Nats-Time-Stamp"]),
+            "summary",
+            session_id,
+            m.data,
+            hdr.get("Botwire-Origin"),
+            int(hdr["Botwire-Upto"]),
         )
 
     async def record_clear(self, session_id: str) -> None:
