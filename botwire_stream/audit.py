@@ -191,8 +191,8 @@ def check_replay(
     k, c = _check_glob(keys_glob, "keys"), _check_glob(conversations, "conversations")
     if (isinstance(lo, int) or isinstance(hi, int)) and k is not None and c is not None:
         raise InvalidArgument(
-            "a sequence bound is a position in one log: replay keys=None or conversations=None with it, "
-            "or bound by time (an aware datetime) to replay both"
+            "a sequence bound is a position in one log: replay only keys or only conversations with it "
+            "(keys=None or conversations=None; botwire replay --key or --conversation), or bound both by a time"
         )
     return lo, hi, k, c
 
