@@ -19,6 +19,7 @@ reads raise ``BeforeRetention`` rather than answer from what happens to be left.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -157,10 +158,12 @@ class NatsReplay:
                 return
             raise_api_error(created["error"])
         name, pending = created["name"], created["num_pending"]
-        queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        arrived: deque[Msg | None] = deque()
+        ready = asyncio.Event()
 
         async def on_msg(m: Msg) -> None:
-            queue.put_nowait(None if (m.headers and "Status" in m.headers and not m.data) else m)
+            arrived.append(None if (m.headers and "Status" in m.headers and not m.data) else m)
+            ready.set()
 
         inbox = conn.nc.new_inbox()
         sub = await conn.nc.subscribe(inbox, cb=on_msg)
@@ -172,8 +175,11 @@ class NatsReplay:
                 await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=inbox)
                 got = 0
                 while got < want:
-                    async with asyncio.timeout(timeout):
-                        m = await queue.get()
+                    while not arrived:  # one wait per burst, not per message
+                        ready.clear()
+                        async with asyncio.timeout(timeout):
+                            await ready.wait()
+                    m = arrived.popleft()
                     if m is None:
                         break  # the server's "no more messages" (removed since, e.g. expired)
                     got += 1
