@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 MAX_KEY_HISTORY: Final = 64  # the most revisions per key a KV bucket keeps (nats-server's limit)
+# The fewest messages per conversation a count limit keeps: a process serves last=N (N <= 64) from
+# the newest messages it read, which stay exact only while the server keeps at least that many.
+MIN_LOG_MESSAGES: Final = 64
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -238,8 +241,10 @@ def check_retention(
         raise InvalidArgument(
             f"key_history must be an int from 1 to {MAX_KEY_HISTORY} revisions per key, not {key_history!r}"
         )
-    if log_messages is not None and (type(log_messages) is not int or log_messages < 0):
-        raise InvalidArgument(f"log_messages must be an int >= 0 (0: keep all), not {log_messages!r}")
+    if log_messages is not None and (type(log_messages) is not int or log_messages < 0 or 0 < log_messages < MIN_LOG_MESSAGES):
+        raise InvalidArgument(
+            f"log_messages must be 0 (keep all) or an int >= {MIN_LOG_MESSAGES}, not {log_messages!r}"
+        )
     age: float | None = None
     if log_age is not None:
         if isinstance(log_age, timedelta):

@@ -45,7 +45,7 @@ from .pool import acquire, release
 from .replies import Batch
 from .retry import READ_FIRST
 
-__all__ = ["MAX_BATCH", "MAX_EXTEND_BYTES", "NatsChat", "NatsChatLog", "open_chat", "stream_name"]
+__all__ = ["AGE_LIMITED", "MAX_BATCH", "MAX_EXTEND_BYTES", "NatsChat", "NatsChatLog", "open_chat", "stream_name"]
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
@@ -175,6 +175,13 @@ class _Hint:
 # same name only costs the fallback read (see ``_Hint``), so the key needs no server identity.
 _hints: OrderedDict[tuple[str, str], _Hint] = OrderedDict()
 _tails_bytes = 0  # the bytes of every hint's kept messages
+
+
+# Chat streams this process knows to have an age limit (``audit.aretention(log_age=)``, issue 10):
+# their messages leave one by one as they age, which a kept tail cannot see, so ``_read_tail`` is
+# skipped for them. A count limit needs no such care: it is at least ``_TAIL_MESSAGES``, so the
+# newest ``last`` messages a tail serves are always among those the server still keeps.
+AGE_LIMITED: set[str] = set()
 
 
 def _forget(key: tuple[str, str]) -> None:
@@ -510,6 +517,8 @@ class NatsChatLog:
         newest message is still there (same sequence, message id and body), so is the rest of
         the tail, and the reply, one snapshot, holds everything after it.
         """
+        if self.stream in AGE_LIMITED:
+            return None  # messages also leave one by one there, by age: read as usual
         hint = _hints.get(self._key)
         kept = None if hint is None else hint.tail
         if hint is None or not kept or last > _TAIL_MESSAGES or len(kept) < last and not hint.tail_all:

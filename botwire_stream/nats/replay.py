@@ -33,7 +33,7 @@ from ..errors import BeforeRetention, BotWireError, InvalidArgument
 from ..settings import ConnectOptions
 from ..times import parse_time
 from .blobs import op_of
-from .chatlog import stream_name
+from .chatlog import _TAIL_MESSAGES, AGE_LIMITED, stream_name
 from .connect import origin_headers
 from .errors import raise_api_error
 from .jetstream import Connection
@@ -386,12 +386,18 @@ class NatsReplay:
             limit = chat_info["config"].get("max_msgs_per_subject", -1)
             messages = limit if limit > 0 else None
             age = chat_info["config"].get("max_age", 0) / _NS or None
+            (AGE_LIMITED.add if age else AGE_LIMITED.discard)(self.chat_stream)
         return RetentionState(history, messages, age, _oldest(kv_info), _oldest(chat_info))
 
     async def set_retention(self, key_history: int | None, log_messages: int | None, log_age: float | None) -> None:
         if key_history is not None:
             await self.conn.ensure_stream(self.kv.config(), self.timeout)
             await self.conn.set_max_per_subject(self.kv.stream, key_history, self.timeout)
+        if log_messages is not None and 0 < log_messages < _TAIL_MESSAGES:
+            raise InvalidArgument(
+                f"log_messages must be 0 (keep all) or at least {_TAIL_MESSAGES}, not {log_messages}: "
+                f"a process serves last=N (N up to {_TAIL_MESSAGES}) from the newest messages it read"
+            )
         if log_messages is None and log_age is None:
             return
         from .chatlog import NatsChat
@@ -410,6 +416,8 @@ class NatsReplay:
             return config != before
 
         await self._update(self.chat_stream, change)
+        if log_age is not None:
+            (AGE_LIMITED.add if log_age else AGE_LIMITED.discard)(self.chat_stream)
 
 
 def _ack_fields(reply: str) -> tuple[int, int]:
