@@ -28,6 +28,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -73,7 +74,8 @@ async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, time
     chat = NatsChat(namespace, timeout)
     conn = await acquire(opts)
     try:
-        await conn.ensure_stream(chat.config(replicas), timeout)
+        if await conn.ensure_stream(chat.config(replicas), timeout):
+            await _learn_limits(conn, chat.stream, timeout)  # configured otherwise: an age limit?
     except BaseException:
         await release(conn)
         raise
@@ -184,6 +186,16 @@ _tails_bytes = 0  # the bytes of every hint's kept messages
 AGE_LIMITED: set[str] = set()
 
 
+async def _learn_limits(conn: Connection, stream: str, timeout: float) -> None:
+    """Note in ``AGE_LIMITED`` whether ``stream`` has an age limit (one stream info request)."""
+    resp = await conn.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, timeout)
+    info: dict[str, Any] = msgspec.json.decode(resp.data)
+    if (info.get("config") or {}).get("max_age"):
+        AGE_LIMITED.add(stream)
+    else:
+        AGE_LIMITED.discard(stream)
+
+
 def _forget(key: tuple[str, str]) -> None:
     hint = _hints.pop(key, None)
     if hint is not None:
@@ -219,11 +231,12 @@ class NatsChat:
         self.stream = stream_name(namespace)
         self.chat = f"botwire.{namespace}.chat."
         self.ttl = f"botwire.{namespace}.chatttl."
+        self.events = f"botwire.{namespace}.chatev."  # summaries and clears (nats/replay.py)
 
     def config(self, replicas: int) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
-            subjects=[f"{self.chat}>", f"{self.ttl}>"],
+            subjects=[f"{self.chat}>", f"{self.ttl}>", f"{self.events}>"],
             allow_direct=True,
             allow_msg_ttl=True,
             allow_msg_schedules=True,
