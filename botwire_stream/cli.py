@@ -642,9 +642,9 @@ def retention_cmd(
     if opts.json:
         click.echo(_json(state))
         return
-    click.echo(f"key history:   {state.key_history} revisions per key")
-    click.echo(f"log messages:  {state.log_messages or 'all'} per conversation")
-    click.echo(f"log age:       {'for ever' if state.log_age is None else _age(state.log_age)}")
+    click.echo(f"{'key history:':<18}{state.key_history} revisions per key")
+    click.echo(f"{'log messages:':<18}{state.log_messages or 'all'} per conversation")
+    click.echo(f"{'log age:':<18}{'for ever' if state.log_age is None else _age(state.log_age)}")
     for name, t in (("oldest key event", state.oldest_key_event), ("oldest log event", state.oldest_log_event)):
         click.echo(f"{name + ':':<18}{'-' if t is None else t.isoformat(timespec='milliseconds')}")
 
