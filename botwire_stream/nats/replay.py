@@ -354,8 +354,8 @@ class NatsReplay:
         return await self._record(session_id, "summary", data, upto)
 
     async def last_summary(self, session_id: str) -> RawEvent | None:
-        if not self._events_ready and await self._info(self.chat_stream) is None:
-            return None
+        # one request: the caller has opened the conversation, so the stream exists (a stream made
+        # before the events subject existed answers "no message")
         m = await self.conn.direct_get_last(self.chat_stream, self.events + keys.encode_key(session_id), self.timeout)
         hdr = (m.headers or {}) if m is not None else {}
         if m is None or hdr.get("Botwire-Event") != "summary":
@@ -372,9 +372,7 @@ class NatsReplay:
         )
 
     async def record_clear(self, session_id: str) -> None:
-        if await self._info(self.chat_stream) is None:
-            return  # nothing to clear
-        await self._record(session_id, "clear", b"", None)
+        await self._record(session_id, "clear", b"", None)  # the caller has opened the stream
 
     # -- retention ------------------------------------------------------------------------------
     async def retention(self) -> RetentionState:
