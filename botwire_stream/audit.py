@@ -200,7 +200,7 @@ def check_replay(
     return lo, hi, k, c
 
 
-async def areplay(
+def areplay(
     namespace: str,
     *,
     start: int | datetime | None = None,
@@ -219,13 +219,20 @@ async def areplay(
     ``start``/``end`` (inclusive): an aware datetime, or a sequence of one log (then replay only
     keys or only conversations). ``keys``/``conversations``: globs of the keys and session ids
     to replay (None: none of them). Keys and conversations are merged by time; within a log the
-    order is the log's. What is kept: see ``aretention``.
+    order is the log's. What is kept: see ``aretention``. Bad arguments raise here, not at the
+    first event.
     """
     lo, hi, k, c = check_replay(namespace, start, end, keys, conversations)
     opts = resolve(url, token=token, user=user, password=password, creds=creds)
     _, seconds = check_options(1, timeout)
+    return _replay(opts, namespace, seconds, lo, hi, k, c)
+
+
+async def _replay(
+    opts: ConnectOptions, namespace: str, timeout: float, lo: Bound, hi: Bound, k: str | None, c: str | None
+) -> AsyncIterator[Event]:
     running_loop()
-    backend = await open_replay(opts, namespace, timeout=seconds)
+    backend = await open_replay(opts, namespace, timeout=timeout)
     try:
         async for event in events(backend, start=lo, end=hi, keys=k, conversations=c):
             yield event
@@ -241,7 +248,9 @@ def check_retention(
         raise InvalidArgument(
             f"key_history must be an int from 1 to {MAX_KEY_HISTORY} revisions per key, not {key_history!r}"
         )
-    if log_messages is not None and (type(log_messages) is not int or log_messages < 0 or 0 < log_messages < MIN_LOG_MESSAGES):
+    if log_messages is not None and (
+        type(log_messages) is not int or log_messages < 0 or 0 < log_messages < MIN_LOG_MESSAGES
+    ):
         raise InvalidArgument(
             f"log_messages must be 0 (keep all) or an int >= {MIN_LOG_MESSAGES}, not {log_messages!r}"
         )

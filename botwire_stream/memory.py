@@ -272,15 +272,22 @@ class AsyncMemory(StreamClient[MemoryBackend]):
             return new
         raise Conflict(f"update of {key!r} lost {max_attempts} races in a row; try again later")
 
-    async def replay(
+    def replay(
         self, pattern: str = "*", *, start: int | datetime | None = None, end: int | datetime | None = None
     ) -> AsyncIterator[Event]:
         """The kept events of the keys matching ``pattern``, oldest first, each with its time and
-        origin: from ``start`` to ``end`` (inclusive; a revision or an aware datetime)."""
-        from .audit import check_bound, events
+        origin: from ``start`` to ``end`` (inclusive; a revision or an aware datetime). Bad
+        arguments raise here, not at the first event."""
+        from .audit import check_bound
 
         keys.pattern_filter(pattern)
-        lo, hi = check_bound(start, "start"), check_bound(end, "end")
+        return self._replay_events(pattern, check_bound(start, "start"), check_bound(end, "end"))
+
+    async def _replay_events(
+        self, pattern: str, lo: int | datetime | None, hi: int | datetime | None
+    ) -> AsyncIterator[Event]:
+        from .audit import events
+
         backend = await self._replayer()
         async for event in events(backend, start=lo, end=hi, keys=pattern, conversations=None):
             yield event

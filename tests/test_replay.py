@@ -221,9 +221,11 @@ async def test_bad_arguments_are_refused_and_write_nothing(url: str, namespace: 
         with pytest.raises(InvalidArgument, match="at most one"):
             await c.messages(last=1, at=datetime.now(UTC))
         with pytest.raises(InvalidArgument, match="one log"):
-            await _all(namespace, url, start=1)
+            areplay(namespace, url=url, start=1)  # at the call, not at the first event
         with pytest.raises(InvalidArgument):
-            await _all(namespace, url, start="yesterday")
+            areplay(namespace, url=url, start="yesterday")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            m.replay(end=-1)
         with pytest.raises(InvalidArgument):
             replay(namespace, url=url, end=True)
         with pytest.raises(InvalidArgument, match="must differ"):
