@@ -11,6 +11,7 @@ it fires, so no reaper process is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ import msgspec
 from . import codec, keys
 from ._backend import ChatLog, Feed, LogEntry, ReplayBackend, open_chat, open_replay
 from .client import StreamClient, check_options, running_loop
-from .errors import InvalidArgument, InvalidMessage, ValueTooLarge
+from .errors import InvalidArgument, InvalidMessage, QuotaExceeded, ValueTooLarge
 from .live import LiveIterator
 from .models import Entry, SessionInfo
 from .settings import resolve
@@ -216,7 +217,16 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         """
         log = await self._connection()
         if self._opts.transport == "nats":
-            await (await self._replayer()).record_clear(self.session_id)
+            replay = await self._replayer()
+            try:
+                await replay.record_clear(self.session_id)
+            except QuotaExceeded:
+                # At the storage limit the record does not fit: clear first (which frees room),
+                # then record it; a clear must work there (tests/test_storage_limits.py).
+                await log.clear()
+                with contextlib.suppress(QuotaExceeded):
+                    await replay.record_clear(self.session_id)
+                return
         await log.clear()
 
     # -- reading --------------------------------------------------------------------------------
