@@ -20,11 +20,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .audit import Event, RestoreReport, Retention, areplay, arestore, aretention
     from .chat import AsyncChatHistory
     from .integrations.langchain import BotWireChatHistory as BotWireChatHistory
     from .memory import AsyncMemory
     from .models import Change, Entry, Revision, SessionInfo
-    from .sync import ChatHistory, Memory, TokenStream
+    from .sync import ChatHistory, Memory, TokenStream, replay, restore, retention
     from .tokens import AsyncTokenStream
 
 __all__ = [
@@ -38,6 +39,15 @@ __all__ = [
     "Revision",
     "SessionInfo",
     "TokenStream",
+    "Event",
+    "RestoreReport",
+    "Retention",
+    "areplay",
+    "arestore",
+    "aretention",
+    "replay",
+    "restore",
+    "retention",
 ]
 __version__ = "0.1.0"
 
@@ -52,6 +62,15 @@ _WHERE = {
     "Memory": "sync",
     "AsyncTokenStream": "tokens",
     "TokenStream": "sync",
+    "Event": "audit",
+    "RestoreReport": "audit",
+    "Retention": "audit",
+    "areplay": "audit",
+    "arestore": "audit",
+    "aretention": "audit",
+    "replay": "sync",
+    "restore": "sync",
+    "retention": "sync",
     "BotWireChatHistory": "integrations.langchain",  # optional: needs langchain-core
 }
 

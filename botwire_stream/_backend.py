@@ -15,10 +15,10 @@ decodes or copies a value on the hot paths (``get``, ``set``, ``append``, ``mess
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import msgspec
 
@@ -30,6 +30,9 @@ __all__ = [
     "ChangeFeed",
     "ChatBackend",
     "ChatLog",
+    "ReplayBackend",
+    "RawEvent",
+    "RetentionState",
     "Current",
     "Feed",
     "KeyChange",
@@ -42,6 +45,7 @@ __all__ = [
     "TokenState",
     "open_chat",
     "open_memory",
+    "open_replay",
     "open_tokens",
     "prepare",
 ]
@@ -357,3 +361,93 @@ async def open_tokens(opts: ConnectOptions, *, replicas: int, timeout: float) ->
     from .nats.tokens import open_tokens as open_nats
 
     return await open_nats(opts, replicas=replicas, timeout=timeout)
+
+
+# --- replay, time travel, retention (issue 10) ---
+
+class RawEvent(msgspec.Struct, frozen=True):
+    """One stored event of a namespace, as ``ReplayBackend`` yields it.
+
+    ``source``: ``memory`` (a key's write) or ``chat`` (a conversation's); ``seq``: its sequence in
+    that source's log; ``name``: the key or the session id; ``kind``: set, delete, purge, expire
+    (keys), append, expire, clear, summary (conversations); ``data``: the encoded value, message
+    or summary (None when the event carries none); ``origin``: who wrote it (``host/pid``), None
+    for events the server itself wrote (expiries); ``upto``: what a summary covers.
+    """
+
+    source: Literal["memory", "chat"]
+    seq: int
+    time: datetime
+    kind: str
+    name: str
+    data: bytes | None
+    origin: str | None
+    upto: int | None = None
+
+
+class RetentionState(msgspec.Struct, frozen=True):
+    """What a namespace keeps: revisions per key, messages per conversation (None: all), how long
+    a conversation's messages are kept (seconds; None: for ever), and the oldest kept event of
+    each log (None: empty)."""
+
+    key_history: int
+    log_messages: int | None
+    log_age: float | None
+    oldest_key_event: datetime | None
+    oldest_log_event: datetime | None
+
+
+Bound = int | datetime | None  # a sequence of the source's log, or an aware time
+
+
+class ReplayBackend(Protocol):
+    """One namespace's logs read as events, past states, its retention, and conversation events
+    that are not messages (summaries, clears)."""
+
+    def key_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        """The events of the keys matching the glob, oldest first, from ``start`` to ``end``
+        inclusive."""
+        ...
+
+    def chat_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        """The events of the conversations matching the glob, oldest first."""
+        ...
+
+    async def key_at(self, key: str, at: datetime) -> bytes | None:
+        """The key's encoded value as of ``at`` (None: none), or ``BeforeRetention``."""
+        ...
+
+    async def log_at(self, session_id: str, at: datetime) -> list[LogEntry]:
+        """The conversation's messages as of ``at``, or ``BeforeRetention``."""
+        ...
+
+    async def add_summary(self, session_id: str, data: bytes, upto: int) -> int:
+        """Record a summary covering the messages up to sequence ``upto`` (which must be one of
+        the conversation's, else ``InvalidArgument``); its sequence."""
+        ...
+
+    async def last_summary(self, session_id: str) -> RawEvent | None:
+        """The newest summary still in force (none after a later clear)."""
+        ...
+
+    async def record_clear(self, session_id: str) -> None:
+        """Record that the conversation is being cleared (before its messages are removed)."""
+        ...
+
+    async def retention(self) -> RetentionState: ...
+
+    async def set_retention(self, key_history: int | None, log_messages: int | None, log_age: float | None) -> None:
+        """Apply the given limits (None: leave that one as it is; 0: keep all of the log)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_replay(opts: ConnectOptions, namespace: str, *, timeout: float) -> ReplayBackend:
+    """The replay backend for ``opts``: over NATS only (the HTTP API has no replay yet)."""
+    _check_transport(opts)
+    if opts.transport != "nats":
+        raise InvalidArgument("replay, time travel and retention are served over NATS, not over HTTP")
+    from .nats.replay import open_replay as open_nats
+
+    return await open_nats(opts, namespace, timeout=timeout)

@@ -11,6 +11,7 @@ it fires, so no reaper process is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -19,9 +20,9 @@ from typing import Any, Final
 import msgspec
 
 from . import codec, keys
-from ._backend import ChatLog, Feed, LogEntry, open_chat
+from ._backend import ChatLog, Feed, LogEntry, ReplayBackend, open_chat, open_replay
 from .client import StreamClient, check_options, running_loop
-from .errors import InvalidArgument, InvalidMessage, ValueTooLarge
+from .errors import InvalidArgument, InvalidMessage, QuotaExceeded, ValueTooLarge
 from .live import LiveIterator
 from .models import Entry, SessionInfo
 from .settings import resolve
@@ -144,6 +145,21 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         self.ttl = ttl_seconds(ttl)
         self._replicas, self._timeout = check_options(replicas, timeout)
         super().__init__(resolve(url, token=token, user=user, password=password, creds=creds))
+        self._replay: ReplayBackend | None = None
+
+    async def _replayer(self) -> ReplayBackend:
+        """The namespace's logs as events (opened on first use, on the same shared connection)."""
+        await self._connection()  # this loop's client, else WrongEventLoop
+        if self._replay is None:
+            self._replay = await open_replay(self._opts, self.namespace, timeout=self._timeout)
+        return self._replay
+
+    async def close(self) -> None:
+        """Release the connection (a shared connection closes with its last user)."""
+        replay, self._replay = self._replay, None
+        if replay is not None and self._loop is running_loop():
+            await replay.close()
+        await super().close()
 
     async def _open(self) -> ChatLog:
         backend = await open_chat(self._opts, self.namespace, replicas=self._replicas, timeout=self._timeout)
@@ -196,17 +212,78 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         """Remove every message of this conversation (its sequence numbers are not reused).
 
         A pending expiry (``ttl``) is kept, so a message appended while ``clear()`` runs still expires.
+        Over NATS the clear is first recorded as an event (time, origin), so that replay shows it
+        and ``messages(at=)`` before it raises ``BeforeRetention`` instead of answering "empty".
         """
-        await (await self._connection()).clear()
+        log = await self._connection()
+        if self._opts.transport == "nats":
+            replay = await self._replayer()
+            try:
+                await replay.record_clear(self.session_id)
+            except QuotaExceeded:
+                # At the storage limit the record does not fit: clear first (which frees room),
+                # then record it; a clear must work there (tests/test_storage_limits.py).
+                await log.clear()
+                with contextlib.suppress(QuotaExceeded):
+                    await replay.record_clear(self.session_id)
+                return
+        await log.clear()
 
     # -- reading --------------------------------------------------------------------------------
-    async def messages(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The messages, oldest first, exactly as appended (``last``: only the newest N)."""
+    async def messages(
+        self, last: int | None = None, *, at: datetime | None = None, window: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The messages, oldest first, exactly as appended (``last``: only the newest N).
+
+        ``at`` (an aware datetime): the messages as of that moment (``BeforeRetention`` when the
+        conversation was cleared since, or its retention no longer reaches it). ``window=N``: the
+        latest summary recorded by ``compact`` (as its message), then at most the N newest
+        messages after the ones it covers; without a summary, the N newest messages.
+        """
         last = _check_count("last", last, none=True)
+        window = _check_count("window", window, none=True)
+        if sum(x is not None for x in (last, at, window)) > 1:
+            raise InvalidArgument("give at most one of last=, at= and window=")
+        if at is not None:
+            from .audit import check_time
+
+            moment = check_time(at)
+            return [_decode(e.data) for e in await (await self._replayer()).log_at(self.session_id, moment)]
+        if window is not None:
+            return await self._window(window)
         if last == 0:
             return []
         log = self._conn or await self._connection()
         return [_decode(data) for data in await log.read(None, last)]
+
+    async def _window(self, n: int) -> list[dict[str, Any]]:
+        log = await self._connection()
+        summary = await (await self._replayer()).last_summary(self.session_id) if self._opts.transport == "nats" else None
+        head = [] if summary is None or summary.data is None else [_decode(summary.data)]
+        if n == 0:
+            return head
+        # one read of the messages after the summary's: a snapshot, exact under concurrent appends
+        return head + [_decode(e.data) for e in await log.entries(None if summary is None else summary.upto, n)]
+
+    async def compact(self, summary: str | Mapping[str, Any], *, upto: int) -> int:
+        """Record ``summary`` as covering the messages up to sequence ``upto``; its event's sequence.
+
+        Append-only: the messages stay (for replay and audit); ``messages(window=N)`` then returns
+        the summary and the messages after ``upto``. A ``str`` summary is stored as the message
+        ``{"role": "system", "content": summary}``. ``upto`` must be one of this conversation's
+        sequences (``InvalidArgument``, nothing written); over NATS only.
+        """
+        if isinstance(summary, str):
+            if not summary:
+                raise InvalidArgument("summary must be a non-empty str or a message (dict)")
+            summary = {"role": "system", "content": summary}
+        data = _encode_message(summary)
+        seq = _check_after(upto, "upto")
+        if seq is None or seq == 0:
+            raise InvalidArgument(f"upto must be the sequence of one of the conversation's messages, not {upto!r}")
+        log = await self._connection()
+        self._check_size(log, data)
+        return await (await self._replayer()).add_summary(self.session_id, data, seq)
 
     async def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with their sequence and time; ``after`` a sequence, ``last`` N of them."""

@@ -490,6 +490,176 @@ def watch(opts: Options, pattern: str, count: int | None) -> None:
     _run(opts, follow)
 
 
+# -- replay, history, restore, retention (issue 10) ----------------------------------------------
+def _bound(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--from``/``--to``: a sequence (digits), ISO-8601, ``now``, or relative (``-15m``)."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return int(value)
+    from .audit import parse_when
+
+    try:
+        return parse_when(value)
+    except BotWireError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    """``--at``: a time only (ISO-8601, ``now``, ``-15m``)."""
+    if value.strip().isdigit():
+        raise click.BadParameter(f"{value!r} is a sequence; --at takes a time: ISO-8601, 'now', or -15m / -2h / -1d")
+    return _bound(ctx, param, value)
+
+
+def _event_line(e: Any) -> str:
+    line = f"{e.time.isoformat(timespec='milliseconds')} {e.source:<6} {e.seq:>6} {e.kind:<7} {e.key}"
+    if e.value is not None:
+        line += f" = {_json(e.value)}"
+    return line + f"  ({e.origin or 'server'})"
+
+
+def _in(opts: Options, namespace: str) -> Options:
+    """``opts`` for the namespace named as an argument."""
+    from dataclasses import replace
+
+    return replace(opts, namespace=namespace)
+
+
+@cli.command(name="replay")
+@click.argument("namespace_arg", metavar="NS")
+@click.option("--from", "start", metavar="WHEN", callback=_bound, help="First event: SEQ, ISO-8601 time, or -15m / -2h / -1d.")
+@click.option("--to", "end", metavar="WHEN", callback=_bound, help="Last event (inclusive): as --from.")
+@click.option("--key", "key_glob", metavar="GLOB", default=None, help="Only the keys matching GLOB (and no conversation unless --conversation).")
+@click.option("--conversation", "conversation_glob", metavar="GLOB", default=None, help="Only the conversations matching GLOB.")
+@_connection_options
+@click.pass_obj
+def replay_cmd(
+    opts: Options, namespace_arg: str, start: Any, end: Any, key_glob: str | None, conversation_glob: str | None
+) -> None:
+    """Print every kept event of namespace NS in order: time, log, sequence, kind, key, value, origin.
+
+    Kinds: set, delete, purge, expire (keys); append, clear, expire, summary (conversations).
+    A sequence bound (--from 120) needs --key or --conversation (each log has its own sequences).
+    With --json, one object per line.
+    """
+    from .sync import replay
+
+    opts = _in(opts, namespace_arg)
+    keys_glob = key_glob if key_glob is not None or conversation_glob is None else None
+    chats_glob = conversation_glob if conversation_glob is not None or key_glob is None else None
+    if key_glob is None and conversation_glob is None:
+        keys_glob, chats_glob = "*", "*"
+
+    def body(memory: Memory) -> None:
+        with replay(
+            namespace_arg, start=start, end=end, keys=keys_glob, conversations=chats_glob,
+            url=opts.url, token=opts.resolved_token(), creds=opts.creds,
+        ) as events:
+            for e in events:
+                click.echo(_json(e) if opts.json else _event_line(e))
+
+    _run(opts, body)
+
+
+@cli.command(name="history")
+@click.argument("namespace_arg", metavar="NS")
+@click.argument("key")
+@_connection_options
+@click.pass_obj
+def history_cmd(opts: Options, namespace_arg: str, key: str) -> None:
+    """Print the kept revisions of KEY in namespace NS: revision, time, kind, origin, value.
+
+    Exit 1 when the key has none.
+    """
+    from .keys import glob_escape
+
+    opts = _in(opts, namespace_arg)
+
+    def body(memory: Memory) -> list[Any]:
+        with memory.replay(glob_escape(key)) as events:
+            return list(events)
+
+    found = _run(opts, body)
+    for e in found:
+        if opts.json:
+            click.echo(_json(e))
+        else:
+            value = f"  {_json(e.value)}" if e.value is not None else ""
+            click.echo(f"{e.seq:>8}  {e.time.isoformat(timespec='milliseconds')}  {e.kind:<7} {e.origin or 'server'}{value}")
+    if not found:
+        _not_found(f"key {key!r} has no kept revisions in namespace {namespace_arg!r}")
+
+
+@cli.command(name="restore")
+@click.argument("namespace_arg", metavar="NS")
+@click.option("--at", "at", metavar="WHEN", required=True, callback=_when, help="The moment: ISO-8601, 'now', or -15m / -2h / -1d.")
+@click.option("--into", "into", metavar="NS2", required=True, help="The new namespace to write NS as of --at into.")
+@click.option("--overwrite", is_flag=True, help="Write into NS2 even when it holds events already.")
+@_connection_options
+@click.pass_obj
+def restore_cmd(opts: Options, namespace_arg: str, at: Any, into: str, overwrite: bool) -> None:
+    """Write namespace NS as it was at --at into the new namespace NS2 (point-in-time recovery)."""
+    from .sync import restore
+
+    opts = _in(opts, namespace_arg)
+
+    def body(memory: Memory) -> Any:
+        return restore(
+            namespace_arg, at=at, into=into, overwrite=overwrite, url=opts.url, token=opts.resolved_token(),
+            creds=opts.creds,
+        )
+
+    report = _run(opts, body)
+    if opts.json:
+        click.echo(_json(report))
+    else:
+        click.echo(
+            f"restored {namespace_arg!r} as of {at.isoformat(timespec='milliseconds')} into {into!r}: "
+            f"{report.keys} keys, {report.conversations} conversations, {report.messages} messages"
+        )
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+@cli.command(name="retention")
+@click.argument("namespace_arg", metavar="NS")
+@click.option("--key-history", type=int, default=None, help="Revisions kept per key (1-64).")
+@click.option("--log-messages", type=int, default=None, help="Messages kept per conversation (0: all).")
+@click.option("--log-age", metavar="DURATION", callback=parse_duration, default=None, help="How long messages are kept: 30d, 12h... (0: for ever).")
+@_connection_options
+@click.pass_obj
+def retention_cmd(
+    opts: Options, namespace_arg: str, key_history: int | None, log_messages: int | None, log_age: float | None
+) -> None:
+    """Show (and with options, set) what namespace NS keeps, hence what replay can reach."""
+    from .sync import retention
+
+    opts = _in(opts, namespace_arg)
+
+    def body(memory: Memory) -> Any:
+        return retention(
+            namespace_arg, key_history=key_history, log_messages=log_messages, log_age=log_age, url=opts.url,
+            token=opts.resolved_token(), creds=opts.creds,
+        )
+
+    state = _run(opts, body)
+    if opts.json:
+        click.echo(_json(state))
+        return
+    click.echo(f"{'key history:':<18}{state.key_history} revisions per key")
+    click.echo(f"{'log messages:':<18}{state.log_messages or 'all'} per conversation")
+    click.echo(f"{'log age:':<18}{'for ever' if state.log_age is None else _age(state.log_age)}")
+    for name, t in (("oldest key event", state.oldest_key_event), ("oldest log event", state.oldest_log_event)):
+        click.echo(f"{name + ':':<18}{'-' if t is None else t.isoformat(timespec='milliseconds')}")
+
+
+
 # -- the embedded server ----------------------------------------------------------------------------
 # `botwire nats ...` manages the embedded nats-server; `botwire server ...` is its old spelling, kept
 # working (the same commands), so that `botwire serve` (the HTTP server) is not confused with it.

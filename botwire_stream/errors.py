@@ -38,6 +38,7 @@ __all__ = [
     "HomeNotWritable",
     "Closed",
     "ChangedWhileRead",
+    "BeforeRetention",
     "ServerNotStopped",
     "MissingDependency",
     "InvalidOffset",
@@ -193,6 +194,15 @@ class ChangedWhileRead(BotWireError):
     faster than the read); read it again."""
 
     http_status = 409
+
+
+class BeforeRetention(BotWireError, LookupError):
+    """A past state (``get(at=)``, ``messages(at=)``, ``restore``) asked for a moment older than
+    what the server still keeps of it: the message says what removed the older history (the
+    key's ``history`` depth, a TTL write, a ``clear``, the namespace's retention) and from when
+    on it is kept."""
+
+    http_status = 410
 
 
 class ServerNotStopped(BotWireError, RuntimeError):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
-from datetime import timedelta
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
 
 from . import codec, keys
-from ._backend import ChangeFeed, Current, Feed, KeyChange, MemoryBackend, open_memory
+from ._backend import ChangeFeed, Current, Feed, KeyChange, MemoryBackend, ReplayBackend, open_memory, open_replay
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss, ReadCache, notify
 from .client import StreamClient, check_options
 from .errors import BotWireError, Conflict, InvalidArgument, ValueTooLarge
@@ -25,6 +25,9 @@ from .live import LiveIterator
 from .models import Change, Revision
 from .settings import resolve
 from .times import ttl_seconds
+
+if TYPE_CHECKING:
+    from .audit import Event
 
 __all__ = ["AsyncMemory", "Watch", "MAX_VALUE_BYTES"]
 
@@ -71,6 +74,7 @@ class AsyncMemory(StreamClient[MemoryBackend]):
         self._history = history
         self._cache_limits = (cache_entries, cache_bytes) if cache else None
         self._cache: ReadCache | None = None
+        self._replay: ReplayBackend | None = None
 
     def __repr__(self) -> str:
         return f"AsyncMemory({self.namespace!r})"
@@ -100,12 +104,31 @@ class AsyncMemory(StreamClient[MemoryBackend]):
         cache, self._cache = self._cache, None
         if cache is not None and self._loop is asyncio.get_running_loop():
             await cache.close()
+        replay, self._replay = self._replay, None
+        if replay is not None and self._loop is asyncio.get_running_loop():
+            await replay.close()
         await super().close()
 
+    async def _replayer(self) -> ReplayBackend:
+        """The namespace's logs as events (opened on first use, on the same shared connection)."""
+        await self._connection()  # this loop's client, else WrongEventLoop
+        if self._replay is None:
+            self._replay = await open_replay(self._opts, self.namespace, timeout=self._timeout)
+        return self._replay
+
     # -- reading --------------------------------------------------------------------------------
-    async def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` when it is missing, deleted or expired."""
+    async def get(self, key: str, default: Any = None, *, at: datetime | None = None) -> Any:
+        """The value of ``key``, or ``default`` when it is missing, deleted or expired.
+
+        ``at`` (an aware datetime): the value as of that moment instead, from the key's kept
+        revisions (``BeforeRetention`` when they no longer reach it: see ``audit.aretention``).
+        """
         keys.check_key(key)  # InvalidKey before connecting
+        if at is not None:
+            from .audit import check_time
+
+            data = await (await self._replayer()).key_at(key, check_time(at))
+            return default if data is None else codec.decode(data)
         backend = self._conn or await self._connection()
         cache = self._cache
         if cache is None:
@@ -248,6 +271,26 @@ class AsyncMemory(StreamClient[MemoryBackend]):
                 continue
             return new
         raise Conflict(f"update of {key!r} lost {max_attempts} races in a row; try again later")
+
+    def replay(
+        self, pattern: str = "*", *, start: int | datetime | None = None, end: int | datetime | None = None
+    ) -> AsyncIterator[Event]:
+        """The kept events of the keys matching ``pattern``, oldest first, each with its time and
+        origin: from ``start`` to ``end`` (inclusive; a revision or an aware datetime). Bad
+        arguments raise here, not at the first event."""
+        from .audit import check_bound
+
+        keys.pattern_filter(pattern)
+        return self._replay_events(pattern, check_bound(start, "start"), check_bound(end, "end"))
+
+    async def _replay_events(
+        self, pattern: str, lo: int | datetime | None, hi: int | datetime | None
+    ) -> AsyncIterator[Event]:
+        from .audit import events
+
+        backend = await self._replayer()
+        async for event in events(backend, start=lo, end=hi, keys=pattern, conversations=None):
+            yield event
 
     # -- live changes ---------------------------------------------------------------------------
     def watch(self, pattern: str = "*") -> Watch:

@@ -9,15 +9,27 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _backend, codec, keys, portal
+from .audit import (
+    Event,
+    RestoreReport,
+    Retention,
+    areplay,
+    arestore,
+    aretention,
+    check_bound,
+    check_replay,
+    check_retention,
+    check_time,
+)
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Miss
 from .chat import AsyncChatHistory
 from .memory import AsyncMemory
 from .models import Change, Entry, Revision, SessionInfo
 from .portal import call
-from .settings import ConnectOptions
+from .settings import ConnectOptions, resolve
 from .tokens import AppendResult, AsyncTokenStream, TokenRead, TokenStreamInfo
 
-__all__ = ["ChatHistory", "Memory", "SyncWatch", "TokenStream"]
+__all__ = ["ChatHistory", "Memory", "SyncWatch", "TokenStream", "replay", "restore", "retention"]
 
 T = TypeVar("T")
 
@@ -102,8 +114,10 @@ class Memory:
         _first_use(self._core._opts)
         call(self._core.open)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` when missing or expired."""
+    def get(self, key: str, default: Any = None, *, at: datetime | None = None) -> Any:
+        """The value of ``key``, or ``default`` when missing or expired; ``at``: as of that moment."""
+        if at is not None:
+            return call(partial(self._core.get, at=at), key, default)
         cache = self._core._cache
         if cache is not None:  # a cached value is looked up in this thread: no hop to the loop
             hit = cache.lookup(keys.check_key(key))
@@ -145,6 +159,15 @@ class Memory:
     def watch(self, pattern: str = "*") -> SyncWatch[Change]:
         """Live changes of matching keys from any process; subscribed when this returns."""
         return SyncWatch(self._core.watch(pattern))
+
+    def replay(
+        self, pattern: str = "*", *, start: int | datetime | None = None, end: int | datetime | None = None
+    ) -> SyncWatch[Event]:
+        """The kept events of matching keys, oldest first (a blocking iterator; ``close()`` it)."""
+        keys.pattern_filter(pattern)
+        check_bound(start, "start")
+        check_bound(end, "end")
+        return SyncWatch(_Started(self._core.replay(pattern, start=start, end=end)))
 
     def close(self) -> None:
         """Release the connection."""
@@ -213,9 +236,16 @@ class ChatHistory:
         """Append several messages, all or nothing; return their sequence numbers."""
         return call(self._core.extend, messages)
 
-    def messages(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The messages, oldest first, exactly as appended."""
-        return call(self._core.messages, last)
+    def messages(
+        self, last: int | None = None, *, at: datetime | None = None, window: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The messages, oldest first, exactly as appended; ``at``: as of that moment;
+        ``window=N``: the latest summary and at most N messages after it."""
+        return call(partial(self._core.messages, at=at, window=window), last)
+
+    def compact(self, summary: str | Mapping[str, Any], *, upto: int) -> int:
+        """Record a summary covering the messages up to ``upto`` (the messages stay)."""
+        return call(partial(self._core.compact, upto=upto), summary)
 
     def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with sequence and time."""
@@ -386,3 +416,82 @@ class TokenStream:
 
     def __repr__(self) -> str:
         return f"TokenStream({self.path!r})"
+
+
+# -- replay, restore, retention of a namespace (audit.py) --------------------------------------
+def replay(
+    namespace: str,
+    *,
+    start: int | datetime | None = None,
+    end: int | datetime | None = None,
+    keys: str | None = "*",
+    conversations: str | None = "*",
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> SyncWatch[Event]:
+    """Sync face of ``areplay``: a blocking iterator of ``Event`` (``close()`` it, or use ``with``)."""
+    check_replay(namespace, start, end, keys, conversations)  # errors here, not at the first event
+    opts = resolve(url, token=token, user=user, password=password, creds=creds)
+    _first_use(opts)
+    it = areplay(
+        namespace, start=start, end=end, keys=keys, conversations=conversations, url=url, token=token,
+        user=user, password=password, creds=creds, timeout=timeout,
+    )
+    return SyncWatch(_Started(it))
+
+
+def retention(
+    namespace: str,
+    *,
+    key_history: int | None = None,
+    log_messages: int | None = None,
+    log_age: float | timedelta | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> Retention:
+    """Sync face of ``aretention``."""
+    keys.check_namespace(namespace)
+    check_retention(key_history, log_messages, log_age)
+    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
+
+    async def run() -> Retention:
+        return await aretention(
+            namespace, key_history=key_history, log_messages=log_messages, log_age=log_age, url=url,
+            token=token, user=user, password=password, creds=creds, timeout=timeout,
+        )
+
+    return call(run)
+
+
+def restore(
+    source: str,
+    *,
+    at: datetime,
+    into: str,
+    overwrite: bool = False,
+    url: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    creds: str | None = None,
+    timeout: float = 5.0,
+) -> RestoreReport:
+    """Sync face of ``arestore``."""
+    check_time(at)
+    _first_use(resolve(url, token=token, user=user, password=password, creds=creds))
+
+    async def run() -> RestoreReport:
+        return await arestore(
+            source, at=at, into=into, overwrite=overwrite, url=url, token=token, user=user,
+            password=password, creds=creds, timeout=timeout,
+        )
+
+    return call(run)

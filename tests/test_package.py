@@ -58,7 +58,7 @@ def test_every_error_is_a_botwire_error_with_an_http_status() -> None:
 _PACKAGE = pathlib.Path(botwire_stream.__file__).parent
 # The async cores: they validate, encode and keep the semantics, and reach storage only through
 # the protocols of botwire_stream._backend, so that another transport (HTTP) serves them unchanged.
-_CORES = ("memory", "chat", "live", "client", "tokens")
+_CORES = ("memory", "chat", "live", "client", "tokens", "audit")
 # What sits above the NATS transport and so may never be imported by it.
 _ABOVE_NATS = (*_CORES, "sync", "portal", "cli", "integrations", "server", "__main__")
 

@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import nats.errors
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -47,7 +48,7 @@ from .pool import acquire, release
 from .replies import Batch
 from .retry import READ_FIRST
 
-__all__ = ["MAX_BATCH", "MAX_EXTEND_BYTES", "NatsChat", "NatsChatLog", "open_chat", "stream_name"]
+__all__ = ["AGE_LIMITED", "MAX_BATCH", "MAX_EXTEND_BYTES", "NatsChat", "NatsChatLog", "open_chat", "stream_name"]
 
 MAX_BATCH: Final = 1000  # the server's limit of messages in one atomic batch
 # The most bytes one extend carries. The server stages an atomic batch through the stream's ingest
@@ -76,7 +77,8 @@ async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, time
     chat = NatsChat(namespace, timeout)
     conn = await acquire(opts)
     try:
-        await conn.ensure_stream(chat.config(replicas), timeout)
+        if await conn.ensure_stream(chat.config(replicas), timeout):
+            await _learn_limits(conn, chat.stream, timeout)  # configured otherwise: an age limit?
     except BaseException:
         await release(conn)
         raise
@@ -180,6 +182,23 @@ _hints: OrderedDict[tuple[str, str], _Hint] = OrderedDict()
 _tails_bytes = 0  # the bytes of every hint's kept messages
 
 
+# Chat streams this process knows to have an age limit (``audit.aretention(log_age=)``, issue 10):
+# their messages leave one by one as they age, which a kept tail cannot see, so ``_read_tail`` is
+# skipped for them. A count limit needs no such care: it is at least ``_TAIL_MESSAGES``, so the
+# newest ``last`` messages a tail serves are always among those the server still keeps.
+AGE_LIMITED: set[str] = set()
+
+
+async def _learn_limits(conn: Connection, stream: str, timeout: float) -> None:
+    """Note in ``AGE_LIMITED`` whether ``stream`` has an age limit (one stream info request)."""
+    resp = await conn.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, timeout)
+    info: dict[str, Any] = msgspec.json.decode(resp.data)
+    if (info.get("config") or {}).get("max_age"):
+        AGE_LIMITED.add(stream)
+    else:
+        AGE_LIMITED.discard(stream)
+
+
 def _forget(key: tuple[str, str]) -> None:
     hint = _hints.pop(key, None)
     if hint is not None:
@@ -215,11 +234,12 @@ class NatsChat:
         self.stream = stream_name(namespace)
         self.chat = f"botwire.{namespace}.chat."
         self.ttl = f"botwire.{namespace}.chatttl."
+        self.events = f"botwire.{namespace}.chatev."  # summaries and clears (nats/replay.py)
 
     def config(self, replicas: int) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
-            subjects=[f"{self.chat}>", f"{self.ttl}>"],
+            subjects=[f"{self.chat}>", f"{self.ttl}>", f"{self.events}>"],
             allow_direct=True,
             allow_msg_ttl=True,
             allow_msg_schedules=True,
@@ -532,6 +552,8 @@ class NatsChatLog:
         the newest or not, remove a prefix; an expiry rolls it all up; the stream denies
         deletes), so a purge that kept only some of the kept messages moves the reply's start.
         """
+        if self.stream in AGE_LIMITED:
+            return None  # messages also leave one by one there, by age: read as usual
         hint = _hints.get(self._key)
         kept = None if hint is None else hint.tail
         if hint is None or not kept or last > _TAIL_MESSAGES or len(kept) < last and not hint.tail_all:

@@ -79,14 +79,17 @@ class Connection(RetryingConnection):
     """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
 
     # -- streams --------------------------------------------------------------------------------
-    async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
-        """Create the stream unless this connection already knows it exists (within ``timeout``)."""
+    async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> bool:
+        """Create the stream unless this connection already knows it exists (within ``timeout``);
+        True when this call found it with another config (e.g. retention limits set on it)."""
         name = config.name
         assert name is not None
         if name in self._ready_streams:
-            return
+            return False
+        differs = False
 
         async def run() -> None:
+            nonlocal differs
             # One request: creating a stream that exists with the same config is a no-op, and
             # one that exists with another config (10058) is used as it is.
             try:
@@ -94,6 +97,7 @@ class Connection(RetryingConnection):
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:
                     raise
+                differs = True
             except nats.js.errors.APIError as exc:
                 # 10049 "error creating store for stream": what a full disk gives (measured)
                 if exc.err_code == 10049 and self.restart is not None:
@@ -104,6 +108,7 @@ class Connection(RetryingConnection):
 
         await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
+        return differs
 
     async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
         """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.

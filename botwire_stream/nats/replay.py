@@ -1,0 +1,435 @@
+"""``ReplayBackend`` over NATS: a namespace's two logs read as events, and its past states.
+
+A namespace's key writes are its KV bucket's stream (``KV_botwire_<ns>``), its conversations the
+chat stream (``BOTWIRE_CHAT_<ns>``); each write carries ``Botwire-Origin`` (host/pid, set by
+``connect.origin_headers`` on every publish: no extra round trip). Replay reads a log in stream
+order by batch direct gets from a sequence or a time (``start_time``), with headers, since the
+sequence, time and origin are in them. Conversation events that are not messages (summaries from
+``compact``, records of ``clear``) go on a third subject per conversation,
+``botwire.<ns>.chatev.<id>``, so that reads of messages never see them and a ``clear`` (a purge of
+the messages' subject) keeps them.
+
+What a past state can reach is what the server keeps: a key's last ``history`` revisions (the
+stream's ``max_msgs_per_subject``), none before a write with a TTL (it rolls up the key's older
+revisions, so that the key reads as missing once it expires), and a conversation's messages
+within the namespace's retention and since its last ``clear``. Asked for an older moment, the
+reads raise ``BeforeRetention`` rather than answer from what happens to be left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import msgspec
+from nats.aio.msg import Msg
+
+from .. import keys
+from .._backend import Bound, LogEntry, RawEvent, RetentionState
+from ..errors import BeforeRetention, BotWireError, InvalidArgument
+from ..settings import ConnectOptions
+from ..times import parse_time
+from .blobs import op_of
+from .chatlog import _TAIL_MESSAGES, AGE_LIMITED, stream_name
+from .connect import origin_headers
+from .errors import raise_api_error
+from .jetstream import Connection
+from .kv import DEFAULT_HISTORY, NatsMemory
+from .pool import acquire, release
+
+__all__ = ["NatsReplay", "open_replay"]
+
+# Messages per batch direct get: large replies amortise the request (the server also cuts a reply
+# at its max_pending bytes, 64 MiB by default, and the pending count says when to page on).
+_BATCH: Final = 10_000
+_NS: Final = 1_000_000_000
+_MIN_DUPLICATE_WINDOW: Final = 120.0  # the chat stream's de-duplication window (s): capped by max_age
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _kv_kind(hdr: dict[str, str] | None) -> str:
+    """set, delete, purge or expire, from a KV message's headers."""
+    if not hdr:
+        return "set"
+    reason = hdr.get("Nats-Marker-Reason")
+    if reason is not None:
+        return "expire" if reason == "MaxAge" else ("purge" if reason == "Purge" else "delete")
+    op = hdr.get("KV-Operation")
+    return "delete" if op == "DEL" else "purge" if op == "PURGE" else "set"
+
+
+async def open_replay(opts: ConnectOptions, namespace: str, *, timeout: float) -> NatsReplay:
+    """The shared connection for ``opts``; the namespace's streams are not created (a replay of a
+    namespace that was never written yields nothing)."""
+    conn = await acquire(opts)
+    return NatsReplay(conn, namespace, timeout)
+
+
+class NatsReplay:
+    """One namespace's logs on a shared ``Connection`` (a ``_backend.ReplayBackend``)."""
+
+    def __init__(self, conn: Connection, namespace: str, timeout: float) -> None:
+        self.conn = conn
+        self.namespace = namespace
+        self.timeout = timeout
+        self.kv = NatsMemory(conn, namespace, history=None, replicas=1, timeout=timeout)
+        self.chat_stream = stream_name(namespace)
+        self.chat = f"botwire.{namespace}.chat."
+        self.events = f"botwire.{namespace}.chatev."
+        self._events_ready = False
+
+    async def close(self) -> None:
+        await release(self.conn)
+
+    # -- raw stream access ----------------------------------------------------------------------
+    async def _info(self, stream: str) -> dict[str, Any] | None:
+        """The stream's info (config and state) as the server sends it; None: no such stream."""
+
+        async def run() -> dict[str, Any] | None:
+            msg = await self.conn.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, self.timeout)
+            info: dict[str, Any] = msgspec.json.decode(msg.data)
+            error = info.get("error")
+            if error:
+                if error.get("err_code") == 10059:  # stream not found
+                    return None
+                raise_api_error(error)
+            return info
+
+        return await self.conn.call(run, timeout=self.timeout)
+
+    async def _update(self, stream: str, change: Callable[[dict[str, Any]], bool]) -> None:
+        """Read the stream's raw config, let ``change`` edit it (False: nothing to change), write it
+        back: fields this nats-py does not model are kept as they are."""
+
+        async def run() -> None:
+            info = await self._info(stream)
+            if info is None:
+                raise InvalidArgument(f"namespace {self.namespace!r} has no stream {stream}")
+            config = info["config"]
+            if not change(config):
+                return
+            resp = await self.conn.request(
+                f"$JS.API.STREAM.UPDATE.{stream}", msgspec.json.encode(config), None, self.timeout
+            )
+            result: dict[str, Any] = msgspec.json.decode(resp.data)
+            if result.get("error"):
+                error = result["error"]
+                raise InvalidArgument(f"the server refused the retention of {stream}: {error.get('description')}")
+
+        await self.conn.call(run, timeout=self.timeout)
+
+    async def _scan(
+        self, stream: str, subject_filter: str, start: Bound, end: Bound
+    ) -> AsyncIterator[tuple[str, int, datetime, dict[str, str], bytes]]:
+        """``(subject, seq, time, headers, body)`` of the messages matching ``subject_filter`` from
+        ``start`` to ``end``, in stream order, up to the last one stored when the scan began.
+
+        Through an ephemeral pull consumer (acks off, in memory, gone 10 s after its last use),
+        fetched ``_BATCH`` at a time: a delivered message carries only its own headers (origin,
+        message id) and takes its sequence and time from the reply subject. A batch direct get
+        carries eight more headers per message, and nats-py parses headers character by character
+        (measured: 6 of 8 s of a 20k-event replay went to that parse).
+        """
+        config: dict[str, Any] = {
+            "ack_policy": "none",
+            "filter_subject": subject_filter,
+            "inactive_threshold": 10 * _NS,
+            "mem_storage": True,
+            "num_replicas": 1,
+        }
+        if isinstance(start, datetime):
+            config.update(deliver_policy="by_start_time", opt_start_time=_rfc3339(start))
+        elif start:
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=start)
+        else:
+            config["deliver_policy"] = "all"
+        conn, timeout = self.conn, self.timeout
+        body = msgspec.json.encode({"stream_name": stream, "config": config})
+        resp = await conn.request(f"$JS.API.CONSUMER.CREATE.{stream}", body, None, timeout)
+        created: dict[str, Any] = msgspec.json.decode(resp.data)
+        if created.get("error"):
+            if created["error"].get("err_code") == 10059:  # no such stream: nothing was written
+                return
+            raise_api_error(created["error"])
+        name, pending = created["name"], created["num_pending"]
+        arrived: deque[Msg | None] = deque()
+        ready = asyncio.Event()
+
+        async def on_msg(m: Msg) -> None:
+            arrived.append(None if (m.headers and "Status" in m.headers and not m.data) else m)
+            ready.set()
+
+        inbox = conn.nc.new_inbox()
+        sub = await conn.nc.subscribe(inbox, cb=on_msg)
+        try:
+            left = pending
+            while left > 0:
+                want = min(_BATCH, left)
+                req = msgspec.json.encode({"batch": want, "no_wait": True})
+                await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=inbox)
+                got = 0
+                while got < want:
+                    while not arrived:  # one wait per burst, not per message
+                        ready.clear()
+                        async with asyncio.timeout(timeout):
+                            await ready.wait()
+                    m = arrived.popleft()
+                    if m is None:
+                        break  # the server's "no more messages" (removed since, e.g. expired)
+                    got += 1
+                    seq, ts = _ack_fields(m.reply)
+                    if isinstance(end, int) and seq > end:
+                        return
+                    t = datetime.fromtimestamp(ts / _NS, UTC)
+                    if isinstance(end, datetime) and t > end:
+                        return
+                    yield m.subject, seq, t, m.headers or {}, m.data
+                if got < want:
+                    return
+                left -= got
+        finally:
+            await sub.unsubscribe()
+            await conn.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")  # else gone when inactive
+
+    # -- replay ---------------------------------------------------------------------------------
+    async def key_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        subject_filter, exact = keys.pattern_filter(pattern)
+        kv = self.kv
+        n = len(kv.prefix)
+        async for subject, seq, t, hdr, body in self._scan(kv.stream, kv.prefix + subject_filter, start, end):
+            key = keys.decode_key(subject[n:])
+            if not exact and not keys.matches(key, pattern):
+                continue
+            kind = _kv_kind(hdr)
+            data = None
+            if kind == "set":
+                data = body
+                if "Botwire-Blob" in hdr:
+                    try:
+                        data = await kv.blobs.read(key, body)
+                    except BotWireError:
+                        data = None  # an overwritten large value: its chunks are reclaimed
+            yield RawEvent("memory", seq, t, kind, key, data, hdr.get("Botwire-Origin"))
+
+    async def chat_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        subject_filter, exact = keys.pattern_filter(pattern)
+        prefix = f"botwire.{self.namespace}."
+        async for subject, seq, t, hdr, body in self._scan(self.chat_stream, f"{prefix}*.{subject_filter}", start, end):
+            kind_of_subject, _, token_path = subject[len(prefix) :].partition(".")
+            if kind_of_subject not in ("chat", "chatev"):
+                continue  # an expiry schedule: how expiry works, not an event
+            session_id = keys.decode_key(token_path)
+            if not exact and not keys.matches(session_id, pattern):
+                continue
+            upto = None
+            if kind_of_subject == "chatev":
+                kind = hdr.get("Botwire-Event", "summary")
+                upto = int(hdr["Botwire-Upto"]) if "Botwire-Upto" in hdr else None
+            else:
+                kind = "append" if body else "expire"  # an empty body: the expiry rollup
+            yield RawEvent("chat", seq, t, kind, session_id, body or None, hdr.get("Botwire-Origin"), upto)
+
+    # -- past states ----------------------------------------------------------------------------
+    async def key_at(self, key: str, at: datetime) -> bytes | None:
+        kv = self.kv
+        if await self._info(kv.stream) is None:
+            return None
+        msgs = await self.conn.read_subject(kv.stream, kv.subject(key), page=1000, timeout=self.timeout)
+        best: Msg | None = None
+        for m in msgs:
+            if parse_time((m.headers or {})["Nats-Time-Stamp"]) > at:
+                break
+            best = m
+        if best is None:
+            if not msgs:
+                return None  # never written (or expired: the server then removes all of it)
+            hdr = msgs[0].headers or {}
+            first = hdr["Nats-Time-Stamp"]
+            if "Nats-Rollup" in hdr:
+                raise BeforeRetention(
+                    f"{key!r} as of {_rfc3339(at)}: its revisions before {first} were removed by a write "
+                    "with a TTL (which rolls up the older revisions) or its expiry"
+                )
+            info = await self._info(kv.stream)
+            history = (info or {}).get("config", {}).get("max_msgs_per_subject", DEFAULT_HISTORY)
+            if history > 0 and len(msgs) >= history:
+                raise BeforeRetention(
+                    f"{key!r} as of {_rfc3339(at)}: the namespace keeps {history} revisions per key, "
+                    f"the oldest kept from {first}; raise its key_history to reach further"
+                )
+            return None  # its first write came after ``at``
+        if op_of(best.headers) != "set":
+            return None
+        try:
+            return await kv._data(key, best)
+        except BotWireError as exc:
+            raise BeforeRetention(
+                f"{key!r} as of {_rfc3339(at)} was a large value since overwritten: its chunks are reclaimed"
+            ) from exc
+
+    async def log_at(self, session_id: str, at: datetime) -> list[LogEntry]:
+        info = await self._info(self.chat_stream)
+        if info is None:
+            return []
+        token_path = keys.encode_key(session_id)
+        for m in await self.conn.read_subject(self.chat_stream, self.events + token_path, timeout=self.timeout):
+            hdr = m.headers or {}
+            cleared = parse_time(hdr["Nats-Time-Stamp"])
+            if hdr.get("Botwire-Event") == "clear" and cleared > at:
+                raise BeforeRetention(
+                    f"conversation {session_id!r} as of {_rfc3339(at)}: it was cleared at {_rfc3339(cleared)}, "
+                    "which removed its messages before"
+                )
+        config = info["config"]
+        max_age = config.get("max_age", 0) / _NS
+        if max_age and at < datetime.now(UTC) - timedelta(seconds=max_age):
+            raise BeforeRetention(
+                f"conversation {session_id!r} as of {_rfc3339(at)}: the namespace keeps its logs for {max_age:g} s"
+            )
+        msgs = await self.conn.read_subject(self.chat_stream, self.chat + token_path, timeout=self.timeout)
+        out: list[LogEntry] = []
+        for m in msgs:
+            hdr = m.headers or {}
+            t = parse_time(hdr["Nats-Time-Stamp"])
+            if t > at:
+                if not out:
+                    limit = config.get("max_msgs_per_subject", -1)
+                    if not m.data:
+                        raise BeforeRetention(
+                            f"conversation {session_id!r} as of {_rfc3339(at)}: it expired at {_rfc3339(t)}"
+                        )
+                    if limit > 0 and len(msgs) >= limit:
+                        raise BeforeRetention(
+                            f"conversation {session_id!r} as of {_rfc3339(at)}: the namespace keeps {limit} "
+                            f"messages per conversation, the oldest kept from {_rfc3339(t)}"
+                        )
+                break
+            if m.data:
+                out.append(LogEntry(int(hdr["Nats-Sequence"]), t, m.data))
+        return out
+
+    # -- conversation events --------------------------------------------------------------------
+    async def _ensure_events(self) -> None:
+        """Give the chat stream the events subject (streams made before it existed lack it)."""
+        if self._events_ready:
+            return
+        wanted = f"{self.events}>"
+
+        def add(config: dict[str, Any]) -> bool:
+            subjects = config.setdefault("subjects", [])
+            if wanted in subjects:
+                return False
+            subjects.append(wanted)
+            return True
+
+        await self._update(self.chat_stream, add)
+        self._events_ready = True
+
+    async def _record(self, session_id: str, kind: Literal["summary", "clear"], data: bytes, upto: int | None) -> int:
+        await self._ensure_events()
+        headers = origin_headers()
+        headers["Botwire-Event"] = kind
+        if upto is not None:
+            headers["Botwire-Upto"] = str(upto)
+        subject = self.events + keys.encode_key(session_id)
+        return await self.conn.publish(subject, data, headers, self.timeout, what=kind)
+
+    async def add_summary(self, session_id: str, data: bytes, upto: int) -> int:
+        subject = self.chat + keys.encode_key(session_id)
+        probe = await self.conn.direct_batch(
+            self.chat_stream, {"next_by_subj": subject, "seq": upto, "batch": 1}, self.timeout
+        )
+        m = probe.msgs[0] if probe.msgs else None
+        if m is None or int((m.headers or {})["Nats-Sequence"]) != upto or not m.data:
+            raise InvalidArgument(
+                f"upto={upto} is not a message of conversation {session_id!r}: a summary covers the "
+                "messages up to one of its own sequences (nothing was written)"
+            )
+        return await self._record(session_id, "summary", data, upto)
+
+    async def last_summary(self, session_id: str) -> RawEvent | None:
+        # one request: the caller has opened the conversation, so the stream exists (a stream made
+        # before the events subject existed answers "no message")
+        m = await self.conn.direct_get_last(self.chat_stream, self.events + keys.encode_key(session_id), self.timeout)
+        hdr = (m.headers or {}) if m is not None else {}
+        if m is None or hdr.get("Botwire-Event") != "summary":
+            return None  # none, or cleared since
+        return RawEvent(
+            "chat",
+            int(hdr["Nats-Sequence"]),
+            parse_time(hdr["Nats-Time-Stamp"]),
+            "summary",
+            session_id,
+            m.data,
+            hdr.get("Botwire-Origin"),
+            int(hdr["Botwire-Upto"]),
+        )
+
+    async def record_clear(self, session_id: str) -> None:
+        await self._record(session_id, "clear", b"", None)  # the caller has opened the stream
+
+    # -- retention ------------------------------------------------------------------------------
+    async def retention(self) -> RetentionState:
+        kv_info = await self._info(self.kv.stream)
+        chat_info = await self._info(self.chat_stream)
+        history = DEFAULT_HISTORY if kv_info is None else kv_info["config"].get("max_msgs_per_subject", DEFAULT_HISTORY)
+        messages = age = None
+        if chat_info is not None:
+            limit = chat_info["config"].get("max_msgs_per_subject", -1)
+            messages = limit if limit > 0 else None
+            age = chat_info["config"].get("max_age", 0) / _NS or None
+            (AGE_LIMITED.add if age else AGE_LIMITED.discard)(self.chat_stream)
+        return RetentionState(history, messages, age, _oldest(kv_info), _oldest(chat_info))
+
+    async def set_retention(self, key_history: int | None, log_messages: int | None, log_age: float | None) -> None:
+        if key_history is not None:
+            await self.conn.ensure_stream(self.kv.config(), self.timeout)
+            await self.conn.set_max_per_subject(self.kv.stream, key_history, self.timeout)
+        if log_messages is not None and 0 < log_messages < _TAIL_MESSAGES:
+            raise InvalidArgument(
+                f"log_messages must be 0 (keep all) or at least {_TAIL_MESSAGES}, not {log_messages}: "
+                f"a process serves last=N (N up to {_TAIL_MESSAGES}) from the newest messages it read"
+            )
+        if log_messages is None and log_age is None:
+            return
+        from .chatlog import NatsChat
+
+        await self.conn.ensure_stream(NatsChat(self.namespace, self.timeout).config(1), self.timeout)
+
+        def change(config: dict[str, Any]) -> bool:
+            before = dict(config)
+            if log_messages is not None:
+                config["max_msgs_per_subject"] = log_messages or -1
+            if log_age is not None:
+                config["max_age"] = int(log_age * _NS)
+                # the server refuses a de-duplication window longer than max_age
+                window = _MIN_DUPLICATE_WINDOW if not log_age else min(_MIN_DUPLICATE_WINDOW, log_age)
+                config["duplicate_window"] = int(window * _NS)
+            return config != before
+
+        await self._update(self.chat_stream, change)
+        if log_age is not None:
+            (AGE_LIMITED.add if log_age else AGE_LIMITED.discard)(self.chat_stream)
+
+
+def _ack_fields(reply: str) -> tuple[int, int]:
+    """The stream sequence and the stored time (ns) in a consumer delivery's reply subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``, or with the domain
+    and account hash after ``$JS.ACK`` and a random token at the end (12 tokens)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[7])
+    return int(tokens[7]), int(tokens[9])
+
+
+def _oldest(info: dict[str, Any] | None) -> datetime | None:
+    state = (info or {}).get("state") or {}
+    if not state.get("messages"):
+        return None
+    return parse_time(state["first_ts"])
