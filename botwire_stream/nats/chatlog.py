@@ -28,8 +28,8 @@ from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import nats.errors
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
