@@ -8,13 +8,14 @@ Every method runs through ``RetryingConnection.call`` and honours its ``timeout`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import StreamConfig
+from nats.js.api import Placement, StreamConfig
 
 from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
@@ -79,12 +80,34 @@ class Connection(RetryingConnection):
     """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
 
     # -- streams --------------------------------------------------------------------------------
+    def cluster_size(self) -> int:
+        """How many servers the connected cluster has (1: a single server), from the server's
+        INFO: its ``cluster`` name, and ``connect_urls``, the client URLs of every server of the
+        cluster (nats-server gossips them to clients; ``no_advertise`` hides them: 3 assumed)."""
+        info = self.nc._server_info
+        if not info.get("cluster"):
+            return 1
+        return len(info.get("connect_urls") or ()) or 3
+
+    def placed(self, config: StreamConfig) -> StreamConfig:
+        """``config`` with the replica count and placement tags of this connection's settings.
+
+        A count given by the caller (``replicas=``) is kept; None takes ``?replicas=N`` /
+        ``BOTWIRE_REPLICAS``, else 3 on a cluster of 3 or more servers (a Raft group that keeps
+        every acknowledged write through the loss of any one server), else the cluster's size.
+        """
+        replicas = config.num_replicas or self.opts.replicas or min(3, self.cluster_size())
+        placement = Placement(tags=list(self.opts.tags)) if self.opts.tags else config.placement
+        return dataclasses.replace(config, num_replicas=replicas, placement=placement)
+
     async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> None:
-        """Create the stream unless this connection already knows it exists (within ``timeout``)."""
+        """Create the stream unless this connection already knows it exists (within ``timeout``),
+        replicated as ``placed`` says. A stream that exists keeps its own replicas and placement."""
         name = config.name
         assert name is not None
         if name in self._ready_streams:
             return
+        config = self.placed(config)
 
         async def run() -> None:
             # One request: creating a stream that exists with the same config is a no-op, and
