@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ class Node:
         self.log = workdir / "server.log"
         self.port = -1
         self.route_port = 0
+        self.monitoring = ""
         self.routes: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra = ""
@@ -75,11 +77,25 @@ class Node:
                 port=self.port,
                 ports_dir=self.ports_dir,
                 store_dir=self.store,
-                extra=[f"server_name: {self.name}", cluster, self.extra],
+                extra=[f"server_name: {self.name}", "http: 127.0.0.1:-1", cluster, self.extra],
             )
         )
         self.proc, self.port = start(find_binary(), conf, self.ports_dir, log=self.log)
+        ports = json.loads(next(self.ports_dir.glob("*.ports")).read_text())
+        self.monitoring = str(ports["monitoring"][0])
         return self
+
+    def stream_messages(self, stream: str) -> int | None:
+        """How many messages this node's own copy of ``stream`` holds (its monitoring ``/jsz``),
+        or None when it has none: what shows that a restarted node caught up."""
+        url = f"{self.monitoring}/jsz?accounts=true&streams=true"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # loopback, our own node
+            jsz = json.load(resp)
+        for account in jsz.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == stream:
+                    return int(detail["state"]["messages"])
+        return None
 
     def send(self, sig: int) -> None:
         """Send ``sig`` to this node's own process (SIGKILL, SIGSTOP, SIGCONT), by PID."""

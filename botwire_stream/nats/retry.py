@@ -63,6 +63,10 @@ _RETRYABLE = (
 )
 
 
+class _Unacknowledged(_Resend):
+    """A write to a cluster got no acknowledgement within ``_RESEND_AFTER``: send it again now."""
+
+
 class _Busy(nats.errors.NoRespondersError):
     """The server refused a publish for lack of room (nothing stored): send it again later."""
 
@@ -75,10 +79,10 @@ HEADROOM = 16 * 1024  # room for headers under the server's max_payload
 _PROBE_AFTER = 1.0
 _GREETING_WAIT = 1.0  # embedded._answers' timeout
 # A write to a cluster unanswered for this long is re-sent (same Nats-Msg-Id, so stored once): an
-# R3 publish is acknowledged in 0.8 ms at p99 on loopback (notes/nats-facts.md), so a silent
-# second means a leader election, not a slow write. A write that is merely slow converges all the
+# R3 publish is acknowledged in 0.8 ms at p99 on loopback (notes/nats-facts.md), so half a second
+# of silence means a leader election, not a slow write. A write that is merely slow converges all the
 # same: once it is stored, its re-sends are answered at once from the duplicate window.
-_RESEND_AFTER = 1.0
+_RESEND_AFTER = 0.5
 
 
 class ServerRestart(Protocol):
@@ -181,7 +185,7 @@ class RetryingConnection:
                     future.cancel()
                     write.resent += 1
                     write.unknown = True
-                    raise _Resend()
+                    raise _Unacknowledged()
         msg = await future
         hdr = msg.headers
         if hdr is not None and hdr.get("Status") == "503" and not msg.data:
@@ -345,6 +349,8 @@ class RetryingConnection:
                         continue
                     raise await self._fail(exc, timeout, write) from exc
                 delay = min(delay * 2, 1.0)
+                if isinstance(exc, _Unacknowledged):
+                    continue  # it waited _RESEND_AFTER already: re-send at once
                 if self.nc.is_connected:
                     await asyncio.sleep(wait)
                 elif self.restart is None:  # nats-py reconnects by itself: re-send once it has
