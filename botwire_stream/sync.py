@@ -312,7 +312,7 @@ class TokenStream:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self._core = AsyncTokenStream(

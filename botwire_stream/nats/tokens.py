@@ -55,7 +55,7 @@ _WAKE = "tokw"  # where stored messages are republished (headers only); outside 
 _state_decoder = msgspec.json.Decoder(TokenState)
 
 
-def token_stream_config(replicas: int | None = 1) -> StreamConfig:
+def token_stream_config(replicas: int | None = None) -> StreamConfig:
     """The JetStream stream that holds every token stream."""
     return StreamConfig(
         name=TOKENS_STREAM,
