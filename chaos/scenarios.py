@@ -200,6 +200,7 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
                 return bool(group.get("leader") == name or any(p["name"] == name and p.get("current") for p in peers))
 
             await _until(rejoined, f"{leader} rejoining", 30)
+            await asyncio.to_thread(cluster.wait_healthy)
         await asyncio.sleep(steady)
         await w.stop()
         counts = await w.count("3-node cluster, stream leader SIGKILLed under load")

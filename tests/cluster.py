@@ -4,7 +4,8 @@ on loopback, each with its own store folder, killed and restarted by PID.
 No fixed ports: the first node picks its client and route ports (``-1``) and reports them in its
 ports file; the others route to it and the cluster gossips the full mesh. A restarted node keeps
 its ports and store, so clients given the node list find it again and it catches up from the
-others. ``Cluster.start`` returns once JetStream has a meta leader (a stream can be created then).
+others. ``Cluster.start`` returns once every node's ``/healthz`` says its JetStream is current with the
+cluster (a meta leader is elected: streams can be created).
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class Node:
         self.monitoring = str(ports["monitoring"][0])
         return self
 
+    def healthy(self) -> bool:
+        """Whether the node's JetStream is up and current with the cluster (its ``/healthz``)."""
+        try:
+            with urllib.request.urlopen(f"{self.monitoring}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:  # 503 (HTTPError is an OSError) or not listening yet
+            return False
+
     def stream_messages(self, stream: str) -> int | None:
         """How many messages this node's own copy of ``stream`` holds (its monitoring ``/jsz``),
         or None when it has none: what shows that a restarted node caught up."""
@@ -163,36 +172,20 @@ class Cluster:
                 self.stop()
                 if attempt == 2:
                     raise
-        self.wait_meta_leader(timeout)
+        self.wait_healthy(timeout)  # a meta leader elected, every node current with it
         return self
 
     def node(self, name: str) -> Node:
         """The node whose server name is ``name`` (as in stream info's ``cluster.leader``)."""
         return next(n for n in self.nodes if n.name == name)
 
-    def wait_meta_leader(self, timeout: float = 20.0) -> None:
-        """Until JetStream's meta group has a leader: account info answers on every running node."""
-        asyncio.run(self._wait_meta_leader(timeout))
-
-    async def _wait_meta_leader(self, timeout: float) -> None:
-        import nats
-
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every running node is current with the cluster (a restarted one has rejoined)."""
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            if not node.running:
-                continue
-            nc = await nats.connect(node.url, connect_timeout=2, allow_reconnect=False)
-            try:
-                while True:
-                    try:
-                        await nc.jetstream().account_info()
-                        break
-                    except Exception:  # noqa: BLE001 - no meta leader yet (503, no responders)
-                        if time.monotonic() > deadline:
-                            raise AssertionError(f"no JetStream meta leader within {timeout} s") from None
-                        await asyncio.sleep(0.05)
-            finally:
-                await nc.close()
+        while not all(n.healthy() for n in self.nodes if n.running):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the cluster's nodes were not all healthy within {timeout} s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for node in self.nodes:

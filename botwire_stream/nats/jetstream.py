@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import Placement, StreamConfig
@@ -311,6 +312,8 @@ class Connection(RetryingConnection):
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
                     return None
+                if hdr["Status"] == "503":  # no responders: a replica that just died (retried)
+                    raise nats.errors.NoRespondersError
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             return msg
 

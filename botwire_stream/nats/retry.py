@@ -179,10 +179,13 @@ class RetryingConnection:
             write.sent = True
             if self.restart is None and self.nc._server_info.get("cluster"):
                 # A leader election swallows writes silently: re-send (see the module docstring).
-                done, _ = await asyncio.wait({future}, timeout=_RESEND_AFTER)
-                if not done:
-                    mux.waiting.pop(reply[len(mux.prefix) :], None)
-                    future.cancel()
+                try:
+                    await asyncio.wait({future}, timeout=_RESEND_AFTER)
+                finally:
+                    if not future.done():  # given up (or the call's deadline): nobody awaits it
+                        mux.waiting.pop(reply[len(mux.prefix) :], None)
+                        future.cancel()
+                if future.cancelled():
                     write.resent += 1
                     write.unknown = True
                     raise _Unacknowledged()
