@@ -192,13 +192,13 @@ class Cluster:
             node.stop()
 
 
-async def stream_info(url: str, stream: str) -> dict[str, Any]:
+async def stream_info(url: str, stream: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """The raw ``$JS.API.STREAM.INFO`` of ``stream`` (config, state, cluster leader and replicas)."""
     import nats
 
-    nc = await nats.connect(url.split(","), connect_timeout=2)
+    nc = await nats.connect(url.split(","), connect_timeout=2, token=token, max_reconnect_attempts=2)
     try:
-        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5)
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
         info: dict[str, Any] = json.loads(msg.data)
         return info
     finally:
