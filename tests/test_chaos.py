@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from botwire_stream import Memory
+from botwire_stream.errors import InvalidArgument
 from chaos import scenarios
 
 
@@ -33,3 +35,18 @@ async def test_stalled_and_cut_links_lose_nothing_and_never_hang(tmp_path: Path)
     assert counts.extra["failed_after_s"] < 3 * counts.extra["timeout_s"]  # ...in bounded time
     assert counts.extra["connections"] >= 3  # the client reconnected after each cut
     assert counts.stored == counts.acked + counts.failed_stored, counts.line()
+
+
+def test_the_embedded_server_fsyncs_every_write_when_asked(botwire_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BOTWIRE_SYNC_INTERVAL=always``: the embedded server is started with JetStream's
+    ``sync_interval: always`` (config file only; no command-line flag exists); a value that is
+    neither ``always`` nor a duration is refused with InvalidArgument before anything starts."""
+    monkeypatch.setenv("BOTWIRE_SYNC_INTERVAL", "fast")
+    with pytest.raises(InvalidArgument, match="BOTWIRE_SYNC_INTERVAL"):
+        Memory("ns").set("k", 1)
+    assert not (botwire_home / "server" / "nats.conf").exists()  # no server configured nor started
+    monkeypatch.setenv("BOTWIRE_SYNC_INTERVAL", "always")
+    with Memory("ns") as m:
+        m.set("k", 1)
+        assert m.get("k") == 1
+    assert "sync_interval: always" in (botwire_home / "server" / "nats.conf").read_text()
