@@ -21,7 +21,7 @@ from nats.js.api import Placement, StreamConfig
 from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
 from .replies import Batch
-from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
+from .retry import READ_FIRST, RetryingConnection, _Busy, _NoPeers, _Write
 
 __all__ = ["Connection"]
 
@@ -32,6 +32,7 @@ _BUSY_CODES = frozenset({10167, 10210, 10176})
 _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
+_NO_PEERS = 10005  # "no suitable peers for placement"
 
 
 class _PubAck(msgspec.Struct):
@@ -116,6 +117,8 @@ class Connection(RetryingConnection):
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == _NO_PEERS:  # a server down or rejoining (measured right after a restart)
+                    raise _NoPeers(exc.description or "no suitable peers for placement") from exc
                 if exc.err_code != 10058:
                     raise
             except nats.js.errors.APIError as exc:

@@ -67,6 +67,15 @@ class _Unacknowledged(_Resend):
     """A write to a cluster got no acknowledgement within ``_RESEND_AFTER``: send it again now."""
 
 
+class _NoPeers(nats.errors.NoRespondersError):
+    """The cluster could not place a new stream's replicas (10005: a server is down or rejoining,
+    or none has the placement tags): tried again until the deadline, then ``ServerUnavailable``."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__()
+        self.description = description
+
+
 class _Busy(nats.errors.NoRespondersError):
     """The server refused a publish for lack of room (nothing stored): send it again later."""
 
@@ -420,6 +429,12 @@ class RetryingConnection:
             return OutcomeUnknown(
                 f"the server did not confirm the {write.what} within {timeout:g} s (it stalled or "
                 f"restarted): it may or may not be stored; {write.advice}"
+            )
+        if isinstance(exc, _NoPeers):
+            return ServerUnavailable(
+                f"the cluster could not place the namespace's replicas within {timeout:g} s ({exc.description}): "
+                "a server is down or restarting, or no server has the placement tags; retry once all are up, "
+                "or ask for fewer replicas (replicas=, ?replicas=N, BOTWIRE_REPLICAS)"
             )
         if isinstance(exc, _Busy):
             return QuotaExceeded(
