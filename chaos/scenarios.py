@@ -273,7 +273,14 @@ async def latency(url: str, n: int = 2000, replicas: int | None = None) -> dict[
     async with AsyncChatHistory("s", namespace=ns, url=url, replicas=replicas) as chat, AsyncMemory(
         ns, url=url, replicas=replicas
     ) as mem:
-        for name, op in (("append", lambda i: chat.append({"i": i})), ("set", lambda i: mem.set(f"k{i % 100}", i))):
+        async def append(i: int) -> object:
+            return await chat.append({"i": i})
+
+        async def set_(i: int) -> object:
+            return await mem.set(f"k{i % 100}", i)
+
+        ops: list[tuple[str, Callable[[int], Awaitable[object]]]] = [("append", append), ("set", set_)]
+        for name, op in ops:
             for i in range(100):  # warm up
                 await op(i)
             times = []

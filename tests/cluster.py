@@ -10,7 +10,6 @@ cluster (a meta leader is elected: streams can be created).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
