@@ -10,13 +10,16 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
+from nats.aio.client import Server
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, Memory
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from botwire_stream.nats import pool
 from botwire_stream.nats.chatlog import stream_name
+from botwire_stream.nats.connect import _next_server
 from botwire_stream.settings import resolve
 from chaos import scenarios
 from tests.cluster import Cluster, stream_info
@@ -76,6 +79,24 @@ def test_replicas_none_is_accepted_and_bad_values_still_refused() -> None:
     with pytest.raises(InvalidArgument, match="from 1 to 5 or None"):
         AsyncMemory("ns", url="nats://127.0.0.1:1", replicas=0)
     AsyncMemory("ns", url="nats://127.0.0.1:1", replicas=None)  # nothing connects before the first call
+
+
+def test_reconnects_go_to_the_least_tried_server_with_a_growing_jittered_wait() -> None:
+    """nats-py's reconnect hook as the pool installs it: the first try after a loss at once, to
+    the server tried least; then, each round every server failed, a doubling wait capped at 2 s."""
+    a, b, c = (Server(uri=urlparse(f"nats://127.0.0.1:{p}")) for p in (1, 2, 3))
+    a.reconnects, b.reconnects, c.reconnects = 1, 0, 1
+    assert _next_server([a, b, c], {}) == (b, 0.0)
+    waits = []
+    for rounds in range(1, 8):
+        for s in (a, b, c):
+            s.reconnects = rounds
+        chosen, wait = _next_server([a, b, c], {})
+        assert chosen in (a, b, c)
+        waits.append(wait)
+        assert 0.5 * min(0.1 * 2 ** (rounds - 1), 2.0) <= wait <= min(0.1 * 2 ** (rounds - 1), 2.0)
+    assert max(waits) <= 2.0
+    assert _next_server([], {}) == (None, 0.0)
 
 
 # -- replication ------------------------------------------------------------------------------

@@ -109,8 +109,8 @@ pinned_context = embedded.pinned_context
 # Reconnect backoff to a list of servers: the first try after a loss is immediate, then each full
 # round of failed servers doubles the wait (0.1, 0.2, 0.4... s), up to 2 s, with jitter so that
 # the clients of a server that went away do not all come back in step. A cluster's surviving
-# servers take a client within the first round (measured: reconnected in under 50 ms after a
-# SIGKILL of its server); the doubling only spaces out tries while every server is away.
+# servers take a client within the first round (tests/test_cluster.py kills the client's server:
+# its next calls succeed on another); the doubling only spaces out tries while every server is away.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
 
