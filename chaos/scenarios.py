@@ -60,8 +60,8 @@ class _Writers:
     """``n`` tasks appending ``{"w": w, "i": i}`` to one conversation until stopped or ``total``
     acknowledged; records which were acknowledged, which failed, and when."""
 
-    def __init__(self, chat: AsyncChatHistory, n: int, total: int | None = None) -> None:
-        self.chat = chat
+    def __init__(self, chat: AsyncChatHistory, n: int, total: int | None = None, *more: AsyncChatHistory) -> None:
+        self.chats = [chat, *more]  # writer w appends to chats[w % len(chats)]
         self.total = total
         self.acked: set[tuple[int, int]] = set()
         self.failed: set[tuple[int, int]] = set()
@@ -76,7 +76,7 @@ class _Writers:
         while not self.stopped and (self.total is None or len(self.acked) < self.total):
             sent = time.monotonic()
             try:
-                await self.chat.append({"w": w, "i": i})
+                await self.chats[w % len(self.chats)].append({"w": w, "i": i})
             except ServerUnavailable as exc:  # OutcomeUnknown included
                 self.failed.add((w, i))
                 self.errors[type(exc).__name__] += 1
@@ -113,7 +113,7 @@ class _Writers:
         await asyncio.gather(*self._tasks)
 
     async def count(self, name: str) -> Counts:
-        msgs = await self.chat.messages()
+        msgs = [m for chat in self.chats for m in await chat.messages()]
         seen = Counter((m["w"], m["i"]) for m in msgs)
         return Counts(
             name=name,
@@ -176,11 +176,15 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
     kill, and each node's message count at the end (all equal: every node caught up)."""
     ns = _namespace()
     stream = f"BOTWIRE_CHAT_{ns}"
-    async with AsyncChatHistory("s", namespace=ns, url=cluster.url, timeout=15) as chat:
+    # Half the writers append to a conversation with a TTL: each of its appends is two messages
+    # (the expiry schedule, then the message), acknowledged together.
+    async with AsyncChatHistory("s", namespace=ns, url=cluster.url, timeout=15) as chat, AsyncChatHistory(
+        "t", namespace=ns, url=cluster.url, timeout=15, ttl=3600
+    ) as timed:
         await chat.append({"w": -1, "i": 0})
         info = await stream_info(cluster.url, stream)
         replicas = info["config"]["num_replicas"]
-        w = _Writers(chat, writers)
+        w = _Writers(chat, writers, None, timed)
         resumes = []
         leaders = []
         for _ in range(kills):
@@ -204,7 +208,7 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
         await asyncio.sleep(steady)
         await w.stop()
         counts = await w.count("3-node cluster, stream leader SIGKILLed under load")
-        total = counts.stored  # the first append included
+        total = counts.stored + 1  # the first append included, and the TTL conversation's schedule
         per_node: list[int | None] = []
 
         async def all_caught_up() -> bool:

@@ -218,15 +218,20 @@ class Connection(RetryingConnection):
 
         async def run() -> list[int]:
             mux = self._mux or await self._replies()
-            futures = []
+            waiting = []
             for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
-                futures.append(future)
+                waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
+            await self._acks_or_resend(mux, waiting, write)
             seqs = []
-            for future in futures:
-                ack = _ack_decoder.decode((await future).data)
+            for _, future in waiting:
+                msg = await future
+                if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                    # no responders: the stream had no leader for a moment (a cluster's election)
+                    raise nats.errors.NoRespondersError
+                ack = _ack_decoder.decode(msg.data)
                 if ack.error is not None:
                     raise_api_error(ack.error)
                 seqs.append(ack.seq)

@@ -186,23 +186,34 @@ class RetryingConnection:
         await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
         if write is not None:
             write.sent = True
-            if self.restart is None and self.nc._server_info.get("cluster"):
-                # A leader election swallows writes silently: re-send (see the module docstring).
-                try:
-                    await asyncio.wait({future}, timeout=_RESEND_AFTER)
-                finally:
-                    if not future.done():  # given up (or the call's deadline): nobody awaits it
-                        mux.waiting.pop(reply[len(mux.prefix) :], None)
-                        future.cancel()
-                if future.cancelled():
-                    write.resent += 1
-                    write.unknown = True
-                    raise _Unacknowledged()
+            await self._acks_or_resend(mux, [(reply, future)], write)
         msg = await future
         hdr = msg.headers
         if hdr is not None and hdr.get("Status") == "503" and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
+
+    async def _acks_or_resend(
+        self, mux: _ReplyMux, waiting: list[tuple[str, asyncio.Future[Msg]]], write: _Write
+    ) -> None:
+        """On a cluster: wait up to ``_RESEND_AFTER`` for the acknowledgements of a write's
+        messages, else give them up and raise ``_Unacknowledged`` so that ``call`` re-sends the
+        write with its ids (a leader election swallows writes silently; see the module docstring).
+        Elsewhere, nothing: the caller awaits its replies until the deadline."""
+        if self.restart is not None or not self.nc._server_info.get("cluster"):
+            return
+        futures = {f for _, f in waiting}
+        try:
+            await asyncio.wait(futures, timeout=_RESEND_AFTER)
+        finally:
+            for reply, future in waiting:
+                if not future.done():  # given up (or the call's deadline): nobody awaits it
+                    mux.waiting.pop(reply[len(mux.prefix) :], None)
+                    future.cancel()
+        if any(f.cancelled() for f in futures):
+            write.resent += 1
+            write.unknown = True
+            raise _Unacknowledged()
 
     async def close(self) -> None:
         """Close the NATS connection; requests still waiting fail."""
