@@ -248,7 +248,7 @@ def _check_transport(opts: ConnectOptions) -> None:
 
 
 async def open_memory(
-    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float
+    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int | None, timeout: float
 ) -> MemoryBackend:
     """The key-value backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
     _check_transport(opts)
@@ -270,7 +270,7 @@ def prepare(opts: ConnectOptions, while_booting: Callable[[], object]) -> None:
         embedded.ensure(Path(opts.home) if opts.home else None, while_booting=while_booting)
 
 
-async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> ChatBackend:
+async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> ChatBackend:
     """The conversation-log backend for ``opts`` (by ``opts.transport``), its namespace made sure to exist."""
     _check_transport(opts)
     if opts.transport == "http":
@@ -353,7 +353,7 @@ class TokenBackend(Protocol):
     async def close(self) -> None: ...
 
 
-async def open_tokens(opts: ConnectOptions, *, replicas: int, timeout: float) -> TokenBackend:
+async def open_tokens(opts: ConnectOptions, *, replicas: int | None, timeout: float) -> TokenBackend:
     """The token-stream backend for ``opts`` (by ``opts.transport``), its storage made sure to exist."""
     _check_transport(opts)
     if opts.transport != "nats":

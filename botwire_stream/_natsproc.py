@@ -58,9 +58,11 @@ def render_config(
     max_payload: int | None = None,
     token: str | None = None,
     extra: Sequence[str] = (),
+    sync_interval: str | None = None,
 ) -> str:
     """A config for a JetStream server on 127.0.0.1 (``port`` -1: any free port), reporting its
-    port in ``ports_dir``; ``extra`` lines are appended as they are (TLS, accounts...)."""
+    port in ``ports_dir``; ``extra`` lines are appended as they are (TLS, accounts...).
+    ``sync_interval``: JetStream's fsync interval (``always``: every write), config file only."""
     lines = ["host: 127.0.0.1", f"port: {port}"]
     if max_payload is not None:
         lines.append(f"max_payload: {max_payload}")
@@ -69,8 +71,9 @@ def render_config(
         lines.append(f"authorization {{ token: {conf_string(token)} }}")
     lines.extend(extra)
     limit = f", max_file_store: {max_file_store}" if max_file_store is not None else ""
+    sync = f", sync_interval: {sync_interval}" if sync_interval else ""
     # embedded.store_limit_grew reads the limit back from "max_file_store: N }".
-    lines.append(f"jetstream {{ store_dir: {conf_string(str(store_dir))}{limit} }}")
+    lines.append(f"jetstream {{ store_dir: {conf_string(str(store_dir))}{sync}{limit} }}")
     return "\n".join(lines) + "\n"
 
 

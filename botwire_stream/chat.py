@@ -137,7 +137,7 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self.session_id = keys.check_session_id(session_id)
@@ -358,7 +358,7 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         opts = resolve(url, token=token, user=user, password=password, creds=creds)
         keys.pattern_filter(pattern)
         running_loop()  # a clear error outside asyncio
-        backend = await open_chat(opts, namespace, replicas=1, timeout=_SESSIONS_TIMEOUT)
+        backend = await open_chat(opts, namespace, replicas=None, timeout=_SESSIONS_TIMEOUT)
         try:
             return await backend.sessions(pattern, limit=limit, offset=offset, before=cursor)
         finally:

@@ -55,12 +55,13 @@ def running_loop() -> asyncio.AbstractEventLoop:
         ) from None
 
 
-def check_options(replicas: object, timeout: object) -> tuple[int, float]:
-    """``replicas`` (an int from 1 to 5, JetStream's range) and ``timeout`` (positive, finite
+def check_options(replicas: object, timeout: object) -> tuple[int | None, float]:
+    """``replicas`` (an int from 1 to 5, JetStream's range; None: chosen by the connection, from
+    the cluster's size, when a namespace is created) and ``timeout`` (positive, finite
     seconds, at most ``MAX_TIMEOUT``), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
     first call for ``timeout="5"``, a JSON error from the server for ``replicas=True``)."""
-    if type(replicas) is not int or not 1 <= replicas <= 5:
-        raise InvalidArgument(f"replicas must be an int from 1 to 5, not {replicas!r}")
+    if replicas is not None and (type(replicas) is not int or not 1 <= replicas <= 5):
+        raise InvalidArgument(f"replicas must be an int from 1 to 5 or None (automatic), not {replicas!r}")
     return replicas, check_timeout(timeout)
 
 

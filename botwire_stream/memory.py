@@ -55,7 +55,7 @@ class AsyncMemory(StreamClient[MemoryBackend]):
         password: str | None = None,
         creds: str | None = None,
         history: int | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
         cache: bool = False,
         cache_entries: int = DEFAULT_MAX_ENTRIES,

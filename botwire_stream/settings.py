@@ -2,12 +2,18 @@
 
 An explicit ``url=`` that names no server (``""``, ``" "``, ``","``) is an error, as is a
 ``BOTWIRE_URL`` made only of commas and blanks; an empty or blank ``BOTWIRE_URL`` means unset.
+
+Replication of the namespaces this client creates (a NATS URL only): ``?replicas=N`` on the URL
+(any server of the list; 1-5), else ``BOTWIRE_REPLICAS``, else chosen from the cluster's size
+when the namespace is created (``nats/jetstream.py``); ``?tag=ssd&tag=eu`` (else
+``BOTWIRE_PLACEMENT_TAGS``, comma-separated) places them on servers with those tags.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -56,6 +62,8 @@ class ConnectOptions:
     user: str | None = None
     password: str | None = None
     creds: str | None = None
+    replicas: int | None = None  # None: chosen from the cluster's size (1 on a single server)
+    tags: tuple[str, ...] = ()  # placement tags of the streams this client creates
 
     @property
     def embedded(self) -> bool:
@@ -125,4 +133,46 @@ def resolve(
         raise InvalidArgument(
             f"{source} names several servers over HTTP; give one http(s):// URL (a load balancer in front of serve processes)"
         )
-    return ConnectOptions(servers=servers, token=token, user=user, password=password, creds=creds)
+    servers, replicas, tags = _placement(servers, source)
+    return ConnectOptions(
+        servers=servers, token=token, user=user, password=password, creds=creds, replicas=replicas, tags=tags
+    )
+
+
+_OPTIONS = ("replicas", "tag")
+
+
+def _replicas(text: str, where: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 5:
+        raise InvalidArgument(f"{where} must be an int from 1 to 5, not {text!r}")
+    return int(text)
+
+
+def _placement(servers: tuple[str, ...], source: str) -> tuple[tuple[str, ...], int | None, tuple[str, ...]]:
+    """The servers without their ``?replicas=N&tag=T`` options, and the options (URL first, then
+    ``BOTWIRE_REPLICAS`` / ``BOTWIRE_PLACEMENT_TAGS``). An unknown option is an error: nats-py
+    would pass it on silently."""
+    replicas: int | None = None
+    tags: list[str] = []
+    plain = []
+    for s in servers:
+        parts = urllib.parse.urlsplit(s)
+        if parts.scheme.lower() not in ("nats", "tls", "ws", "wss") or not parts.query:
+            plain.append(s)
+            continue
+        for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+            if name == "replicas":
+                replicas = _replicas(value, f"{source} option replicas=")
+            elif name == "tag" and value.strip():
+                tags.append(value.strip())
+            else:
+                raise InvalidArgument(
+                    f"{redact(s)}: unknown URL option {name!r}; supported: " + ", ".join(f"{o}=" for o in _OPTIONS)
+                )
+        plain.append(urllib.parse.urlunsplit(parts._replace(query="")))
+    env = os.environ.get("BOTWIRE_REPLICAS", "").strip()
+    if replicas is None and env:
+        replicas = _replicas(env, "BOTWIRE_REPLICAS")
+    if not tags:
+        tags = [t.strip() for t in os.environ.get("BOTWIRE_PLACEMENT_TAGS", "").split(",") if t.strip()]
+    return tuple(plain), replicas, tuple(tags)

@@ -90,7 +90,7 @@ class Memory:
         password: str | None = None,
         creds: str | None = None,
         history: int | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
         cache: bool = False,
         cache_entries: int = DEFAULT_MAX_ENTRIES,
@@ -202,7 +202,7 @@ class ChatHistory:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self._core = AsyncChatHistory(
@@ -342,7 +342,7 @@ class TokenStream:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self._core = AsyncTokenStream(

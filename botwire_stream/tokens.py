@@ -649,7 +649,7 @@ class TokenStreams:
 class _TokenClient(StreamClient[TokenBackend]):
     def __init__(
         self,
-        replicas: int,
+        replicas: int | None,
         timeout: float,
         url: str | None,
         token: str | None,
@@ -678,7 +678,7 @@ async def open_token_streams(
     user: str | None = None,
     password: str | None = None,
     creds: str | None = None,
-    replicas: int = 1,
+    replicas: int | None = None,
     timeout: float = 5.0,
 ) -> tuple[TokenStreams, StreamClient[TokenBackend]]:
     """``TokenStreams`` on a shared connection, and the client to ``close()`` when done."""
@@ -703,7 +703,7 @@ class AsyncTokenStream:
         user: str | None = None,
         password: str | None = None,
         creds: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self.path = check_path(path)

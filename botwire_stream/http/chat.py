@@ -181,7 +181,7 @@ class HttpChat:
         await self.http.close()
 
 
-async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> HttpChat:
-    if replicas != 1:
+async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> HttpChat:
+    if replicas not in (None, 1):
         raise errors.InvalidArgument("replicas= is set by the server over HTTP; leave it out")
     return HttpChat(acquire(opts, timeout), namespace)

@@ -211,7 +211,7 @@ class HttpMemory:
         await self._http.close()
 
 
-async def open_memory(opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float) -> HttpMemory:
+async def open_memory(opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int | None, timeout: float) -> HttpMemory:
     """The namespace over HTTP (``history`` and ``replicas`` are the server's settings there)."""
     if history is not None and history != 16:
         raise errors.InvalidArgument("history= is set by the server over HTTP; leave it out")

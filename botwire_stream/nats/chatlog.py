@@ -72,7 +72,7 @@ def stream_name(namespace: str) -> str:
     return f"BOTWIRE_CHAT_{namespace}"
 
 
-async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> NatsChat:
+async def open_chat(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> NatsChat:
     """The shared connection for ``opts`` with the namespace's stream made sure to exist."""
     chat = NatsChat(namespace, timeout)
     conn = await acquire(opts)
@@ -236,7 +236,7 @@ class NatsChat:
         self.ttl = f"botwire.{namespace}.chatttl."
         self.events = f"botwire.{namespace}.chatev."  # summaries and clears (nats/replay.py)
 
-    def config(self, replicas: int) -> StreamConfig:
+    def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
             subjects=[f"{self.chat}>", f"{self.ttl}>", f"{self.events}>"],

@@ -8,18 +8,20 @@ Every method runs through ``RetryingConnection.call`` and honours its ``timeout`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import StreamConfig
+from nats.js.api import Placement, StreamConfig
 
 from ..errors import OutcomeUnknown
 from .errors import ApiError, SubjectPurged, raise_api_error
 from .replies import Batch
-from .retry import READ_FIRST, RetryingConnection, _Busy, _Write
+from .retry import READ_FIRST, RetryingConnection, _Busy, _NoPeers, _Write
 
 __all__ = ["Connection"]
 
@@ -30,6 +32,7 @@ _BUSY_CODES = frozenset({10167, 10210, 10176})
 _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
+_NO_PEERS = 10005  # "no suitable peers for placement"
 
 
 class _PubAck(msgspec.Struct):
@@ -79,14 +82,36 @@ class Connection(RetryingConnection):
     """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
 
     # -- streams --------------------------------------------------------------------------------
+    def cluster_size(self) -> int:
+        """How many servers the connected cluster has (1: a single server), from the server's
+        INFO: its ``cluster`` name, and ``connect_urls``, the client URLs of every server of the
+        cluster (nats-server gossips them to clients; ``no_advertise`` hides them: 3 assumed)."""
+        info = self.nc._server_info
+        if not info.get("cluster"):
+            return 1
+        return len(info.get("connect_urls") or ()) or 3
+
+    def placed(self, config: StreamConfig) -> StreamConfig:
+        """``config`` with the replica count and placement tags of this connection's settings.
+
+        A count given by the caller (``replicas=``) is kept; None takes ``?replicas=N`` /
+        ``BOTWIRE_REPLICAS``, else 3 on a cluster of 3 or more servers (a Raft group that keeps
+        every acknowledged write through the loss of any one server), else the cluster's size.
+        """
+        replicas = config.num_replicas or self.opts.replicas or min(3, self.cluster_size())
+        placement = Placement(tags=list(self.opts.tags)) if self.opts.tags else config.placement
+        return dataclasses.replace(config, num_replicas=replicas, placement=placement)
+
     async def ensure_stream(self, config: StreamConfig, timeout: float = 5.0) -> bool:
-        """Create the stream unless this connection already knows it exists (within ``timeout``);
+        """Create the stream unless this connection already knows it exists (within ``timeout``),
+        replicated as ``placed`` says (a stream that exists keeps its own replicas and placement);
         True when this call found it with another config (e.g. retention limits set on it)."""
         name = config.name
         assert name is not None
         if name in self._ready_streams:
             return False
         differs = False
+        config = self.placed(config)
 
         async def run() -> None:
             nonlocal differs
@@ -95,6 +120,8 @@ class Connection(RetryingConnection):
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == _NO_PEERS:  # a server down or rejoining (measured right after a restart)
+                    raise _NoPeers(exc.description or "no suitable peers for placement") from exc
                 if exc.err_code != 10058:
                     raise
                 differs = True
@@ -196,15 +223,20 @@ class Connection(RetryingConnection):
 
         async def run() -> list[int]:
             mux = self._mux or await self._replies()
-            futures = []
+            waiting = []
             for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
-                futures.append(future)
+                waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
+            await self._acks_or_resend(mux, waiting, write)
             seqs = []
-            for future in futures:
-                ack = _ack_decoder.decode((await future).data)
+            for _, future in waiting:
+                msg = await future
+                if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                    # no responders: the stream had no leader for a moment (a cluster's election)
+                    raise nats.errors.NoRespondersError
+                ack = _ack_decoder.decode(msg.data)
                 if ack.error is not None:
                     raise_api_error(ack.error)
                 seqs.append(ack.seq)
@@ -293,6 +325,8 @@ class Connection(RetryingConnection):
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
                     return None
+                if hdr["Status"] == "503":  # no responders: a replica that just died (retried)
+                    raise nats.errors.NoRespondersError
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             return msg
 

@@ -39,7 +39,7 @@ _LIST_BYTES: Final = 256 * 1024  # the subjects named in one request: well under
 
 
 async def open_memory(
-    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int, timeout: float
+    opts: ConnectOptions, namespace: str, *, history: int | None, replicas: int | None, timeout: float
 ) -> NatsMemory:
     """The shared connection for ``opts`` with the namespace's bucket made sure to exist, and an
     explicit ``history=`` applied to a bucket that keeps another number of revisions."""
@@ -76,7 +76,7 @@ def created_of(headers: dict[str, str]) -> str | None:
 class NatsMemory:
     """One namespace's KV bucket on a shared ``Connection`` (a ``_backend.MemoryBackend``)."""
 
-    def __init__(self, conn: Connection, namespace: str, *, history: int | None, replicas: int, timeout: float) -> None:
+    def __init__(self, conn: Connection, namespace: str, *, history: int | None, replicas: int | None, timeout: float) -> None:
         self.conn = conn
         self.namespace = namespace
         self.history = history

@@ -26,7 +26,12 @@ async def open_connection(opts: ConnectOptions) -> Connection:
     if not opts.embedded:
         assert opts.servers is not None
         nc = await _connect(
-            list(opts.servers), token=opts.token, user=opts.user, password=opts.password, creds=opts.creds
+            list(opts.servers),
+            token=opts.token,
+            user=opts.user,
+            password=opts.password,
+            creds=opts.creds,
+            backoff=True,
         )
         return Connection(opts, nc, None)
     home = Path(opts.home) if opts.home else embedded.home_dir()

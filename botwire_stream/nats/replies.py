@@ -175,5 +175,7 @@ class _BatchCollector:
         elif st == "413":
             self.batch.too_many = True
             done.set_result(None)
+        elif st == "503":  # no responders: on a cluster, a replica that just died (retried)
+            done.set_exception(nats.errors.NoRespondersError())
         else:
             done.set_exception(nats.js.errors.APIError(code=int(st), description=hdr.get("Description", "")))

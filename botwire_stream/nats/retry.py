@@ -9,6 +9,13 @@ its duplicate window); the client then asks the duplicate window whether the wri
 was stored (``jetstream.Connection._landed``). A write whose outcome is still unknown at the
 deadline raises ``OutcomeUnknown``.
 
+On a cluster a write is also re-sent, with the same ids, when its acknowledgement has not come
+within ``_RESEND_AFTER``: a stream leader that died or lost its quorum answers nothing, and a
+write proposed to it is never acknowledged even once a new leader is elected (measured: writes
+in flight when the leader was killed waited out their whole 5 s timeout; re-sent, they complete
+as soon as the new leader is in place). A JetStream API 503 (the meta or stream leader is being
+elected) is retried within the call's deadline like a lost connection.
+
 With the embedded server, a dead or hung server is restarted and the call retried, a full disk
 raises ``StorageFull``, and a server left unable to write by a full disk is restarted once space
 is back: all through the ``ServerRestart`` hook the connection is given (``restart.py``); a
@@ -44,6 +51,7 @@ T = TypeVar("T")
 _TIMEOUTS = (asyncio.TimeoutError, nats.errors.TimeoutError)
 
 _RETRYABLE = (
+    nats.js.errors.ServiceUnavailableError,
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,
@@ -53,6 +61,19 @@ _RETRYABLE = (
     asyncio.TimeoutError,
     ConnectionError,
 )
+
+
+class _Unacknowledged(_Resend):
+    """A write to a cluster got no acknowledgement within ``_RESEND_AFTER``: send it again now."""
+
+
+class _NoPeers(nats.errors.NoRespondersError):
+    """The cluster could not place a new stream's replicas (10005: a server is down or rejoining,
+    or none has the placement tags): tried again until the deadline, then ``ServerUnavailable``."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__()
+        self.description = description
 
 
 class _Busy(nats.errors.NoRespondersError):
@@ -66,6 +87,11 @@ HEADROOM = 16 * 1024  # room for headers under the server's max_payload
 # server silent for a second is stopped (SIGSTOP, a frozen VM) rather than busy.
 _PROBE_AFTER = 1.0
 _GREETING_WAIT = 1.0  # embedded._answers' timeout
+# A write to a cluster unanswered for this long is re-sent (same Nats-Msg-Id, so stored once): an
+# R3 publish is acknowledged in 0.8 ms at p99 on loopback (notes/nats-facts.md), so half a second
+# of silence means a leader election, not a slow write. A write that is merely slow converges all the
+# same: once it is stored, its re-sends are answered at once from the duplicate window.
+_RESEND_AFTER = 0.5
 
 
 class ServerRestart(Protocol):
@@ -101,13 +127,14 @@ class _Write:
     """What a write is, for its ``OutcomeUnknown`` message; whether the current try reached the
     socket, and whether any try ended without an answer (it may have been stored)."""
 
-    __slots__ = ("what", "advice", "sent", "unknown")
+    __slots__ = ("what", "advice", "sent", "unknown", "resent")
 
     def __init__(self, what: str, advice: str) -> None:
         self.what = what
         self.advice = advice
         self.sent = False
         self.unknown = False
+        self.resent = 0  # re-sends for want of an acknowledgement (on a cluster)
 
 
 SAFE = "repeating the call is safe"
@@ -159,11 +186,34 @@ class RetryingConnection:
         await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
         if write is not None:
             write.sent = True
+            await self._acks_or_resend(mux, [(reply, future)], write)
         msg = await future
         hdr = msg.headers
         if hdr is not None and hdr.get("Status") == "503" and not msg.data:
             raise nats.errors.NoRespondersError
         return msg
+
+    async def _acks_or_resend(
+        self, mux: _ReplyMux, waiting: list[tuple[str, asyncio.Future[Msg]]], write: _Write
+    ) -> None:
+        """On a cluster: wait up to ``_RESEND_AFTER`` for the acknowledgements of a write's
+        messages, else give them up and raise ``_Unacknowledged`` so that ``call`` re-sends the
+        write with its ids (a leader election swallows writes silently; see the module docstring).
+        Elsewhere, nothing: the caller awaits its replies until the deadline."""
+        if self.restart is not None or not self.nc._server_info.get("cluster"):
+            return
+        futures = {f for _, f in waiting}
+        try:
+            await asyncio.wait(futures, timeout=_RESEND_AFTER)
+        finally:
+            for reply, future in waiting:
+                if not future.done():  # given up (or the call's deadline): nobody awaits it
+                    mux.waiting.pop(reply[len(mux.prefix) :], None)
+                    future.cancel()
+        if any(f.cancelled() for f in futures):
+            write.resent += 1
+            write.unknown = True
+            raise _Unacknowledged()
 
     async def close(self) -> None:
         """Close the NATS connection; requests still waiting fail."""
@@ -322,6 +372,8 @@ class RetryingConnection:
                         continue
                     raise await self._fail(exc, timeout, write) from exc
                 delay = min(delay * 2, 1.0)
+                if isinstance(exc, _Unacknowledged):
+                    continue  # it waited _RESEND_AFTER already: re-send at once
                 if self.nc.is_connected:
                     await asyncio.sleep(wait)
                 elif self.restart is None:  # nats-py reconnects by itself: re-send once it has
@@ -388,6 +440,12 @@ class RetryingConnection:
             return OutcomeUnknown(
                 f"the server did not confirm the {write.what} within {timeout:g} s (it stalled or "
                 f"restarted): it may or may not be stored; {write.advice}"
+            )
+        if isinstance(exc, _NoPeers):
+            return ServerUnavailable(
+                f"the cluster could not place the namespace's replicas within {timeout:g} s ({exc.description}): "
+                "a server is down or restarting, or no server has the placement tags; retry once all are up, "
+                "or ask for fewer replicas (replicas=, ?replicas=N, BOTWIRE_REPLICAS)"
             )
         if isinstance(exc, _Busy):
             return QuotaExceeded(

@@ -55,7 +55,7 @@ _WAKE = "tokw"  # where stored messages are republished (headers only); outside 
 _state_decoder = msgspec.json.Decoder(TokenState)
 
 
-def token_stream_config(replicas: int = 1) -> StreamConfig:
+def token_stream_config(replicas: int | None = None) -> StreamConfig:
     """The JetStream stream that holds every token stream."""
     return StreamConfig(
         name=TOKENS_STREAM,
@@ -116,7 +116,7 @@ class _Wakeups:
                 pass
 
 
-async def open_tokens(opts: ConnectOptions, *, replicas: int, timeout: float) -> NatsTokenBackend:
+async def open_tokens(opts: ConnectOptions, *, replicas: int | None, timeout: float) -> NatsTokenBackend:
     """The shared connection for ``opts`` with the token streams' JetStream stream made sure to exist."""
     conn = await acquire(opts)
     try:

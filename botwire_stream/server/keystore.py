@@ -20,6 +20,7 @@ from typing import Literal
 
 import msgspec
 import nats.js.errors
+from nats.js.api import StreamConfig
 
 from ..errors import InvalidArgument
 from ..nats.jetstream import Connection
@@ -76,7 +77,10 @@ class KeyStore:
         try:
             kv = await conn.js.key_value(BUCKET)
         except nats.js.errors.BucketNotFoundError:
-            kv = await conn.js.create_key_value(bucket=BUCKET, history=1)
+            placed = conn.placed(StreamConfig())  # replicated like the namespaces (3 on a cluster)
+            kv = await conn.js.create_key_value(
+                bucket=BUCKET, history=1, replicas=placed.num_replicas or 1, placement=placed.placement
+            )
         return cls(conn, kv)
 
     async def create(

@@ -1,0 +1,1 @@
+"""Chaos and crash-safety scenarios for botwire-stream: ``python -m chaos`` (see ``scenarios``)."""

@@ -1,0 +1,93 @@
+"""A loopback TCP proxy between a client and a server that stalls or cuts connections on demand:
+network faults without root (no iptables, no tc).
+
+``stall()`` stops forwarding in both directions (bytes wait in the proxy, as in a congested or
+partitioned link: the TCP connections stay open, so the client notices nothing but silence);
+``resume()`` forwards what waited, in order. ``cut()`` aborts every connection (a reset link);
+new connections are proxied normally, unless ``refuse`` is set (the server looks down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["Proxy"]
+
+
+class Proxy:
+    """Proxies 127.0.0.1:<port> to 127.0.0.1:<upstream>; runs on the caller's event loop."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.refuse = False
+        self.connections = 0  # how many client connections were proxied (reconnects show here)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> Proxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stall(self) -> None:
+        """Stop forwarding (both ways) until ``resume``."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Abort every proxied connection now."""
+        writers, self._writers = self._writers, []
+        for w in writers:
+            w.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self.refuse:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:  # the server is down: the client sees its connection closed
+            writer.transport.abort()
+            return
+        self.connections += 1
+        self._writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    await self._flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        except asyncio.CancelledError:  # close(): asyncio's stream callback would log a cancelled task
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+    async def close(self) -> None:
+        self.resume()
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,204 @@
+"""A NATS JetStream cluster (tests/cluster.py: three nats-server processes routed on loopback):
+replication chosen from the cluster's size, settings that override it, placement tags, reads and
+writes that fail over, and a clear ``ServerUnavailable`` when no server answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from nats.aio.client import Server
+
+from botwire_stream import AsyncChatHistory, AsyncMemory, Memory
+from botwire_stream.errors import InvalidArgument, ServerUnavailable
+from botwire_stream.nats import pool
+from botwire_stream.nats.chatlog import stream_name
+from botwire_stream.nats.connect import _next_server
+from botwire_stream.settings import resolve
+from chaos import scenarios
+from tests.cluster import Cluster, stream_info
+from tests.servers import NatsServer
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster for the tests that kill nothing (or restart what they kill): its start
+    (a meta leader election) takes about 5 s."""
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    for node in c.nodes:
+        node.extra = f'server_tags: ["ssd", "{node.name}"]'
+    c.start()
+    yield c
+    c.stop()
+
+
+# -- settings (no server) ---------------------------------------------------------------------
+def test_url_options_set_replicas_and_tags_and_are_removed_from_the_server_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BOTWIRE_REPLICAS", raising=False)
+    monkeypatch.delenv("BOTWIRE_PLACEMENT_TAGS", raising=False)
+    opts = resolve("nats://a:4222,nats://b:4222?replicas=2&tag=ssd&tag=eu")
+    assert opts.servers == ("nats://a:4222", "nats://b:4222")
+    assert (opts.replicas, opts.tags) == (2, ("ssd", "eu"))
+    assert resolve("nats://a:4222").replicas is None  # automatic
+    monkeypatch.setenv("BOTWIRE_REPLICAS", "3")
+    monkeypatch.setenv("BOTWIRE_PLACEMENT_TAGS", "fast, eu")
+    opts = resolve("nats://a:4222")
+    assert (opts.replicas, opts.tags) == (3, ("fast", "eu"))
+    assert resolve("nats://a:4222?replicas=1").replicas == 1  # the URL wins
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "words"),
+    [
+        ("nats://a:4222?replicas=0", None, "replicas= must be an int from 1 to 5"),
+        ("nats://a:4222?replicas=six", None, "replicas= must be an int from 1 to 5"),
+        ("nats://a:4222?replica=3", None, "unknown URL option 'replica'"),
+        ("nats://a:4222", "7", "BOTWIRE_REPLICAS must be an int from 1 to 5"),
+    ],
+)
+def test_bad_replication_settings_raise_invalid_argument(
+    monkeypatch: pytest.MonkeyPatch, url: str, env: str | None, words: str
+) -> None:
+    if env is None:
+        monkeypatch.delenv("BOTWIRE_REPLICAS", raising=False)
+    else:
+        monkeypatch.setenv("BOTWIRE_REPLICAS", env)
+    with pytest.raises(InvalidArgument, match=words):
+        resolve(url)
+    with pytest.raises(InvalidArgument, match=words):
+        Memory("ns", url=url)
+
+
+def test_replicas_none_is_accepted_and_bad_values_still_refused() -> None:
+    with pytest.raises(InvalidArgument, match="from 1 to 5 or None"):
+        AsyncMemory("ns", url="nats://127.0.0.1:1", replicas=0)
+    AsyncMemory("ns", url="nats://127.0.0.1:1", replicas=None)  # nothing connects before the first call
+
+
+def test_reconnects_go_to_the_least_tried_server_with_a_growing_jittered_wait() -> None:
+    """nats-py's reconnect hook as the pool installs it: the first try after a loss at once, to
+    the server tried least; then, each round every server failed, a doubling wait capped at 2 s."""
+    a, b, c = (Server(uri=urlparse(f"nats://127.0.0.1:{p}")) for p in (1, 2, 3))
+    a.reconnects, b.reconnects, c.reconnects = 1, 0, 1
+    assert _next_server([a, b, c], {}) == (b, 0.0)
+    waits = []
+    for rounds in range(1, 8):
+        for s in (a, b, c):
+            s.reconnects = rounds
+        chosen, wait = _next_server([a, b, c], {})
+        assert chosen in (a, b, c)
+        waits.append(wait)
+        assert 0.5 * min(0.1 * 2 ** (rounds - 1), 2.0) <= wait <= min(0.1 * 2 ** (rounds - 1), 2.0)
+    assert max(waits) <= 2.0
+    assert _next_server([], {}) == (None, 0.0)
+
+
+# -- replication ------------------------------------------------------------------------------
+async def _replicas(url: str, stream: str) -> tuple[int, list[str] | None]:
+    info = await stream_info(url, stream)
+    return info["config"]["num_replicas"], (info["config"].get("placement") or {}).get("tags")
+
+
+async def test_namespaces_on_a_cluster_get_three_replicas_unless_set(shared_cluster: Cluster, namespace: str) -> None:
+    url = shared_cluster.url
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("s", namespace=namespace, url=url) as chat:
+        await m.set("k", 1)
+        await chat.append({"role": "user", "content": "hi"})
+    assert await _replicas(url, f"KV_botwire_{namespace}") == (3, None)
+    assert await _replicas(url, stream_name(namespace)) == (3, None)
+    # Set by the caller, the URL, or the environment: kept as set.
+    async with AsyncMemory(namespace + "a", url=url, replicas=1) as m:
+        await m.set("k", 1)
+    assert (await _replicas(url, f"KV_botwire_{namespace}a"))[0] == 1
+    async with AsyncMemory(namespace + "b", url=url + "?replicas=2&tag=ssd") as m:
+        await m.set("k", 1)
+    assert await _replicas(url, f"KV_botwire_{namespace}b") == (2, ["ssd"])
+    # A placement no server can take: tried until the timeout, then refused with the server's
+    # reason (the same error a cluster with a server down gives for 3 replicas).
+    with pytest.raises(ServerUnavailable, match="no suitable peers for placement"):
+        async with AsyncMemory(namespace + "c", url=url + "?tag=nowhere", timeout=2) as m:
+            await m.set("k", 1)
+
+
+async def test_a_single_server_gets_one_replica(nats_server: NatsServer, namespace: str) -> None:
+    async with AsyncMemory(namespace, url=nats_server.url) as m:
+        await m.set("k", 1)
+    assert (await _replicas(nats_server.url, f"KV_botwire_{namespace}"))[0] == 1
+
+
+# -- failover ---------------------------------------------------------------------------------
+async def test_reads_and_writes_fail_over_when_the_connected_server_dies(shared_cluster: Cluster, namespace: str) -> None:
+    """The client's own server is SIGKILLed: the next calls reconnect to another server of the
+    list and succeed within their timeout; the node is restarted and catches up."""
+    async with AsyncMemory(namespace, url=shared_cluster.url, timeout=15, cache=False) as m, AsyncChatHistory(
+        "s", namespace=namespace, url=shared_cluster.url, timeout=15
+    ) as chat:
+        await m.set("k", "before")
+        await chat.append({"n": 1})
+        (conn,) = pool._pools[asyncio.get_running_loop()].values()  # the one both share
+        port = conn.nc.connected_url.port
+        node = next(n for n in shared_cluster.nodes if n.port == port)  # our own process
+        node.kill()
+        try:
+            t = time.monotonic()
+            assert await m.get("k") == "before"
+            assert await chat.messages() == [{"n": 1}]
+            await m.set("k", "after")
+            await chat.append({"n": 2})
+            assert time.monotonic() - t < 45  # does not hang (3x the timeout)
+            assert conn.nc.connected_url.port != port
+        finally:
+            await asyncio.to_thread(node.start)
+            await asyncio.to_thread(shared_cluster.wait_healthy)
+        assert await m.get("k") == "after"
+        assert await chat.messages() == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.slow
+async def test_killing_the_stream_leader_twice_loses_no_acknowledged_write(shared_cluster: Cluster) -> None:
+    """Under 4 concurrent appenders, the stream leader is SIGKILLed, restarted once writes
+    resumed, and the next leader killed: every acknowledged append is stored once, none of the
+    calls fails (in-flight writes are re-sent with their ids to the new leader), and every node
+    ends with every message (the killed ones caught up)."""
+    counts = await scenarios.cluster_failover(shared_cluster, steady=0.5, writers=4, kills=2)
+    counts.check()
+    assert counts.failed == 0, counts.line()
+    assert counts.extra["replicas"] == 3
+    assert len(set(counts.extra["messages_per_node"])) == 1, counts.line()
+    assert all(r < 30 for r in counts.extra["resume_s"])  # does not hang; the target (< 6 s) is reported
+
+
+async def test_no_server_answering_raises_server_unavailable_within_the_timeout(tmp_path: Path, namespace: str) -> None:
+    """Every server of the list stopped (SIGSTOP): calls raise ServerUnavailable at their deadline,
+    they never hang; once the servers run again, calls succeed on the same client."""
+    c = Cluster(tmp_path / "c").start()
+    try:
+        async with AsyncMemory(namespace, url=c.url, timeout=1, cache=False) as m:
+            await m.set("k", 1)
+            for node in c.nodes:
+                node.send(signal.SIGSTOP)
+            try:
+                for call in (lambda: m.set("k", 2), lambda: m.get("k")):
+                    t = time.monotonic()
+                    with pytest.raises(ServerUnavailable):
+                        await call()
+                    assert time.monotonic() - t < 3  # 3x the timeout
+            finally:
+                for node in c.nodes:
+                    os.kill(node.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await m.set("k", 3)
+                    break
+                except ServerUnavailable:
+                    assert time.monotonic() < deadline, "the cluster did not take writes again within 30 s"
+            assert await m.get("k") == 3
+    finally:
+        c.stop()
