@@ -46,7 +46,7 @@ def test_compose_declares_a_three_node_cluster_two_serves_and_the_consumers() ->
     for node in NODES:
         svc = services[node]
         major, minor = map(int, re.search(r"nats:(\d+)\.(\d+)", svc["image"]).groups())  # type: ignore[union-attr]
-        assert (major, minor) >= (2, 12), "message schedules and atomic batches need nats-server 2.12+"
+        assert (major, minor) >= (2, 14), "consumers/ resets its durable consumers (nats-server 2.14+)"
         flags = _flags(svc["command"])
         names.add(flags["name"])
         assert "jetstream" in flags and flags["store_dir"] == "/data"
@@ -70,8 +70,9 @@ def test_compose_declares_a_three_node_cluster_two_serves_and_the_consumers() ->
         assert "exec botwire serve --host 0.0.0.0 --port 8080 --auth" in svc["command"][-1]
         assert "/readyz" in " ".join(svc["healthcheck"]["test"])
         assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
-    assert services["history"]["command"][-1].endswith("botwire consume history")
-    assert services["audit"]["command"][-1].endswith("botwire consume audit")
+    assert "botwire consume materialise -n" in services["history"]["command"][-1]
+    assert "botwire consume audit -n" in services["audit"]["command"][-1]
+    assert "/audit" in services["audit"]["command"][-1] and "audit-data:/audit" in services["audit"]["volumes"]
 
 
 class _Topology:

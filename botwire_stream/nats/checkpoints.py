@@ -68,7 +68,7 @@ def _name(token: str) -> str:
     return _decode_token(token)
 
 
-async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: int, timeout: float) -> NatsCheckpoints:
+async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> NatsCheckpoints:
     """The shared connection for ``opts`` with the namespace's checkpoint stream made sure to exist."""
     store = NatsCheckpoints(namespace, timeout)
     conn = await acquire(opts)
@@ -100,7 +100,7 @@ class NatsCheckpoints:
         self.stream = f"BOTWIRE_LG_{namespace}"
         self.prefix = f"botwire.{namespace}.lg"
 
-    def config(self, replicas: int) -> StreamConfig:
+    def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
             subjects=[f"{self.prefix}.>"],
