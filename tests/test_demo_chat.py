@@ -304,3 +304,32 @@ def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, names
     finally:
         producer.kill(signal.SIGKILL)
         stop(other)
+
+
+@pytest.mark.slow
+def test_long_polls_that_time_out_or_end_at_shutdown_leave_no_unretrieved_task_errors(url: str, namespace: str, tmp_path: Path) -> None:
+    """The serve log of a chat whose conversation long-polls time out (2 s here) and are ended by
+    a shutdown holds no "Task exception was never retrieved" (it filled with them)."""
+    import asyncio
+
+    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=10) as client:
+            session = conversation(client, namespace)
+        tail = f"{s.base}/v1/stream/chat/{namespace}/{session}"
+
+        async def polls() -> list[int]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                get = lambda: client.get(tail, params={"offset": format_offset(0), "live": "long-poll"})  # noqa: E731
+                timed_out = await asyncio.gather(*(get() for _ in range(6)))  # each ends empty after 2 s
+                ended = [asyncio.ensure_future(get()) for _ in range(6)]
+                await asyncio.sleep(0.5)  # open; then the server stops: they answer at once
+                os.kill(s.proc.pid, signal.SIGTERM)
+                return [r.status_code for r in timed_out + list(await asyncio.gather(*ended))]
+
+        assert asyncio.run(polls()) == [204] * 12
+    finally:
+        stop(s)
+    assert s.proc.returncode == 0
+    log = s.log.read_text()
+    assert "never retrieved" not in log, log[-3000:]

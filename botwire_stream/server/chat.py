@@ -35,6 +35,11 @@ def _body(entries: list[Entry]) -> bytes:
     return msgspec.json.encode([e.message for e in entries])
 
 
+def _retrieve(task: asyncio.Future[Entry]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Conversations:
     def __init__(self, connect: dict[str, str | None], long_poll: float, sse_lifetime: float, stop: asyncio.Event) -> None:
         self._connect = connect
@@ -123,6 +128,10 @@ class Conversations:
         try:
             await watch.start()
             first = asyncio.ensure_future(watch.__anext__())
+            # a read cancelled as the watch closes ends with StopAsyncIteration, not CancelledError:
+            # retrieved here, else asyncio logged "Task exception was never retrieved" with a
+            # traceback for many long-polls that timed out or were ended by a shutdown
+            first.add_done_callback(_retrieve)
             stop = asyncio.ensure_future(self.stop.wait())
             try:
                 await asyncio.wait([first, stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
