@@ -333,3 +333,24 @@ def test_long_polls_that_time_out_or_end_at_shutdown_leave_no_unretrieved_task_e
     assert s.proc.returncode == 0
     log = s.log.read_text()
     assert "never retrieved" not in log, log[-3000:]
+
+
+def test_json_sent_as_another_content_type_is_refused_with_415_and_nothing_written(serve: Serve, url: str, namespace: str) -> None:
+    """Every JSON endpoint of the chat API takes ``application/json`` only: the same JSON as
+    text/plain, a form or with no content type (what a cross-site page can send without a CORS
+    preflight) is a 415 and writes nothing (it was taken: a message stored, a conversation made)."""
+    with httpx.Client(base_url=serve.base, timeout=10) as client:
+        session = conversation(client, namespace)
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": ctype} if ctype else {}
+            for path, body in ((f"/v1/chat/{namespace}", b'{"user": "bob"}'), (f"/v1/chat/{namespace}/{session}/messages", b'{"content": "hi"}')):
+                r = client.post(path, content=body, headers=headers)
+                assert r.status_code == 415, (ctype, path, r.status_code, r.text)
+                assert "application/json" in r.json()["error"]
+        assert client.get(f"/v1/chat/{namespace}", params={"user": "bob"}).json() == {"conversations": []}
+        assert wait_messages(url, namespace, session, 1, bound=0.5) == []
+        # with its parameters, and a +json type, it is taken
+        r = client.post(f"/v1/chat/{namespace}/{session}/messages", content=b'{"content": "hi"}', headers={"content-type": "application/json; charset=utf-8"})
+        assert r.status_code == 202, r.text
+        r = client.post(f"/v1/chat/{namespace}", content=b'{"user": "bob"}', headers={"content-type": "application/merge-patch+json"})
+        assert r.status_code == 201, r.text

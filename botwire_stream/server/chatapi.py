@@ -1,6 +1,7 @@
 """The chat endpoint of ``botwire serve``, its demo page, and the leases that close dead answers.
 
-Routes (JSON bodies; a refusal is a 4xx with ``{"error": "..."}`` and nothing written):
+Routes (JSON bodies, sent as ``application/json``, else 415; a refusal is a 4xx with
+``{"error": "..."}`` and nothing written):
 
 - ``POST /v1/chat/<ns>`` ``{"user": U}`` -> 201 ``{"session", "conversation"}``: a new
   conversation ``U-<hex>``; ``GET /v1/chat/<ns>?user=U``: U's conversations, newest first.
@@ -242,6 +243,10 @@ class ChatService:
             return _json(exc.http_status, {"error": str(exc).split("\n", 1)[0][:300]})
 
     async def _body(self, request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # a form or text/plain body is what a cross-site page may send without asking first
+            raise _Refused(415, f"the body must be sent as application/json, not {media or 'no content type'}")
         raw = await read_body(request, _MAX_BODY)
         try:
             body = msgspec.json.decode(raw) if raw else {}
