@@ -77,6 +77,17 @@ class _Taken(Exception):
     """The answer is finished or claimed by another process."""
 
 
+def _noting(error: str) -> Any:
+    """The update that notes a failed model on an answer's record (``_Taken`` once it is gone)."""
+
+    def note(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _Taken
+        return {**value, "error": error}
+
+    return note
+
+
 def _json(status: int, body: object) -> Response:
     return Response(msgspec.json.encode(body), status, {**COMMON, "content-type": "application/json", "cache-control": "no-store"})
 
@@ -190,6 +201,7 @@ class ChatService:
         self.lease_ttl = lease_ttl
         self.flush_interval = flush_interval
         self.owner = uuid.uuid4().hex[:12]
+        self.claim_stale = _CLAIM_STALE  # seconds (tests shorten it)
         self._memories: dict[str, AsyncMemory] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -362,6 +374,10 @@ class ChatService:
             except Exception as exc:  # the model failed: keep what it said, marked incomplete
                 log.warning("the model failed on answer %s: %r", answer, exc)
                 failure = f"the model failed: {type(exc).__name__}"
+                # noted on the answer's record before its stream is closed: should this process
+                # stop before storing it, the one that recovers the closed stream marks it too
+                with contextlib.suppress(_Taken):
+                    await self.memory(REGISTRY_NAMESPACE).update(f"answer:{answer}", _noting(failure))
             await producer.finish()
             meta: dict[str, Any] = {"answer": answer, "stream": path}
             if failure:
@@ -400,7 +416,7 @@ class ChatService:
             if not isinstance(value, dict):
                 raise _Taken
             claimed = value.get("recovering")
-            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
+            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < self.claim_stale:
                 raise _Taken
             return {**value, "recovering": {"by": self.owner, "at": now}}
 
@@ -448,7 +464,10 @@ class ChatService:
         try:
             await self.store.append(path, b"", close=True, producer=(answer, 1, 0))
         except errors.StreamClosed:
-            complete = True  # its producer closed it, then died before the conversation append
+            # its producer closed it, then stopped before the conversation append. (A recoverer
+            # that closed it and stopped leaves no StreamClosed: every recoverer closes as the
+            # same producer, (answer, 1, 0), and a repeated close is a duplicate, not an error.)
+            complete = True
         except errors.StreamNotFound:
             await registry.delete(f"answer:{answer}")
             return True
@@ -467,6 +486,8 @@ class ChatService:
                 meta: dict[str, Any] = {"answer": answer, "stream": path}
                 if not complete:
                     meta.update(incomplete=True, error="the process producing this answer stopped")
+                elif isinstance(record.get("error"), str):  # the model failed, then its process stopped
+                    meta.update(incomplete=True, error=record["error"])
         finally:
             await chat.close()
         if not done:
