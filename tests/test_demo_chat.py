@@ -354,3 +354,47 @@ def test_json_sent_as_another_content_type_is_refused_with_415_and_nothing_writt
         assert r.status_code == 202, r.text
         r = client.post(f"/v1/chat/{namespace}", content=b'{"user": "bob"}', headers={"content-type": "application/merge-patch+json"})
         assert r.status_code == 201, r.text
+
+
+def test_a_repeated_post_with_the_same_idempotency_key_stores_one_question_and_one_answer(url: str, namespace: str, tmp_path: Path) -> None:
+    """A client whose POST's response was lost sends it again with the same ``Idempotency-Key``:
+    the same 202 (the same answer stream), one question, one answer; also when the two reach
+    two serve processes at the same moment (it stored the question twice, answered twice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"BOTWIRE_FAKE_PACE": "0.01", "BOTWIRE_FAKE_TOKENS": "30"}
+    one, two = start(url, tmp_path / "a.log", env=env), start(url, tmp_path / "b.log", env=env)
+    try:
+        with httpx.Client(timeout=20) as client:
+            session = client.post(f"{one.base}/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
+            post = f"/v1/chat/{namespace}/{session}/messages"
+
+            def ask(base: str, key: str, content: str = "once, please", field: bool = False) -> httpx.Response:
+                if field:
+                    return client.post(base + post, json={"content": content, "idempotency_key": key})
+                return client.post(base + post, json={"content": content}, headers={"Idempotency-Key": key})
+
+            first = ask(one.base, "k-1")
+            again = ask(two.base, "k-1")  # a retry, to the other process
+            body_field = ask(one.base, "k-1", field=True)  # the key as a body field
+            assert first.status_code == again.status_code == body_field.status_code == 202, (first.text, again.text)
+            assert first.json() == again.json() == body_field.json()
+            # the same key for another message is refused, writing nothing
+            other = ask(two.base, "k-1", "something else")
+            assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]
+            # at the same moment, from two serve processes, a few times over
+            for i in range(5):
+                with ThreadPoolExecutor(2) as pool:
+                    r1, r2 = pool.map(lambda base: ask(base, f"k-race-{i}", f"race {i}"), [one.base, two.base])
+                assert r1.status_code == r2.status_code == 202, (r1.text, r2.text)
+                assert r1.json() == r2.json()
+            assert read_answer(client, one.base + first.json()["answer"]).startswith("You said: once, please.")
+        messages = wait_messages(url, namespace, session, 12)
+        time.sleep(0.5)  # nothing more comes
+        messages = wait_messages(url, namespace, session, 13, bound=0.1)
+        questions = [m["content"] for m in messages if m["role"] == "user"]
+        assert sorted(questions) == sorted(["once, please"] + [f"race {i}" for i in range(5)])
+        assert len([m for m in messages if m["role"] == "assistant"]) == 6
+    finally:
+        stop(one)
+        stop(two)

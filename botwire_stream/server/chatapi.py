@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import time
@@ -65,6 +66,10 @@ _CONVERSATION = "botwire-chat:"  # the Memory key prefix of a conversation's rec
 _HISTORY = 50  # the newest messages the model sees
 _STATIC = Path(__file__).with_name("static")
 _CLAIM_STALE = 30.0  # a recovery claimed this long ago by a process that then died is taken over
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as a header can carry it
+_IDEMPOTENCY_WINDOW = 86_400  # seconds a key's 202 is kept: a repeat within it gets the same one
+_IDEMPOTENCY_PENDING = 30  # seconds a key is held for a request that has not stored its question
+_IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to store its question
 
 
 class _Refused(Exception):
@@ -75,6 +80,23 @@ class _Refused(Exception):
 
 class _Taken(Exception):
     """The answer is finished or claimed by another process."""
+
+
+class _Held(Exception):
+    """The idempotency key is held by an earlier request (``value``: its record)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("held")
+        self.value = value
+
+
+def _reserving(mine: dict[str, Any]) -> Any:
+    def reserve(value: Any) -> Any:
+        if value is not None:
+            raise _Held(value)
+        return mine
+
+    return reserve
 
 
 def _noting(error: str) -> Any:
@@ -322,35 +344,101 @@ class ChatService:
             raise _Refused(400, "content must be a non-empty string")
         if len(content) > MAX_MESSAGE_CHARS:
             raise _Refused(413, f"a message holds at most {MAX_MESSAGE_CHARS} characters, not {len(content)}")
+        key = self._idempotency_key(request, body)
         record = await self._record(ns, session)
         answer = uuid.uuid4().hex[:16]
         path = f"answers/{ns}/{answer}"
         registry = self.memory(REGISTRY_NAMESPACE)
-        await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
-        # the lease before the answer's record: a watcher never sees an answer without a lease
-        await registry.set(f"lease:{answer}", self.owner, ttl=self.lease_ttl)
-        await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
-        chat = self.chat(ns, session)
+        held: str | None = None
+        if key is not None:
+            digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()
+            held = "idem:" + hashlib.sha256(f"{ns}\0{session}\0{key}".encode()).hexdigest()[:40]
+            earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path})
+            if earlier is not None:
+                return _json(202, earlier)
+        stored = False
         try:
+            await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
+            # the lease before the answer's record: a watcher never sees an answer without a lease
+            await registry.set(f"lease:{answer}", self.owner, ttl=self.lease_ttl)
+            await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
+            chat = self.chat(ns, session)
             try:
-                seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
-            except BaseException:
-                # no answer without its question: forget it (a watcher would close it otherwise)
-                with contextlib.suppress(errors.BotWireError):
-                    await registry.delete(f"answer:{answer}")
-                raise
-            history = [{"role": "user", "content": content}]
-            with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
-                # up to this question: one posted to the conversation at the same moment may already
-                # follow it, and the model would answer that one instead (it did, the fake model's echo)
-                upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
-                history = upto[-_HISTORY:] if upto else history
+                try:
+                    seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
+                    stored = True
+                except BaseException:
+                    # no answer without its question: forget it (a watcher would close it otherwise)
+                    with contextlib.suppress(errors.BotWireError):
+                        await registry.delete(f"answer:{answer}")
+                    raise
+                if held is not None:  # a repeat now gets this 202 (or finds the question: _reserve)
+                    with contextlib.suppress(errors.BotWireError):
+                        await registry.set(held, {"content": digest, "answer": answer, "stream": path, "seq": seq}, ttl=_IDEMPOTENCY_WINDOW)
+                history = [{"role": "user", "content": content}]
+                with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
+                    # up to this question: one posted to the conversation at the same moment may already
+                    # follow it, and the model would answer that one instead (it did, the fake model's echo)
+                    upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
+                    history = upto[-_HISTORY:] if upto else history
+            finally:
+                await chat.close()
         finally:
-            await chat.close()
+            if held is not None and not stored:  # a retry with the key may ask again
+                with contextlib.suppress(errors.BotWireError):
+                    await registry.delete(held)
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
         await self.memory(ns).set(_CONVERSATION + session, {**record, "title": title, "updated": time.time()})
         self._tasks[answer] = asyncio.ensure_future(self._produce(ns, session, answer, path, history))
         return _json(202, {"answer": f"/v1/stream/{path}", "stream": path, "seq": seq})
+
+    @staticmethod
+    def _idempotency_key(request: Request, body: Mapping[str, Any]) -> str | None:
+        """The client's key for this message: the ``Idempotency-Key`` header or the body's
+        ``idempotency_key`` (the same, if both are given); None without one."""
+        header, field = request.headers.get("idempotency-key"), body.get("idempotency_key")
+        if field is not None and not isinstance(field, str):
+            raise _Refused(400, "idempotency_key must be a string")
+        if header is not None and field is not None and header != field:
+            raise _Refused(400, "the Idempotency-Key header and the body's idempotency_key differ")
+        key = header if header is not None else field
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise _Refused(400, "an Idempotency-Key is 1-255 visible ASCII characters")
+        return key
+
+    async def _reserve(self, ns: str, session: str, held: str, mine: dict[str, Any]) -> dict[str, Any] | None:
+        """Hold the idempotency key ``held`` for this request (None), or the 202 body of the
+        earlier request that holds it, once that one stored its question.
+
+        The hold is a create-only write (one request wins, whichever serve process it reached),
+        kept ``_IDEMPOTENCY_PENDING`` seconds until the question is stored, then the window: a
+        process that stops before storing its question frees the key. A repeat waits for the
+        earlier request (it takes milliseconds); still unfinished after ``_IDEMPOTENCY_WAIT``, the
+        conversation itself is asked for the question, else 409 (the client retries later)."""
+        registry = self.memory(REGISTRY_NAMESPACE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _IDEMPOTENCY_WAIT
+        while True:
+            try:
+                await registry.update(held, _reserving(mine), ttl=_IDEMPOTENCY_PENDING)
+                return None
+            except _Held as exc:
+                earlier = exc.value
+            if not isinstance(earlier, dict) or earlier.get("content") != mine["content"]:
+                raise _Refused(422, "this Idempotency-Key was used for another message")
+            stream = str(earlier.get("stream"))
+            if "seq" in earlier:
+                return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": earlier["seq"]}
+            if loop.time() >= deadline:
+                chat = self.chat(ns, session)
+                try:
+                    for e in await chat.entries(last=_HISTORY):
+                        if e.message.get("role") == "user" and (e.message.get("meta") or {}).get("answer") == earlier.get("answer"):
+                            return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": e.seq}
+                finally:
+                    await chat.close()
+                raise _Refused(409, "a request with this Idempotency-Key is still being processed; retry later")
+            await asyncio.sleep(0.05)
 
     # -- producing ----------------------------------------------------------------------------------
     async def _renew(self, answer: str) -> None:
