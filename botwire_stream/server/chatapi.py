@@ -8,7 +8,9 @@ Routes (JSON bodies, sent as ``application/json``, else 415; a refusal is a 4xx 
 - ``POST /v1/chat/<ns>/<session>/messages`` ``{"content": text}`` -> 202 ``{"answer", "seq"}``:
   appends the user message to the conversation (``AsyncChatHistory``; the message's ``meta``
   names the answer's stream), creates the answer's token stream (``text/plain``), starts the
-  model and returns at once. ``answer`` is the Durable Stream URL the answer is read from.
+  model and returns at once. ``answer`` is the Durable Stream URL the answer is read from. With an
+  ``Idempotency-Key`` header (or ``idempotency_key`` in the body), a repeat within 24 h gets the
+  same 202 and stores nothing (see ``ChatService._reserve``).
 - ``GET /`` and ``/static/...``: the chat page.
 
 The producer appends the model's text coalesced (every ``flush_interval`` seconds at most one
