@@ -40,11 +40,7 @@ if sync_playwright is None or not Path(CHROMIUM).exists():
         raise RuntimeError(f"the browser tests need playwright and chromium (at {CHROMIUM})")
     pytest.skip("playwright or chromium is missing", allow_module_level=True)
 
-# Known intermittent, not yet explained (seen in 2 of 3 full CI runs, never alone): a page
-# whose first answer does not start streaming within 30 s. Each browser test gets one re-run so
-# that it does not hide a real break (a broken page fails twice); the diagnostics of the failed
-# try (console, failed requests, serve log) are still printed. Tracked in issue 8.
-pytestmark = [pytest.mark.slow, pytest.mark.flaky(reruns=1)]
+pytestmark = pytest.mark.slow
 
 
 def expected(text: str) -> str:
