@@ -1,13 +1,16 @@
 """The chat endpoint of ``botwire serve``, its demo page, and the leases that close dead answers.
 
-Routes (JSON bodies; a refusal is a 4xx with ``{"error": "..."}`` and nothing written):
+Routes (JSON bodies, sent as ``application/json``, else 415; a refusal is a 4xx with
+``{"error": "..."}`` and nothing written):
 
 - ``POST /v1/chat/<ns>`` ``{"user": U}`` -> 201 ``{"session", "conversation"}``: a new
   conversation ``U-<hex>``; ``GET /v1/chat/<ns>?user=U``: U's conversations, newest first.
 - ``POST /v1/chat/<ns>/<session>/messages`` ``{"content": text}`` -> 202 ``{"answer", "seq"}``:
   appends the user message to the conversation (``AsyncChatHistory``; the message's ``meta``
   names the answer's stream), creates the answer's token stream (``text/plain``), starts the
-  model and returns at once. ``answer`` is the Durable Stream URL the answer is read from.
+  model and returns at once. ``answer`` is the Durable Stream URL the answer is read from. With an
+  ``Idempotency-Key`` header (or ``idempotency_key`` in the body), a repeat within 24 h gets the
+  same 202 and stores nothing (see ``ChatService._reserve``).
 - ``GET /`` and ``/static/...``: the chat page.
 
 The producer appends the model's text coalesced (every ``flush_interval`` seconds at most one
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import time
@@ -64,6 +68,10 @@ _CONVERSATION = "botwire-chat:"  # the Memory key prefix of a conversation's rec
 _HISTORY = 50  # the newest messages the model sees
 _STATIC = Path(__file__).with_name("static")
 _CLAIM_STALE = 30.0  # a recovery claimed this long ago by a process that then died is taken over
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as a header can carry it
+_IDEMPOTENCY_WINDOW = 86_400  # seconds a key's 202 is kept: a repeat within it gets the same one
+_IDEMPOTENCY_PENDING = 30  # seconds a key is held for a request that has not stored its question
+_IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to store its question
 
 
 class _Refused(Exception):
@@ -74,6 +82,34 @@ class _Refused(Exception):
 
 class _Taken(Exception):
     """The answer is finished or claimed by another process."""
+
+
+class _Held(Exception):
+    """The idempotency key is held by an earlier request (``value``: its record)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("held")
+        self.value = value
+
+
+def _reserving(mine: dict[str, Any]) -> Any:
+    def reserve(value: Any) -> Any:
+        if value is not None:
+            raise _Held(value)
+        return mine
+
+    return reserve
+
+
+def _noting(error: str) -> Any:
+    """The update that notes a failed model on an answer's record (``_Taken`` once it is gone)."""
+
+    def note(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _Taken
+        return {**value, "error": error}
+
+    return note
 
 
 def _json(status: int, body: object) -> Response:
@@ -189,6 +225,7 @@ class ChatService:
         self.lease_ttl = lease_ttl
         self.flush_interval = flush_interval
         self.owner = uuid.uuid4().hex[:12]
+        self.claim_stale = _CLAIM_STALE  # seconds (tests shorten it)
         self._memories: dict[str, AsyncMemory] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -242,6 +279,10 @@ class ChatService:
             return _json(exc.http_status, {"error": str(exc).split("\n", 1)[0][:300]})
 
     async def _body(self, request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # a form or text/plain body is what a cross-site page may send without asking first
+            raise _Refused(415, f"the body must be sent as application/json, not {media or 'no content type'}")
         raw = await read_body(request, _MAX_BODY)
         try:
             body = msgspec.json.decode(raw) if raw else {}
@@ -305,35 +346,101 @@ class ChatService:
             raise _Refused(400, "content must be a non-empty string")
         if len(content) > MAX_MESSAGE_CHARS:
             raise _Refused(413, f"a message holds at most {MAX_MESSAGE_CHARS} characters, not {len(content)}")
+        key = self._idempotency_key(request, body)
         record = await self._record(ns, session)
         answer = uuid.uuid4().hex[:16]
         path = f"answers/{ns}/{answer}"
         registry = self.memory(REGISTRY_NAMESPACE)
-        await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
-        # the lease before the answer's record: a watcher never sees an answer without a lease
-        await registry.set(f"lease:{answer}", self.owner, ttl=self.lease_ttl)
-        await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
-        chat = self.chat(ns, session)
+        held: str | None = None
+        if key is not None:
+            digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()
+            held = "idem:" + hashlib.sha256(f"{ns}\0{session}\0{key}".encode()).hexdigest()[:40]
+            earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path})
+            if earlier is not None:
+                return _json(202, earlier)
+        stored = False
         try:
+            await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
+            # the lease before the answer's record: a watcher never sees an answer without a lease
+            await registry.set(f"lease:{answer}", self.owner, ttl=self.lease_ttl)
+            await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
+            chat = self.chat(ns, session)
             try:
-                seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
-            except BaseException:
-                # no answer without its question: forget it (a watcher would close it otherwise)
-                with contextlib.suppress(errors.BotWireError):
-                    await registry.delete(f"answer:{answer}")
-                raise
-            history = [{"role": "user", "content": content}]
-            with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
-                # up to this question: one posted to the conversation at the same moment may already
-                # follow it, and the model would answer that one instead (it did, the fake model's echo)
-                upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
-                history = upto[-_HISTORY:] if upto else history
+                try:
+                    seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
+                    stored = True
+                except BaseException:
+                    # no answer without its question: forget it (a watcher would close it otherwise)
+                    with contextlib.suppress(errors.BotWireError):
+                        await registry.delete(f"answer:{answer}")
+                    raise
+                if held is not None:  # a repeat now gets this 202 (or finds the question: _reserve)
+                    with contextlib.suppress(errors.BotWireError):
+                        await registry.set(held, {"content": digest, "answer": answer, "stream": path, "seq": seq}, ttl=_IDEMPOTENCY_WINDOW)
+                history = [{"role": "user", "content": content}]
+                with contextlib.suppress(errors.BotWireError):  # the question alone, if the rest cannot be read
+                    # up to this question: one posted to the conversation at the same moment may already
+                    # follow it, and the model would answer that one instead (it did, the fake model's echo)
+                    upto = [_plain_message(e.message) for e in await chat.entries(last=_HISTORY + 1) if e.seq <= seq]
+                    history = upto[-_HISTORY:] if upto else history
+            finally:
+                await chat.close()
         finally:
-            await chat.close()
+            if held is not None and not stored:  # a retry with the key may ask again
+                with contextlib.suppress(errors.BotWireError):
+                    await registry.delete(held)
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
         await self.memory(ns).set(_CONVERSATION + session, {**record, "title": title, "updated": time.time()})
         self._tasks[answer] = asyncio.ensure_future(self._produce(ns, session, answer, path, history))
         return _json(202, {"answer": f"/v1/stream/{path}", "stream": path, "seq": seq})
+
+    @staticmethod
+    def _idempotency_key(request: Request, body: Mapping[str, Any]) -> str | None:
+        """The client's key for this message: the ``Idempotency-Key`` header or the body's
+        ``idempotency_key`` (the same, if both are given); None without one."""
+        header, field = request.headers.get("idempotency-key"), body.get("idempotency_key")
+        if field is not None and not isinstance(field, str):
+            raise _Refused(400, "idempotency_key must be a string")
+        if header is not None and field is not None and header != field:
+            raise _Refused(400, "the Idempotency-Key header and the body's idempotency_key differ")
+        key = header if header is not None else field
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise _Refused(400, "an Idempotency-Key is 1-255 visible ASCII characters")
+        return key
+
+    async def _reserve(self, ns: str, session: str, held: str, mine: dict[str, Any]) -> dict[str, Any] | None:
+        """Hold the idempotency key ``held`` for this request (None), or the 202 body of the
+        earlier request that holds it, once that one stored its question.
+
+        The hold is a create-only write (one request wins, whichever serve process it reached),
+        kept ``_IDEMPOTENCY_PENDING`` seconds until the question is stored, then the window: a
+        process that stops before storing its question frees the key. A repeat waits for the
+        earlier request (it takes milliseconds); still unfinished after ``_IDEMPOTENCY_WAIT``, the
+        conversation itself is asked for the question, else 409 (the client retries later)."""
+        registry = self.memory(REGISTRY_NAMESPACE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _IDEMPOTENCY_WAIT
+        while True:
+            try:
+                await registry.update(held, _reserving(mine), ttl=_IDEMPOTENCY_PENDING)
+                return None
+            except _Held as exc:
+                earlier = exc.value
+            if not isinstance(earlier, dict) or earlier.get("content") != mine["content"]:
+                raise _Refused(422, "this Idempotency-Key was used for another message")
+            stream = str(earlier.get("stream"))
+            if "seq" in earlier:
+                return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": earlier["seq"]}
+            if loop.time() >= deadline:
+                chat = self.chat(ns, session)
+                try:
+                    for e in await chat.entries(last=_HISTORY):
+                        if e.message.get("role") == "user" and (e.message.get("meta") or {}).get("answer") == earlier.get("answer"):
+                            return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": e.seq}
+                finally:
+                    await chat.close()
+                raise _Refused(409, "a request with this Idempotency-Key is still being processed; retry later")
+            await asyncio.sleep(0.05)
 
     # -- producing ----------------------------------------------------------------------------------
     async def _renew(self, answer: str) -> None:
@@ -357,6 +464,10 @@ class ChatService:
             except Exception as exc:  # the model failed: keep what it said, marked incomplete
                 log.warning("the model failed on answer %s: %r", answer, exc)
                 failure = f"the model failed: {type(exc).__name__}"
+                # noted on the answer's record before its stream is closed: should this process
+                # stop before storing it, the one that recovers the closed stream marks it too
+                with contextlib.suppress(_Taken):
+                    await self.memory(REGISTRY_NAMESPACE).update(f"answer:{answer}", _noting(failure))
             await producer.finish()
             meta: dict[str, Any] = {"answer": answer, "stream": path}
             if failure:
@@ -395,7 +506,7 @@ class ChatService:
             if not isinstance(value, dict):
                 raise _Taken
             claimed = value.get("recovering")
-            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < _CLAIM_STALE:
+            if isinstance(claimed, dict) and now - float(claimed.get("at", 0)) < self.claim_stale:
                 raise _Taken
             return {**value, "recovering": {"by": self.owner, "at": now}}
 
@@ -443,7 +554,10 @@ class ChatService:
         try:
             await self.store.append(path, b"", close=True, producer=(answer, 1, 0))
         except errors.StreamClosed:
-            complete = True  # its producer closed it, then died before the conversation append
+            # its producer closed it, then stopped before the conversation append. (A recoverer
+            # that closed it and stopped leaves no StreamClosed: every recoverer closes as the
+            # same producer, (answer, 1, 0), and a repeated close is a duplicate, not an error.)
+            complete = True
         except errors.StreamNotFound:
             await registry.delete(f"answer:{answer}")
             return True
@@ -462,6 +576,8 @@ class ChatService:
                 meta: dict[str, Any] = {"answer": answer, "stream": path}
                 if not complete:
                     meta.update(incomplete=True, error="the process producing this answer stopped")
+                elif isinstance(record.get("error"), str):  # the model failed, then its process stopped
+                    meta.update(incomplete=True, error=record["error"])
         finally:
             await chat.close()
         if not done:

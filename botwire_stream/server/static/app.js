@@ -24,11 +24,40 @@ const sleep = (ms, signal) => new Promise((resolve) => {
 
 function setStatus(text) { if ($("status").textContent !== text) $("status").textContent = text; }
 
+class HttpError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
 async function api(path, options) {
   const r = await fetch(path, options);
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
+  if (!r.ok) throw new HttpError(r.status, body.error || `HTTP ${r.status}`);
   return body;
+}
+
+// One key per question: a POST sent again with it (its response was lost) is answered with the
+// same 202 and stores nothing twice. getRandomValues, not randomUUID: the page may be served over
+// plain http to another host, where randomUUID does not exist.
+function idempotencyKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function postQuestion(session, content) {
+  const key = idempotencyKey();
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api(`/v1/chat/${NS}/${encodeURIComponent(session)}/messages`, {
+        method: "POST", headers: { "content-type": "application/json", "Idempotency-Key": key }, body: JSON.stringify({ content }),
+      });
+    } catch (e) {
+      // fetch rejects with a TypeError when no response came (the connection broke): the
+      // question may be stored, so it is asked again with the same key (and a 409: still at work)
+      const again = e instanceof TypeError || (e instanceof HttpError && [409, 502, 503, 504].includes(e.status));
+      if (!again || attempt >= 5) throw e;
+      setStatus("reconnecting…");
+      await sleep(250 * 2 ** attempt);
+    }
+  }
 }
 
 async function listConversations() {
@@ -60,6 +89,7 @@ async function newConversation() {
     method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ user }),
   });
   location.hash = encodeURIComponent(session);
+  return session;
 }
 
 function openConversation(session) {
@@ -194,10 +224,8 @@ async function send(event) {
   $("error").textContent = "";
   $("send").disabled = true;
   try {
-    if (!current) await newConversation().then(() => openConversation(decodeURIComponent(location.hash.slice(1))));
-    await api(`/v1/chat/${NS}/${encodeURIComponent(current.session)}/messages`, {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ content }),
-    });
+    if (!current) openConversation(await newConversation());
+    await postQuestion(current.session, content);
     box.value = "";
     listConversations();
   } catch (e) {
@@ -208,8 +236,20 @@ async function send(event) {
   }
 }
 
+// The session named by the URL's #hash; "" when there is none or it is not valid percent-encoding
+// (decodeURIComponent throws URIError on "#%E0%A4%A"): the page then stays on the conversation list.
+function hashSession() {
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch (e) {
+    history.replaceState(null, "", location.pathname + location.search);
+    $("error").textContent = "That link names no conversation.";
+    return "";
+  }
+}
+
 function route() {
-  const session = decodeURIComponent(location.hash.slice(1));
+  const session = hashSession();
   if (session && (!current || current.session !== session)) openConversation(session);
 }
 
@@ -222,7 +262,7 @@ async function start() {
   window.addEventListener("hashchange", route);
   window.addEventListener("focus", listConversations);
   const conversations = await listConversations();
-  if (!location.hash && conversations.length) location.hash = encodeURIComponent(conversations[0].session);
+  if (!hashSession() && conversations.length) location.hash = encodeURIComponent(conversations[0].session);
   route();
 }
 
