@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from botwire_stream import AsyncChatHistory, areplay
+from botwire_stream.errors import InvalidArgument
 from consumers.compactor import Compactor
 from consumers.runtime import run, status
 
 from .compact_workers import asummarise
+from .procs import ROOT
 from .test_consumers import _running
 from .waits import until
 
@@ -133,3 +139,21 @@ async def test_compact_consumer_killed_mid_backlog_then_restarted_records_one_su
     finally:
         for h in histories.values():
             await h.close()
+
+
+def test_compact_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    for summariser in ("nosuchmodule_x:summarise", "tests.compact_workers:nosuch", "no-colon"):
+        done = subprocess.run(
+            [sys.executable, "-m", "botwire_stream", "consume", "compact", "--summarise", summariser],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "BOTWIRE_URL": "nats://127.0.0.1:1"},  # never reached
+        )
+        assert done.returncode == 2, done.stderr
+        assert "summariser" in done.stderr or "module:function" in done.stderr
+    with pytest.raises(InvalidArgument):
+        Compactor(["ns"], asummarise, max_messages=None, max_bytes=None)
+    with pytest.raises(InvalidArgument):
+        Compactor(["ns"], asummarise, keep=-1)
