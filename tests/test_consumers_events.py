@@ -182,3 +182,33 @@ async def test_messages_reads_the_materialised_chunks_not_the_log_span(url: str,
         await spy.close()
         await h.close()
         await noise.close()
+
+
+async def test_sessions_take_title_first_activity_and_tokens_from_current_summaries_only(
+    url: str, namespace: str
+) -> None:
+    stream = f"BOTWIRE_CHAT_{namespace}"
+    h = AsyncChatHistory("a", namespace=namespace, url=url)
+    running = _Running(url, Materialiser(namespace))
+    try:
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello " * 20}]
+        await h.extend(messages)
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 20)
+    finally:
+        await running.stop()
+    try:
+        entries = await h.entries()
+        [info] = await AsyncChatHistory.sessions(namespace, url=url)
+        assert (info.session_id, info.message_count, info.last_activity) == ("a", 2, entries[-1].time)
+        assert info.title == ("hello " * 20)[:80]
+        assert info.first_activity == entries[0].time
+        assert info.tokens == sum(len(msgspec.json.encode(m)) for m in messages) // 4
+        # the materialiser stopped: a lagging summary is not used, and one never written is none
+        await h.append({"role": "assistant", "content": "hi"})
+        async with AsyncChatHistory("b", namespace=namespace, url=url) as b:
+            await b.append({"role": "user", "content": "new"})
+        listed = {s.session_id: s for s in await AsyncChatHistory.sessions(namespace, url=url)}
+        assert listed["a"].message_count == 3 and listed["b"].message_count == 1
+        assert all((s.title, s.first_activity, s.tokens) == (None, None, None) for s in listed.values())
+    finally:
+        await h.close()
