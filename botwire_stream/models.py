@@ -40,8 +40,16 @@ class Entry(msgspec.Struct, frozen=True):
 
 
 class SessionInfo(msgspec.Struct, frozen=True):
-    """A conversation as listed by ``ChatHistory.sessions``."""
+    """A conversation as listed by ``ChatHistory.sessions``.
+
+    ``title`` (the first user message, cut to 80 characters), ``first_activity`` and ``tokens``
+    (an estimate: bytes / 4) come from the history materialiser's summary (over NATS, while
+    ``botwire consume materialise`` keeps the namespace): None when there is none, or when it
+    lags the conversation (it is never shown stale)."""
 
     session_id: str
     message_count: int
     last_activity: datetime
+    title: str | None = None
+    first_activity: datetime | None = None
+    tokens: int | None = None

@@ -1,7 +1,8 @@
 """Audit export: every event of chosen namespaces (keys and conversations) to JSON Lines files.
 
 Files: ``<dir>/audit-<n>.jsonl``, one JSON object per event (stream, sequence, namespace, kind,
-key or session, operation, time, origin, data), rotated at ``rotate_bytes`` and then, with
+key or session, operation, time, origin, data; a summary also its ``upto``). A conversation's
+operations are ``append``, ``expire``, and its ``summary`` and ``clear`` events), rotated at ``rotate_bytes`` and then, with
 ``compress``, gzipped (``audit-<n>.jsonl.gz``). Exactly once, also across a SIGKILL: after each
 batch the file is fsynced, then ``state.json`` (the file, its length, and the last sequence
 written per stream) is replaced atomically, and only then are the events acknowledged. A restart
@@ -41,10 +42,12 @@ def event_record(source: Source, m: Msg) -> dict[str, Any]:
     """One event as a JSON-ready dict (also the body a webhook POSTs)."""
     meta = m.metadata
     hdr = m.headers or {}
-    token = m.subject[len(source.subject) - 1 :]
+    is_event, token = source.token(m)
     name = keys.decode_key(token)
     if source.kind == "keys":
         op = {"DEL": "delete", "PURGE": "purge"}.get(hdr.get("KV-Operation", ""), "set")
+    elif is_event:  # a conversation's summary (``compact``) or clear, as replay names them
+        op = hdr.get("Botwire-Event", "summary")
     else:
         op = "append" if m.data else "expire"
     rec: dict[str, Any] = {
@@ -58,6 +61,8 @@ def event_record(source: Source, m: Msg) -> dict[str, Any]:
         "time": meta.timestamp.isoformat(),
         "origin": hdr.get("Botwire-Origin"),
     }
+    if "Botwire-Upto" in hdr:  # a summary: the last message sequence it covers
+        rec["upto"] = int(hdr["Botwire-Upto"])
     if m.data:
         try:
             rec["data"] = m.data.decode()

@@ -60,6 +60,7 @@ def consume() -> None:
 
     \b
       botwire consume materialise -n chats
+      botwire consume compact -n chats --summarise mymodule:summarise --max-messages 200 --keep 20
       botwire consume audit -n chats -n app --dir ./audit --gzip
       botwire consume webhook -n app --match 'user:*' --to http://127.0.0.1:9000/hook --secret-file s
       botwire consume status [--json]
@@ -87,6 +88,65 @@ def materialise(
     from .materialiser import Materialiser
 
     _start(ctx, Materialiser(_namespaces(ctx, (namespace,) if namespace else ())[0], name=name), url, batch)
+
+
+@consume.command()
+@_url_option
+@_ns_option
+@_name_option
+@_batch_option
+@click.option(
+    "--summarise",
+    "summariser",
+    required=True,
+    metavar="MODULE:FUNCTION",
+    help="Called with the messages to summarise (sync or async); returns the summary text (or a message).",
+)
+@click.option(
+    "--max-messages",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Summarise once more messages than this follow the last summary.",
+)
+@click.option(
+    "--max-bytes", default=None, type=click.IntRange(min=0), help="...or once they encode to more bytes than this."
+)
+@click.option(
+    "--keep", default=0, show_default=True, type=click.IntRange(min=0), help="The newest messages left unsummarised."
+)
+@click.pass_context
+def compact(
+    ctx: click.Context,
+    url: str | None,
+    namespaces: tuple[str, ...],
+    name: str | None,
+    batch: int | None,
+    summariser: str,
+    max_messages: int,
+    max_bytes: int | None,
+    keep: int,
+) -> None:
+    """Summarise each conversation grown past a size since its last summary (AsyncChatHistory.compact)."""
+    from botwire_stream.errors import InvalidArgument
+
+    from .compactor import Compactor, load_summariser
+
+    try:
+        fn = load_summariser(summariser)
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from exc
+    resolved = _url(ctx, url)
+    worker = Compactor(
+        _namespaces(ctx, namespaces),
+        fn,
+        max_messages=max_messages,
+        max_bytes=max_bytes,
+        keep=keep,
+        url=resolved,
+        name=name,
+    )
+    _start(ctx, worker, resolved, batch)
 
 
 @consume.command()

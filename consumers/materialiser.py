@@ -35,6 +35,7 @@ __all__ = ["Materialiser"]
 CHUNK: Final = 256  # a conversation's held events that trigger its flush
 MAX_HELD: Final = 50_000  # events held (unacknowledged) at most: beyond, every conversation is flushed
 _PROBE_EVERY: Final = 1.0  # seconds between looks for a clear, per conversation
+_RECHECKS: Final = 20  # looks for the purge of a recorded clear (about 10 s while idle)
 _KEPT: Final = 10_000  # conversations whose state is kept in memory between flushes
 _PARALLEL: Final = 64  # conversations flushed at once
 _TITLE: Final = 80  # characters of the first user message kept as the title
@@ -52,6 +53,8 @@ class _Conv:
     summary: Summary | None = None
     first_seq: int | None = None  # the first raw sequence the chain and summary count
     held: list[Msg] = field(default_factory=list)
+    events: list[Msg] = field(default_factory=list)  # summaries and clears: never messages
+    recheck: int = 0  # looks left for a recorded clear's purge (it is recorded just before it)
     probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
 
 
@@ -72,13 +75,12 @@ class Materialiser(Worker):
         await self.conn.ensure_stream(mat.mat_config(self.namespace))
 
     async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
-        n = len(source.subject) - 1  # the prefix before the conversation's tokens
         for m in msgs:
-            token = m.subject[n:]
+            is_event, token = source.token(m)
             conv = self._convs.get(token)
             if conv is None:
                 conv = self._convs[token] = _Conv(token)
-            conv.held.append(m)
+            (conv.events if is_event else conv.held).append(m)
         self._held += len(msgs)
         if caught_up or self._held >= MAX_HELD:
             await self.flush_all()
@@ -87,12 +89,13 @@ class Materialiser(Worker):
 
     async def idle(self) -> None:
         await self.flush_all()
+        await self._flush([c for c in self._convs.values() if c.recheck and not c.held])
 
     async def finish(self) -> None:
         await self.flush_all()
 
     async def flush_all(self) -> None:
-        await self._flush([c for c in self._convs.values() if c.held])
+        await self._flush([c for c in self._convs.values() if c.held or c.events])
 
     async def _flush(self, convs: list[_Conv]) -> None:
         for i in range(0, len(convs), _PARALLEL):
@@ -100,15 +103,23 @@ class Materialiser(Worker):
 
     async def _flush_one(self, conv: _Conv) -> None:
         held, conv.held = conv.held, []
+        events, conv.events = conv.events, []
         if not conv.loaded:
             await self._load(conv)
         fresh = sorted({m.metadata.sequence.stream: m for m in held}.items())
         fresh = [(seq, m) for seq, m in fresh if seq > conv.covered]  # redelivered: already in a chunk
+        if any((m.headers or {}).get("Botwire-Event") == "clear" for m in events):
+            # A clear is recorded, then done: look for it now, and again while idle for a while
+            # (each FETCH_WAIT), so the summary says "cleared" without waiting for a new message.
+            conv.recheck = _RECHECKS
         if fresh:
             await self._materialise(conv, fresh)
-        for m in held:
+        elif conv.recheck:
+            conv.recheck -= 1
+            await self._cleared(conv, conv.first_seq, await self._first(conv))
+        for m in held + events:
             await m.ack()
-        self._held -= len(held)
+        self._held -= len(held) + len(events)
         if len(self._convs) > _KEPT:  # the state is in the stream: reloaded when written again
             for token in [t for t, c in self._convs.items() if not c.held][: len(self._convs) // 2]:
                 del self._convs[token]
@@ -161,9 +172,17 @@ class Materialiser(Worker):
             return
         conv.probed = now
         first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
+        await self._cleared(conv, known_first, first)
+
+    async def _cleared(self, conv: _Conv, known_first: int | None, first: int | None) -> None:
+        """When the conversation's first sequence moved past the chain's (a clear or an expiry),
+        drop the chunks and materialise what the log holds now."""
         if known_first is not None and (first is None or first > known_first):
+            conv.recheck = 0
             await self._reset(conv, first)
             await self._from_log(conv)
+            if conv.summary is None:  # cleared, nothing written since: no stale summary is left
+                await self.conn.purge(mat.mat_stream(self.namespace), self._summary_subject(conv))
 
     async def _commit(
         self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int

@@ -37,6 +37,16 @@ class Source:
     namespace: str
     kind: str  # "keys" or "chat"
     config: StreamConfig
+    # A chat source's second subject family: its conversations' summary and clear events
+    # (``botwire.<ns>.chatev.<id>``, nats/replay.py), consumed with the messages in stream order.
+    events: str = ""
+
+    def token(self, m: Msg) -> tuple[bool, str]:
+        """Whether ``m`` is a conversation event (a summary or a clear, not a message or a key
+        write), and the subject tokens of its key or conversation."""
+        if self.events and m.subject.startswith(self.events):
+            return True, m.subject[len(self.events) :]
+        return False, m.subject[len(self.subject) - 1 :]
 
 
 def kv_source(conn: Connection, namespace: str) -> Source:
@@ -46,7 +56,7 @@ def kv_source(conn: Connection, namespace: str) -> Source:
 
 def chat_source(conn: Connection, namespace: str) -> Source:
     chat = NatsChat(namespace, 5.0)
-    return Source(chat.stream, chat.chat + ">", namespace, "chat", chat.config(1))
+    return Source(chat.stream, chat.chat + ">", namespace, "chat", chat.config(1), chat.events)
 
 
 class Worker(ABC):
@@ -88,8 +98,18 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=_ACK_WAIT,
         max_ack_pending=worker.max_ack_pending,
-        filter_subject=source.subject,
     )
+    if source.events:
+        from botwire_stream.nats.replay import NatsReplay
+
+        await NatsReplay(conn, source.namespace, 5.0)._ensure_events()  # a stream made before it lacks it
+        config.name = worker.durable
+        config.filter_subjects = [source.subject, source.events + ">"]
+        # created, or updated from the single filter of a consumer made before the events
+        # subject existed (nats-py's pull_subscribe binds an existing consumer as it is)
+        await conn.js.add_consumer(source.stream, config)
+    else:
+        config.filter_subject = source.subject
     sub = await conn.js.pull_subscribe(source.subject, durable=worker.durable, stream=source.stream, config=config)
     # Resume at once from the ack floor: what a killed run had fetched but not acknowledged would
     # otherwise wait out ack_wait (measured: a restarted audit idle for the full 60 s). Needs

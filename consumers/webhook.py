@@ -93,7 +93,7 @@ class Webhook(Worker):
 
     async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
         for m in msgs:
-            name = keys.decode_key(m.subject[len(source.subject) - 1 :])
+            name = keys.decode_key(source.token(m)[1])
             if keys.matches(name, self.pattern):
                 await self._deliver(source, m)
             await m.ack()

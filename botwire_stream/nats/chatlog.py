@@ -223,6 +223,9 @@ def _hint(key: tuple[str, str]) -> _Hint:
     return hint
 
 
+_summary_decoder = msgspec.json.Decoder(materialised.Summary)
+
+
 class NatsChat:
     """One namespace's conversation logs on a shared ``Connection`` (a ``_backend.ChatBackend``)."""
 
@@ -315,10 +318,37 @@ class NatsChat:
             for subject, probe in zip(chunk, probes, strict=True):
                 if probe.msgs and not probe.msgs[0].data:
                     markers.add(subject)
-        return [
+        listed = [
             SessionInfo(session_id=sid, message_count=counts.get(subject, 0) - (subject in markers), last_activity=t)
             for t, sid, subject in page
         ]
+        if listed and await self.materialised():
+            listed = await self._with_summaries(listed, [s for _, _, s in page])
+        return listed
+
+    async def _with_summaries(self, listed: list[SessionInfo], subjects: list[str]) -> list[SessionInfo]:
+        """``listed`` with title, first activity and tokens from the materialiser's summaries (one
+        multi-last get per 256 of the page): a summary is used only when it accounts for exactly
+        what the log holds now (same message count and last message time), never when it lags."""
+        n = len(self.chat)
+        wanted = [materialised.summary_subject(self.namespace, s[n:]) for s in subjects]
+        found: dict[str, materialised.Summary] = {}
+        for i in range(0, len(wanted), 256):
+            reply = await self.conn.direct_batch(
+                materialised.mat_stream(self.namespace), {"multi_last": wanted[i : i + 256]}, self.timeout
+            )
+            for m in reply.msgs:
+                if m.data:
+                    found[(m.headers or {})["Nats-Subject"]] = _summary_decoder.decode(m.data)
+        out = []
+        for info, subject in zip(listed, wanted, strict=True):
+            s = found.get(subject)
+            if s is not None and s.message_count == info.message_count and s.last_activity == info.last_activity:
+                info = SessionInfo(
+                    info.session_id, info.message_count, info.last_activity, s.title, s.first_activity, s.tokens
+                )
+            out.append(info)
+        return out
 
 
 class NatsChatLog:
