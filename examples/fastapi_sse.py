@@ -11,53 +11,30 @@ Run: ``pip install botwire-stream fastapi uvicorn`` then ``uvicorn fastapi_sse:a
 - ``GET /chat/{session}``: the conversation, from any process.
 
 The answer is produced apart from the request, so a client that disconnects (or a worker that
-serves the reconnect) loses nothing; the finished answer is appended to the conversation.
+serves the reconnect) loses nothing; the finished answer is appended to the conversation. The
+model and that producer are in ``_answers.py`` beside this file (shared with ``fastapi_ws.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from _answers import NAMESPACE, start_answer  # the model and the background producer, shared with fastapi_ws.py
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from botwire_stream import AsyncChatHistory, AsyncTokenStream
 from botwire_stream.errors import BotWireError, InvalidOffset, StreamNotFound
-from botwire_stream.server.model import FakeModel
 from botwire_stream.tokens import parse_offset
 
-NAMESPACE = "examples"
-# Your LLM goes here: anything that yields text pieces for a list of {"role", "content"} messages.
-model = FakeModel(pace=float(os.environ.get("BOTWIRE_FAKE_PACE", "0.03")))
-
 app = FastAPI(title="botwire-stream SSE chat")
-_producing: set[asyncio.Task[None]] = set()  # keep a reference to each running producer
 
 
 class Message(BaseModel):
     content: str = Field(min_length=1, max_length=32_000)
-
-
-async def produce(session: str, answer: str, history: list[dict[str, Any]]) -> None:
-    """The model's pieces into the answer's stream, then the whole answer into the conversation."""
-    stream = AsyncTokenStream(f"answers/{answer}")
-    chat = AsyncChatHistory(session, namespace=NAMESPACE)
-    pieces: list[str] = []
-    try:
-        async for piece in model.stream(history):
-            pieces.append(piece)
-            await stream.append(piece)
-        await stream.close_stream()
-        await chat.append({"role": "assistant", "content": "".join(pieces), "meta": {"answer": answer}})
-    finally:
-        await stream.close()
-        await chat.close()
 
 
 async def events(answer: str, offset: str) -> AsyncIterator[str]:
@@ -76,23 +53,10 @@ async def events(answer: str, offset: str) -> AsyncIterator[str]:
 
 @app.post("/chat/{session}")
 async def chat(session: str, message: Message) -> StreamingResponse:
-    answer = uuid.uuid4().hex
-    stream = AsyncTokenStream(f"answers/{answer}")
-    history = AsyncChatHistory(session, namespace=NAMESPACE)
     try:
-        await stream.create(content_type="text/plain", ttl=3600)  # gone an hour after its last read
-        seq = await history.append({"role": "user", "content": message.content, "meta": {"answer": answer}})
-        # up to this question: one posted at the same moment may already follow it
-        recent = await history.entries(last=51)
-        context = [{"role": e.message["role"], "content": e.message["content"]} for e in recent if e.seq <= seq][-50:]
+        answer = await start_answer(session, message.content)
     except BotWireError as exc:
         raise HTTPException(exc.http_status, str(exc)) from None
-    finally:
-        await stream.close()
-        await history.close()
-    task = asyncio.create_task(produce(session, answer, context))
-    _producing.add(task)
-    task.add_done_callback(_producing.discard)
     return StreamingResponse(events(answer, "-1"), media_type="text/event-stream")
 
 

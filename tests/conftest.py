@@ -1,5 +1,9 @@
 """Shared fixtures: a real nats-server per session, a fresh namespace per test, a private
-BOTWIRE_HOME for tests of the embedded server."""
+BOTWIRE_HOME for tests of the embedded server.
+
+Under pytest-xdist (``addopts`` in pyproject.toml) a session is one worker: each worker has its
+own nats-server and ``botwire serve`` (random loopback ports), temp dirs (``tmp_path_factory``
+gives each worker its own) and environment, so no two workers share a server, port or file."""
 
 from __future__ import annotations
 
@@ -23,6 +27,29 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server = NatsServer(tmp_path_factory.mktemp("nats")).start()
     yield server
     server.stop()
+
+
+# The heaviest tests (tens of thousands of messages or keys, 64 MiB values, the npm conformance
+# suite) saturate CPU and disk by themselves; run side by side on other workers they starved each
+# other into 5 s NATS timeouts (4 workers on 2 cores). One xdist group runs them one after another
+# on one worker (``--dist loadgroup``) while the light tests share the other workers.
+HEAVY = {
+    "tests/test_chat_large.py",
+    "tests/test_conformance.py",
+    "tests/test_qa_listing.py::test_keys_that_exist_throughout_are_listed_while_other_keys_vanish_past_100k",
+    "tests/test_listing_sessions.py::test_more_than_1024_interleaved_conversations",
+    "tests/test_errors.py::test_value_over_64_mib_is_refused_and_64_mib_is_not",
+    "tests/test_qa_chat.py::test_a_read_racing_a_clear_and_an_append_gives_all_old_or_the_new_never_a_mix",
+    "tests/test_qa_chat.py::test_reads_racing_clears_in_another_process_never_mix_old_and_new_messages",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        base = item.nodeid.split("[", 1)[0]
+        if base in HEAVY or base.split("::", 1)[0] in HEAVY:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
 
 
 # Test modules of the public API run twice: over NATS and over HTTP (a ``botwire serve`` of the

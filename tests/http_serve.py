@@ -40,9 +40,11 @@ class Serve:
 
 
 def start_serve(
-    url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 20.0, extra: Sequence[str] = ()
+    url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 60.0, extra: Sequence[str] = ()
 ) -> Serve:
-    """``url`` None: the embedded server (of ``BOTWIRE_HOME``); ``extra``: more ``serve`` options."""
+    """``url`` None: the embedded server (of ``BOTWIRE_HOME``); ``extra``: more ``serve`` options.
+    ``bound``: a start that takes longer fails (a does-not-hang bound: 4 xdist workers on 2 busy
+    cores took over 20 s to import and start one)."""
     port = free_port()
     out = log.open("wb")
     nats = ["--url", url] if url else []

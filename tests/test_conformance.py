@@ -21,11 +21,13 @@ from tests.http_serve import serving
 
 SUITE = "@durable-streams/server-conformance-tests@0.3.6"
 PACKAGES = [SUITE, "@durable-streams/server@0.3.7", "@durable-streams/client@0.2.7"]
-# 0.3.6's CLI finds no test files by itself (vitest skips files under node_modules): point it at them
+# 0.3.6's CLI finds no test files by itself (vitest skips files under node_modules): point it at
+# them. testTimeout: vitest's default 5 s per test is a does-not-hang bound that a loaded machine
+# (the suite's other xdist workers on 2 cores) overran; 30 s still catches a hang.
 VITEST_CONFIG = (
     'import { defineConfig } from "vitest/config"\n'
     'export default defineConfig({ test: { include: ["node_modules/@durable-streams/'
-    'server-conformance-tests/dist/test-runner.js"], exclude: [] } })\n'
+    'server-conformance-tests/dist/test-runner.js"], exclude: [], testTimeout: 30000 } })\n'
 )
 
 

@@ -162,7 +162,9 @@ def test_reads_racing_clears_in_another_process_never_mix_old_and_new_messages(u
         async def main() -> tuple[int, list[str]]:
             bad: list[str] = []
             reads = 0  # those that got more than one reply (over 10,000 messages)
-            deadline = time.monotonic() + 15
+            # ends at 15 multi-page reads; the bound only stops a starved run (2 reads in 15 s
+            # with 4 xdist workers on 2 loaded cores)
+            deadline = time.monotonic() + 60
             async with AsyncChatHistory("raced", namespace=namespace, url=url) as chat:
                 while reads < 15 and time.monotonic() < deadline:
                     try:

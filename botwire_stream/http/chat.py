@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +12,7 @@ from .. import errors
 from .._backend import LogEntry
 from ..models import SessionInfo
 from ..settings import ConnectOptions
-from .client import Http, acquire, seg
+from .client import Http, SseFeed, acquire, seg
 
 __all__ = ["HttpChat", "HttpChatLog", "open_chat"]
 
@@ -56,57 +55,12 @@ class _Sessions(msgspec.Struct):
     sessions: list[_Session]
 
 
-class LogFeed:
-    """Live entries over SSE; every reopen resumes after the last delivered sequence
-    (``Last-Event-ID``), so nothing is skipped or repeated across the server's SSE lifetime."""
+class LogFeed(SseFeed[LogEntry]):
+    """A conversation's live entries over SSE (``/events``), resumed after the last sequence."""
 
-    def __init__(self, http: Http, path: str, after: int | None) -> None:
-        self._http, self._path, self._last = http, path, after
-        self._queue: asyncio.Queue[LogEntry | BaseException | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed: asyncio.Future[None] | None = None
-
-    async def start(self) -> object:
-        if self._task is None:
-            self._subscribed = asyncio.get_running_loop().create_future()
-            self._task = asyncio.ensure_future(self._run())
-        assert self._subscribed is not None
-        await asyncio.shield(self._subscribed)
-        return self
-
-    async def _run(self) -> None:
-        assert self._subscribed is not None
-        try:
-            while True:
-                last = None if self._last is None else str(self._last)
-                async for _, data in self._http.events(self._path, {}, last):
-                    if not data:
-                        if not self._subscribed.done():
-                            self._subscribed.set_result(None)
-                        continue
-                    e = msgspec.json.decode(data, type=_Entry)
-                    self._last = e.seq
-                    self._queue.put_nowait(LogEntry(e.seq, e.time, bytes(e.message)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
-            if not self._subscribed.done():
-                self._subscribed.set_exception(exc)
-                self._subscribed.exception()
-            if not isinstance(exc, asyncio.CancelledError):
-                self._queue.put_nowait(exc)
-
-    async def __anext__(self) -> LogEntry:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._queue.put_nowait(None)
+    def _decode(self, data: bytes) -> tuple[int, LogEntry]:
+        e = msgspec.json.decode(data, type=_Entry)
+        return e.seq, LogEntry(e.seq, e.time, bytes(e.message))
 
 
 class HttpChatLog:
@@ -152,7 +106,7 @@ class HttpChatLog:
         await self._backend.http.request("POST", self._path + "/fork", content=body, what="fork")
 
     def watch(self, after: int | None) -> LogFeed:
-        return LogFeed(self._backend.http, self._path + "/events", after)
+        return LogFeed(self._backend.http, self._path + "/events", {}, after)
 
     async def close(self) -> None:
         await self._backend.close()

@@ -1,12 +1,13 @@
 """One ``httpx.AsyncClient`` per event loop and server (shared by every backend opened on it,
-closed with its last user), error mapping, and a server-sent-events reader."""
+closed with its last user), error mapping, a server-sent-events reader, and the resuming live
+feed built on it (``SseFeed``)."""
 
 from __future__ import annotations
 
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -15,7 +16,9 @@ import msgspec
 from .. import errors
 from ..settings import ConnectOptions, redact
 
-__all__ = ["Http", "acquire", "seg"]
+__all__ = ["Http", "SseFeed", "acquire", "seg"]
+
+R = TypeVar("R")
 
 
 def _codes() -> dict[str, type[errors.BotWireError]]:
@@ -122,6 +125,67 @@ class Http:
 
     async def close(self) -> None:
         await self._release()
+
+
+class SseFeed(Generic[R]):
+    """Live items over SSE from ``path``: a response that ends (the server's SSE lifetime, a
+    restart) is reopened with ``Last-Event-ID`` = the position of the last item delivered, so
+    nothing is skipped or repeated; ``ServerUnavailable`` (raised by the reader) when it cannot
+    reopen. ``start`` returns once the server has subscribed. Subclasses decode one event."""
+
+    def __init__(self, http: Http, path: str, params: dict[str, Any], after: int | None) -> None:
+        self._http, self._path, self._params, self._last = http, path, params, after
+        self._queue: asyncio.Queue[R | BaseException | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed: asyncio.Future[None] | None = None
+
+    def _decode(self, data: bytes) -> tuple[int, R]:
+        """One event's ``data``: its position (what a reopen resumes after) and the item."""
+        raise NotImplementedError
+
+    async def start(self) -> object:
+        if self._task is None:
+            self._subscribed = asyncio.get_running_loop().create_future()
+            self._task = asyncio.ensure_future(self._run())
+        assert self._subscribed is not None
+        await asyncio.shield(self._subscribed)
+        return self
+
+    async def _run(self) -> None:
+        assert self._subscribed is not None
+        try:
+            while True:
+                last = None if self._last is None else str(self._last)
+                async for _, data in self._http.events(self._path, self._params, last):
+                    if not data:
+                        if not self._subscribed.done():
+                            self._subscribed.set_result(None)
+                        continue
+                    self._last, item = self._decode(data)
+                    self._queue.put_nowait(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            if not self._subscribed.done():
+                self._subscribed.set_exception(exc)
+                self._subscribed.exception()  # seen by start
+            if not isinstance(exc, asyncio.CancelledError):
+                self._queue.put_nowait(exc)
+
+    def __aiter__(self) -> SseFeed[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._queue.put_nowait(None)
 
 
 # per event loop (weakly: a loop that ends without closing its backends takes its clients along)

@@ -13,7 +13,7 @@ from .. import errors
 from .._backend import ChangeFeed, Current, KeyChange, KeyRevision
 from ..models import Op
 from ..settings import ConnectOptions
-from .client import Http, acquire, seg
+from .client import Http, SseFeed, acquire, seg
 
 __all__ = ["HttpMemory", "open_memory"]
 
@@ -70,61 +70,12 @@ def _bytes(raw: msgspec.Raw, has_value: bool) -> bytes | None:
     return bytes(raw) if has_value else None
 
 
-class KeyFeed:
-    """Live changes over SSE (``/watch``); a response that ends (the server's SSE lifetime, a
-    restart) is reopened with ``Last-Event-ID`` (the last revision delivered), so nothing is
-    skipped or repeated; ``ServerUnavailable`` when it cannot reopen."""
+class KeyFeed(SseFeed[KeyChange]):
+    """Live changes over SSE (``/watch?pattern=``), resumed after the last revision delivered."""
 
-    def __init__(self, http: Http, path: str, pattern: str, after: int | None) -> None:
-        self._http, self._path, self._pattern, self._last = http, path, pattern, after
-        self._queue: asyncio.Queue[KeyChange | BaseException | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed: asyncio.Future[None] | None = None
-
-    async def start(self) -> object:
-        if self._task is None:
-            self._subscribed = asyncio.get_running_loop().create_future()
-            self._task = asyncio.ensure_future(self._run())
-        assert self._subscribed is not None
-        await asyncio.shield(self._subscribed)
-        return self
-
-    async def _run(self) -> None:
-        assert self._subscribed is not None
-        try:
-            while True:
-                last = None if self._last is None else str(self._last)
-                async for ident, data in self._http.events(self._path, {"pattern": self._pattern}, last):
-                    if not data:
-                        if not self._subscribed.done():
-                            self._subscribed.set_result(None)
-                        continue
-                    c = msgspec.json.decode(data, type=_Change)
-                    self._last = c.revision
-                    self._queue.put_nowait(KeyChange(c.key, c.op, _bytes(c.value, c.has_value), c.revision, c.time))
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
-            if not self._subscribed.done():
-                self._subscribed.set_exception(exc)
-                self._subscribed.exception()  # seen by start
-            if not isinstance(exc, asyncio.CancelledError):
-                self._queue.put_nowait(exc)
-
-    def __aiter__(self) -> KeyFeed:
-        return self
-
-    async def __anext__(self) -> KeyChange:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._queue.put_nowait(None)
+    def _decode(self, data: bytes) -> tuple[int, KeyChange]:
+        c = msgspec.json.decode(data, type=_Change)
+        return c.revision, KeyChange(c.key, c.op, _bytes(c.value, c.has_value), c.revision, c.time)
 
 
 class _NoChanges:
@@ -202,7 +153,7 @@ class HttpMemory:
         return [KeyRevision(x.revision, x.op, _bytes(x.value, x.has_value), x.time) for x in got.revisions]
 
     def watch(self, pattern: str, after: int | None = None) -> KeyFeed:
-        return KeyFeed(self._http, f"{self._base}/watch", pattern, after)
+        return KeyFeed(self._http, f"{self._base}/watch", {"pattern": pattern}, after)
 
     def changes(self) -> ChangeFeed:
         return _NoChanges()

@@ -18,8 +18,10 @@ from starlette.responses import Response, StreamingResponse
 
 from .. import errors
 from ..chat import AsyncChatHistory
+from ..models import Entry
 from .headers import COMMON
 from .rest import Namespaces, RestError, decode_body, json_response
+from .sse import live_events
 
 __all__ = ["ChatRoutes"]
 
@@ -152,26 +154,10 @@ class ChatRoutes:
             if not streaming:
                 await chat.close()
 
-    async def _events(self, chat: AsyncChatHistory, watch: Any) -> AsyncIterator[bytes]:
+    def _events(self, chat: AsyncChatHistory, watch: Any) -> AsyncIterator[bytes]:
         """SSE ``message`` events, ``id`` the sequence: a client resumes with ``Last-Event-ID``."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.sse_lifetime
-        try:
-            yield b": live\n\n"
-            while not self.stop.is_set() and loop.time() < end:
-                nxt = asyncio.ensure_future(watch.__anext__())
-                stop = asyncio.ensure_future(self.stop.wait())
-                try:
-                    await asyncio.wait([nxt, stop], timeout=min(15.0, end - loop.time()), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                if not nxt.done():
-                    nxt.cancel()
-                    yield b": keep-alive\n\n"
-                    continue
-                e = nxt.result()
-                data = msgspec.json.encode(EntryOut(e.seq, e.time, e.message))
-                yield b"id: %d\nevent: message\ndata:%s\n\n" % (e.seq, data)
-        finally:
-            await watch.aclose()
-            await chat.close()
+
+        def encode(e: Entry) -> bytes:
+            return b"id: %d\nevent: message\ndata:%s\n\n" % (e.seq, msgspec.json.encode(EntryOut(e.seq, e.time, e.message)))
+
+        return live_events(watch, encode, stop=self.stop, lifetime=self.sse_lifetime, closing=chat.close)

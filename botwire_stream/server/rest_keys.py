@@ -24,6 +24,7 @@ from ..models import Op
 from ..times import ttl_seconds
 from .headers import COMMON
 from .rest import Namespaces, RestError, decode_body, json_response, rest_error
+from .sse import live_events
 
 __all__ = ["KeyRoutes"]
 
@@ -191,26 +192,12 @@ class KeyRoutes:
             return json_response(Deleted(key, await mem.delete(key)))
         raise RestError(405, "method_not_allowed", f"{method} is not allowed here")
 
-    async def _events(self, watch: _Watch) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.sse_lifetime
-        try:
-            yield b": live\n\n"
-            while not self.stop.is_set() and loop.time() < end:
-                nxt = asyncio.ensure_future(watch.__anext__())
-                stop = asyncio.ensure_future(self.stop.wait())
-                try:
-                    await asyncio.wait([nxt, stop], timeout=min(15.0, end - loop.time()), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                if not nxt.done():
-                    nxt.cancel()
-                    yield b": keep-alive\n\n"
-                    continue
-                change = nxt.result()
-                has = change.data is not None
-                value = msgspec.Raw(change.data) if change.data is not None else _NULL
-                data = msgspec.json.encode(ChangeOut(change.key, change.op, value, has, change.revision, change.time))
-                yield b"id: %d\nevent: change\ndata:%s\n\n" % (change.revision, data)
-        finally:
-            await watch.aclose()
+    def _events(self, watch: _Watch) -> AsyncIterator[bytes]:
+        """SSE ``change`` events, ``id`` the revision: a client resumes with ``Last-Event-ID``."""
+
+        def encode(change: KeyChange) -> bytes:
+            value = msgspec.Raw(change.data) if change.data is not None else _NULL
+            data = msgspec.json.encode(ChangeOut(change.key, change.op, value, change.data is not None, change.revision, change.time))
+            return b"id: %d\nevent: change\ndata:%s\n\n" % (change.revision, data)
+
+        return live_events(watch, encode, stop=self.stop, lifetime=self.sse_lifetime)
