@@ -4,8 +4,8 @@ Agents in desktop assistants and IDEs call its tools to read and write the same 
 ``Memory(namespace)`` and the same conversations as ``ChatHistory(session_id, namespace=...)``:
 ``memory_get``, ``memory_set`` (with ``ttl``), ``memory_delete``, ``memory_keys`` (glob, limit),
 ``chat_append``, ``chat_read`` (last N) and ``chat_sessions``. Built on the official ``mcp``
-SDK (``FastMCP`` in 1.x, ``MCPServer`` in 2.x; both work), which derives each tool's input schema from the signature and checks
-the arguments against it.
+SDK (``FastMCP`` in 1.x, ``MCPServer`` in 2.x; both work), which derives each tool's input
+schema from the signature and checks the arguments against it.
 
 Only the namespaces matching the configured globs are reachable (``Unauthorized`` otherwise);
 with one literal namespace configured, the ``namespace`` argument may be left out. Errors of the
