@@ -549,7 +549,7 @@ class NatsChatLog:
         oldest, oldest_id = served[0]
         if oldest.seq == newest.seq:
             reply = await self.conn.direct_batch(self.stream, req, self.timeout)
-            check = None
+            check: Msg | None = None
         else:
             reply, check = await asyncio.gather(
                 self.conn.direct_batch(self.stream, req, self.timeout),
@@ -562,8 +562,12 @@ class NatsChatLog:
             or not msgs
             or not _same(msgs[0], newest, newest_id)
             or not all(m.data for m in msgs)
-            or check is not None
-            and ((check.headers or {}).get("Nats-Subject") != self.subject or not _same(check, oldest, oldest_id))
+            or oldest.seq != newest.seq
+            and (
+                check is None  # purged since
+                or (check.headers or {}).get("Nats-Subject") != self.subject
+                or not _same(check, oldest, oldest_id)
+            )
         ):
             if hint.tail is kept:  # cut short, or purged, cleared or expired since: read as usual
                 hint.keep_tail(None, False)
