@@ -31,7 +31,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from botwire_stream import AsyncChatHistory, embedded
+from botwire_stream import AsyncChatHistory
+from botwire_stream.nats import embedded
 from botwire_stream.server.model import FakeModel
 from botwire_stream.tokens import open_token_streams
 

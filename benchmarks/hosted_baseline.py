@@ -14,27 +14,31 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 app = FastAPI()
-_PATH = os.environ.get("BASELINE_DB", "baseline.db")
 _local = threading.local()
+_ready = threading.Lock()
+_path: str | None = None  # set on the first request: importing the module writes no file
 
 
 def _conn() -> sqlite3.Connection:
     """One connection per worker thread (FastAPI runs sync endpoints in a thread pool; one shared
-    connection failed under 32 concurrent clients)."""
+    connection failed under 32 concurrent clients); the database is made on the first call."""
+    global _path
     db: sqlite3.Connection | None = getattr(_local, "db", None)
     if db is None:
-        db = _local.db = sqlite3.connect(_PATH, timeout=30)
+        with _ready:
+            if _path is None:
+                path = os.environ.get("BASELINE_DB", "baseline.db")
+                init = sqlite3.connect(path)
+                init.execute("PRAGMA journal_mode=WAL")
+                init.execute(
+                    "CREATE TABLE IF NOT EXISTS kv (namespace TEXT, key TEXT, value TEXT, created_at REAL, "
+                    "updated_at REAL, PRIMARY KEY (namespace, key))"
+                )
+                init.commit()
+                init.close()
+                _path = path
+        db = _local.db = sqlite3.connect(_path, timeout=30)
     return db
-
-
-_init = sqlite3.connect(_PATH)
-_init.execute("PRAGMA journal_mode=WAL")
-_init.execute(
-    "CREATE TABLE IF NOT EXISTS kv (namespace TEXT, key TEXT, value TEXT, created_at REAL, updated_at REAL, "
-    "PRIMARY KEY (namespace, key))"
-)
-_init.commit()
-_init.close()
 
 
 class Body(BaseModel):

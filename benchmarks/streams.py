@@ -36,7 +36,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from botwire_stream.embedded import find_binary
+from botwire_stream.nats.embedded import find_binary
 
 from botwire_stream._natsproc import render_config, start
 

@@ -28,15 +28,31 @@ from tests.servers import NatsServer
 
 
 def _sent(chat: AsyncChatHistory) -> int:
-    """How many messages (requests and publishes) the chat's connection has sent so far."""
+    """How many round trips (writes to the server carrying a request or a publish) the chat's
+    connection has made so far: requests sent together (a read from the kept tail pipelines a
+    check of its oldest served message with its read) go out in one write and cost one round
+    trip, which is the cost a turn pays; counted on the client's real socket transport."""
     conn = chat._conn_
     assert conn is not None
-    sent: int = conn.conn.nc.stats["out_msgs"]  # type: ignore[attr-defined]
-    return sent
+    nc: Any = conn.conn.nc  # type: ignore[attr-defined]
+    transport = nc._transport
+    if not hasattr(transport, "_botwire_writes"):
+        transport._botwire_writes = 0
+        write = transport.writelines
+
+        def counting(payload: list[bytes]) -> None:
+            if any(b"PUB " in p for p in payload):
+                transport._botwire_writes += 1
+            write(payload)
+
+        transport.writelines = counting
+    writes: int = transport._botwire_writes
+    return writes
 
 
 async def _counted(chat: AsyncChatHistory, op: Any) -> tuple[Any, int]:
-    """``await op``'s result and how many messages the chat's connection sent meanwhile."""
+    """``await op``'s result and how many round trips the chat's connection made meanwhile."""
+    _sent(chat)  # counting from here on
     before = _sent(chat)
     result = await op
     return result, _sent(chat) - before

@@ -4,7 +4,7 @@
 process has seen the conversation. LangChain's ``RunnableWithMessageHistory`` reads the whole
 history (``aget_messages``) on entering and again on leaving every turn: a whole read of a
 conversation of up to 10,000 messages is one request. Requests are counted with the client's
-own counter of messages it sent, on a real server.
+own socket writes (requests sent together count once: one round trip), on a real server.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import uuid
 import pytest
 
 from botwire_stream import AsyncChatHistory, ChatHistory
+from tests.test_last import _sent as _round_trips
 
 
 def _sent(core: AsyncChatHistory) -> int:
-    conn = core._conn_  # read from any thread: a counter
-    assert conn is not None
-    sent: int = conn.conn.nc.stats["out_msgs"]  # type: ignore[attr-defined]
-    return sent
+    """Round trips so far (see ``tests.test_last._sent``): read from any thread, a counter."""
+    return _round_trips(core)
 
 
 async def _fill(url: str, ns: str, sid: str, n: int) -> None:

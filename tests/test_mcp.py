@@ -21,35 +21,54 @@ from botwire_stream import AsyncChatHistory, AsyncMemory
 from tests.procs import ROOT
 
 mcp_client = pytest.importorskip("mcp.client")
-from mcp.client import Client  # noqa: E402
-from mcp.client.stdio import StdioServerParameters  # noqa: E402
+from mcp import ClientSession, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 TOOLS = {"memory_get", "memory_set", "memory_delete", "memory_keys", "chat_append", "chat_read", "chat_sessions"}
 
 
+def _field(obj: Any, snake: str, camel: str) -> Any:
+    """A result's field: mcp 1.x (what CI installs) spells them camelCase, 2.x snake_case."""
+    return getattr(obj, snake) if hasattr(obj, snake) else getattr(obj, camel)
+
+
 @asynccontextmanager
-async def stdio(url: str, *globs: str) -> AsyncIterator[Client]:
+async def _session(transport: Any) -> AsyncIterator[ClientSession]:
+    """The SDK's low-level client session (the same API in mcp 1.x and 2.x) over ``transport``."""
+    async with transport as streams, ClientSession(streams[0], streams[1]) as client:
+        await client.initialize()
+        yield client
+
+
+@asynccontextmanager
+async def stdio(url: str, *globs: str) -> AsyncIterator[ClientSession]:
     args = ["-m", "botwire_stream", "mcp", "--url", url]
     for g in globs:
         args += ["--namespace", g]
     params = StdioServerParameters(command=sys.executable, args=args, cwd=str(ROOT), env=dict(os.environ))
-    async with Client(params, read_timeout_seconds=30) as client:
+    async with _session(stdio_client(params)) as client:
         yield client
 
 
-async def call(client: Client, name: str, **arguments: Any) -> dict[str, Any]:
+async def call(client: ClientSession, name: str, **arguments: Any) -> dict[str, Any]:
     result = await client.call_tool(name, arguments)
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    out: dict[str, Any] = result.structured_content
+    assert not _field(result, "is_error", "isError"), result.content
+    out: dict[str, Any] | None = _field(result, "structured_content", "structuredContent")
+    assert out is not None
     return out
 
 
-async def refused(client: Client, name: str, **arguments: Any) -> str:
+async def refused(client: ClientSession, name: str, **arguments: Any) -> str:
     result = await client.call_tool(name, arguments)
-    assert result.is_error
+    assert _field(result, "is_error", "isError")
     text: str = result.content[0].text  # type: ignore[union-attr]
     return text.removeprefix(f"Error executing tool {name}: ")  # the SDK's prefix
+
+
+async def tools_of(client: ClientSession) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    """Each tool's description and input schema, by name."""
+    return {t.name: (t.description, _field(t, "input_schema", "inputSchema")) for t in (await client.list_tools()).tools}
 
 
 async def test_tools_read_and_write_what_memory_and_chat_history_see(url: str, namespace: str) -> None:
@@ -92,14 +111,14 @@ async def test_tools_schemas_other_namespaces_and_bad_input(url: str, namespace:
     with the error code, and nothing is written."""
     other = namespace + "x"
     async with AsyncMemory(other, url=url) as victim, stdio(url, namespace) as client:
-        tools = {t.name: t for t in (await client.list_tools()).tools}
+        tools = await tools_of(client)
         assert set(tools) == TOOLS
-        for tool in tools.values():
-            assert tool.description and tool.input_schema["type"] == "object"
-        assert tools["memory_set"].input_schema["required"] == ["key", "value"]
-        assert "ttl" in tools["memory_set"].input_schema["properties"]
-        assert tools["chat_append"].input_schema["properties"]["message"]["type"] == "object"
-        assert tools["chat_read"].input_schema["properties"]["last"]["anyOf"][0]["type"] == "integer"
+        for description, schema in tools.values():
+            assert description and schema["type"] == "object"
+        assert tools["memory_set"][1]["required"] == ["key", "value"]
+        assert "ttl" in tools["memory_set"][1]["properties"]
+        assert tools["chat_append"][1]["properties"]["message"]["type"] == "object"
+        assert tools["chat_read"][1]["properties"]["last"]["anyOf"][0]["type"] == "integer"
         assert (await refused(client, "memory_set", key="k" * 2000, value=1)).startswith("invalid_key: ")
         assert (await refused(client, "memory_get", key="")).startswith("invalid_key: ")
         assert await refused(client, "memory_set", key="k", value=1, ttl=-5)  # the schema: ttl > 0
@@ -109,7 +128,7 @@ async def test_tools_schemas_other_namespaces_and_bad_input(url: str, namespace:
         assert await call(client, "memory_keys") == {"keys": []}
         assert await AsyncChatHistory.sessions(namespace, url=url) == []
         await victim.set("k", "secret")
-        for name, args in [
+        calls: list[tuple[str, dict[str, Any]]] = [
             ("memory_get", {"key": "k"}),
             ("memory_set", {"key": "k", "value": "overwritten"}),
             ("memory_delete", {"key": "k"}),
@@ -117,7 +136,8 @@ async def test_tools_schemas_other_namespaces_and_bad_input(url: str, namespace:
             ("chat_append", {"session_id": "s", "message": {"a": 1}}),
             ("chat_read", {"session_id": "s"}),
             ("chat_sessions", {}),
-        ]:
+        ]
+        for name, args in calls:
             text = await refused(client, name, namespace=other, **args)
             assert text.startswith("unauthorized: ") and "secret" not in text
         assert (await refused(client, "memory_get", namespace="../" + other, key="k")).startswith("invalid_namespace: ")
@@ -146,8 +166,8 @@ async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None
                     endpoint = line.split(": ", 1)[1]
             time.sleep(0.05)
         assert endpoint is not None and endpoint.startswith("http://127.0.0.1:"), log.read_text()
-        async with Client(endpoint, read_timeout_seconds=30) as client:
-            assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+        async with _session(streamable_http_client(endpoint)) as client:
+            assert set(await tools_of(client)) == TOOLS
             await call(client, "memory_set", key="over-http", value=[1, 2])
             assert await call(client, "memory_get", key="over-http") == {"found": True, "value": [1, 2]}
             assert (await refused(client, "memory_get", namespace=namespace + "x", key="k")).startswith("unauthorized: ")

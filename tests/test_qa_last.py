@@ -34,6 +34,7 @@ async def test_purge_keeping_some_kept_is_seen_by_entries(url: str, namespace: s
             await nc.jetstream().purge_stream(stream_name(namespace), subject=f"botwire.{namespace}.chat.>", keep=2)
         finally:
             await nc.close()
+        assert await chat.messages(last=3) == [{"i": 4}, {"i": 5}]  # the kept tail's pipelined check
         assert await chat.entries(last=3) == before[1:]
         await chat.append({"i": 6})
         assert [e.message for e in await chat.entries(last=3)] == [{"i": 4}, {"i": 5}, {"i": 6}]

@@ -4,8 +4,8 @@ Agents in desktop assistants and IDEs call its tools to read and write the same 
 ``Memory(namespace)`` and the same conversations as ``ChatHistory(session_id, namespace=...)``:
 ``memory_get``, ``memory_set`` (with ``ttl``), ``memory_delete``, ``memory_keys`` (glob, limit),
 ``chat_append``, ``chat_read`` (last N) and ``chat_sessions``. Built on the official ``mcp``
-SDK (its ``MCPServer``), which derives each tool's input schema from the signature and checks
-the arguments against it.
+SDK (``FastMCP`` in 1.x, ``MCPServer`` in 2.x; both work), which derives each tool's input
+schema from the signature and checks the arguments against it.
 
 Only the namespaces matching the configured globs are reachable (``Unauthorized`` otherwise);
 with one literal namespace configured, the ``namespace`` argument may be left out. Errors of the
@@ -26,13 +26,21 @@ from .. import errors, keys
 from ..chat import AsyncChatHistory
 from ..memory import AsyncMemory
 
-try:
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise errors.MissingDependency(
-        "the MCP server needs the mcp SDK: pip install 'botwire-stream[mcp]'"
-    ) from exc
+try:  # mcp 1.x (what crewai's pin, mcp<2, leaves installed) names the server FastMCP; 2.x MCPServer
+    from mcp.server.fastmcp import FastMCP as Server
+    from mcp.server.fastmcp.exceptions import ToolError
+
+    _HOST_AT_APP = False  # 1.x: the host (for its DNS-rebinding check) is given to the constructor
+except ImportError:
+    try:
+        from mcp.server.mcpserver import MCPServer as Server  # type: ignore[no-redef, import-not-found, unused-ignore]
+        from mcp.server.mcpserver.exceptions import ToolError  # type: ignore[no-redef, import-not-found, unused-ignore]
+
+        _HOST_AT_APP = True  # 2.x: to streamable_http_app
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise errors.MissingDependency(
+            "the MCP server needs the mcp SDK: pip install 'botwire-stream[mcp]'"
+        ) from exc
 
 __all__ = ["MemoryTools", "build_server", "run"]
 
@@ -175,13 +183,15 @@ def _as_tool_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
     return call
 
 
-def build_server(tools: MemoryTools) -> MCPServer[Any]:
-    """The MCP server with ``tools``'s methods as its tools."""
-    server: MCPServer[Any] = MCPServer(
+def build_server(tools: MemoryTools, host: str = "127.0.0.1") -> Server[Any]:
+    """The MCP server with ``tools``'s methods as its tools (``host``: where HTTP is served)."""
+    at_init: dict[str, Any] = {} if _HOST_AT_APP else {"host": host}
+    server: Server[Any] = Server(
         "botwire",
         instructions="Persistent memory: keys with JSON values, and conversation logs, in the namespaces "
         f"{', '.join(tools.globs)}.",
         log_level="WARNING",
+        **at_init,
     )
     for name in _TOOLS:
         server.add_tool(_as_tool_errors(getattr(tools, name)), name=name, structured_output=True)
@@ -203,7 +213,7 @@ def run(
     import anyio
 
     tools = MemoryTools(namespaces, connect)
-    server = build_server(tools)
+    server = build_server(tools, host)
 
     async def main() -> None:
         try:
@@ -218,11 +228,11 @@ def run(
     anyio.run(main)
 
 
-async def _serve_http(server: MCPServer[Any], host: str, port: int, ready: Callable[[str], None] | None) -> None:
+async def _serve_http(server: Server[Any], host: str, port: int, ready: Callable[[str], None] | None) -> None:
     import anyio
     import uvicorn
 
-    app = server.streamable_http_app(host=host)
+    app = server.streamable_http_app(**({"host": host} if _HOST_AT_APP else {}))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     web = uvicorn.Server(config)
 

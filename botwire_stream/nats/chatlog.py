@@ -572,15 +572,21 @@ class NatsChatLog:
         return msgs
 
     async def _read_tail(self, last: int) -> list[LogEntry] | None:
-        """The newest ``last`` messages from the kept tail and what was appended after it, in one
-        request from the oldest kept message to be served on (with headers); None when no tail
-        is kept, or it no longer holds (then the caller reads as usual).
+        """The newest ``last`` messages from the kept tail and what was appended after it; None
+        when no tail is kept, or it no longer holds (then the caller reads as usual).
 
-        Exact because the reply is one snapshot of everything from that message on, and every
-        kept message it serves is compared with it (sequence, message id and body): messages
-        leave a conversation only from its oldest on (``clear`` and any stream-API purge, keeping
-        the newest or not, remove a prefix; an expiry rolls it all up; the stream denies
-        deletes), so a purge that kept only some of the kept messages moves the reply's start.
+        Two requests in flight at once (one round trip): everything from the newest kept message
+        on (with headers: usually that one and a few appended since), and the oldest kept message
+        this read serves (a direct get by its sequence). Starting at the newest keeps the
+        server's walk short: it steps through every message of the stream between a start and
+        the subject's next one, so starting at the oldest served message of a conversation spread
+        thinly through a busy stream cost ~2.7 ms vs ~0.4 ms (benchmarks chat-last).
+
+        Exact: messages leave a conversation only from its oldest on (``clear`` and any
+        stream-API purge, keeping the newest or not, remove a prefix; an expiry rolls it all up;
+        the stream denies deletes), so while the oldest served message is still there (same
+        sequence, message id and body) so is every newer kept one, and the first reply, one
+        snapshot, holds everything after the newest kept one.
         """
         if self.stream in AGE_LIMITED:
             return None  # messages also leave one by one there, by age: read as usual
@@ -590,18 +596,37 @@ class NatsChatLog:
             return None
         complete = hint.tail_all
         served = kept[max(0, len(kept) - last) :]  # the kept messages this read may return
-        req = {"next_by_subj": self.subject, "seq": served[0][0].seq, "batch": len(served) + 2 * last + 256}
-        reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+        newest, newest_id = kept[-1]
+        req = {"next_by_subj": self.subject, "seq": newest.seq, "batch": 2 * last + 256}
+        oldest, oldest_id = served[0]
+        if oldest.seq == newest.seq:
+            reply = await self.conn.direct_batch(self.stream, req, self.timeout)
+            check: Msg | None = None
+        else:
+            reply, check = await asyncio.gather(
+                self.conn.direct_batch(self.stream, req, self.timeout),
+                # A direct get by sequence: a batch would also count what follows (a walk).
+                self.conn.direct_get_seq(self.stream, oldest.seq, self.timeout),
+            )
         msgs = reply.msgs
-        if reply.pending or len(msgs) < len(served) or not all(m.data for m in msgs) or not all(
-            _same(m, entry, msg_id) for m, (entry, msg_id) in zip(msgs, served, strict=False)
+        if (
+            reply.pending
+            or not msgs
+            or not _same(msgs[0], newest, newest_id)
+            or not all(m.data for m in msgs)
+            or oldest.seq != newest.seq
+            and (
+                check is None  # purged since
+                or (check.headers or {}).get("Nats-Subject") != self.subject
+                or not _same(check, oldest, oldest_id)
+            )
         ):
             if hint.tail is kept:  # cut short, or purged, cleared or expired since: read as usual
                 hint.keep_tail(None, False)
             return None
         tail = kept
-        if len(msgs) > len(served):
-            tail = kept + [_tail_item(m) for m in msgs[len(served) :]]
+        if len(msgs) > 1:
+            tail = kept + [_tail_item(m) for m in msgs[1:]]
             if hint.tail is kept:  # else another read replaced it meanwhile: keep theirs
                 hint.keep_tail(tail, complete)
         if len(tail) < last and not complete:
@@ -666,9 +691,10 @@ class NatsChatLog:
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
         if after is None and last is None and (whole := await self._materialised()) is not None:
             return [e.data for e in whole]
-        # Not from the kept tail: its check reads every kept message it serves with headers, which
-        # nats-py parses in Python (~25 µs a message); a header-free reply from the hint's start,
-        # as many messages, is exact by itself (see ``_read_once``).
+        # From the kept tail first: its reply starts at the newest kept message, so it carries
+        # (and nats-py parses the headers of, ~25 µs each) only what was appended since.
+        if after is None and last is not None and (tail := await self._read_tail(last)) is not None:
+            return [e.data for e in tail]
         return [m.data for m in await self._read(after, last, headers=False)]
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:

@@ -332,6 +332,22 @@ class Connection(RetryingConnection):
 
         return await self.call(run, timeout=timeout)
 
+    async def direct_get_seq(self, stream: str, seq: int, timeout: float = 5.0) -> Msg | None:
+        """The message at ``seq`` (one request; no pending count, so the server walks nothing),
+        or None when there is none."""
+
+        async def run() -> Msg | None:
+            body = msgspec.json.encode({"seq": seq})
+            msg = await self.request(f"$JS.API.DIRECT.GET.{stream}", body, None, timeout)
+            hdr = msg.headers
+            if hdr is not None and "Status" in hdr:
+                if hdr["Status"] == "404":
+                    return None
+                raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
+            return msg
+
+        return await self.call(run, timeout=timeout)
+
     async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
         """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
 
