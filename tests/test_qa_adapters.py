@@ -1,0 +1,154 @@
+"""QA of the framework adapters (LangGraph, AutoGen, CrewAI): edge cases that broke them.
+
+Real frameworks, a real nats-server; each test names the defect it pins down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langgraph")
+pytest.importorskip("autogen_core")
+
+from autogen_core.models import AssistantMessage, UserMessage  # noqa: E402
+from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
+
+from botwire_stream import Memory  # noqa: E402
+from botwire_stream.errors import BotWireError, InvalidArgument, ValueTooLarge  # noqa: E402
+from botwire_stream.integrations.autogen import BotWireChatCompletionContext  # noqa: E402
+from botwire_stream.integrations.langgraph import BotWireSaver, BotWireStore  # noqa: E402
+from tests.servers import NatsServer  # noqa: E402
+
+
+@pytest.fixture
+async def asaver(url: str, namespace: str) -> AsyncIterator[BotWireSaver]:
+    s = BotWireSaver(namespace, url=url)
+    yield s
+    await s.aclose()
+
+
+def _cfg(thread: str, checkpoint_id: str | None = None, ns: str = "") -> dict[str, Any]:
+    conf: dict[str, Any] = {"thread_id": thread, "checkpoint_ns": ns}
+    if checkpoint_id:
+        conf["checkpoint_id"] = checkpoint_id
+    return {"configurable": conf}
+
+
+def _checkpoint(values: dict[str, Any]) -> Any:
+    cp = empty_checkpoint()
+    cp["channel_values"] = values
+    cp["channel_versions"] = {k: 1 for k in values}
+    return cp
+
+
+# -- LangGraph store ---------------------------------------------------------------------------
+def test_store_put_with_ttl_none_never_expires_despite_default_ttl(url: str, namespace: str) -> None:
+    """``put(..., ttl=None)`` means "no expiry" in LangGraph even with a ``default_ttl``; only a
+    put that gives no ttl gets the default. (It used to get the default too: it expired.)"""
+    with BotWireStore(namespace, url=url, ttl={"default_ttl": 10.0}) as store:
+        store.put(("s",), "forever", {"v": 1}, ttl=None)
+        store.put(("s",), "default", {"v": 2})
+        store.put(("s",), "own", {"v": 3}, ttl=5.0)
+    stored = Memory(namespace, url=url)
+    assert stored.get("s:forever")["ttl"] is None
+    assert stored.get("s:default")["ttl"] == 10.0
+    assert stored.get("s:own")["ttl"] == 5.0
+
+
+async def test_store_search_filter_on_a_missing_or_non_numeric_field_does_not_match(url: str, namespace: str) -> None:
+    """A comparison filter (``$gt``...) skips items whose field is missing or not a number, as a
+    JSONB comparison with NULL does, instead of crashing the whole search with a TypeError."""
+    async with BotWireStore(namespace, url=url) as store:
+        await store.aput(("docs",), "scored", {"score": 5})
+        await store.aput(("docs",), "unscored", {"title": "x"})
+        await store.aput(("docs",), "text", {"score": "high"})
+        found = await store.asearch(("docs",), filter={"score": {"$gt": 1}})
+        assert [i.key for i in found] == ["scored"]
+        assert [i.key for i in await store.asearch(("docs",), filter={"score": {"$lte": 1}})] == []
+        with pytest.raises(InvalidArgument, match=r"\$near"):
+            await store.asearch(("docs",), filter={"score": {"$near": 1}})
+
+
+# -- LangGraph checkpointer --------------------------------------------------------------------
+async def test_put_writes_with_one_oversized_value_writes_none_of_the_task(asaver: BotWireSaver) -> None:
+    """A task's writes are checked whole: one value over the server's max_payload raises
+    ``ValueTooLarge`` and none is stored (a half-written task would be taken as done on resume,
+    its missing writes lost)."""
+    cfg = await asaver.aput(_cfg("t1"), _checkpoint({"a": 1}), {"step": 0}, {})
+    big = "x" * (2 * 1024 * 1024)  # the test server's max_payload is 1 MiB
+    with pytest.raises(ValueTooLarge, match="nothing was written"):
+        await asaver.aput_writes(cfg, [("small", 1), ("big", big), ("after", 2)], "task-1")
+    found = await asaver.aget_tuple(cfg)
+    assert found is not None and found.pending_writes == []
+
+
+@pytest.mark.slow
+async def test_put_to_a_stopped_server_raises_and_an_acknowledged_checkpoint_survives_a_kill(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """SIGSTOP mid-put: a clear botwire error within a bound, not a hang; a checkpoint
+    acknowledged before the server is SIGKILLed and restarted is still there, whole."""
+    saver = BotWireSaver(namespace, url=own_server.url, timeout=1.0)
+    try:
+        acked = await saver.aput(_cfg("t"), _checkpoint({"a": "kept"}), {"step": 1}, {})
+        await saver.aput_writes(acked, [("w", "pending")], "task")
+        os.kill(own_server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BotWireError):
+                await asyncio.wait_for(
+                    saver.aput(_cfg("t", acked["configurable"]["checkpoint_id"]), _checkpoint({"a": "x"}), {}, {}),
+                    timeout=30,
+                )
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+        own_server.kill()
+        own_server.restart()
+        got = await saver.aget_tuple(acked)
+        assert got is not None
+        assert got.checkpoint["channel_values"] == {"a": "kept"}
+        assert got.pending_writes == [("task", "w", "pending")]
+    finally:
+        await saver.aclose()
+
+
+# -- AutoGen -----------------------------------------------------------------------------------
+async def test_autogen_load_state_that_cannot_be_stored_clears_nothing(url: str, namespace: str) -> None:
+    """``load_state`` with a message the log cannot store (a lone surrogate, which JSON-decoded
+    LLM output may hold) raises and leaves the conversation as it was (it used to clear it
+    first, then fail: the whole conversation lost)."""
+    ctx = BotWireChatCompletionContext("s", namespace=namespace, url=url)
+    try:
+        await ctx.add_message(UserMessage(content="hello", source="user"))
+        await ctx.add_message(AssistantMessage(content="hi", source="assistant"))
+        before = await ctx.get_messages()
+        bad = {
+            "messages": [
+                UserMessage(content="ok", source="user").model_dump(),
+                {"type": "UserMessage", "content": "\ud800", "source": "user"},
+            ]
+        }
+        with pytest.raises(BotWireError):
+            await ctx.load_state(bad)
+        assert await ctx.get_messages() == before
+    finally:
+        await ctx.close()
+
+
+async def test_autogen_save_state_of_a_long_conversation_loads_back(url: str, namespace: str) -> None:
+    """``load_state(save_state())`` of a conversation of more messages than one atomic extend
+    carries (1,000) gives it back whole, in order (it used to clear the log, then raise)."""
+    ctx = BotWireChatCompletionContext("long", namespace=namespace, url=url)
+    try:
+        state = {"messages": [UserMessage(content=f"m{i}", source="user").model_dump() for i in range(1201)]}
+        await ctx.load_state(state)
+        got = await ctx.get_messages()
+        assert [m.content for m in got] == [f"m{i}" for i in range(1201)]
+        assert await ctx.save_state() == state
+    finally:
+        await ctx.close()
