@@ -13,6 +13,11 @@ from typing import Any
 
 import pytest
 
+# CrewAI's telemetry and tracing would reach out to the network (as in test_crewai.py).
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+
 pytest.importorskip("langgraph")
 pytest.importorskip("autogen_core")
 
@@ -152,3 +157,51 @@ async def test_autogen_save_state_of_a_long_conversation_loads_back(url: str, na
         assert await ctx.save_state() == state
     finally:
         await ctx.close()
+
+
+async def test_autogen_image_and_function_messages_round_trip(url: str, namespace: str) -> None:
+    """A user message with an image (multimodal content) and a function call/result pair come
+    back equal from the log, in a new context object (another process opens it the same way)."""
+    from autogen_core import FunctionCall, Image
+    from autogen_core.models import FunctionExecutionResult, FunctionExecutionResultMessage
+
+    png = Image.from_base64(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    sent = [
+        UserMessage(content=["what is this?", png], source="user"),
+        AssistantMessage(content=[FunctionCall(id="c1", name="look", arguments='{"x": 1}')], source="a"),
+        FunctionExecutionResultMessage(content=[FunctionExecutionResult(content="a dot", call_id="c1", name="look")]),
+    ]
+    writer = BotWireChatCompletionContext("img", namespace=namespace, url=url)
+    for m in sent:
+        await writer.add_message(m)
+    await writer.close()
+    reader = BotWireChatCompletionContext("img", namespace=namespace, url=url)
+    try:
+        got = await reader.get_messages()
+        assert [m.model_dump(mode="json") for m in got] == [m.model_dump(mode="json") for m in sent]
+        assert isinstance(got[0].content[1], Image)  # type: ignore[index]
+    finally:
+        await reader.close()
+
+
+def test_crewai_memory_tools_answer_bad_keys_with_an_error_message(url: str, namespace: str) -> None:
+    """A key an LLM made up that is no valid key (empty, a lone surrogate from JSON ``\\ud800``,
+    over 1024 bytes) or a bad glob: each tool answers with an error message the agent reads and
+    can correct, nothing is written, and the tool does not raise into the crew's run."""
+    pytest.importorskip("crewai")
+    from botwire_stream.integrations.crewai import memory_tools
+
+    remember, recall, listing, forget = memory_tools(namespace, url=url)
+    for key in ("", "\ud800", "k" * 2000):
+        for answer in (
+            remember.run(key=key, value="v"),
+            recall.run(key=key),
+            forget.run(key=key),
+        ):
+            assert isinstance(answer, str) and answer.startswith("error:"), answer
+    assert listing.run(pattern="").startswith("error:")
+    assert Memory(namespace, url=url).list_keys() == []
+    assert remember.run(key="user:name", value="Ada") == "stored 'user:name'"
+    assert recall.run(key="user:name") == "Ada"

@@ -25,7 +25,7 @@ botwire-stream's background loop and are thread-safe; the ``a*`` methods run on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -42,7 +42,7 @@ except ImportError as exc:  # tests/test_package.py runs this with crewai blocke
     ) from exc
 
 from .. import keys
-from ..errors import InvalidArgument, InvalidValue
+from ..errors import BotWireError, InvalidArgument, InvalidValue
 from ..memory import AsyncMemory
 from ..portal import call
 from ..sync import Memory as SyncMemory
@@ -413,14 +413,26 @@ class _MemoryTool(BaseTool):
         return self
 
 
+def _answer(act: Callable[[], str]) -> str:
+    """``act()``, or the error as the tool's answer: the key or pattern comes from an LLM, which
+    reads the answer and can correct itself; a bad one writes nothing."""
+    try:
+        return act()
+    except BotWireError as exc:
+        return f"error: {exc}"
+
+
 class _Remember(_MemoryTool):
     name: str = "Remember a fact"
     description: str = "Store a fact (text) under a key in persistent memory, replacing what was there."
     args_schema: type[BaseModel] = _KeyValue
 
     def _run(self, key: str, value: str) -> str:
-        self._memory.set(key, value)
-        return f"stored {key!r}"
+        def act() -> str:
+            self._memory.set(key, value)
+            return f"stored {key!r}"
+
+        return _answer(act)
 
 
 class _Recall(_MemoryTool):
@@ -429,8 +441,11 @@ class _Recall(_MemoryTool):
     args_schema: type[BaseModel] = _Key
 
     def _run(self, key: str) -> str:
-        value = self._memory.get(key)
-        return "not found" if value is None else value if isinstance(value, str) else repr(value)
+        def act() -> str:
+            value = self._memory.get(key)
+            return "not found" if value is None else value if isinstance(value, str) else repr(value)
+
+        return _answer(act)
 
 
 class _List(_MemoryTool):
@@ -439,7 +454,7 @@ class _List(_MemoryTool):
     args_schema: type[BaseModel] = _Pattern
 
     def _run(self, pattern: str = "*") -> str:
-        return ", ".join(self._memory.list_keys(pattern)) or "(empty)"
+        return _answer(lambda: ", ".join(self._memory.list_keys(pattern)) or "(empty)")
 
 
 class _Forget(_MemoryTool):
@@ -448,7 +463,7 @@ class _Forget(_MemoryTool):
     args_schema: type[BaseModel] = _Key
 
     def _run(self, key: str) -> str:
-        return f"forgot {key!r}" if self._memory.delete(key) else f"{key!r} was not in memory"
+        return _answer(lambda: f"forgot {key!r}" if self._memory.delete(key) else f"{key!r} was not in memory")
 
 
 def memory_tools(namespace: str, *, url: str | None = None, **connect_options: Any) -> list[BaseTool]:
