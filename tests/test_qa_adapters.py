@@ -205,3 +205,22 @@ def test_crewai_memory_tools_answer_bad_keys_with_an_error_message(url: str, nam
     assert Memory(namespace, url=url).list_keys() == []
     assert remember.run(key="user:name", value="Ada") == "stored 'user:name'"
     assert recall.run(key="user:name") == "Ada"
+
+
+async def test_store_search_and_list_namespaces_skip_keys_that_are_not_store_items(url: str, namespace: str) -> None:
+    """The store's namespace is an ordinary ``Memory`` namespace (the README says ``Memory`` reads
+    it), so an app may keep other keys there: searching everything and listing namespaces skip
+    them instead of failing on a value that is no store item."""
+    from botwire_stream import AsyncMemory
+
+    async with AsyncMemory(namespace, url=url) as memory:
+        await memory.set("counter", 5)
+        await memory.set("cfg:theme", "dark")
+        await memory.set("cfg:odd", {"value": "not a record"})
+    async with BotWireStore(namespace, url=url) as store:
+        await store.aput(("users", "u1"), "prefs", {"lang": "en"})
+        assert [(i.namespace, i.key) for i in await store.asearch(())] == [(("users", "u1"), "prefs")]
+        assert [i.key for i in await store.asearch(("cfg",))] == []
+        # derived from the keys alone: a key without ':' is skipped ("cfg:..." keys would show as ("cfg",))
+        assert () not in await store.alist_namespaces()
+        assert ("users", "u1") in await store.alist_namespaces()

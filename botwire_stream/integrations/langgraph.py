@@ -581,6 +581,16 @@ def _filter_matches(value: dict[str, Any], conditions: dict[str, Any]) -> bool:
         return False
 
 
+def _is_record(raw: Any) -> bool:
+    """Whether a stored value is a store item: the namespace is an ordinary ``Memory`` one, where
+    an app may keep keys of its own beside the items."""
+    try:
+        msgspec.convert(raw, _Record)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 class _Gone(Exception):
     """An item deleted or expired before its TTL was refreshed."""
 
@@ -767,9 +777,9 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         raws = await map_bounded(memory.get, names)
         found: list[tuple[float | None, str, str, Any]] = []
         for stored_key, raw in zip(names, raws, strict=True):
-            if raw is None:
-                continue  # deleted or expired since it was listed
-            value = raw.get("value", {})
+            if not _is_record(raw):
+                continue  # deleted or expired since it was listed, or an app's own key
+            value = raw["value"]
             if op.filter and not _filter_matches(value, op.filter):
                 continue
             score = _score(op.query, value) if op.query else None
@@ -788,6 +798,8 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         namespaces: set[tuple[str, ...]] = set()
         for stored_key in await memory.list_keys(pattern):
             namespace, _ = _split_key(stored_key)
+            if not namespace:
+                continue  # a key without ':' is an app's own, never an item (its namespace is not empty)
             if not all(_does_match(c, namespace) for c in op.match_conditions or ()):
                 continue
             namespaces.add(namespace[: op.max_depth] if op.max_depth is not None else namespace)
