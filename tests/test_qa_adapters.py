@@ -224,3 +224,26 @@ async def test_store_search_and_list_namespaces_skip_keys_that_are_not_store_ite
         # derived from the keys alone: a key without ':' is skipped ("cfg:..." keys would show as ("cfg",))
         assert () not in await store.alist_namespaces()
         assert ("users", "u1") in await store.alist_namespaces()
+
+
+def test_crewai_embedding_dimensions_mixed_in_a_batch_or_a_scope(url: str, namespace: str) -> None:
+    """A save mixing embedding dimensions raises CrewAI's ``EmbeddingDimensionMismatchError``
+    and writes none (as CrewAI's LanceDB backend); records of another dimension saved later (a
+    new embedder) make a search of their scope raise it too, while other scopes still answer."""
+    pytest.importorskip("crewai")
+    from crewai.memory.storage.backend import EmbeddingDimensionMismatchError
+    from crewai.memory.types import MemoryRecord
+
+    from botwire_stream.integrations.crewai import BotWireStorage
+
+    with BotWireStorage(namespace, url=url) as storage:
+        old = MemoryRecord(content="a", scope="/old", embedding=[1.0, 0.0])
+        new = MemoryRecord(content="b", scope="/new", embedding=[1.0, 0.0, 0.0])
+        with pytest.raises(EmbeddingDimensionMismatchError):
+            storage.save([old, new])
+        assert storage.count() == 0
+        storage.save([old])
+        storage.save([new])
+        assert [r.id for r, _ in storage.search([1.0, 0.0, 0.0], scope_prefix="/new")] == [new.id]
+        with pytest.raises(EmbeddingDimensionMismatchError):
+            storage.search([1.0, 0.0, 0.0])

@@ -250,6 +250,11 @@ class BotWireStorage(LoopBound[AsyncMemory]):
         if isinstance(records, MemoryRecord) or not isinstance(records, Iterable):
             raise InvalidValue("save takes a list of MemoryRecord objects")
         checked = [_check_record(r) for r in records]
+        # As CrewAI's LanceDB backend: one batch holds one embedding dimension (a record of
+        # another would make every later search of its scope raise the mismatch).
+        dims = [len(r.embedding) for r in checked if r.embedding is not None]
+        if any(d != dims[0] for d in dims):
+            raise EmbeddingDimensionMismatchError(dims[0], next(d for d in dims if d != dims[0]))
         core = self._cores.get()
 
         async def put(record: MemoryRecord) -> int:
