@@ -247,3 +247,24 @@ def test_crewai_embedding_dimensions_mixed_in_a_batch_or_a_scope(url: str, names
         assert [r.id for r, _ in storage.search([1.0, 0.0, 0.0], scope_prefix="/new")] == [new.id]
         with pytest.raises(EmbeddingDimensionMismatchError):
             storage.search([1.0, 0.0, 0.0])
+
+
+def test_crewai_scopes_with_doubled_and_trailing_slashes_and_odd_characters(url: str, namespace: str) -> None:
+    """Scopes are normalised as CrewAI's ``normalize_scope_path`` does (``//`` collapsed, trailing
+    ``/`` dropped), so ``/p//q/`` is ``/p/q`` for counts, listings and searches (an empty child
+    ``/p/`` used to be listed, which normalises back to its parent); ``#``, ``*`` and ``:`` in a
+    scope are kept apart from the record id."""
+    pytest.importorskip("crewai")
+    from crewai.memory.types import MemoryRecord
+
+    from botwire_stream.integrations.crewai import BotWireStorage
+
+    with BotWireStorage(namespace, url=url) as storage:
+        doubled = MemoryRecord(content="a", scope="/p//q/", embedding=[1.0, 0.0])
+        odd = MemoryRecord(content="b", scope="/p/#x*:y", embedding=[0.0, 1.0])
+        storage.save([doubled, odd])
+        assert storage.list_scopes("/p") == ["/p/#x*:y", "/p/q"]
+        assert storage.count("/p/q") == 1 and storage.count("/p/#x*:y") == 1
+        assert [r.id for r, _ in storage.search([1.0, 0.0], scope_prefix="/p/q/")] == [doubled.id]
+        assert storage.get_record(odd.id).content == "b"  # type: ignore[union-attr]
+        assert storage.delete(scope_prefix="/p//q") == 1 and storage.count() == 1

@@ -25,6 +25,7 @@ botwire-stream's background loop and are thread-safe; the ``a*`` methods run on 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -56,10 +57,10 @@ _FORMAT: Final = 1
 
 
 def _norm_scope(scope: object, name: str = "scope") -> str:
-    """``"/a/b/"`` -> ``"/a/b"``; ``"a"`` -> ``"/a"``; root is ``"/"``."""
+    """``"/a//b/"`` -> ``"/a/b"``; ``"a"`` -> ``"/a"``; root is ``"/"`` (CrewAI's ``normalize_scope_path``)."""
     if not isinstance(scope, str):
         raise InvalidArgument(f"{name} must be a str path like '/project/alpha', not {type(scope).__name__}")
-    scope = scope.strip().rstrip("/")
+    scope = re.sub(r"/+", "/", scope.strip()).rstrip("/")
     if not scope:
         return "/"
     return scope if scope.startswith("/") else "/" + scope
