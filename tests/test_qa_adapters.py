@@ -268,3 +268,32 @@ def test_crewai_scopes_with_doubled_and_trailing_slashes_and_odd_characters(url:
         assert [r.id for r, _ in storage.search([1.0, 0.0], scope_prefix="/p/q/")] == [doubled.id]
         assert storage.get_record(odd.id).content == "b"  # type: ignore[union-attr]
         assert storage.delete(scope_prefix="/p//q") == 1 and storage.count() == 1
+
+
+async def test_names_at_their_byte_limits_work_end_to_end_and_one_more_byte_is_refused(asaver: BotWireSaver) -> None:
+    """A thread id and checkpoint_ns of 512 UTF-8 bytes (4-byte characters and subject
+    wildcards), a checkpoint and task id of 256: put, writes, get, list, copy, prune and delete
+    all work (their subjects stay under the server's control-line limit); one byte more raises
+    ``InvalidArgument`` with nothing written."""
+    thread, ns = "😀" * 127 + "*.>a", ">." * 256  # 512 bytes each
+    cid, task = "c" * 256, "t" * 256
+    base = _checkpoint({"v": 1})
+    base["id"] = cid
+    cfg = await asaver.aput(_cfg(thread, ns=ns), base, {"step": 1}, {})
+    await asaver.aput_writes(cfg, [("ch", "w")], task)
+    got = await asaver.aget_tuple(_cfg(thread, ns=ns))
+    assert got is not None and got.config == cfg and got.pending_writes == [(task, "ch", "w")]
+    assert [t.config for t in [t async for t in asaver.alist(_cfg(thread, ns=ns))]] == [cfg]
+    target = "😀" * 128
+    await asaver.acopy_thread(thread, target)
+    copied = await asaver.aget_tuple(_cfg(target, ns=ns))
+    assert copied is not None and copied.pending_writes == [(task, "ch", "w")]
+    await asaver.aprune([thread, target])
+    assert await asaver.aget_tuple(_cfg(target, ns=ns)) is not None
+    with pytest.raises(InvalidArgument):
+        await asaver.aput(_cfg(thread + "x", ns=ns), base, {}, {})
+    with pytest.raises(InvalidArgument):
+        await asaver.aput_writes(_cfg(thread, cid + "x", ns), [("ch", "w")], task)
+    await asaver.adelete_thread(thread)
+    await asaver.adelete_thread(target)
+    assert [t async for t in asaver.alist(None)] == []
