@@ -297,3 +297,21 @@ async def test_names_at_their_byte_limits_work_end_to_end_and_one_more_byte_is_r
     await asaver.adelete_thread(thread)
     await asaver.adelete_thread(target)
     assert [t async for t in asaver.alist(None)] == []
+
+
+async def test_crewai_touch_racing_reset_leaves_no_record_behind(url: str, namespace: str) -> None:
+    """``touch_records`` (CrewAI calls it after a recall) racing ``reset`` (another thread or
+    process): once both are done the scope is empty; a touch of a record deleted meanwhile
+    writes nothing (it used to store a null that count() and list_scopes() still saw)."""
+    pytest.importorskip("crewai")
+    from crewai.memory.types import MemoryRecord
+
+    from botwire_stream.integrations.crewai import BotWireStorage
+
+    async with BotWireStorage(namespace, url=url) as storage:
+        for _ in range(8):  # bounded: each round is a few round trips
+            records = [MemoryRecord(content=f"r{i}", scope="/s", embedding=[1.0, float(i)]) for i in range(16)]
+            await storage.asave(records)
+            await asyncio.gather(storage.atouch_records([r.id for r in records]), storage.areset("/s"))
+            assert await storage.acount() == 0
+            assert await storage.alist_scopes() == []

@@ -377,17 +377,24 @@ class BotWireStorage(LoopBound[AsyncMemory]):
         def touch(value: Any) -> Any:
             record = _record(value)
             if record is None:
-                return value  # deleted meanwhile: write nothing back
+                # deleted meanwhile (a reset or delete racing): returning the None would store
+                # a null under the key, a record that count() and list_scopes() still see
+                raise _Gone
             # CrewAI writes naive UTC times (datetime.utcnow): keep the record's convention
             stamp = now if record.last_accessed.tzinfo is not None else now.replace(tzinfo=None)
             return _stored(record.model_copy(update={"last_accessed": stamp}))
 
         async def one(key: str) -> Any:
-            if await core.contains(key):
+            try:
                 return await core.update(key, touch)
-            return None
+            except _Gone:
+                return None
 
         await map_bounded(one, [k for k in await self._keys() if _split(k)[1] in wanted])
+
+
+class _Gone(Exception):
+    """A record deleted before its ``last_accessed`` was set."""
 
 
 def _children(parent: str, scopes: Iterable[str]) -> list[str]:
