@@ -44,7 +44,7 @@ except ImportError as exc:  # tests/test_package.py runs this with autogen-core 
         "botwire_stream.integrations.autogen needs autogen-core: pip install 'botwire-stream[autogen]'"
     ) from exc
 
-from ..chat import AsyncChatHistory
+from ..chat import MAX_BATCH, MAX_EXTEND_BYTES, AsyncChatHistory, _encode_message
 from ..errors import InvalidArgument, InvalidMessage, InvalidValue
 from ._base import PerLoop, map_bounded, memory_cores
 
@@ -151,14 +151,27 @@ class BotWireChatCompletionContext(ChatCompletionContext, Component[BotWireChatC
         return {"messages": await self._cores.get().messages()}
 
     async def load_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the log's messages with those of ``state`` (checked before anything is removed)."""
+        """Replace the log's messages with those of ``state`` (checked and encoded before anything
+        is removed; then appended in extends of at most ``MAX_BATCH``, in order)."""
         if not isinstance(state, Mapping) or not isinstance(state.get("messages"), list):
             raise InvalidArgument("state must be a mapping with a 'messages' list (from save_state)")
         messages = [_dump_message(_load_message(m)) for m in state["messages"]]
+        # Encoded before the log is cleared: a message the log cannot hold (a lone surrogate...)
+        # raises InvalidMessage while the conversation is still there.
+        sizes = [len(_encode_message(m)) for m in messages]
         core = self._cores.get()
         await core.clear()
-        if messages:
-            await core.extend(messages)
+        # One extend carries at most MAX_BATCH messages and MAX_EXTEND_BYTES, while a saved
+        # conversation may hold more: appended in as many extends as needed, in order.
+        start = 0
+        while start < len(messages):
+            end, total = start, 0
+            while end < len(messages) and end - start < MAX_BATCH and total + sizes[end] <= MAX_EXTEND_BYTES:
+                total += sizes[end]
+                end += 1
+            end = max(end, start + 1)  # a message alone over the byte cap raises ValueTooLarge
+            await core.extend(messages[start:end])
+            start = end
 
     async def close(self) -> None:
         """Release the connection used on the calling event loop."""

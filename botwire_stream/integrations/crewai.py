@@ -25,7 +25,8 @@ botwire-stream's background loop and are thread-safe; the ``a*`` methods run on 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -42,7 +43,7 @@ except ImportError as exc:  # tests/test_package.py runs this with crewai blocke
     ) from exc
 
 from .. import keys
-from ..errors import InvalidArgument, InvalidValue
+from ..errors import BotWireError, InvalidArgument, InvalidValue
 from ..memory import AsyncMemory
 from ..portal import call
 from ..sync import Memory as SyncMemory
@@ -56,10 +57,10 @@ _FORMAT: Final = 1
 
 
 def _norm_scope(scope: object, name: str = "scope") -> str:
-    """``"/a/b/"`` -> ``"/a/b"``; ``"a"`` -> ``"/a"``; root is ``"/"``."""
+    """``"/a//b/"`` -> ``"/a/b"``; ``"a"`` -> ``"/a"``; root is ``"/"`` (CrewAI's ``normalize_scope_path``)."""
     if not isinstance(scope, str):
         raise InvalidArgument(f"{name} must be a str path like '/project/alpha', not {type(scope).__name__}")
-    scope = scope.strip().rstrip("/")
+    scope = re.sub(r"/+", "/", scope.strip()).rstrip("/")
     if not scope:
         return "/"
     return scope if scope.startswith("/") else "/" + scope
@@ -250,6 +251,11 @@ class BotWireStorage(LoopBound[AsyncMemory]):
         if isinstance(records, MemoryRecord) or not isinstance(records, Iterable):
             raise InvalidValue("save takes a list of MemoryRecord objects")
         checked = [_check_record(r) for r in records]
+        # As CrewAI's LanceDB backend: one batch holds one embedding dimension (a record of
+        # another would make every later search of its scope raise the mismatch).
+        dims = [len(r.embedding) for r in checked if r.embedding is not None]
+        if any(d != dims[0] for d in dims):
+            raise EmbeddingDimensionMismatchError(dims[0], next(d for d in dims if d != dims[0]))
         core = self._cores.get()
 
         async def put(record: MemoryRecord) -> int:
@@ -371,17 +377,24 @@ class BotWireStorage(LoopBound[AsyncMemory]):
         def touch(value: Any) -> Any:
             record = _record(value)
             if record is None:
-                return value  # deleted meanwhile: write nothing back
+                # deleted meanwhile (a reset or delete racing): returning the None would store
+                # a null under the key, a record that count() and list_scopes() still see
+                raise _Gone
             # CrewAI writes naive UTC times (datetime.utcnow): keep the record's convention
             stamp = now if record.last_accessed.tzinfo is not None else now.replace(tzinfo=None)
             return _stored(record.model_copy(update={"last_accessed": stamp}))
 
         async def one(key: str) -> Any:
-            if await core.contains(key):
+            try:
                 return await core.update(key, touch)
-            return None
+            except _Gone:
+                return None
 
         await map_bounded(one, [k for k in await self._keys() if _split(k)[1] in wanted])
+
+
+class _Gone(Exception):
+    """A record deleted before its ``last_accessed`` was set."""
 
 
 def _children(parent: str, scopes: Iterable[str]) -> list[str]:
@@ -413,14 +426,26 @@ class _MemoryTool(BaseTool):
         return self
 
 
+def _answer(act: Callable[[], str]) -> str:
+    """``act()``, or the error as the tool's answer: the key or pattern comes from an LLM, which
+    reads the answer and can correct itself; a bad one writes nothing."""
+    try:
+        return act()
+    except BotWireError as exc:
+        return f"error: {exc}"
+
+
 class _Remember(_MemoryTool):
     name: str = "Remember a fact"
     description: str = "Store a fact (text) under a key in persistent memory, replacing what was there."
     args_schema: type[BaseModel] = _KeyValue
 
     def _run(self, key: str, value: str) -> str:
-        self._memory.set(key, value)
-        return f"stored {key!r}"
+        def act() -> str:
+            self._memory.set(key, value)
+            return f"stored {key!r}"
+
+        return _answer(act)
 
 
 class _Recall(_MemoryTool):
@@ -429,8 +454,11 @@ class _Recall(_MemoryTool):
     args_schema: type[BaseModel] = _Key
 
     def _run(self, key: str) -> str:
-        value = self._memory.get(key)
-        return "not found" if value is None else value if isinstance(value, str) else repr(value)
+        def act() -> str:
+            value = self._memory.get(key)
+            return "not found" if value is None else value if isinstance(value, str) else repr(value)
+
+        return _answer(act)
 
 
 class _List(_MemoryTool):
@@ -439,7 +467,7 @@ class _List(_MemoryTool):
     args_schema: type[BaseModel] = _Pattern
 
     def _run(self, pattern: str = "*") -> str:
-        return ", ".join(self._memory.list_keys(pattern)) or "(empty)"
+        return _answer(lambda: ", ".join(self._memory.list_keys(pattern)) or "(empty)")
 
 
 class _Forget(_MemoryTool):
@@ -448,7 +476,7 @@ class _Forget(_MemoryTool):
     args_schema: type[BaseModel] = _Key
 
     def _run(self, key: str) -> str:
-        return f"forgot {key!r}" if self._memory.delete(key) else f"{key!r} was not in memory"
+        return _answer(lambda: f"forgot {key!r}" if self._memory.delete(key) else f"{key!r} was not in memory")
 
 
 def memory_tools(namespace: str, *, url: str | None = None, **connect_options: Any) -> list[BaseTool]:

@@ -558,6 +558,39 @@ def _score(query: str, value: dict[str, Any]) -> float:
     return len(words & text) / len(words)
 
 
+_OPERATORS: Final = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})  # InMemoryStore's
+
+
+def _check_operators(condition: object) -> None:
+    """``InvalidArgument`` for an operator ``InMemoryStore`` does not know (it raises ValueError
+    only once an item reaches it, or never when none does)."""
+    if isinstance(condition, dict):
+        for k, v in condition.items():
+            if isinstance(k, str) and k.startswith("$") and k not in _OPERATORS:
+                raise InvalidArgument(f"unknown filter operator {k!r}: use one of {sorted(_OPERATORS)}")
+            _check_operators(v)
+
+
+def _filter_matches(value: dict[str, Any], conditions: dict[str, Any]) -> bool:
+    """InMemoryStore's matching, except that an ordering operator on a missing or non-numeric
+    field is no match (as a JSONB comparison with NULL in LangGraph's Postgres store) rather than
+    a TypeError/ValueError from ``float()`` that fails the whole search."""
+    try:
+        return all(_compare_values(value.get(k), v) for k, v in conditions.items())
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_record(raw: Any) -> bool:
+    """Whether a stored value is a store item: the namespace is an ordinary ``Memory`` one, where
+    an app may keep keys of its own beside the items."""
+    try:
+        msgspec.convert(raw, _Record)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
 class _Gone(Exception):
     """An item deleted or expired before its TTL was refreshed."""
 
@@ -572,7 +605,7 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
     read of an item with a TTL write it again to restart its clock. ``search`` and
     ``list_namespaces`` list the matching keys (the server's subject index) and filter
     client-side; ``query`` ranks results by the share of its words found in each value (no
-    embeddings). ``default_ttl`` applies to puts that give none.
+    embeddings). ``default_ttl`` applies to puts that give none (``ttl=None``: never expires).
     """
 
     supports_ttl: bool = True
@@ -679,6 +712,7 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
                 raise InvalidArgument(f"limit and offset must be ints >= 0, not {op.limit!r} and {op.offset!r}")
             if op.filter is not None and not isinstance(op.filter, dict):
                 raise InvalidArgument(f"filter must be a dict, not {op.filter!r}")
+            _check_operators(op.filter)
 
     def _item(self, stored_key: str, raw: Any, cls: Callable[..., Item] = Item, **extra: Any) -> Item:
         record = msgspec.convert(raw, _Record)
@@ -726,7 +760,9 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         if op.value is None:
             await memory.delete(stored_key)
             return
-        ttl = op.ttl if op.ttl is not None else (self.ttl_config or {}).get("default_ttl")
+        # put()/aput() already turned "no ttl given" into default_ttl (LangGraph's _ensure_ttl);
+        # an explicit None that reaches here means "never expires".
+        ttl = op.ttl
         now = datetime.now(UTC).isoformat()
         value = dict(op.value)
 
@@ -741,10 +777,10 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         raws = await map_bounded(memory.get, names)
         found: list[tuple[float | None, str, str, Any]] = []
         for stored_key, raw in zip(names, raws, strict=True):
-            if raw is None:
-                continue  # deleted or expired since it was listed
-            value = raw.get("value", {})
-            if op.filter and not all(_compare_values(value.get(k), v) for k, v in op.filter.items()):
+            if not _is_record(raw):
+                continue  # deleted or expired since it was listed, or an app's own key
+            value = raw["value"]
+            if op.filter and not _filter_matches(value, op.filter):
                 continue
             score = _score(op.query, value) if op.query else None
             found.append((score, raw.get("updated_at", ""), stored_key, raw))
@@ -762,6 +798,8 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         namespaces: set[tuple[str, ...]] = set()
         for stored_key in await memory.list_keys(pattern):
             namespace, _ = _split_key(stored_key)
+            if not namespace:
+                continue  # a key without ':' is an app's own, never an item (its namespace is not empty)
             if not all(_does_match(c, namespace) for c in op.match_conditions or ()):
                 continue
             namespaces.add(namespace[: op.max_depth] if op.max_depth is not None else namespace)

@@ -32,7 +32,7 @@ from typing import Any, Final
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from ..errors import Conflict
+from ..errors import Conflict, ValueTooLarge
 from ..keys import _decode_token, _encode_segment
 from ..settings import ConnectOptions
 from .jetstream import Connection
@@ -141,6 +141,14 @@ class NatsCheckpoints:
         """Store a task's writes, ``(idx, record)`` each: a regular one (``idx >= 0``) only when
         none is stored under the same task and index, a special one (``idx < 0``) replacing it."""
         base = f"{self._base(thread, ns)}.w.{_token(checkpoint_id)}.{_token(task_id)}"
+        # Checked whole first: the writes are separate messages, and a task with some of its
+        # writes stored is taken as done when the graph resumes (the missing ones lost).
+        largest = max((len(data) for _, data in writes), default=0)
+        if largest > self.conn.max_body:
+            raise ValueTooLarge(
+                f"a pending write is {largest:,} bytes encoded, more than one message of the server may hold "
+                "(its max_payload, less room for headers); nothing was written"
+            )
 
         async def one(idx: int, data: bytes) -> None:
             headers = {"Nats-Expected-Last-Subject-Sequence": "0"} if idx >= 0 else None
