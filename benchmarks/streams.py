@@ -36,9 +36,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from botwire_stream.nats.embedded import find_binary
-
 from botwire_stream._natsproc import render_config, start
+from botwire_stream.nats.embedded import find_binary
 
 from ._registry import Context, benchmark
 from ._report import RESULT, Ratio, Table, verdict
