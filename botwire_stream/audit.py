@@ -336,7 +336,8 @@ async def arestore(
     messages up to ``at`` (new sequences, same order). Everything is read before anything is
     written: a moment older than what ``source`` keeps raises ``BeforeRetention`` and writes
     nothing. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
-    writes over what it holds (keys and conversations of ``source`` only).
+    writes over what it holds (keys and conversations of ``source`` only: each such conversation
+    is cleared first, then holds exactly its messages as of ``at``).
     """
     keys.check_namespace(source)
     keys.check_namespace(into)
@@ -386,6 +387,8 @@ async def arestore(
         chat._opts = opts
         try:
             log = await chat._connection()
+            if overwrite:
+                await chat.clear()  # else its messages would follow what a former restore wrote
             for i in range(0, len(entries), 500):
                 part = [e.data for e in entries[i : i + 500]]
                 await log.extend(part, sum(len(p) for p in part))

@@ -1,0 +1,99 @@
+"""QA of consumers/ (issue 10) against a real nats-server: a stop during a webhook's retry
+backoff, webhook targets that are not HTTP URLs, ``consume status`` with no server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from botwire_stream import AsyncMemory
+from botwire_stream.errors import InvalidArgument
+from botwire_stream.nats.pool import acquire, release
+from botwire_stream.settings import resolve
+from consumers.runtime import run
+from consumers.webhook import Webhook
+
+from .procs import ROOT
+from .test_consumers import _Receiver
+from .waits import until
+
+pytestmark = pytest.mark.nats_only
+
+
+async def test_a_stop_during_webhook_backoff_returns_promptly_and_the_event_is_redelivered(
+    url: str, namespace: str
+) -> None:
+    """SIGTERM (here: the stop event run() sets on it) while a failing event waits to be retried
+    must not wait out the whole backoff (30 s, then 60 s... here): the event is left unacknowledged
+    and delivered by the next run."""
+    receiver = _Receiver(fail=1, secret=b"k")
+    conn = await acquire(resolve(url))
+    try:
+        async with AsyncMemory(namespace, url=url) as memory:
+            await memory.set("user:1", 1)
+        worker = Webhook([namespace], "*", receiver.url, b"k", attempts=5, backoff=30.0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(worker, url, stop=stop))
+
+        async def tried() -> bool:
+            return sum(receiver.attempts.values()) >= 1
+
+        await until(tried, "the first attempt", 15)
+        stop.set()
+        await asyncio.wait_for(task, 10)  # does not hang (was: 30 s of backoff, then more tries)
+        assert receiver.delivered == []
+        info = await conn.js.consumer_info(f"KV_botwire_{namespace}", worker.durable)
+        assert info.ack_floor.stream_seq == 0  # not acknowledged: it is not lost
+
+        again = Webhook([namespace], "*", receiver.url, b"k", attempts=5, backoff=30.0)
+        stop2 = asyncio.Event()
+        task2 = asyncio.create_task(run(again, url, stop=stop2))
+
+        async def delivered() -> bool:
+            return len(receiver.delivered) == 1
+
+        try:
+            await until(delivered, "the redelivery", 15)
+        finally:
+            stop2.set()
+            await asyncio.wait_for(task2, 10)
+        assert [e["key"] for e in receiver.delivered] == ["user:1"]
+    finally:
+        receiver.close()
+        await release(conn)
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1:9/hook", "127.0.0.1:9/hook", "", "http://"])
+def test_webhook_target_that_is_not_an_http_url_is_refused(target: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from botwire_stream.cli import cli
+
+    with pytest.raises(InvalidArgument, match="http"):
+        Webhook(["app"], "*", target, b"k")
+    key = tmp_path / "k"
+    key.write_text("k")
+    args = ["consume", "webhook", "-n", "app", "--to", target, "--secret-file", str(key), "--url", "nats://127.0.0.1:1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "error: " in result.output and "http" in result.output
+
+
+def test_consume_status_without_a_server_fails_clearly_and_promptly() -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "botwire_stream", "consume", "status", "--url", "nats://127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "127.0.0.1:1" in proc.stderr or "server" in proc.stderr.lower()
+    assert time.monotonic() - started < 45  # does not hang

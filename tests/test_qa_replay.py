@@ -1,0 +1,89 @@
+"""QA of replay, time travel and restore (issue 10) against a real nats-server: the edges of
+``at=`` (a write's own time, the future, before anything), restore over an existing namespace,
+large (chunked) values, conversation ids and globs with NATS subject characters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from botwire_stream import AsyncChatHistory, AsyncMemory, areplay, arestore
+from botwire_stream.errors import InvalidNamespace
+
+
+async def test_get_and_messages_at_a_writes_own_time_include_it(url: str, namespace: str) -> None:
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        await m.set("k", "first")
+        await c.append({"n": 1})
+        await m.set("k", "second")
+        await c.append({"n": 2})
+        events = [e async for e in areplay(namespace, url=url)]
+        times = {(e.source, e.value if e.source == "memory" else e.value["n"]): e.time for e in events}
+        assert await m.get("k", at=times[("memory", "first")]) == "first"
+        assert await m.get("k", at=times[("memory", "second")]) == "second"
+        assert await c.messages(at=times[("chat", 1)]) == [{"n": 1}]
+        assert await c.messages(at=times[("chat", 2)]) == [{"n": 1}, {"n": 2}]
+        # before the first write: nothing (not an error); in the future: the current state
+        before = times[("memory", "first")] - timedelta(days=1)
+        assert await m.get("k", "none", at=before) == "none"
+        assert await c.messages(at=before) == []
+        future = datetime.now(UTC) + timedelta(days=1)
+        assert await m.get("k", at=future) == "second"
+        assert await c.messages(at=future) == [{"n": 1}, {"n": 2}]
+
+
+async def test_restore_with_overwrite_leaves_each_conversation_as_of_the_moment(url: str, namespace: str) -> None:
+    """A second restore over the first must not append the messages again (no repeated message)."""
+    target = namespace + "r"
+    async with AsyncChatHistory("a", namespace=namespace, url=url) as a:
+        await a.extend([{"a": i} for i in range(3)])
+        await arestore(namespace, at=datetime.now(UTC), into=target, url=url)
+        await a.append({"a": 3})
+        await arestore(namespace, at=datetime.now(UTC), into=target, overwrite=True, url=url)
+    async with AsyncChatHistory("a", namespace=target, url=url) as r:
+        assert await r.messages() == [{"a": i} for i in range(4)]
+
+
+async def test_restore_and_replay_carry_large_chunked_values(url: str, namespace: str) -> None:
+    big = "x" * (3 * 1024 * 1024)  # over the 1 MiB max_payload: stored in chunks
+    target = namespace + "r"
+    async with AsyncMemory(namespace, url=url) as m:
+        await m.set("big", big)
+        at = datetime.now(UTC)
+        assert await m.get("big", at=at) == big
+        [e] = [e async for e in areplay(namespace, url=url)]
+        assert (e.kind, e.key, e.value == big) == ("set", "big", True)
+        report = await arestore(namespace, at=at, into=target, url=url)
+        assert report.keys == 1
+    async with AsyncMemory(target, url=url) as r:
+        assert await r.get("big") == big
+
+
+@pytest.mark.parametrize("odd", ["a.b", "a>b", "a*b", "a b", "ü:x", "a:b:c", "-"])
+async def test_conversation_ids_and_keys_with_subject_characters(url: str, namespace: str, odd: str) -> None:
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory(odd, namespace=namespace, url=url) as c:
+        await m.set(odd, 1)
+        await m.set("other", 2)
+        await c.append({"n": 1})
+        await AsyncChatHistory("other", namespace=namespace, url=url).append({"n": 9})
+        at = datetime.now(UTC)
+        assert await c.messages(at=at) == [{"n": 1}]
+        assert await m.get(odd, at=at) == 1
+        from botwire_stream.keys import glob_escape
+
+        got = [(e.source, e.key) async for e in areplay(namespace, url=url, keys=glob_escape(odd), conversations=glob_escape(odd))]
+        assert got == [("memory", odd), ("chat", odd)]
+
+
+async def test_replay_of_an_empty_namespace_yields_nothing_and_creates_nothing(url: str, namespace: str) -> None:
+    assert [e async for e in areplay(namespace, url=url)] == []
+    assert [e async for e in areplay(namespace, url=url, start=datetime.now(UTC) + timedelta(days=1), conversations=None)] == []
+    report = await arestore(namespace, at=datetime.now(UTC), into=namespace + "r", url=url)
+    assert (report.keys, report.conversations, report.messages) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("bad", ["", None, 3, "a.>"])
+async def test_restore_into_bad_namespace_is_refused(url: str, namespace: str, bad: object) -> None:
+    with pytest.raises(InvalidNamespace):
+        await arestore(namespace, at=datetime.now(UTC), into=bad, url=url)  # type: ignore[arg-type]
