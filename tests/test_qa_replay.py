@@ -87,3 +87,19 @@ async def test_replay_of_an_empty_namespace_yields_nothing_and_creates_nothing(u
 async def test_restore_into_bad_namespace_is_refused(url: str, namespace: str, bad: object) -> None:
     with pytest.raises(InvalidNamespace):
         await arestore(namespace, at=datetime.now(UTC), into=bad, url=url)  # type: ignore[arg-type]
+
+
+async def test_restore_with_overwrite_removes_keys_that_had_no_value_then(url: str, namespace: str) -> None:
+    """"The restored namespace equals the source as of that time": a key deleted (or not yet
+    written) at that moment must not keep what a former restore put there."""
+    target = namespace + "r"
+    async with AsyncMemory(namespace, url=url) as m:
+        await m.set("gone", 1)
+        await m.set("kept", 2)
+        await arestore(namespace, at=datetime.now(UTC), into=target, url=url)
+        assert await m.delete("gone")
+        report = await arestore(namespace, at=datetime.now(UTC), into=target, overwrite=True, url=url)
+        assert report.keys == 1
+    async with AsyncMemory(target, url=url) as r:
+        assert await r.list_keys() == ["kept"]
+        assert await r.get("gone") is None
