@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from botwire_stream import AsyncMemory
+from botwire_stream import AsyncChatHistory, AsyncMemory, aretention
 from botwire_stream.errors import InvalidArgument
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
@@ -97,3 +97,66 @@ def test_consume_status_without_a_server_fails_clearly_and_promptly() -> None:
     assert "Traceback" not in proc.stderr
     assert "127.0.0.1:1" in proc.stderr or "server" in proc.stderr.lower()
     assert time.monotonic() - started < 45  # does not hang
+
+
+async def _materialised_equals_raw(url: str, namespace: str, sessions: list[str]) -> None:
+    from .test_consumers import _raw
+
+    for s in sessions:
+        async with AsyncChatHistory(s, namespace=namespace, url=url) as h:
+            assert await h.messages() == await _raw(h), s
+
+
+@pytest.mark.slow
+async def test_materialised_reads_with_odd_ids_retention_trimming_and_a_clear_while_it_lags(
+    url: str, namespace: str
+) -> None:
+    """Ids with subject characters; a count limit trimming messages the chunks still hold; a clear
+    and the same content appended again while the materialiser is stopped: every read equals the
+    raw log (never a missing or repeated message), before and after it catches up."""
+    from consumers.materialiser import Materialiser
+
+    from .test_consumers import _caught_up, _chunks
+
+    sessions = ["a.b", "x>y*z", "ü: spaced"]
+    stream = f"BOTWIRE_CHAT_{namespace}"
+    await aretention(namespace, log_messages=64, url=url)
+    conn = await acquire(resolve(url))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(Materialiser(namespace), url, stop=stop))
+    try:
+        for s in sessions:
+            async with AsyncChatHistory(s, namespace=namespace, url=url) as h:
+                await h.extend([{"role": "user", "content": f"{s} {i}"} for i in range(50)])
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        assert all([await _chunks(conn, namespace, s) >= 1 for s in sessions])
+        await _materialised_equals_raw(url, namespace, sessions)
+        for s in sessions:  # 100 in all: the server drops the oldest 36, which the chunks hold
+            async with AsyncChatHistory(s, namespace=namespace, url=url) as h:
+                for i in range(50, 100, 10):
+                    await h.extend([{"role": "user", "content": f"{s} {j}"} for j in range(i, i + 10)])
+        await _materialised_equals_raw(url, namespace, sessions)
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        await _materialised_equals_raw(url, namespace, sessions)
+        async with AsyncChatHistory(sessions[0], namespace=namespace, url=url) as h:
+            assert len(await h.messages()) == 64
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    try:
+        # stopped (it lags): clear, then the same content again
+        for s in sessions:
+            async with AsyncChatHistory(s, namespace=namespace, url=url) as h:
+                await h.clear()
+                await h.extend([{"role": "user", "content": f"{s} {i}"} for i in range(5)])
+        await _materialised_equals_raw(url, namespace, sessions)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(Materialiser(namespace), url, stop=stop))
+        await until(lambda: _caught_up(url, "botwire-materialise", stream), "the materialiser to catch up", 30)
+        await _materialised_equals_raw(url, namespace, sessions)
+        async with AsyncChatHistory(sessions[1], namespace=namespace, url=url) as h:
+            assert await h.messages() == [{"role": "user", "content": f"{sessions[1]} {i}"} for i in range(5)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await release(conn)
