@@ -103,3 +103,41 @@ async def test_restore_with_overwrite_removes_keys_that_had_no_value_then(url: s
     async with AsyncMemory(target, url=url) as r:
         assert await r.list_keys() == ["kept"]
         assert await r.get("gone") is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["retention", "{ns}", "--log-messages", "10"],
+        ["retention", "{ns}", "--key-history", "0"],
+        ["restore", "{ns}", "--at", "now", "--into", "{ns}"],
+        ["replay", "{ns}"],
+        ["retention", "{ns}"],
+    ],
+)
+async def test_cli_replay_restore_retention_create_nothing_in_an_unwritten_namespace(
+    url: str, namespace: str, args: list[str]
+) -> None:
+    """Bad values are refused, and reading a namespace never written creates no stream for it."""
+    import subprocess
+    import sys
+
+    from botwire_stream.nats.pool import acquire, release
+    from botwire_stream.settings import resolve
+
+    from .procs import ROOT
+
+    argv = [a.format(ns=namespace) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "botwire_stream", "--url", url, *argv],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert "Traceback" not in proc.stderr
+    if "--log-messages" in argv or "--key-history" in argv or "--into" in argv:
+        assert proc.returncode == 2 and "error: " in proc.stderr, proc.stderr
+    conn = await acquire(resolve(url))
+    try:
+        names = [i.config.name for i in await conn.js.streams_info()]
+    finally:
+        await release(conn)
+    assert [n for n in names if n and namespace in n] == []
