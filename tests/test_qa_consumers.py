@@ -4,6 +4,7 @@ backoff, webhook targets that are not HTTP URLs, ``consume status`` with no serv
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from botwire_stream import AsyncChatHistory, AsyncMemory, aretention
 from botwire_stream.errors import InvalidArgument
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
-from consumers.runtime import run
+from consumers.runtime import run, status
 from consumers.webhook import Webhook
 
 from .procs import ROOT
@@ -160,3 +161,32 @@ async def test_materialised_reads_with_odd_ids_retention_trimming_and_a_clear_wh
         stop.set()
         await asyncio.wait_for(task, 20)
         await release(conn)
+
+
+async def test_a_second_audit_into_the_same_directory_is_refused(url: str, namespace: str, tmp_path: Path) -> None:
+    """Two audits appending to one directory each record their own file length in state.json, and
+    a restart cuts the file back to the stale one: acknowledged events lost from the export.
+    The second one must refuse to start, clearly, while the first keeps running."""
+    from .test_consumers import _consume
+
+    out = tmp_path / "audit"
+    first = _consume(url, "audit", "-n", namespace, "--dir", str(out), "--no-progress")
+    try:
+
+        async def subscribed() -> bool:
+            return any(s.name == "botwire-audit" and namespace in s.stream for s in await status(url))
+
+        await until(subscribed, "the first audit to start", 30)
+        second = _consume(url, "audit", "-n", namespace, "--dir", str(out), "--no-progress", "--name", "other")
+        try:
+            _, err = second.communicate(timeout=20)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait(timeout=10)
+        assert second.returncode == 2, err
+        assert "error: " in err and str(out) in err
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
