@@ -585,11 +585,16 @@ def history_cmd(opts: Options, namespace_arg: str, key: str) -> None:
 
     opts = _in(opts, namespace_arg)
 
-    def body(memory: Memory) -> list[Any]:
-        with memory.replay(glob_escape(key)) as events:
+    from .sync import replay
+
+    def body() -> list[Any]:
+        with replay(
+            namespace_arg, keys=glob_escape(key), conversations=None, url=opts.url,
+            token=opts.resolved_token(), creds=opts.creds,
+        ) as events:
             return list(events)
 
-    found = _run(opts, body)
+    found = _call(opts, body)
     for e in found:
         if opts.json:
             click.echo(_json(e))

@@ -113,6 +113,7 @@ async def test_restore_with_overwrite_removes_keys_that_had_no_value_then(url: s
         ["restore", "{ns}", "--at", "now", "--into", "{ns}"],
         ["replay", "{ns}"],
         ["retention", "{ns}"],
+        ["history", "{ns}", "k"],
     ],
 )
 async def test_cli_replay_restore_retention_create_nothing_in_an_unwritten_namespace(
