@@ -158,3 +158,21 @@ async def test_at_each_events_own_time_sees_that_event(url: str, namespace: str)
                 assert await m.get(e.key, at=e.time) == e.value, e
             else:
                 assert (await c.messages(at=e.time))[-1:] == [e.value], e
+
+
+async def test_an_overwritten_large_value_replays_as_a_set_without_value(url: str, namespace: str) -> None:
+    """Its chunks are reclaimed when it is overwritten: replay says so (value None) rather than
+    failing, ``get(at=)`` raises ``BeforeRetention``, and a restore to then writes nothing."""
+    from botwire_stream.errors import BeforeRetention
+
+    one, two = "a" * (2 * 1024 * 1024), "b" * (2 * 1024 * 1024)
+    async with AsyncMemory(namespace, url=url) as m:
+        await m.set("big", one)
+        await m.set("big", two)
+        first, second = [e async for e in areplay(namespace, url=url)]
+        assert (first.kind, first.value, second.kind, second.value == two) == ("set", None, "set", True)
+        with pytest.raises(BeforeRetention, match="large value"):
+            await m.get("big", at=first.time)
+        with pytest.raises(BeforeRetention):
+            await arestore(namespace, at=first.time, into=namespace + "r", url=url)
+    assert [e async for e in areplay(namespace + "r", url=url)] == []
