@@ -336,7 +336,8 @@ async def arestore(
     messages up to ``at`` (new sequences, same order). Everything is read before anything is
     written: a moment older than what ``source`` keeps raises ``BeforeRetention`` and writes
     nothing. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
-    writes over what it holds (keys and conversations of ``source`` only).
+    writes over what it holds (keys and conversations of ``source`` only: a key of ``source``
+    without a value at ``at`` is deleted, each conversation restored is cleared first).
     """
     keys.check_namespace(source)
     keys.check_namespace(into)
@@ -378,6 +379,9 @@ async def arestore(
     try:
         for key, data in values.items():
             await memory._write(key, data, None, None)
+        if overwrite:  # a key of source without a value then has none in the restored state either
+            for key in sorted(key_names - values.keys()):
+                await memory.delete(key)
     finally:
         await memory.close()
     count = 0
@@ -386,6 +390,8 @@ async def arestore(
         chat._opts = opts
         try:
             log = await chat._connection()
+            if overwrite:
+                await chat.clear()  # else its messages would follow what a former restore wrote
             for i in range(0, len(entries), 500):
                 part = [e.data for e in entries[i : i + 500]]
                 await log.extend(part, sum(len(p) for p in part))

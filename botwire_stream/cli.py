@@ -213,7 +213,13 @@ def _connection_options(f: F) -> F:
     return f
 
 
-def _run(opts: Options, body: Callable[[Memory], T]) -> T:
+def _call(opts: Options, body: Callable[[], T]) -> T:
+    """``_run`` without a ``Memory``: opening one creates the namespace's bucket, and replay,
+    restore and retention must create nothing in a namespace they only read (or refuse)."""
+    return _run(opts, lambda _: body(), open_memory=False)
+
+
+def _run(opts: Options, body: Callable[[Memory], T], *, open_memory: bool = True) -> T:
     """Run ``body(memory)`` on a worker thread with the ``Memory`` the options name.
 
     The main thread only waits, so Ctrl-C interrupts that wait and never lands inside a call to
@@ -227,12 +233,15 @@ def _run(opts: Options, body: Callable[[Memory], T]) -> T:
 
     def work() -> None:
         try:
-            memory = Memory(opts.resolved_namespace(), url=opts.url, token=opts.resolved_token(), creds=opts.creds)
-            box["memory"] = memory
+            if not open_memory:
+                box["result"] = body(None)  # type: ignore[arg-type]  # only through _call
+                return
+            mem = Memory(opts.resolved_namespace(), url=opts.url, token=opts.resolved_token(), creds=opts.creds)
+            box["memory"] = mem
             try:
-                box["result"] = body(memory)
+                box["result"] = body(mem)
             finally:
-                memory.close()
+                mem.close()
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             if not stopping.is_set():
                 box["error"] = exc
@@ -551,7 +560,7 @@ def replay_cmd(
     if key_glob is None and conversation_glob is None:
         keys_glob, chats_glob = "*", "*"
 
-    def body(memory: Memory) -> None:
+    def body() -> None:
         with replay(
             namespace_arg, start=start, end=end, keys=keys_glob, conversations=chats_glob,
             url=opts.url, token=opts.resolved_token(), creds=opts.creds,
@@ -559,7 +568,7 @@ def replay_cmd(
             for e in events:
                 click.echo(_json(e) if opts.json else _event_line(e))
 
-    _run(opts, body)
+    _call(opts, body)
 
 
 @cli.command(name="history")
@@ -576,11 +585,16 @@ def history_cmd(opts: Options, namespace_arg: str, key: str) -> None:
 
     opts = _in(opts, namespace_arg)
 
-    def body(memory: Memory) -> list[Any]:
-        with memory.replay(glob_escape(key)) as events:
+    from .sync import replay
+
+    def body() -> list[Any]:
+        with replay(
+            namespace_arg, keys=glob_escape(key), conversations=None, url=opts.url,
+            token=opts.resolved_token(), creds=opts.creds,
+        ) as events:
             return list(events)
 
-    found = _run(opts, body)
+    found = _call(opts, body)
     for e in found:
         if opts.json:
             click.echo(_json(e))
@@ -604,13 +618,13 @@ def restore_cmd(opts: Options, namespace_arg: str, at: Any, into: str, overwrite
 
     opts = _in(opts, namespace_arg)
 
-    def body(memory: Memory) -> Any:
+    def body() -> Any:
         return restore(
             namespace_arg, at=at, into=into, overwrite=overwrite, url=opts.url, token=opts.resolved_token(),
             creds=opts.creds,
         )
 
-    report = _run(opts, body)
+    report = _call(opts, body)
     if opts.json:
         click.echo(_json(report))
     else:
@@ -642,13 +656,13 @@ def retention_cmd(
 
     opts = _in(opts, namespace_arg)
 
-    def body(memory: Memory) -> Any:
+    def body() -> Any:
         return retention(
             namespace_arg, key_history=key_history, log_messages=log_messages, log_age=log_age, url=opts.url,
             token=opts.resolved_token(), creds=opts.creds,
         )
 
-    state = _run(opts, body)
+    state = _call(opts, body)
     if opts.json:
         click.echo(_json(state))
         return

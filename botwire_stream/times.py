@@ -51,5 +51,5 @@ def ttl_seconds(ttl: float | timedelta | None) -> int | None:
 
 
 def parse_time(value: str) -> datetime:
-    """An RFC 3339 time from a NATS header (nanoseconds are truncated to microseconds)."""
+    """An RFC 3339 time from a NATS header (nanoseconds rounded to the nearest microsecond, as msgspec does)."""
     return _time_decoder.decode(b'"' + value.encode() + b'"')

@@ -13,6 +13,7 @@ events at or below the recorded sequences (redelivered, already written).
 from __future__ import annotations
 
 import base64
+import fcntl
 import gzip
 import os
 import shutil
@@ -24,6 +25,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from botwire_stream import keys
+from botwire_stream.errors import Conflict
 
 from .runtime import Source, Worker
 
@@ -95,12 +97,22 @@ class Audit(Worker):
         self._state = _State()
         self._bar: Any = None
         self._done = 0
+        self._lock: Any = None
 
     def _path(self, n: int, gz: bool = False) -> Path:
         return self.dir / f"audit-{n:06d}.jsonl{'.gz' if gz else ''}"
 
     async def setup(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One writer per directory: two would each record their own file length in state.json,
+        # and a restart cuts the file back to a stale one (acknowledged events lost from it).
+        # The lock goes with the process, also on SIGKILL.
+        self._lock = open(self.dir / ".lock", "a")  # noqa: SIM115 - held until the process ends
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise Conflict(f"another audit is writing to {self.dir}: run one per directory") from None
         state_path = self.dir / _STATE
         if state_path.exists():
             self._state = msgspec.json.decode(state_path.read_bytes(), type=_State)
@@ -169,5 +181,8 @@ class Audit(Worker):
                 self._bar = None
 
     async def finish(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the directory's lock
+            self._lock = None
         if self._bar is not None:
             self._bar.close()

@@ -73,6 +73,7 @@ class Worker(ABC):
         self.kinds = list(kinds)
         self.sources: list[Source] = []
         self.durable = PREFIX + self.kind + (f"-{name}" if name else "")
+        self.stopping = asyncio.Event()  # set by ``run`` on SIGTERM/SIGINT: long waits end on it
         self.conn: Connection
 
     async def setup(self) -> None:
@@ -122,6 +123,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     """Run ``worker`` until SIGTERM/SIGINT (or ``stop`` is set): each source fetched by its own
     loop, batches handled one at a time. A stop lets the batch in hand finish and be acknowledged."""
     stop = stop or asyncio.Event()
+    worker.stopping = stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -16,6 +16,7 @@ at a time in order, and each is acknowledged once delivered or dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import time
@@ -27,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from botwire_stream import keys
+from botwire_stream.errors import InvalidArgument
 
 from .audit import event_record
 from .runtime import Source, Worker
@@ -68,6 +70,13 @@ class Webhook(Worker):
     ) -> None:
         super().__init__(namespaces, ["keys", "chat"], name=name)
         keys.pattern_filter(pattern)  # InvalidArgument for a bad glob
+        try:
+            url = httpx.URL(target)
+        except (httpx.InvalidURL, TypeError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            # else every event would fail to send and be dead-lettered, one by one
+            raise InvalidArgument(f"the webhook target must be an http:// or https:// URL, not {target!r}")
         self.pattern = pattern
         self.target = target
         self.secret = secret
@@ -94,11 +103,12 @@ class Webhook(Worker):
     async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
         for m in msgs:
             name = keys.decode_key(source.token(m)[1])
-            if keys.matches(name, self.pattern):
-                await self._deliver(source, m)
+            if keys.matches(name, self.pattern) and not await self._deliver(source, m):
+                return  # stopped mid-retry: this event and the rest of the batch stay unacknowledged
             await m.ack()
 
-    async def _deliver(self, source: Source, m: Msg) -> None:
+    async def _deliver(self, source: Source, m: Msg) -> bool:
+        """Send ``m`` (retried, else dead-lettered): True when done with it, False when stopped."""
         assert self._http is not None
         record = event_record(source, m)
         body = msgspec.json.encode(record)
@@ -106,7 +116,12 @@ class Webhook(Worker):
         for attempt in range(self.attempts):
             if attempt:
                 await m.in_progress()  # a long retry is not redelivered meanwhile
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+                # a stop (SIGTERM) ends the wait: the backoff doubles (0.5 s x 2^n by default,
+                # without bound) and a stop lets the batch in hand finish
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.backoff * 2 ** (attempt - 1))
+                if self.stopping.is_set():
+                    return False  # not acknowledged: the next run delivers it again
             ts = str(int(time.time()))
             headers = {
                 "Content-Type": "application/json",
@@ -120,7 +135,7 @@ class Webhook(Worker):
                 error = f"{type(exc).__name__}: {exc}"
                 continue
             if 200 <= resp.status_code < 300:
-                return
+                return True
             error = f"HTTP {resp.status_code}"
         dl_headers = {
             "Nats-Msg-Id": f"{self.durable}:{record['id']}",  # dead-lettered once, also when redelivered
@@ -130,3 +145,4 @@ class Webhook(Worker):
             "Botwire-Target": self.target,
         }
         await self.conn.publish(deadletter_subject(source.namespace, self.durable), body, dl_headers, 10.0)
+        return True
