@@ -143,7 +143,8 @@ _OPTIONS = ("replicas", "tag")
 
 
 def _replicas(text: str, where: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 5:
+    # ASCII digits only: str.isdigit() also passes "²", which int() then refuses with a ValueError.
+    if not (text.strip().isascii() and text.strip().isdigit()) or not 1 <= int(text) <= 5:
         raise InvalidArgument(f"{where} must be an int from 1 to 5, not {text!r}")
     return int(text)
 
