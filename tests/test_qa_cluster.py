@@ -234,3 +234,17 @@ async def test_more_replicas_than_servers_is_a_clear_error_not_a_hang(qa_cluster
         async with AsyncMemory(namespace, url=qa_cluster.url + "?replicas=5", timeout=2) as m:
             await m.set("k", 1)
     assert time.monotonic() - t < 6
+
+
+async def test_a_get_right_after_an_acknowledged_set_reads_it_on_a_cluster(qa_cluster: Cluster, namespace: str) -> None:
+    """Read-your-writes on R3: a get after an acknowledged set gives that value, through every
+    node (the KV stream allows direct gets, which any replica may answer)."""
+    stale = []
+    for node in qa_cluster.nodes:  # a client connected to each node: some are followers
+        async with AsyncMemory(namespace, url=node.url, timeout=5, cache=False) as m:
+            for i in range(150):
+                await m.set("k", i)
+                got = await m.get("k")
+                if got != i:
+                    stale.append((node.name, i, got))
+    assert not stale, f"{len(stale)} stale reads of 450: {stale[:5]}"
