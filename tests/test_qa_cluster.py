@@ -40,33 +40,40 @@ async def _until_written(m: AsyncMemory, key: str, value: int, seconds: float = 
 async def test_a_write_acknowledged_after_one_of_unknown_outcome_is_what_reads_give(
     qa_cluster: Cluster, namespace: str
 ) -> None:
-    """s12's report: all nodes SIGSTOPped, set(2) fails (OutcomeUnknown), nodes resumed, set(3)
-    acknowledged: a get (cached or not, this process or another object) must give 3."""
+    """s12's report: all nodes SIGSTOPped, set(2) fails (OutcomeUnknown), nodes resumed (the
+    client's own node last, so that the others elect leaders first), set(3) acknowledged: a get,
+    cached or not, gives 3. Four rounds, alternating the resume order (not reproduced: the cache
+keeps the newest revision, and a write's late copies reach the server before the next write on
+the same connection)."""
+    from botwire_stream.nats import pool
+
     url = qa_cluster.url
     seen = []
-    for i in range(3):
+    for i in range(4):
         ns = f"{namespace}{i}"
         async with AsyncMemory(ns, url=url, timeout=1, cache=True) as m:
             await m.set("k", 1)
             assert await m.get("k") == 1
+            conns = list(pool._pools[asyncio.get_running_loop()].values())
+            port = conns[0].nc.connected_url.port
+            order = sorted(qa_cluster.nodes, key=lambda n: (n.port == port) == (i % 2 == 0))
             for node in qa_cluster.nodes:
                 node.send(signal.SIGSTOP)
             try:
                 with pytest.raises((OutcomeUnknown, ServerUnavailable)):
                     await m.set("k", 2)
             finally:
-                for node in qa_cluster.nodes:
+                for node in order:
                     os.kill(node.pid, signal.SIGCONT)
+                    await asyncio.sleep(0.3)  # the fault: nodes resumed one by one
             await _until_written(m, "k", 3)
             cached = await m.get("k")
-            await asyncio.sleep(1.5)
             async with AsyncMemory(ns, url=url, timeout=5, cache=False) as fresh:
                 stored = await fresh.get("k")
                 revs = [r.value for r in await fresh.revisions("k")]
-            seen.append((cached, stored, await m.get("k"), revs))
+            seen.append((cached, stored, revs))
         await asyncio.to_thread(qa_cluster.wait_healthy)
-    print(seen)
-    assert all(s[:3] == (3, 3, 3) for s in seen), seen
+    assert all(s[:2] == (3, 3) and s[2][-1] == 3 for s in seen), seen
 
 
 async def test_every_call_raises_server_unavailable_when_no_server_answers(tmp_path: Path, namespace: str) -> None:
@@ -249,3 +256,32 @@ async def test_a_get_right_after_an_acknowledged_set_reads_it_on_a_cluster(qa_cl
                 if got != i:
                     stale.append((node.name, i, got))
     assert not stale, f"{len(stale)} stale reads of 450: {stale[:5]}"
+
+
+async def test_a_watch_misses_nothing_across_a_failover(qa_cluster: Cluster, namespace: str) -> None:
+    """The server the client is connected to is SIGKILLed mid-stream of writes: the watch goes on
+    on another server and delivers every acknowledged value, in order, none twice."""
+    from botwire_stream.nats import pool
+
+    url = qa_cluster.url
+    async with AsyncMemory(namespace, url=url, timeout=15) as m:
+        await m.set("k-1", -1)
+        watch = await m.watch("k*").start()
+        conn = next(iter(pool._pools[asyncio.get_running_loop()].values()))
+        node = next(n for n in qa_cluster.nodes if n.port == conn.nc.connected_url.port)
+        try:
+            for i in range(40):
+                if i == 10:
+                    node.kill()
+                await m.set(f"k{i}", i)  # one key each: a key keeps its last 16 revisions only
+            got = []
+            async with asyncio.timeout(30):  # generous bound: does not hang
+                async for change in watch:
+                    got.append(change.value)
+                    if change.value == 39:
+                        break
+        finally:
+            await watch.aclose()
+            await asyncio.to_thread(node.start)
+            await asyncio.to_thread(qa_cluster.wait_healthy)
+    assert [v for v in got if v != -1] == list(range(40)), got
