@@ -285,3 +285,45 @@ async def test_a_watch_misses_nothing_across_a_failover(qa_cluster: Cluster, nam
             await asyncio.to_thread(node.start)
             await asyncio.to_thread(qa_cluster.wait_healthy)
     assert [v for v in got if v != -1] == list(range(40)), got
+
+
+async def test_a_connection_cut_mid_chunked_value_never_shows_half_a_value(nats_server: object, namespace: str) -> None:
+    """A 3 MiB value (chunked under the 1 MiB max_payload) whose connection is cut after its first
+    chunk reached the server: readers on another connection see the old value or the whole new
+    one, never part of it; the write completes (re-sent) or raises, and the value it reports is
+    the value read."""
+    from tests.proxy import Relay
+    from tests.servers import NatsServer
+
+    assert isinstance(nats_server, NatsServer)
+    relay = await Relay(int(nats_server.url.rsplit(":", 1)[1])).start()
+    big = "a" * 1_500_000 + "MIDCUT" + "b" * 1_500_000
+    seen: set[int] = set()
+    try:
+        async with AsyncMemory(namespace, url=relay.url, timeout=10, cache=False) as w, AsyncMemory(
+            namespace, url=nats_server.url, timeout=10, cache=False
+        ) as r:
+            await w.set("k", "old")
+            done = asyncio.Event()
+
+            async def read() -> None:
+                while not done.is_set():
+                    v = await r.get("k")
+                    seen.add(len(v) if v != "old" else 0)
+
+            reader = asyncio.ensure_future(read())
+            relay.cut_at = b"MIDCUT"
+            try:
+                await w.set("k", big)
+                wrote = True
+            except (OutcomeUnknown, ServerUnavailable):
+                wrote = False
+            finally:
+                done.set()
+                await reader
+            assert relay.cut_at is None  # the cut happened
+            final = await r.get("k")
+            assert final == big if wrote else final in ("old", big)
+            assert seen <= {0, len(big)}, seen
+    finally:
+        await relay.close()
