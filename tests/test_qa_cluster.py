@@ -327,3 +327,23 @@ async def test_a_connection_cut_mid_chunked_value_never_shows_half_a_value(nats_
             assert seen <= {0, len(big)}, seen
     finally:
         await relay.close()
+
+
+async def test_a_two_node_cluster_says_to_ask_for_fewer_replicas_and_takes_two(tmp_path: Path, namespace: str) -> None:
+    """A 2-node cluster: unset, a namespace asks for 3 replicas and the call ends within 3x its
+    timeout with ServerUnavailable naming the setting; with ?replicas=2 it is stored on both."""
+    from tests.cluster import stream_info
+
+    c = Cluster(tmp_path / "c", size=2).start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="fewer replicas"):
+            async with AsyncMemory(namespace, url=c.url, timeout=2) as m:
+                await m.set("k", 1)
+        assert time.monotonic() - t < 6
+        async with AsyncMemory(namespace + "b", url=c.url + "?replicas=2", timeout=5) as m:
+            await m.set("k", 1)
+            assert await m.get("k") == 1
+        assert (await stream_info(c.url, f"KV_botwire_{namespace}b"))["config"]["num_replicas"] == 2
+    finally:
+        c.stop()
