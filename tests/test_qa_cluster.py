@@ -8,7 +8,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -153,7 +153,7 @@ def test_a_server_list_with_spaces_and_duplicates_resolves_to_each_server() -> N
     assert opts.replicas == 2
 
 
-async def _paused_leader(c: Cluster, stream: str, write: object, pause: float = 0.6) -> object:
+async def _paused_leader(c: Cluster, stream: str, write: Awaitable[object], pause: float = 0.6) -> object:
     """Run ``write`` (an awaitable) while the stream's leader is SIGSTOPped for ``pause`` s:
     its first copy waits in the leader's socket and is stored on SIGCONT, after the client
     re-sent it (``_RESEND_AFTER`` = 0.5 s)."""
@@ -162,7 +162,7 @@ async def _paused_leader(c: Cluster, stream: str, write: object, pause: float = 
     leader = c.node((await stream_info(c.url, stream))["cluster"]["leader"])
     leader.send(signal.SIGSTOP)
     try:
-        task = asyncio.ensure_future(write)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(write)
         await asyncio.sleep(pause)  # the pause itself is the fault injected, not a wait on a result
     finally:
         os.kill(leader.pid, signal.SIGCONT)
