@@ -347,3 +347,47 @@ async def test_a_two_node_cluster_says_to_ask_for_fewer_replicas_and_takes_two(t
         assert (await stream_info(c.url, f"KV_botwire_{namespace}b"))["config"]["num_replicas"] == 2
     finally:
         c.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "stale reads on R3: direct gets (allow_direct) are answered by any replica, and a follower "
+        "that has not applied the latest writes yet answers with the previous value. Measured after "
+        "every node was SIGSTOPped 1.5 s and resumed: 617 of 17,238 gets right after an acknowledged "
+        "set gave the previous value (480 of them on the writer's own connection). This is what s12 "
+        "saw through the read cache (its miss reads the server). nats-server 2.12's min_last_seq "
+        "(ADR-53) would fix it, but v2.15.1 ignored it in both direct-get forms when tried; the other "
+        "fix is STREAM.MSG.GET (leader only) for reads that must see this process's writes."
+    ),
+)
+async def test_gets_after_acknowledged_sets_are_not_stale_after_a_cluster_wide_pause(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "c").start()
+    ms: list[AsyncMemory] = []
+    stale: list[tuple[int, object]] = []
+    try:
+        for node in c.nodes:  # one client per node: the followers' replicas answer their gets
+            ms.append(await AsyncMemory("stale", url=node.url, timeout=2, cache=False).__aenter__())
+        await ms[0].set("k", 0)
+        for node in c.nodes:
+            node.send(signal.SIGSTOP)
+        await asyncio.sleep(1.5)  # the fault: a cluster-wide pause (a frozen host)
+        for node in c.nodes:
+            os.kill(node.pid, signal.SIGCONT)
+        t = time.monotonic()
+        i = 0
+        while time.monotonic() - t < 3 and not stale:  # bounded: stops at the first stale read
+            i += 1
+            writer = ms[i % 3]
+            try:
+                await writer.set("k", i)
+                got = await writer.get("k")
+            except ServerUnavailable:
+                continue
+            if got != i:
+                stale.append((i, got))
+    finally:
+        for m in ms:
+            await m.close()
+        c.stop()
+    assert not stale, stale
