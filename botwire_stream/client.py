@@ -56,8 +56,8 @@ def running_loop() -> asyncio.AbstractEventLoop:
 
 
 def check_options(replicas: object, timeout: object) -> tuple[int | None, float]:
-    """``replicas`` (an int from 1 to 5, JetStream's range; None: chosen by the connection, from
-    the cluster's size, when a namespace is created) and ``timeout`` (positive, finite
+    """``replicas`` (an int from 1 to 5, JetStream's range; None: chosen by the connection, 3 on
+    a cluster and 1 on a single server, when a namespace is created) and ``timeout`` (positive, finite
     seconds, at most ``MAX_TIMEOUT``), or ``InvalidArgument`` when the object is made (else: a bare ``TypeError`` at the
     first call for ``timeout="5"``, a JSON error from the server for ``replicas=True``)."""
     if replicas is not None and (type(replicas) is not int or not 1 <= replicas <= 5):

@@ -4,8 +4,8 @@ An explicit ``url=`` that names no server (``""``, ``" "``, ``","``) is an error
 ``BOTWIRE_URL`` made only of commas and blanks; an empty or blank ``BOTWIRE_URL`` means unset.
 
 Replication of the namespaces this client creates (a NATS URL only): ``?replicas=N`` on the URL
-(any server of the list; 1-5), else ``BOTWIRE_REPLICAS``, else chosen from the cluster's size
-when the namespace is created (``nats/jetstream.py``); ``?tag=ssd&tag=eu`` (else
+(any server of the list; 1-5), else ``BOTWIRE_REPLICAS``, else 3 on a cluster and 1 on a single
+server when the namespace is created (``nats/jetstream.py``); ``?tag=ssd&tag=eu`` (else
 ``BOTWIRE_PLACEMENT_TAGS``, comma-separated) places them on servers with those tags.
 """
 
@@ -62,7 +62,7 @@ class ConnectOptions:
     user: str | None = None
     password: str | None = None
     creds: str | None = None
-    replicas: int | None = None  # None: chosen from the cluster's size (1 on a single server)
+    replicas: int | None = None  # None: 3 on a cluster, 1 on a single server
     tags: tuple[str, ...] = ()  # placement tags of the streams this client creates
 
     @property
@@ -143,7 +143,8 @@ _OPTIONS = ("replicas", "tag")
 
 
 def _replicas(text: str, where: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 5:
+    # ASCII digits only: str.isdigit() also passes "²", which int() then refuses with a ValueError.
+    if not (text.strip().isascii() and text.strip().isdigit()) or not 1 <= int(text) <= 5:
         raise InvalidArgument(f"{where} must be an int from 1 to 5, not {text!r}")
     return int(text)
 

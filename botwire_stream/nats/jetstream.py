@@ -83,22 +83,24 @@ class Connection(RetryingConnection):
 
     # -- streams --------------------------------------------------------------------------------
     def cluster_size(self) -> int:
-        """How many servers the connected cluster has (1: a single server), from the server's
-        INFO: its ``cluster`` name, and ``connect_urls``, the client URLs of every server of the
-        cluster (nats-server gossips them to clients; ``no_advertise`` hides them: 3 assumed)."""
-        info = self.nc._server_info
-        if not info.get("cluster"):
-            return 1
-        return len(info.get("connect_urls") or ()) or 3
+        """1 on a single server, 3 on a cluster (the server's INFO names a ``cluster``): the
+        count of replicas a new namespace gets unless set.
+
+        Not the gossiped ``connect_urls``: they list only the servers up right now, so a 3-node
+        cluster with one node down looked like 2 and namespaces first used then were created with
+        2 replicas for good (measured: tests/test_qa_cluster.py). A 2-node cluster (cannot keep a
+        JetStream quorum through a loss anyway) sets ``replicas=2``; unset, the namespace's
+        creation raises ``ServerUnavailable`` saying to ask for fewer replicas."""
+        return 3 if self.nc._server_info.get("cluster") else 1
 
     def placed(self, config: StreamConfig) -> StreamConfig:
         """``config`` with the replica count and placement tags of this connection's settings.
 
         A count given by the caller (``replicas=``) is kept; None takes ``?replicas=N`` /
-        ``BOTWIRE_REPLICAS``, else 3 on a cluster of 3 or more servers (a Raft group that keeps
-        every acknowledged write through the loss of any one server), else the cluster's size.
+        ``BOTWIRE_REPLICAS``, else 3 on a cluster (a Raft group that keeps every acknowledged
+        write through the loss of any one server), else 1.
         """
-        replicas = config.num_replicas or self.opts.replicas or min(3, self.cluster_size())
+        replicas = config.num_replicas or self.opts.replicas or self.cluster_size()
         placement = Placement(tags=list(self.opts.tags)) if self.opts.tags else config.placement
         return dataclasses.replace(config, num_replicas=replicas, placement=placement)
 
