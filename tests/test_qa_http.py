@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
+import pytest
 
-from botwire_stream import AsyncMemory
+from botwire_stream import AsyncMemory, Memory, errors
 from tests.http_serve import Serve
 from tests.test_auth import bearer, new_key, raw_request, server
+from tests.test_quota import pair
 
-__all__ = ["server"]  # the module-scoped --auth serve of tests/test_auth.py
+__all__ = ["pair", "server"]  # module-scoped serve processes of tests/test_auth.py and tests/test_quota.py
 
 
 def test_a_percent_encoded_route_prefix_never_reaches_a_namespace_auth_did_not_check(
@@ -41,3 +44,69 @@ def test_a_percent_encoded_route_prefix_never_reaches_a_namespace_auth_did_not_c
     # the honest spelling of the same routes still works for the key's own namespace
     r = httpx.put(server.base + f"/v1/ns/keys/keys/{namespace}", json={"value": "ok"}, headers=bearer(key))
     assert r.status_code < 300, r.text
+
+
+def test_the_http_transport_raises_unauthorized_for_a_refused_key_not_server_unavailable(
+    server: Serve, url: str, namespace: str
+) -> None:
+    """The auth middleware refuses in text/plain before any route: the client turned those 401/403
+    into ``ServerUnavailable`` ("answered 401 without an error body"), which callers retry forever."""
+    other = new_key(url, "other-" + namespace, scope="write")
+    reader = new_key(url, namespace, scope="read")
+    for token in ("bwk_not_a_key", str(other["key"]), str(reader["key"])):
+        with Memory(namespace, url=server.base, token=token) as mem, pytest.raises(errors.Unauthorized) as caught:
+            mem.set("k", "EVIL")
+        assert not isinstance(caught.value, errors.ServerUnavailable)
+    with Memory(namespace, url=server.base, token=str(reader["key"])) as mem:
+        assert mem.get("k") is None  # the reader reaches it: nothing was written
+    with Memory(namespace, url=server.base) as anonymous, pytest.raises(errors.Unauthorized):
+        anonymous.get("k")
+
+
+def test_quota_refusals_reach_the_http_transport_as_quota_exceeded_and_the_limit_holds_under_a_race(
+    pair: tuple[Serve, Serve], namespace: str
+) -> None:
+    """Twenty writes at once over two serve processes to a namespace allowed 5 a day: exactly 5
+    admitted and stored; the library over HTTP then gets ``QuotaExceeded`` (not ``ServerUnavailable``)."""
+    one, two = pair
+    ns = f"q-{namespace}"
+
+    async def race() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            got = await asyncio.gather(
+                *(
+                    client.put(f"{(one, two)[i % 2].base}/v1/ns/{ns}/keys/k{i}", json={"value": i})
+                    for i in range(20)
+                )
+            )
+        return [r.status_code for r in got]
+
+    statuses = asyncio.run(race())
+    assert sorted(statuses) == [200] * 5 + [429] * 15, statuses
+    with Memory(ns, url=one.base) as mem:
+        assert len(mem.list_keys("*")) == 5
+        with pytest.raises(errors.QuotaExceeded):
+            mem.set("late", 1)
+        assert mem.get("late") is None
+
+
+def test_a_namespace_over_its_bytes_limit_can_still_delete_to_make_room(
+    pair: tuple[Serve, Serve], url: str, namespace: str
+) -> None:
+    """The 429 says "delete keys or conversations to write again", but a DELETE is a write to the
+    quota check, and the bytes check refused it too: a full namespace could never be emptied."""
+    one, two = pair
+    ns = f"b-{namespace}"
+    with Memory(ns, url=url) as memory:
+        memory.set("big", "x" * 30_000)  # over the 20 kB limit
+        memory.set("other", "y" * 30_000)
+    for serve, path in ((one, f"/v1/ns/{ns}/keys/big"), (two, f"/memory/{ns}/other")):
+        deadline = time.monotonic() + 10  # each server re-reads a namespace's size at most once a second
+        while (got := httpx.put(serve.base + f"/v1/ns/{ns}/keys/new", json={"value": 1})).status_code != 429:
+            assert got.status_code == 200 and time.monotonic() < deadline, got.text
+            httpx.delete(serve.base + f"/v1/ns/{ns}/keys/new")
+            time.sleep(0.2)
+        gone = httpx.delete(serve.base + path)
+        assert gone.status_code == 200, gone.text
+    with Memory(ns, url=url) as memory:
+        assert memory.get("big") is None and memory.get("other") is None
