@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from botwire_stream import AsyncMemory, Memory, errors
+from botwire_stream import AsyncChatHistory, AsyncMemory, Memory, errors
 from tests.http_serve import Serve
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
@@ -110,3 +110,65 @@ def test_a_namespace_over_its_bytes_limit_can_still_delete_to_make_room(
         assert gone.status_code == 200, gone.text
     with Memory(ns, url=url) as memory:
         assert memory.get("big") is None and memory.get("other") is None
+
+
+REST_CRAFTED = [
+    b"/v1/ns/{b}/keys",
+    b"/v1/ns/{b}/watch",
+    b"/v1/ns/{b}/keys/secret/revisions",
+    b"/v1/ns/{a}/keys/..%2F..%2F{b}%2Fkeys%2Fsecret",
+    b"/v1/ns/{a}%2F..%2F{b}/keys/secret",
+    b"/v1/ns/{a}/../{b}/keys/secret",
+    b"/v1/ns/{a}/keys/%2A",
+    b"/v1/ns/{a}/keys/%3E",
+    b"/v1/ns/{a}/keys/a%00b",
+    b"/v1/ns/{a}/keys/%FF%FE",
+    b"/v1/ns/{a}/keys/" + b"k" * 5000,
+    b"/v1/ns/{b}/chats",
+    b"/v1/ns/{b}/chats/s/messages",
+    b"/v1/ns/{a}/chats/..%2F..%2F{b}%2Fchats%2Fs/messages",
+    b"/v1/ns/{a}%2F..%2F{b}/chats/s/messages",
+    b"/memory/{b}",
+    b"/memory/{b}?limit=1000",
+    b"/memory/{a}/..%2F{b}%2Fsecret",
+    b"/memory/{a}/%2E%2E/{b}",
+    b"/v1/chat/{b}?user=u",
+    b"/v1/chat/{b}/s/messages",
+    b"/v1/chat/{a}%2F..%2F{b}/s/messages",
+    b"/v1/chat/{a}/..%2F{b}%2Fs/messages",
+    b"/v1/n%73/{b}/keys/secret",
+    b"/v1/ns/\xef\xbd\x81/keys/secret",  # a fullwidth letter: NFKC would make it 'a'
+]
+
+
+def test_crafted_rest_hosted_and_chat_paths_with_a_key_of_one_namespace_never_reach_another(
+    server: Serve, url: str, namespace: str
+) -> None:
+    """The REST, hosted and chat routes (tests/test_auth.py crafts /v1/stream/ and three of
+    these): a key of namespace a, with every method, never sees or changes namespace b."""
+    a, b = namespace + "a", namespace + "b"
+    key_a = new_key(url, a, scope="admin")
+
+    async def seed() -> None:
+        async with AsyncMemory(namespace=b, url=url) as mem:
+            await mem.set("secret", "B-SECRET")
+        async with AsyncChatHistory("s", namespace=b, url=url) as chat:
+            await chat.append({"role": "user", "content": "B-SECRET"})
+
+    asyncio.run(seed())
+    json_ct = {"content-type": "application/json"}
+    for pattern in REST_CRAFTED:
+        target = pattern.replace(b"{a}", a.encode()).replace(b"{b}", b.encode())
+        for method, body in (
+            (b"GET", b""), (b"HEAD", b""), (b"PUT", b'{"value": "EVIL"}'),
+            (b"POST", b'{"content": "EVIL", "role": "user"}'), (b"DELETE", b""),
+        ):
+            status, response = raw_request(server, target, method, {**bearer(key_a), **json_ct}, body)
+            assert 0 < status < 500, (target, method, response[:300])
+            assert b"B-SECRET" not in response, (target, method)
+
+    async def check() -> tuple[object, list[str], int]:
+        async with AsyncMemory(namespace=b, url=url) as mem, AsyncChatHistory("s", namespace=b, url=url) as chat:
+            return await mem.get("secret"), await mem.list_keys("*"), len(await chat.messages())
+
+    assert asyncio.run(check()) == ("B-SECRET", ["secret"], 1)
