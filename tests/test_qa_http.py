@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, Memory, errors
+from tests import procs
 from tests.http_serve import Serve
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
@@ -172,3 +174,18 @@ def test_crafted_rest_hosted_and_chat_paths_with_a_key_of_one_namespace_never_re
             return await mem.get("secret"), await mem.list_keys("*"), len(await chat.messages())
 
     assert asyncio.run(check()) == ("B-SECRET", ["secret"], 1)
+
+
+def test_update_from_two_processes_through_two_serve_processes_loses_no_increment(
+    pair: tuple[Serve, Serve], namespace: str, tmp_path: Path
+) -> None:
+    """Two OS processes, each on its own serve process, ``update(+1)`` one key 15 times each at
+    once: every conditional write that lost a race (409 over HTTP) is retried, none is lost."""
+    one, two = pair
+    ns, go = f"h-{namespace}", tmp_path / "go"
+    outs = procs.run_together(
+        "tests.workers", [["incr", s.base, ns, "n", "15", str(go)] for s in (one, two)], go
+    )
+    assert sorted(v for out in outs for v in out) == list(range(1, 31))
+    with Memory(ns, url=two.base) as mem:
+        assert mem.get("n") == 30
