@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, Memory, errors
 from tests import procs
-from tests.http_serve import Serve
+from tests.http_serve import Serve, start_serve
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
 
@@ -189,3 +190,37 @@ def test_update_from_two_processes_through_two_serve_processes_loses_no_incremen
     assert sorted(v for out in outs for v in out) == list(range(1, 31))
     with Memory(ns, url=two.base) as mem:
         assert mem.get("n") == 30
+
+
+@pytest.mark.slow
+def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_within_a_bound(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A serve process SIGSTOPped mid-call: a ``set`` raises ``OutcomeUnknown`` (stored once or not
+    at all), a ``get`` ``ServerUnavailable``, each within a bound;
+    SIGKILLed: ``ServerUnavailable`` at once for reads and writes, nothing half-written."""
+    serve = start_serve(url, tmp_path / "serve.log")
+    try:
+        with Memory(namespace, url=serve.base, timeout=1.0) as mem:
+            mem.set("k", "before")
+            serve.proc.send_signal(signal.SIGSTOP)
+            try:
+                for call, expected in ((lambda: mem.set("k", "during"), errors.OutcomeUnknown), (lambda: mem.get("k"), errors.ServerUnavailable)):
+                    start = time.monotonic()
+                    with pytest.raises(expected):
+                        call()
+                    assert time.monotonic() - start < 3 * (1.0 + 5.0)  # does not hang
+            finally:
+                serve.proc.send_signal(signal.SIGCONT)
+            assert mem.get("k") in ("before", "during")  # served again once it goes on
+            with Memory(namespace, url=url) as direct:  # the unanswered set: stored once or not at all
+                stored = [r.value for r in direct.revisions("k")]
+                assert stored in (["before"], ["before", "during"]), stored
+            serve.kill()
+            for call in (lambda: mem.set("k", "after"), lambda: mem.get("k")):
+                with pytest.raises(errors.ServerUnavailable):
+                    call()
+        with Memory(namespace, url=url) as direct:
+            assert [r.value for r in direct.revisions("k")] == stored  # nothing written after the kill
+    finally:
+        serve.kill()
