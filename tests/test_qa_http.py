@@ -224,3 +224,22 @@ def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_with
             assert [r.value for r in direct.revisions("k")] == stored  # nothing written after the kill
     finally:
         serve.kill()
+
+
+def test_a_revision_past_the_sequence_range_is_refused_not_written_nor_a_500(pair: tuple[Serve, Serve], namespace: str) -> None:
+    """``{"revision": 2**64}`` went to NATS as an expected sequence it cannot parse, which it took
+    as "no message yet": a write conditional on a revision the key never had was stored. A watch
+    ``after`` past 2**64 came back as a 500 naming NATS's JSON error."""
+    one, _ = pair
+    base = f"{one.base}/v1/ns/h-{namespace}"
+    for revision in (2**64, 2**70):
+        r = httpx.put(f"{base}/keys/fresh", json={"value": "EVIL", "revision": revision})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument", r.text
+    assert httpx.put(f"{base}/keys/held", json={"value": "kept"}).status_code == 200
+    r = httpx.put(f"{base}/keys/held", json={"value": "EVIL", "revision": 2**64 + 1})
+    assert r.status_code in (400, 409), r.text
+    with httpx.stream("GET", f"{base}/watch", params={"after": str(2**64)}, timeout=10) as r:
+        r.read()
+        assert r.status_code == 400 and b"NATS" not in r.content, r.content
+    with Memory(f"h-{namespace}", url=one.base) as mem:
+        assert mem.get("fresh") is None and mem.get("held") == "kept"
