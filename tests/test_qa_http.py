@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -243,3 +244,25 @@ def test_a_revision_past_the_sequence_range_is_refused_not_written_nor_a_500(pai
         assert r.status_code == 400 and b"NATS" not in r.content, r.content
     with Memory(f"h-{namespace}", url=one.base) as mem:
         assert mem.get("fresh") is None and mem.get("held") == "kept"
+
+
+def test_a_hosted_value_of_the_full_100000_characters_is_taken_however_its_json_escapes_them(
+    pair: tuple[Serve, Serve], namespace: str
+) -> None:
+    """The hosted API takes a value of up to 100,000 characters; the body limit assumed 4 bytes
+    a character, but JSON written with ASCII escapes (Python's ``json.dumps``, ``requests``)
+    spends 6 bytes on each non-ASCII or control character and 12 on one outside the BMP: a
+    valid value was refused with 413."""
+    one, two = pair
+    ns = f"h-{namespace}"
+    values = {"cjk": "\u6f22" * 100_000, "emoji": "\U0001f600" * 100_000, "ctl": "\x01" * 100_000}
+    for key, value in values.items():
+        body = json.dumps({"value": value})  # ensure_ascii: \\uXXXX escapes
+        r = httpx.put(f"{one.base}/memory/{ns}/{key}", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200, (key, r.status_code, r.text[:200])
+        assert httpx.get(f"{two.base}/memory/{ns}/{key}", timeout=30).json()["value"] == value
+    over = json.dumps({"value": "\u6f22" * 100_001})
+    r = httpx.put(f"{one.base}/memory/{ns}/over", content=over, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "100000 characters" in r.text
+    with Memory(ns, url=one.base) as mem:
+        assert mem.get("cjk") == values["cjk"] and mem.get("over") is None
