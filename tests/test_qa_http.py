@@ -78,10 +78,7 @@ def test_quota_refusals_reach_the_http_transport_as_quota_exceeded_and_the_limit
     async def race() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as client:
             got = await asyncio.gather(
-                *(
-                    client.put(f"{(one, two)[i % 2].base}/v1/ns/{ns}/keys/k{i}", json={"value": i})
-                    for i in range(20)
-                )
+                *(client.put(f"{(one, two)[i % 2].base}/v1/ns/{ns}/keys/k{i}", json={"value": i}) for i in range(20))
             )
         return [r.status_code for r in got]
 
@@ -164,8 +161,11 @@ def test_crafted_rest_hosted_and_chat_paths_with_a_key_of_one_namespace_never_re
     for pattern in REST_CRAFTED:
         target = pattern.replace(b"{a}", a.encode()).replace(b"{b}", b.encode())
         for method, body in (
-            (b"GET", b""), (b"HEAD", b""), (b"PUT", b'{"value": "EVIL"}'),
-            (b"POST", b'{"content": "EVIL", "role": "user"}'), (b"DELETE", b""),
+            (b"GET", b""),
+            (b"HEAD", b""),
+            (b"PUT", b'{"value": "EVIL"}'),
+            (b"POST", b'{"content": "EVIL", "role": "user"}'),
+            (b"DELETE", b""),
         ):
             status, response = raw_request(server, target, method, {**bearer(key_a), **json_ct}, body)
             assert 0 < status < 500, (target, method, response[:300])
@@ -185,9 +185,7 @@ def test_update_from_two_processes_through_two_serve_processes_loses_no_incremen
     once: every conditional write that lost a race (409 over HTTP) is retried, none is lost."""
     one, two = pair
     ns, go = f"h-{namespace}", tmp_path / "go"
-    outs = procs.run_together(
-        "tests.workers", [["incr", s.base, ns, "n", "15", str(go)] for s in (one, two)], go
-    )
+    outs = procs.run_together("tests.workers", [["incr", s.base, ns, "n", "15", str(go)] for s in (one, two)], go)
     assert sorted(v for out in outs for v in out) == list(range(1, 31))
     with Memory(ns, url=two.base) as mem:
         assert mem.get("n") == 30
@@ -206,7 +204,10 @@ def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_with
             mem.set("k", "before")
             serve.proc.send_signal(signal.SIGSTOP)
             try:
-                for call, expected in ((lambda: mem.set("k", "during"), errors.OutcomeUnknown), (lambda: mem.get("k"), errors.ServerUnavailable)):
+                for call, expected in (
+                    (lambda: mem.set("k", "during"), errors.OutcomeUnknown),
+                    (lambda: mem.get("k"), errors.ServerUnavailable),
+                ):
                     start = time.monotonic()
                     with pytest.raises(expected):
                         call()
@@ -227,7 +228,9 @@ def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_with
         serve.kill()
 
 
-def test_a_revision_past_the_sequence_range_is_refused_not_written_nor_a_500(pair: tuple[Serve, Serve], namespace: str) -> None:
+def test_a_revision_past_the_sequence_range_is_refused_not_written_nor_a_500(
+    pair: tuple[Serve, Serve], namespace: str
+) -> None:
     """``{"revision": 2**64}`` went to NATS as an expected sequence it cannot parse, which it took
     as "no message yet": a write conditional on a revision the key never had was stored. A watch
     ``after`` past 2**64 came back as a 500 naming NATS's JSON error."""
@@ -258,7 +261,9 @@ def test_a_hosted_value_of_the_full_100000_characters_is_taken_however_its_json_
     values = {"cjk": "\u6f22" * 100_000, "emoji": "\U0001f600" * 100_000, "ctl": "\x01" * 100_000}
     for key, value in values.items():
         body = json.dumps({"value": value})  # ensure_ascii: \\uXXXX escapes
-        r = httpx.put(f"{one.base}/memory/{ns}/{key}", content=body, headers={"content-type": "application/json"}, timeout=30)
+        r = httpx.put(
+            f"{one.base}/memory/{ns}/{key}", content=body, headers={"content-type": "application/json"}, timeout=30
+        )
         assert r.status_code == 200, (key, r.status_code, r.text[:200])
         assert httpx.get(f"{two.base}/memory/{ns}/{key}", timeout=30).json()["value"] == value
     over = json.dumps({"value": "\u6f22" * 100_001})
