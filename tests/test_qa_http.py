@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, Memory, errors
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, errors
 from tests import procs
 from tests.http_serve import Serve, start_serve
 from tests.test_auth import bearer, new_key, raw_request, server
@@ -271,3 +271,36 @@ def test_a_hosted_value_of_the_full_100000_characters_is_taken_however_its_json_
     assert r.status_code == 400 and "100000 characters" in r.text
     with Memory(ns, url=one.base) as mem:
         assert mem.get("cjk") == values["cjk"] and mem.get("over") is None
+
+
+def test_rest_json_bodies_sent_as_a_form_or_text_are_refused_with_415_and_nothing_written(
+    pair: tuple[Serve, Serve], namespace: str
+) -> None:
+    """What the chat API refuses (tests/test_demo_chat.py): JSON sent as text/plain or a form, or
+    with no content type, is what any web page can POST cross-site without a preflight (to a
+    loopback serve without auth, or to ``--public`` namespaces). REST's conversation append and
+    fork took it and wrote."""
+    one, _ = pair
+    ns = f"h-{namespace}"
+    base = f"{one.base}/v1/ns/{ns}"
+    posts = [
+        (f"{base}/chats/s/messages", b'{"message": {"role": "user", "content": "EVIL"}}'),
+        (f"{base}/chats/s/fork", b'{"session_id": "t"}'),
+        (f"{base}/keys/k", b'{"value": "EVIL"}'),
+    ]
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": ctype} if ctype else {}
+        for target, body in posts:
+            method = "PUT" if "/keys/" in target else "POST"
+            r = httpx.request(method, target, content=body, headers=headers)
+            assert r.status_code == 415, (ctype, target, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+    with Memory(ns, url=one.base) as mem:
+        assert mem.get("k") is None
+    with ChatHistory("s", namespace=ns, url=one.base) as chat:
+        assert chat.messages() == []
+    # sent as JSON (with parameters, or a +json type) it is taken
+    ok = httpx.post(posts[0][0], content=posts[0][1], headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code < 300, ok.text
+    ok = httpx.put(posts[2][0], content=posts[2][1], headers={"content-type": "application/merge-patch+json"})
+    assert ok.status_code < 300, ok.text
