@@ -108,7 +108,7 @@ async def test_bad_input_gets_its_error_and_writes_nothing(
     http_server: str, url: str, namespace: str, method: str, path: str, body: bytes, status: int, code: str
 ) -> None:
     async with httpx.AsyncClient() as http, AsyncMemory(namespace, url=url) as mem:
-        r = await http.request(method, f"{http_server}/v1/ns/{namespace}/{path}", content=body)
+        r = await http.request(method, f"{http_server}/v1/ns/{namespace}/{path}", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, r.text
         assert _err(r) == code
         assert await mem.list_keys("*") == []

@@ -43,6 +43,10 @@ class _Error(msgspec.Struct):
     error: _ErrorBody
 
 
+# statuses the auth middleware answers without an error body
+_REFUSALS: dict[int, type[errors.BotWireError]] = {401: errors.Unauthorized, 403: errors.Unauthorized, 429: errors.QuotaExceeded}
+
+
 def seg(text: str) -> str:
     """``text`` as one path segment (every reserved character percent-encoded, ``/`` too)."""
     return quote(text, safe="")
@@ -55,6 +59,11 @@ def raise_for(response: httpx.Response) -> None:
     try:
         body = msgspec.json.decode(response.content, type=_Error)
     except (msgspec.ValidationError, msgspec.DecodeError):
+        # auth and quotas refuse in text/plain before any route (server.auth): as ServerUnavailable,
+        # a wrong key or a spent quota looked like an outage worth retrying (QA-9)
+        refused = _REFUSALS.get(response.status_code)
+        if refused is not None:
+            raise refused(f"the botwire server refused the request ({response.status_code}): {response.text[:200]}") from None
         raise errors.ServerUnavailable(
             f"the botwire server answered {response.status_code} without an error body: {response.text[:200]!r}"
         ) from None

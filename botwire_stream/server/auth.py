@@ -51,6 +51,7 @@ class Target:
     namespace: str | None
     need: str  # read, write or admin
     reads: tuple[str, ...] = ()  # other namespaces the request reads (a fork's source)
+    deletes: bool = False  # a DELETE: it frees bytes, so a namespace over its bytes limit takes it
 
     @property
     def writes(self) -> bool:
@@ -84,7 +85,7 @@ def _stream_target(scope: Scope) -> Target:
             reads = (_namespace_of(source_path(source.decode("latin-1"))),)
         except ProtocolError as exc:
             raise Refusal(exc.status, exc.message) from None
-    return Target(_namespace_of(name), _need(scope["method"]), reads)
+    return Target(_namespace_of(name), _need(scope["method"]), reads, scope["method"] == "DELETE")
 
 
 _SCOPED = ("chat/", "answers/")  # stream paths whose second segment is the namespace
@@ -107,7 +108,7 @@ def _prefixed(prefix: str) -> Callable[[Scope], Target]:
         ns, _, rest = scope["path"][len(prefix) :].partition("/")
         method = scope["method"]
         need = "admin" if method == "DELETE" and not rest else _need(method)
-        return Target(_checked(ns), need)
+        return Target(_checked(ns), need, deletes=method == "DELETE")
 
     return target
 
@@ -222,7 +223,8 @@ class Policy:
                 jobs.append(("sec", who, lim.requests_per_second))
             if target.writes and lim.writes_per_day is not None:
                 jobs.append(("day", who, lim.writes_per_day))
-        if target.writes and target.namespace is not None:
+        if target.writes and not target.deletes and target.namespace is not None:
+            # a DELETE passes: refused, a namespace over its bytes could never be emptied (QA-9)
             cap = min((lim.max_bytes for _, lim in limits if lim.max_bytes is not None), default=None)
             if cap is not None and (size := await counters.namespace_bytes(target.namespace)) >= cap:
                 raise Refusal(

@@ -34,6 +34,9 @@ __all__ = ["Hosted", "MAX_VALUE_CHARS"]
 MAX_VALUE_CHARS = 100_000  # the hosted server's limit on a value (characters)
 _LIST_CONCURRENCY = 32
 _GET_TRIES = 5
+# a PUT body holding the largest value: JSON with ASCII escapes (Python's json.dumps, requests)
+# spends 12 bytes on a character outside the BMP (\ud83d\ude00); 4 a character refused valid values (QA-9)
+_MAX_PUT_BODY = 12 * MAX_VALUE_CHARS + 1024
 _SEEN = 4096  # keys whose last revision a process remembers, for PUT's conditional write
 
 
@@ -189,7 +192,7 @@ class Hosted:
             key = keys.check_key(parts[1])
             mem = self.spaces.memory(namespace)
             if request.method == "PUT":
-                body = msgspec.json.decode(await read_body(request, 4 * MAX_VALUE_CHARS + 1024), type=PutBody)
+                body = msgspec.json.decode(await read_body(request, _MAX_PUT_BODY), type=PutBody)
                 if len(body.value) > MAX_VALUE_CHARS:
                     return _detail(400, f"value exceeds {MAX_VALUE_CHARS} characters")
                 await self._put(mem, namespace, key, body.value)

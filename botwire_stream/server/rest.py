@@ -101,7 +101,12 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 
 
 async def decode_body(request: Request, kind: type[T], limit: int = MAX_BODY) -> T:
-    """The request's JSON body as ``kind`` (msgspec validates it: 400 on any mismatch)."""
+    """The request's JSON body as ``kind`` (msgspec validates it: 400 on any mismatch); a body not
+    sent as ``application/json`` (or ``+json``) is 415: a form or text/plain POST is what any web
+    page may send cross-site without a preflight, and it appended to conversations (QA-9)."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise RestError(415, "unsupported_media_type", f"send the body as application/json, not {media or 'no content type'}")
     return msgspec.json.decode(await read_body(request, limit), type=kind)
 
 

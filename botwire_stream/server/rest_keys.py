@@ -29,6 +29,9 @@ from .sse import live_events
 __all__ = ["KeyRoutes"]
 
 MAX_PAGE = 10_000
+# the largest stream sequence: NATS parses a larger expected sequence or start as no number at all
+# (a write conditional on revision 2**64 was stored as a create; a watch after it got a 500: QA-9)
+MAX_REVISION = 2**63 - 1
 
 
 class SetKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -134,7 +137,7 @@ class KeyRoutes:
             last = request.headers.get("last-event-id") or request.query_params.get("after")
             resume = None
             if last is not None:
-                if not last.isascii() or not last.isdigit() or len(last) > 20:
+                if not last.isascii() or not last.isdigit() or len(last) > 20 or int(last) > MAX_REVISION:
                     raise errors.InvalidArgument(f"Last-Event-ID (after) must be a revision, not {last!r}")
                 resume = int(last)
             backend = await mem._connection()
@@ -179,8 +182,8 @@ class KeyRoutes:
             except msgspec.DecodeError as exc:
                 raise errors.InvalidValue(f"the value is not valid JSON: {exc}") from exc
             ttl = ttl_seconds(body.ttl)
-            if body.revision is not None and body.revision < 0:
-                raise errors.InvalidArgument(f"revision must be >= 0, not {body.revision}")
+            if body.revision is not None and not 0 <= body.revision <= MAX_REVISION:
+                raise errors.InvalidArgument(f"revision must be from 0 to {MAX_REVISION}, not {body.revision}")
             what = "set" if body.revision is None else "conditional set"
             replaced = None
             if body.revision:  # what the write replaces, so that a chunked value's chunks are reclaimed
