@@ -261,7 +261,7 @@ async def _serve_http(server: Server[Any], host: str, port: int, ready: Callable
         sockets = [s for srv in web.servers for s in srv.sockets]
         bound = sockets[0].getsockname()[1] if sockets else port
         if ready is not None:
-            ready(f"http://{host}:{bound}/mcp")
+            ready(f"http://{f'[{host}]' if ':' in host else host}:{bound}/mcp")  # IPv6 in brackets
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(announce)
