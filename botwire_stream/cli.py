@@ -884,6 +884,7 @@ def mcp_command(opts: Options, globs: tuple[str, ...], nats_url: str | None, htt
         raise click.ClickException(f"botwire mcp needs the mcp extra: pip install 'botwire-stream[mcp]' ({exc})")
     if http and not _loopback(host):
         raise Failure(f"--host {host}: the MCP server has no auth, so it listens on loopback only")
+    host = host.strip("[]")  # '[::1]' passes the check above but does not bind (uvicorn: name not known)
 
     def ready(url: str) -> None:
         click.echo(f"botwire mcp: {url}", err=True)

@@ -10,7 +10,8 @@ schema from the signature and checks the arguments against it.
 Only the namespaces matching the configured globs are reachable (``Unauthorized`` otherwise);
 with one literal namespace configured, the ``namespace`` argument may be left out. Errors of the
 library's tree come back as MCP tool errors (``is_error``) whose text starts with the error's
-code (``invalid_key: ...``), and a refused call writes nothing (the library validates first).
+code (``invalid_key: ...``), and a refused call writes nothing (the library validates first);
+an argument a tool does not take is refused too (``invalid_argument``), not ignored.
 """
 
 from __future__ import annotations
@@ -183,10 +184,26 @@ def _as_tool_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
     return call
 
 
+class _StrictServer(Server):  # type: ignore[type-arg, misc, unused-ignore]
+    """``Server`` refusing arguments a tool does not take: the SDK drops them silently, so a
+    misspelt ``ttl_seconds=5`` would store a key that never expires (measured on mcp 1.x)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if name in _TOOLS:
+            import inspect
+
+            known = set(inspect.signature(getattr(MemoryTools, name)).parameters) - {"self"}
+            unknown = sorted(set(arguments or {}) - known)
+            if unknown:
+                raise ToolError(f"invalid_argument: {name} takes no argument {', '.join(map(repr, unknown))} "
+                                f"(it takes {', '.join(sorted(known))})")
+        return await super().call_tool(name, arguments, *args, **kwargs)
+
+
 def build_server(tools: MemoryTools, host: str = "127.0.0.1") -> Server[Any]:
     """The MCP server with ``tools``'s methods as its tools (``host``: where HTTP is served)."""
     at_init: dict[str, Any] = {} if _HOST_AT_APP else {"host": host}
-    server: Server[Any] = Server(
+    server: Server[Any] = _StrictServer(
         "botwire",
         instructions="Persistent memory: keys with JSON values, and conversation logs, in the namespaces "
         f"{', '.join(tools.globs)}.",
@@ -244,7 +261,7 @@ async def _serve_http(server: Server[Any], host: str, port: int, ready: Callable
         sockets = [s for srv in web.servers for s in srv.sockets]
         bound = sockets[0].getsockname()[1] if sockets else port
         if ready is not None:
-            ready(f"http://{host}:{bound}/mcp")
+            ready(f"http://{f'[{host}]' if ':' in host else host}:{bound}/mcp")  # IPv6 in brackets
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(announce)

@@ -1,0 +1,86 @@
+"""QA of ``botwire mcp`` (issue 11) through the SDK's own stdio client: what a model's
+malformed tool call does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from botwire_stream import AsyncMemory
+
+pytest.importorskip("mcp.client")
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+
+from tests.procs import ROOT  # noqa: E402
+from tests.test_mcp import _session, call, refused, stdio  # noqa: E402
+
+
+async def test_an_argument_a_tool_does_not_take_is_refused_and_writes_nothing(url: str, namespace: str) -> None:
+    """A misspelt ``ttl`` (``ttl_seconds``) must not store a key that never expires: the SDK
+    dropped unknown arguments silently, so the call succeeded without the expiry."""
+    async with stdio(url, namespace) as client:
+        text = await refused(client, "memory_set", key="k", value=1, ttl_seconds=5)
+        assert text.startswith("invalid_argument: ") and "'ttl_seconds'" in text and "ttl" in text
+        assert (await refused(client, "chat_append", session_id="s", message={"a": 1}, sesion="x")).startswith(
+            "invalid_argument: "
+        )
+        assert (await refused(client, "memory_keys", namespace=namespace, limt=3)).startswith("invalid_argument: ")
+        async with AsyncMemory(namespace, url=url) as mem:
+            assert await mem.get("k", None) is None
+        assert await call(client, "chat_read", session_id="s") == {"messages": []}
+        # the arguments it does take still work, the namespace among them
+        assert await call(client, "memory_set", key="k", value=1, ttl=60, namespace=namespace) == {"revision": 1}
+
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_http_on_the_ipv6_loopback_in_brackets_serves_and_prints_a_usable_url(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    """``--host [::1]`` passes the loopback check; it used to die in uvicorn ("name not known"),
+    and ``--host ::1`` printed ``http://::1:PORT/mcp``, which no client can parse."""
+    log = tmp_path / "mcp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "botwire_stream", "mcp", "--http", "--host", "[::1]", "--port", "0", "--url", url,
+             "--namespace", namespace],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out, stdin=subprocess.DEVNULL,
+        )
+    try:
+        endpoint = None
+        deadline = time.monotonic() + 30
+        while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
+            for line in log.read_text().splitlines():
+                if line.startswith("botwire mcp: http://"):
+                    endpoint = line.split(": ", 1)[1]
+            time.sleep(0.05)
+        assert endpoint is not None and endpoint.startswith("http://[::1]:"), log.read_text()
+        async with _session(streamable_http_client(endpoint)) as client:
+            await call(client, "memory_set", key="over-v6", value=6)
+        async with AsyncMemory(namespace, url=url) as mem:
+            assert await mem.get("over-v6") == 6
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
