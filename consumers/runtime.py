@@ -140,7 +140,19 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
 
         async def pump(source: Source, sub: Any) -> None:
+            reconnects = conn.nc.stats["reconnects"]
             while not stop.is_set():
+                if conn.nc.stats["reconnects"] != reconnects and conn.nc.is_connected:
+                    # Reconnected (the server restarted, or a link dropped): what was fetched and
+                    # not yet acknowledged, or whose acknowledgement was lost, would wait out
+                    # ack_wait (60 s) before redelivery; resume from the ack floor at once, as at
+                    # start (redelivered events change nothing twice).
+                    try:
+                        await conn.js.reset_consumer(source.stream, worker.durable)
+                        reconnects = conn.nc.stats["reconnects"]
+                    except (nats.errors.Error, asyncio.TimeoutError):
+                        await asyncio.sleep(0.2)  # the server is still coming up: next round
+                        continue
                 try:
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):

@@ -109,6 +109,8 @@ class Node:
         """Send ``sig`` to this node's own process (SIGKILL, SIGSTOP, SIGCONT), by PID."""
         assert self.proc is not None and self.proc.poll() is None
         os.kill(self.proc.pid, sig)
+        if sig == signal.SIGSTOP:
+            _wait_stopped(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: the store stays as it was."""
@@ -212,3 +214,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+def _wait_stopped(pid: int, bound: float = 2.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (state T in /proc): kill() returns once the
+    stop is queued, and under load a server thread can still answer a request meanwhile."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue
+        if states and all(st in "Tt" for st in states):
+            return
+        time.sleep(0.005)
