@@ -369,7 +369,11 @@ async def test_a_two_node_cluster_says_to_ask_for_fewer_replicas_and_takes_two(t
         "KV records the sequence of this instance's last acknowledged write (set/delete ack); get "
         "sends the body form with min_last_seq only when that is set (same single request on one "
         "server: no extra round trip); on a 412 answer, or a returned Nats-Sequence below it, it "
-        "re-reads with $JS.API.STREAM.MSG.GET (leader only)."
+        "re-reads with $JS.API.STREAM.MSG.GET (leader only). Measured (s12b): that body form with "
+        "min_last_seq = the connection's last acked write seq to the stream still returned the previous "
+        "value ([(366, 365)] in this test), so this server does not enforce it on direct gets; what is "
+        "left is the leader re-read (STREAM.MSG.GET) when a get returns a Nats-Sequence below this "
+        "connection's last acked write to that key."
     ),
 )
 async def test_gets_after_acknowledged_sets_are_not_stale_after_a_cluster_wide_pause(tmp_path: Path) -> None:
