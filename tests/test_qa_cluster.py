@@ -349,33 +349,6 @@ async def test_a_two_node_cluster_says_to_ask_for_fewer_replicas_and_takes_two(t
         c.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "stale reads on R3: direct gets (allow_direct) are answered by any replica, and a follower "
-        "that has not applied the latest writes yet answers with the previous value. Measured after "
-        "every node was SIGSTOPped 1.5 s and resumed: 617 of 17,238 gets right after an acknowledged "
-        "set gave the previous value (480 of them on the writer's own connection). This is what s12 "
-        "saw through the read cache (its miss reads the server). nats-server 2.12's min_last_seq "
-        "(ADR-53) would fix it, but v2.15.1 ignored it in both direct-get forms when tried; the other "
-        "fix is STREAM.MSG.GET (leader only) for reads that must see this process's writes. "
-        "s12b analysis (not yet implemented, out of time): per the ADR-53 design text, MinLastSeq is a "
-        "field of JSApiMsgGetRequest (JSON body `min_last_seq`, server error code 10180 "
-        "JSStreamMinLastSeq, status header `412 Min Last Sequence`); a follower whose local LastSeq < "
-        "min_last_seq forwards the request to the leader, a mirror answers 412 after a delay. It can "
-        "only ride in the body form $JS.API.DIRECT.GET.<stream> {last_by_subj, min_last_seq}; our "
-        "get uses the subject form DIRECT.GET.<stream>.<subject> with an empty body, which has no "
-        "place for it, so the QA finding 'ignored' must be re-checked with the body form. Plan: "
-        "KV records the sequence of this instance's last acknowledged write (set/delete ack); get "
-        "sends the body form with min_last_seq only when that is set (same single request on one "
-        "server: no extra round trip); on a 412 answer, or a returned Nats-Sequence below it, it "
-        "re-reads with $JS.API.STREAM.MSG.GET (leader only). Measured (s12b): that body form with "
-        "min_last_seq = the connection's last acked write seq to the stream still returned the previous "
-        "value ([(366, 365)] in this test), so this server does not enforce it on direct gets; what is "
-        "left is the leader re-read (STREAM.MSG.GET) when a get returns a Nats-Sequence below this "
-        "connection's last acked write to that key."
-    ),
-)
 async def test_gets_after_acknowledged_sets_are_not_stale_after_a_cluster_wide_pause(tmp_path: Path) -> None:
     c = Cluster(tmp_path / "c").start()
     ms: list[AsyncMemory] = []
