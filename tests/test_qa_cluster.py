@@ -349,18 +349,6 @@ async def test_a_two_node_cluster_says_to_ask_for_fewer_replicas_and_takes_two(t
         c.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "stale reads on R3: direct gets (allow_direct) are answered by any replica, and a follower "
-        "that has not applied the latest writes yet answers with the previous value. Measured after "
-        "every node was SIGSTOPped 1.5 s and resumed: 617 of 17,238 gets right after an acknowledged "
-        "set gave the previous value (480 of them on the writer's own connection). This is what s12 "
-        "saw through the read cache (its miss reads the server). nats-server 2.12's min_last_seq "
-        "(ADR-53) would fix it, but v2.15.1 ignored it in both direct-get forms when tried; the other "
-        "fix is STREAM.MSG.GET (leader only) for reads that must see this process's writes."
-    ),
-)
 async def test_gets_after_acknowledged_sets_are_not_stale_after_a_cluster_wide_pause(tmp_path: Path) -> None:
     c = Cluster(tmp_path / "c").start()
     ms: list[AsyncMemory] = []
