@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("langgraph")
-from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
 from langchain_core.runnables import RunnableConfig  # noqa: E402
 
-from tests.test_langgraph import _checkpoint  # noqa: E402
+from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
 from tests.test_langgraph import _cfg as _conf  # noqa: E402
+from tests.test_langgraph import _checkpoint  # noqa: E402
 
 
 def _cfg(thread: str, checkpoint_id: str | None = None) -> RunnableConfig:

@@ -86,14 +86,10 @@ class Connection(RetryingConnection):
 
     def __init__(self, opts: ConnectOptions, nc: NATS, restart: ServerRestart | None) -> None:
         super().__init__(opts, nc, restart)
-        # stream -> sequence of this connection's last acknowledged write to it: a read sent with
-        # it as min_last_seq is not answered from a replica still behind it (reads-your-writes)
-        self._written: dict[str, int] = {}
-        self._written_subj: dict[str, int] = {}  # subject -> last acked seq (capped, oldest dropped)
-
-    def _wrote(self, stream: str, seq: int) -> None:
-        if stream and seq > self._written.get(stream, 0):
-            self._written[stream] = seq
+        # subject -> sequence of this connection's last acknowledged write to it (capped, oldest
+        # dropped): a direct get answered older by a replica still behind is re-read from the
+        # stream leader (reads-your-writes on a cluster)
+        self._written_subj: dict[str, int] = {}
 
     def _wrote_subject(self, subject: str, seq: int) -> None:
         self._written_subj.pop(subject, None)
@@ -223,7 +219,6 @@ class Connection(RetryingConnection):
                 if ack.error.err_code in _BUSY_CODES:
                     raise _Busy  # dropped by a full ingest queue: nothing stored
                 raise_api_error(ack.error)
-            self._wrote(ack.stream, ack.seq)
             self._wrote_subject(subject, ack.seq)
             return ack.seq
 
@@ -343,16 +338,13 @@ class Connection(RetryingConnection):
     async def direct_get_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
         """The last message on ``subject`` (one request), or None when the subject is empty."""
 
-        min_seq = self._written.get(stream)
         mine = self._written_subj.get(subject)
 
         async def run() -> Msg | None:
-            if min_seq is None:  # nothing written here: the subject form, any replica answers
-                msg = await self.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", None, timeout)
-            else:  # same single request with ADR-53 min_last_seq; measured: v2.15 still let a
-                # lagging replica answer older, hence the Nats-Sequence check below
-                body = msgspec.json.encode({"last_by_subj": subject, "min_last_seq": min_seq})
-                msg = await self.request(f"$JS.API.DIRECT.GET.{stream}", body, None, timeout)
+            # The subject form; any replica answers. ADR-53's min_last_seq was measured to have no
+            # effect here (v2.15 let a lagging replica answer older) and would turn every read into
+            # an error once the stream were re-created below it: the Nats-Sequence check instead.
+            msg = await self.request(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", None, timeout)
             hdr = msg.headers
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
@@ -386,6 +378,8 @@ class Connection(RetryingConnection):
         headers["Nats-Sequence"] = str(m["seq"])
         headers["Nats-Subject"] = m["subject"]
         headers["Nats-Stream"] = stream
+        if m.get("time"):
+            headers["Nats-Time-Stamp"] = m["time"]
         data = base64.b64decode(m["data"]) if m.get("data") else b""
         return Msg(self.nc, subject=m["subject"], data=data, headers=headers)
 
