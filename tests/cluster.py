@@ -26,6 +26,7 @@ import pytest
 
 from botwire_stream._natsproc import StartFailed, render_config, start
 from botwire_stream.nats.embedded import find_binary
+from tests.waits import sigstop
 
 __all__ = ["Cluster", "Node", "cluster"]
 
@@ -108,9 +109,10 @@ class Node:
     def send(self, sig: int) -> None:
         """Send ``sig`` to this node's own process (SIGKILL, SIGSTOP, SIGCONT), by PID."""
         assert self.proc is not None and self.proc.poll() is None
-        os.kill(self.proc.pid, sig)
         if sig == signal.SIGSTOP:
-            _wait_stopped(self.proc.pid)
+            sigstop(self.proc.pid)
+        else:
+            os.kill(self.proc.pid, sig)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: the store stays as it was."""
@@ -215,18 +217,3 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     finally:
         c.stop()
 
-
-def _wait_stopped(pid: int, bound: float = 2.0) -> None:
-    """Wait until every thread of ``pid`` is stopped (state T in /proc): kill() returns once the
-    stop is queued, and under load a server thread can still answer a request meanwhile."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        states = []
-        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-            try:
-                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-            except (OSError, IndexError):
-                continue
-        if states and all(st in "Tt" for st in states):
-            return
-        time.sleep(0.005)

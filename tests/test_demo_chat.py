@@ -22,6 +22,7 @@ from tests.chat_models import OPENAI_KEY, OPENAI_PIECES
 from tests.chat_serve import read_answer, start, stop
 from tests.http_serve import Serve, free_port
 from tests.procs import ROOT
+from tests.waits import sigstop
 
 
 @pytest.fixture
@@ -287,7 +288,7 @@ def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, names
             session = conversation(client, namespace)
             answer = httpx.post(f"{producer.base}/v1/chat/{namespace}/{session}/messages", json={"content": "stall"}).json()
             time.sleep(1.0)
-            os.kill(producer.proc.pid, signal.SIGSTOP)
+            sigstop(producer.proc.pid)
             try:
                 text = read_answer(client, answer["answer"], bound=20)  # closed by the other process
             finally:

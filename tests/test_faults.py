@@ -28,7 +28,7 @@ from botwire_stream.nats import embedded
 from tests import procs
 from tests.proxy import Relay
 from tests.servers import NatsServer
-from tests.waits import until
+from tests.waits import sigstop, until
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ async def test_calls_to_a_stopped_server_fail_within_their_timeout(own_server: N
 def _stop(pid: int) -> None:
     """SIGSTOP ``pid`` and wait (bounded) until it is stopped: the signal is delivered
     asynchronously, and a server thread running on another core may still answer a request."""
-    os.kill(pid, signal.SIGSTOP)
+    sigstop(pid)
     deadline = time.monotonic() + 5
 
     def states() -> set[str]:

@@ -29,6 +29,7 @@ from botwire_stream.errors import BotWireError, InvalidArgument, ValueTooLarge  
 from botwire_stream.integrations.autogen import BotWireChatCompletionContext  # noqa: E402
 from botwire_stream.integrations.langgraph import BotWireSaver, BotWireStore  # noqa: E402
 from tests.servers import NatsServer  # noqa: E402
+from tests.waits import sigstop
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ async def test_put_to_a_stopped_server_raises_and_an_acknowledged_checkpoint_sur
     try:
         acked = await saver.aput(_cfg("t"), _checkpoint({"a": "kept"}), {"step": 1}, {})
         await saver.aput_writes(acked, [("w", "pending")], "task")
-        os.kill(own_server.pid, signal.SIGSTOP)
+        sigstop(own_server.pid)
         try:
             with pytest.raises(BotWireError):
                 await asyncio.wait_for(

@@ -20,6 +20,7 @@ from tests.chat_serve import start, stop
 from tests.http_serve import Serve
 from tests.servers import NatsServer
 from tests.test_examples import example  # noqa: F401, F811  (the fixture)
+from tests.waits import sigstop
 
 
 def test_a_producer_stalled_between_closing_its_stream_and_storing_its_answer_stores_no_second_copy(
@@ -249,7 +250,7 @@ def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, tmp_path: Pa
                 time.sleep(1.0)
                 own_server.start()
             else:
-                os.kill(own_server.pid, signal.SIGSTOP)
+                sigstop(own_server.pid)
                 try:
                     time.sleep(stall)
                 finally:

@@ -16,6 +16,7 @@ from tests import chat_serve, procs
 from tests.http_serve import Serve, start_serve
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
+from tests.waits import sigstop
 
 __all__ = ["pair", "server"]  # module-scoped serve processes of tests/test_auth.py and tests/test_quota.py
 
@@ -202,7 +203,7 @@ def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_with
     try:
         with Memory(namespace, url=serve.base, timeout=1.0) as mem:
             mem.set("k", "before")
-            serve.proc.send_signal(signal.SIGSTOP)
+            sigstop(serve.proc.pid)
             try:
                 for call, expected in (
                     (lambda: mem.set("k", "during"), errors.OutcomeUnknown),

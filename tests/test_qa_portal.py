@@ -26,6 +26,7 @@ from botwire_stream import AsyncChatHistory, ChatHistory, Memory
 from botwire_stream.errors import BotWireError, WrongEventLoop
 from tests.proxy import Relay
 from tests.servers import NatsServer
+from tests.waits import sigstop
 
 _JOIN = 60.0  # seconds: a generous bound for "does not hang"
 
@@ -295,7 +296,7 @@ def test_a_forked_child_using_the_parents_memory_gets_a_clear_error(url: str, na
 
 def _stopped(pid: int) -> None:
     """SIGSTOP ``pid`` (a server this test started) and wait, bounded, until it is stopped."""
-    os.kill(pid, signal.SIGSTOP)
+    sigstop(pid)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         states = set()

@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from botwire_stream import Memory
 from botwire_stream.errors import ServerUnavailable, UnsafeHome
 from botwire_stream.nats import embedded
+from tests.waits import sigstop
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -109,7 +110,7 @@ def test_a_hung_server_does_not_hang_a_client(botwire_home: Path, namespace: str
     with Memory(namespace) as m:
         m.set("k", "v")
     state, _ = embedded.ensure()
-    os.kill(state.pid, signal.SIGSTOP)  # the server this test started
+    sigstop(state.pid)  # the server this test started
     try:
         started = time.monotonic()
         # Was: no answer after 100 s (closing the TLS connection waited for the stopped server).
@@ -289,7 +290,7 @@ def test_a_relative_home_never_stops_the_server_of_another_folder(tmp_path: Path
 @needs_proc
 def test_server_stop_shuts_a_stopped_server_down_cleanly(botwire_home: Path, namespace: str) -> None:
     state = _serving(namespace)
-    os.kill(state.pid, signal.SIGSTOP)  # hung: the server this test started
+    sigstop(state.pid)  # hung: the server this test started
     try:
         done = _botwire("server", "stop")
         assert done.returncode == 0 and "stopped" in done.stdout, done.stderr

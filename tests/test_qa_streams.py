@@ -17,6 +17,7 @@ import pytest
 
 from tests.http_serve import Serve, serving
 from tests.servers import NatsServer
+from tests.waits import sigstop
 
 TEXT = {"content-type": "text/plain"}
 JSON = {"content-type": "application/json"}
@@ -95,7 +96,7 @@ def test_a_live_reader_never_sees_a_recreated_streams_data_as_the_old_ones(url: 
         poller = threading.Thread(target=poll)
         poller.start()
         time.sleep(0.5)  # the poll is waiting on A
-        os.kill(a.proc.pid, signal.SIGSTOP)
+        sigstop(a.proc.pid)
         try:
             assert httpx.delete(b.stream(name)).status_code == 204
             assert httpx.put(b.stream(name), headers=TEXT, content=b"NEW").status_code == 201

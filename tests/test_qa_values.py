@@ -27,6 +27,7 @@ from botwire_stream.nats import embedded
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.times import ttl_seconds
 from tests.servers import NatsServer
+from tests.waits import sigstop
 
 MiB = 1024 * 1024
 
@@ -47,7 +48,7 @@ def test_a_big_set_whose_commit_timed_out_leaves_the_key_readable(
         **kw: Any,
     ) -> int:
         if headers and "Botwire-Blob" in headers and not resume:
-            os.kill(own_server.pid, signal.SIGSTOP)
+            sigstop(own_server.pid)
             timer = threading.Timer(2.0, os.kill, (own_server.pid, signal.SIGCONT))
             resume.append(timer)
             timer.start()
@@ -131,7 +132,7 @@ def test_a_big_update_sent_twice_after_a_stall_keeps_its_chunks(
             state = embedded.status(botwire_home)
             assert state is not None
             pids.append(state.pid)
-            os.kill(state.pid, signal.SIGSTOP)
+            sigstop(state.pid)
             timer = threading.Timer(1.5, os.kill, (state.pid, signal.SIGCONT))
             resume.append(timer)
             timer.start()

@@ -18,6 +18,7 @@ from botwire_stream import Memory
 from tests.http_serve import Serve, serving
 from tests.servers import NatsServer
 from tests.test_auth import bearer, botwire, new_key
+from tests.waits import sigstop
 
 TEXT = {"content-type": "text/plain"}
 
@@ -133,7 +134,7 @@ def test_when_nats_cannot_count_a_write_is_refused_with_503_not_passed(own_serve
     with serving(own_server.url, tmp_path / "serve.log", extra=["--public", "q-*=writes=5/day"]) as serve:
         stream = serve.stream("q-x/s")
         assert httpx.put(stream, content=b"0", headers=TEXT).status_code == 201
-        os.kill(own_server.pid, signal.SIGSTOP)  # NATS hangs: the count cannot be taken
+        sigstop(own_server.pid)  # NATS hangs: the count cannot be taken
         try:
             start = time.monotonic()
             got = httpx.post(stream, content=b"1", headers=TEXT, timeout=60)

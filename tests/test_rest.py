@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from tests.waits import sigstop
 
 
 def _err(r: httpx.Response) -> str:
@@ -285,7 +286,7 @@ def test_readyz_fails_while_nats_is_stopped_and_healthz_does_not(own_server: Any
 
     with serving(own_server.url, tmp_path / "serve.log") as serve:
         assert httpx.get(f"{serve.base}/readyz", timeout=10).status_code == 200
-        os.kill(own_server.pid, signal.SIGSTOP)
+        sigstop(own_server.pid)
         try:
             t0 = time.monotonic()
             r = httpx.get(f"{serve.base}/readyz", timeout=30)
