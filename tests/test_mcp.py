@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +149,13 @@ async def test_tools_schemas_other_namespaces_and_bad_input(url: str, namespace:
             assert await mem.get("k") == "mine"
 
 
-@pytest.mark.slow
-async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None:
-    log = tmp_path / "mcp.log"
+@contextmanager
+def serve_http(args: list[str], log: Path) -> Iterator[str]:
+    """``botwire mcp --http`` with ``args`` as a process of this test: its printed endpoint;
+    stopped by PID (SIGTERM, then SIGKILL) at the end."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "botwire_stream", "mcp", "--http", "--port", "0", "--url", url, "--namespace", namespace],
+            [sys.executable, "-m", "botwire_stream", "mcp", "--http", *args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out, stdin=subprocess.DEVNULL,
         )
     try:
@@ -165,14 +166,8 @@ async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None
                 if line.startswith("botwire mcp: http://"):
                     endpoint = line.split(": ", 1)[1]
             time.sleep(0.05)
-        assert endpoint is not None and endpoint.startswith("http://127.0.0.1:"), log.read_text()
-        async with _session(streamable_http_client(endpoint)) as client:
-            assert set(await tools_of(client)) == TOOLS
-            await call(client, "memory_set", key="over-http", value=[1, 2])
-            assert await call(client, "memory_get", key="over-http") == {"found": True, "value": [1, 2]}
-            assert (await refused(client, "memory_get", namespace=namespace + "x", key="k")).startswith("unauthorized: ")
-        async with AsyncMemory(namespace, url=url) as mem:
-            assert await mem.get("over-http") == [1, 2]
+        assert endpoint is not None, log.read_text()
+        yield endpoint
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -181,6 +176,19 @@ async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+@pytest.mark.slow
+async def test_streamable_http(url: str, namespace: str, tmp_path: Path) -> None:
+    with serve_http(["--port", "0", "--url", url, "--namespace", namespace], tmp_path / "mcp.log") as endpoint:
+        assert endpoint.startswith("http://127.0.0.1:"), endpoint
+        async with _session(streamable_http_client(endpoint)) as client:
+            assert set(await tools_of(client)) == TOOLS
+            await call(client, "memory_set", key="over-http", value=[1, 2])
+            assert await call(client, "memory_get", key="over-http") == {"found": True, "value": [1, 2]}
+            assert (await refused(client, "memory_get", namespace=namespace + "x", key="k")).startswith("unauthorized: ")
+        async with AsyncMemory(namespace, url=url) as mem:
+            assert await mem.get("over-http") == [1, 2]
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -22,13 +21,13 @@ pytest.importorskip("langgraph")
 pytest.importorskip("autogen_core")
 
 from autogen_core.models import AssistantMessage, UserMessage  # noqa: E402
-from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
 
 from botwire_stream import Memory  # noqa: E402
 from botwire_stream.errors import BotWireError, InvalidArgument, ValueTooLarge  # noqa: E402
 from botwire_stream.integrations.autogen import BotWireChatCompletionContext  # noqa: E402
 from botwire_stream.integrations.langgraph import BotWireSaver, BotWireStore  # noqa: E402
 from tests.servers import NatsServer  # noqa: E402
+from tests.test_langgraph import _cfg, _checkpoint  # noqa: E402
 from tests.waits import sigstop
 
 
@@ -37,20 +36,6 @@ async def asaver(url: str, namespace: str) -> AsyncIterator[BotWireSaver]:
     s = BotWireSaver(namespace, url=url)
     yield s
     await s.aclose()
-
-
-def _cfg(thread: str, checkpoint_id: str | None = None, ns: str = "") -> dict[str, Any]:
-    conf: dict[str, Any] = {"thread_id": thread, "checkpoint_ns": ns}
-    if checkpoint_id:
-        conf["checkpoint_id"] = checkpoint_id
-    return {"configurable": conf}
-
-
-def _checkpoint(values: dict[str, Any]) -> Any:
-    cp = empty_checkpoint()
-    cp["channel_values"] = values
-    cp["channel_versions"] = {k: 1 for k in values}
-    return cp
 
 
 # -- LangGraph store ---------------------------------------------------------------------------

@@ -3,12 +3,7 @@ malformed tool call does."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +13,7 @@ from botwire_stream import AsyncMemory
 pytest.importorskip("mcp.client")
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from tests.procs import ROOT  # noqa: E402
-from tests.test_mcp import _session, call, refused, stdio  # noqa: E402
+from tests.test_mcp import _session, call, refused, serve_http, stdio  # noqa: E402
 
 
 async def test_an_argument_a_tool_does_not_take_is_refused_and_writes_nothing(url: str, namespace: str) -> None:
@@ -56,31 +50,10 @@ async def test_http_on_the_ipv6_loopback_in_brackets_serves_and_prints_a_usable_
 ) -> None:
     """``--host [::1]`` passes the loopback check; it used to die in uvicorn ("name not known"),
     and ``--host ::1`` printed ``http://::1:PORT/mcp``, which no client can parse."""
-    log = tmp_path / "mcp.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "botwire_stream", "mcp", "--http", "--host", "[::1]", "--port", "0", "--url", url,
-             "--namespace", namespace],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out, stdin=subprocess.DEVNULL,
-        )
-    try:
-        endpoint = None
-        deadline = time.monotonic() + 30
-        while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
-            for line in log.read_text().splitlines():
-                if line.startswith("botwire mcp: http://"):
-                    endpoint = line.split(": ", 1)[1]
-            time.sleep(0.05)
-        assert endpoint is not None and endpoint.startswith("http://[::1]:"), log.read_text()
+    args = ["--host", "[::1]", "--port", "0", "--url", url, "--namespace", namespace]
+    with serve_http(args, tmp_path / "mcp.log") as endpoint:
+        assert endpoint.startswith("http://[::1]:"), endpoint
         async with _session(streamable_http_client(endpoint)) as client:
             await call(client, "memory_set", key="over-v6", value=6)
         async with AsyncMemory(namespace, url=url) as mem:
             assert await mem.get("over-v6") == 6
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)

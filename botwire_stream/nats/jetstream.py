@@ -219,7 +219,8 @@ class Connection(RetryingConnection):
                 if ack.error.err_code in _BUSY_CODES:
                     raise _Busy  # dropped by a full ingest queue: nothing stored
                 raise_api_error(ack.error)
-            self._wrote_subject(subject, ack.seq)
+            if self.nc._server_info.get("cluster"):  # only replicas can answer a read older
+                self._wrote_subject(subject, ack.seq)
             return ack.seq
 
         return await self.call(run, timeout=timeout, write=write)
