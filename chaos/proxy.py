@@ -1,5 +1,5 @@
 """A loopback TCP proxy between a client and a server that stalls or cuts connections on demand:
-network faults without root (no iptables, no tc).
+network faults without root (no iptables, no tc), and lost replies for the tests.
 
 ``stall()`` stops forwarding in both directions (bytes wait in the proxy, as in a congested or
 partitioned link: the TCP connections stay open, so the client notices nothing but silence);
@@ -21,6 +21,13 @@ class Proxy:
         self.upstream = upstream
         self.port = 0
         self.refuse = False
+        # Lost replies (tests/test_faults.py): with ``drop`` set, what the server sends is
+        # swallowed (the server still stores what the client sends); ``trigger`` sets ``drop`` once
+        # the client sends bytes containing it; ``cut_at``: when the client sends bytes containing
+        # it, only what precedes it reaches the server, then every connection is cut.
+        self.drop = False
+        self.trigger: bytes | None = None
+        self.cut_at: bytes | None = None
         self.connections = 0  # how many client connections were proxied (reconnects show here)
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -66,10 +73,20 @@ class Proxy:
         self.connections += 1
         self._writers += [writer, up_writer]
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_server: bool) -> None:
             try:
                 while data := await src.read(65536):
                     await self._flowing.wait()
+                    if not from_server and self.cut_at is not None and (i := data.find(self.cut_at)) >= 0:
+                        self.cut_at = None
+                        dst.write(data[:i])
+                        await dst.drain()
+                        self.cut()
+                        return
+                    if not from_server and self.trigger is not None and self.trigger in data:
+                        self.trigger, self.drop = None, True  # swallow the reply to this one
+                    if from_server and self.drop:
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -78,7 +95,7 @@ class Proxy:
                 dst.transport.abort()
 
         try:
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+            await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
         except asyncio.CancelledError:  # close(): asyncio's stream callback would log a cancelled task
             writer.transport.abort()
             up_writer.transport.abort()
