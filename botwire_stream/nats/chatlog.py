@@ -603,11 +603,8 @@ class NatsChatLog:
             reply = await self.conn.direct_batch(self.stream, req, self.timeout)
             check: Msg | None = None
         else:
-            reply, check = await asyncio.gather(
-                self.conn.direct_batch(self.stream, req, self.timeout),
-                # A direct get by sequence: a batch would also count what follows (a walk).
-                self.conn.direct_get_seq(self.stream, oldest.seq, self.timeout),
-            )
+            # A direct get by sequence: a batch would also count what follows (a walk).
+            reply, check = await self.conn.direct_batch_and_get(self.stream, req, oldest.seq, self.timeout)
         msgs = reply.msgs
         if (
             reply.pending

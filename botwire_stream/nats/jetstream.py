@@ -390,13 +390,37 @@ class Connection(RetryingConnection):
 
         async def run() -> Msg | None:
             body = msgspec.json.encode({"seq": seq})
-            msg = await self.request(f"$JS.API.DIRECT.GET.{stream}", body, None, timeout)
-            hdr = msg.headers
-            if hdr is not None and "Status" in hdr:
-                if hdr["Status"] == "404":
-                    return None
-                raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
-            return msg
+            return _found(await self.request(f"$JS.API.DIRECT.GET.{stream}", body, None, timeout))
+
+        return await self.call(run, timeout=timeout)
+
+    async def direct_batch_and_get(
+        self, stream: str, request: Mapping[str, Any], seq: int, timeout: float = 5.0
+    ) -> tuple[Batch, Msg | None]:
+        """A batch direct get (as ``direct_batch``) and the message at ``seq`` (as
+        ``direct_get_seq``), sent back to back in one write and awaited together: one round trip,
+        and no task per request (``asyncio.gather`` of the two calls made two tasks and ran
+        ``call`` twice: measured ~25 µs more per read under load)."""
+        subject = f"$JS.API.DIRECT.GET.{stream}"
+        body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
+        get_body = msgspec.json.encode({"seq": seq})
+
+        async def run() -> tuple[Batch, Msg | None]:
+            mux = self._mux or await self._replies()
+            reply, collector = mux.expect_batch(timeout)
+            get_reply, future = mux.expect(timeout)
+            try:
+                await self.nc.publish(subject, body, reply=reply)
+                await self.nc.publish(subject, get_body, reply=get_reply)
+                await collector.done_future
+                got = await future
+            finally:
+                mux.forget(reply)
+                mux.give_up(get_reply, future)
+            hdr = got.headers
+            if hdr is not None and hdr.get("Status") == "503" and not got.data:
+                raise nats.errors.NoRespondersError
+            return collector.batch, _found(got)
 
         return await self.call(run, timeout=timeout)
 
@@ -591,3 +615,13 @@ class Connection(RetryingConnection):
                 raise_api_error(purged.error)
 
         await self.call(run, timeout=timeout)
+
+
+def _found(msg: Msg) -> Msg | None:
+    """A direct get's reply: the message, None when there is none (404), else the API error."""
+    hdr = msg.headers
+    if hdr is not None and "Status" in hdr:
+        if hdr["Status"] == "404":
+            return None
+        raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
+    return msg

@@ -41,7 +41,7 @@ from ..errors import BotWireError, OutcomeUnknown, QuotaExceeded, ServerUnavaila
 from ..settings import ConnectOptions
 from .connect import _close_soon
 from .errors import translate
-from .replies import _ReplyMux, _Resend
+from .replies import _ReplyMux, _Resend, route_replies
 
 __all__ = ["HEADROOM", "READ_FIRST", "SAFE", "RetryingConnection", "ServerRestart"]
 
@@ -165,6 +165,7 @@ class RetryingConnection:
         mux = self._mux
         if mux is None:
             mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop(), self.nc)
+            route_replies(self.nc)  # its replies skip nats-py's per-message work (replies.py)
             await self.nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
             self._mux = mux
         return mux
