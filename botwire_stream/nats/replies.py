@@ -48,24 +48,24 @@ class Batch:
 
 def parse_headers(raw: bytes) -> dict[str, str]:
     """A NATS header block (``NATS/1.0[ status[ description]]\\r\\nName: value\\r\\n...``) as
-    nats-py gives it: ``Status`` and ``Description`` from the status line, then each header with
-    name and value stripped (the last of a repeated name wins; names with spaces are dropped)."""
-    text = raw.decode("utf-8", "replace")
-    lines = text.split("\r\n")
+    nats-py 2.16 parses it: ``Status`` and ``Description`` from the status line, then each header
+    with name and value stripped, the last of a repeated name winning, names that are not ASCII
+    or hold whitespace dropped, values decoded as UTF-8 with errors replaced."""
+    lines = raw.split(b"\r\n")
     out: dict[str, str] = {}
     first = lines[0]
-    if len(first) > 9 and first[8] == " ":  # an inline status: "NATS/1.0 204 EOB"
-        status, _, desc = first[9:].strip().partition(" ")
+    if len(first) > 9 and first[8] == 32:  # an inline status: "NATS/1.0 204 EOB"
+        status, _, desc = first[9:].strip().partition(b" ")
         if status.isdigit():
-            out["Status"] = status
+            out["Status"] = status.decode()
         if desc:
-            out["Description"] = desc
+            out["Description"] = desc.decode("utf-8", "replace")
     for line in lines[1:]:
-        name, sep, value = line.partition(":")
+        name, sep, value = line.partition(b":")
         if sep:
             name = name.strip()
-            if name and " " not in name and "\t" not in name:
-                out[name] = value.strip()
+            if name.isascii() and len(name.split()) <= 1:
+                out[name.decode()] = value.strip().decode("utf-8", "replace")
     return out
 
 
@@ -140,7 +140,7 @@ class _ReplyMux:
         """A reply as it came off the socket (``route_replies``): to its request, with its headers
         parsed here and a ``Msg`` built only for what a request keeps."""
         token = subject[self._n :].decode()
-        hdr = parse_headers(headers) if headers else None
+        hdr = (parse_headers(headers) or None) if headers else None
         entry = self.waiting.pop(token, None)
         if entry is not None:
             if not entry[0].done():
