@@ -146,3 +146,63 @@ def test_a_64_mib_value_over_http_is_stored_one_byte_more_is_refused_and_memory_
             assert mem.get("over") is None and mem.list_keys() == ["big", "small"]
     finally:
         serve.kill()
+
+
+def _messages(lines: Iterator[str], n: int) -> list[dict[str, object]]:
+    """The next ``n`` SSE message events of a conversation's ``lines`` (id: the sequence)."""
+    out: list[dict[str, object]] = []
+    event: dict[str, str] = {}
+    for line in lines:
+        if line == "":
+            if event.get("event") == "message":
+                entry = json.loads(event["data"])
+                assert int(event["id"]) == entry["seq"]
+                out.append(entry)
+                if len(out) == n:
+                    return out
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            event[field] = value[1:] if value.startswith(" ") else value
+    raise AssertionError(f"the stream ended after {out} (at {event})")
+
+
+@pytest.mark.slow
+def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_once(url: str, namespace: str, tmp_path: Path) -> None:
+    """The same for a conversation's SSE feed (``/chats/<session>/events``): messages appended
+    while serve was down come once, in order, after the Last-Event-ID, then the live ones."""
+    from botwire_stream import ChatHistory
+
+    first = start_serve(url, tmp_path / "one.log")
+    chat = ChatHistory("s1", namespace=namespace, url=url)
+    try:
+        with httpx.Client(timeout=20) as client:
+            try:
+                with client.stream("GET", f"{first.base}/v1/ns/{namespace}/chats/s1/events") as r:
+                    assert r.status_code == 200
+                    lines = r.iter_lines()
+                    assert next(lines) == ": live"
+                    for i in range(2):
+                        chat.append({"role": "user", "content": f"m{i}"})
+                    seen = _messages(lines, 2)
+            finally:
+                first.kill()
+            for i in range(2, 5):
+                chat.append({"role": "user", "content": f"m{i}"})
+            second = start_serve(url, tmp_path / "two.log")
+            try:
+                last = str(seen[-1]["seq"])
+                with client.stream("GET", f"{second.base}/v1/ns/{namespace}/chats/s1/events", headers={"Last-Event-ID": last}) as r:
+                    assert r.status_code == 200
+                    lines = r.iter_lines()
+                    resumed = _messages(lines, 3)
+                    chat.append({"role": "user", "content": "m5"})
+                    resumed += _messages(lines, 1)
+            finally:
+                second.kill()
+    finally:
+        chat.close()
+    contents = [m["message"]["content"] for m in seen + resumed]  # type: ignore[index]
+    assert contents == [f"m{i}" for i in range(6)]
+    seqs = [int(str(m["seq"])) for m in seen + resumed]
+    assert seqs == sorted(set(seqs))
