@@ -182,8 +182,10 @@ class ChatLog(Protocol):
         """The largest encoded message one append may carry (bytes)."""
         ...
 
-    async def append(self, data: bytes) -> int:
-        """Append one message (re-arming the conversation's expiry); its sequence."""
+    async def append(self, data: bytes, msg_id: str | None = None) -> int:
+        """Append one message (re-arming the conversation's expiry); its sequence. ``msg_id``: a
+        caller's id for the write, a repeat of which (within the backend's duplicate window) is
+        not stored again and answers the first one's sequence."""
         ...
 
     async def extend(self, payloads: list[bytes], total: int) -> list[int]:

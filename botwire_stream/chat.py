@@ -182,6 +182,15 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         self._check_size(log, data)
         return await log.append(data)
 
+    async def _append_once(self, message: Mapping[str, Any], msg_id: str) -> int:
+        """``append`` with the caller's write id: a repeat within the backend's duplicate window
+        (NATS: 120 s) stores nothing and returns the first one's sequence (``botwire serve``'s
+        Idempotency-Key)."""
+        data = _encode_message(message)
+        log = self._conn or await self._connection()
+        self._check_size(log, data)
+        return await log.append(data, msg_id)
+
     async def extend(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Append several messages atomically (all stored, in order, or none); their sequences.
 

@@ -76,7 +76,8 @@ class HttpChatLog:
         r = await self._backend.http.request("POST", self._path + "/messages", content=msgspec.json.encode(body), what=what)
         return msgspec.json.decode(r.content, type=_Seqs).seqs
 
-    async def append(self, data: bytes) -> int:
+    async def append(self, data: bytes, msg_id: str | None = None) -> int:
+        # msg_id: not carried over HTTP (only botwire serve, on NATS, appends with one)
         return (await self._post(_Append(message=msgspec.Raw(data), ttl=self._ttl), "append"))[0]
 
     async def extend(self, payloads: list[bytes], total: int) -> list[int]:

@@ -390,9 +390,11 @@ class NatsChatLog:
         }
         return self._ttl_subject, b"", headers
 
-    async def append(self, data: bytes) -> int:
+    async def append(self, data: bytes, msg_id: str | None = None) -> int:
         conn = self.conn
         headers = origin_headers()
+        if msg_id is not None:  # the stream's duplicate window (120 s) drops a repeat of it
+            headers["Nats-Msg-Id"] = msg_id
         schedule = self._schedule()
         if schedule is None:
             seq = await conn.publish(self.subject, data, headers, self.timeout, what="append")

@@ -10,7 +10,9 @@ Routes (JSON bodies, sent as ``application/json``, else 415; a refusal is a 4xx 
   names the answer's stream), creates the answer's token stream (``text/plain``), starts the
   model and returns at once. ``answer`` is the Durable Stream URL the answer is read from. With an
   ``Idempotency-Key`` header (or ``idempotency_key`` in the body), a repeat within 24 h gets the
-  same 202 and stores nothing (see ``ChatService._reserve``).
+  same 202 and stores nothing (see ``ChatService._reserve``), also when the process that took the
+  first one stopped between storing the question and recording the key: the question carries a
+  ``Nats-Msg-Id`` derived from the key, and the key's hold names the answer the question carries.
 - ``GET /`` and ``/static/...``: the chat page.
 
 The producer appends the model's text coalesced (every ``flush_interval`` seconds at most one
@@ -33,12 +35,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import msgspec
@@ -56,7 +60,7 @@ from .model import ChatModel
 from .protocol import ProtocolError
 from .streams import read_body
 
-__all__ = ["ChatService", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE"]
+__all__ = ["ChatService", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE", "STRUCTS"]
 
 log = logging.getLogger("botwire.serve.chat")
 
@@ -70,8 +74,71 @@ _STATIC = Path(__file__).with_name("static")
 _CLAIM_STALE = 30.0  # a recovery claimed this long ago by a process that then died is taken over
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as a header can carry it
 _IDEMPOTENCY_WINDOW = 86_400  # seconds a key's 202 is kept: a repeat within it gets the same one
-_IDEMPOTENCY_PENDING = 30  # seconds a key is held for a request that has not stored its question
+_IDEMPOTENCY_PENDING = 30.0  # seconds after which a key's unfinished request may be taken over
 _IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to store its question
+
+
+# The bodies of the routes, as structs: the handlers encode their answers and check their
+# requests with them, and /openapi.json documents them (server/openapi.py).
+class NewConversation(msgspec.Struct):
+    """``POST /v1/chat/<ns>``: the user the conversation belongs to."""
+
+    user: Annotated[str, msgspec.Meta(pattern=f"^{_USER.pattern}$")]
+
+
+class Created(msgspec.Struct):
+    """A new conversation: its session id and the Durable Stream URL of its messages."""
+
+    session: str
+    conversation: str
+
+
+class ConversationItem(msgspec.Struct):
+    session: str
+    title: str
+    updated: float
+
+
+class ConversationList(msgspec.Struct):
+    """The user's conversations, newest activity first."""
+
+    conversations: list[ConversationItem]
+
+
+class Conversation(msgspec.Struct):
+    session: str
+    title: str
+    conversation: str
+
+
+class NewMessage(msgspec.Struct):
+    """``POST .../messages``: the user's message (not blank); ``idempotency_key``: as the
+    ``Idempotency-Key`` header (the same, if both are given)."""
+
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
+    idempotency_key: Annotated[str, msgspec.Meta(pattern=f"^{_IDEMPOTENCY_KEY.pattern}$")] | None = None
+
+
+class Accepted(msgspec.Struct):
+    """The question is stored (``seq``: its sequence in the conversation); its answer streams
+    from ``answer`` (a Durable Stream URL; ``stream``: the token stream's name)."""
+
+    answer: str
+    stream: str
+    seq: int
+
+
+class ChatError(msgspec.Struct):
+    """Every refusal of the chat routes (4xx; nothing was written)."""
+
+    error: str
+
+
+STRUCTS: tuple[type[msgspec.Struct], ...] = (NewConversation, Created, ConversationList, Conversation, NewMessage, Accepted, ChatError)
+
+
+def _accepted(stream: str, seq: int) -> Accepted:
+    return Accepted(f"/v1/stream/{stream}", stream, seq)
 
 
 class _Refused(Exception):
@@ -92,9 +159,12 @@ class _Held(Exception):
         self.value = value
 
 
-def _reserving(mine: dict[str, Any]) -> Any:
+def _reserving(mine: dict[str, Any], unless: Any = None) -> Any:
+    """The compare-and-set that holds an idempotency key: taken when it holds ``unless`` (None:
+    free; else the stale hold of a request whose process stopped), else ``_Held``."""
+
     def reserve(value: Any) -> Any:
-        if value is not None:
+        if value != unless:
             raise _Held(value)
         return mine
 
@@ -114,6 +184,14 @@ def _noting(error: str) -> Any:
 
 def _json(status: int, body: object) -> Response:
     return Response(msgspec.json.encode(body), status, {**COMMON, "content-type": "application/json", "cache-control": "no-store"})
+
+
+def _convert(body: Mapping[str, Any], kind: type[msgspec.Struct]) -> None:
+    """Check ``body`` against the documented struct too (400 on a mismatch)."""
+    try:
+        msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        raise _Refused(400, f"invalid body: {exc}") from None
 
 
 def _plain_message(message: Mapping[str, Any]) -> dict[str, str]:
@@ -226,6 +304,10 @@ class ChatService:
         self.flush_interval = flush_interval
         self.owner = uuid.uuid4().hex[:12]
         self.claim_stale = _CLAIM_STALE  # seconds (tests shorten it)
+        self.idempotency_pending = _IDEMPOTENCY_PENDING
+        # a test hook, off unless set: SIGKILL this process right after a question is stored,
+        # before its Idempotency-Key is recorded (tests/test_serve_review.py)
+        self._die_after_question = os.environ.get("BOTWIRE_TEST_HOOK_KILL_AFTER_QUESTION") == "1"
         self._memories: dict[str, AsyncMemory] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -272,11 +354,11 @@ class ChatService:
             result: Response = await handler(request)
             return result
         except _Refused as exc:
-            return _json(exc.status, {"error": str(exc)})
+            return _json(exc.status, ChatError(str(exc)))
         except ProtocolError as exc:
-            return _json(exc.status, {"error": exc.message})
+            return _json(exc.status, ChatError(exc.message))
         except errors.BotWireError as exc:
-            return _json(exc.http_status, {"error": str(exc).split("\n", 1)[0][:300]})
+            return _json(exc.http_status, ChatError(str(exc).split("\n", 1)[0][:300]))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -313,19 +395,20 @@ class ChatService:
         if request.method == "POST":
             body = await self._body(request)
             user = self._user(body.get("user"))
+            _convert(body, NewConversation)
             session = f"{user}-{uuid.uuid4().hex[:12]}"
             now = time.time()
             await mem.set(_CONVERSATION + session, {"user": user, "title": "New conversation", "created": now, "updated": now})
-            return _json(201, {"session": session, "conversation": f"/v1/stream/chat/{ns}/{quote(session)}"})
+            return _json(201, Created(session, f"/v1/stream/chat/{ns}/{quote(session)}"))
         user = self._user(request.query_params.get("user"))
         out = []
         for key in await mem.list_keys(f"{_CONVERSATION}{user}-*"):
             record = await mem.get(key)
             if isinstance(record, dict):
                 session = key[len(_CONVERSATION) :]
-                out.append({"session": session, "title": record.get("title", ""), "updated": record.get("updated", 0)})
-        out.sort(key=lambda r: r["updated"], reverse=True)
-        return _json(200, {"conversations": out})
+                out.append(ConversationItem(session, str(record.get("title", "")), float(record.get("updated", 0))))
+        out.sort(key=lambda r: r.updated, reverse=True)
+        return _json(200, ConversationList(out))
 
     async def conversation(self, request: Request) -> Response:
         return await self._guard(request, self._conversation)
@@ -333,7 +416,7 @@ class ChatService:
     async def _conversation(self, request: Request) -> Response:
         ns, session = request.path_params["ns"], request.path_params["session"]
         record = await self._record(ns, session)
-        return _json(200, {"session": session, "title": record.get("title", ""), "conversation": f"/v1/stream/chat/{ns}/{quote(session)}"})
+        return _json(200, Conversation(session, str(record.get("title", "")), f"/v1/stream/chat/{ns}/{quote(session)}"))
 
     async def post_message(self, request: Request) -> Response:
         return await self._guard(request, self._post_message)
@@ -347,15 +430,20 @@ class ChatService:
         if len(content) > MAX_MESSAGE_CHARS:
             raise _Refused(413, f"a message holds at most {MAX_MESSAGE_CHARS} characters, not {len(content)}")
         key = self._idempotency_key(request, body)
+        _convert(body, NewMessage)
         record = await self._record(ns, session)
         answer = uuid.uuid4().hex[:16]
         path = f"answers/{ns}/{answer}"
         registry = self.memory(REGISTRY_NAMESPACE)
         held: str | None = None
+        msg_id: str | None = None
         if key is not None:
             digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()
             held = "idem:" + hashlib.sha256(f"{ns}\0{session}\0{key}".encode()).hexdigest()[:40]
-            earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path})
+            # the question's write id: a retry whose key's record was never written (its process
+            # stopped first) is dropped by the chat stream's duplicate window (120 s)
+            msg_id = "botwire-idem-" + hashlib.sha256(f"{held}\0{digest}".encode()).hexdigest()[:40]
+            earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path, "at": time.time()})
             if earlier is not None:
                 return _json(202, earlier)
         stored = False
@@ -366,15 +454,25 @@ class ChatService:
             await registry.set(f"answer:{answer}", {"ns": ns, "session": session, "stream": path, "owner": self.owner})
             chat = self.chat(ns, session)
             try:
+                question = {"role": "user", "content": content, "meta": {"answer": answer, "stream": path}}
                 try:
-                    seq = await chat.append({"role": "user", "content": content, "meta": {"answer": answer, "stream": path}})
+                    seq = await (chat.append(question) if msg_id is None else chat._append_once(question, msg_id))
                     stored = True
                 except BaseException:
                     # no answer without its question: forget it (a watcher would close it otherwise)
                     with contextlib.suppress(errors.BotWireError):
                         await registry.delete(f"answer:{answer}")
                     raise
-                if held is not None:  # a repeat now gets this 202 (or finds the question: _reserve)
+                if self._die_after_question:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if held is not None:
+                    first = await self._first_question(chat, seq, answer)
+                    if first is not None:  # a repeat the duplicate window dropped: the first one's 202
+                        await self._drop_answer(answer, path)
+                        with contextlib.suppress(errors.BotWireError):
+                            await registry.set(held, {"content": digest, **first, "seq": seq}, ttl=_IDEMPOTENCY_WINDOW)
+                        return _json(202, _accepted(first["stream"], seq))
+                    # a repeat now gets this 202 (or finds the question: _reserve)
                     with contextlib.suppress(errors.BotWireError):
                         await registry.set(held, {"content": digest, "answer": answer, "stream": path, "seq": seq}, ttl=_IDEMPOTENCY_WINDOW)
                 history = [{"role": "user", "content": content}]
@@ -392,7 +490,7 @@ class ChatService:
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
         await self.memory(ns).set(_CONVERSATION + session, {**record, "title": title, "updated": time.time()})
         self._tasks[answer] = asyncio.ensure_future(self._produce(ns, session, answer, path, history))
-        return _json(202, {"answer": f"/v1/stream/{path}", "stream": path, "seq": seq})
+        return _json(202, _accepted(path, seq))
 
     @staticmethod
     def _idempotency_key(request: Request, body: Mapping[str, Any]) -> str | None:
@@ -408,39 +506,80 @@ class ChatService:
             raise _Refused(400, "an Idempotency-Key is 1-255 visible ASCII characters")
         return key
 
-    async def _reserve(self, ns: str, session: str, held: str, mine: dict[str, Any]) -> dict[str, Any] | None:
+    async def _reserve(self, ns: str, session: str, held: str, mine: dict[str, Any]) -> Accepted | None:
         """Hold the idempotency key ``held`` for this request (None), or the 202 body of the
         earlier request that holds it, once that one stored its question.
 
         The hold is a create-only write (one request wins, whichever serve process it reached),
-        kept ``_IDEMPOTENCY_PENDING`` seconds until the question is stored, then the window: a
-        process that stops before storing its question frees the key. A repeat waits for the
-        earlier request (it takes milliseconds); still unfinished after ``_IDEMPOTENCY_WAIT``, the
-        conversation itself is asked for the question, else 409 (the client retries later)."""
+        kept for the whole window: it names the answer its question carries, so the question is
+        found in the conversation even if its process stopped before recording the key. A repeat
+        waits for the earlier request (it takes milliseconds); unfinished after
+        ``_IDEMPOTENCY_WAIT``, and its question not in the conversation, 409 (the client retries
+        later); a hold ``idempotency_pending`` seconds old whose question was never stored is taken
+        over (its process stopped first)."""
         registry = self.memory(REGISTRY_NAMESPACE)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _IDEMPOTENCY_WAIT
+        unless: Any = None
+        searched = False
         while True:
             try:
-                await registry.update(held, _reserving(mine), ttl=_IDEMPOTENCY_PENDING)
+                await registry.update(held, _reserving(mine, unless), ttl=_IDEMPOTENCY_WINDOW)
                 return None
             except _Held as exc:
                 earlier = exc.value
+            unless = None
             if not isinstance(earlier, dict) or earlier.get("content") != mine["content"]:
                 raise _Refused(422, "this Idempotency-Key was used for another message")
             stream = str(earlier.get("stream"))
             if "seq" in earlier:
-                return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": earlier["seq"]}
-            if loop.time() >= deadline:
-                chat = self.chat(ns, session)
-                try:
-                    for e in await chat.entries(last=_HISTORY):
-                        if e.message.get("role") == "user" and (e.message.get("meta") or {}).get("answer") == earlier.get("answer"):
-                            return {"answer": f"/v1/stream/{stream}", "stream": stream, "seq": e.seq}
-                finally:
-                    await chat.close()
-                raise _Refused(409, "a request with this Idempotency-Key is still being processed; retry later")
+                return _accepted(stream, int(earlier["seq"]))
+            stale = time.time() - float(earlier.get("at", 0)) >= self.idempotency_pending
+            if stale or not searched or loop.time() >= deadline:
+                searched = True
+                seq = await self._asked(ns, session, str(earlier.get("answer")))
+                if seq is not None:
+                    with contextlib.suppress(errors.BotWireError):
+                        await registry.set(held, {**earlier, "seq": seq}, ttl=_IDEMPOTENCY_WINDOW)
+                    return _accepted(stream, seq)
+                if stale:
+                    unless = earlier  # its process stopped before storing the question: take it over
+                    continue
+                if loop.time() >= deadline:
+                    raise _Refused(409, "a request with this Idempotency-Key is still being processed; retry later")
             await asyncio.sleep(0.05)
+
+    async def _asked(self, ns: str, session: str, answer: str) -> int | None:
+        """The sequence of the question that carries ``answer`` (None: not stored)."""
+        chat = self.chat(ns, session)
+        try:
+            recent = await chat.entries(last=_HISTORY)
+            found = [e for e in recent if e.message.get("role") == "user" and (e.message.get("meta") or {}).get("answer") == answer]
+            if not found and len(recent) >= _HISTORY:  # older than these: read it all (after a crash only)
+                found = [e for e in await chat.entries() if e.message.get("role") == "user" and (e.message.get("meta") or {}).get("answer") == answer]
+            return found[0].seq if found else None
+        finally:
+            await chat.close()
+
+    async def _first_question(self, chat: AsyncChatHistory, seq: int, answer: str) -> dict[str, Any] | None:
+        """When the question just appended at ``seq`` was a repeat the duplicate window dropped:
+        the answer and stream of the stored one (None: ``seq`` is this request's question)."""
+        entries = await chat.entries(after=seq - 1, last=None)
+        meta = entries[0].message.get("meta") if entries and entries[0].seq == seq else None
+        if not isinstance(meta, dict) or meta.get("answer") == answer:
+            return None
+        return {"answer": str(meta.get("answer")), "stream": str(meta.get("stream"))}
+
+    async def _drop_answer(self, answer: str, path: str) -> None:
+        """Forget an answer whose question was not stored: its records, and its stream closed as a
+        recoverer closes one (a reader of it ends at once)."""
+        registry = self.memory(REGISTRY_NAMESPACE)
+        with contextlib.suppress(errors.BotWireError):
+            await registry.delete(f"answer:{answer}")
+        with contextlib.suppress(errors.BotWireError):
+            await registry.delete(f"lease:{answer}")
+        with contextlib.suppress(errors.BotWireError):
+            await self.store.append(path, b"", close=True, producer=(answer, 1, 0))
 
     # -- producing ----------------------------------------------------------------------------------
     async def _renew(self, answer: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from . import hosted, rest, rest_chat, rest_keys
+from . import chatapi, hosted, rest, rest_chat, rest_keys
 
 __all__ = ["document", "docs_page"]
 
@@ -87,11 +87,55 @@ def document() -> dict[str, Any]:
             "delete": _op("Hosted format: delete", "RemovedItem", [_NS, hkey], hosted=True),
         },
     }
+    paths.update(_chat_paths())
+    components.update(_chat_components())
     return {
         "openapi": "3.1.0",
         "info": {"title": "botwire serve", "version": "1"},
         "paths": paths,
         "components": {"schemas": components},
+    }
+
+
+def _chat_components() -> dict[str, Any]:
+    """The chat endpoint's bodies, from the structs its handlers encode and check (``chatapi``)."""
+    _, components = msgspec.json.schema_components(chatapi.STRUCTS, ref_template=_REF)
+    return components
+
+
+def _chat_op(summary: str, ok: str, status: str, params: list[dict[str, Any]], body: str | None = None) -> dict[str, Any]:
+    """A chat route: its refusals are ``{"error": text}`` (``ChatError``), not the REST API's."""
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": params,
+        "responses": {
+            status: {"description": "OK", "content": {"application/json": {"schema": _ref(ok)}}},
+            "default": {"description": "a refusal (4xx), nothing written", "content": {"application/json": {"schema": _ref("ChatError")}}},
+        },
+    }
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+def _chat_paths() -> dict[str, Any]:
+    """The chat endpoint (``chatapi.ChatService.routes``): the path parameters keep the routes'
+    names, so tests/test_serve_review.py can match the app's routes to these paths."""
+    ns = {**_NS, "name": "ns"}
+    user = {"name": "user", "in": "query", "required": True, "schema": {"type": "string", "pattern": f"^{chatapi._USER.pattern}$"}}
+    key = {
+        "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "pattern": f"^{chatapi._IDEMPOTENCY_KEY.pattern}$"},
+        "description": "a repeat with the same key and message within 24 h gets the same 202 and stores nothing (422: another message)",
+    }
+    return {
+        "/v1/chat/{ns}": {
+            "get": _chat_op("The user's conversations, newest activity first", "ConversationList", "200", [ns, user]),
+            "post": _chat_op("Start a conversation for a user", "Created", "201", [ns], "NewConversation"),
+        },
+        "/v1/chat/{ns}/{session}": {"get": _chat_op("A conversation's title and stream (404: none)", "Conversation", "200", [ns, _SESSION])},
+        "/v1/chat/{ns}/{session}/messages": {
+            "post": _chat_op("Ask: store the message, stream the model's answer (413: too long)", "Accepted", "202", [ns, _SESSION, key], "NewMessage"),
+        },
     }
 
 

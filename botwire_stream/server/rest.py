@@ -87,17 +87,19 @@ def raw_segments(request: Request, prefix: bytes) -> list[str]:
     return out
 
 
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytearray:
+    """The body, at most ``limit`` bytes (``ValueTooLarge`` as soon as it is more), in one buffer
+    grown in place: a list of chunks joined at the end held the body twice (a 64 MiB PUT's peak
+    memory was 4 bodies, measured; tests/test_serve_review_attack.py)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise errors.ValueTooLarge(f"the body is larger than {limit} bytes")
-    parts, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise errors.ValueTooLarge(f"the body is larger than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+        body += chunk
+    return body
 
 
 async def decode_body(request: Request, kind: type[T], limit: int = MAX_BODY) -> T:

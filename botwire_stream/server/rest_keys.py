@@ -171,25 +171,30 @@ class KeyRoutes:
             return json_response(KeyValue(key, msgspec.Raw(current.data), current.revision))
         if method == "PUT":
             body = await decode_body(request, SetKey)
-            data = bytes(body.value)
-            if len(data) > MAX_VALUE_BYTES:
-                raise errors.ValueTooLarge(f"the value is {len(data)} bytes; the limit is {MAX_VALUE_BYTES}")
+            raw = memoryview(body.value)  # the value's text inside the request body, not copied
+            if len(raw) > MAX_VALUE_BYTES:
+                raise errors.ValueTooLarge(f"the value is {len(raw)} bytes; the limit is {MAX_VALUE_BYTES}")
+            ttl = ttl_seconds(body.ttl)
+            if body.revision is not None and not 0 <= body.revision <= MAX_REVISION:
+                raise errors.InvalidArgument(f"revision must be from 0 to {MAX_REVISION}, not {body.revision}")
             # msgspec.Raw keeps the text as sent, which may hold what the library never stores
             # (invalid UTF-8 in a string, 1e999 read as infinity): decoded and encoded as the
             # library does, so InvalidValue refuses those, and the stored bytes are canonical
             try:
-                data = codec.encode(codec.decode(data))
+                value = codec.decode(raw)
             except msgspec.DecodeError as exc:
                 raise errors.InvalidValue(f"the value is not valid JSON: {exc}") from exc
-            ttl = ttl_seconds(body.ttl)
-            if body.revision is not None and not 0 <= body.revision <= MAX_REVISION:
-                raise errors.InvalidArgument(f"revision must be from 0 to {MAX_REVISION}, not {body.revision}")
-            what = "set" if body.revision is None else "conditional set"
+            expected_revision = body.revision
+            raw.release()
+            del body  # the request body goes before the value is encoded: at most two copies at once
+            data = codec.encode(value)
+            del value
+            what = "set" if expected_revision is None else "conditional set"
             replaced = None
-            if body.revision:  # what the write replaces, so that a chunked value's chunks are reclaimed
+            if expected_revision:  # what the write replaces, so that a chunked value's chunks are reclaimed
                 current = await (await mem._connection()).get(key)
-                replaced = current if current is not None and current.revision == body.revision else None
-            revision = await mem._write(key, data, ttl, expected=body.revision, replaced=replaced, what=what)
+                replaced = current if current is not None and current.revision == expected_revision else None
+            revision = await mem._write(key, data, ttl, expected=expected_revision, replaced=replaced, what=what)
             return json_response(Written(key, revision))
         if method == "DELETE":
             return json_response(Deleted(key, await mem.delete(key)))
