@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 from botwire_stream.server.model import FakeModel
 from tests.http_serve import free_port
 from tests.procs import ROOT
+from tests.sse import sse_events
 
 PACE = 0.03  # 82 pieces: about 2.5 s per answer
 
@@ -68,18 +69,6 @@ def conversation_from_another_process(url: str, session: str) -> list[dict[str, 
     out = subprocess.run([sys.executable, "-c", code, session, url], cwd=ROOT, capture_output=True, timeout=60, check=True)
     result: list[dict[str, object]] = json.loads(out.stdout.decode().strip().splitlines()[-1])
     return result
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    event: dict[str, str] = {}
-    for line in lines:
-        if not line:
-            if event:
-                yield event
-            event = {}
-            continue
-        field, _, value = line.partition(":")
-        event[field] = value[1:] if value.startswith(" ") else value
 
 
 @pytest.mark.parametrize("example", ["fastapi_sse"], indirect=True)

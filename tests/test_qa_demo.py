@@ -325,7 +325,7 @@ def test_sse_example_refuses_bad_answers_and_offsets_with_a_4xx(example: str) ->
     then done), never a 500 or a broken stream; the example keeps serving."""
     import json as _json
 
-    from tests.test_examples import sse_events
+    from tests.sse import sse_events
 
     session = "s-" + uuid.uuid4().hex[:8]
     with httpx.Client(base_url=example, timeout=15) as client:
@@ -386,7 +386,7 @@ def test_sse_example_answers_each_of_two_questions_posted_at_once(example: str) 
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_examples import sse_events
+    from tests.sse import sse_events
 
     sessions = ["s-" + uuid.uuid4().hex[:8] for _ in range(8)]
     targets = [s for s in sessions for _ in range(2)]

@@ -3,6 +3,7 @@ and the library's own ``AsyncMemory``/``AsyncChatHistory`` reading what HTTP wro
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from tests.sse import sse_events
 from tests.waits import sigstop
 
 
@@ -164,17 +166,13 @@ async def test_conversations(http_server: str, url: str, namespace: str) -> None
 def _read_events(url: str, headers: dict[str, str], want: int, out: list[tuple[str, str, dict[str, Any]]], ready: threading.Event) -> None:
     with httpx.stream("GET", url, headers=headers, timeout=20) as r:
         assert r.status_code == 200
-        ident, kind = "", ""
-        for line in r.iter_lines():
-            ready.set()
-            if line.startswith("id: "):
-                ident = line[4:]
-            elif line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data:"):
-                out.append((ident, kind, json.loads(line[5:])))
-                if len(out) >= want:
-                    return
+        lines = r.iter_lines()
+        first = next(lines)  # the feed answers once subscribed (": live")
+        ready.set()
+        for event in sse_events(itertools.chain([first], lines)):
+            out.append((event.get("id", ""), event.get("event", ""), json.loads(event["data"])))
+            if len(out) >= want:
+                return
 
 
 def test_sse_of_a_conversation_resumes_with_last_event_id(http_server: str, namespace: str) -> None:

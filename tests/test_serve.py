@@ -17,26 +17,13 @@ import pytest
 
 from botwire_stream import ChatHistory
 from tests.http_serve import serving
+from tests.sse import sse_events
 
 TEXT = {"content-type": "text/plain"}
 
 
 def _name() -> str:
     return "s-" + uuid.uuid4().hex
-
-
-def _sse_events(raw: str) -> list[tuple[str, str]]:
-    events = []
-    for block in raw.replace("\r\n", "\n").split("\n\n"):
-        kind, data = "", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:])
-        if kind:
-            events.append((kind, "\n".join(data)))
-    return events
 
 
 def test_written_through_one_serve_process_read_live_through_another(url: str, tmp_path: Path) -> None:
@@ -61,7 +48,7 @@ def test_written_through_one_serve_process_read_live_through_another(url: str, t
         # SSE from the start through B: both appends, then the closing control event
         with httpx.stream("GET", b.stream(name), params={"offset": "-1", "live": "sse"}, timeout=10) as sse:
             raw = "".join(sse.iter_text())
-        events = _sse_events(raw)
+        events = [(e["event"], e.get("data", "")) for e in sse_events(raw.splitlines()) if e.get("event")]
         assert "".join(d for k, d in events if k == "data") == "Hello"
         assert all(events[i + 1][0] == "control" for i, (k, _) in enumerate(events) if k == "data")
         assert json.loads(events[-1][1])["streamClosed"] is True
@@ -114,14 +101,14 @@ def test_a_conversation_is_a_read_only_json_stream_tailed_with_sse(url: str, nam
             first = httpx.get(where)
             assert first.json() == [{"role": "user", "content": "hi"}]
             assert first.headers["content-type"] == "application/json"
-            lines: list[str] = []
+            events: list[dict[str, str]] = []
 
             def tail() -> None:
                 with httpx.stream("GET", where, params={"offset": first.headers["stream-next-offset"], "live": "sse"},
                                   timeout=20) as sse:
-                    for line in sse.iter_lines():
-                        lines.append(line)
-                        if "assistant" in line:
+                    for event in sse_events(sse.iter_lines()):
+                        events.append(event)
+                        if "assistant" in event.get("data", ""):
                             return
 
             reader = threading.Thread(target=tail)
@@ -129,7 +116,7 @@ def test_a_conversation_is_a_read_only_json_stream_tailed_with_sse(url: str, nam
             time.sleep(0.5)  # the reader is at the tail, waiting
             chat.append({"role": "assistant", "content": "hello"})
             reader.join(20)
-            data = [json.loads(x[5:]) for x in lines if x.startswith("data:[")]
+            data = [json.loads(e["data"]) for e in events if e.get("event") == "data"]
             assert data == [[{"role": "assistant", "content": "hello"}]]
             for method in ("POST", "PUT", "DELETE"):
                 r = httpx.request(method, where, headers={"content-type": "application/json"}, content=b"[1]")
@@ -292,13 +279,11 @@ def test_a_reader_that_stops_reading_never_holds_back_the_writer(url: str, tmp_p
                     assert writer.post(s, headers=TEXT, content=chunk).status_code == 204
                 assert time.monotonic() - started < 60  # "does not hang": the writes never waited on the reader
                 writer.post(s, headers={**TEXT, "stream-closed": "true"})
-            size, kind = 0, ""
-            for line in sse.iter_lines():  # the stalled reader, reading at last, gets every byte
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind == "data":
-                    size += len(line) - 5
-                elif "streamClosed" in line:
+            size = 0
+            for event in sse_events(sse.iter_lines()):  # the stalled reader, reading at last, gets every byte
+                if event.get("event") == "data":
+                    size += len(event["data"])
+                elif "streamClosed" in event.get("data", ""):
                     break
         assert size == n * len(chunk)
 

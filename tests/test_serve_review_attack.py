@@ -3,7 +3,6 @@ quota, a key watch resumed across a serve restart, and values at and over the 64
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from botwire_stream import Memory
 from botwire_stream.memory import MAX_VALUE_BYTES
 from tests.http_serve import Serve, serving, start_serve
 from tests.servers import NatsServer
+from tests.sse import take_events
 
 TEXT = {"content-type": "text/plain"}
 RPS = 4
@@ -54,25 +54,6 @@ def test_concurrent_clients_on_two_servers_never_pass_the_requests_per_second_qu
             time.sleep(max(0.0, int(ended) + 1 - time.time()))  # the next burst in a fresh second
 
 
-def _events(lines: Iterator[str], n: int) -> list[dict[str, object]]:
-    """The next ``n`` SSE change events of a response's ``lines`` (each id checked against its revision)."""
-    out: list[dict[str, object]] = []
-    event: dict[str, str] = {}
-    for line in lines:
-        if line == "":
-            if event.get("event") == "change":
-                change = json.loads(event["data"])
-                assert int(event["id"]) == change["revision"]
-                out.append(change)
-                if len(out) == n:
-                    return out
-            event = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(":")
-            event[field] = value[1:] if value.startswith(" ") else value
-    raise AssertionError(f"the stream ended after {out} (at {event})")
-
-
 @pytest.mark.slow
 def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: str, namespace: str, tmp_path: Path) -> None:
     """An SSE watch reads three changes; serve is killed (SIGKILL); changes are made while it is
@@ -87,7 +68,7 @@ def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: st
                 assert next(lines) == ": live"  # subscribed: the writes below are delivered
                 for i in range(3):
                     mem.set(f"k{i}", i)
-                seen = _events(lines, 3)
+                seen = take_events(lines, "change", 3, "revision")
         finally:
             first.kill()
         assert [c["key"] for c in seen] == ["k0", "k1", "k2"]
@@ -101,9 +82,9 @@ def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: st
             with client.stream("GET", f"{second.base}/v1/ns/{namespace}/watch", params={"pattern": "k*"}, headers={"Last-Event-ID": last}) as r:
                 assert r.status_code == 200
                 lines = r.iter_lines()
-                resumed = _events(lines, 3)
+                resumed = take_events(lines, "change", 3, "revision")
                 mem.set("k4", 4)
-                resumed += _events(lines, 1)
+                resumed += take_events(lines, "change", 1, "revision")
         finally:
             second.kill()
     assert [(c["key"], c["op"]) for c in resumed] == [("k3", "set"), ("k0", "set"), ("k1", "delete"), ("k4", "set")]
@@ -148,25 +129,6 @@ def test_a_64_mib_value_over_http_is_stored_one_byte_more_is_refused_and_memory_
         serve.kill()
 
 
-def _messages(lines: Iterator[str], n: int) -> list[dict[str, object]]:
-    """The next ``n`` SSE message events of a conversation's ``lines`` (id: the sequence)."""
-    out: list[dict[str, object]] = []
-    event: dict[str, str] = {}
-    for line in lines:
-        if line == "":
-            if event.get("event") == "message":
-                entry = json.loads(event["data"])
-                assert int(event["id"]) == entry["seq"]
-                out.append(entry)
-                if len(out) == n:
-                    return out
-            event = {}
-        elif not line.startswith(":"):
-            field, _, value = line.partition(":")
-            event[field] = value[1:] if value.startswith(" ") else value
-    raise AssertionError(f"the stream ended after {out} (at {event})")
-
-
 @pytest.mark.slow
 def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_once(url: str, namespace: str, tmp_path: Path) -> None:
     """The same for a conversation's SSE feed (``/chats/<session>/events``): messages appended
@@ -184,7 +146,7 @@ def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_onc
                     assert next(lines) == ": live"
                     for i in range(2):
                         chat.append({"role": "user", "content": f"m{i}"})
-                    seen = _messages(lines, 2)
+                    seen = take_events(lines, "message", 2, "seq")
             finally:
                 first.kill()
             for i in range(2, 5):
@@ -195,9 +157,9 @@ def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_onc
                 with client.stream("GET", f"{second.base}/v1/ns/{namespace}/chats/s1/events", headers={"Last-Event-ID": last}) as r:
                     assert r.status_code == 200
                     lines = r.iter_lines()
-                    resumed = _messages(lines, 3)
+                    resumed = take_events(lines, "message", 3, "seq")
                     chat.append({"role": "user", "content": "m5"})
-                    resumed += _messages(lines, 1)
+                    resumed += take_events(lines, "message", 1, "seq")
             finally:
                 second.kill()
     finally:
