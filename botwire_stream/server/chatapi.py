@@ -67,12 +67,16 @@ log = logging.getLogger("botwire.serve.chat")
 REGISTRY_NAMESPACE = "botwire-answers"
 MAX_MESSAGE_CHARS = 32_000  # a user message; longer: 413 (the model's context is the real limit)
 _MAX_BODY = 4 * MAX_MESSAGE_CHARS + 1024  # UTF-8 and JSON escaping of the message, at most
-_USER = re.compile(r"[A-Za-z0-9_]{1,40}")
+# The chat API's limits, written once: the handlers' checks (their messages and statuses) and the
+# structs /openapi.json documents are both made from these.
+_USER_CHARS = 40
+_USER = re.compile(rf"[A-Za-z0-9_]{{1,{_USER_CHARS}}}")
 _CONVERSATION = "botwire-chat:"  # the Memory key prefix of a conversation's record
 _HISTORY = 50  # the newest messages the model sees
 _STATIC = Path(__file__).with_name("static")
 _CLAIM_STALE = 30.0  # a recovery claimed this long ago by a process that then died is taken over
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as a header can carry it
+_IDEMPOTENCY_KEY_CHARS = 255
+_IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{_IDEMPOTENCY_KEY_CHARS}}}")  # visible ASCII, as a header can carry it
 _IDEMPOTENCY_WINDOW = 86_400  # seconds a key's 202 is kept: a repeat within it gets the same one
 _IDEMPOTENCY_PENDING = 30.0  # seconds after which a key's unfinished request may be taken over
 _IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to store its question
@@ -383,7 +387,7 @@ class ChatService:
     @staticmethod
     def _user(value: object) -> str:
         if not isinstance(value, str) or not _USER.fullmatch(value):
-            raise _Refused(400, "user must be 1-40 letters, digits or _")
+            raise _Refused(400, f"user must be 1-{_USER_CHARS} letters, digits or _")
         return value
 
     async def conversations(self, request: Request) -> Response:
@@ -503,7 +507,7 @@ class ChatService:
             raise _Refused(400, "the Idempotency-Key header and the body's idempotency_key differ")
         key = header if header is not None else field
         if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-            raise _Refused(400, "an Idempotency-Key is 1-255 visible ASCII characters")
+            raise _Refused(400, f"an Idempotency-Key is 1-{_IDEMPOTENCY_KEY_CHARS} visible ASCII characters")
         return key
 
     async def _reserve(self, ns: str, session: str, held: str, mine: dict[str, Any]) -> Accepted | None:
