@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from botwire_stream.nats import embedded
+from tests.http_serve import Serves, serving
 from tests.servers import NatsServer
 
 for _var in ("BOTWIRE_URL", "BOTWIRE_TOKEN", "BOTWIRE_CREDS", "BOTWIRE_API_KEY"):
@@ -108,7 +109,17 @@ def botwire_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 def http_server(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A ``botwire serve`` process over the session's nats-server, shared by the session: its
     base URL (``http://127.0.0.1:PORT``)."""
-    from tests.http_serve import serving
-
     with serving(nats_server.url, tmp_path_factory.mktemp("serve") / "serve.log") as serve:
         yield serve.base
+
+
+@pytest.fixture
+def serves(tmp_path: Path) -> Iterator[Serves]:
+    """Starts ``botwire serve`` processes for this test (``serves.start(url, ...)``,
+    ``serves.chat(url, env)``) and stops them all when it ends; free ports, logs in ``tmp_path``.
+    Ask for it after ``own_server`` so that the serve processes stop before their NATS does."""
+    started = Serves(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -38,20 +38,39 @@ class Serve:
             os.kill(self.proc.pid, sig)
             self.proc.wait(20)
 
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s; nothing if it has ended."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
 
 def start_serve(
-    url: str | None, log: Path, *, long_poll: float = 0.5, bound: float = 60.0, extra: Sequence[str] = ()
+    url: str | None,
+    log: Path,
+    *,
+    long_poll: float = 0.5,
+    bound: float = 60.0,
+    extra: Sequence[str] = (),
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Serve:
-    """``url`` None: the embedded server (of ``BOTWIRE_HOME``); ``extra``: more ``serve`` options.
+    """``url`` None: the embedded server (of ``BOTWIRE_HOME``); ``extra``: more ``serve`` options;
+    ``port``: a given one (a restart on the same address), else a free one; ``env``: more
+    environment (the chat model: ``BOTWIRE_FAKE_PACE``, ``BOTWIRE_CHAT_MODEL``, ...); ``log`` is
+    appended to (a restart keeps the first process's lines).
     ``bound``: a start that takes longer fails (a does-not-hang bound: 4 xdist workers on 2 busy
     cores took over 20 s to import and start one)."""
-    port = free_port()
-    out = log.open("wb")
+    port = port or free_port()
+    out = log.open("ab")
     nats = ["--url", url] if url else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), *nats,
          "--long-poll-timeout", str(long_poll), *extra],
-        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     out.close()
     serve = Serve(proc, port, log)
@@ -76,9 +95,42 @@ def serving(url: str | None, log: Path, *, long_poll: float = 0.5, extra: Sequen
     try:
         yield serve
     finally:
-        if serve.proc.poll() is None:
-            os.kill(serve.proc.pid, signal.SIGTERM)
-            try:
-                serve.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+        serve.stop()
+
+
+class Serves:
+    """The ``botwire serve`` processes of one test (the ``serves`` fixture): each started with
+    ``start_serve``'s options and its log in the test's folder, all stopped (SIGTERM, then SIGKILL)
+    when the test ends; a test stops one itself only where it checks what follows the stop."""
+
+    # The chat tests read answers by long-polls of 2 s (fewer empty rounds than the default 0.5 s)
+    CHAT_LONG_POLL = 2.0
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[Serve] = []
+
+    def start(
+        self,
+        url: str | None,
+        *,
+        log: str | None = None,
+        long_poll: float = 0.5,
+        extra: Sequence[str] = (),
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Serve:
+        """A ready serve process; ``log``: its log's file name (default ``serve-N.log``)."""
+        path = self.folder / (log or f"serve-{len(self.started)}.log")
+        serve = start_serve(url, path, long_poll=long_poll, extra=extra, port=port, env=env)
+        self.started.append(serve)
+        return serve
+
+    def chat(self, url: str, env: Mapping[str, str] | None = None, *, log: str | None = None, port: int | None = None) -> Serve:
+        """A serve process for the chat tests, its model chosen by ``env`` (``BOTWIRE_FAKE_PACE``,
+        ``BOTWIRE_FAKE_TOKENS``, ``BOTWIRE_CHAT_MODEL``, ...)."""
+        return self.start(url, log=log, long_poll=self.CHAT_LONG_POLL, port=port, env=env)
+
+    def stop_all(self) -> None:
+        for serve in self.started:
+            serve.stop()

@@ -21,9 +21,7 @@ import httpx
 import pytest
 
 from botwire_stream.server.model import FakeModel
-from tests import chat_serve
-from tests.chat_serve import stop
-from tests.http_serve import Serve, free_port
+from tests.http_serve import Serve, Serves, free_port
 from tests.procs import ROOT
 
 CHROMIUM = os.environ.get("BOTWIRE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -47,9 +45,9 @@ def expected(text: str) -> str:
     return "".join(FakeModel(pace=PACE, tokens=TOKENS).answer([{"role": "user", "content": text}]))
 
 
-def start(url: str, log: Path, *, port: int | None = None) -> Serve:
+def paced(serves: Serves, url: str, *, port: int | None = None) -> Serve:
     """A ``botwire serve`` with the fake model paced at PACE."""
-    return chat_serve.start(url, log, port=port, env={"BOTWIRE_FAKE_PACE": str(PACE), "BOTWIRE_FAKE_TOKENS": str(TOKENS)})
+    return serves.chat(url, {"BOTWIRE_FAKE_PACE": str(PACE), "BOTWIRE_FAKE_TOKENS": str(TOKENS)}, port=port)
 
 
 @pytest.fixture
@@ -63,12 +61,12 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def serve(url: str, tmp_path: Path) -> Iterator[Serve]:
-    s = start(url, tmp_path / "serve.log")
+def serve(url: str, serves: Serves) -> Iterator[Serve]:
+    s = paced(serves, url)
     try:
         yield s
     finally:
-        stop(s)
+        s.stop()
         print("serve log:", s.log.read_text()[-3000:])
 
 
@@ -131,13 +129,13 @@ def test_tokens_stream_into_the_page(browser: Browser, serve: Serve, namespace: 
         shutil.copy(shot, ROOT / os.environ["BOTWIRE_DEMO_SCREENSHOT"])
 
 
-def test_reload_mid_answer_resumes_from_its_offset(browser: Browser, url: str, namespace: str, tmp_path: Path) -> None:
+def test_reload_mid_answer_resumes_from_its_offset(browser: Browser, url: str, namespace: str, serves: Serves) -> None:
     # 0.1 s a token (8 s an answer): still mid-answer after the first quarter on a loaded machine
-    serve = chat_serve.start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0.1", "BOTWIRE_FAKE_TOKENS": str(TOKENS)})
+    serve = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0.1", "BOTWIRE_FAKE_TOKENS": str(TOKENS)})
     try:
         _reload_mid_answer(browser, serve, namespace)
     finally:
-        stop(serve)
+        serve.stop()
         print("serve log:", serve.log.read_text()[-3000:])
 
 
@@ -161,27 +159,22 @@ def _reload_mid_answer(browser: Browser, serve: Serve, namespace: str) -> None:
     assert el.text_content() == want
 
 
-def test_history_survives_a_server_restart(browser: Browser, url: str, namespace: str, tmp_path: Path) -> None:
+def test_history_survives_a_server_restart(browser: Browser, url: str, namespace: str, serves: Serves) -> None:
     port = free_port()
-    first = start(url, tmp_path / "serve.log", port=port)
-    try:
-        page = open_page(browser, first.base, namespace)
-        send(page, "remember this")
-        wait_done(page)
-    finally:
-        stop(first)
-    second = start(url, tmp_path / "serve.log", port=port)
-    try:
-        page.reload()
-        page.wait_for_selector("#log li.user:has-text('remember this')")
-        wait_done(page)
-        assert last_answer(page).text_content() == expected("remember this")
-        assert page.locator("#conversations a").count() == 1
-        send(page, "and this")  # the restarted server answers too
-        wait_done(page, 2)
-        assert last_answer(page).text_content() == expected("and this")
-    finally:
-        stop(second)
+    first = paced(serves, url, port=port)
+    page = open_page(browser, first.base, namespace)
+    send(page, "remember this")
+    wait_done(page)
+    first.stop()
+    paced(serves, url, port=port)  # the restart, on the same address
+    page.reload()
+    page.wait_for_selector("#log li.user:has-text('remember this')")
+    wait_done(page)
+    assert last_answer(page).text_content() == expected("remember this")
+    assert page.locator("#conversations a").count() == 1
+    send(page, "and this")  # the restarted server answers too
+    wait_done(page, 2)
+    assert last_answer(page).text_content() == expected("and this")
 
 
 def test_two_tabs_see_each_others_messages(browser: Browser, serve: Serve, namespace: str) -> None:
@@ -202,9 +195,9 @@ def test_two_tabs_see_each_others_messages(browser: Browser, serve: Serve, names
     context.close()
 
 
-def test_killed_producer_leaves_a_partial_answer_marked_incomplete(browser: Browser, url: str, namespace: str, tmp_path: Path) -> None:
-    producer = start(url, tmp_path / "a.log")
-    reader = start(url, tmp_path / "b.log")
+def test_killed_producer_leaves_a_partial_answer_marked_incomplete(browser: Browser, url: str, namespace: str, serves: Serves) -> None:
+    producer = paced(serves, url)
+    reader = paced(serves, url)
     try:
         session = httpx.post(f"{reader.base}/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
         page = open_page(browser, reader.base, namespace, session)
@@ -229,7 +222,7 @@ def test_killed_producer_leaves_a_partial_answer_marked_incomplete(browser: Brow
         assert len(stored) == 2
     finally:
         producer.kill(signal.SIGKILL)
-        stop(reader)
+        reader.stop()
 
 
 def test_a_question_whose_response_was_lost_is_sent_again_and_stored_once(browser: Browser, serve: Serve, namespace: str) -> None:

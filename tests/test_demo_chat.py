@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,19 +17,15 @@ from botwire_stream import AsyncTokenStream, ChatHistory
 from botwire_stream.server.model import FakeModel
 from botwire_stream.tokens import format_offset
 from tests.chat_models import OPENAI_KEY, OPENAI_PIECES
-from tests.chat_serve import read_answer, start, stop
-from tests.http_serve import Serve, free_port
+from tests.chat_serve import read_answer
+from tests.http_serve import Serve, Serves, free_port
 from tests.procs import ROOT
 from tests.waits import sigstop
 
 
 @pytest.fixture
-def serve(url: str, tmp_path: Path) -> Iterator[Serve]:
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0.01", "BOTWIRE_FAKE_TOKENS": "30"})
-    try:
-        yield s
-    finally:
-        stop(s)
+def serve(url: str, serves: Serves) -> Serve:
+    return serves.chat(url, {"BOTWIRE_FAKE_PACE": "0.01", "BOTWIRE_FAKE_TOKENS": "30"})
 
 
 def conversation(client: httpx.Client, namespace: str, user: str = "ada") -> str:
@@ -71,7 +65,7 @@ def test_a_message_streams_its_answer_and_ends_in_the_conversation(serve: Serve,
     assert answer["seq"] == 1
 
 
-def test_paced_tokens_go_out_as_they_come_and_fast_ones_coalesced(url: str, namespace: str, tmp_path: Path) -> None:
+def test_paced_tokens_go_out_as_they_come_and_fast_ones_coalesced(url: str, namespace: str, serves: Serves) -> None:
     async def chunks(path: str) -> int:
         async with AsyncTokenStream(path, url=url) as stream:
             return (await stream.read()).chunks
@@ -79,20 +73,17 @@ def test_paced_tokens_go_out_as_they_come_and_fast_ones_coalesced(url: str, name
     import asyncio
 
     for pace, tokens in (("0.03", 20), ("0", 2000)):
-        s = start(url, tmp_path / f"serve{pace}.log", env={"BOTWIRE_FAKE_PACE": pace, "BOTWIRE_FAKE_TOKENS": str(tokens)})
-        try:
-            with httpx.Client(base_url=s.base, timeout=10) as client:
-                session = conversation(client, namespace)
-                answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "x"}).json()
-                text = read_answer(client, answer["answer"])
-            assert text == "".join(FakeModel(pace=0, tokens=tokens).answer([{"role": "user", "content": "x"}]))
-            n = asyncio.run(chunks(answer["stream"]))
-            if pace == "0":
-                assert n <= 10, f"2,000 tokens at full speed took {n} appends"  # coalesced
-            else:
-                assert n >= 10, f"tokens 30 ms apart went out in {n} appends"  # not held back
-        finally:
-            stop(s)
+        s = serves.chat(url, {"BOTWIRE_FAKE_PACE": pace, "BOTWIRE_FAKE_TOKENS": str(tokens)})
+        with httpx.Client(base_url=s.base, timeout=10) as client:
+            session = conversation(client, namespace)
+            answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "x"}).json()
+            text = read_answer(client, answer["answer"])
+        assert text == "".join(FakeModel(pace=0, tokens=tokens).answer([{"role": "user", "content": "x"}]))
+        n = asyncio.run(chunks(answer["stream"]))
+        if pace == "0":
+            assert n <= 10, f"2,000 tokens at full speed took {n} appends"  # coalesced
+        else:
+            assert n >= 10, f"tokens 30 ms apart went out in {n} appends"  # not held back
 
 
 @pytest.mark.parametrize(
@@ -102,21 +93,18 @@ def test_paced_tokens_go_out_as_they_come_and_fast_ones_coalesced(url: str, name
         ("tests.chat_models:failing", "partial answer then", True),
     ],
 )
-def test_langchain_models_and_a_failing_model(url: str, namespace: str, tmp_path: Path, model: str, want: str, incomplete: bool) -> None:
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_CHAT_MODEL": model})
-    try:
-        with httpx.Client(base_url=s.base, timeout=10) as client:
-            session = conversation(client, namespace)
-            answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hello"}).json()
-            assert read_answer(client, answer["answer"]) == want
-        last = wait_messages(url, namespace, session, 2)[-1]
-        assert last["content"] == want
-        assert bool(last["meta"].get("incomplete")) is incomplete  # type: ignore[union-attr]
-    finally:
-        stop(s)
+def test_langchain_models_and_a_failing_model(url: str, namespace: str, model: str, want: str, incomplete: bool, serves: Serves) -> None:
+    s = serves.chat(url, {"BOTWIRE_CHAT_MODEL": model})
+    with httpx.Client(base_url=s.base, timeout=10) as client:
+        session = conversation(client, namespace)
+        answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hello"}).json()
+        assert read_answer(client, answer["answer"]) == want
+    last = wait_messages(url, namespace, session, 2)[-1]
+    assert last["content"] == want
+    assert bool(last["meta"].get("incomplete")) is incomplete  # type: ignore[union-attr]
 
 
-def test_an_openai_compatible_endpoint_streamed_with_httpx(url: str, namespace: str, tmp_path: Path) -> None:
+def test_an_openai_compatible_endpoint_streamed_with_httpx(url: str, namespace: str, serves: Serves) -> None:
     port = free_port()
     stub = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "tests.chat_models:openai_app", "--port", str(port), "--log-level", "warning"],
@@ -130,15 +118,12 @@ def test_an_openai_compatible_endpoint_streamed_with_httpx(url: str, namespace: 
                 break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        s = start(url, tmp_path / "serve.log", env=env)
-        try:
-            with httpx.Client(base_url=s.base, timeout=10) as client:
-                session = conversation(client, namespace)
-                answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hello"}).json()
-                assert read_answer(client, answer["answer"]) == "".join(OPENAI_PIECES)
-            assert wait_messages(url, namespace, session, 2)[-1]["content"] == "".join(OPENAI_PIECES)
-        finally:
-            stop(s)
+        s = serves.chat(url, env)
+        with httpx.Client(base_url=s.base, timeout=10) as client:
+            session = conversation(client, namespace)
+            answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hello"}).json()
+            assert read_answer(client, answer["answer"]) == "".join(OPENAI_PIECES)
+        assert wait_messages(url, namespace, session, 2)[-1]["content"] == "".join(OPENAI_PIECES)
     finally:
         stub.kill()
         stub.wait(10)
@@ -193,10 +178,10 @@ def test_conversations_are_listed_per_user_newest_first(serve: Serve, namespace:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url: str, namespace: str, tmp_path: Path, sig: int) -> None:
+def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url: str, namespace: str, sig: int, serves: Serves) -> None:
     env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}  # about 10 s of answer
-    producer = start(url, tmp_path / "a.log", env=env)
-    other = start(url, tmp_path / "b.log", env=env)
+    producer = serves.chat(url, env)
+    other = serves.chat(url, env)
     try:
         with httpx.Client(base_url=other.base, timeout=10) as client:
             session = conversation(client, namespace)
@@ -221,68 +206,62 @@ def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url:
         assert len(wait_messages(url, namespace, session, 3, bound=0.1)) == 2
     finally:
         producer.kill(signal.SIGKILL)
-        stop(other)
+        other.stop()
 
 
-def test_a_new_conversations_first_message_ends_a_long_poll_at_once(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_new_conversations_first_message_ends_a_long_poll_at_once(url: str, namespace: str, serves: Serves) -> None:
     """The page tails an empty conversation with a long-poll from offset 0 while its first message
     is stored: the long-poll must answer with it, whenever the append lands (it used to start its
     watch "from now", missing a message stored between its read and its watch: a 20 s wait)."""
     import threading
 
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0"})
-    try:
-        with httpx.Client(base_url=s.base, timeout=30) as client:
-            slow = 0
-            for i in range(60):
-                session = f"race-{i}"
-                chat = ChatHistory(session, namespace=namespace, url=url)
-                chat.messages()  # connected before the race
-                tail = f"/v1/stream/chat/{namespace}/{session}"
-                # appends landing from before the long-poll's read to after its watch started
-                poster = threading.Timer(0.0005 * (i % 30), chat.append, [{"role": "user", "content": "first"}])
-                t0 = time.monotonic()
-                poster.start()
-                r = client.get(tail, params={"offset": format_offset(0), "live": "long-poll"})
-                poster.join(10)
-                chat.close()
-                if r.status_code == 204:  # the long-poll timed out (2 s here) without the message
-                    slow += 1
-                else:
-                    assert r.json()[0]["content"] == "first"
-                assert time.monotonic() - t0 < 10
-            assert slow == 0
-    finally:
-        stop(s)
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
+    with httpx.Client(base_url=s.base, timeout=30) as client:
+        slow = 0
+        for i in range(60):
+            session = f"race-{i}"
+            chat = ChatHistory(session, namespace=namespace, url=url)
+            chat.messages()  # connected before the race
+            tail = f"/v1/stream/chat/{namespace}/{session}"
+            # appends landing from before the long-poll's read to after its watch started
+            poster = threading.Timer(0.0005 * (i % 30), chat.append, [{"role": "user", "content": "first"}])
+            t0 = time.monotonic()
+            poster.start()
+            r = client.get(tail, params={"offset": format_offset(0), "live": "long-poll"})
+            poster.join(10)
+            chat.close()
+            if r.status_code == 204:  # the long-poll timed out (2 s here) without the message
+                slow += 1
+            else:
+                assert r.json()[0]["content"] == "first"
+            assert time.monotonic() - t0 < 10
+        assert slow == 0
 
 
-def test_an_answer_larger_than_a_message_is_stored_whole(url: str, namespace: str, tmp_path: Path) -> None:
+def test_an_answer_larger_than_a_message_is_stored_whole(url: str, namespace: str, serves: Serves) -> None:
     """A model faster than the appends: 1.3 MB of answer piles up before the first append, more
     than the server's 1 MiB message limit; it goes out in several appends, nothing lost."""
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "200000"})
-    try:
-        with httpx.Client(base_url=s.base, timeout=30) as client:
-            session = conversation(client, namespace)
-            answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "é" * 10}).json()
-            text = read_answer(client, answer["answer"])
-        want = "".join(FakeModel(pace=0, tokens=200000).answer([{"role": "user", "content": "é" * 10}]))
-        assert len(want.encode()) > 1 << 20
-        assert text == want
-        # the conversation gets what fits in one of its messages, marked; the stream has it all
-        last = wait_messages(url, namespace, session, 2)[-1]
-        assert last["meta"]["truncated"] is True and len(last["content"]) > 100_000  # type: ignore[index, arg-type]
-        assert want.startswith(last["content"])  # type: ignore[arg-type]
-    finally:
-        stop(s)
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "200000"})
+    with httpx.Client(base_url=s.base, timeout=30) as client:
+        session = conversation(client, namespace)
+        answer = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "é" * 10}).json()
+        text = read_answer(client, answer["answer"])
+    want = "".join(FakeModel(pace=0, tokens=200000).answer([{"role": "user", "content": "é" * 10}]))
+    assert len(want.encode()) > 1 << 20
+    assert text == want
+    # the conversation gets what fits in one of its messages, marked; the stream has it all
+    last = wait_messages(url, namespace, session, 2)[-1]
+    assert last["meta"]["truncated"] is True and len(last["content"]) > 100_000  # type: ignore[index, arg-type]
+    assert want.startswith(last["content"])  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
-def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, namespace: str, serves: Serves) -> None:
     """SIGSTOP the producing process past its lease: another process closes the answer as
     incomplete; once resumed, the old producer appends nothing more and stores no second copy."""
     env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}
-    producer = start(url, tmp_path / "a.log", env=env)
-    other = start(url, tmp_path / "b.log", env=env)
+    producer = serves.chat(url, env)
+    other = serves.chat(url, env)
     try:
         with httpx.Client(base_url=other.base, timeout=10) as client:
             session = conversation(client, namespace)
@@ -304,16 +283,16 @@ def test_a_stalled_producer_is_fenced_and_its_answer_stored_once(url: str, names
         assert httpx.get(producer.base + "/").status_code == 200
     finally:
         producer.kill(signal.SIGKILL)
-        stop(other)
+        other.stop()
 
 
 @pytest.mark.slow
-def test_long_polls_that_time_out_or_end_at_shutdown_leave_no_unretrieved_task_errors(url: str, namespace: str, tmp_path: Path) -> None:
+def test_long_polls_that_time_out_or_end_at_shutdown_leave_no_unretrieved_task_errors(url: str, namespace: str, serves: Serves) -> None:
     """The serve log of a chat whose conversation long-polls time out (2 s here) and are ended by
     a shutdown holds no "Task exception was never retrieved" (it filled with them)."""
     import asyncio
 
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0"})
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
     try:
         with httpx.Client(base_url=s.base, timeout=10) as client:
             session = conversation(client, namespace)
@@ -330,7 +309,7 @@ def test_long_polls_that_time_out_or_end_at_shutdown_leave_no_unretrieved_task_e
 
         assert asyncio.run(polls()) == [204] * 12
     finally:
-        stop(s)
+        s.stop()
     assert s.proc.returncode == 0
     log = s.log.read_text()
     assert "never retrieved" not in log, log[-3000:]
@@ -357,76 +336,69 @@ def test_json_sent_as_another_content_type_is_refused_with_415_and_nothing_writt
         assert r.status_code == 201, r.text
 
 
-def test_a_repeated_post_with_the_same_idempotency_key_stores_one_question_and_one_answer(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_repeated_post_with_the_same_idempotency_key_stores_one_question_and_one_answer(url: str, namespace: str, serves: Serves) -> None:
     """A client whose POST's response was lost sends it again with the same ``Idempotency-Key``:
     the same 202 (the same answer stream), one question, one answer; also when the two reach
     two serve processes at the same moment (it stored the question twice, answered twice)."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = {"BOTWIRE_FAKE_PACE": "0.01", "BOTWIRE_FAKE_TOKENS": "30"}
-    one, two = start(url, tmp_path / "a.log", env=env), start(url, tmp_path / "b.log", env=env)
-    try:
-        with httpx.Client(timeout=20) as client:
-            session = client.post(f"{one.base}/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
-            post = f"/v1/chat/{namespace}/{session}/messages"
+    one, two = serves.chat(url, env), serves.chat(url, env)
+    with httpx.Client(timeout=20) as client:
+        session = client.post(f"{one.base}/v1/chat/{namespace}", json={"user": "ada"}).json()["session"]
+        post = f"/v1/chat/{namespace}/{session}/messages"
 
-            def ask(base: str, key: str, content: str = "once, please", field: bool = False) -> httpx.Response:
-                if field:
-                    return client.post(base + post, json={"content": content, "idempotency_key": key})
-                return client.post(base + post, json={"content": content}, headers={"Idempotency-Key": key})
+        def ask(base: str, key: str, content: str = "once, please", field: bool = False) -> httpx.Response:
+            if field:
+                return client.post(base + post, json={"content": content, "idempotency_key": key})
+            return client.post(base + post, json={"content": content}, headers={"Idempotency-Key": key})
 
-            first = ask(one.base, "k-1")
-            again = ask(two.base, "k-1")  # a retry, to the other process
-            body_field = ask(one.base, "k-1", field=True)  # the key as a body field
-            assert first.status_code == again.status_code == body_field.status_code == 202, (first.text, again.text)
-            assert first.json() == again.json() == body_field.json()
-            # the same key for another message is refused, writing nothing
-            other = ask(two.base, "k-1", "something else")
-            assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]
-            # at the same moment, from two serve processes, a few times over
-            for i in range(5):
-                with ThreadPoolExecutor(2) as pool:
-                    r1, r2 = pool.map(lambda base: ask(base, f"k-race-{i}", f"race {i}"), [one.base, two.base])
-                assert r1.status_code == r2.status_code == 202, (r1.text, r2.text)
-                assert r1.json() == r2.json()
-            assert read_answer(client, one.base + first.json()["answer"]).startswith("You said: once, please.")
-        messages = wait_messages(url, namespace, session, 12)
-        time.sleep(0.5)  # nothing more comes
-        messages = wait_messages(url, namespace, session, 13, bound=0.1)
-        questions = [m["content"] for m in messages if m["role"] == "user"]
-        assert sorted(questions) == sorted(["once, please"] + [f"race {i}" for i in range(5)])
-        assert len([m for m in messages if m["role"] == "assistant"]) == 6
-    finally:
-        stop(one)
-        stop(two)
+        first = ask(one.base, "k-1")
+        again = ask(two.base, "k-1")  # a retry, to the other process
+        body_field = ask(one.base, "k-1", field=True)  # the key as a body field
+        assert first.status_code == again.status_code == body_field.status_code == 202, (first.text, again.text)
+        assert first.json() == again.json() == body_field.json()
+        # the same key for another message is refused, writing nothing
+        other = ask(two.base, "k-1", "something else")
+        assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]
+        # at the same moment, from two serve processes, a few times over
+        for i in range(5):
+            with ThreadPoolExecutor(2) as pool:
+                r1, r2 = pool.map(lambda base: ask(base, f"k-race-{i}", f"race {i}"), [one.base, two.base])
+            assert r1.status_code == r2.status_code == 202, (r1.text, r2.text)
+            assert r1.json() == r2.json()
+        assert read_answer(client, one.base + first.json()["answer"]).startswith("You said: once, please.")
+    messages = wait_messages(url, namespace, session, 12)
+    time.sleep(0.5)  # nothing more comes
+    messages = wait_messages(url, namespace, session, 13, bound=0.1)
+    questions = [m["content"] for m in messages if m["role"] == "user"]
+    assert sorted(questions) == sorted(["once, please"] + [f"race {i}" for i in range(5)])
+    assert len([m for m in messages if m["role"] == "assistant"]) == 6
 
 
-def test_a_read_racing_the_first_append_never_hands_out_an_offset_past_an_unread_message(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_read_racing_the_first_append_never_hands_out_an_offset_past_an_unread_message(url: str, namespace: str, serves: Serves) -> None:
     """The page reads a new conversation (offset -1) as it posts the first question. A read that
     answered no message must not return an offset past the one being appended: following the
     offsets must get each message once (it skipped the question for good in 9 of 200 tries, so
     the page never read its answer's stream: the browser tests' intermittent)."""
     import threading
 
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0"})
-    try:
-        with httpx.Client(base_url=s.base, timeout=30) as client:
-            for i in range(150):
-                session = f"race-{i}"
-                chat = ChatHistory(session, namespace=namespace, url=url)
-                chat.messages()  # connected before the race
-                tail = f"/v1/stream/chat/{namespace}/{session}"
-                # appends landing from before the read's first step to after its last
-                poster = threading.Timer(0.0003 * (i % 40), chat.append, [{"role": "user", "content": "first"}])
-                poster.start()
-                r = client.get(tail, params={"offset": "-1"})
-                poster.join(10)
-                chat.close()
-                assert r.status_code == 200, r.text
-                seen = [m["content"] for m in r.json()]
-                # the rest, from the offset handed out
-                rest = client.get(tail, params={"offset": r.headers["stream-next-offset"]})
-                seen += [m["content"] for m in rest.json()] if rest.status_code == 200 else []
-                assert seen == ["first"], (i, r.headers["stream-next-offset"], seen)
-    finally:
-        stop(s)
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
+    with httpx.Client(base_url=s.base, timeout=30) as client:
+        for i in range(150):
+            session = f"race-{i}"
+            chat = ChatHistory(session, namespace=namespace, url=url)
+            chat.messages()  # connected before the race
+            tail = f"/v1/stream/chat/{namespace}/{session}"
+            # appends landing from before the read's first step to after its last
+            poster = threading.Timer(0.0003 * (i % 40), chat.append, [{"role": "user", "content": "first"}])
+            poster.start()
+            r = client.get(tail, params={"offset": "-1"})
+            poster.join(10)
+            chat.close()
+            assert r.status_code == 200, r.text
+            seen = [m["content"] for m in r.json()]
+            # the rest, from the offset handed out
+            rest = client.get(tail, params={"offset": r.headers["stream-next-offset"]})
+            seen += [m["content"] for m in rest.json()] if rest.status_code == 200 else []
+            assert seen == ["first"], (i, r.headers["stream-next-offset"], seen)

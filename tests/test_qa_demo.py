@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,8 +15,7 @@ from botwire_stream import AsyncChatHistory, ChatHistory
 from botwire_stream.server.chatapi import REGISTRY_NAMESPACE, ChatService, Producer
 from botwire_stream.server.model import FakeModel
 from botwire_stream.tokens import open_token_streams
-from tests.chat_serve import start, stop
-from tests.http_serve import Serve
+from tests.http_serve import Serve, Serves
 from tests.servers import NatsServer
 from tests.test_examples import example  # noqa: F401, F811  (the fixture)
 from tests.waits import sigstop
@@ -63,12 +61,8 @@ def test_a_producer_stalled_between_closing_its_stream_and_storing_its_answer_st
 
 
 @pytest.fixture
-def serve(url: str, tmp_path: Path) -> Iterator[Serve]:
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "5"})
-    try:
-        yield s
-    finally:
-        stop(s)
+def serve(url: str, serves: Serves) -> Serve:
+    return serves.chat(url, {"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "5"})
 
 
 BAD_NAMES = ["a.b", "a*", "a>", "..", "%2E%2E", "a%2Fb", "x" * 300, "%00", "a%20b", "%C3%A9"]
@@ -185,7 +179,7 @@ def test_markup_in_a_message_and_in_the_models_answer_renders_as_text(serve: Ser
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["before-first-token", "mid-answer"])
-def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: str, namespace: str, tmp_path: Path, phase: str) -> None:
+def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: str, namespace: str, phase: str, serves: Serves) -> None:
     """SIGKILL the producer; two other serve processes both watch the leases: the stream ends
     (closed) within the bound and the conversation gets exactly one incomplete answer."""
     import signal
@@ -194,7 +188,7 @@ def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: st
     from tests.chat_serve import read_answer
 
     env = {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "200"}
-    procs = [start(url, tmp_path / f"{i}.log", env=env) for i in range(3)]
+    procs = [serves.chat(url, env) for _ in range(3)]
     producer, others = procs[0], procs[1:]
     try:
         with httpx.Client(base_url=others[0].base, timeout=10) as client:
@@ -222,12 +216,12 @@ def test_two_processes_racing_for_an_expired_lease_store_the_answer_once(url: st
     finally:
         producer.kill(signal.SIGKILL)
         for s in others:
-            stop(s)
+            s.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stall", [2.0, 7.0, -1.0])
-def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, tmp_path: Path, stall: float) -> None:
+def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, stall: float, serves: Serves) -> None:
     """SIGSTOP the nats-server mid-answer for less than a lease (2 s) and for more (7 s), or
     SIGKILL and restart it on its store (-1): the
     answer's stream still ends (closed) within a bound, and the conversation holds exactly one
@@ -239,38 +233,35 @@ def test_the_nats_server_stopped_mid_answer(own_server: NatsServer, tmp_path: Pa
     from tests.chat_serve import read_answer
 
     url = own_server.url
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "100"})
-    try:
-        with httpx.Client(base_url=s.base, timeout=20) as client:
-            session = client.post("/v1/chat/ns", json={"user": "ada"}).json()["session"]
-            answer = client.post(f"/v1/chat/ns/{session}/messages", json={"content": "stall"}).json()
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0.05", "BOTWIRE_FAKE_TOKENS": "100"})
+    with httpx.Client(base_url=s.base, timeout=20) as client:
+        session = client.post("/v1/chat/ns", json={"user": "ada"}).json()["session"]
+        answer = client.post(f"/v1/chat/ns/{session}/messages", json={"content": "stall"}).json()
+        time.sleep(1.0)
+        if stall < 0:
+            own_server.kill()
             time.sleep(1.0)
-            if stall < 0:
-                own_server.kill()
-                time.sleep(1.0)
-                own_server.start()
-            else:
-                sigstop(own_server.pid)
-                try:
-                    time.sleep(stall)
-                finally:
-                    os.kill(own_server.pid, signal.SIGCONT)
-            resumed = time.monotonic()
-            text = read_answer(client, answer["answer"], bound=40)
-            assert time.monotonic() - resumed < 40
-        chat = ChatHistory(session, namespace="ns", url=url)
-        try:
-            deadline = time.monotonic() + 15
-            while len(chat.messages()) < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(2.5)
-            messages = chat.messages()
-        finally:
-            chat.close()
-        assert [m["role"] for m in messages] == ["user", "assistant"], (messages, s.log.read_text()[-3000:])
-        assert messages[1]["content"] == text
+            own_server.start()
+        else:
+            sigstop(own_server.pid)
+            try:
+                time.sleep(stall)
+            finally:
+                os.kill(own_server.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        text = read_answer(client, answer["answer"], bound=40)
+        assert time.monotonic() - resumed < 40
+    chat = ChatHistory(session, namespace="ns", url=url)
+    try:
+        deadline = time.monotonic() + 15
+        while len(chat.messages()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)
+        messages = chat.messages()
     finally:
-        stop(s)
+        chat.close()
+    assert [m["role"] for m in messages] == ["user", "assistant"], (messages, s.log.read_text()[-3000:])
+    assert messages[1]["content"] == text
 
 
 def test_messages_posted_at_once_to_many_conversations_are_each_answered_once(serve: Serve, url: str, namespace: str) -> None:

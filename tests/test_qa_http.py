@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, errors
-from tests import chat_serve, procs
-from tests.http_serve import Serve, start_serve
+from tests import procs
+from tests.http_serve import Serve, Serves, start_serve
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
 from tests.waits import sigstop
@@ -308,36 +308,33 @@ def test_rest_json_bodies_sent_as_a_form_or_text_are_refused_with_415_and_nothin
 
 
 def test_an_idempotency_key_reused_in_another_conversation_or_namespace_gets_its_own_answer(
-    url: str, namespace: str, tmp_path: Path
+    url: str, namespace: str, serves: Serves
 ) -> None:
     """The same ``Idempotency-Key`` and message in two conversations of one namespace and in a
     conversation of another: each is a question of its own (never the other's answer URL);
     odd keys (over 255, spaces, non-ASCII, empty) are 400 and write nothing."""
-    serve = chat_serve.start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "3"})
-    try:
-        with httpx.Client(base_url=serve.base, timeout=20) as client:
-            places = []
-            for ns in (namespace, namespace, namespace + "-b"):
-                r = client.post(f"/v1/chat/{ns}", json={"user": "ada"})
-                places.append((ns, r.json()["session"]))
-            answers = []
-            for ns, session in places:
-                r = client.post(
-                    f"/v1/chat/{ns}/{session}/messages", json={"content": "same"}, headers={"Idempotency-Key": "k"}
-                )
-                assert r.status_code == 202, r.text
-                answers.append(r.json()["answer"])
-                assert f"/answers/{ns}/" in answers[-1]
-            assert len(set(answers)) == 3
-            ns, session = places[0]
-            for bad in ("x" * 256, "a b", "\u00e9", ""):
-                r = client.post(
-                    f"/v1/chat/{ns}/{session}/messages",
-                    json={"content": "odd", "idempotency_key": bad},
-                )
-                assert r.status_code == 400, (bad, r.text)
+    serve = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "3"})
+    with httpx.Client(base_url=serve.base, timeout=20) as client:
+        places = []
+        for ns in (namespace, namespace, namespace + "-b"):
+            r = client.post(f"/v1/chat/{ns}", json={"user": "ada"})
+            places.append((ns, r.json()["session"]))
+        answers = []
         for ns, session in places:
-            with ChatHistory(session, namespace=ns, url=url) as chat:
-                assert [m["content"] for m in chat.messages() if m["role"] == "user"] == ["same"]
-    finally:
-        chat_serve.stop(serve)
+            r = client.post(
+                f"/v1/chat/{ns}/{session}/messages", json={"content": "same"}, headers={"Idempotency-Key": "k"}
+            )
+            assert r.status_code == 202, r.text
+            answers.append(r.json()["answer"])
+            assert f"/answers/{ns}/" in answers[-1]
+        assert len(set(answers)) == 3
+        ns, session = places[0]
+        for bad in ("x" * 256, "a b", "\u00e9", ""):
+            r = client.post(
+                f"/v1/chat/{ns}/{session}/messages",
+                json={"content": "odd", "idempotency_key": bad},
+            )
+            assert r.status_code == 400, (bad, r.text)
+    for ns, session in places:
+        with ChatHistory(session, namespace=ns, url=url) as chat:
+            assert [m["content"] for m in chat.messages() if m["role"] == "user"] == ["same"]

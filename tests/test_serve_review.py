@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import re
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,8 +16,7 @@ from botwire_stream import ChatHistory, Memory
 from botwire_stream.server.app import create_app
 from botwire_stream.server.chatapi import REGISTRY_NAMESPACE
 from botwire_stream.server.openapi import document
-from tests.chat_serve import start, stop
-from tests.http_serve import Serve
+from tests.http_serve import Serve, Serves
 
 # Not API operations: the chat page and its files, the document itself, the operators' probes, and
 # /v1/stream/ (the Durable Streams protocol, described in the README)
@@ -59,7 +56,7 @@ def test_every_route_of_the_app_is_in_the_openapi_document(url: str) -> None:
     assert refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
 
 
-def test_the_chat_operations_describe_what_the_server_answers(url: str, namespace: str, tmp_path: Path) -> None:
+def test_the_chat_operations_describe_what_the_server_answers(url: str, namespace: str, serves: Serves) -> None:
     """The documented bodies are what the chat routes send: a created conversation, the list, one
     conversation, an accepted question, a refusal (validated against the document's schemas)."""
     import jsonschema  # type: ignore[import-untyped]
@@ -70,43 +67,36 @@ def test_the_chat_operations_describe_what_the_server_answers(url: str, namespac
     def check(body: object, name: str) -> None:
         jsonschema.validate(body, {"$ref": f"#/components/schemas/{name}", "components": {"schemas": schemas}})
 
-    s = start(url, tmp_path / "serve.log", env={"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "3"})
-    try:
-        with httpx.Client(base_url=s.base, timeout=20) as client:
-            r = client.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-            assert r.status_code == 201
-            check(r.json(), "Created")
-            session = r.json()["session"]
-            r = client.get(f"/v1/chat/{namespace}", params={"user": "ada"})
-            check(r.json(), "ConversationList")
-            check(client.get(f"/v1/chat/{namespace}/{session}").json(), "Conversation")
-            r = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hi"})
-            assert r.status_code == 202
-            check(r.json(), "Accepted")
-            r = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": ""})
-            assert r.status_code == 400
-            check(r.json(), "ChatError")
-            # a body the document refuses is refused by the server, nothing stored
-            r = client.post(f"/v1/chat/{namespace}", json={"user": "x" * 41})
-            assert r.status_code == 400
-            assert client.get(f"/v1/chat/{namespace}", params={"user": "x" * 40}).json() == {"conversations": []}
-    finally:
-        stop(s)
+    s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0", "BOTWIRE_FAKE_TOKENS": "3"})
+    with httpx.Client(base_url=s.base, timeout=20) as client:
+        r = client.post(f"/v1/chat/{namespace}", json={"user": "ada"})
+        assert r.status_code == 201
+        check(r.json(), "Created")
+        session = r.json()["session"]
+        r = client.get(f"/v1/chat/{namespace}", params={"user": "ada"})
+        check(r.json(), "ConversationList")
+        check(client.get(f"/v1/chat/{namespace}/{session}").json(), "Conversation")
+        r = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": "hi"})
+        assert r.status_code == 202
+        check(r.json(), "Accepted")
+        r = client.post(f"/v1/chat/{namespace}/{session}/messages", json={"content": ""})
+        assert r.status_code == 400
+        check(r.json(), "ChatError")
+        # a body the document refuses is refused by the server, nothing stored
+        r = client.post(f"/v1/chat/{namespace}", json={"user": "x" * 41})
+        assert r.status_code == 400
+        assert client.get(f"/v1/chat/{namespace}", params={"user": "x" * 40}).json() == {"conversations": []}
 
 
 @pytest.fixture
-def dying(url: str, tmp_path: Path) -> Iterator[Serve]:
+def dying(url: str, serves: Serves) -> Serve:
     """A serve process that SIGKILLs itself right after storing a question (the test hook)."""
-    s = start(url, tmp_path / "dying.log", env={"BOTWIRE_TEST_HOOK_KILL_AFTER_QUESTION": "1", "BOTWIRE_FAKE_PACE": "0"})
-    try:
-        yield s
-    finally:
-        stop(s)
+    return serves.chat(url, {"BOTWIRE_TEST_HOOK_KILL_AFTER_QUESTION": "1", "BOTWIRE_FAKE_PACE": "0"})
 
 
 @pytest.mark.slow
 def test_a_retry_after_serve_died_between_the_question_and_the_key_record_stores_the_question_once(
-    dying: Serve, url: str, namespace: str, tmp_path: Path
+    dying: Serve, url: str, namespace: str, serves: Serves
 ) -> None:
     """The process stores the question and is killed before it records the Idempotency-Key; the
     client gets no answer and retries with the same key on a restarted serve: the same question
@@ -123,22 +113,19 @@ def test_a_retry_after_serve_died_between_the_question_and_the_key_record_stores
         try:
             [stored] = chat.entries()
             assert stored.message["content"] == "once"
-            again = start(url, tmp_path / "again.log", env={"BOTWIRE_FAKE_PACE": "0"})
-            try:
-                # the key's record names the stored question's answer: found at once
-                r = client.post(again.base + post, json={"content": "once"}, headers={"Idempotency-Key": "k-1"})
-                assert r.status_code == 202, r.text
-                assert r.json()["seq"] == stored.seq and r.json()["stream"] == stored.message["meta"]["stream"]
-                # the key's record lost (as its expiry lost it before): the append itself is idempotent
-                held = "idem:" + hashlib.sha256(f"{namespace}\0{session}\0k-1".encode()).hexdigest()[:40]
-                with Memory(REGISTRY_NAMESPACE, url=url) as registry:
-                    registry.delete(held)
-                r2 = client.post(again.base + post, json={"idempotency_key": "k-1", "content": "once"})
-                assert r2.status_code == 202 and r2.json() == r.json(), r2.text
-                # the same key for another message is still refused
-                assert client.post(again.base + post, json={"content": "other"}, headers={"Idempotency-Key": "k-1"}).status_code == 422
-            finally:
-                stop(again)
+            again = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
+            # the key's record names the stored question's answer: found at once
+            r = client.post(again.base + post, json={"content": "once"}, headers={"Idempotency-Key": "k-1"})
+            assert r.status_code == 202, r.text
+            assert r.json()["seq"] == stored.seq and r.json()["stream"] == stored.message["meta"]["stream"]
+            # the key's record lost (as its expiry lost it before): the append itself is idempotent
+            held = "idem:" + hashlib.sha256(f"{namespace}\0{session}\0k-1".encode()).hexdigest()[:40]
+            with Memory(REGISTRY_NAMESPACE, url=url) as registry:
+                registry.delete(held)
+            r2 = client.post(again.base + post, json={"idempotency_key": "k-1", "content": "once"})
+            assert r2.status_code == 202 and r2.json() == r.json(), r2.text
+            # the same key for another message is still refused
+            assert client.post(again.base + post, json={"content": "other"}, headers={"Idempotency-Key": "k-1"}).status_code == 422
             questions = [e for e in chat.entries() if e.message["role"] == "user"]
             assert [e.seq for e in questions] == [stored.seq]
         finally:
