@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -209,27 +211,37 @@ def test_a_killed_producer_is_closed_as_incomplete_by_another_serve_process(url:
         other.stop()
 
 
+def racing_the_first_append(url: str, namespace: str, session: str, delay: float, request: Callable[[], httpx.Response]) -> httpx.Response:
+    """``request()``'s response, the conversation's first message ("first") appended ``delay`` s
+    after the request started (by a client connected beforehand)."""
+    chat = ChatHistory(session, namespace=namespace, url=url)
+    try:
+        chat.messages()  # connected before the race
+        poster = threading.Timer(delay, chat.append, [{"role": "user", "content": "first"}])
+        poster.start()
+        r = request()
+        poster.join(10)
+        return r
+    finally:
+        chat.close()
+
+
 def test_a_new_conversations_first_message_ends_a_long_poll_at_once(url: str, namespace: str, serves: Serves) -> None:
     """The page tails an empty conversation with a long-poll from offset 0 while its first message
     is stored: the long-poll must answer with it, whenever the append lands (it used to start its
     watch "from now", missing a message stored between its read and its watch: a 20 s wait)."""
-    import threading
-
     s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
     with httpx.Client(base_url=s.base, timeout=30) as client:
         slow = 0
         for i in range(60):
             session = f"race-{i}"
-            chat = ChatHistory(session, namespace=namespace, url=url)
-            chat.messages()  # connected before the race
             tail = f"/v1/stream/chat/{namespace}/{session}"
-            # appends landing from before the long-poll's read to after its watch started
-            poster = threading.Timer(0.0005 * (i % 30), chat.append, [{"role": "user", "content": "first"}])
             t0 = time.monotonic()
-            poster.start()
-            r = client.get(tail, params={"offset": format_offset(0), "live": "long-poll"})
-            poster.join(10)
-            chat.close()
+            # appends landing from before the long-poll's read to after its watch started
+            r = racing_the_first_append(
+                url, namespace, session, 0.0005 * (i % 30),
+                lambda: client.get(tail, params={"offset": format_offset(0), "live": "long-poll"}),
+            )
             if r.status_code == 204:  # the long-poll timed out (2 s here) without the message
                 slow += 1
             else:
@@ -381,21 +393,13 @@ def test_a_read_racing_the_first_append_never_hands_out_an_offset_past_an_unread
     answered no message must not return an offset past the one being appended: following the
     offsets must get each message once (it skipped the question for good in 9 of 200 tries, so
     the page never read its answer's stream: the browser tests' intermittent)."""
-    import threading
-
     s = serves.chat(url, {"BOTWIRE_FAKE_PACE": "0"})
     with httpx.Client(base_url=s.base, timeout=30) as client:
         for i in range(150):
             session = f"race-{i}"
-            chat = ChatHistory(session, namespace=namespace, url=url)
-            chat.messages()  # connected before the race
             tail = f"/v1/stream/chat/{namespace}/{session}"
             # appends landing from before the read's first step to after its last
-            poster = threading.Timer(0.0003 * (i % 40), chat.append, [{"role": "user", "content": "first"}])
-            poster.start()
-            r = client.get(tail, params={"offset": "-1"})
-            poster.join(10)
-            chat.close()
+            r = racing_the_first_append(url, namespace, session, 0.0003 * (i % 40), lambda: client.get(tail, params={"offset": "-1"}))
             assert r.status_code == 200, r.text
             seen = [m["content"] for m in r.json()]
             # the rest, from the offset handed out

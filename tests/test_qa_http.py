@@ -13,7 +13,7 @@ import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, errors
 from tests import procs
-from tests.http_serve import Serve, Serves, start_serve
+from tests.http_serve import Serve, Serves
 from tests.test_auth import bearer, new_key, raw_request, server
 from tests.test_quota import pair
 from tests.waits import sigstop
@@ -194,39 +194,36 @@ def test_update_from_two_processes_through_two_serve_processes_loses_no_incremen
 
 @pytest.mark.slow
 def test_the_http_transport_with_its_serve_process_stopped_or_killed_raises_within_a_bound(
-    url: str, namespace: str, tmp_path: Path
+    url: str, namespace: str, serves: Serves
 ) -> None:
     """A serve process SIGSTOPped mid-call: a ``set`` raises ``OutcomeUnknown`` (stored once or not
     at all), a ``get`` ``ServerUnavailable``, each within a bound;
     SIGKILLed: ``ServerUnavailable`` at once for reads and writes, nothing half-written."""
-    serve = start_serve(url, tmp_path / "serve.log")
-    try:
-        with Memory(namespace, url=serve.base, timeout=1.0) as mem:
-            mem.set("k", "before")
-            sigstop(serve.proc.pid)
-            try:
-                for call, expected in (
-                    (lambda: mem.set("k", "during"), errors.OutcomeUnknown),
-                    (lambda: mem.get("k"), errors.ServerUnavailable),
-                ):
-                    start = time.monotonic()
-                    with pytest.raises(expected):
-                        call()
-                    assert time.monotonic() - start < 3 * (1.0 + 5.0)  # does not hang
-            finally:
-                serve.proc.send_signal(signal.SIGCONT)
-            assert mem.get("k") in ("before", "during")  # served again once it goes on
-            with Memory(namespace, url=url) as direct:  # the unanswered set: stored once or not at all
-                stored = [r.value for r in direct.revisions("k")]
-                assert stored in (["before"], ["before", "during"]), stored
-            serve.kill()
-            for call in (lambda: mem.set("k", "after"), lambda: mem.get("k")):
-                with pytest.raises(errors.ServerUnavailable):
+    serve = serves.start(url)
+    with Memory(namespace, url=serve.base, timeout=1.0) as mem:
+        mem.set("k", "before")
+        sigstop(serve.proc.pid)
+        try:
+            for call, expected in (
+                (lambda: mem.set("k", "during"), errors.OutcomeUnknown),
+                (lambda: mem.get("k"), errors.ServerUnavailable),
+            ):
+                start = time.monotonic()
+                with pytest.raises(expected):
                     call()
-        with Memory(namespace, url=url) as direct:
-            assert [r.value for r in direct.revisions("k")] == stored  # nothing written after the kill
-    finally:
+                assert time.monotonic() - start < 3 * (1.0 + 5.0)  # does not hang
+        finally:
+            serve.proc.send_signal(signal.SIGCONT)
+        assert mem.get("k") in ("before", "during")  # served again once it goes on
+        with Memory(namespace, url=url) as direct:  # the unanswered set: stored once or not at all
+            stored = [r.value for r in direct.revisions("k")]
+            assert stored in (["before"], ["before", "during"]), stored
         serve.kill()
+        for call in (lambda: mem.set("k", "after"), lambda: mem.get("k")):
+            with pytest.raises(errors.ServerUnavailable):
+                call()
+    with Memory(namespace, url=url) as direct:
+        assert [r.value for r in direct.revisions("k")] == stored  # nothing written after the kill
 
 
 def test_a_revision_past_the_sequence_range_is_refused_not_written_nor_a_500(

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from tests.http_serve import Serves
 from tests.sse import sse_events
 from tests.waits import sigstop
 
@@ -240,37 +241,11 @@ def test_metrics_count_requests_by_route_and_status(http_server: str, namespace:
     assert "missing" not in after  # no key, session or stream name in a label
 
 
-def test_access_log_is_one_json_line_per_request(url: str, tmp_path: Any) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.http_serve import free_port
-    from tests.procs import ROOT
-
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "botwire_stream", "serve", "--port", str(port), "--url", url, "--access-log"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        httpx.get(f"http://127.0.0.1:{port}/v1/ns/ns1/keys/nope")
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+def test_access_log_is_one_json_line_per_request(url: str, serves: Serves) -> None:
+    serve = serves.start(url, extra=["--access-log"])
+    httpx.get(f"{serve.base}/v1/ns/ns1/keys/nope")
+    serve.stop()  # its log is complete
+    lines = [json.loads(line) for line in serve.log.read_text().splitlines() if line.startswith("{")]
     hit = [x for x in lines if x["path"] == "/v1/ns/ns1/keys/nope"]
     assert len(hit) == 1 and hit[0]["status"] == 404 and hit[0]["method"] == "GET" and hit[0]["ms"] > 0
 

@@ -13,7 +13,7 @@ import pytest
 
 from botwire_stream import Memory
 from botwire_stream.memory import MAX_VALUE_BYTES
-from tests.http_serve import Serve, serving, start_serve
+from tests.http_serve import Serve, Serves, serving
 from tests.servers import NatsServer
 from tests.sse import take_events
 
@@ -55,11 +55,11 @@ def test_concurrent_clients_on_two_servers_never_pass_the_requests_per_second_qu
 
 
 @pytest.mark.slow
-def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: str, namespace: str, serves: Serves) -> None:
     """An SSE watch reads three changes; serve is killed (SIGKILL); changes are made while it is
     down; a new serve process is asked with Last-Event-ID: every change after the last one read,
     in order, none repeated, then the live ones."""
-    first = start_serve(url, tmp_path / "one.log")
+    first = serves.start(url, log="one.log")
     with Memory(namespace, url=url) as mem, httpx.Client(timeout=20) as client:
         try:
             with client.stream("GET", f"{first.base}/v1/ns/{namespace}/watch", params={"pattern": "k*"}) as r:
@@ -76,17 +76,14 @@ def test_a_key_watch_resumed_after_a_serve_restart_gets_each_change_once(url: st
         mem.set("k0", "again")
         mem.delete("k1")
         mem.set("other", 1)  # not in the pattern
-        second = start_serve(url, tmp_path / "two.log")
-        try:
-            last = str(seen[-1]["revision"])
-            with client.stream("GET", f"{second.base}/v1/ns/{namespace}/watch", params={"pattern": "k*"}, headers={"Last-Event-ID": last}) as r:
-                assert r.status_code == 200
-                lines = r.iter_lines()
-                resumed = take_events(lines, "change", 3, "revision")
-                mem.set("k4", 4)
-                resumed += take_events(lines, "change", 1, "revision")
-        finally:
-            second.kill()
+        second = serves.start(url, log="two.log")
+        last = str(seen[-1]["revision"])
+        with client.stream("GET", f"{second.base}/v1/ns/{namespace}/watch", params={"pattern": "k*"}, headers={"Last-Event-ID": last}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            resumed = take_events(lines, "change", 3, "revision")
+            mem.set("k4", 4)
+            resumed += take_events(lines, "change", 1, "revision")
     assert [(c["key"], c["op"]) for c in resumed] == [("k3", "set"), ("k0", "set"), ("k1", "delete"), ("k4", "set")]
     assert resumed[1]["value"] == "again"
     revisions = [int(str(c["revision"])) for c in seen + resumed]
@@ -102,40 +99,37 @@ def _peak_rss(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_64_mib_value_over_http_is_stored_one_byte_more_is_refused_and_memory_stays_bounded(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_64_mib_value_over_http_is_stored_one_byte_more_is_refused_and_memory_stays_bounded(url: str, namespace: str, serves: Serves) -> None:
     """PUT of a value that encodes to exactly 64 MiB: stored and read back; one byte more: 413
     value_too_large, nothing written; the serve process's peak memory grows by less than three
     copies of the body."""
-    serve = start_serve(url, tmp_path / "serve.log")
-    try:
-        base = f"{serve.base}/v1/ns/{namespace}/keys"
-        text = "x" * (MAX_VALUE_BYTES - 2)  # its JSON: the quotes and the text, 64 MiB
-        with httpx.Client(timeout=120) as client:
-            assert client.put(f"{base}/small", json={"value": 1}).status_code == 200  # warm
-            before = _peak_rss(serve.proc.pid)
-            body = b'{"value": "' + text.encode() + b'"}'
-            r = client.put(f"{base}/big", content=body, headers={"content-type": "application/json"})
-            assert r.status_code == 200, r.text[:300]
-            grown = _peak_rss(serve.proc.pid) - before
-            assert grown < 3 * len(body), f"peak memory grew by {grown / len(body):.1f} bodies"
-            over = b'{"value": "' + text.encode() + b'x"}'
-            r = client.put(f"{base}/over", content=over, headers={"content-type": "application/json"})
-            assert r.status_code == 413 and r.json()["error"]["code"] == "value_too_large", r.text[:300]
-        del body, over
-        with Memory(namespace, url=url, timeout=60) as mem:
-            assert mem.get("big") == text
-            assert mem.get("over") is None and mem.list_keys() == ["big", "small"]
-    finally:
-        serve.kill()
+    serve = serves.start(url)
+    base = f"{serve.base}/v1/ns/{namespace}/keys"
+    text = "x" * (MAX_VALUE_BYTES - 2)  # its JSON: the quotes and the text, 64 MiB
+    with httpx.Client(timeout=120) as client:
+        assert client.put(f"{base}/small", json={"value": 1}).status_code == 200  # warm
+        before = _peak_rss(serve.proc.pid)
+        body = b'{"value": "' + text.encode() + b'"}'
+        r = client.put(f"{base}/big", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+        grown = _peak_rss(serve.proc.pid) - before
+        assert grown < 3 * len(body), f"peak memory grew by {grown / len(body):.1f} bodies"
+        over = b'{"value": "' + text.encode() + b'x"}'
+        r = client.put(f"{base}/over", content=over, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "value_too_large", r.text[:300]
+    del body, over
+    with Memory(namespace, url=url, timeout=60) as mem:
+        assert mem.get("big") == text
+        assert mem.get("over") is None and mem.list_keys() == ["big", "small"]
 
 
 @pytest.mark.slow
-def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_once(url: str, namespace: str, tmp_path: Path) -> None:
+def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_once(url: str, namespace: str, serves: Serves) -> None:
     """The same for a conversation's SSE feed (``/chats/<session>/events``): messages appended
     while serve was down come once, in order, after the Last-Event-ID, then the live ones."""
     from botwire_stream import ChatHistory
 
-    first = start_serve(url, tmp_path / "one.log")
+    first = serves.start(url, log="one.log")
     chat = ChatHistory("s1", namespace=namespace, url=url)
     try:
         with httpx.Client(timeout=20) as client:
@@ -151,17 +145,14 @@ def test_a_conversation_feed_resumed_after_a_serve_restart_gets_each_message_onc
                 first.kill()
             for i in range(2, 5):
                 chat.append({"role": "user", "content": f"m{i}"})
-            second = start_serve(url, tmp_path / "two.log")
-            try:
-                last = str(seen[-1]["seq"])
-                with client.stream("GET", f"{second.base}/v1/ns/{namespace}/chats/s1/events", headers={"Last-Event-ID": last}) as r:
-                    assert r.status_code == 200
-                    lines = r.iter_lines()
-                    resumed = take_events(lines, "message", 3, "seq")
-                    chat.append({"role": "user", "content": "m5"})
-                    resumed += take_events(lines, "message", 1, "seq")
-            finally:
-                second.kill()
+            second = serves.start(url, log="two.log")
+            last = str(seen[-1]["seq"])
+            with client.stream("GET", f"{second.base}/v1/ns/{namespace}/chats/s1/events", headers={"Last-Event-ID": last}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                resumed = take_events(lines, "message", 3, "seq")
+                chat.append({"role": "user", "content": "m5"})
+                resumed += take_events(lines, "message", 1, "seq")
     finally:
         chat.close()
     contents = [m["message"]["content"] for m in seen + resumed]  # type: ignore[index]
