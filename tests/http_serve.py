@@ -103,7 +103,8 @@ class Serves:
     ``start_serve``'s options and its log in the test's folder, all stopped (SIGTERM, then SIGKILL)
     when the test ends; a test stops one itself only where it checks what follows the stop."""
 
-    # The chat tests read answers by long-polls of 2 s (fewer empty rounds than the default 0.5 s)
+    # A chat test's serve ends an empty long-poll after 2 s, as the chat tests always had it (the
+    # long-poll tests of test_demo_chat.py count on 2 s)
     CHAT_LONG_POLL = 2.0
 
     def __init__(self, folder: Path) -> None:
