@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -26,10 +26,13 @@ from tests.servers import NatsServer
 
 
 @contextlib.asynccontextmanager
-async def _service(nats_server: NatsServer, relay: Relay) -> AsyncIterator[tuple[httpx.AsyncClient, ChatService]]:
+async def _service(
+    nats_server: NatsServer, relay: Relay | None = None, lease_ttl: int = 1
+) -> AsyncIterator[tuple[httpx.AsyncClient, ChatService]]:
     """The chat routes of one serve process whose NATS calls (1 s timeout) go through ``relay``."""
     store, client = await open_token_streams(url=nats_server.url)
-    service = ChatService({"url": relay.url, "timeout": 1.0}, FakeModel(pace=0, tokens=3), lease_ttl=1)  # type: ignore[dict-item]
+    url = nats_server.url if relay is None else relay.url
+    service = ChatService({"url": url, "timeout": 1.0}, FakeModel(pace=0, tokens=3), lease_ttl=lease_ttl)  # type: ignore[dict-item]
     await service.start(store)
     app = Starlette(routes=service.routes())
     try:
@@ -72,11 +75,9 @@ async def test_a_retry_after_the_questions_ack_was_lost_gets_an_answer_stream_th
             relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack (and all after) lost
             url, key = f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
             lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            print("LOST", lost.status_code, lost.text)
             assert lost.status_code >= 500, lost.text  # not known to be stored: the client retries
             relay.drop = False
             retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            print("RETRY", retry.status_code, retry.text)
             assert retry.status_code == 202, retry.text
             chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
             try:
@@ -90,5 +91,38 @@ async def test_a_retry_after_the_questions_ack_was_lost_gets_an_answer_stream_th
         await relay.close()
 
 
-def _unused(*_: Any) -> None:  # keeps imports used while the file grows
-    return None
+@pytest.mark.slow
+async def test_a_question_whose_ack_was_lost_in_a_short_stall_is_neither_orphaned_nor_forgotten(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """As above, but the replies come back right after the question's append gave up (a stall
+    just longer than the timeout), so serve's clean-up reached the server: it deleted the
+    answer's record and the key's hold as if the question had not been stored. The retry then
+    got (through the duplicate window) the stored question's 202 with an answer stream that
+    nobody would ever close (no record, so no lease watcher); and without the hold, a retry after
+    that window would store the question again. A write of unknown outcome must keep both."""
+    relay = await Relay(nats_server.port).start()
+    try:
+        async with _service(nats_server, relay, lease_ttl=3) as (http, _):
+            r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
+            assert r.status_code == 201, r.text
+            session = r.json()["session"]
+            relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack is lost
+            # ... and replies flow again from serve's next look at an answer's record (a clean-up)
+            relay.undrop = re.compile(rb"answer\.[0-9a-f]")
+            url, key = f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
+            lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+            assert lost.status_code >= 500, lost.text
+            relay.drop, relay.undrop = False, None
+            retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+            assert retry.status_code == 202, retry.text
+            chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
+            try:
+                questions = [m for m in await chat.messages() if m["role"] == "user"]
+            finally:
+                await chat.close()
+            assert [q["content"] for q in questions] == ["hello"]
+            assert questions[0]["meta"]["stream"] == retry.json()["stream"]
+            assert await _closed_within(nats_server, retry.json()["stream"], 20.0)
+    finally:
+        await relay.close()

@@ -446,7 +446,7 @@ class ChatService:
             earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path, "at": time.time()})
             if earlier is not None:
                 return _json(202, earlier)
-        stored = False
+        stored = unsure = False
         try:
             await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
             # the lease before the answer's record: a watcher never sees an answer without a lease
@@ -458,10 +458,14 @@ class ChatService:
                 try:
                     seq = await (chat.append(question) if msg_id is None else chat._append_once(question, msg_id))
                     stored = True
-                except BaseException:
-                    # no answer without its question: forget it (a watcher would close it otherwise)
-                    with contextlib.suppress(errors.BotWireError):
-                        await registry.delete(f"answer:{answer}")
+                except BaseException as exc:
+                    # A write of unknown outcome may be stored: keep the answer's record (the lease
+                    # watcher closes the answer, as incomplete if its question is there) and the
+                    # key's hold (a retry finds the question through it, after the 120 s window too)
+                    unsure = isinstance(exc, errors.OutcomeUnknown)
+                    if not unsure:  # no answer without its question: forget it (a watcher would close it)
+                        with contextlib.suppress(errors.BotWireError):
+                            await registry.delete(f"answer:{answer}")
                     raise
                 if self._die_after_question:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -484,7 +488,7 @@ class ChatService:
             finally:
                 await chat.close()
         finally:
-            if held is not None and not stored:  # a retry with the key may ask again
+            if held is not None and not stored and not unsure:  # a retry with the key may ask again
                 with contextlib.suppress(errors.BotWireError):
                     await registry.delete(held)
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
