@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import jsonschema
 import pytest
 from starlette.applications import Starlette
 
 from botwire_stream import AsyncChatHistory
-from botwire_stream.server.chatapi import ChatService
+from botwire_stream.server.chatapi import MAX_MESSAGE_CHARS, ChatService
 from botwire_stream.server.model import FakeModel
+from botwire_stream.server.openapi import document
 from botwire_stream.tokens import open_token_streams
 from tests.proxy import Relay
 from tests.servers import NatsServer
@@ -126,3 +129,72 @@ async def test_a_question_whose_ack_was_lost_in_a_short_stall_is_neither_orphane
             assert await _closed_within(nats_server, retry.json()["stream"], 20.0)
     finally:
         await relay.close()
+
+
+async def test_a_message_of_the_longest_allowed_length_is_taken_however_its_json_escapes_it(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """32,000 characters are allowed whatever they are, and JSON may spell each as escapes
+    (``json.dumps``' default, so ``requests``' ``json=``: 6 bytes a CJK character, 12 an
+    emoji). The body limit counted 4 bytes a character: such a message got a 413."""
+    async with _service(nats_server) as (http, _):
+        r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
+        session = r.json()["session"]
+        url = f"/v1/chat/{namespace}/{session}/messages"
+        sent = ["中" * MAX_MESSAGE_CHARS, "\U0001f600" * MAX_MESSAGE_CHARS]
+        for content in sent:
+            body = json.dumps({"content": content}).encode()  # ASCII only: every character escaped
+            r = await http.post(url, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 202, (len(body), r.text)
+        too_long = json.dumps({"content": "a" * (MAX_MESSAGE_CHARS + 1)}).encode()
+        r = await http.post(url, content=too_long, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "characters" in r.json()["error"]
+        chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
+        try:
+            assert [m["content"] for m in await chat.messages() if m["role"] == "user"] == sent
+        finally:
+            await chat.close()
+
+
+# Bodies of POST .../messages: the documented NewMessage schema must take exactly the ones the
+# server takes (status 202), and refuse the ones it refuses.
+_MESSAGE_BODIES: list[object] = [
+    {"content": "hi"},
+    {"content": " hi\n"},
+    {"content": "   "},
+    {"content": "\n\t"},
+    {"content": ""},
+    {"content": 5},
+    {"content": None},
+    {},
+    [],
+    {"content": "hi", "idempotency_key": None},
+    {"content": "hi", "idempotency_key": "a b"},
+    {"content": "hi", "idempotency_key": 7},
+    {"content": "a" * (MAX_MESSAGE_CHARS + 1)},
+]
+
+
+async def test_the_documented_message_schema_takes_exactly_what_the_server_takes(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """A blank message ("   ") was valid by /openapi.json (``minLength: 1``) yet refused (400):
+    a client generated from the document could not know. Each body here must be valid by the
+    schema if and only if the server accepts it, and a refused one stores nothing."""
+    spec = document()
+    validator = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/NewMessage", **spec})
+    async with _service(nats_server) as (http, _):
+        r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
+        session = r.json()["session"]
+        url = f"/v1/chat/{namespace}/{session}/messages"
+        accepted = 0
+        for body in _MESSAGE_BODIES:
+            r = await http.post(url, json=body)
+            assert (r.status_code == 202) == validator.is_valid(body), (body, r.status_code, r.text)
+            assert r.status_code == 202 or 400 <= r.status_code < 500 and r.json()["error"], (body, r.text)
+            accepted += r.status_code == 202
+        chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
+        try:
+            assert len([m for m in await chat.messages() if m["role"] == "user"]) == accepted
+        finally:
+            await chat.close()

@@ -66,7 +66,9 @@ log = logging.getLogger("botwire.serve.chat")
 
 REGISTRY_NAMESPACE = "botwire-answers"
 MAX_MESSAGE_CHARS = 32_000  # a user message; longer: 413 (the model's context is the real limit)
-_MAX_BODY = 4 * MAX_MESSAGE_CHARS + 1024  # UTF-8 and JSON escaping of the message, at most
+# JSON may spell any character as escapes, 12 bytes at most (an emoji as a surrogate pair,
+# "\ud83d\ude00", which json.dumps writes by default): a message of the allowed length fits
+_MAX_BODY = 12 * MAX_MESSAGE_CHARS + 1024
 _USER = re.compile(r"[A-Za-z0-9_]{1,40}")
 _CONVERSATION = "botwire-chat:"  # the Memory key prefix of a conversation's record
 _HISTORY = 50  # the newest messages the model sees
@@ -115,7 +117,7 @@ class NewMessage(msgspec.Struct):
     """``POST .../messages``: the user's message (not blank); ``idempotency_key``: as the
     ``Idempotency-Key`` header (the same, if both are given)."""
 
-    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")]  # not blank
     idempotency_key: Annotated[str, msgspec.Meta(pattern=f"^{_IDEMPOTENCY_KEY.pattern}$")] | None = None
 
 
