@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import httpx
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from starlette.applications import Starlette
 
