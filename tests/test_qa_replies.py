@@ -19,6 +19,7 @@ import uuid
 import nats
 import nats.aio.msg
 import pytest
+from nats.aio.client import Client as NATS
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
@@ -31,7 +32,7 @@ from tests.procs import ROOT
 from tests.servers import NatsServer
 
 
-async def _echo(nc: nats.NATS, subject: str) -> None:
+async def _echo(nc: NATS, subject: str) -> None:
     """Answer ``subject`` on ``nc`` with the request's body after the delay (seconds) it starts
     with (``"0.5:..."``), each reply in its own task so a slow one delays no other."""
 
@@ -276,4 +277,30 @@ async def test_last_n_after_stream_api_purges_and_at_its_boundaries(url: str, na
         assert await chat.messages(last=1) == [] and await chat.messages(last=5) == []
     finally:
         await nc.close()
+        await chat.close()
+
+
+async def test_cancelled_tail_reads_leave_the_others_and_the_router_right(url: str, namespace: str) -> None:
+    """Half of 300 concurrent ``last=3`` tail reads (a batch and a direct get in one round trip)
+    are cancelled at once, or a moment after they were sent: the other half each get the newest
+    3, and the router keeps nothing for the cancelled ones."""
+    chat = AsyncChatHistory("s", namespace=namespace, url=url)
+    try:
+        for i in range(10):
+            await chat.append({"role": "user", "content": f"m{i}"})
+        await chat.messages(last=5)  # a tail kept: the reads below are tail reads
+        for delay in (0.0, 0.001, 0.003):
+            reads = [asyncio.ensure_future(chat.messages(last=3)) for _ in range(300)]
+            await asyncio.sleep(delay)
+            for read in reads[::2]:
+                read.cancel()
+            got = await asyncio.gather(*reads, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in got[::2])
+            assert all(isinstance(r, list) and [m["content"] for m in r] == ["m7", "m8", "m9"] for r in got[1::2])
+        log = chat._conn
+        assert log is not None
+        mux = log.conn._mux  # type: ignore[attr-defined]  # the reads' connection's router
+        assert mux is not None
+        await waits.until(lambda: _idle(mux), "the router forgetting cancelled reads", bound=5.0)
+    finally:
         await chat.close()
