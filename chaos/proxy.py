@@ -10,6 +10,7 @@ new connections are proxied normally, unless ``refuse`` is set (the server looks
 from __future__ import annotations
 
 import asyncio
+import re
 
 __all__ = ["Proxy"]
 
@@ -24,9 +25,11 @@ class Proxy:
         # Lost replies (tests/test_faults.py): with ``drop`` set, what the server sends is
         # swallowed (the server still stores what the client sends); ``trigger`` sets ``drop`` once
         # the client sends bytes containing it; ``cut_at``: when the client sends bytes containing
-        # it, only what precedes it reaches the server, then every connection is cut.
+        # it, only what precedes it reaches the server, then every connection is cut;
+        # ``undrop``: clears ``drop`` once the client sends bytes it matches (replies flow again).
         self.drop = False
         self.trigger: bytes | None = None
+        self.undrop: re.Pattern[bytes] | None = None
         self.cut_at: bytes | None = None
         self.connections = 0  # how many client connections were proxied (reconnects show here)
         self._flowing = asyncio.Event()
@@ -85,6 +88,8 @@ class Proxy:
                         return
                     if not from_server and self.trigger is not None and self.trigger in data:
                         self.trigger, self.drop = None, True  # swallow the reply to this one
+                    elif not from_server and self.drop and self.undrop is not None and self.undrop.search(data):
+                        self.undrop, self.drop = None, False  # the reply to this one gets through
                     if from_server and self.drop:
                         continue
                     dst.write(data)

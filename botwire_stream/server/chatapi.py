@@ -66,7 +66,9 @@ log = logging.getLogger("botwire.serve.chat")
 
 REGISTRY_NAMESPACE = "botwire-answers"
 MAX_MESSAGE_CHARS = 32_000  # a user message; longer: 413 (the model's context is the real limit)
-_MAX_BODY = 4 * MAX_MESSAGE_CHARS + 1024  # UTF-8 and JSON escaping of the message, at most
+# JSON may spell any character as escapes, 12 bytes at most (an emoji as a surrogate pair,
+# "\ud83d\ude00", which json.dumps writes by default): a message of the allowed length fits
+_MAX_BODY = 12 * MAX_MESSAGE_CHARS + 1024
 # The chat API's limits, written once: the handlers' checks (their messages and statuses) and the
 # structs /openapi.json documents are both made from these.
 _USER_CHARS = 40
@@ -119,7 +121,7 @@ class NewMessage(msgspec.Struct):
     """``POST .../messages``: the user's message (not blank); ``idempotency_key``: as the
     ``Idempotency-Key`` header (the same, if both are given)."""
 
-    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS)]
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")]  # not blank
     idempotency_key: Annotated[str, msgspec.Meta(pattern=f"^{_IDEMPOTENCY_KEY.pattern}$")] | None = None
 
 
@@ -450,7 +452,7 @@ class ChatService:
             earlier = await self._reserve(ns, session, held, {"content": digest, "answer": answer, "stream": path, "at": time.time()})
             if earlier is not None:
                 return _json(202, earlier)
-        stored = False
+        stored = unsure = False
         try:
             await self.store.create(path, content_type="text/plain", ttl=7 * 86400)
             # the lease before the answer's record: a watcher never sees an answer without a lease
@@ -462,10 +464,14 @@ class ChatService:
                 try:
                     seq = await (chat.append(question) if msg_id is None else chat._append_once(question, msg_id))
                     stored = True
-                except BaseException:
-                    # no answer without its question: forget it (a watcher would close it otherwise)
-                    with contextlib.suppress(errors.BotWireError):
-                        await registry.delete(f"answer:{answer}")
+                except BaseException as exc:
+                    # A write of unknown outcome may be stored: keep the answer's record (the lease
+                    # watcher closes the answer, as incomplete if its question is there) and the
+                    # key's hold (a retry finds the question through it, after the 120 s window too)
+                    unsure = isinstance(exc, errors.OutcomeUnknown)
+                    if not unsure:  # no answer without its question: forget it (a watcher would close it)
+                        with contextlib.suppress(errors.BotWireError):
+                            await registry.delete(f"answer:{answer}")
                     raise
                 if self._die_after_question:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -488,7 +494,7 @@ class ChatService:
             finally:
                 await chat.close()
         finally:
-            if held is not None and not stored:  # a retry with the key may ask again
+            if held is not None and not stored and not unsure:  # a retry with the key may ask again
                 with contextlib.suppress(errors.BotWireError):
                     await registry.delete(held)
         title = record.get("title") if record.get("title") != "New conversation" else " ".join(content.split())[:60]
