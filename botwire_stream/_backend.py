@@ -434,6 +434,12 @@ class ReplayBackend(Protocol):
         """Record that the conversation is being cleared (before its messages are removed)."""
         ...
 
+    async def ensure_events(self) -> None:
+        """Make the namespace's conversation log carry the events that are not messages
+        (summaries, clears): a log made by an older version lacks them. A consumer of those
+        events calls it before subscribing; ``add_summary``/``record_clear`` call it themselves."""
+        ...
+
     async def retention(self) -> RetentionState: ...
 
     async def set_retention(self, key_history: int | None, log_messages: int | None, log_age: float | None) -> None:

@@ -103,7 +103,7 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
     if source.events:
         from botwire_stream.nats.replay import NatsReplay
 
-        await NatsReplay(conn, source.namespace, 5.0)._ensure_events()  # a stream made before it lacks it
+        await NatsReplay(conn, source.namespace, 5.0).ensure_events()  # a stream made before it lacks it
         config.name = worker.durable
         config.filter_subjects = [source.subject, source.events + ">"]
         # created, or updated from the single filter of a consumer made before the events

@@ -316,7 +316,7 @@ class NatsReplay:
         return out
 
     # -- conversation events --------------------------------------------------------------------
-    async def _ensure_events(self) -> None:
+    async def ensure_events(self) -> None:
         """Give the chat stream the events subject (streams made before it existed lack it)."""
         if self._events_ready:
             return
@@ -333,7 +333,7 @@ class NatsReplay:
         self._events_ready = True
 
     async def _record(self, session_id: str, kind: Literal["summary", "clear"], data: bytes, upto: int | None) -> int:
-        await self._ensure_events()
+        await self.ensure_events()
         headers = origin_headers()
         headers["Botwire-Event"] = kind
         if upto is not None:
