@@ -272,7 +272,9 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         Append-only: the messages stay (for replay and audit); ``messages(window=N)`` then returns
         the summary and the messages after ``upto``. A ``str`` summary is stored as the message
         ``{"role": "system", "content": summary}``. ``upto`` must be one of this conversation's
-        sequences (``InvalidArgument``, nothing written); over NATS only.
+        sequences (``InvalidArgument``, nothing written); over NATS only. A summary for an
+        ``upto`` already summarised within the last 2 minutes (the log's de-duplication window)
+        is a retry: nothing is stored, the first one's sequence is returned.
         """
         if isinstance(summary, str):
             if not summary:

@@ -1,0 +1,27 @@
+"""Issue 10's leftovers: a compaction published twice is one summary; ..."""
+
+from __future__ import annotations
+
+from botwire_stream import AsyncChatHistory, areplay
+
+
+async def test_the_same_compaction_published_twice_is_stored_once(url: str, namespace: str) -> None:
+    # A caller retrying compact() after an OutcomeUnknown (or a compaction run repeated over the
+    # same range) publishes the same summary again: the server keeps one, the retry gets its sequence.
+    async with AsyncChatHistory("c", namespace=namespace, url=url) as chat:
+        seqs = await chat.extend([{"role": "user", "content": str(i)} for i in range(5)])
+        first = await chat.compact("five messages", upto=seqs[-1])
+        again = await chat.compact("five messages (summarised again)", upto=seqs[-1])
+        assert again == first
+        summaries = [e async for e in areplay(namespace, url=url, keys=None) if e.kind == "summary"]
+        assert [(e.seq, e.upto, e.value["content"]) for e in summaries] == [(first, seqs[-1], "five messages")]
+        last = await chat.last_summary()
+        assert last is not None and (last.seq, last.upto) == (first, seqs[-1])
+        assert await chat.messages(window=1) == [
+            {"role": "system", "content": "five messages"},
+        ]
+        # a later range is a new summary
+        more = await chat.append({"role": "user", "content": "5"})
+        later = await chat.compact("six", upto=more)
+        assert later > first
+        assert await chat.messages(window=5) == [{"role": "system", "content": "six"}]
