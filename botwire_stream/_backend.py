@@ -450,10 +450,13 @@ class ReplayBackend(Protocol):
 
 
 async def open_replay(opts: ConnectOptions, namespace: str, *, timeout: float) -> ReplayBackend:
-    """The replay backend for ``opts``: over NATS only (the HTTP API has no replay yet)."""
+    """The replay backend for ``opts`` (by ``opts.transport``); over HTTP, replay and past
+    states only (summaries, clear records and retention are NATS-only)."""
     _check_transport(opts)
-    if opts.transport != "nats":
-        raise InvalidArgument("replay, time travel and retention are served over NATS, not over HTTP")
+    if opts.transport == "http":
+        from .http.replay import open_replay as open_http
+
+        return await open_http(opts, namespace, timeout=timeout)
     from .nats.replay import open_replay as open_nats
 
     return await open_nats(opts, namespace, timeout=timeout)
