@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from botwire_stream.nats.chatlog import NatsChat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.kv import NatsMemory
 from botwire_stream.nats.pool import acquire, release
+
+from .lock import hold
 
 __all__ = ["ConsumerStatus", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
 
@@ -103,7 +106,7 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
     if source.events:
         from botwire_stream.nats.replay import NatsReplay
 
-        await NatsReplay(conn, source.namespace, 5.0)._ensure_events()  # a stream made before it lacks it
+        await NatsReplay(conn, source.namespace, 5.0).ensure_events()  # a stream made before it lacks it
         config.name = worker.durable
         config.filter_subjects = [source.subject, source.events + ">"]
         # created, or updated from the single filter of a consumer made before the events
@@ -135,7 +138,10 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     makers = {"keys": kv_source, "chat": chat_source}
     worker.sources = [makers[k](conn, ns) for ns in worker.namespaces for k in worker.kinds]
     lock = asyncio.Lock()
+    instance = contextlib.AsyncExitStack()
     try:
+        # one process per consumer name (consumers/lock.py): a second one is refused, Conflict
+        await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
 
@@ -175,6 +181,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+        await instance.aclose()
         await release(conn)
 
 

@@ -316,7 +316,7 @@ class NatsReplay:
         return out
 
     # -- conversation events --------------------------------------------------------------------
-    async def _ensure_events(self) -> None:
+    async def ensure_events(self) -> None:
         """Give the chat stream the events subject (streams made before it existed lack it)."""
         if self._events_ready:
             return
@@ -333,12 +333,18 @@ class NatsReplay:
         self._events_ready = True
 
     async def _record(self, session_id: str, kind: Literal["summary", "clear"], data: bytes, upto: int | None) -> int:
-        await self._ensure_events()
+        await self.ensure_events()
         headers = origin_headers()
         headers["Botwire-Event"] = kind
+        token_path = keys.encode_key(session_id)
         if upto is not None:
             headers["Botwire-Upto"] = str(upto)
-        subject = self.events + keys.encode_key(session_id)
+            # One id per (namespace, conversation, upto): a summary published again for the same
+            # range (a caller retrying after OutcomeUnknown, a compaction re-run) within the
+            # stream's de-duplication window is dropped by the server, which answers with the
+            # first one's sequence.
+            headers["Nats-Msg-Id"] = f"botwire-summary.{self.namespace}.{token_path}.{upto}"
+        subject = self.events + token_path
         return await self.conn.publish(subject, data, headers, self.timeout, what=kind)
 
     async def add_summary(self, session_id: str, data: bytes, upto: int) -> int:
