@@ -40,6 +40,7 @@ from .errors import raise_api_error
 from .jetstream import Connection
 from .kv import DEFAULT_HISTORY, NatsMemory
 from .pool import acquire, release
+from .rawsub import RawSubscription, headers
 
 __all__ = ["NatsReplay", "open_replay"]
 
@@ -135,7 +136,8 @@ class NatsReplay:
         fetched ``_BATCH`` at a time: a delivered message carries only its own headers (origin,
         message id) and takes its sequence and time from the reply subject. A batch direct get
         carries eight more headers per message, and nats-py parses headers character by character
-        (measured: 6 of 8 s of a 20k-event replay went to that parse).
+        (measured: 6 of 8 s of a 20k-event replay went to that parse). The deliveries bypass
+        nats-py's ``Msg`` too (``rawsub``): 17k -> 42k events/s measured, same load.
         """
         config: dict[str, Any] = {
             "ack_policy": "none",
@@ -159,43 +161,44 @@ class NatsReplay:
                 return
             raise_api_error(created["error"])
         name, pending = created["name"], created["num_pending"]
-        arrived: deque[Msg | None] = deque()
+        # Deliveries as the parser gives them (rawsub): no nats-py Msg, no header parse beyond a
+        # split, handled in bursts (measured: 17k events/s through nats-py's Msg at load 19).
+        arrived: deque[tuple[bytes, bytes, bytes, bytes | None]] = deque()
         ready = asyncio.Event()
 
-        async def on_msg(m: Msg) -> None:
-            arrived.append(None if (m.headers and "Status" in m.headers and not m.data) else m)
+        def sink(subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+            arrived.append((subject, reply, data, hdr))
             ready.set()
 
-        inbox = conn.nc.new_inbox()
-        sub = await conn.nc.subscribe(inbox, cb=on_msg)
+        raw = await RawSubscription(conn.nc, conn.nc.new_inbox(), sink).start()
         try:
             left = pending
             while left > 0:
                 want = min(_BATCH, left)
                 req = msgspec.json.encode({"batch": want, "no_wait": True})
-                await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=inbox)
+                await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=raw.subject)
                 got = 0
                 while got < want:
                     while not arrived:  # one wait per burst, not per message
                         ready.clear()
                         async with asyncio.timeout(timeout):
                             await ready.wait()
-                    m = arrived.popleft()
-                    if m is None:
-                        break  # the server's "no more messages" (removed since, e.g. expired)
+                    subject, reply, data, hdr = arrived.popleft()
+                    if not reply:
+                        break  # a status: the server's "no more messages" (removed since, e.g. expired)
                     got += 1
-                    seq, ts = _ack_fields(m.reply)
+                    seq, ts = _ack_fields(reply.decode())
                     if isinstance(end, int) and seq > end:
                         return
                     t = _stored_time(ts)
                     if isinstance(end, datetime) and t > end:
                         return
-                    yield m.subject, seq, t, m.headers or {}, m.data
+                    yield subject.decode(), seq, t, headers(hdr), data
                 if got < want:
                     return
                 left -= got
         finally:
-            await sub.unsubscribe()
+            await raw.stop()
             await conn.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")  # else gone when inactive
 
     # -- replay ---------------------------------------------------------------------------------
