@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-__all__ = ["RawSubscription", "Sink", "headers", "status"]
+__all__ = ["RawSubscription", "Sink", "header", "headers", "status"]
 
 # subject, reply, data, raw header block (None: no headers)
 Sink = Callable[[bytes, bytes, bytes, "bytes | None"], None]
@@ -91,3 +91,17 @@ def headers(hdr: bytes | None) -> dict[str, str]:
         if sep:
             out[name.decode()] = value.strip().decode()
     return out
+
+
+def header(hdr: bytes | None, name: bytes) -> str | None:
+    """One header's value (the first, names as sent), found without parsing the rest: a bulk
+    read wants two or three names of each message (measured: a third of the per-event time of a
+    replay went to ``headers``)."""
+    if not hdr:
+        return None
+    i = hdr.find(b"\r\n" + name + b":")
+    if i < 0:
+        return None
+    i += len(name) + 3
+    j = hdr.find(b"\r\n", i)
+    return hdr[i : j if j >= 0 else len(hdr)].strip().decode()
