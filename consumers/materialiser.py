@@ -15,6 +15,7 @@ caught-up materialiser writes every batch at once (its lag is a batch).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -300,9 +301,15 @@ def _stored_time(m: Delivery) -> datetime:
     """The message's stored time exactly as a read of the log gives it (``parse_time`` of the
     RFC 3339 text): nats-py's ``metadata.timestamp`` goes through a float and was measured a
     microsecond off now and then. The ack subject carries the time in nanoseconds."""
-    ns = m.ts
-    whole = datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return parse_time(f"{whole}.{ns % 1_000_000_000:09d}Z")
+    seconds, fraction = divmod(m.ts, 1_000_000_000)
+    return parse_time(f"{_second(seconds)}.{fraction:09d}Z")
+
+
+@functools.lru_cache(maxsize=64)
+def _second(seconds: int) -> str:
+    """The RFC 3339 text of a whole second: formatted once per second of events, not per event
+    (strftime was 2.5 of the 4.6 µs of a stored time, measured)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _size(chunk: Chunk) -> int:

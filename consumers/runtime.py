@@ -201,6 +201,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
             subject = f"$JS.API.CONSUMER.MSG.NEXT.{source.stream}.{worker.durable}"
             request = msgspec.json.encode({"batch": worker.batch, "expires": int(FETCH_WAIT * 1e9)})
             sent = 0.0
+            active = time.monotonic()  # when a batch was last handled, or idle last called
             reconnects = nc.stats["reconnects"]
             try:
                 while not stop.is_set():
@@ -226,7 +227,10 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                         except TimeoutError:
                             pass
                         if not arrived:
-                            if not ready.is_set():  # nothing for FETCH_WAIT: idle
+                            # nothing for FETCH_WAIT (a wait, or a request that expired empty):
+                            # idle, as often as a fetch that finds nothing, no more
+                            if time.monotonic() - active >= FETCH_WAIT:
+                                active = time.monotonic()
                                 async with lock:
                                     await worker.idle()
                             continue
@@ -235,6 +239,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     caught_up = msgs[-1].pending == 0 and not arrived
                     async with lock:  # shielded: a stop never cuts a batch in half
                         await asyncio.shield(worker.handle(source, msgs, caught_up))
+                    active = time.monotonic()
             finally:
                 await inbox.stop()
 
