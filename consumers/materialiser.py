@@ -38,6 +38,10 @@ _PROBE_EVERY: Final = 1.0  # seconds between looks for a clear, per conversation
 _RECHECKS: Final = 20  # looks for the purge of a recorded clear (about 10 s while idle)
 _KEPT: Final = 10_000  # conversations whose state is kept in memory between flushes
 _PARALLEL: Final = 64  # conversations flushed at once
+# Merges per flush at most, fullest first (the rest while idle, or in later flushes): conversations
+# written at the same rate fill their level 0 together and merged all in one batch, delaying the
+# next one (measured: lag p99 478 ms inside the materialiser at 5k appends/s over 50 conversations).
+_MERGES: Final = 8
 _TITLE: Final = 80  # characters of the first user message kept as the title
 _FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top level
 _packer = msgspec.msgpack.Encoder()
@@ -91,9 +95,11 @@ class Materialiser(Worker):
     async def idle(self) -> None:
         await self.flush_all()
         await self._flush([c for c in self._convs.values() if c.recheck and not c.held])
+        await self._merges(len(self._convs))
 
     async def finish(self) -> None:
         await self.flush_all()
+        await self._merges(len(self._convs))
 
     async def flush_all(self) -> None:
         await self._flush([c for c in self._convs.values() if c.held or c.events])
@@ -101,6 +107,20 @@ class Materialiser(Worker):
     async def _flush(self, convs: list[_Conv]) -> None:
         for i in range(0, len(convs), _PARALLEL):
             await asyncio.gather(*(self._flush_one(c) for c in convs[i : i + _PARALLEL]))
+        await self._merges(_MERGES)
+
+    async def _merges(self, most: int) -> None:
+        """Merge the level 0 or 1 chunks of at most ``most`` conversations where they are full,
+        fullest first. A merge only compacts: the chain reads the same before and after."""
+        due = [c for c in self._convs.values() if c.loaded and max(c.counts[0], c.counts[1]) >= MERGE]
+        due.sort(key=lambda c: -max(c.counts[0], c.counts[1]))
+        for i in range(0, min(most, len(due)), _PARALLEL):
+            await asyncio.gather(*(self._merge_full(c) for c in due[i : min(most, i + _PARALLEL)]))
+
+    async def _merge_full(self, conv: _Conv) -> None:
+        for level in (0, 1):
+            if conv.counts[level] >= MERGE:
+                await self._merge(conv, level)
 
     async def _flush_one(self, conv: _Conv) -> None:
         held, conv.held = conv.held, []
@@ -229,12 +249,9 @@ class Materialiser(Worker):
             conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
 
     async def _write(self, conv: _Conv, chunk: Chunk) -> None:
-        """Write ``chunk`` (split to ``CHUNK_BYTES``) and merge level 0 or 1 when they are full."""
+        """Write ``chunk`` (split to ``CHUNK_BYTES``); full levels are merged by ``_merges``."""
         for piece in _pack([chunk]):
             await self._publish(conv, 2 if _size(piece) >= _FULL else 0, piece)
-        for level in (0, 1):
-            if conv.counts[level] >= MERGE:
-                await self._merge(conv, level)
 
     async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
         seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), None, 10.0)
