@@ -93,6 +93,25 @@ async def test_replay_filters_by_glob_sequence_and_time(url: str, namespace: str
         assert [e.value async for e in areplay(namespace + "x", url=url)] == []  # never written
 
 
+async def test_replay_from_an_events_own_time_starts_with_that_event(url: str, namespace: str) -> None:
+    """``start=e.time`` (a time a replay handed out, rounded to the microsecond from the stored
+    nanoseconds) yields ``e`` and everything after it, nothing before: the server is asked from
+    1 µs earlier and what precedes ``start`` is skipped. Some 16 events: about half are stored
+    in the upper half of their microsecond, whose rounded time is above the stored one."""
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        for i in range(12):
+            await m.set(f"k{i % 3}", i)
+            if i % 3 == 0:
+                await c.append({"i": i})
+        events = await _all(namespace, url)
+        assert len(events) == 16
+        for e in events:
+            got = await _all(namespace, url, start=e.time)
+            assert sorted((x.source, x.seq) for x in got) == sorted(
+                (x.source, x.seq) for x in events if x.time >= e.time
+            ), e
+
+
 def test_sync_faces_replay(url: str, namespace: str) -> None:
     with Memory(namespace, url=url) as m, ChatHistory("c", namespace=namespace, url=url) as c:
         m.set("k", "v1")

@@ -152,8 +152,13 @@ class NatsReplay:
             "mem_storage": True,
             "num_replicas": 1,
         }
-        if isinstance(start, datetime):
-            config.update(deliver_policy="by_start_time", opt_start_time=_rfc3339(start))
+        since = start if isinstance(start, datetime) else None
+        if since is not None:
+            # An event's time is its stored nanoseconds rounded to the µs (``_stored_time``), so
+            # the write at ``e.time`` may be stored up to 0.5 µs before it: asked from 1 µs
+            # earlier, and what still precedes ``start`` skipped below (measured: asked from
+            # ``e.time`` itself, a replay from an event's own time could leave that event out).
+            config.update(deliver_policy="by_start_time", opt_start_time=_rfc3339(since - timedelta(microseconds=1)))
         elif start:
             config.update(deliver_policy="by_start_sequence", opt_start_seq=start)
         else:
@@ -203,6 +208,8 @@ class NatsReplay:
                         if (by_seq and seq > end) or (by_time and t > end):  # type: ignore[operator]
                             done = True
                             break
+                        if since is not None and t < since:
+                            continue
                         burst.append((subject.decode(), seq, t, hdr, data))
                     if burst:
                         yield burst
