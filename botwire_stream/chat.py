@@ -365,7 +365,8 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         conversations that moved. The literal leading ``:``-segments of ``pattern`` narrow the
         search on the server; the cost is the last message of each matching conversation (one
         multi-last get, or the headers alone through a consumer beyond 1024 conversations) plus
-        one count request, whatever the page.
+        one count request, whatever the page; while the history materialiser is current, the
+        page comes from its summaries instead (costs the page), with the same answer.
         """
         keys.check_namespace(namespace)
         if not isinstance(pattern, str) or not pattern:
