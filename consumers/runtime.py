@@ -6,15 +6,14 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import deque
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 import msgspec
-
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -25,7 +24,8 @@ from botwire_stream.nats.chatlog import NatsChat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.kv import NatsMemory
 from botwire_stream.nats.pool import acquire, release
-from botwire_stream.nats.rawsub import RawSubscription, header, status as raw_status
+from botwire_stream.nats.rawsub import RawSubscription, header
+from botwire_stream.nats.rawsub import status as raw_status
 
 from .lock import hold
 
