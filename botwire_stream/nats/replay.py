@@ -40,7 +40,7 @@ from .errors import raise_api_error
 from .jetstream import Connection
 from .kv import DEFAULT_HISTORY, NatsMemory
 from .pool import acquire, release
-from .rawsub import RawSubscription, header
+from .rawsub import RawSubscription, header, status
 
 __all__ = ["NatsReplay", "open_replay"]
 
@@ -48,6 +48,7 @@ __all__ = ["NatsReplay", "open_replay"]
 # at its max_pending bytes, 64 MiB by default, and the pending count says when to page on).
 _BATCH: Final = 10_000
 _NS: Final = 1_000_000_000
+_INACTIVE: Final = 10.0  # seconds without a pull request before the server deletes a replay's consumer
 _MIN_DUPLICATE_WINDOW: Final = 120.0  # the chat stream's de-duplication window (s): capped by max_age
 
 
@@ -148,7 +149,7 @@ class NatsReplay:
         config: dict[str, Any] = {
             "ack_policy": "none",
             "filter_subject": subject_filter,
-            "inactive_threshold": 10 * _NS,
+            "inactive_threshold": int(_INACTIVE * _NS),
             "mem_storage": True,
             "num_replicas": 1,
         }
@@ -164,14 +165,22 @@ class NatsReplay:
         else:
             config["deliver_policy"] = "all"
         conn, timeout = self.conn, self.timeout
-        body = msgspec.json.encode({"stream_name": stream, "config": config})
-        resp = await conn.request(f"$JS.API.CONSUMER.CREATE.{stream}", body, None, timeout)
-        created: dict[str, Any] = msgspec.json.decode(resp.data)
-        if created.get("error"):
-            if created["error"].get("err_code") == 10059:  # no such stream: nothing was written
-                return
-            raise_api_error(created["error"])
-        name, pending = created["name"], created["num_pending"]
+
+        async def create() -> tuple[str, int] | None:
+            """A consumer from ``config``: its name and how many messages it has; None: no stream."""
+            body = msgspec.json.encode({"stream_name": stream, "config": config})
+            resp = await conn.request(f"$JS.API.CONSUMER.CREATE.{stream}", body, None, timeout)
+            created: dict[str, Any] = msgspec.json.decode(resp.data)
+            if created.get("error"):
+                if created["error"].get("err_code") == 10059:  # no such stream: nothing was written
+                    return None
+                raise_api_error(created["error"])
+            return created["name"], created["num_pending"]
+
+        made = await create()
+        if made is None:
+            return
+        name, left = made
         # Deliveries as the parser gives them (rawsub): no nats-py Msg, no header parse beyond a
         # split, handled in bursts (measured: 17k events/s through nats-py's Msg at load 19).
         arrived: deque[tuple[bytes, bytes, bytes, bytes | None]] = deque()
@@ -182,15 +191,17 @@ class NatsReplay:
             ready.set()
 
         raw = await RawSubscription(conn.nc, conn.nc.new_inbox(), sink).start()
+        by_seq, by_time = isinstance(end, int), isinstance(end, datetime)
+        last = 0  # the stream sequence of the last message delivered
+        resumed = 0  # consumers made again in a row without a delivery
         try:
-            left = pending
             while left > 0:
                 want = min(_BATCH, left)
                 req = msgspec.json.encode({"batch": want, "no_wait": True})
                 await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=raw.subject)
                 got = 0
-                by_seq, by_time = isinstance(end, int), isinstance(end, datetime)
-                while got < want:
+                gone = False
+                while got < want and not gone:
                     while not arrived:  # one wait per burst, not per message
                         ready.clear()
                         async with asyncio.timeout(timeout):
@@ -200,10 +211,18 @@ class NatsReplay:
                     while arrived and got < want:
                         subject, reply, data, hdr = arrived.popleft()
                         if not reply:
-                            done = True  # a status: the server's "no more messages" (removed since)
+                            code = status(hdr, data)
+                            if code == 503 or (code == 409 and hdr is not None and b"Deleted" in hdr):
+                                gone = True  # the consumer is gone: made again below
+                            elif code in (404, 408):
+                                done = True  # no more messages (removed since the scan began)
+                            else:
+                                raise BotWireError(f"the server stopped the replay of {stream}: {(hdr or b'').decode(errors='replace').strip()}")
                             break
                         got += 1
+                        resumed = 0
                         seq, ts = _ack_fields(reply.decode())
+                        last = seq
                         t = _stored_time(ts)
                         if (by_seq and seq > end) or (by_time and t > end):  # type: ignore[operator]
                             done = True
@@ -215,9 +234,23 @@ class NatsReplay:
                         yield burst
                     if done:
                         return
-                if got < want:
-                    return
                 left -= got
+                if gone:
+                    # The server deletes a consumer _INACTIVE s after its last pull request: the
+                    # reader paused that long (or a merge read the other log first, measured: a
+                    # 1M-event replay lost all but the first 10k messages). Made again from the
+                    # next sequence, for what is left of the count taken when the scan began.
+                    resumed += 1
+                    if resumed > 3:
+                        raise BotWireError(f"the replay's consumer of {stream} keeps disappearing")
+                    if last:
+                        config.pop("opt_start_time", None)
+                        config.update(deliver_policy="by_start_sequence", opt_start_seq=last + 1)
+                    made = await create()
+                    if made is None:
+                        return
+                    name, pending = made
+                    left = min(left, pending)
         finally:
             await raw.stop()
             await conn.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")  # else gone when inactive
