@@ -194,14 +194,15 @@ class NatsReplay:
         by_seq, by_time = isinstance(end, int), isinstance(end, datetime)
         last = 0  # the stream sequence of the last message delivered
         resumed = 0  # consumers made again in a row without a delivery
+        stalls = 0  # requests in a row answered "no messages" while the consumer has some
         try:
             while left > 0:
                 want = min(_BATCH, left)
                 req = msgspec.json.encode({"batch": want, "no_wait": True})
                 await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", req, reply=raw.subject)
                 got = 0
-                gone = False
-                while got < want and not gone:
+                gone = cut = False
+                while got < want and not gone and not cut:
                     while not arrived:  # one wait per burst, not per message
                         ready.clear()
                         async with asyncio.timeout(timeout):
@@ -215,7 +216,7 @@ class NatsReplay:
                             if code == 503 or (code == 409 and hdr is not None and b"Deleted" in hdr):
                                 gone = True  # the consumer is gone: made again below
                             elif code in (404, 408):
-                                done = True  # no more messages (removed since the scan began)
+                                cut = True  # no more messages now: the end, or cut short (below)
                             else:
                                 raise BotWireError(f"the server stopped the replay of {stream}: {(hdr or b'').decode(errors='replace').strip()}")
                             break
@@ -235,6 +236,23 @@ class NatsReplay:
                     if done:
                         return
                 left -= got
+                if cut and left > 0:
+                    # A no_wait request can end in "404 No Messages" while more are stored
+                    # (measured: 7,313 of 10,000 delivered, 420k left, nats-server 2.15 at load
+                    # 15): the consumer's own count says whether the scan is done.
+                    resp = await conn.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", None, timeout)
+                    info: dict[str, Any] = msgspec.json.decode(resp.data)
+                    if info.get("error"):
+                        gone = True
+                    elif not info.get("num_pending"):
+                        return  # removed since the scan began
+                    elif got == 0:
+                        stalls += 1
+                        if stalls > 50:
+                            raise BotWireError(f"the replay of {stream} gets no messages though {info['num_pending']} are pending")
+                        await asyncio.sleep(0.01 * stalls)
+                if got:
+                    stalls = 0
                 if gone:
                     # The server deletes a consumer _INACTIVE s after its last pull request: the
                     # reader paused that long (or a merge read the other log first, measured: a
