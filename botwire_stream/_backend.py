@@ -436,6 +436,12 @@ class ReplayBackend(Protocol):
         """Record that the conversation is being cleared (before its messages are removed)."""
         ...
 
+    async def ensure_events(self) -> None:
+        """Make the namespace's conversation log carry the events that are not messages
+        (summaries, clears): a log made by an older version lacks them. A consumer of those
+        events calls it before subscribing; ``add_summary``/``record_clear`` call it themselves."""
+        ...
+
     async def retention(self) -> RetentionState: ...
 
     async def set_retention(self, key_history: int | None, log_messages: int | None, log_age: float | None) -> None:
@@ -446,10 +452,13 @@ class ReplayBackend(Protocol):
 
 
 async def open_replay(opts: ConnectOptions, namespace: str, *, timeout: float) -> ReplayBackend:
-    """The replay backend for ``opts``: over NATS only (the HTTP API has no replay yet)."""
+    """The replay backend for ``opts`` (by ``opts.transport``); over HTTP, replay and past
+    states only (summaries, clear records and retention are NATS-only)."""
     _check_transport(opts)
-    if opts.transport != "nats":
-        raise InvalidArgument("replay, time travel and retention are served over NATS, not over HTTP")
+    if opts.transport == "http":
+        from .http.replay import open_replay as open_http
+
+        return await open_http(opts, namespace, timeout=timeout)
     from .nats.replay import open_replay as open_nats
 
     return await open_nats(opts, namespace, timeout=timeout)

@@ -37,6 +37,7 @@ __all__ = [
     "check_retention",
     "check_time",
     "parse_when",
+    "raw_events",
 ]
 
 MAX_KEY_HISTORY: Final = 64  # the most revisions per key a KV bucket keeps (nats-server's limit)
@@ -170,19 +171,30 @@ async def _merge(a: AsyncIterator[RawEvent], b: AsyncIterator[RawEvent]) -> Asyn
             y = await anext(b, None)
 
 
+def raw_events(
+    backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
+) -> AsyncIterator[RawEvent]:
+    """The stored events of ``backend``'s namespace, undecoded (what ``botwire serve`` streams),
+    keys and conversations merged by time; arguments already checked."""
+    if keys is not None and conversations is not None:
+        return _merge(backend.key_events(keys, start, end), backend.chat_events(conversations, start, end))
+    if keys is not None:
+        return backend.key_events(keys, start, end)
+    if conversations is not None:
+        return backend.chat_events(conversations, start, end)
+    return _nothing()
+
+
+async def _nothing() -> AsyncIterator[RawEvent]:
+    return
+    yield
+
+
 async def events(
     backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
 ) -> AsyncIterator[Event]:
     """The events of ``backend``'s namespace (see ``areplay``), arguments already checked."""
-    if keys is not None and conversations is not None:
-        merged = _merge(backend.key_events(keys, start, end), backend.chat_events(conversations, start, end))
-    elif keys is not None:
-        merged = backend.key_events(keys, start, end)
-    elif conversations is not None:
-        merged = backend.chat_events(conversations, start, end)
-    else:
-        return
-    async for raw in merged:
+    async for raw in raw_events(backend, start=start, end=end, keys=keys, conversations=conversations):
         yield to_event(raw)
 
 

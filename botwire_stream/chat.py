@@ -21,6 +21,7 @@ import msgspec
 
 from . import codec, keys
 from ._backend import ChatLog, Feed, LogEntry, ReplayBackend, open_chat, open_replay
+from .audit import Event, to_event
 from .client import StreamClient, check_options, running_loop
 from .errors import InvalidArgument, InvalidMessage, QuotaExceeded, ValueTooLarge
 from .live import LiveIterator
@@ -280,7 +281,9 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         Append-only: the messages stay (for replay and audit); ``messages(window=N)`` then returns
         the summary and the messages after ``upto``. A ``str`` summary is stored as the message
         ``{"role": "system", "content": summary}``. ``upto`` must be one of this conversation's
-        sequences (``InvalidArgument``, nothing written); over NATS only.
+        sequences (``InvalidArgument``, nothing written); over NATS only. A summary for an
+        ``upto`` already summarised within the last 2 minutes (the log's de-duplication window)
+        is a retry: nothing is stored, the first one's sequence is returned.
         """
         if isinstance(summary, str):
             if not summary:
@@ -293,6 +296,14 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         log = await self._connection()
         self._check_size(log, data)
         return await (await self._replayer()).add_summary(self.session_id, data, seq)
+
+    async def last_summary(self) -> Event | None:
+        """The latest summary recorded by ``compact`` still in force (None: none, or cleared since):
+        its ``value`` is the summary message, ``upto`` the last sequence it covers (what a
+        compaction worker continues from). Over NATS only (``InvalidArgument`` over HTTP)."""
+        await self._connection()
+        raw = await (await self._replayer()).last_summary(self.session_id)
+        return None if raw is None else to_event(raw)
 
     async def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with their sequence and time; ``after`` a sequence, ``last`` N of them."""
@@ -354,7 +365,8 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         conversations that moved. The literal leading ``:``-segments of ``pattern`` narrow the
         search on the server; the cost is the last message of each matching conversation (one
         multi-last get, or the headers alone through a consumer beyond 1024 conversations) plus
-        one count request, whatever the page.
+        one count request, whatever the page; while the history materialiser is current, the
+        page comes from its summaries instead (costs the page), with the same answer.
         """
         keys.check_namespace(namespace)
         if not isinstance(pattern, str) or not pattern:

@@ -247,6 +247,10 @@ class ChatHistory:
         """Record a summary covering the messages up to ``upto`` (the messages stay)."""
         return call(partial(self._core.compact, upto=upto), summary)
 
+    def last_summary(self) -> Event | None:
+        """The latest summary recorded by ``compact`` still in force (None: none)."""
+        return call(self._core.last_summary)
+
     def entries(self, after: int | None = None, last: int | None = None) -> list[Entry]:
         """Messages with sequence and time."""
         return call(self._core.entries, after, last)

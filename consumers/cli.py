@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -40,18 +40,34 @@ def _go(coro: Coroutine[Any, Any, None]) -> None:
 
 
 _url_option = click.option("--url", metavar="URL", default=None, help="nats:// server (default: as for botwire).")
-_ns_option = click.option(
-    "--namespace",
-    "-n",
-    "namespaces",
-    multiple=True,
-    metavar="NAME",
-    help="Namespace (repeatable where it makes sense).",
-)
-_batch_option = click.option(
-    "--batch", default=None, type=click.IntRange(min=1), help="Events fetched at once (default: the consumer's own)."
-)
-_name_option = click.option("--name", default=None, help="Consumer id, to run several of one kind (botwire-KIND-NAME).")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _worker_options(*, one_namespace: bool = False) -> Callable[[_F], _F]:
+    """The options every worker command takes: --url, --namespace/-n (one, passed as
+    ``namespace``, or repeatable, passed as ``namespaces``), --name and --batch."""
+    if one_namespace:
+        ns = click.option(
+            "--namespace", "-n", "namespace", metavar="NAME", default=None, help="The namespace to materialise."
+        )
+    else:
+        ns = click.option(
+            "--namespace",
+            "-n",
+            "namespaces",
+            multiple=True,
+            metavar="NAME",
+            help="Namespace (repeatable where it makes sense).",
+        )
+    name = click.option("--name", default=None, help="Consumer id, to run several of one kind (botwire-KIND-NAME).")
+    batch = click.option(
+        "--batch", default=None, type=click.IntRange(min=1), help="Events fetched at once (default: the consumer's own)."
+    )
+
+    def apply(f: _F) -> _F:
+        return _url_option(ns(name(batch(f))))
+
+    return apply
 
 
 @click.group(name="consume")
@@ -76,10 +92,7 @@ def _start(ctx: click.Context, worker: Worker, url: str | None, batch: int | Non
 
 
 @consume.command()
-@_url_option
-@click.option("--namespace", "-n", "namespace", metavar="NAME", default=None, help="The namespace to materialise.")
-@_name_option
-@_batch_option
+@_worker_options(one_namespace=True)
 @click.pass_context
 def materialise(
     ctx: click.Context, url: str | None, namespace: str | None, name: str | None, batch: int | None
@@ -91,10 +104,7 @@ def materialise(
 
 
 @consume.command()
-@_url_option
-@_ns_option
-@_name_option
-@_batch_option
+@_worker_options()
 @click.option(
     "--summarise",
     "summariser",
@@ -150,13 +160,10 @@ def compact(
 
 
 @consume.command()
-@_url_option
-@_ns_option
-@_name_option
+@_worker_options()
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Where the files go.")
 @click.option("--gzip", "compress", is_flag=True, help="Compress each file once it is rotated (.jsonl.gz).")
 @click.option("--rotate-bytes", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=1024))
-@_batch_option
 @click.option(
     "--progress/--no-progress", default=None, help="A progress bar while catching up (default: on a terminal)."
 )
@@ -187,10 +194,7 @@ def audit(
 
 
 @consume.command()
-@_url_option
-@_ns_option
-@_name_option
-@_batch_option
+@_worker_options()
 @click.option("--match", "pattern", default="*", show_default=True, help="Key or conversation glob.")
 @click.option("--to", "target", required=True, help="The URL events are POSTed to.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), required=True, help="HMAC-SHA256 key.")

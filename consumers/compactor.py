@@ -112,15 +112,14 @@ class Compactor(Worker):
 
     async def _look(self, namespace: str, session_id: str) -> None:
         async with AsyncChatHistory(session_id, namespace=namespace, url=self.url) as chat:
-            replay = await chat._replayer()
-            last = await replay.last_summary(session_id)
+            last = await chat.last_summary()
             entries = await chat.entries(after=None if last is None else last.upto)
             if not self._over([e.message for e in entries]):
                 return
             todo = entries[: len(entries) - self.keep] if self.keep else entries
             if not todo:
                 return
-            head = [] if last is None or last.data is None else [msgspec.json.decode(last.data)]
+            head = [] if last is None or last.value is None else [last.value]
             summary = await self._call(head + [e.message for e in todo])
             await chat.compact(summary, upto=todo[-1].seq)
             self.recorded += 1

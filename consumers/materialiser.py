@@ -15,20 +15,20 @@ caught-up materialiser writes every batch at once (its lag is a batch).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
-from nats.aio.msg import Msg
 
 from botwire_stream import keys
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, Summary
 from botwire_stream.times import parse_time
 
-from .runtime import Source, Worker
+from .runtime import Delivery, Source, Worker
 
 __all__ = ["Materialiser"]
 
@@ -38,6 +38,10 @@ _PROBE_EVERY: Final = 1.0  # seconds between looks for a clear, per conversation
 _RECHECKS: Final = 20  # looks for the purge of a recorded clear (about 10 s while idle)
 _KEPT: Final = 10_000  # conversations whose state is kept in memory between flushes
 _PARALLEL: Final = 64  # conversations flushed at once
+# Merges per flush at most, fullest first (the rest while idle, or in later flushes): conversations
+# written at the same rate fill their level 0 together and merged all in one batch, delaying the
+# next one (measured: lag p99 478 ms inside the materialiser at 5k appends/s over 50 conversations).
+_MERGES: Final = 8
 _TITLE: Final = 80  # characters of the first user message kept as the title
 _FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top level
 _packer = msgspec.msgpack.Encoder()
@@ -52,8 +56,8 @@ class _Conv:
     counts: list[int] = field(default_factory=lambda: [0] * LEVELS)
     summary: Summary | None = None
     first_seq: int | None = None  # the first raw sequence the chain and summary count
-    held: list[Msg] = field(default_factory=list)
-    events: list[Msg] = field(default_factory=list)  # summaries and clears: never messages
+    held: list[Delivery] = field(default_factory=list)
+    events: list[Delivery] = field(default_factory=list)  # summaries and clears: never messages
     recheck: int = 0  # looks left for a recorded clear's purge (it is recorded just before it)
     probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
 
@@ -63,6 +67,7 @@ class Materialiser(Worker):
 
     kind = "materialise"
     batch = 1000
+    raw = True  # measured: half its time went to nats-py's Msg, header parse and fetch per event
     max_ack_pending = MAX_HELD + 1000
 
     def __init__(self, namespace: str, *, name: str | None = None) -> None:
@@ -74,7 +79,7 @@ class Materialiser(Worker):
     async def setup(self) -> None:
         await self.conn.ensure_stream(mat.mat_config(self.namespace))
 
-    async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
+    async def handle(self, source: Source, msgs: list[Delivery], caught_up: bool) -> None:
         for m in msgs:
             is_event, token = source.token(m)
             conv = self._convs.get(token)
@@ -90,9 +95,11 @@ class Materialiser(Worker):
     async def idle(self) -> None:
         await self.flush_all()
         await self._flush([c for c in self._convs.values() if c.recheck and not c.held])
+        await self._merges(len(self._convs))
 
     async def finish(self) -> None:
         await self.flush_all()
+        await self._merges(len(self._convs))
 
     async def flush_all(self) -> None:
         await self._flush([c for c in self._convs.values() if c.held or c.events])
@@ -100,15 +107,29 @@ class Materialiser(Worker):
     async def _flush(self, convs: list[_Conv]) -> None:
         for i in range(0, len(convs), _PARALLEL):
             await asyncio.gather(*(self._flush_one(c) for c in convs[i : i + _PARALLEL]))
+        await self._merges(_MERGES)
+
+    async def _merges(self, most: int) -> None:
+        """Merge the level 0 or 1 chunks of at most ``most`` conversations where they are full,
+        fullest first. A merge only compacts: the chain reads the same before and after."""
+        due = [c for c in self._convs.values() if c.loaded and max(c.counts[0], c.counts[1]) >= MERGE]
+        due.sort(key=lambda c: -max(c.counts[0], c.counts[1]))
+        for i in range(0, min(most, len(due)), _PARALLEL):
+            await asyncio.gather(*(self._merge_full(c) for c in due[i : min(most, i + _PARALLEL)]))
+
+    async def _merge_full(self, conv: _Conv) -> None:
+        for level in (0, 1):
+            if conv.counts[level] >= MERGE:
+                await self._merge(conv, level)
 
     async def _flush_one(self, conv: _Conv) -> None:
         held, conv.held = conv.held, []
         events, conv.events = conv.events, []
         if not conv.loaded:
             await self._load(conv)
-        fresh = sorted({m.metadata.sequence.stream: m for m in held}.items())
+        fresh = sorted({m.seq: m for m in held}.items())
         fresh = [(seq, m) for seq, m in fresh if seq > conv.covered]  # redelivered: already in a chunk
-        if any((m.headers or {}).get("Botwire-Event") == "clear" for m in events):
+        if any(m.header(b"Botwire-Event") == "clear" for m in events):
             # A clear is recorded, then done: look for it now, and again while idle for a while
             # (each FETCH_WAIT), so the summary says "cleared" without waiting for a new message.
             conv.recheck = _RECHECKS
@@ -143,7 +164,7 @@ class Materialiser(Worker):
     def _chunk_subject(self, conv: _Conv, level: int) -> str:
         return mat.chunk_subject(self.namespace, level, conv.token)
 
-    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Msg]]) -> None:
+    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Delivery]]) -> None:
         """Write the delivered messages after ``covered`` as a chunk.
 
         They are every message of the conversation after ``covered``: a pull consumer delivers
@@ -228,12 +249,9 @@ class Materialiser(Worker):
             conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
 
     async def _write(self, conv: _Conv, chunk: Chunk) -> None:
-        """Write ``chunk`` (split to ``CHUNK_BYTES``) and merge level 0 or 1 when they are full."""
+        """Write ``chunk`` (split to ``CHUNK_BYTES``); full levels are merged by ``_merges``."""
         for piece in _pack([chunk]):
             await self._publish(conv, 2 if _size(piece) >= _FULL else 0, piece)
-        for level in (0, 1):
-            if conv.counts[level] >= MERGE:
-                await self._merge(conv, level)
 
     async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
         seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), None, 10.0)
@@ -296,15 +314,19 @@ class Materialiser(Worker):
         )
 
 
-def _stored_time(m: Msg) -> datetime:
+def _stored_time(m: Delivery) -> datetime:
     """The message's stored time exactly as a read of the log gives it (``parse_time`` of the
     RFC 3339 text): nats-py's ``metadata.timestamp`` goes through a float and was measured a
-    microsecond off now and then. The ack subject carries the time in nanoseconds (the 8th
-    token, or the 10th in the longer form with domain and account)."""
-    tokens = (m.reply or "").split(".")
-    ns = int(tokens[7] if len(tokens) == 9 else tokens[9])
-    whole = datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return parse_time(f"{whole}.{ns % 1_000_000_000:09d}Z")
+    microsecond off now and then. The ack subject carries the time in nanoseconds."""
+    seconds, fraction = divmod(m.ts, 1_000_000_000)
+    return parse_time(f"{_second(seconds)}.{fraction:09d}Z")
+
+
+@functools.lru_cache(maxsize=64)
+def _second(seconds: int) -> str:
+    """The RFC 3339 text of a whole second: formatted once per second of events, not per event
+    (strftime was 2.5 of the 4.6 µs of a stored time, measured)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _size(chunk: Chunk) -> int:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -20,8 +24,12 @@ from botwire_stream.nats.chatlog import NatsChat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.kv import NatsMemory
 from botwire_stream.nats.pool import acquire, release
+from botwire_stream.nats.rawsub import RawSubscription, header
+from botwire_stream.nats.rawsub import status as raw_status
 
-__all__ = ["ConsumerStatus", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
+from .lock import hold
+
+__all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
 
 PREFIX: Final = "botwire-"  # every consumer this package makes is named botwire-<kind>[-<id>]
 _ACK_WAIT: Final = 60.0  # seconds before an unacknowledged event is delivered again
@@ -41,12 +49,39 @@ class Source:
     # (``botwire.<ns>.chatev.<id>``, nats/replay.py), consumed with the messages in stream order.
     events: str = ""
 
-    def token(self, m: Msg) -> tuple[bool, str]:
+    def token(self, m: Msg | Delivery) -> tuple[bool, str]:
         """Whether ``m`` is a conversation event (a summary or a clear, not a message or a key
         write), and the subject tokens of its key or conversation."""
         if self.events and m.subject.startswith(self.events):
             return True, m.subject[len(self.events) :]
         return False, m.subject[len(self.subject) - 1 :]
+
+
+class Delivery:
+    """One event as a raw batch pull delivers it (``Worker.raw``): what a worker reads of it, with
+    no nats-py ``Msg`` and no header parse (``botwire_stream.nats.rawsub``). The stream sequence,
+    stored time (ns) and pending count come from the reply subject,
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`` (or 12 tokens, with
+    domain and account hash after ``$JS.ACK`` and a random token at the end)."""
+
+    __slots__ = ("_nc", "data", "hdr", "pending", "reply", "seq", "subject", "ts")
+
+    def __init__(self, nc: Any, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        self._nc = nc
+        self.subject = subject.decode()
+        self.reply = reply.decode()
+        self.data = data
+        self.hdr = hdr
+        t = self.reply.split(".")
+        i = 5 if len(t) == 9 else 7
+        self.seq, self.ts, self.pending = int(t[i]), int(t[i + 2]), int(t[i + 3])
+
+    def header(self, name: bytes) -> str | None:
+        return header(self.hdr, name)
+
+    async def ack(self) -> None:
+        """Acknowledge (explicit ack policy: this event only)."""
+        await self._nc.publish(self.reply, b"+ACK")
 
 
 def kv_source(conn: Connection, namespace: str) -> Source:
@@ -64,6 +99,9 @@ class Worker(ABC):
 
     kind: str = "worker"
     batch: int = 500
+    # True: ``handle`` gets ``Delivery`` objects from a raw batch pull (no nats-py Msg per event,
+    # events handed over as they arrive rather than per fetch); False: nats-py ``Msg``s.
+    raw: bool = False
     # Events delivered and not yet acknowledged, at most: the server stops delivering beyond, so
     # this bounds what a worker holds in memory (-1, unlimited, is kept as such by nats-server 2.15).
     max_ack_pending: int = 10_000
@@ -80,8 +118,9 @@ class Worker(ABC):
         """Prepare before the first batch (the connection is open)."""
 
     @abstractmethod
-    async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
-        """Process ``msgs`` (in stream order) and acknowledge each one once it is safe.
+    async def handle(self, source: Source, msgs: list[Any], caught_up: bool) -> None:
+        """Process ``msgs`` (in stream order; ``Msg``s, or ``Delivery``s for a ``raw`` worker)
+        and acknowledge each one once it is safe.
         ``caught_up``: nothing more was pending when the last of them was delivered."""
 
     async def idle(self) -> None:
@@ -103,7 +142,7 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
     if source.events:
         from botwire_stream.nats.replay import NatsReplay
 
-        await NatsReplay(conn, source.namespace, 5.0)._ensure_events()  # a stream made before it lacks it
+        await NatsReplay(conn, source.namespace, 5.0).ensure_events()  # a stream made before it lacks it
         config.name = worker.durable
         config.filter_subjects = [source.subject, source.events + ">"]
         # created, or updated from the single filter of a consumer made before the events
@@ -135,9 +174,80 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     makers = {"keys": kv_source, "chat": chat_source}
     worker.sources = [makers[k](conn, ns) for ns in worker.namespaces for k in worker.kinds]
     lock = asyncio.Lock()
+    instance = contextlib.AsyncExitStack()
     try:
+        # one process per consumer name (consumers/lock.py): a second one is refused, Conflict
+        await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
+        if worker.raw:
+            for _, sub in subs:  # the durable consumer stays; its deliveries come to raw_pump's inbox
+                await sub.unsubscribe()
+
+        async def raw_pump(source: Source) -> None:
+            """Batch pull requests answered on a raw inbox: a long poll of ``batch`` events
+            (expires ``FETCH_WAIT``) kept outstanding, the events handled as they arrive."""
+            arrived: deque[Delivery] = deque()
+            ready = asyncio.Event()
+            state = {"done": True}  # the outstanding request ended (satisfied, expired, refused)
+            nc = conn.nc
+
+            def sink(subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+                if reply:
+                    arrived.append(Delivery(nc, subject, reply, data, hdr))
+                    got[0] += 1
+                    if got[0] >= worker.batch:
+                        state["done"] = True
+                elif raw_status(hdr, data) != 100:  # 408 expired, 409 refused/changed; 100 heartbeat
+                    state["done"] = True
+                ready.set()
+
+            got = [0]
+            inbox = await RawSubscription(nc, nc.new_inbox(), sink).start()
+            subject = f"$JS.API.CONSUMER.MSG.NEXT.{source.stream}.{worker.durable}"
+            request = msgspec.json.encode({"batch": worker.batch, "expires": int(FETCH_WAIT * 1e9)})
+            sent = 0.0
+            active = time.monotonic()  # when a batch was last handled, or idle last called
+            reconnects = nc.stats["reconnects"]
+            try:
+                while not stop.is_set():
+                    if nc.stats["reconnects"] != reconnects and nc.is_connected:
+                        try:  # as in pump: resume from the ack floor at once
+                            await conn.js.reset_consumer(source.stream, worker.durable)
+                            reconnects = nc.stats["reconnects"]
+                            state["done"] = True  # the server forgot the request
+                        except (nats.errors.Error, asyncio.TimeoutError):
+                            await asyncio.sleep(0.2)
+                            continue
+                    now = time.monotonic()
+                    # a request lost with a connection never answers: asked again after 2x expires
+                    if state["done"] or now - sent > 2 * FETCH_WAIT + 1:
+                        if nc.is_connected:
+                            state["done"], got[0], sent = False, 0, now
+                            await nc.publish(subject, request, reply=inbox.subject)
+                    if not arrived:
+                        ready.clear()
+                        try:
+                            async with asyncio.timeout(FETCH_WAIT):
+                                await ready.wait()
+                        except TimeoutError:
+                            pass
+                        if not arrived:
+                            # nothing for FETCH_WAIT (a wait, or a request that expired empty):
+                            # idle, as often as a fetch that finds nothing, no more
+                            if time.monotonic() - active >= FETCH_WAIT:
+                                active = time.monotonic()
+                                async with lock:
+                                    await worker.idle()
+                            continue
+                    n = min(len(arrived), worker.batch)
+                    msgs = [arrived.popleft() for _ in range(n)]
+                    caught_up = msgs[-1].pending == 0 and not arrived
+                    async with lock:  # shielded: a stop never cuts a batch in half
+                        await asyncio.shield(worker.handle(source, msgs, caught_up))
+                    active = time.monotonic()
+            finally:
+                await inbox.stop()
 
         async def pump(source: Source, sub: Any) -> None:
             reconnects = conn.nc.stats["reconnects"]
@@ -165,7 +275,10 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                 async with lock:  # shielded: a stop never cuts a batch in half
                     await asyncio.shield(worker.handle(source, msgs, caught_up))
 
-        await asyncio.gather(*(pump(s, sub) for s, sub in subs))
+        if worker.raw:
+            await asyncio.gather(*(raw_pump(s) for s, _ in subs))
+        else:
+            await asyncio.gather(*(pump(s, sub) for s, sub in subs))
         async with lock:
             await worker.finish()
         await conn.nc.flush(timeout=5)  # the last acknowledgements are on the wire before exit
@@ -175,6 +288,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+        await instance.aclose()
         await release(conn)
 
 

@@ -8,7 +8,9 @@ import asyncio
 
 import nats
 import nats.aio.msg
+import pytest
 
+from botwire_stream.nats.rawsub import RawSubscription
 from botwire_stream.nats.replies import _ReplyMux, parse_headers, route_replies
 
 
@@ -57,11 +59,9 @@ async def test_routed_replies_skip_nats_py_and_other_subscriptions_do_not(url: s
     ``Msg`` through its own callback."""
     nc = await nats.connect(url)
     try:
-        route_replies(nc)
-        route_replies(nc)  # idempotent: not wrapped twice
-        assert getattr(nc._process_msg, "botwire_routes", False)
         mux = _ReplyMux(nc.new_inbox() + ".", asyncio.get_running_loop(), nc)
-        await nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
+        await route_replies(nc, mux)
+        assert getattr(nc._process_msg, "botwire_routes", False)
         plain: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
 
         async def on_plain(m: nats.aio.msg.Msg) -> None:
@@ -88,5 +88,58 @@ async def test_routed_replies_skip_nats_py_and_other_subscriptions_do_not(url: s
         await asyncio.wait_for(collector.done_future, 5.0)
         assert (collector.batch.pending, collector.batch.last_seq) == (3, 9)
         assert mux.waiting == {}
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("raw_first", [False, True])
+async def test_one_dispatch_serves_the_reply_inbox_raw_subscriptions_and_nats_py(url: str, raw_first: bool) -> None:
+    """Replay/materialiser reads (``RawSubscription``) and the shared reply inbox
+    (``route_replies``) on one connection, set up in either order: one ``_process_msg``
+    replacement over nats-py's own routes each message by sid, so the reply reaches its request,
+    the raw subscription gets its bytes, an ordinary subscription still gets nats-py's ``Msg``,
+    and the client's message counters count every message once."""
+    nc = await nats.connect(url)
+    raw_got: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+    mux = _ReplyMux(nc.new_inbox() + ".", asyncio.get_running_loop(), nc)
+    try:
+        nats_py_own = nc._process_msg
+        raw = RawSubscription(nc, nc.new_inbox(), lambda s, r, d, h: raw_got.append((s, r, d, h)))
+        if raw_first:
+            await raw.start()
+            await route_replies(nc, mux)
+        else:
+            await route_replies(nc, mux)
+            await raw.start()
+        hook = nc._process_msg
+        await RawSubscription(nc, nc.new_inbox(), lambda *a: None).start()  # a second: same hook
+        assert nc._process_msg is hook
+        # one layer: the hook falls back to nats-py's own method, not to another hook
+        fallback = [c.cell_contents for c in hook.__closure__ or () if callable(c.cell_contents)]
+        assert nats_py_own in fallback and not any(getattr(f, "botwire_routes", False) for f in fallback)
+        plain: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
+
+        async def on_plain(m: nats.aio.msg.Msg) -> None:
+            await plain.put(m)
+
+        await nc.subscribe("plain.subject", cb=on_plain)
+        before = nc.stats["in_msgs"]
+        reply, future = mux.expect(5.0)
+        await nc.publish(raw.subject, b"raw", reply="r.1", headers={"Botwire-Origin": "h/1"})
+        await nc.publish(reply, b"answer", headers={"Nats-Sequence": "3"})
+        await nc.publish("plain.subject", b"p", headers={"K": "v"})
+        got = await asyncio.wait_for(future, 5.0)
+        assert (got.data, got.headers) == (b"answer", {"Nats-Sequence": "3"})
+        m = await asyncio.wait_for(plain.get(), 5.0)
+        assert (m.data, m.headers) == (b"p", {"K": "v"})
+        assert [(s, r, d, parse_headers(h or b"")) for s, r, d, h in raw_got] == [
+            (raw.subject.encode(), b"r.1", b"raw", {"Botwire-Origin": "h/1"})
+        ]
+        assert nc.stats["in_msgs"] - before == 3
+        await raw.stop()  # back to nats-py, which drops it once unsubscribed; the rest unchanged
+        reply, future = mux.expect(5.0)
+        await nc.publish(reply, b"again")
+        assert (await asyncio.wait_for(future, 5.0)).data == b"again"
+        assert len(raw_got) == 1
     finally:
         await nc.close()

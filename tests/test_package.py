@@ -229,3 +229,42 @@ def test_consumers_import_only_downward() -> None:
             if _is_under(n, f"botwire_stream.{above}")
         )
         assert bad == [], f"consumers/{path.name} imports {bad}"
+
+
+def _private_names(root: pathlib.Path) -> set[str]:
+    """The ``_``-prefixed (not dunder) functions, methods and attributes defined under ``root``."""
+    found: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = node.name
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                name = node.attr
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                name = node.id
+            if name and name.startswith("_") and not name.startswith("__"):
+                found.add(name)
+    return found
+
+
+def test_consumers_use_only_public_names_of_botwire_stream() -> None:
+    # consumers/ is a client of the library: it imports no private module or name of
+    # botwire_stream (its _backend protocols excepted) and calls no private helper of it
+    # (compaction once read summaries through AsyncChatHistory._replayer, the runtime added the
+    # events subject through NatsReplay._ensure_events).
+    root = _PACKAGE.parent / "consumers"
+    theirs = _private_names(_PACKAGE) - _private_names(root)
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and _is_under(node.module or "", "botwire_stream"):
+                parts = (node.module or "").split(".") + [a.name for a in node.names]
+                bad = [p for p in parts if p.startswith("_") and p != "_backend"]
+                assert bad == [], f"consumers/{path.name} imports {node.module}: {bad}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if _is_under(alias.name, "botwire_stream"):
+                        bad = [p for p in alias.name.split(".") if p.startswith("_") and p != "_backend"]
+                        assert bad == [], f"consumers/{path.name} imports {alias.name}"
+            elif isinstance(node, ast.Attribute) and node.attr in theirs:
+                raise AssertionError(f"consumers/{path.name}:{node.lineno} uses botwire_stream's private {node.attr}")

@@ -4,6 +4,7 @@ moment, ``BeforeRetention`` where the server no longer keeps it, and point-in-ti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats
 import pytest
 
 from botwire_stream import (
@@ -91,6 +93,57 @@ async def test_replay_filters_by_glob_sequence_and_time(url: str, namespace: str
         assert [e.value for e in await _all(namespace, url, start=2, end=2, conversations=None)] == [2]
         assert [e.value async for e in m.replay("a:*", start=2)] == [3]
         assert [e.value async for e in areplay(namespace + "x", url=url)] == []  # never written
+
+
+async def test_replay_from_an_events_own_time_starts_with_that_event(url: str, namespace: str) -> None:
+    """``start=e.time`` (a time a replay handed out, rounded to the microsecond from the stored
+    nanoseconds) yields ``e`` and everything after it, nothing before: the server is asked from
+    1 µs earlier and what precedes ``start`` is skipped. Some 16 events: about half are stored
+    in the upper half of their microsecond, whose rounded time is above the stored one."""
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        for i in range(12):
+            await m.set(f"k{i % 3}", i)
+            if i % 3 == 0:
+                await c.append({"i": i})
+        events = await _all(namespace, url)
+        assert len(events) == 16
+        for e in events:
+            got = await _all(namespace, url, start=e.time)
+            assert sorted((x.source, x.seq) for x in got) == sorted(
+                (x.source, x.seq) for x in events if x.time >= e.time
+            ), e
+
+
+async def test_a_replay_read_slowly_still_yields_every_event(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that stops longer than the server keeps an idle replay consumer (10 s; 1 s here)
+    in the middle of a replay of both logs still gets every event, once, in order: the consumer
+    the server deleted is made again from the next sequence. (Before: the replay ended silently;
+    a 1M-event replay of keys then conversations yielded the keys and the first 10k messages.)"""
+    from botwire_stream.nats import replay as nats_replay
+
+    monkeypatch.setattr(nats_replay, "_INACTIVE", 1.0, raising=False)
+    monkeypatch.setattr(nats_replay, "_BATCH", 50)
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        for i in range(0, 120, 20):
+            await asyncio.gather(*(m.set(f"k{j}", j) for j in range(i, i + 20)))
+        await c.extend([{"i": i} for i in range(120)])
+        expected = [(e.source, e.seq) for e in await _all(namespace, url)]
+        assert len(expected) == 240
+        nc = await nats.connect(url)
+        got: list[tuple[str, int]] = []
+        try:
+            async for e in areplay(namespace, url=url):
+                got.append((e.source, e.seq))
+                if len(got) in (1, 130):  # both consumers made and read from; then gone
+                    async with asyncio.timeout(30):
+                        for stream in (f"KV_botwire_{namespace}", f"BOTWIRE_CHAT_{namespace}"):
+                            while (await nc.jetstream().stream_info(stream)).state.consumer_count:
+                                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+        assert got == expected
 
 
 def test_sync_faces_replay(url: str, namespace: str) -> None:

@@ -104,6 +104,21 @@ class Http:
             raise_for(response)
         return response
 
+    async def lines(self, path: str, params: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Each line of a streamed NDJSON answer, read as it arrives (memory bounded by a line)."""
+        try:
+            async with self.client.stream(
+                "GET", self.base + path, params=params, timeout=httpx.Timeout(10.0, read=60.0)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for(response)
+                async for line in response.aiter_lines():
+                    if line:
+                        yield line.encode()
+        except httpx.TransportError as exc:
+            raise errors.ServerUnavailable(f"the stream from {redact(self.base)} broke: {exc!r}") from exc
+
     async def events(self, path: str, params: dict[str, Any], last_id: str | None) -> AsyncIterator[tuple[str, bytes]]:
         """``(id, data)`` of each SSE event (``("", b"")`` once for the opening comment, which the
         server sends once subscribed); ends when the server ends the response."""

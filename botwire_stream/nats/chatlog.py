@@ -66,6 +66,11 @@ _TAIL_MESSAGES: Final = 64  # newest messages kept per conversation, for last=N 
 _TAIL_BYTES: Final = 64 * 1024  # ... and at most these bytes of them
 _TAILS_BYTES: Final = 16 * 1024 * 1024  # all conversations' kept messages (least recently used dropped)
 _MAT_RECHECK: Final = 10.0  # seconds between looks for a materialised stream that was not there
+_MATERIALISER: Final = "botwire-materialise"  # the history materialiser's consumer (consumers/materialiser.py)
+# How far back the summary listing looks (s) before it reads every summary: each window is read
+# whole, so growing by 8 keeps the total within 8/7 of the last one read.
+_WINDOWS: Final = (60.0, 480.0, 3840.0, 30720.0, 245760.0)
+_SKEW: Final = timedelta(seconds=1)
 
 
 def stream_name(namespace: str) -> str:
@@ -224,6 +229,7 @@ def _hint(key: tuple[str, str]) -> _Hint:
 
 
 _summary_decoder = msgspec.json.Decoder(materialised.Summary)
+_Summary = materialised.Summary  # inside NatsChat, ``materialised`` names its method
 
 
 class NatsChat:
@@ -287,7 +293,18 @@ class NatsChat:
         """Costs what matches, not the namespace nor how its conversations interleave: the
         server's per-subject index names the conversations under the pattern's literal leading
         ``:``-segments with their counts (stream info's subjects filter), and one multi-last get
-        per 1024 of them reads their last messages, whatever the page."""
+        per 1024 of them reads their last messages, whatever the page. While the history
+        materialiser keeps the namespace and is current, the page comes from its summaries
+        instead (``_sessions_from_summaries``: costs the page, not what matches)."""
+        if limit is not None and await self.materialised():
+            listed = await self._sessions_from_summaries(pattern, limit, offset, before)
+            if listed is not None:
+                return listed
+        return await self._sessions_from_log(pattern, limit=limit, offset=offset, before=before)
+
+    async def _sessions_from_log(
+        self, pattern: str, *, limit: int | None, offset: int, before: tuple[datetime, str] | None
+    ) -> list[SessionInfo]:
         conn, timeout = self.conn, self.timeout
         subject_filter, exact = keys.pattern_filter(pattern)
         n = len(self.chat)
@@ -326,13 +343,107 @@ class NatsChat:
             listed = await self._with_summaries(listed, [s for _, _, s in page])
         return listed
 
+    async def _materialiser_current(self) -> bool:
+        """Whether every conversation's summary accounts for every event of the log: the log
+        has no age limit (that removes messages without an event) and a materialiser's consumer
+        of it has nothing pending nor unacknowledged (it writes summaries before acknowledging).
+        Two requests."""
+        info, consumers = await asyncio.gather(
+            self.conn.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", None, self.timeout),
+            self.conn.request(f"$JS.API.CONSUMER.LIST.{self.stream}", b"{}", None, self.timeout),
+        )
+        config = (msgspec.json.decode(info.data).get("config") or {})
+        if config.get("max_age"):
+            return False
+        found: list[dict[str, Any]] = msgspec.json.decode(consumers.data).get("consumers") or []
+        return any(
+            (c.get("name") == _MATERIALISER or str(c.get("name", "")).startswith(_MATERIALISER + "-"))
+            and not c.get("num_pending")
+            and not c.get("num_ack_pending")
+            for c in found
+        )
+
+    async def _summaries_since(self, since: datetime | None, subject_filter: str) -> list[_Summary]:
+        """The summaries (one per conversation: rolled up) written at or after ``since`` (None: all)."""
+        subject = materialised.summary_subject(self.namespace, subject_filter)
+        stream = materialised.mat_stream(self.namespace)
+        req: dict[str, Any] = {"next_by_subj": subject, "batch": _PAGE}
+        if since is None:
+            req["seq"] = 1
+        else:
+            req["start_time"] = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out: list[_Summary] = []
+        while True:
+            batch = await self.conn.direct_batch(stream, req, self.timeout)
+            out.extend(_summary_decoder.decode(m.data) for m in batch.msgs if m.data)
+            if not batch.msgs or not batch.pending:
+                return out
+            req = {"next_by_subj": subject, "batch": _PAGE, "seq": batch.last_seq + 1}
+
+    async def _sessions_from_summaries(
+        self, pattern: str, limit: int, offset: int, before: tuple[datetime, str] | None
+    ) -> list[SessionInfo] | None:
+        """The page from the materialiser's summaries, None when they cannot answer exactly.
+
+        A conversation's summary is rewritten (rolled up) after each of its new messages, so it
+        is stored after its ``last_activity``: the summaries written since a time T are, once the
+        materialiser is current, every conversation active since T (and some older ones). Windows
+        reaching further back (``_WINDOWS``, then all of them) are read until they hold the
+        ``offset + limit`` newest; each of those is checked against the log (its last message and
+        count, one multi-last get and one count request per conversation), and any difference (a
+        clear or an expiry the materialiser has not reflected yet, a count limit) falls back to
+        the log's listing. So the cost follows the page and the recent activity, not what matches.
+        """
+        if not await self._materialiser_current():
+            return None
+        subject_filter, exact = keys.pattern_filter(pattern)
+        need = offset + limit
+        now = datetime.now(UTC)
+        chosen: list[_Summary] = []
+        for window in (*_WINDOWS, None):
+            since = None if window is None else now - timedelta(seconds=window)
+            newest: dict[str, _Summary] = {}
+            # read from a second earlier: the two streams' clocks may differ (replicas on other hosts)
+            for summary in await self._summaries_since(None if since is None else since - _SKEW, subject_filter):
+                t = summary.last_activity
+                if t is None or summary.message_count <= 0 or (since is not None and t < since):
+                    continue
+                if not exact and not keys.matches(summary.session_id, pattern):
+                    continue
+                if before is not None and (t, summary.session_id) >= before:
+                    continue
+                known = newest.get(summary.session_id)
+                if known is None or summary.covered > known.covered:
+                    newest[summary.session_id] = summary
+            chosen = sorted(newest.values(), key=lambda x: (x.last_activity, x.session_id), reverse=True)[:need]
+            if len(chosen) >= need:
+                break
+        if not chosen:
+            return [] if await self._materialiser_current() else None
+        subjects = [self.chat + keys.encode_key(x.session_id) for x in chosen]
+        lasts = {subject: (t, marker) for subject, t, marker in await _last_messages(self.conn, self.stream, subjects, self.timeout)}
+        counts: dict[str, int] = {}
+        for i in range(0, len(subjects), 64):  # 64 requests in flight at once
+            for found in await asyncio.gather(
+                *(self.conn.subject_counts(self.stream, subject, self.timeout) for subject in subjects[i : i + 64])
+            ):
+                counts.update(found)
+        for x, subject in zip(chosen, subjects, strict=True):
+            if lasts.get(subject) != (x.last_activity, False) or counts.get(subject) != x.message_count:
+                return None
+        return [
+            SessionInfo(x.session_id, x.message_count, x.last_activity, x.title, x.first_activity, x.tokens)
+            for x in chosen[offset:]
+            if x.last_activity is not None
+        ]
+
     async def _with_summaries(self, listed: list[SessionInfo], subjects: list[str]) -> list[SessionInfo]:
         """``listed`` with title, first activity and tokens from the materialiser's summaries (one
         multi-last get per 256 of the page): a summary is used only when it accounts for exactly
         what the log holds now (same message count and last message time), never when it lags."""
         n = len(self.chat)
         wanted = [materialised.summary_subject(self.namespace, s[n:]) for s in subjects]
-        found: dict[str, materialised.Summary] = {}
+        found: dict[str, _Summary] = {}
         for i in range(0, len(wanted), 256):
             reply = await self.conn.direct_batch(
                 materialised.mat_stream(self.namespace), {"multi_last": wanted[i : i + 256]}, self.timeout

@@ -5,22 +5,25 @@ This leans on a nats-py internal: ``nc.subscribe(..., future=obj)`` makes nats-p
 per-subscription queue or task. ``tests/test_nats_replies.py`` pins that hook, so a nats-py
 release that changes it fails there first.
 
-``route_replies`` goes one step further for these subscriptions: nats-py's parser hands each
+``route_replies`` goes one step further for this subscription: nats-py's parser hands each
 message to ``nc._process_msg`` (a coroutine), which parses its header block in Python
 (measured ~21-32 µs a block under load, against ~5-10 µs for ``parse_headers``), builds a
-``Msg`` and only then calls ``set_result``. Replies to our inbox skip that: ``_ReplyMux.deliver``
-gets the raw subject, body and header block. Other subscriptions go through nats-py unchanged.
+``Msg`` and only then calls ``set_result``. Replies to our inbox skip that: the subscription's
+sid is registered with ``rawsub.route`` (the one ``_process_msg`` replacement per client, shared
+with raw bulk reads), so ``_ReplyMux.deliver`` gets the raw subject, body and header block.
+Other subscriptions go through nats-py unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+from .rawsub import route
 
 __all__ = ["Batch", "parse_headers", "route_replies"]
 
@@ -69,29 +72,12 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
-_ProcessMsg = Callable[[int, bytes, bytes, bytes, bytes], Awaitable[None]]
-
-
-def route_replies(nc: NATS) -> None:
-    """Hand the messages of ``_ReplyMux`` subscriptions on ``nc`` straight to ``_ReplyMux.deliver``,
-    raw, instead of through nats-py's ``_process_msg`` (see the module docstring). Idempotent."""
-    original: _ProcessMsg = nc._process_msg
-    if getattr(original, "botwire_routes", False):
-        return
-
-    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-        sub = nc._subs.get(sid)
-        mux: object = None if sub is None else sub._future
-        if type(mux) is _ReplyMux:
-            stats = nc.stats
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(data)
-            mux.deliver(subject, data, headers)
-            return
-        await original(sid, subject, reply, data, headers)
-
-    process_msg.botwire_routes = True  # type: ignore[attr-defined]
-    nc._process_msg = process_msg  # type: ignore[method-assign]
+async def route_replies(nc: NATS, mux: _ReplyMux) -> None:
+    """Subscribe ``mux`` to its wildcard inbox on ``nc``, its messages handed straight to
+    ``_ReplyMux.deliver``, raw, instead of through nats-py's ``_process_msg`` (see the module
+    docstring). The ``future=`` hook stays as nats-py's own path should the route be dropped."""
+    sub = await nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
+    route(nc, sub._id, mux.deliver)
 
 
 class _ReplyMux:
@@ -136,7 +122,7 @@ class _ReplyMux:
             if batch[0].done_future.done():
                 del self.batches[token]
 
-    def deliver(self, subject: bytes, data: bytes, headers: bytes) -> None:
+    def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         """A reply as it came off the socket (``route_replies``): to its request, with its headers
         parsed here and a ``Msg`` built only for what a request keeps."""
         token = subject[self._n :].decode()

@@ -165,8 +165,7 @@ class RetryingConnection:
         mux = self._mux
         if mux is None:
             mux = _ReplyMux(self.nc.new_inbox() + ".", asyncio.get_running_loop(), self.nc)
-            route_replies(self.nc)  # its replies skip nats-py's per-message work (replies.py)
-            await self.nc.subscribe(mux.prefix + "*", future=mux)  # type: ignore[arg-type]
+            await route_replies(self.nc, mux)  # its replies skip nats-py's per-message work (replies.py)
             self._mux = mux
         return mux
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from . import chatapi, hosted, rest, rest_chat, rest_keys
+from . import chatapi, hosted, rest, rest_chat, rest_keys, rest_replay
 
 __all__ = ["document", "docs_page"]
 
@@ -55,6 +55,7 @@ _STRUCTS: tuple[Any, ...] = (
     rest_keys.Revisions, rest_keys.ChangeOut, rest_chat.AppendBody, rest_chat.Appended, rest_chat.Messages,
     rest_chat.Count, rest_chat.ForkBody, rest_chat.Forked, rest_chat.Sessions, rest_chat.EntryOut,
     hosted.PutBody, hosted.Stored, hosted.Item, hosted.RemovedItem, hosted.Listing,
+    rest_replay.EventOut, rest_replay.PastValue, rest_replay.PastMessages,
 )
 
 
@@ -80,6 +81,14 @@ def document() -> dict[str, Any]:
         "/v1/ns/{namespace}/chats/{session}/count": {"get": _op("How many messages", "Count", [_NS, _SESSION])},
         "/v1/ns/{namespace}/chats/{session}/fork": {"post": _op("Copy into a new conversation", "Forked", [_NS, _SESSION], "ForkBody", status="201")},
         "/v1/ns/{namespace}/chats/{session}/events": {"get": _op("SSE: live messages (event message, id sequence; resume with Last-Event-ID or after)", None, [_NS, _SESSION, _q("after", "integer")], sse=True)},
+        "/v1/ns/{namespace}/replay": {"get": {
+            **_op("NDJSON: every kept event, oldest first, one EventOut per line (a last line {error} if one stops it)", "EventOut", [
+                _NS, _q("start", desc="a sequence (digits) or an ISO-8601 time"), _q("end", desc="as start, inclusive"),
+                _q("keys", desc="key glob, default *; empty: no keys"), _q("conversations", desc="session glob, default *; empty: none")]),
+            "responses": {"200": {"description": "OK", "content": {"application/x-ndjson": {"schema": _ref("EventOut")}}}, "default": _op("", None, [])["responses"]["default"]},
+        }},
+        "/v1/ns/{namespace}/past/keys/{key}": {"get": _op("The key as of at (410 before_retention when no longer kept)", "PastValue", [_NS, _KEY, _q("at", desc="ISO-8601 time")])},
+        "/v1/ns/{namespace}/past/chats/{session}": {"get": _op("The conversation's messages as of at (410 before_retention)", "PastMessages", [_NS, _SESSION, _q("at", desc="ISO-8601 time")])},
         "/memory/{namespace}": {"get": _op("Hosted format: keys, newest first", "Listing", [_NS, _q("limit", "integer")], hosted=True)},
         "/memory/{namespace}/{key}": {
             "get": _op("Hosted format: read a string value", "Item", [_NS, hkey], hosted=True),

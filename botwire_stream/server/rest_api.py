@@ -13,6 +13,7 @@ from .. import keys
 from .rest import Namespaces, RestError, raw_segments, rest_error
 from .rest_chat import ChatRoutes
 from .rest_keys import KeyRoutes
+from .rest_replay import ReplayRoutes
 
 __all__ = ["PREFIX", "RestApi"]
 
@@ -23,6 +24,7 @@ class RestApi:
     def __init__(self, spaces: Namespaces, sse_lifetime: float, stop: asyncio.Event) -> None:
         self.keys = KeyRoutes(spaces, sse_lifetime, stop)
         self.chats = ChatRoutes(spaces, sse_lifetime, stop)
+        self.replay = ReplayRoutes(spaces)
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -33,6 +35,8 @@ class RestApi:
                 return await self.keys(request, namespace, rest)
             if rest and rest[0] == "chats":
                 return await self.chats(request, namespace, rest)
+            if rest and rest[0] in ("replay", "past"):
+                return await self.replay(request, namespace, rest)
             raise RestError(404, "not_found", "no such route: see /openapi.json")
         except Exception as exc:  # noqa: BLE001 - rest_error re-raises what it does not map
             return rest_error(exc)

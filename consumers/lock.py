@@ -1,0 +1,144 @@
+"""One running instance per consumer: a lock entry per durable consumer, kept alive by a heartbeat.
+
+Two processes on one durable consumer would split its events between them: two audits (into two
+directories) would each write half of the events, two compactors could summarise one range twice,
+two materialisers could race on one conversation's chunks, two webhooks could deliver a
+conversation's events out of order. So every worker is exclusive: ``run`` holds, for each stream
+it consumes, the KV entry ``<stream>.<consumer>`` in the bucket ``botwire-locks`` (no namespace's
+bucket can be named so: theirs are ``botwire_<ns>``), and a second instance is refused with
+``Conflict`` naming the holder (``botwire consume`` exits 2 with that message).
+
+The entry holds the holder's ``host/pid`` and is rewritten every ``HEARTBEAT`` s (conditionally,
+on its revision). A holder that is gone is detected without waiting when it ran on this host (its
+pid no longer exists: a SIGKILLed worker restarted at once takes over); one of another host is
+taken over once its entry has not changed for ``STALE`` s. A holder that finds its entry taken
+over (it was stalled beyond ``STALE``) stops, as on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from botwire_stream.errors import Conflict
+from botwire_stream.nats.jetstream import Connection
+
+__all__ = ["BUCKET", "HEARTBEAT", "STALE", "Holder", "hold"]
+
+BUCKET: Final = "botwire-locks"
+HEARTBEAT: Final = 1.0  # seconds between rewrites of a held entry
+STALE: Final = 5.0  # an entry unchanged this long (s) belongs to a holder that is gone
+
+
+class Holder(msgspec.Struct, frozen=True):
+    """Who holds a consumer: ``host``, ``pid``, and the consumer's name."""
+
+    host: str
+    pid: int
+    consumer: str
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.pid}"
+
+
+def _gone(holder: Holder) -> bool:
+    """Whether ``holder`` is a process of this host that no longer exists."""
+    if holder.host != socket.gethostname():
+        return False
+    if holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+async def _bucket(conn: Connection) -> KeyValue:
+    try:
+        return await conn.js.key_value(BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        return await conn.js.create_key_value(bucket=BUCKET, history=1)
+
+
+async def _take(kv: KeyValue, key: str, me: bytes, consumer: str) -> int:
+    """Create or take over ``key``; its revision, or ``Conflict`` naming a live holder."""
+    while True:
+        try:
+            return await kv.create(key, me)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # released meanwhile
+        try:
+            holder = msgspec.json.decode(entry.value or b"", type=Holder)
+        except msgspec.ValidationError:
+            holder = Holder("?", 0, consumer)
+        revision = entry.revision or 0
+        if not _gone(holder):
+            # Alive on this host, or elsewhere: wait for one heartbeat-less STALE period.
+            if holder.host == socket.gethostname():
+                raise Conflict(f"consumer {consumer} is already running as {holder} (stop it first: one per name)")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STALE
+            while loop.time() < deadline:
+                await asyncio.sleep(HEARTBEAT / 2)
+                try:
+                    now = await kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    break
+                if now.revision != revision:
+                    raise Conflict(f"consumer {consumer} is already running as {holder} (stop it first: one per name)")
+        try:
+            return await kv.update(key, me, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue  # someone else moved first: look again
+
+
+@contextlib.asynccontextmanager
+async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: asyncio.Event) -> AsyncIterator[None]:
+    """Hold ``consumer`` on each of ``streams`` while inside (``Conflict`` when another process
+    does); ``lost`` is set if an entry is taken over meanwhile (then stop)."""
+    kv = await _bucket(conn)
+    me = msgspec.json.encode(Holder(socket.gethostname(), os.getpid(), consumer))
+    held: dict[str, int] = {}
+    try:
+        for stream in sorted(set(streams)):
+            key = f"{stream}.{consumer}"
+            held[key] = await _take(kv, key, me, consumer)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(HEARTBEAT)
+                for key, revision in list(held.items()):
+                    try:
+                        held[key] = await kv.update(key, me, last=revision)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        lost.set()  # taken over: another instance runs now
+                        return
+                    except (nats.errors.Error, asyncio.TimeoutError):
+                        pass  # disconnected: the next beat tries again
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        for key, revision in held.items():
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await kv.delete(key, last=revision)
