@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+
 from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.errors import ServerUnavailable
 from chaos.proxy import Proxy
@@ -162,11 +164,15 @@ async def _leader(url: str, stream: str) -> str:
 
 async def _until(check: Callable[[], Awaitable[bool]], what: str, bound: float) -> None:
     deadline = time.monotonic() + bound
-    while not await check():
+    while True:
+        try:
+            if await check():
+                return
+        except (TimeoutError, nats.errors.Error):
+            pass  # a stream info unanswered during an election (seen under CI load): ask again
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {bound} s")
         await asyncio.sleep(0.1)
-    return None
 
 
 async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2) -> Counts:
