@@ -213,18 +213,35 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             await asyncio.to_thread(cluster.wait_healthy)
         await asyncio.sleep(steady)
         await w.stop()
-        counts = await w.count("3-node cluster, stream leader SIGKILLed under load")
-        total = counts.stored + 1  # the first append included, and the TTL conversation's schedule
+        # Every node caught up first, then the history read: a read is answered by any replica,
+        # and one a few ms behind the leader returns a history without the newest appends (seen
+        # under CI load: every node held one message more than a read right after the writes
+        # returned; measured: 1 of 200 reads right after an append, on a follower under CPU load).
         per_node: list[int | None] = []
 
         async def all_caught_up() -> bool:
             per_node[:] = [await asyncio.to_thread(n.stream_messages, stream) for n in cluster.nodes]
-            return all(m == total for m in per_node)
+            return per_node[0] is not None and len(set(per_node)) == 1
 
         try:
-            await _until(all_caught_up, "every node holding every message", 30)
+            await _until(all_caught_up, "every node holding the same messages", 30)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {total} stored, the nodes hold {per_node}") from None
+            raise AssertionError(f"{exc}: the nodes hold {per_node}") from None
+        counts = await w.count("3-node cluster, stream leader SIGKILLed under load")
+        # Counted per subject: each conversation holds exactly what its read returned (a message
+        # stored but not read, or read twice, shows here), the TTL conversation's schedule
+        # subject exactly one message (each schedule rolls up the previous one), nothing else.
+        held: dict[str, int] = {}
+
+        async def subjects() -> bool:
+            held.update((await stream_info(cluster.url, stream, subjects=True))["state"].get("subjects") or {})
+            return True
+
+        await _until(subjects, "the stream's subjects listed", 30)
+        read = {f"botwire.{ns}.chat.{name}": len(await c.messages()) for name, c in (("s", chat), ("t", timed))}
+        expected = {**read, f"botwire.{ns}.chatttl.t": 1}
+        if held != expected or sum(held.values()) != per_node[0]:
+            raise AssertionError(f"the stream holds {held} (nodes {per_node}), the reads and the schedule make {expected}")
         counts.extra.update(
             replicas=replicas,
             leaders_killed=leaders,
