@@ -169,11 +169,27 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, bound: float) 
     return None
 
 
+async def _elected(cluster: Cluster, stream: str, killed: str, t: float, bound: float) -> float:
+    """Seconds from ``t`` until a surviving node reports a new leader of ``stream`` (polled every
+    50 ms through a fresh connection to the survivors): the servers' share of a failover."""
+    survivors = ",".join(n.url for n in cluster.nodes if n.name != killed)
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # no leader yet: an error reply or a timeout
+            leader = (await stream_info(survivors, stream, timeout=0.5))["cluster"].get("leader")
+            if leader and leader != killed:
+                return time.monotonic() - t
+        await asyncio.sleep(0.05)
+    return float("nan")
+
+
 async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2) -> Counts:
     """Under a steady append load on a 3-replica conversation (replicas chosen automatically),
     SIGKILL the stream leader, let writes resume, restart it, wait until it has caught up, then
     kill the next leader (``kills`` in all). Counts, the seconds until writes resumed after each
-    kill, and each node's message count at the end (all equal: every node caught up)."""
+    kill, split into the servers' election (until a survivor names a new leader) and the
+    client's own share (from then to the first acknowledged write), and each node's message count
+    at the end (all equal: every node caught up)."""
     ns = _namespace()
     stream = f"BOTWIRE_CHAT_{ns}"
     # Half the writers append to a conversation with a TTL: each of its appends is two messages
@@ -186,6 +202,7 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
         replicas = info["config"]["num_replicas"]
         w = _Writers(chat, writers, None, timed)
         resumes = []
+        elections = []
         leaders = []
         for _ in range(kills):
             await asyncio.sleep(steady)
@@ -194,7 +211,9 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             t = time.monotonic()
             node = cluster.node(leader)
             node.kill()
+            election = asyncio.ensure_future(_elected(cluster, stream, leader, t, bound=30))
             resumes.append(await w.wait_resumed(t, bound=30))
+            elections.append(await election)
             await asyncio.sleep(steady)
             await asyncio.to_thread(node.start)  # same ports and store: it rejoins
 
@@ -223,6 +242,8 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             replicas=replicas,
             leaders_killed=leaders,
             resume_s=[round(r, 2) for r in resumes],
+            elected_s=[round(e, 2) for e in elections],
+            client_s=[round(r - e, 2) for r, e in zip(resumes, elections, strict=True)],
             messages_per_node=per_node,
         )
         return counts
