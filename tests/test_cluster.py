@@ -98,6 +98,24 @@ def test_reconnects_go_to_the_least_tried_server_with_a_growing_jittered_wait() 
         assert 0.5 * min(0.1 * 2 ** (rounds - 1), 0.5) <= wait <= min(0.1 * 2 ** (rounds - 1), 0.5)
     assert max(waits) <= 0.5
     assert _next_server([], {}) == (None, 0.0)
+    # On a tie, not the server just lost: a frozen one still accepts connections but never
+    # greets, which cost the whole connect timeout.
+    for s in (a, b, c):
+        s.reconnects = 0
+    assert all(_next_server([a, b, c], {}, lost)[0] is not lost for lost in (a, b, c))
+
+
+def test_ping_interval_comes_from_the_environment_and_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BOTWIRE_PING_INTERVAL``: 2 s by default (a frozen server is left after two unanswered
+    pings); a value that is not a number of seconds from 0.1 to 3600 raises InvalidArgument."""
+    monkeypatch.delenv("BOTWIRE_PING_INTERVAL", raising=False)
+    assert resolve("nats://a:4222").ping_interval == 2.0
+    monkeypatch.setenv("BOTWIRE_PING_INTERVAL", "0.5")
+    assert resolve("nats://a:4222").ping_interval == 0.5
+    for bad in ("0", "fast", "nan", "-1", "1e9"):
+        monkeypatch.setenv("BOTWIRE_PING_INTERVAL", bad)
+        with pytest.raises(InvalidArgument, match="BOTWIRE_PING_INTERVAL"):
+            resolve("nats://a:4222")
 
 
 # -- replication ------------------------------------------------------------------------------
@@ -159,6 +177,39 @@ async def test_reads_and_writes_fail_over_when_the_connected_server_dies(shared_
             await asyncio.to_thread(shared_cluster.wait_healthy)
         assert await m.get("k") == "after"
         assert await chat.messages() == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.slow
+async def test_writes_move_to_another_server_when_the_connected_one_freezes(
+    shared_cluster: Cluster, namespace: str
+) -> None:
+    """The server the client is connected to is SIGSTOPped (a frozen host: its sockets stay open,
+    nothing answers): the client notices it by its unanswered pings, moves to another server,
+    and its next writes succeed there (nats-py's default pings, 2 x 120 s, kept it on the frozen
+    server past every call's timeout); every acknowledged write is read back once."""
+    async with AsyncMemory(namespace, url=shared_cluster.url, timeout=20, cache=False) as m, AsyncChatHistory(
+        "s", namespace=namespace, url=shared_cluster.url, timeout=20
+    ) as chat:
+        await m.set("k", 0)
+        await chat.append({"n": 0})
+        (conn,) = pool._pools[asyncio.get_running_loop()].values()
+        port = conn.nc.connected_url.port
+        node = next(n for n in shared_cluster.nodes if n.port == port)  # our own process
+        node.send(signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            await m.set("k", 1)  # may wait for a new leader too, when the frozen node led
+            await chat.append({"n": 1})
+            assert time.monotonic() - t < 60  # does not hang (3x the timeout)
+            assert conn.nc.connected_url.port != port
+            for i in range(2, 6):
+                await m.set("k", i)
+                await chat.append({"n": i})
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+            await asyncio.to_thread(shared_cluster.wait_healthy)
+        assert await m.get("k") == 5
+        assert await chat.messages() == [{"n": i} for i in range(6)]
 
 
 @pytest.mark.slow
