@@ -15,6 +15,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from . import NATS_TIMEOUT
 from .. import errors
 from ..chat import AsyncChatHistory
 from ..models import Entry
@@ -53,7 +54,7 @@ class Conversations:
         if not sep or not session:
             raise ProtocolError(404, "a conversation is at /v1/stream/chat/<namespace>/<session>")
         # ``name`` is already percent-decoded (once): decoding again would let 'a%41' read 'aA'
-        return AsyncChatHistory(session, namespace=namespace, **self._connect)  # type: ignore[arg-type]
+        return AsyncChatHistory(session, namespace=namespace, timeout=NATS_TIMEOUT, **self._connect)  # type: ignore[arg-type]
 
     async def __call__(self, request: Request, name: str) -> Response:
         method = request.method
