@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import statistics
 import time
 import uuid
@@ -183,13 +184,18 @@ async def _elected(cluster: Cluster, stream: str, killed: str, t: float, bound: 
     return float("nan")
 
 
-async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2) -> Counts:
+async def cluster_failover(
+    cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2, lame_duck: bool = False
+) -> Counts:
     """Under a steady append load on a 3-replica conversation (replicas chosen automatically),
     SIGKILL the stream leader, let writes resume, restart it, wait until it has caught up, then
     kill the next leader (``kills`` in all). Counts, the seconds until writes resumed after each
     kill, split into the servers' election (until a survivor names a new leader) and the
     client's own share (from then to the first acknowledged write), and each node's message count
-    at the end (all equal: every node caught up)."""
+    at the end (all equal: every node caught up).
+
+    ``lame_duck``: instead of SIGKILL, stop the leader as a deployment would, in lame duck mode
+    (SIGUSR2: the server hands its Raft leaderships over before it stops, then is stopped)."""
     ns = _namespace()
     stream = f"BOTWIRE_CHAT_{ns}"
     # Half the writers append to a conversation with a TTL: each of its appends is two messages
@@ -210,11 +216,15 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             leaders.append(leader)
             t = time.monotonic()
             node = cluster.node(leader)
-            node.kill()
+            if lame_duck:
+                node.send(signal.SIGUSR2)
+            else:
+                node.kill()
             election = asyncio.ensure_future(_elected(cluster, stream, leader, t, bound=30))
             resumes.append(await w.wait_resumed(t, bound=30))
             elections.append(await election)
             await asyncio.sleep(steady)
+            await asyncio.to_thread(node.stop)  # lame duck: it would close its clients for 2 min
             await asyncio.to_thread(node.start)  # same ports and store: it rejoins
 
             async def rejoined(name: str = leader) -> bool:  # a current replica (or the leader) again
@@ -226,7 +236,9 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             await asyncio.to_thread(cluster.wait_healthy)
         await asyncio.sleep(steady)
         await w.stop()
-        counts = await w.count("3-node cluster, stream leader SIGKILLed under load")
+        counts = await w.count(
+            "3-node cluster, stream leader " + ("stopped in lame duck mode" if lame_duck else "SIGKILLed") + " under load"
+        )
         total = counts.stored + 1  # the first append included, and the TTL conversation's schedule
         per_node: list[int | None] = []
 

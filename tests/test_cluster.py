@@ -254,3 +254,30 @@ async def test_no_server_answering_raises_server_unavailable_within_the_timeout(
             assert await m.get("k") == 3
     finally:
         c.stop()
+
+
+async def test_a_leader_reread_gives_the_message_a_direct_get_gives(nats_server: NatsServer, namespace: str) -> None:
+    """The reads-your-writes fallback (``$JS.API.STREAM.MSG.GET``, answered by the stream leader)
+    returns what a direct get returns: the same body, and the same headers through nats-py's own
+    header parser (a UTF-8 value, a value holding a colon), sequence and subject included."""
+    from nats.js.api import StreamConfig
+
+    conn = await pool.acquire(resolve(nats_server.url))
+    try:
+        stream, subject = f"RR_{namespace}", f"rr.{namespace}.k"
+        await conn.ensure_stream(StreamConfig(name=stream, subjects=[f"rr.{namespace}.>"], allow_direct=True))
+        await conn.publish(subject, b"first")
+        headers = {"Botwire-Origin": "h\u00e9te/1", "X-Time": "12:30:01", "Nats-Msg-Id": "rr-1"}
+        seq = await conn.publish(subject, b"\x00body\xff", headers)
+        direct = await conn.direct_get_last(stream, subject)
+        leader = await conn._leader_get_last(stream, subject, 5.0)
+        assert direct is not None and leader is not None
+        assert leader.data == direct.data == b"\x00body\xff"
+        assert leader.subject == subject
+        assert leader.headers is not None and direct.headers is not None
+        assert leader.headers["Nats-Sequence"] == direct.headers["Nats-Sequence"] == str(seq)
+        for name, value in headers.items():
+            assert leader.headers[name] == direct.headers[name] == value
+        assert await conn._leader_get_last(stream, f"rr.{namespace}.none", 5.0) is None
+    finally:
+        await pool.release(conn)
