@@ -4,7 +4,6 @@ loopback), and two ``botwire serve`` with its command line, sharing the cluster.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess

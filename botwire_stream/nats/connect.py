@@ -80,7 +80,8 @@ class _Client(NATS):
     def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
         """``_next_server`` told which server was just lost: nats-py calls the handler before it
         replaces ``_current_server``."""
-        return _next_server(servers, info, self._current_server)
+        current = self._current_server
+        return _next_server(servers, info, current.uri.netloc if current is not None else None)
 
     def _connect_command(self) -> bytes:
         server = self._current_server
@@ -133,18 +134,17 @@ MAX_OUTSTANDING_PINGS = 2
 
 
 def _next_server(
-    servers: list[Server], info: dict[str, Any], lost: Server | None = None
+    servers: list[Server], info: dict[str, Any], lost: str | None = None
 ) -> tuple[Server | None, float]:
     """nats-py's ``reconnect_to_server_handler``: the server tried least (any of the list, and
-    those the cluster advertised), not ``lost`` (the one just left) on a tie, and how long to
+    those the cluster advertised), not ``lost`` (the host:port just left) on a tie, and how long to
     wait before trying it.
 
     Avoiding ``lost`` matters for a frozen server: it still accepts TCP connections (the kernel
     does) but never greets, so trying it again cost the whole 2 s connect timeout."""
     if not servers:
         return None, 0.0
-    netloc = lost.uri.netloc if lost is not None else None
-    chosen = min(servers, key=lambda s: (s.reconnects, s.uri.netloc == netloc))
+    chosen = min(servers, key=lambda s: (s.reconnects, s.uri.netloc == lost))
     rounds = chosen.reconnects  # every server failed this many times in a row
     if rounds == 0:
         return chosen, 0.0

@@ -15,8 +15,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import NATS_TIMEOUT
 from ..tokens import open_token_streams
+from . import NATS_TIMEOUT
 from .chat import CHAT_PREFIX, Conversations
 from .chatapi import ChatService
 from .hosted import Hosted

@@ -15,12 +15,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from . import NATS_TIMEOUT
 from .. import errors
 from ..chat import AsyncChatHistory
 from ..models import Entry
 from ..tokens import NOW, format_offset, parse_offset
-from . import sse
+from . import NATS_TIMEOUT, sse
 from .cursor import next_cursor
 from .headers import COMMON, PREFLIGHT
 from .protocol import ProtocolError

@@ -47,11 +47,11 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import NATS_TIMEOUT
 from .. import errors
 from ..chat import AsyncChatHistory
 from ..memory import AsyncMemory
 from ..tokens import TokenStreams
+from . import NATS_TIMEOUT
 from .headers import COMMON
 from .model import ChatModel
 from .protocol import ProtocolError

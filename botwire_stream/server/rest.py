@@ -20,10 +20,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import NATS_TIMEOUT
 from .. import errors
 from ..chat import AsyncChatHistory
 from ..memory import AsyncMemory
+from . import NATS_TIMEOUT
 from .headers import COMMON
 
 __all__ = ["Namespaces", "RestError", "decode_body", "json_response", "raw_segments", "rest_error"]
