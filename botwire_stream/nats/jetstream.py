@@ -97,6 +97,12 @@ _info_decoder = msgspec.json.Decoder(_StreamInfo)
 _purge_decoder = msgspec.json.Decoder(_Purged)
 
 
+def _retrieved(future: asyncio.Future[Msg]) -> None:
+    """Mark a reply future's failure as seen (a done callback)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Connection(RetryingConnection):
     """A NATS connection with JetStream, shared through ``pool.acquire``/``pool.release``."""
 
@@ -262,6 +268,10 @@ class Connection(RetryingConnection):
             waiting = []
             for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
+                # Only the first failed ack is raised; without this, the failures of the others
+                # (a lost connection fails them all) were logged "Future exception was never
+                # retrieved" (seen in `python -m chaos --only lameduck`).
+                future.add_done_callback(_retrieved)
                 waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
