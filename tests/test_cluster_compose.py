@@ -57,6 +57,7 @@ def test_compose_declares_a_three_node_cluster_two_serves_and_the_consumers() ->
         assert volume == f"{node}-data:/data" and f"{node}-data" in compose["volumes"]  # its own store
         assert svc["healthcheck"]["test"][-1] == "http://127.0.0.1:8222/healthz"  # current with the meta leader
         assert all(p.startswith("127.0.0.1:") for p in svc["ports"]), "published ports stay on loopback"
+        assert svc["stop_signal"] == "SIGUSR2"  # lame duck: leaderships handed over before it stops
     assert names == set(NODES)
     client_url = "nats://nats1:4222,nats://nats2:4222,nats://nats3:4222"
     for name in ("serve1", "serve2", "history", "audit"):
