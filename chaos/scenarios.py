@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import statistics
 import time
 import uuid
@@ -175,11 +176,32 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, bound: float) 
         await asyncio.sleep(0.1)
 
 
-async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2) -> Counts:
+async def _elected(cluster: Cluster, stream: str, killed: str, t: float, bound: float) -> float:
+    """Seconds from ``t`` until a surviving node reports a new leader of ``stream`` (polled every
+    50 ms through a fresh connection to the survivors): the servers' share of a failover."""
+    survivors = ",".join(n.url for n in cluster.nodes if n.name != killed)
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # no leader yet: an error reply or a timeout
+            leader = (await stream_info(survivors, stream, timeout=0.5))["cluster"].get("leader")
+            if leader and leader != killed:
+                return time.monotonic() - t
+        await asyncio.sleep(0.05)
+    return float("nan")
+
+
+async def cluster_failover(
+    cluster: Cluster, steady: float = 1.0, writers: int = 4, kills: int = 2, lame_duck: bool = False
+) -> Counts:
     """Under a steady append load on a 3-replica conversation (replicas chosen automatically),
     SIGKILL the stream leader, let writes resume, restart it, wait until it has caught up, then
     kill the next leader (``kills`` in all). Counts, the seconds until writes resumed after each
-    kill, and each node's message count at the end (all equal: every node caught up)."""
+    kill, split into the servers' election (until a survivor names a new leader) and the
+    client's own share (from then to the first acknowledged write), and each node's message count
+    at the end (all equal: every node caught up).
+
+    ``lame_duck``: instead of SIGKILL, stop the leader as a deployment would, in lame duck mode
+    (SIGUSR2: the server hands its Raft leaderships over before it stops, then is stopped)."""
     ns = _namespace()
     stream = f"BOTWIRE_CHAT_{ns}"
     # Half the writers append to a conversation with a TTL: each of its appends is two messages
@@ -192,6 +214,7 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
         replicas = info["config"]["num_replicas"]
         w = _Writers(chat, writers, None, timed)
         resumes = []
+        elections = []
         leaders = []
         for _ in range(kills):
             await asyncio.sleep(steady)
@@ -199,9 +222,15 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             leaders.append(leader)
             t = time.monotonic()
             node = cluster.node(leader)
-            node.kill()
+            if lame_duck:
+                node.send(signal.SIGUSR2)
+            else:
+                node.kill()
+            election = asyncio.ensure_future(_elected(cluster, stream, leader, t, bound=30))
             resumes.append(await w.wait_resumed(t, bound=30))
+            elections.append(await election)
             await asyncio.sleep(steady)
+            await asyncio.to_thread(node.stop)  # lame duck: it would close its clients for 2 min
             await asyncio.to_thread(node.start)  # same ports and store: it rejoins
 
             async def rejoined(name: str = leader) -> bool:  # a current replica (or the leader) again
@@ -227,7 +256,9 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             await _until(all_caught_up, "every node holding the same messages", 30)
         except AssertionError as exc:
             raise AssertionError(f"{exc}: the nodes hold {per_node}") from None
-        counts = await w.count("3-node cluster, stream leader SIGKILLed under load")
+        counts = await w.count(
+            "3-node cluster, stream leader " + ("stopped in lame duck mode" if lame_duck else "SIGKILLed") + " under load"
+        )
         # Counted per subject: each conversation holds exactly what its read returned (a message
         # stored but not read, or read twice, shows here), the TTL conversation's schedule
         # subject exactly one message (each schedule rolls up the previous one), nothing else.
@@ -246,6 +277,8 @@ async def cluster_failover(cluster: Cluster, steady: float = 1.0, writers: int =
             replicas=replicas,
             leaders_killed=leaders,
             resume_s=[round(r, 2) for r in resumes],
+            elected_s=[round(e, 2) for e in elections],
+            client_s=[round(r - e, 2) for r, e in zip(resumes, elections, strict=True)],
             messages_per_node=per_node,
         )
         return counts
