@@ -186,9 +186,15 @@ async def test_writes_move_to_another_server_when_the_connected_one_freezes(
     """The server the client is connected to is SIGSTOPped (a frozen host: its sockets stay open,
     nothing answers): the client notices it by its unanswered pings, moves to another server,
     and its next writes succeed there (nats-py's default pings, 2 x 120 s, kept it on the frozen
-    server past every call's timeout); every acknowledged write is read back once."""
-    async with AsyncMemory(namespace, url=shared_cluster.url, timeout=20, cache=False) as m, AsyncChatHistory(
-        "s", namespace=namespace, url=shared_cluster.url, timeout=20
+    server past every call's timeout); every acknowledged write is read back once.
+
+    The timeout bounds a loaded machine, not the target: measured 5.5-8.8 s from the freeze to
+    the first write's acknowledgement (15 freezes, 3 CPU burners and 3 clusters at once), the
+    client leaving the frozen node after 5-6 s; 20 s failed once in CI (4 xdist workers on 2
+    cores, where a Raft election alone can take the 4-9 s twice over). nats-py's own pings would
+    keep the client on the frozen node for 4 minutes, so the test still fails without them."""
+    async with AsyncMemory(namespace, url=shared_cluster.url, timeout=30, cache=False) as m, AsyncChatHistory(
+        "s", namespace=namespace, url=shared_cluster.url, timeout=30
     ) as chat:
         await m.set("k", 0)
         await chat.append({"n": 0})
@@ -200,7 +206,7 @@ async def test_writes_move_to_another_server_when_the_connected_one_freezes(
             t = time.monotonic()
             await m.set("k", 1)  # may wait for a new leader too, when the frozen node led
             await chat.append({"n": 1})
-            assert time.monotonic() - t < 60  # does not hang (3x the timeout)
+            assert time.monotonic() - t < 90  # does not hang (3x the timeout)
             assert conn.nc.connected_url.port != port
             for i in range(2, 6):
                 await m.set("k", i)
@@ -236,13 +242,25 @@ async def test_killing_the_stream_leader_twice_loses_no_acknowledged_write(share
     assert all(r < 30 for r in counts.extra["resume_s"])  # does not hang; the target (< 6 s) is reported
 
 
+async def _until_stored(m: AsyncMemory, value: int) -> None:
+    """``m.set("k", value)`` tried again while it raises ServerUnavailable, for up to 30 s: a call
+    with a 1 s timeout on a loaded machine (a fresh cluster, or one just resumed) may need more."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await m.set("k", value)
+            return
+        except ServerUnavailable:
+            assert time.monotonic() < deadline, "the cluster did not take writes within 30 s"
+
+
 async def test_no_server_answering_raises_server_unavailable_within_the_timeout(tmp_path: Path, namespace: str) -> None:
     """Every server of the list stopped (SIGSTOP): calls raise ServerUnavailable at their deadline,
     they never hang; once the servers run again, calls succeed on the same client."""
     c = Cluster(tmp_path / "c").start()
     try:
         async with AsyncMemory(namespace, url=c.url, timeout=1, cache=False) as m:
-            await m.set("k", 1)
+            await _until_stored(m, 1)  # 1 s is for the calls meant to fail: tried until stored
             for node in c.nodes:
                 node.send(signal.SIGSTOP)
             try:
@@ -254,13 +272,7 @@ async def test_no_server_answering_raises_server_unavailable_within_the_timeout(
             finally:
                 for node in c.nodes:
                     os.kill(node.pid, signal.SIGCONT)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    await m.set("k", 3)
-                    break
-                except ServerUnavailable:
-                    assert time.monotonic() < deadline, "the cluster did not take writes again within 30 s"
+            await _until_stored(m, 3)
             assert await m.get("k") == 3
     finally:
         c.stop()
