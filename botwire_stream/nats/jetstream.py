@@ -396,7 +396,12 @@ class Connection(RetryingConnection):
             error = got.error or ApiError(description="no message in the reply")
             if error.code == 404:
                 return None
-            raise nats.js.errors.APIError(code=error.code, err_code=error.err_code, description=error.description)
+            # A 503 ("JetStream system temporarily unavailable": no stream leader for a moment, seen
+            # as a frozen node resumed under CI load) as nats-py raises it, ServiceUnavailableError,
+            # which ``call`` retries within the deadline; a plain APIError failed the read at once.
+            unavailable = error.code == 503
+            kind = nats.js.errors.ServiceUnavailableError if unavailable else nats.js.errors.APIError
+            raise kind(code=error.code, err_code=error.err_code, description=error.description)
         m = got.message
         headers = parse_headers(m.hdrs) if m.hdrs else {}
         headers["Nats-Sequence"] = str(m.seq)
