@@ -7,6 +7,10 @@ Replication of the namespaces this client creates (a NATS URL only): ``?replicas
 (any server of the list; 1-5), else ``BOTWIRE_REPLICAS``, else 3 on a cluster and 1 on a single
 server when the namespace is created (``nats/jetstream.py``); ``?tag=ssd&tag=eu`` (else
 ``BOTWIRE_PLACEMENT_TAGS``, comma-separated) places them on servers with those tags.
+
+``BOTWIRE_PING_INTERVAL`` (seconds, default 2; a NATS URL only): how often the client pings its
+server; after two unanswered pings it counts the server gone (frozen, or the link stalled) and
+moves to another of the list (``nats/connect.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class ConnectOptions:
     creds: str | None = None
     replicas: int | None = None  # None: 3 on a cluster, 1 on a single server
     tags: tuple[str, ...] = ()  # placement tags of the streams this client creates
+    ping_interval: float = 2.0  # seconds between pings to a NATS server (BOTWIRE_PING_INTERVAL)
 
     @property
     def embedded(self) -> bool:
@@ -135,8 +140,29 @@ def resolve(
         )
     servers, replicas, tags = _placement(servers, source)
     return ConnectOptions(
-        servers=servers, token=token, user=user, password=password, creds=creds, replicas=replicas, tags=tags
+        servers=servers,
+        token=token,
+        user=user,
+        password=password,
+        creds=creds,
+        replicas=replicas,
+        tags=tags,
+        ping_interval=_ping_interval(),
     )
+
+
+def _ping_interval() -> float:
+    """``BOTWIRE_PING_INTERVAL`` in seconds (default 2; from 0.1 to 3600)."""
+    text = os.environ.get("BOTWIRE_PING_INTERVAL", "").strip()
+    if not text:
+        return ConnectOptions.ping_interval
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 3600:  # NaN fails too
+        raise InvalidArgument(f"BOTWIRE_PING_INTERVAL must be a number of seconds from 0.1 to 3600, not {text!r}")
+    return value
 
 
 _OPTIONS = ("replicas", "tag")

@@ -2,7 +2,8 @@
 
 Scenarios (names for ``--only``): ``single`` (SIGKILL of a single server during 10,000
 acknowledged appends), ``cluster`` (the stream leader of a 3-node cluster killed under load, then
-the next one), ``proxy`` (stalled and cut links), ``latency`` (p50/p99 of appends and sets on one
+the next one), ``lameduck`` (the same, each leader stopped in lame duck mode, as a deployment
+stops a node), ``proxy`` (stalled and cut links), ``latency`` (p50/p99 of appends and sets on one
 server and on a 3-replica cluster), ``durability`` (append rate of a server with JetStream's
 default sync interval vs ``sync_interval: always``). Every figure is measured in this run, on
 loopback; targets are printed beside them, not asserted. Exit status 1 when a write was lost or
@@ -26,7 +27,7 @@ from chaos import scenarios  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 from tests.servers import NatsServer  # noqa: E402
 
-NAMES = ("single", "cluster", "proxy", "latency", "durability")
+NAMES = ("single", "cluster", "lameduck", "proxy", "latency", "durability")
 
 
 async def _durability(workdir: Path, n: int) -> dict[str, float]:
@@ -59,6 +60,7 @@ def _restart(server: NatsServer, conf: Path):  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts (as the tests)")
+    parser.add_argument("--kills", type=int, default=2, help="leader kills in the cluster scenario (default 2)")
     parser.add_argument("--only", action="append", choices=NAMES, help="run only this scenario (repeatable)")
     args = parser.parse_args(argv)
     only = set(args.only or NAMES)
@@ -74,13 +76,25 @@ def main(argv: list[str] | None = None) -> int:
             c = asyncio.run(scenarios.proxy_faults(work / "proxy", stall=0.5 if quick else 1.0, rounds=2 if quick else 5))
             print(c.line(), flush=True)
             bad += c.lost + c.duplicated
-        if "cluster" in only or "latency" in only:
+        if "cluster" in only or "latency" in only or "lameduck" in only:
             cluster = Cluster(work / "cluster").start()
             try:
                 if "cluster" in only:
-                    c = asyncio.run(scenarios.cluster_failover(cluster, steady=0.5 if quick else 2.0, kills=2))
+                    c = asyncio.run(scenarios.cluster_failover(cluster, steady=0.5 if quick else 2.0, kills=args.kills))
                     print(c.line(), flush=True)
-                    print(f"  failover: writes resumed {c.extra['resume_s']} s after each leader kill (target < 6 s)")
+                    print(
+                        f"  failover: writes resumed {c.extra['resume_s']} s after each leader kill (target < 6 s); "
+                        f"a survivor named a new leader after {c.extra['elected_s']} s (the servers' Raft "
+                        f"election), the client's own share {c.extra['client_s']} s"
+                    )
+                    bad += c.lost + c.duplicated
+                if "lameduck" in only:
+                    cluster.wait_healthy()
+                    c = asyncio.run(
+                        scenarios.cluster_failover(cluster, steady=0.5 if quick else 2.0, kills=args.kills, lame_duck=True)
+                    )
+                    print(c.line(), flush=True)
+                    print(f"  lame duck stop: writes resumed {c.extra['resume_s']} s after each (target < 6 s)")
                     bad += c.lost + c.duplicated
                 if "latency" in only:
                     cluster.wait_healthy()

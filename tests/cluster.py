@@ -195,13 +195,17 @@ class Cluster:
             node.stop()
 
 
-async def stream_info(url: str, stream: str, token: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """The raw ``$JS.API.STREAM.INFO`` of ``stream`` (config, state, cluster leader and replicas)."""
+async def stream_info(
+    url: str, stream: str, token: str | None = None, timeout: float = 5.0, *, subjects: bool = False
+) -> dict[str, Any]:
+    """The raw ``$JS.API.STREAM.INFO`` of ``stream`` (config, state, cluster leader and replicas);
+    ``subjects``: with each subject's message count (``state.subjects``)."""
     import nats
 
     nc = await nats.connect(url.split(","), connect_timeout=2, token=token, max_reconnect_attempts=2)
     try:
-        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+        body = json.dumps({"subjects_filter": ">"}).encode() if subjects else b""
+        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", body, timeout=timeout)
         info: dict[str, Any] = json.loads(msg.data)
         return info
     finally:

@@ -19,6 +19,10 @@ from tests.mounts import fill, home_on_tmpfs
 from tests.servers import NatsServer
 
 MB = 1_000_000
+# The calls' timeout here: these tests prove that writes fail with the right error and recover,
+# not how fast. 1 s was too short on a loaded CI machine (4 xdist workers on 2 cores): a write
+# meant to succeed raised ServerUnavailable "did not answer within 1 s".
+TIMEOUT = 5.0
 USER = {"role": "user", "content": "hello"}
 
 
@@ -43,7 +47,7 @@ def test_writes_recover_when_space_comes_back_in_steps(disk_home: Path, namespac
     space is back. nats-server sizes JetStream's storage limit at start to 75% of the free space
     (measured: 'Max Storage: 2.25 MB' with 3 MiB free and 8 MB stored), so the library's own
     restart on a nearly full disk left every write failing with QuotaExceeded, for good."""
-    with Memory(namespace, timeout=1.0) as memory:
+    with Memory(namespace, timeout=TIMEOUT) as memory:
         for i in range(8):
             memory.set(f"k{i}", str(i) * MB)  # 8 MB stored
         filler = fill(disk_home.parent)
@@ -69,7 +73,7 @@ def test_writes_recover_when_space_comes_back_in_steps(disk_home: Path, namespac
 def test_a_disk_filled_by_the_store_is_freed_by_deletes(disk_home: Path, namespace: str) -> None:
     """When the embedded server's own data fills its disk, deleting keys and clearing
     conversations frees space, and the refusal says 'disk full' (the user cannot 'raise limits')."""
-    with Memory(namespace, timeout=1.0) as memory, ChatHistory("s", namespace=namespace, timeout=1.0) as chat:
+    with Memory(namespace, timeout=TIMEOUT) as memory, ChatHistory("s", namespace=namespace, timeout=TIMEOUT) as chat:
         stored = []
         for i in range(400):
             try:
@@ -117,9 +121,9 @@ def test_a_creds_file_that_is_no_creds_raises_invalid_argument(tmp_path: Path, n
     server = NatsServer(tmp_path / "auth", extra_config=config).start()
     try:
         with pytest.raises(InvalidArgument, match="creds file .* is not a NATS .creds file"):
-            with Memory(namespace, url=server.url, creds=str(bad), timeout=1.0) as memory:
+            with Memory(namespace, url=server.url, creds=str(bad), timeout=TIMEOUT) as memory:
                 memory.get("k")
-        with Memory(namespace, url=server.url, creds=str(creds), timeout=1.0) as memory:  # the real one works
+        with Memory(namespace, url=server.url, creds=str(creds), timeout=TIMEOUT) as memory:  # the real one works
             memory.set("k", 1)
             assert memory.get("k") == 1
     finally:

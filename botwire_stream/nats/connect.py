@@ -77,6 +77,12 @@ class _Client(NATS):
     on every connect and reconnect, just before CONNECT is written.
     """
 
+    def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        """``_next_server`` told which server was just lost: nats-py calls the handler before it
+        replaces ``_current_server``."""
+        current = self._current_server
+        return _next_server(servers, info, current.uri.netloc if current is not None else None)
+
     def _connect_command(self) -> bytes:
         server = self._current_server
         if (
@@ -118,12 +124,27 @@ _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 0.5
 
 
-def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+# A server that stops answering without closing the connection (SIGSTOP, a frozen VM, a stalled
+# link) is noticed only by unanswered pings: nats-py's defaults (every 120 s, gone after 2
+# unanswered) left a client on a frozen cluster node for about 4 minutes. Every 2 s (settings'
+# BOTWIRE_PING_INTERVAL) with 2 unanswered allowed, a frozen server is left 4-6 s after it froze
+# (tests/test_cluster.py). Not on the embedded server: there a PING queued behind hundreds of
+# MiB of writes can wait seconds (retry.py), and its calls probe for a hung server instead.
+MAX_OUTSTANDING_PINGS = 2
+
+
+def _next_server(
+    servers: list[Server], info: dict[str, Any], lost: str | None = None
+) -> tuple[Server | None, float]:
     """nats-py's ``reconnect_to_server_handler``: the server tried least (any of the list, and
-    those the cluster advertised), and how long to wait before trying it."""
+    those the cluster advertised), not ``lost`` (the host:port just left) on a tie, and how long to
+    wait before trying it.
+
+    Avoiding ``lost`` matters for a frozen server: it still accepts TCP connections (the kernel
+    does) but never greets, so trying it again cost the whole 2 s connect timeout."""
     if not servers:
         return None, 0.0
-    chosen = min(servers, key=lambda s: s.reconnects)
+    chosen = min(servers, key=lambda s: (s.reconnects, s.uri.netloc == lost))
     rounds = chosen.reconnects  # every server failed this many times in a row
     if rounds == 0:
         return chosen, 0.0
@@ -165,12 +186,14 @@ async def _connect(
     tls: ssl.SSLContext | None = None,
     tls_handshake_first: bool = False,
     backoff: bool = False,
+    ping_interval: float | None = None,
 ) -> NATS:
     """Connect, reconnecting forever afterwards, but failing the first connect fast.
 
     ``backoff``: reconnect to the least tried server of the list (and of those the cluster
     advertises) with an exponential, jittered wait (``_next_server``), rather than nats-py's
-    fixed 0.1 s wait per server.
+    fixed 0.1 s wait per server. ``ping_interval``: seconds between pings, the server counted
+    gone after ``MAX_OUTSTANDING_PINGS`` unanswered (None: nats-py's 120 s).
 
     nats-py retries a first connect forever when reconnects are unlimited, even on a refused
     token; here a refused credential raises ``Unauthorized`` at once, a server that cannot be
@@ -188,9 +211,12 @@ async def _connect(
         kwargs["password"] = password
     if creds:
         kwargs["user_credentials"] = creds
-    if backoff:
-        kwargs["reconnect_to_server_handler"] = _next_server
     nc = _Client()
+    if backoff:
+        kwargs["reconnect_to_server_handler"] = nc._next_server
+    if ping_interval is not None:
+        kwargs["ping_interval"] = ping_interval
+        kwargs["max_outstanding_pings"] = MAX_OUTSTANDING_PINGS
     refused = asyncio.Event()
     last_error: list[BaseException] = []
     untrusted: list[BaseException] = []

@@ -8,7 +8,6 @@ Every method runs through ``RetryingConnection.call`` and honours its ``timeout`
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +22,7 @@ from nats.js.api import Placement, StreamConfig
 from ..errors import OutcomeUnknown
 from ..settings import ConnectOptions
 from .errors import ApiError, SubjectPurged, raise_api_error
-from .replies import Batch
+from .replies import Batch, parse_headers
 from .retry import READ_FIRST, RetryingConnection, ServerRestart, _Busy, _NoPeers, _Write
 
 __all__ = ["Connection"]
@@ -76,9 +75,32 @@ class _Purged(msgspec.Struct):
     error: ApiError | None = None
 
 
+class _StoredMsg(msgspec.Struct):
+    """The ``message`` of a ``$JS.API.STREAM.MSG.GET`` response (``hdrs`` and ``data`` are
+    base64 in the JSON: msgspec decodes them into bytes)."""
+
+    subject: str
+    seq: int
+    hdrs: bytes = b""
+    data: bytes = b""
+    time: str = ""
+
+
+class _MsgGot(msgspec.Struct):
+    message: _StoredMsg | None = None
+    error: ApiError | None = None
+
+
 _consumer_decoder = msgspec.json.Decoder(_ConsumerCreated)
+_stored_decoder = msgspec.json.Decoder(_MsgGot)
 _info_decoder = msgspec.json.Decoder(_StreamInfo)
 _purge_decoder = msgspec.json.Decoder(_Purged)
+
+
+def _retrieved(future: asyncio.Future[Msg]) -> None:
+    """Mark a reply future's failure as seen (a done callback)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Connection(RetryingConnection):
@@ -246,6 +268,10 @@ class Connection(RetryingConnection):
             waiting = []
             for subject, data, headers in prepared:
                 reply, future = mux.expect(timeout)
+                # Only the first failed ack is raised; without this, the failures of the others
+                # (a lost connection fails them all) were logged "Future exception was never
+                # retrieved" (seen in `python -m chaos --only lameduck`).
+                future.add_done_callback(_retrieved)
                 waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
@@ -361,28 +387,29 @@ class Connection(RetryingConnection):
         return await self.call(run, timeout=timeout)
 
     async def _leader_get_last(self, stream: str, subject: str, timeout: float) -> Msg | None:
-        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``."""
+        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``:
+        its headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
         body = msgspec.json.encode({"last_by_subj": subject})
         reply = await self.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, None, timeout)
-        got = msgspec.json.decode(reply.data)
-        if "error" in got:
-            if got["error"].get("code") == 404:
+        got = _stored_decoder.decode(reply.data)
+        if got.error is not None or got.message is None:
+            error = got.error or ApiError(description="no message in the reply")
+            if error.code == 404:
                 return None
-            raise nats.js.errors.APIError(code=got["error"].get("code"), description=got["error"].get("description", ""))
-        m = got["message"]
-        headers: dict[str, str] = {}
-        if m.get("hdrs"):
-            for line in base64.b64decode(m["hdrs"]).decode().split("\r\n")[1:]:
-                k, sep, v = line.partition(":")
-                if sep:
-                    headers[k.strip()] = v.strip()
-        headers["Nats-Sequence"] = str(m["seq"])
-        headers["Nats-Subject"] = m["subject"]
+            # A 503 ("JetStream system temporarily unavailable": no stream leader for a moment, seen
+            # as a frozen node resumed under CI load) as nats-py raises it, ServiceUnavailableError,
+            # which ``call`` retries within the deadline; a plain APIError failed the read at once.
+            unavailable = error.code == 503
+            kind = nats.js.errors.ServiceUnavailableError if unavailable else nats.js.errors.APIError
+            raise kind(code=error.code, err_code=error.err_code, description=error.description)
+        m = got.message
+        headers = parse_headers(m.hdrs) if m.hdrs else {}
+        headers["Nats-Sequence"] = str(m.seq)
+        headers["Nats-Subject"] = m.subject
         headers["Nats-Stream"] = stream
-        if m.get("time"):
-            headers["Nats-Time-Stamp"] = m["time"]
-        data = base64.b64decode(m["data"]) if m.get("data") else b""
-        return Msg(self.nc, subject=m["subject"], data=data, headers=headers)
+        if m.time:
+            headers["Nats-Time-Stamp"] = m.time
+        return Msg(self.nc, subject=m.subject, data=m.data, headers=headers)
 
     async def direct_get_seq(self, stream: str, seq: int, timeout: float = 5.0) -> Msg | None:
         """The message at ``seq`` (one request; no pending count, so the server walks nothing),

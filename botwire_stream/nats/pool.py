@@ -32,6 +32,7 @@ async def open_connection(opts: ConnectOptions) -> Connection:
             password=opts.password,
             creds=opts.creds,
             backoff=True,
+            ping_interval=opts.ping_interval,
         )
         return Connection(opts, nc, None)
     home = Path(opts.home) if opts.home else embedded.home_dir()

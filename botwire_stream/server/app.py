@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..tokens import open_token_streams
+from . import NATS_TIMEOUT
 from .chat import CHAT_PREFIX, Conversations
 from .chatapi import ChatService
 from .hosted import Hosted
@@ -57,7 +58,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ending = stop if stop is not None else asyncio.Event()
-        store, client = await open_token_streams(url=url, token=token, user=user, password=password, creds=creds)
+        store, client = await open_token_streams(
+            url=url, token=token, user=user, password=password, creds=creds, timeout=NATS_TIMEOUT
+        )
         max_body = store._b.max_chunk
         handlers["streams"] = Streams(store, max_body, long_poll_timeout, sse_lifetime, ending)
         handlers["chat"] = Conversations(connect, long_poll_timeout, sse_lifetime, ending)

@@ -19,7 +19,7 @@ from .. import errors
 from ..chat import AsyncChatHistory
 from ..models import Entry
 from ..tokens import NOW, format_offset, parse_offset
-from . import sse
+from . import NATS_TIMEOUT, sse
 from .cursor import next_cursor
 from .headers import COMMON, PREFLIGHT
 from .protocol import ProtocolError
@@ -53,7 +53,7 @@ class Conversations:
         if not sep or not session:
             raise ProtocolError(404, "a conversation is at /v1/stream/chat/<namespace>/<session>")
         # ``name`` is already percent-decoded (once): decoding again would let 'a%41' read 'aA'
-        return AsyncChatHistory(session, namespace=namespace, **self._connect)  # type: ignore[arg-type]
+        return AsyncChatHistory(session, namespace=namespace, timeout=NATS_TIMEOUT, **self._connect)  # type: ignore[arg-type]
 
     async def __call__(self, request: Request, name: str) -> Response:
         method = request.method

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from .. import errors
 from ..chat import AsyncChatHistory
 from ..memory import AsyncMemory
+from . import NATS_TIMEOUT
 from .headers import COMMON
 
 __all__ = ["Namespaces", "RestError", "decode_body", "json_response", "raw_segments", "rest_error"]
@@ -132,7 +133,7 @@ class Namespaces:
         """The namespace's memory (``InvalidNamespace`` for a bad name, before anything opens)."""
         mem = self._memories.get(namespace)
         if mem is None:
-            mem = AsyncMemory(namespace, **self.connect)  # type: ignore[arg-type]
+            mem = AsyncMemory(namespace, timeout=NATS_TIMEOUT, **self.connect)  # type: ignore[arg-type]
             self._memories[namespace] = mem
             while len(self._memories) > self.max_open:
                 self._retire(self._memories.popitem(last=False)[1])
@@ -150,7 +151,7 @@ class Namespaces:
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     def chat(self, namespace: str, session_id: str, ttl: float | None = None) -> AsyncChatHistory:
-        return AsyncChatHistory(session_id, namespace=namespace, ttl=ttl, **self.connect)  # type: ignore[arg-type]
+        return AsyncChatHistory(session_id, namespace=namespace, ttl=ttl, timeout=NATS_TIMEOUT, **self.connect)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         memories, self._memories = self._memories, OrderedDict()
