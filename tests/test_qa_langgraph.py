@@ -16,12 +16,6 @@ def _cfg(thread: str, checkpoint_id: str | None = None) -> RunnableConfig:
     return {"configurable": _conf(thread, checkpoint_id)["configurable"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_tuple without an id returns the checkpoint stored last (direct get last of c.*), "
-    "while list and prune('keep_latest') take the highest id: they disagree, and prune then deletes "
-    "what get_tuple called latest. Fix: latest() by highest id (costs a subject-index request)",
-)
 async def test_two_resumes_of_one_thread_agree_on_the_latest_checkpoint(url: str, namespace: str) -> None:
     """Two processes resume the same interrupted thread: the one whose checkpoint id is older
     (ids are time-ordered uuid6) may store last. ``get_tuple`` (no id), ``list`` and
