@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
@@ -90,8 +90,20 @@ async def _bounded(aws: Sequence[Coroutine[Any, Any, None]]) -> None:
 
 
 
-def _secs(timeout: float) -> int:
-    return cast(int, timeout)  # nats-py annotates flush's timeout as int; it takes any number
+async def _ping(nc: Any, timeout: float) -> bool:
+    """One PING/PONG round trip on ``nc``: True once the server answered (so everything it
+    queued for this connection before is read). Not ``nc.flush(timeout)``: on a timeout it
+    cancels its future but leaves it queued, and the late PONG then fails in nats-py's reader
+    (``InvalidStateError``: measured with a SIGSTOPped server), which breaks the connection."""
+    if not nc.is_connected:
+        return False
+    pong = asyncio.get_running_loop().create_future()
+    try:
+        await nc._send_ping(pong)
+        await asyncio.wait_for(asyncio.shield(pong), timeout)
+    except Exception:
+        return False
+    return True
 
 
 class _Miss:
@@ -143,11 +155,11 @@ class _Watch:
     async def lookup(self, base: str, timeout: float) -> _Latest | _Miss:
         if base not in self.entries or not self.valid():
             return _MISS
-        try:
-            await self.nc.flush(_secs(timeout))  # every change queued for us before now is delivered
-        except Exception:
+        if not await _ping(self.nc, timeout):
             return _MISS  # not proven: the read that follows answers or raises the library's error
-        if not self.valid():
+        # The reader has queued every change sent before the PONG; each subscription's callback
+        # runs in its own task, so one still queued means an unapplied change.
+        if not self.valid() or any(sub.pending_msgs for sub in self.sub):
             return _MISS
         return self.entries.get(base, _MISS)
 
@@ -235,10 +247,18 @@ class NatsCheckpoints:
                 t, n, _ = msg.subject[cut:].split(".", 2)
                 w.changed(f"{self.prefix}.{t}.{n}")
 
-            subs = [await conn.nc.subscribe(f"{self.prefix}.>", cb=on_msg)]
-            for subject in purges:
-                subs.append(await conn.nc.subscribe(subject, cb=on_msg))
-            await conn.nc.flush(_secs(self.timeout))  # subscribed before anything is read
+            # No pending limits: nats-py drops what is over them (a "slow consumer"), and a dropped
+            # change would leave a stale entry. The callback is a dict update on the reader's own
+            # loop, so the queue cannot outgrow what the reader just read.
+            subs = [
+                await conn.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
+                for subject in (f"{self.prefix}.>", *purges)
+            ]
+            if not await _ping(conn.nc, self.timeout):  # subscribed before anything is read
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                return None
             self._watch = _Watch(conn, subs, gen)
             return self._watch
 
@@ -254,7 +274,7 @@ class NatsCheckpoints:
         on their subjects), before returning: the flush makes the server take the notice first."""
         with contextlib.suppress(Exception):  # the purge is done; watches also saw its request
             await self.conn.nc.publish(self.deleted, b"")
-            await self.conn.nc.flush(_secs(self.timeout))
+            await _ping(self.conn.nc, self.timeout)
 
     # -- subjects -------------------------------------------------------------------------------
     def _base(self, thread: str | None, ns: str | None) -> str:
