@@ -161,3 +161,80 @@ def test_a_stopped_or_restarted_server_never_makes_get_tuple_stale(own_server: N
             assert _latest(saver, thread) == (ids[2], 2, [])
     finally:
         saver.close()
+
+
+# A writer process: one checkpoint, then tasks of 200 pending writes each, "ok <task>" once each
+# returned ("err <task>" when it raised), until the stop file exists.
+_WRITER = r"""
+import os, sys
+from langgraph.checkpoint.base import empty_checkpoint
+from botwire_stream.integrations.langgraph import BotWireSaver
+url, namespace, stop, cid = sys.argv[1:5]
+saver = BotWireSaver(namespace, url=url, timeout=1.0)
+cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+cp = empty_checkpoint()
+cp["id"] = cid
+saver.put(cfg, cp, {}, {})
+cfg["configurable"]["checkpoint_id"] = cid
+for task in range(2000):
+    if os.path.exists(stop):
+        break
+    try:
+        saver.put_writes(cfg, [(f"c{i}", "x" * 100) for i in range(200)], f"task{task}")
+        print(f"ok {task}", flush=True)
+    except Exception as exc:
+        print(f"err {task} {type(exc).__name__}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_task_s_pending_writes_survive_a_server_kill_all_or_nothing(own_server: NatsServer, tmp_path: Any) -> None:
+    """nats-server is SIGKILLed (three times, restarted once the task in flight gave up) while
+    another process saves tasks of 200 pending writes: after each restart every task is stored whole or not at all (a half-stored task is
+    taken as done on resume, its missing writes lost), and every task acknowledged is whole."""
+    namespace, stop = "lgatomic", tmp_path / "stop"
+    cid = _ids(1)[0]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, own_server.url, namespace, str(stop), cid],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    acked: set[str] = set()
+    try:
+        assert writer.stdout is not None
+        for _ in range(3):
+            seen = 0
+            for line in writer.stdout:  # bounded: the writer stops after 2,000 tasks
+                word, task = line.split()[:2]
+                if word == "ok":
+                    acked.add(f"task{task}")
+                    seen += 1
+                    if seen == 5:
+                        break
+            own_server.kill()
+            for line in writer.stdout:  # the task in flight gives up (its retries found no server)
+                if line.startswith("err "):
+                    break
+                acked.add(f"task{line.split()[1]}")
+            own_server.start()
+        stop.touch()
+        for line in writer.stdout:
+            if line.startswith("ok "):
+                acked.add(f"task{line.split()[1]}")
+        assert writer.wait(30) == 0
+    finally:
+        stop.touch()
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(5)
+    saver = BotWireSaver(namespace, url=own_server.url)
+    try:
+        found = saver.get_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": cid}})
+        assert found is not None
+        per_task: dict[str, int] = {}
+        for task_id, _, _ in found.pending_writes:
+            per_task[task_id] = per_task.get(task_id, 0) + 1
+        assert len(acked) >= 15
+        assert {t: n for t, n in per_task.items() if n != 200} == {}, "tasks stored in part"
+        assert acked <= set(per_task), "acknowledged tasks lost"
+    finally:
+        saver.close()
