@@ -22,8 +22,8 @@ namespace or a checkpoint is a subject filter and the server's per-subject index
 A checkpoint put again under the same id replaces the stored one (one message per subject).
 Regular pending writes (``idx >= 0``) are stored only if none is stored under the same task and
 index (``Nats-Expected-Last-Subject-Sequence: 0``), as LangGraph's own savers keep the first;
-special ones (negative ``idx``: errors, interrupts, resumes) replace it. A task's writes are one
-atomic batch (all stored or none; ``put_writes`` says when not).
+special ones (negative ``idx``: errors, interrupts, resumes) replace it. A task's writes are separate
+messages, not one atomic batch (``put_writes`` says why).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ _PAGE: Final = 1000
 _IN_FLIGHT: Final = 64  # publishes or purges awaited at once
 _MULTI_LAST: Final = 256  # subjects per multi-last get (their names fill the request: up to ~2 KB each)
 _LATEST_KEPT: Final = 4096  # threads whose latest checkpoint id a process remembers (the oldest dropped)
-_BATCH: Final = 1000  # messages of one atomic batch at most (nats-server's limit)
 _CACHED: Final = 1024  # threads whose latest checkpoint (record and writes) a backend keeps
 
 # (stream, thread/ns subject base) -> the id of the checkpoint this process last stored or read as
@@ -80,9 +79,7 @@ async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: in
     store = NatsCheckpoints(namespace, timeout)
     conn = await acquire(opts)
     try:
-        if await conn.ensure_stream(store.config(replicas), timeout):  # it exists with another config
-            info = await conn.js.stream_info(store.stream)
-            store.atomic = bool(getattr(info.config, "allow_atomic", False))
+        await conn.ensure_stream(store.config(replicas), timeout)
     except BaseException:
         await release(conn)
         raise
@@ -206,7 +203,6 @@ class NatsCheckpoints:
         self.deleted = f"botwire.{namespace}.lgdeleted"  # notices of deletes (outside the stream)
         self._watch: _Watch | None = None
         self._watch_lock = asyncio.Lock()
-        self.atomic = True  # the stream takes atomic batches (not one created before they were used)
 
     def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
@@ -214,7 +210,6 @@ class NatsCheckpoints:
             subjects=[f"{self.prefix}.>"],
             allow_direct=True,
             max_msgs_per_subject=1,  # a record put again replaces the stored one
-            allow_atomic=True,  # a task's pending writes are one atomic batch
             duplicate_window=120,
             max_msgs=-1,
             max_consumers=-1,
@@ -309,12 +304,13 @@ class NatsCheckpoints:
         """Store a task's writes, ``(idx, record)`` each: a regular one (``idx >= 0``) only when
         none is stored under the same task and index, a special one (``idx < 0``) replacing it.
 
-        All of them or none (a server dying mid-save leaves no half-stored task): one JetStream
-        atomic batch, each regular write conditional on its subject being empty. When one is
-        stored already (the task ran before), the server refuses the whole batch, and the writes
-        are then sent one by one, each kept only where none is stored (first write wins, as
-        LangGraph's own savers do): that retry, a task of over 1,000 writes, and a stream
-        created before atomic batches (no ``allow_atomic``) are not atomic."""
+        Not atomic: a server dying mid-save can leave part of a task stored. JetStream's atomic
+        batch (``Nats-Batch-*``, ``allow_atomic``) would fit first-write-wins (each regular write
+        conditional on an empty subject; a batch with one already stored is refused whole, then
+        sent one by one), and held a SIGKILLed server to whole-or-nothing tasks, but it cost
+        too much here (nats-server 2.15.1, R1 file stream, measured): a 2-write task 3.4 ms p50
+        in one process instead of ~0.3 ms, and four writer processes 40 steps/s (p50 59 ms)
+        instead of 1,172 (the benchmark's target, faster than SQLite, was lost)."""
         base = f"{self._base(thread, ns)}.w.{_token(checkpoint_id)}.{_token(task_id)}"
         # Checked whole first: the writes are separate messages, and a task with some of its
         # writes stored is taken as done when the graph resumes (the missing ones lost).
@@ -324,20 +320,6 @@ class NatsCheckpoints:
                 f"a pending write is {largest:,} bytes encoded, more than one message of the server may hold "
                 "(its max_payload, less room for headers); nothing was written"
             )
-
-        if self.atomic and 1 < len(writes) <= _BATCH:
-            try:
-                await self.conn.publish_batch(
-                    [f"{base}.{idx}" for idx, _ in writes],
-                    [data for _, data in writes],
-                    [{"Nats-Expected-Last-Subject-Sequence": "0"} if idx >= 0 else {} for idx, _ in writes],
-                    self.timeout,
-                    what="pending writes",
-                    advice=SAFE,
-                )
-                return
-            except Conflict:
-                pass  # some are stored already (an earlier run of the task): keep each first one, below
 
         async def one(idx: int, data: bytes) -> None:
             headers = {"Nats-Expected-Last-Subject-Sequence": "0"} if idx >= 0 else None

@@ -266,7 +266,7 @@ class Connection(RetryingConnection):
 
     async def publish_batch(
         self,
-        subject: str | Sequence[str],
+        subject: str,
         payloads: Sequence[bytes],
         headers: Sequence[Mapping[str, str]],
         timeout: float = 10.0,
@@ -277,7 +277,6 @@ class Connection(RetryingConnection):
     ) -> int:
         """Publish ``payloads`` as one atomic batch (all stored or none); return the last sequence.
 
-        ``subject``: of every message, or one per message (a batch may span a stream's subjects).
         ``expected``: the batch is stored only if the subject's last sequence is this (0: empty).
         Every message carries a ``Nats-Msg-Id``. A batch the server dropped for lack of room
         (ingest queue full, too many batches in flight: nothing stored) is sent again, under a new
@@ -287,7 +286,6 @@ class Connection(RetryingConnection):
         n = len(payloads)
         if n == 0:
             raise AssertionError("empty batch")
-        subjects = [subject] * n if isinstance(subject, str) else list(subject)
         hs = [self._ids(x) for x in headers]
         if expected is not None:
             hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
@@ -298,20 +296,20 @@ class Connection(RetryingConnection):
             nonlocal tries
             tries += 1
             batch_id = self.new_id()
-            for i, (subj, payload, h) in enumerate(zip(subjects, payloads, hs, strict=True), 1):
+            for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
                 h["Nats-Batch-Id"] = batch_id
                 h["Nats-Batch-Sequence"] = str(i)
                 if i < n:
-                    await self.nc.publish(subj, payload, headers=h)
+                    await self.nc.publish(subject, payload, headers=h)
                     write.sent = True
             hs[-1]["Nats-Batch-Commit"] = "1"
-            msg = await self.request(subjects[-1], payloads[-1], hs[-1], timeout, write)
+            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
                 return ack.seq
             code = ack.error.err_code
             if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
-                found = await self._landed(subjects[-1], hs[-1]["Nats-Msg-Id"], timeout)
+                found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
                 if found is not None:
                     return found
             if code in _BUSY_CODES:
