@@ -162,3 +162,30 @@ def test_a_stopped_or_restarted_server_never_makes_get_tuple_stale(own_server: N
     finally:
         saver.close()
 
+
+
+def test_list_paging_with_before_while_another_process_writes(url: str, namespace: str) -> None:
+    """Paging a thread with ``before`` and ``limit`` while another process stores newer
+    checkpoints and deletes none: every page is newest first, no checkpoint is returned twice,
+    and every one stored before paging began is returned once."""
+    saver = BotWireSaver(namespace, url=url)
+    thread = f"p-{uuid.uuid4().hex[:8]}"
+    ids = _ids(60)
+    try:
+        with child(url, namespace) as other:
+            for n, cid in enumerate(ids[:30]):
+                other.do(op="put", thread=thread, id=cid, n=n)
+            seen: list[str] = []
+            before: dict[str, Any] | None = None
+            for n in range(30, 60):  # one newer checkpoint stored between each two pages
+                page = [t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": thread}}, before=before, limit=3)]
+                assert page == sorted(page, reverse=True)
+                seen += page
+                if not page:
+                    break
+                before = {"configurable": {"thread_id": thread, "checkpoint_id": page[-1]}}
+                other.do(op="put", thread=thread, id=ids[n], n=n)
+            assert len(seen) == len(set(seen))
+            assert seen == sorted(ids[:30], reverse=True)[: len(seen)] and set(ids[:30]) <= set(seen)
+    finally:
+        saver.close()
