@@ -70,7 +70,10 @@ class Child:
 def child(url: str, namespace: str) -> Iterator[Child]:
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, url, namespace],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -163,7 +166,6 @@ def test_a_stopped_or_restarted_server_never_makes_get_tuple_stale(own_server: N
         saver.close()
 
 
-
 def test_list_paging_with_before_while_another_process_writes(url: str, namespace: str) -> None:
     """Paging a thread with ``before`` and ``limit`` while another process stores newer
     checkpoints and deletes none: every page is newest first, no checkpoint is returned twice,
@@ -178,7 +180,10 @@ def test_list_paging_with_before_while_another_process_writes(url: str, namespac
             seen: list[str] = []
             before: dict[str, Any] | None = None
             for n in range(30, 60):  # one newer checkpoint stored between each two pages
-                page = [t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": thread}}, before=before, limit=3)]
+                page = [
+                    t.checkpoint["id"]
+                    for t in saver.list({"configurable": {"thread_id": thread}}, before=before, limit=3)
+                ]
                 assert page == sorted(page, reverse=True)
                 seen += page
                 if not page:
