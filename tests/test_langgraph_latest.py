@@ -1,0 +1,196 @@
+"""BotWireSaver's latest checkpoint across processes: exact right after another process's write
+returns (the cached answer is proven by a ping), and never stale across a stopped or restarted
+nats-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langgraph")
+from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
+
+from botwire_stream.errors import BotWireError  # noqa: E402
+from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
+from tests import waits  # noqa: E402
+from tests.procs import ROOT  # noqa: E402
+from tests.servers import NatsServer  # noqa: E402
+
+# The other process: one JSON command a line on stdin, "ok" (or the error) on stdout once done.
+_CHILD = r"""
+import json, sys
+from langgraph.checkpoint.base import empty_checkpoint
+from botwire_stream.integrations.langgraph import BotWireSaver
+saver = BotWireSaver(sys.argv[2], url=sys.argv[1], timeout=2.0)
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+        cfg = {"configurable": {"thread_id": cmd["thread"], "checkpoint_ns": ""}}
+        if cmd["op"] == "put":
+            cp = empty_checkpoint()
+            cp["id"] = cmd["id"]
+            cp["channel_values"] = {"n": cmd["n"]}
+            saver.put(cfg, cp, {"step": cmd["n"]}, {})
+        elif cmd["op"] == "writes":
+            cfg["configurable"]["checkpoint_id"] = cmd["id"]
+            saver.put_writes(cfg, [("n", cmd["n"])], cmd["task"])
+        elif cmd["op"] == "delete":
+            saver.delete_thread(cmd["thread"])
+        print("ok", flush=True)
+    except Exception as exc:
+        print(f"error {type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+class Child:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def do(self, **cmd: Any) -> None:
+        """Run one command in the other process; returns once its call has returned there."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()  # the child's own timeouts bound this
+        assert line == "ok", line
+
+
+@contextmanager
+def child(url: str, namespace: str) -> Iterator[Child]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, url, namespace],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield Child(proc)
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _ids(n: int) -> list[str]:
+    """``n`` checkpoint ids in increasing order (LangGraph's are time-ordered uuid6 strings)."""
+    out = []
+    for _ in range(n):
+        out.append(empty_checkpoint()["id"])
+        time.sleep(0.001)  # uuid6 ids of one millisecond may tie on their time part
+    assert out == sorted(out) and len(set(out)) == n
+    return out
+
+
+def _latest(saver: BotWireSaver, thread: str) -> tuple[str, int, list[Any]] | None:
+    t = saver.get_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+    if t is None:
+        return None
+    return t.checkpoint["id"], t.checkpoint["channel_values"]["n"], [w[2] for w in t.pending_writes]
+
+
+def test_another_process_write_is_seen_right_after_it_returns(url: str, namespace: str) -> None:
+    """Each write of the other process (a newer checkpoint, an older id stored last, a pending
+    write, a delete) is in this process's very next ``get_tuple``, which has just answered from
+    its cache; the latest is the highest id, whatever the order stored."""
+    saver = BotWireSaver(namespace, url=url)
+    thread = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        with child(url, namespace) as other:
+            assert _latest(saver, thread) is None
+            ids = _ids(41)
+            for i in range(0, 40, 2):
+                other.do(op="put", thread=thread, id=ids[i + 1], n=i + 1)
+                assert _latest(saver, thread) == (ids[i + 1], i + 1, [])
+                assert _latest(saver, thread) == (ids[i + 1], i + 1, [])  # the cached answer
+                other.do(op="put", thread=thread, id=ids[i], n=i)  # an older id, stored last
+                assert _latest(saver, thread) == (ids[i + 1], i + 1, [])
+                other.do(op="writes", thread=thread, id=ids[i + 1], task=f"task{i}", n=i)
+                assert _latest(saver, thread) == (ids[i + 1], i + 1, [i])
+            listed = [t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": thread}}, limit=1)]
+            assert listed == [ids[39]]
+            other.do(op="delete", thread=thread)
+            assert _latest(saver, thread) is None
+            other.do(op="put", thread=thread, id=ids[40], n=40)
+            assert _latest(saver, thread) == (ids[40], 40, [])
+    finally:
+        saver.close()
+
+
+@pytest.mark.slow
+def test_a_stopped_or_restarted_server_never_makes_get_tuple_stale(own_server: NatsServer) -> None:
+    """A write acknowledged just before the server is SIGSTOPped, or made while this process is
+    still reconnecting after a restart, is what ``get_tuple`` answers next (or it raises while the
+    server is stopped, within a bound): a cached answer is never served unproven."""
+    url, namespace = own_server.url, "lgcache"
+    saver = BotWireSaver(namespace, url=url, timeout=1.0)
+    thread = "t"
+    ids = _ids(3)
+    try:
+        with child(url, namespace) as other:
+            other.do(op="put", thread=thread, id=ids[0], n=0)
+            assert _latest(saver, thread) == (ids[0], 0, [])
+            assert _latest(saver, thread) == (ids[0], 0, [])  # cached
+            other.do(op="put", thread=thread, id=ids[1], n=1)
+            waits.sigstop(own_server.pid)
+            try:
+                started = time.monotonic()
+                try:
+                    assert _latest(saver, thread) == (ids[1], 1, [])
+                except BotWireError:
+                    assert time.monotonic() - started < 3 * 1.0 + 2  # does not hang
+            finally:
+                os.kill(own_server.pid, signal.SIGCONT)
+            assert _latest(saver, thread) == (ids[1], 1, [])  # cached again
+
+            own_server.restart()
+            other.do(op="put", thread=thread, id=ids[2], n=2)  # the child reconnects first
+            assert _latest(saver, thread) == (ids[2], 2, [])
+    finally:
+        saver.close()
+
+
+def test_list_paging_with_before_while_another_process_writes(url: str, namespace: str) -> None:
+    """Paging a thread with ``before`` and ``limit`` while another process stores newer
+    checkpoints and deletes none: every page is newest first, no checkpoint is returned twice,
+    and every one stored before paging began is returned once."""
+    saver = BotWireSaver(namespace, url=url)
+    thread = f"p-{uuid.uuid4().hex[:8]}"
+    ids = _ids(60)
+    try:
+        with child(url, namespace) as other:
+            for n, cid in enumerate(ids[:30]):
+                other.do(op="put", thread=thread, id=cid, n=n)
+            seen: list[str] = []
+            before: dict[str, Any] | None = None
+            for n in range(30, 60):  # one newer checkpoint stored between each two pages
+                page = [
+                    t.checkpoint["id"]
+                    for t in saver.list({"configurable": {"thread_id": thread}}, before=before, limit=3)
+                ]
+                assert page == sorted(page, reverse=True)
+                seen += page
+                if not page:
+                    break
+                before = {"configurable": {"thread_id": thread, "checkpoint_id": page[-1]}}
+                other.do(op="put", thread=thread, id=ids[n], n=n)
+            assert len(seen) == len(set(seen))
+            assert seen == sorted(ids[:30], reverse=True)[: len(seen)] and set(ids[:30]) <= set(seen)
+    finally:
+        saver.close()
