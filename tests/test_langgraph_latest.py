@@ -4,17 +4,21 @@ nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import nats
 import pytest
 
 pytest.importorskip("langgraph")
@@ -194,3 +198,93 @@ def test_list_paging_with_before_while_another_process_writes(url: str, namespac
             assert seen == sorted(ids[:30], reverse=True)[: len(seen)] and set(ids[:30]) <= set(seen)
     finally:
         saver.close()
+
+
+class _SlowSubscriber:
+    """A raw client of the server on the namespace's checkpoint subjects that never reads, its
+    outbound buffer filled past 75 % of ``max_pending``: nats-server then stalls every publisher's
+    fan-out at it (a "fast producer stall", 2 ms a message). When the server happens to hand a
+    record to the stream before this client and to the watching process after it, the stream
+    stores and acknowledges the record while the watcher's copy is still held back: a writer's
+    acknowledged put is then not yet at the watcher (the window that under CI load served an
+    older checkpoint)."""
+
+    def __init__(self, server: NatsServer, subject: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.recv(4096)  # INFO
+        self.sock.sendall(
+            b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"name":"slow"}\r\n'
+            + f"SUB {subject} 1\r\nSUB fill 2\r\nPING\r\n".encode()
+        )
+        got = b""
+        while b"PONG" not in got:
+            got += self.sock.recv(4096)
+        monitor = json.loads(next(server.ports_dir.glob("*.ports")).read_text())["monitoring"][0]
+        self.connz = f"{monitor}/connz"
+
+    def pending(self) -> int:
+        with urllib.request.urlopen(self.connz, timeout=5) as reply:
+            conns = json.load(reply)["connections"]
+        return int(next(c["pending_bytes"] for c in conns if c.get("name") == "slow"))
+
+    def fill(self, url: str, limit: int) -> None:
+        """Publish to ``fill`` until the server holds more than 80 % of ``limit`` for this client."""
+
+        async def run() -> None:
+            nc = await nats.connect(url)
+            try:
+                for _ in range(2000):  # the kernel's socket buffers take the first megabytes
+                    if self.pending() > limit * 0.8:
+                        return
+                    await nc.publish("fill", b"x" * 8192)
+                    await nc.flush()
+                raise AssertionError("the slow subscriber's outbound never filled")
+            finally:
+                await nc.close()
+
+        asyncio.run(run())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_MAX_PENDING = 1 << 20
+
+
+@pytest.mark.slow
+def test_a_write_is_seen_even_when_the_server_acks_it_before_handing_it_to_the_watcher(tmp_path: Any) -> None:
+    """nats-server acknowledges a stored record from the stream's own goroutine while the
+    publisher's connection may still be handing the record to other subscribers: here a stalled
+    subscriber holds that hand-off back 2 ms a record. Every write of the other process is still
+    in this process's very next ``get_tuple``."""
+    server = NatsServer(
+        tmp_path / "own",
+        extra_config=f'max_pending: {_MAX_PENDING}\nwrite_deadline: "60s"\nhttp: "127.0.0.1:-1"',
+    ).start()
+    namespace, thread = "amp", "t"
+    try:
+        with child(server.url, namespace) as other:
+            other.do(op="put", thread="other", id=_ids(1)[0], n=0)  # the stream (its subscription first)
+            slow = _SlowSubscriber(server, f"botwire.{namespace}.lg.>")
+            try:
+                slow.fill(server.url, _MAX_PENDING)
+                saver = BotWireSaver(namespace, url=server.url)
+                try:
+                    assert _latest(saver, thread) is None  # the watch subscribes after the slow one
+                    ids = _ids(60)
+                    for i in range(0, 60, 2):
+                        other.do(op="put", thread=thread, id=ids[i], n=i)  # an older id first
+                        assert _latest(saver, thread) == (ids[i], i, [])
+                        assert _latest(saver, thread) == (ids[i], i, [])  # the cached answer
+                        other.do(op="put", thread=thread, id=ids[i + 1], n=i + 1)
+                        assert _latest(saver, thread) == (ids[i + 1], i + 1, [])
+                        other.do(op="writes", thread=thread, id=ids[i + 1], task=f"task{i}", n=i)
+                        assert _latest(saver, thread) == (ids[i + 1], i + 1, [i])
+                    assert slow.pending() <= _MAX_PENDING  # still stalling, never dropped
+                finally:
+                    saver.close()
+            finally:
+                slow.close()
+    finally:
+        server.stop()
