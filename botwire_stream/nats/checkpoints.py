@@ -37,7 +37,7 @@ from typing import Any, Final
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from ..errors import Conflict, ValueTooLarge
+from ..errors import Conflict, ServerUnavailable, ValueTooLarge
 from ..keys import _decode_token, _encode_segment
 from ..settings import ConnectOptions
 from .jetstream import Connection
@@ -272,12 +272,34 @@ class NatsCheckpoints:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def _handed_off(self, what: str) -> None:
+        """Return once every watch on this server has been handed what this connection just
+        wrote: nats-server acknowledges a stored record from the stream's own goroutine while
+        the writer's connection may still be fanning it out (``_Watch`` says why this matters);
+        it answers this connection's PING only after that fan-out. Unproven (the server did not
+        answer in time): ``ServerUnavailable``, the write itself being done and safe to repeat."""
+        if not await _ping(self.conn.nc, self.timeout):
+            raise ServerUnavailable(
+                f"the {what} is done, but the server did not confirm within {self.timeout} s that other "
+                "processes watching this namespace were told; repeating the call is safe"
+            )
+
     async def _notify_deleted(self) -> None:
         """Tell every watch of the namespace that records were removed (purges publish nothing
-        on their subjects), before returning: the flush makes the server take the notice first."""
-        with contextlib.suppress(Exception):  # the purge is done; watches also saw its request
+        on their subjects), before returning (``_handed_off``)."""
+        with contextlib.suppress(Exception):
             await self.conn.nc.publish(self.deleted, b"")
-            await _ping(self.conn.nc, self.timeout)
+        await self._handed_off("delete")
+
+    async def _deleting(self, aw: Coroutine[Any, Any, None]) -> None:
+        """Run a delete, then notify the watches; a delete that failed raises its own error."""
+        try:
+            await aw
+        except BaseException:
+            with contextlib.suppress(Exception):  # some of it may be done: tell the watches anyway
+                await self._notify_deleted()
+            raise
+        await self._notify_deleted()
 
     # -- subjects -------------------------------------------------------------------------------
     def _base(self, thread: str | None, ns: str | None) -> str:
@@ -297,6 +319,7 @@ class NatsCheckpoints:
         subject = f"{base}.c.{_token(checkpoint_id)}"
         await self.conn.publish(subject, data, None, self.timeout, what="checkpoint put", advice=SAFE)
         _remember(self.stream, base, checkpoint_id)
+        await self._handed_off("checkpoint put")
 
     async def put_writes(
         self, thread: str, ns: str, checkpoint_id: str, task_id: str, writes: Sequence[tuple[int, bytes]]
@@ -329,6 +352,7 @@ class NatsCheckpoints:
                 pass  # already stored by an earlier run of the task: the first write is kept
 
         await _bounded([one(idx, data) for idx, data in writes])
+        await self._handed_off("pending write")
 
     # -- reads ----------------------------------------------------------------------------------
     async def latest(self, thread: str, ns: str) -> tuple[str, bytes, list[tuple[str, int, bytes]]] | None:
@@ -455,10 +479,7 @@ class NatsCheckpoints:
     # -- deletes --------------------------------------------------------------------------------
     async def delete_thread(self, thread: str) -> None:
         """Remove every checkpoint and write of the thread (every namespace): one purge."""
-        try:
-            await self.conn.purge(self.stream, f"{self.prefix}.{_token(thread)}.>", timeout=self.timeout)
-        finally:
-            await self._notify_deleted()
+        await self._deleting(self.conn.purge(self.stream, f"{self.prefix}.{_token(thread)}.>", timeout=self.timeout))
 
     async def delete_checkpoints(self, items: Sequence[tuple[str, str, str]]) -> None:
         """Remove the checkpoints ``(thread, ns, checkpoint id)`` and their writes."""
@@ -467,10 +488,7 @@ class NatsCheckpoints:
             base, cid = self._base(thread, ns), _token(checkpoint_id)
             aws.append(self.conn.purge(self.stream, f"{base}.c.{cid}", timeout=self.timeout))
             aws.append(self.conn.purge(self.stream, f"{base}.w.{cid}.>", timeout=self.timeout))
-        try:
-            await _bounded(aws)
-        finally:
-            await self._notify_deleted()
+        await self._deleting(_bounded(aws))
 
     async def copy_thread(self, source: str, target: str) -> None:
         """Store every record of ``source`` under ``target``, in the order stored (so the latest
@@ -486,3 +504,4 @@ class NatsCheckpoints:
             items.append((head + rest, msg.data, {}))
         for i in range(0, len(items), _PAGE):
             await self.conn.publish_pipelined(items[i : i + _PAGE], self.timeout, what="thread copy", advice=SAFE)
+        await self._handed_off("thread copy")
