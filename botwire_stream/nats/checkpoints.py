@@ -15,7 +15,8 @@ namespace or a checkpoint is a subject filter and the server's per-subject index
   processes stored them in): the ids from the subject index, then the record and its writes by
   subject (all sent together when the process knows the latest id already), or, when a
   subscription proves nothing changed since this process read it, from its cache after one
-  ping (``_Watch``); a given checkpoint and its writes are two requests sent together;
+  ping (``_Watch``: each write returns only once the server has handed it to every watch);
+  a given checkpoint and its writes are two requests sent together;
 - a thread's checkpoints and writes are batch direct gets on its filters (paged);
 - deleting a thread, a checkpoint or its writes is a purge by subject filter.
 
@@ -121,11 +122,17 @@ class _Watch:
     """Each thread's latest checkpoint as last read by this backend, served only while a core
     subscription on the namespace's records proves that nothing of the thread changed since.
 
-    Why it is exact across processes (single server): the server hands a published record to
-    every subscriber before it stores it and acknowledges the publisher, and answers a PING only
-    after what it queued for this connection before it. So once a write by any process has
-    returned, a ping by this process returns after the record reached this subscription, which
-    dropped the thread's entry. Purges publish nothing on the records' subjects: the purge
+    Why it is exact across processes (single server): nats-server fans a published record out
+    from the writer's connection (its read loop, one command after another), but stores and
+    acknowledges it from the stream's own goroutine, which may run first: the ack can reach the
+    writer while this subscription's copy is still held back (seen under CI load as an older
+    checkpoint served right after another process's put returned; a stalled subscriber makes it
+    happen every few puts, tests/test_langgraph_latest.py). So a write returns only after a ping
+    on its own connection (``NatsCheckpoints._handed_off``): the server reads that PING after the
+    record, so the fan-out is done and the record sits in this connection's outbound queue ahead
+    of anything queued for it later. This process's ping then returns after the record was read
+    (nats-py resolves a PONG in its reader, after queueing the messages read before it for the
+    callback; a change still queued is a miss), and the callback has dropped the entry. Purges publish nothing on the records' subjects: the purge
     requests are watched (``$JS.API.STREAM.PURGE/DELETE``), and BotWireSaver's own deletes also
     send a notice once done (``deleted``), so a read racing the purge is not kept either.
     An entry is served only under the connection generation it was read in, while connected
