@@ -284,8 +284,9 @@ class NatsCheckpoints:
         wrote: nats-server acknowledges a stored record from the stream's own goroutine while
         the writer's connection may still be fanning it out (``_Watch`` says why this matters);
         it answers this connection's PING only after that fan-out. Unproven (the server did not
-        answer in time): ``ServerUnavailable``, the write itself being done and safe to repeat."""
-        if not await _ping(self.conn.nc, self.timeout):
+        answer in time): ``ServerUnavailable``, the write itself being done and safe to repeat.
+        Skipped on a cluster, where no process watches (``_watching``)."""
+        if self.conn.cluster_size() <= 1 and not await _ping(self.conn.nc, self.timeout):
             raise ServerUnavailable(
                 f"the {what} is done, but the server did not confirm within {self.timeout} s that other "
                 "processes watching this namespace were told; repeating the call is safe"
