@@ -26,6 +26,7 @@ from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
 
 from botwire_stream.errors import BotWireError  # noqa: E402
 from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
+from botwire_stream.nats.checkpoints import _ping  # noqa: E402
 from tests import waits  # noqa: E402
 from tests.procs import ROOT  # noqa: E402
 from tests.servers import NatsServer  # noqa: E402
@@ -290,3 +291,37 @@ def test_a_write_is_seen_even_when_the_server_acks_it_before_handing_it_to_the_w
                 slow.close()
     finally:
         server.stop()
+
+
+def test_the_ping_that_proves_a_hand_off_follows_the_commands_sent_before_it(url: str) -> None:
+    """A delete's notice and the watch's subscriptions are proven by a ping right after them:
+    the ping must reach the server after them (nats-py writes a PING to the socket ahead of the
+    commands still queued for its flusher). A message published right before the ping is back
+    on this connection's own subscription when the ping returns, every time."""
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        try:
+            got: list[Any] = []
+
+            async def cb(msg: Any) -> None:
+                got.append(msg)
+
+            sub = await nc.subscribe("lg.ping.order", cb=cb)
+            assert await _ping(nc, 5.0)
+            late = 0
+            for i in range(500):
+                await nc.publish("lg.ping.order", b"x")
+                assert await _ping(nc, 5.0)
+                if len(got) + sub.pending_msgs != i + 1:
+                    late += 1
+                    await waits.until(lambda: _async_true(len(got) + sub.pending_msgs == i + 1), "the message")
+            return late
+        finally:
+            await nc.close()
+
+    assert asyncio.run(run()) == 0
+
+
+async def _async_true(value: bool) -> bool:
+    return value
