@@ -75,7 +75,9 @@ def _name(token: str) -> str:
     return _decode_token(token)
 
 
-async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> NatsCheckpoints:
+async def open_checkpoints(
+    opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float
+) -> NatsCheckpoints:
     """The shared connection for ``opts`` with the namespace's checkpoint stream made sure to exist."""
     store = NatsCheckpoints(namespace, timeout)
     conn = await acquire(opts)
@@ -91,7 +93,6 @@ async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: in
 async def _bounded(aws: Sequence[Coroutine[Any, Any, None]]) -> None:
     for i in range(0, len(aws), _IN_FLIGHT):
         await asyncio.gather(*aws[i : i + _IN_FLIGHT])
-
 
 
 async def _ping(nc: Any, timeout: float) -> bool:
@@ -202,6 +203,7 @@ class _Watch:
             if seen[0] <= 0:
                 del self.inflight[base]
 
+
 class NatsCheckpoints:
     """One namespace's checkpoints and pending writes (an ``integrations.langgraph.CheckpointBackend``).
 
@@ -252,8 +254,12 @@ class NatsCheckpoints:
             conn = self.conn
             gen = conn.generation()
             cut = len(self.prefix) + 1
-            purges = (f"$JS.API.STREAM.PURGE.{self.stream}", f"$JS.API.STREAM.DELETE.{self.stream}",
-                      f"$JS.API.STREAM.MSG.DELETE.{self.stream}", self.deleted)
+            purges = (
+                f"$JS.API.STREAM.PURGE.{self.stream}",
+                f"$JS.API.STREAM.DELETE.{self.stream}",
+                f"$JS.API.STREAM.MSG.DELETE.{self.stream}",
+                self.deleted,
+            )
 
             async def on_msg(msg: Msg) -> None:
                 w = self._watch
