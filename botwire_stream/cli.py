@@ -879,9 +879,14 @@ def mcp_command(opts: Options, globs: tuple[str, ...], nats_url: str | None, htt
     """Run a Model Context Protocol server (extra: botwire-stream[mcp]) whose tools read and write
     keys and conversations in the namespaces given (stdio by default, for desktop assistants)."""
     try:
-        from .integrations.mcp import run
+        from .integrations.mcp import check_globs, run
     except ImportError as exc:
         raise click.ClickException(f"botwire mcp needs the mcp extra: pip install 'botwire-stream[mcp]' ({exc})")
+    namespaces = list(globs) or [opts.resolved_namespace()]
+    try:
+        check_globs(namespaces)
+    except BotWireError as exc:
+        raise Failure(f"--namespace: {exc}") from exc
     if http and not _loopback(host):
         raise Failure(f"--host {host}: the MCP server has no auth, so it listens on loopback only")
     host = host.strip("[]")  # '[::1]' passes the check above but does not bind (uvicorn: name not known)
@@ -890,7 +895,7 @@ def mcp_command(opts: Options, globs: tuple[str, ...], nats_url: str | None, htt
         click.echo(f"botwire mcp: {url}", err=True)
 
     connect = {"url": nats_url or opts.url, "token": opts.resolved_token(), "creds": opts.creds}
-    run(list(globs) or [opts.resolved_namespace()], connect, http=http, host=host, port=port, ready=ready)
+    run(namespaces, connect, http=http, host=host, port=port, ready=ready)
 
 
 # -- API keys for `botwire serve` (issue 9) -------------------------------------------------------

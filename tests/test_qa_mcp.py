@@ -57,3 +57,33 @@ async def test_http_on_the_ipv6_loopback_in_brackets_serves_and_prints_a_usable_
             await call(client, "memory_set", key="over-v6", value=6)
         async with AsyncMemory(namespace, url=url) as mem:
             assert await mem.get("over-v6") == 6
+
+
+async def test_true_or_false_for_a_number_is_refused_and_writes_nothing(url: str, namespace: str) -> None:
+    """``limit=true`` was taken as 1 (a bool is an int in Python, and pydantic's lax mode takes
+    it): a model's malformed call must be refused as invalid_argument, like any other."""
+    async with stdio(url, namespace) as client:
+        for name, args in [
+            ("memory_keys", {"limit": True}),
+            ("chat_sessions", {"limit": True}),
+            ("chat_read", {"session_id": "s", "last": False}),
+            ("memory_set", {"key": "k", "value": 1, "ttl": True}),
+        ]:
+            text = await refused(client, name, **args)
+            assert text.startswith("invalid_argument: "), text
+        async with AsyncMemory(namespace, url=url) as mem:
+            assert await mem.get("k", None) is None
+        assert await call(client, "memory_keys", limit=1) == {"keys": []}
+
+
+@pytest.mark.parametrize("bad", ["my app", "my.app", "a>", "", "x" * 65, "a!b"])
+def test_an_invalid_namespace_at_startup_is_a_cli_error(bad: str, url: str) -> None:
+    """``botwire mcp --namespace 'my app'`` started a server that refused every call; it must
+    stop at once with an error naming the namespace and a status != 0."""
+    from click.testing import CliRunner
+
+    from botwire_stream.cli import cli
+
+    result = CliRunner().invoke(cli, ["mcp", "--url", url, "--namespace", "ok", "--namespace", bad], input="")
+    assert result.exit_code not in (0, None) and not isinstance(result.exception, (AssertionError, TypeError))
+    assert "--namespace" in result.output and repr(bad) in result.output, result.output

@@ -592,7 +592,7 @@ def _is_record(raw: Any) -> bool:
 
 
 class _Gone(Exception):
-    """An item deleted or expired before its TTL was refreshed."""
+    """An item deleted, expired or put with another TTL before its TTL was refreshed."""
 
 
 class BotWireStore(LoopBound[AsyncMemory], BaseStore):
@@ -732,11 +732,15 @@ class BotWireStore(LoopBound[AsyncMemory], BaseStore):
         return bool((self.ttl_config or {}).get("refresh_on_read", True))
 
     async def _touch(self, memory: AsyncMemory, stored_key: str, ttl: float) -> None:
-        """Write the item again with its TTL (compare-and-set: a newer write is never undone)."""
+        """Write the item again with its TTL (compare-and-set: a newer write is never undone).
+
+        Only while the stored item still has that TTL: a ``put`` with another one (``ttl=None``
+        above all) landing between the read and this write would otherwise get the old TTL back,
+        and an item meant to live for ever would expire."""
 
         def same(old: Any) -> Any:
-            if old is None:
-                raise _Gone
+            if not isinstance(old, dict) or old.get("ttl") != ttl:
+                raise _Gone  # deleted, expired, or written again with another TTL: leave it
             return old
 
         try:

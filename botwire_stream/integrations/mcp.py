@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import Field
 
@@ -43,7 +44,7 @@ except ImportError:
             "the MCP server needs the mcp SDK: pip install 'botwire-stream[mcp]'"
         ) from exc
 
-__all__ = ["MemoryTools", "build_server", "run"]
+__all__ = ["MemoryTools", "build_server", "check_globs", "run"]
 
 T = TypeVar("T")
 
@@ -58,14 +59,32 @@ Key = Annotated[str, Field(description="The key, e.g. 'user:42:prefs' (':' separ
 SessionId = Annotated[str, Field(description="The conversation's id, e.g. 'user-42'.")]
 
 
+# A namespace glob: namespace characters and fnmatch's * ? [ ] ! (a range's '-' is a namespace one).
+_GLOB: Final = re.compile(r"[A-Za-z0-9_\-*?\[\]!]{1,64}")
+
+
+def check_globs(globs: list[str]) -> None:
+    """``InvalidNamespace`` unless each glob is a namespace or an fnmatch glob of namespaces: a
+    typo such as ``my app`` or ``my.app`` would otherwise start a server that refuses every call."""
+    if not globs:
+        raise errors.InvalidArgument("configure at least one namespace glob")
+    for glob in globs:
+        if not isinstance(glob, str) or not _GLOB.fullmatch(glob):
+            raise errors.InvalidNamespace(
+                f"namespace {glob!r} is invalid: use 1-64 characters of A-Z, a-z, 0-9, '_' and '-' "
+                "(and the glob characters * ? [ ] !)"
+            )
+        if not any(c in glob for c in "*?["):
+            keys.check_namespace(glob)  # a literal: '!' or ']' outside a glob would match nothing
+
+
 class MemoryTools:
     """The tools' implementation: one ``AsyncMemory`` per namespace (kept), a conversation
     opened per call; ``connect`` holds ``url``/``token``/``creds`` (None: the library's
     defaults, so the embedded server when nothing is configured)."""
 
     def __init__(self, namespaces: list[str], connect: dict[str, str | None]) -> None:
-        if not namespaces:
-            raise errors.InvalidArgument("configure at least one namespace glob")
+        check_globs(namespaces)
         self.globs = list(namespaces)
         self.connect = connect
         literal = [g for g in self.globs if not any(c in g for c in "*?[")]
@@ -167,6 +186,7 @@ class MemoryTools:
         }
 
 
+_NUMBERS: Final = frozenset({"limit", "last", "ttl"})  # the tools' number arguments
 _TOOLS = ("memory_get", "memory_set", "memory_delete", "memory_keys", "chat_append", "chat_read", "chat_sessions")
 
 
@@ -197,6 +217,10 @@ class _StrictServer(Server):  # type: ignore[type-arg, misc, unused-ignore]
             if unknown:
                 raise ToolError(f"invalid_argument: {name} takes no argument {', '.join(map(repr, unknown))} "
                                 f"(it takes {', '.join(sorted(known))})")
+            # pydantic's lax mode takes true/false for the numbers 1/0 (a bool is an int in Python)
+            flags = sorted(k for k in _NUMBERS & known if isinstance((arguments or {}).get(k), bool))
+            if flags:
+                raise ToolError(f"invalid_argument: {', '.join(flags)} of {name} is a number, not true/false")
         return await super().call_tool(name, arguments, *args, **kwargs)
 
 

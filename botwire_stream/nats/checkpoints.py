@@ -10,29 +10,35 @@ Every name is one subject token (``keys`` segment encoding: plain ``[A-Za-z0-9_-
 anything else, the empty checkpoint namespace included, as ``=`` + base64url), so a thread, a
 namespace or a checkpoint is a subject filter and the server's per-subject index does the lookups:
 
-- the latest checkpoint of a thread and namespace is the last message on ``<thread>.<ns>.c.*``
-  (the one stored last: LangGraph's checkpoint ids grow with time, and a copy keeps their order):
-  one direct get and one read of its writes by subject (sent together when the process knows
-  the latest id already); a given checkpoint and its writes are two requests sent together;
+- the latest checkpoint of a thread and namespace is the highest id on ``<thread>.<ns>.c.*``
+  (LangGraph's ids grow with time; ``list`` and ``prune`` order by id too, whatever order two
+  processes stored them in): the ids from the subject index, then the record and its writes by
+  subject (all sent together when the process knows the latest id already), or, when a
+  subscription proves nothing changed since this process read it, from its cache after one
+  ping (``_Watch``: each write returns only once the server has handed it to every watch);
+  a given checkpoint and its writes are two requests sent together;
 - a thread's checkpoints and writes are batch direct gets on its filters (paged);
 - deleting a thread, a checkpoint or its writes is a purge by subject filter.
 
 A checkpoint put again under the same id replaces the stored one (one message per subject).
 Regular pending writes (``idx >= 0``) are stored only if none is stored under the same task and
 index (``Nats-Expected-Last-Subject-Sequence: 0``), as LangGraph's own savers keep the first;
-special ones (negative ``idx``: errors, interrupts, resumes) replace it.
+special ones (negative ``idx``: errors, interrupts, resumes) replace it. A task's writes are separate
+messages, not one atomic batch (``put_writes`` says why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Final
 
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from ..errors import Conflict, ValueTooLarge
+from ..errors import Conflict, ServerUnavailable, ValueTooLarge
 from ..keys import _decode_token, _encode_segment
 from ..settings import ConnectOptions
 from .jetstream import Connection
@@ -45,6 +51,7 @@ _PAGE: Final = 1000
 _IN_FLIGHT: Final = 64  # publishes or purges awaited at once
 _MULTI_LAST: Final = 256  # subjects per multi-last get (their names fill the request: up to ~2 KB each)
 _LATEST_KEPT: Final = 4096  # threads whose latest checkpoint id a process remembers (the oldest dropped)
+_CACHED: Final = 1024  # threads whose latest checkpoint (record and writes) a backend keeps
 
 # (stream, thread/ns subject base) -> the id of the checkpoint this process last stored or read as
 # the latest there. It only lets ``latest`` ask for that checkpoint's writes together with the
@@ -68,7 +75,9 @@ def _name(token: str) -> str:
     return _decode_token(token)
 
 
-async def open_checkpoints(opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float) -> NatsCheckpoints:
+async def open_checkpoints(
+    opts: ConnectOptions, namespace: str, *, replicas: int | None, timeout: float
+) -> NatsCheckpoints:
     """The shared connection for ``opts`` with the namespace's checkpoint stream made sure to exist."""
     store = NatsCheckpoints(namespace, timeout)
     conn = await acquire(opts)
@@ -86,6 +95,121 @@ async def _bounded(aws: Sequence[Coroutine[Any, Any, None]]) -> None:
         await asyncio.gather(*aws[i : i + _IN_FLIGHT])
 
 
+async def _ping(nc: Any, timeout: float) -> bool:
+    """One PING/PONG round trip on ``nc``: True once the server answered (so it has handled
+    every command this connection sent before, and everything it queued for this connection
+    before is read). Not ``nc.flush(timeout)``: on a timeout it
+    cancels its future but leaves it queued, and the late PONG then fails in nats-py's reader
+    (``InvalidStateError``: measured with a SIGSTOPped server), which breaks the connection."""
+    if not nc.is_connected:
+        return False
+    pong = asyncio.get_running_loop().create_future()
+    try:
+        # nats-py 2.16 writes a PING straight to the socket, ahead of the commands its flusher task
+        # has not written yet: a PUB or SUB just made could reach the server after this PING (seen
+        # in 4 of 200 publish-then-flush round trips). Write them first, as the flusher would.
+        if nc._pending_data_size > 0:
+            nc._transport.writelines(nc._pending[:])
+            nc._pending = []
+            nc._pending_data_size = 0
+        await nc._send_ping(pong)
+        await asyncio.wait_for(asyncio.shield(pong), timeout)
+    except Exception:
+        return False
+    return True
+
+
+class _Miss:
+    __slots__ = ()
+
+
+_MISS: Final = _Miss()
+_Latest = tuple[str, bytes, list[tuple[str, int, bytes]]] | None
+
+
+class _Watch:
+    """Each thread's latest checkpoint as last read by this backend, served only while a core
+    subscription on the namespace's records proves that nothing of the thread changed since.
+
+    Why it is exact across processes (single server): nats-server fans a published record out
+    from the writer's connection (its read loop, one command after another), but stores and
+    acknowledges it from the stream's own goroutine, which may run first: the ack can reach the
+    writer while this subscription's copy is still held back (seen under CI load as an older
+    checkpoint served right after another process's put returned; a stalled subscriber makes it
+    happen every few puts, tests/test_langgraph_latest.py). So a write returns only after a ping
+    on its own connection (``NatsCheckpoints._handed_off``): the server reads that PING after the
+    record, so the fan-out is done and the record sits in this connection's outbound queue ahead
+    of anything queued for it later. This process's ping then returns after the record was read
+    (nats-py resolves a PONG in its reader, after queueing the messages read before it for the
+    callback; a change still queued is a miss), and the callback has dropped the entry. Purges publish nothing on the records' subjects: the purge
+    requests are watched (``$JS.API.STREAM.PURGE/DELETE``), and BotWireSaver's own deletes also
+    send a notice once done (``deleted``), so a read racing the purge is not kept either.
+    An entry is served only under the connection generation it was read in, while connected
+    (a reconnect may have lost changes: everything is dropped); a ping that fails is an error,
+    never a stale answer. Not used on a cluster: a record reaches subscribers on other servers
+    over routes, which a ping to this server does not wait for.
+
+    Known gap, not closed yet: the fan-out may as well hand a record to this subscription before
+    the stream has stored it; a read of the thread begun in between (by another task of this
+    process) returns the older state and is kept. Closing it needs each change seen to be
+    confirmed by the read's content (its checkpoint id at or below the id read, or its task's
+    write among the writes read) before the read is kept."""
+
+    def __init__(self, conn: Connection, sub: Any, gen: tuple[int, int]) -> None:
+        self.conn = conn
+        self.sub = sub
+        self.gen = gen
+        self.nc = conn.nc
+        self.entries: OrderedDict[str, _Latest] = OrderedDict()
+        self.inflight: dict[str, list[int]] = {}  # base -> [reads in flight, changes seen meanwhile]
+        self.epoch = 0  # bumped by a purge or delete: no read in flight across one is kept
+
+    def valid(self) -> bool:
+        return self.conn.nc is self.nc and self.nc.is_connected and self.conn.generation() == self.gen
+
+    def changed(self, base: str) -> None:
+        self.entries.pop(base, None)
+        seen = self.inflight.get(base)
+        if seen is not None:
+            seen[1] += 1
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.epoch += 1
+
+    async def lookup(self, base: str, timeout: float) -> _Latest | _Miss:
+        if base not in self.entries or not self.valid():
+            return _MISS
+        if not await _ping(self.nc, timeout):
+            return _MISS  # not proven: the read that follows answers or raises the library's error
+        # The reader has queued every change sent before the PONG; each subscription's callback
+        # runs in its own task, so one still queued means an unapplied change.
+        if not self.valid() or any(sub.pending_msgs for sub in self.sub):
+            return _MISS
+        return self.entries.get(base, _MISS)
+
+    def begin(self, base: str) -> tuple[int, int]:
+        seen = self.inflight.setdefault(base, [0, 0])
+        seen[0] += 1
+        return self.epoch, seen[1]
+
+    def store(self, base: str, ticket: tuple[int, int], found: _Latest) -> None:
+        seen = self.inflight.get(base)
+        if seen is None or (self.epoch, seen[1]) != ticket or not self.valid():
+            return  # changed while it was read: the read may be older than the change
+        self.entries[base] = found
+        self.entries.move_to_end(base)
+        while len(self.entries) > _CACHED:
+            self.entries.popitem(last=False)
+
+    def end(self, base: str) -> None:
+        seen = self.inflight.get(base)
+        if seen is not None:
+            seen[0] -= 1
+            if seen[0] <= 0:
+                del self.inflight[base]
+
+
 class NatsCheckpoints:
     """One namespace's checkpoints and pending writes (an ``integrations.langgraph.CheckpointBackend``).
 
@@ -99,6 +223,9 @@ class NatsCheckpoints:
         self.timeout = timeout
         self.stream = f"BOTWIRE_LG_{namespace}"
         self.prefix = f"botwire.{namespace}.lg"
+        self.deleted = f"botwire.{namespace}.lgdeleted"  # notices of deletes (outside the stream)
+        self._watch: _Watch | None = None
+        self._watch_lock = asyncio.Lock()
 
     def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
@@ -114,7 +241,115 @@ class NatsCheckpoints:
         )
 
     async def close(self) -> None:
+        await self._unwatch()
         await release(self.conn)
+
+    # -- the watch behind latest() ---------------------------------------------------------------
+    async def _watching(self) -> _Watch | None:
+        """The watch, (re)subscribed when the connection was replaced or reconnected; None on a
+        cluster."""
+        if self.conn.cluster_size() > 1:
+            return None
+        watch = self._watch
+        if watch is not None and watch.valid():
+            return watch
+        async with self._watch_lock:
+            if self._watch is not None and self._watch.valid():
+                return self._watch
+            await self._unwatch()
+            conn = self.conn
+            gen = conn.generation()
+            cut = len(self.prefix) + 1
+            purges = (
+                f"$JS.API.STREAM.PURGE.{self.stream}",
+                f"$JS.API.STREAM.DELETE.{self.stream}",
+                f"$JS.API.STREAM.MSG.DELETE.{self.stream}",
+                self.deleted,
+            )
+
+            async def on_msg(msg: Msg) -> None:
+                w = self._watch
+                if w is None:
+                    return
+                if msg.subject in purges:
+                    w.reset()
+                    return
+                t, n, _ = msg.subject[cut:].split(".", 2)
+                w.changed(f"{self.prefix}.{t}.{n}")
+
+            # No pending limits: nats-py drops what is over them (a "slow consumer"), and a dropped
+            # change would leave a stale entry. The callback is a dict update on the reader's own
+            # loop, so the queue cannot outgrow what the reader just read.
+            subs = [
+                await conn.nc.subscribe(subject, cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
+                for subject in (f"{self.prefix}.>", *purges)
+            ]
+            if not await _ping(conn.nc, self.timeout):  # subscribed before anything is read
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                return None
+            self._watch = _Watch(conn, subs, gen)
+            return self._watch
+
+    async def _unwatch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            for sub in watch.sub:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _handed_off(self, what: str) -> None:
+        """Return once every watch on this server has been handed what this connection just
+        wrote: nats-server acknowledges a stored record from the stream's own goroutine while
+        the writer's connection may still be fanning it out (``_Watch`` says why this matters);
+        it answers this connection's PING only after that fan-out. Unproven (the server did not
+        answer in time): ``ServerUnavailable``, the write itself being done and safe to repeat.
+        Skipped on a cluster, where no process watches (``_watching``)."""
+        if self.conn.cluster_size() <= 1 and not await _ping(self.conn.nc, self.timeout):
+            raise ServerUnavailable(
+                f"the {what} is done, but the server did not confirm within {self.timeout} s that other "
+                "processes watching this namespace were told; repeating the call is safe"
+            )
+
+    async def _publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None, what: str) -> None:
+        """``conn.publish``, returning once the record is also handed to every watch on this
+        server (as ``_handed_off``), at no extra round trip: a ping follows each try right
+        behind its PUB, and its PONG comes back about with the ack (the PONG needs no store)."""
+        pings: list[asyncio.Task[bool]] = []
+        watched = self.conn.cluster_size() <= 1
+
+        def sent() -> None:
+            if watched:
+                pings.append(asyncio.ensure_future(_ping(self.conn.nc, self.timeout)))
+
+        try:
+            await self.conn.publish(subject, data, headers, self.timeout, what=what, advice=SAFE, on_sent=sent)
+        except BaseException:
+            for ping in pings:
+                ping.cancel()
+            raise
+        for ping in pings[:-1]:  # earlier tries, on a connection since lost
+            ping.cancel()
+        if pings and not await pings[-1]:
+            await self._handed_off(what)  # the ping was lost with a connection: one more
+
+    async def _notify_deleted(self) -> None:
+        """Tell every watch of the namespace that records were removed (purges publish nothing
+        on their subjects), before returning (``_handed_off``)."""
+        with contextlib.suppress(Exception):
+            await self.conn.nc.publish(self.deleted, b"")
+        await self._handed_off("delete")
+
+    async def _deleting(self, aw: Coroutine[Any, Any, None]) -> None:
+        """Run a delete, then notify the watches; a delete that failed raises its own error."""
+        try:
+            await aw
+        except BaseException:
+            with contextlib.suppress(Exception):  # some of it may be done: tell the watches anyway
+                await self._notify_deleted()
+            raise
+        await self._notify_deleted()
 
     # -- subjects -------------------------------------------------------------------------------
     def _base(self, thread: str | None, ns: str | None) -> str:
@@ -132,14 +367,22 @@ class NatsCheckpoints:
         """Store (or replace) one checkpoint record."""
         base = self._base(thread, ns)
         subject = f"{base}.c.{_token(checkpoint_id)}"
-        await self.conn.publish(subject, data, None, self.timeout, what="checkpoint put", advice=SAFE)
+        await self._publish(subject, data, None, "checkpoint put")
         _remember(self.stream, base, checkpoint_id)
 
     async def put_writes(
         self, thread: str, ns: str, checkpoint_id: str, task_id: str, writes: Sequence[tuple[int, bytes]]
     ) -> None:
         """Store a task's writes, ``(idx, record)`` each: a regular one (``idx >= 0``) only when
-        none is stored under the same task and index, a special one (``idx < 0``) replacing it."""
+        none is stored under the same task and index, a special one (``idx < 0``) replacing it.
+
+        Not atomic: a server dying mid-save can leave part of a task stored. JetStream's atomic
+        batch (``Nats-Batch-*``, ``allow_atomic``) would fit first-write-wins (each regular write
+        conditional on an empty subject; a batch with one already stored is refused whole, then
+        sent one by one), and held a SIGKILLed server to whole-or-nothing tasks, but it cost
+        too much here (nats-server 2.15.1, R1 file stream, measured): a 2-write task 3.4 ms p50
+        in one process instead of ~0.3 ms, and four writer processes 40 steps/s (p50 59 ms)
+        instead of 1,172 (the benchmark's target, faster than SQLite, was lost)."""
         base = f"{self._base(thread, ns)}.w.{_token(checkpoint_id)}.{_token(task_id)}"
         # Checked whole first: the writes are separate messages, and a task with some of its
         # writes stored is taken as done when the graph resumes (the missing ones lost).
@@ -153,35 +396,64 @@ class NatsCheckpoints:
         async def one(idx: int, data: bytes) -> None:
             headers = {"Nats-Expected-Last-Subject-Sequence": "0"} if idx >= 0 else None
             try:
-                await self.conn.publish(f"{base}.{idx}", data, headers, self.timeout, what="pending write", advice=SAFE)
+                await self._publish(f"{base}.{idx}", data, headers, "pending write")
             except Conflict:
-                pass  # already stored by an earlier run of the task: the first write is kept
+                pass  # already stored by an earlier run of the task: the first write is kept (no change)
 
         await _bounded([one(idx, data) for idx, data in writes])
 
     # -- reads ----------------------------------------------------------------------------------
     async def latest(self, thread: str, ns: str) -> tuple[str, bytes, list[tuple[str, int, bytes]]] | None:
-        """The checkpoint stored last for the thread and namespace: ``(checkpoint id, record,
-        its writes)``. Its record and its writes are read by subject, so writes stored before
-        their checkpoint (LangGraph saves both in the background, in no set order) are found.
-        One round trip when this process knows the latest id (``_latest_ids``), else two."""
+        """The thread's latest checkpoint in the namespace, the one with the highest id (as
+        ``list`` and ``prune`` order them; not the one stored last: two processes resuming one
+        thread may store an older id last): ``(checkpoint id, record, its writes)``.
+
+        Served from this backend's cache when the watch proves nothing of the thread changed
+        since it was read (``_Watch``: one ping); else read: the ids from the subject index,
+        then the record and its writes by subject (writes stored before their checkpoint are
+        found). When this process knows the latest id (``_latest_ids``) all three requests go
+        together: one round trip."""
         base = self._base(thread, ns)
+        watch = await self._watching()
+        if watch is not None:
+            hit = await watch.lookup(base, self.timeout)
+            if hit is not _MISS:
+                return hit  # type: ignore[return-value]
+            ticket = watch.begin(base)
+        try:
+            found = await self._read_latest(thread, ns, base)
+            if watch is not None:
+                watch.store(base, ticket, found)
+            return found
+        finally:
+            if watch is not None:
+                watch.end(base)
+
+    async def _read_latest(
+        self, thread: str, ns: str, base: str
+    ) -> tuple[str, bytes, list[tuple[str, int, bytes]]] | None:
         known = _latest_ids.get((self.stream, base))
-        if known is None:
-            msg = await self.conn.direct_get_last(self.stream, f"{base}.c.*", self.timeout)
-            writes = None
-        else:  # both at once: right when the latest is still the one this process knows
-            msg, writes = await asyncio.gather(
-                self.conn.direct_get_last(self.stream, f"{base}.c.*", self.timeout), self.writes(thread, ns, known)
-            )
-        if msg is None:
-            _latest_ids.pop((self.stream, base), None)
-            return None
-        checkpoint_id = _name(self._subject(msg).rsplit(".", 1)[1])
-        if checkpoint_id != known or writes is None:
-            writes = await self.writes(thread, ns, checkpoint_id)
-            _remember(self.stream, base, checkpoint_id)
-        return checkpoint_id, msg.data, writes
+        for _ in range(8):  # the highest id removed between the index and the read: read again
+            counts_aw = self.conn.subject_counts(self.stream, f"{base}.c.*", self.timeout)
+            if known is None:
+                counts, data, writes = await counts_aw, None, None
+            else:  # all at once: right when the latest is still the one this process knows
+                counts, data, writes = await asyncio.gather(
+                    counts_aw, self.checkpoint(thread, ns, known), self.writes(thread, ns, known)
+                )
+            if not counts:
+                _latest_ids.pop((self.stream, base), None)
+                return None
+            checkpoint_id = max(_name(subject.rsplit(".", 1)[1]) for subject in counts)
+            if checkpoint_id != known or data is None or writes is None:
+                data, writes = await asyncio.gather(
+                    self.checkpoint(thread, ns, checkpoint_id), self.writes(thread, ns, checkpoint_id)
+                )
+            if data is not None and writes is not None:
+                _remember(self.stream, base, checkpoint_id)
+                return checkpoint_id, data, writes
+            known = None
+        raise Conflict(f"the latest checkpoint of thread {thread!r} kept being removed while it was read")
 
     async def checkpoint(self, thread: str, ns: str, checkpoint_id: str) -> bytes | None:
         msg = await self.conn.direct_get_last(
@@ -255,7 +527,7 @@ class NatsCheckpoints:
     # -- deletes --------------------------------------------------------------------------------
     async def delete_thread(self, thread: str) -> None:
         """Remove every checkpoint and write of the thread (every namespace): one purge."""
-        await self.conn.purge(self.stream, f"{self.prefix}.{_token(thread)}.>", timeout=self.timeout)
+        await self._deleting(self.conn.purge(self.stream, f"{self.prefix}.{_token(thread)}.>", timeout=self.timeout))
 
     async def delete_checkpoints(self, items: Sequence[tuple[str, str, str]]) -> None:
         """Remove the checkpoints ``(thread, ns, checkpoint id)`` and their writes."""
@@ -264,7 +536,7 @@ class NatsCheckpoints:
             base, cid = self._base(thread, ns), _token(checkpoint_id)
             aws.append(self.conn.purge(self.stream, f"{base}.c.{cid}", timeout=self.timeout))
             aws.append(self.conn.purge(self.stream, f"{base}.w.{cid}.>", timeout=self.timeout))
-        await _bounded(aws)
+        await self._deleting(_bounded(aws))
 
     async def copy_thread(self, source: str, target: str) -> None:
         """Store every record of ``source`` under ``target``, in the order stored (so the latest
@@ -280,3 +552,4 @@ class NatsCheckpoints:
             items.append((head + rest, msg.data, {}))
         for i in range(0, len(items), _PAGE):
             await self.conn.publish_pipelined(items[i : i + _PAGE], self.timeout, what="thread copy", advice=SAFE)
+        await self._handed_off("thread copy")

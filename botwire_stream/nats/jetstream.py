@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -216,16 +216,18 @@ class Connection(RetryingConnection):
         *,
         what: str = "write",
         advice: str = READ_FIRST,
+        on_sent: Callable[[], None] | None = None,
     ) -> int:
         """Publish to JetStream and wait for the ack; return the stream sequence.
 
         Carries a ``Nats-Msg-Id`` and is re-sent with it after a lost connection (see the module
         docstring). A conditional publish (``Nats-Expected-Last-Subject-Sequence``) refused on a
         re-send is read back: found, its sequence is returned; not found, ``Conflict`` is raised.
+        ``on_sent`` is called right after each try is handed to nats-py (before its ack).
         """
         h = self._ids(headers)
         expected = h.get("Nats-Expected-Last-Subject-Sequence")
-        write = _Write(what, advice)
+        write = _Write(what, advice, on_sent)
         tries = 0
 
         async def run() -> int:

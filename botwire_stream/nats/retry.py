@@ -127,11 +127,12 @@ class _Write:
     """What a write is, for its ``OutcomeUnknown`` message; whether the current try reached the
     socket, and whether any try ended without an answer (it may have been stored)."""
 
-    __slots__ = ("what", "advice", "sent", "unknown", "resent")
+    __slots__ = ("what", "advice", "sent", "unknown", "resent", "on_sent")
 
-    def __init__(self, what: str, advice: str) -> None:
+    def __init__(self, what: str, advice: str, on_sent: Callable[[], None] | None = None) -> None:
         self.what = what
         self.advice = advice
+        self.on_sent = on_sent  # called each time a try of a single-message write is handed to nats-py
         self.sent = False
         self.unknown = False
         self.resent = 0  # re-sends for want of an acknowledgement (on a cluster)
@@ -186,6 +187,8 @@ class RetryingConnection:
         await self.nc.publish(subject, data, reply=reply, headers=dict(headers) if headers else None)
         if write is not None:
             write.sent = True
+            if write.on_sent is not None:
+                write.on_sent()
             await self._acks_or_resend(mux, [(reply, future)], write)
         msg = await future
         hdr = msg.headers
