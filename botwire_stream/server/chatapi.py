@@ -323,11 +323,11 @@ class ChatService:
     def memory(self, namespace: str) -> AsyncMemory:
         mem = self._memories.get(namespace)
         if mem is None:
-            mem = self._memories[namespace] = AsyncMemory(namespace, timeout=NATS_TIMEOUT, **self.connect)  # type: ignore[arg-type]
+            mem = self._memories[namespace] = AsyncMemory(namespace, **{"timeout": NATS_TIMEOUT, **self.connect})  # type: ignore[arg-type]
         return mem
 
     def chat(self, namespace: str, session: str) -> AsyncChatHistory:
-        return AsyncChatHistory(session, namespace=namespace, timeout=NATS_TIMEOUT, **self.connect)  # type: ignore[arg-type]
+        return AsyncChatHistory(session, namespace=namespace, **{"timeout": NATS_TIMEOUT, **self.connect})  # type: ignore[arg-type]
 
     async def start(self, store: TokenStreams) -> None:
         self.store = store
