@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -90,6 +91,27 @@ def test_bad_input_gets_the_protocols_status_and_writes_nothing(url: str, tmp_pa
         assert closed.status_code == 409 and closed.headers["stream-closed"] == "true"
         after = httpx.get(s)
         assert (after.status_code, after.text, after.headers["stream-closed"]) == (200, "ok", "true")
+
+
+def test_a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413(url: str, tmp_path: Path) -> None:
+    """A 10 MiB POST sent whole before the answer is read (as fetch sends it) gets its 413, not a
+    connection closed under the upload; the stream keeps only what it had."""
+    with serving(url, tmp_path / "a.log") as a:
+        s = a.stream(_name())
+        assert httpx.put(s, headers=TEXT, content=b"ok").status_code == 201
+        body = bytes(10 << 20)
+        path = s[len(a.base):]
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", a.port), timeout=30) as sock:
+                sock.sendall(head)
+                sock.sendall(body)  # a reset here: the server stopped reading and closed
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert httpx.get(s).text == "ok"
 
 
 def test_a_conversation_is_a_read_only_json_stream_tailed_with_sse(url: str, namespace: str, tmp_path: Path) -> None:

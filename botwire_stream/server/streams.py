@@ -66,17 +66,33 @@ def _read_headers(content_type: str, got: TokenRead) -> dict[str, str]:
     return h
 
 
+# A refused body up to this size is still read (and dropped) before the 413 goes out: a client
+# that sends its whole body before it reads the answer (fetch does) otherwise meets a connection
+# closed under its upload and never sees the 413 (the Durable Streams suite's 10 MiB POST failed
+# so on a loaded machine). Larger ones are cut off at once.
+_DRAIN = 64 * 1024 * 1024
+
+
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes; 413 past that, once what was sent (up to 64 MiB) is read."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ProtocolError(413, f"the body is larger than {limit} bytes")
+    declared = int(length) if length is not None and length.isdigit() else 0
+    chunks = request.stream()
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(413, f"the body is larger than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+    if declared <= limit:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                break
+            parts.append(chunk)
+        else:
+            return b"".join(parts)
+    if max(declared, size) <= _DRAIN:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > _DRAIN:
+                break
+    raise ProtocolError(413, f"the body is larger than {limit} bytes")
 
 
 class Streams:
