@@ -201,7 +201,9 @@ class _Watch:
     microseconds); a record never stored (its put failed) only costs its thread the cache
     until a newer checkpoint is read."""
 
-    def __init__(self, conn: Connection, sub: Any, gen: tuple[int, int]) -> None:
+    def __init__(
+        self, conn: Connection, sub: Any, gen: tuple[int, int], unconfirmed: OrderedDict[str, _Pending]
+    ) -> None:
         self.conn = conn
         self.sub = sub
         self.gen = gen
@@ -209,7 +211,9 @@ class _Watch:
         self.entries: OrderedDict[str, _Latest] = OrderedDict()
         self.inflight: dict[str, list[int]] = {}  # base -> [reads in flight, changes seen meanwhile]
         self.epoch = 0  # bumped by a purge or delete: no read in flight across one is kept
-        self.unconfirmed: OrderedDict[str, _Pending] = OrderedDict()  # base -> changes no read showed yet
+        # base -> changes no read showed yet; the backend's, so kept across watches (a change
+        # seen before a reconnect may still be on its way to the stream)
+        self.unconfirmed = unconfirmed
 
     def valid(self) -> bool:
         return self.conn.nc is self.nc and self.nc.is_connected and self.conn.generation() == self.gen
@@ -284,6 +288,7 @@ class NatsCheckpoints:
         self.deleted = f"botwire.{namespace}.lgdeleted"  # notices of deletes (outside the stream)
         self._watch: _Watch | None = None
         self._watch_lock = asyncio.Lock()
+        self._unconfirmed: OrderedDict[str, _Pending] = OrderedDict()  # ``_Watch.unconfirmed``
 
     def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
@@ -316,7 +321,8 @@ class NatsCheckpoints:
                 return self._watch
             await self._unwatch()
             conn = self.conn
-            gen = conn.generation()
+            # Made before subscribing, so a change that arrives during the subscribing ping is kept.
+            w = _Watch(conn, [], conn.generation(), self._unconfirmed)
             cut = len(self.prefix) + 1
             purges = (
                 f"$JS.API.STREAM.PURGE.{self.stream}",
@@ -326,9 +332,6 @@ class NatsCheckpoints:
             )
 
             async def on_msg(msg: Msg) -> None:
-                w = self._watch
-                if w is None:
-                    return
                 if msg.subject in purges:
                     w.reset()
                     return
@@ -350,8 +353,9 @@ class NatsCheckpoints:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
                 return None
-            self._watch = _Watch(conn, subs, gen)
-            return self._watch
+            w.sub = subs
+            self._watch = w
+            return w
 
     async def _unwatch(self) -> None:
         watch, self._watch = self._watch, None
