@@ -196,10 +196,11 @@ class _Watch:
     and index among the writes read (a special one, ``idx < 0``, with the same record), or by a
     higher checkpoint id read (its checkpoint is no longer the latest). A read that leaves a
     change pending is answered (the write has not returned yet: it is not stored) but not kept.
-    Pending changes are kept for at most ``_PENDING_KEPT`` threads, the least recently changed
-    one forgotten first (it changed that many other threads ago, long past a store's
-    microseconds); a record never stored (its put failed) only costs its thread the cache
-    until a newer checkpoint is read."""
+    The pending changes belong to the backend, so a reconnect's new watch keeps them too (a
+    record the new subscription missed, fanned out before it existed, is not covered). They are
+    kept for at most ``_PENDING_KEPT`` threads, the least recently changed one forgotten first
+    (it changed that many other threads ago, long past a store's microseconds); a record never
+    stored (its put failed) only costs its thread the cache until a newer checkpoint is read."""
 
     def __init__(
         self, conn: Connection, sub: Any, gen: tuple[int, int], unconfirmed: OrderedDict[str, _Pending]
