@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -325,3 +326,53 @@ def test_the_ping_that_proves_a_hand_off_follows_the_commands_sent_before_it(url
 
 async def _async_true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.slow
+def test_a_read_racing_a_write_the_watch_saw_before_the_stream_stored_it_is_not_kept(tmp_path: Any) -> None:
+    """The server may hand a record to this process's watch before the stream has stored it
+    (the stalled subscriber, subscribed after the watch, holds the store back 2 ms a record when
+    it comes between them). Reads made while the other process's write is in flight may answer
+    the older state, but none of them is kept: the very next ``get_tuple`` after the write
+    returns answers it, every time."""
+    server = NatsServer(
+        tmp_path / "own",
+        extra_config=f'max_pending: {_MAX_PENDING}\nwrite_deadline: "60s"\nhttp: "127.0.0.1:-1"',
+    ).start()
+    namespace, thread = "gap", "t"
+    try:
+        with child(server.url, namespace) as other:
+            ids = _ids(61)
+            other.do(op="put", thread=thread, id=ids[0], n=0)  # the stream (its subscription first)
+            saver = BotWireSaver(namespace, url=server.url)
+            try:
+                assert _latest(saver, thread) == (ids[0], 0, [])  # the watch, before the slow one
+                slow = _SlowSubscriber(server, f"botwire.{namespace}.lg.>")
+                try:
+                    slow.fill(server.url, _MAX_PENDING)
+                    assert other.proc.stdin is not None and other.proc.stdout is not None
+                    for i in range(1, 61):
+                        task = i % 2 == 0
+                        cmd = (
+                            {"op": "writes", "thread": thread, "id": ids[i - 1], "task": f"task{i}", "n": i}
+                            if task
+                            else {"op": "put", "thread": thread, "id": ids[i], "n": i}
+                        )
+                        other.proc.stdin.write(json.dumps(cmd) + "\n")
+                        other.proc.stdin.flush()
+                        # Read again and again while the write is in flight (bounded: the child's
+                        # own timeout answers within seconds).
+                        for _ in range(10_000):
+                            _latest(saver, thread)
+                            if select.select([other.proc.stdout], [], [], 0)[0]:
+                                break
+                        assert other.proc.stdout.readline().strip() == "ok"
+                        expected = (ids[i - 1], i - 1, [i]) if task else (ids[i], i, [])
+                        assert _latest(saver, thread) == expected, i
+                    assert slow.pending() <= _MAX_PENDING  # still stalling, never dropped
+                finally:
+                    slow.close()
+            finally:
+                saver.close()
+    finally:
+        server.stop()

@@ -52,6 +52,7 @@ _IN_FLIGHT: Final = 64  # publishes or purges awaited at once
 _MULTI_LAST: Final = 256  # subjects per multi-last get (their names fill the request: up to ~2 KB each)
 _LATEST_KEPT: Final = 4096  # threads whose latest checkpoint id a process remembers (the oldest dropped)
 _CACHED: Final = 1024  # threads whose latest checkpoint (record and writes) a backend keeps
+_PENDING_KEPT: Final = 4096  # threads whose changes seen but not yet read back a watch remembers
 
 # (stream, thread/ns subject base) -> the id of the checkpoint this process last stored or read as
 # the latest there. It only lets ``latest`` ask for that checkpoint's writes together with the
@@ -127,6 +128,44 @@ _MISS: Final = _Miss()
 _Latest = tuple[str, bytes, list[tuple[str, int, bytes]]] | None
 
 
+class _Pending:
+    """A thread's changes seen by the watch that no read has shown yet: the highest checkpoint
+    id (with a hash of its record) and the pending writes ``(checkpoint id, task id, idx)``
+    (a special one's record hashed: it replaces the stored one)."""
+
+    __slots__ = ("checkpoint", "record", "writes")
+
+    def __init__(self) -> None:
+        self.checkpoint: str | None = None
+        self.record = 0
+        self.writes: dict[tuple[str, str, int], int] = {}
+
+    def add(self, kind: str, rest: list[str], data: bytes) -> None:
+        cid = _name(rest[0])
+        if kind == "c":
+            if self.checkpoint is None or cid >= self.checkpoint:
+                self.checkpoint, self.record = cid, hash(data)
+        elif kind == "w" and len(rest) == 3:
+            self.writes[(cid, _name(rest[1]), int(rest[2]))] = hash(data)
+
+    def confirm(self, found: _Latest) -> bool:
+        """Drop what ``found`` (a read of the thread) shows; True when nothing is left."""
+        if found is None:
+            return self.checkpoint is None and not self.writes
+        latest, record, writes = found
+        if self.checkpoint is not None and (
+            latest > self.checkpoint or (latest == self.checkpoint and hash(record) == self.record)
+        ):
+            self.checkpoint = None
+        if self.writes:
+            read = {(latest, task, idx): hash(data) for task, idx, data in writes}
+            for key, h in list(self.writes.items()):
+                cid, _, idx = key
+                if cid < latest or (key in read and (idx >= 0 or read[key] == h)):
+                    del self.writes[key]
+        return self.checkpoint is None and not self.writes
+
+
 class _Watch:
     """Each thread's latest checkpoint as last read by this backend, served only while a core
     subscription on the namespace's records proves that nothing of the thread changed since.
@@ -149,13 +188,23 @@ class _Watch:
     never a stale answer. Not used on a cluster: a record reaches subscribers on other servers
     over routes, which a ping to this server does not wait for.
 
-    Known gap, not closed yet: the fan-out may as well hand a record to this subscription before
-    the stream has stored it; a read of the thread begun in between (by another task of this
-    process) returns the older state and is kept. Closing it needs each change seen to be
-    confirmed by the read's content (its checkpoint id at or below the id read, or its task's
-    write among the writes read) before the read is kept."""
+    The fan-out may as well hand a record to this subscription before the stream has stored it
+    (a stalled subscriber between the two holds the store back, tests/test_langgraph_latest.py),
+    so a read begun after the change was seen may still answer the older state. Each change seen
+    therefore stays pending (``unconfirmed``) until a read's content shows it: a checkpoint by
+    an id read above its own, or its own id with the same record; a pending write by its task
+    and index among the writes read (a special one, ``idx < 0``, with the same record), or by a
+    higher checkpoint id read (its checkpoint is no longer the latest). A read that leaves a
+    change pending is answered (the write has not returned yet: it is not stored) but not kept.
+    The pending changes belong to the backend, so a reconnect's new watch keeps them too (a
+    record the new subscription missed, fanned out before it existed, is not covered). They are
+    kept for at most ``_PENDING_KEPT`` threads, the least recently changed one forgotten first
+    (it changed that many other threads ago, long past a store's microseconds); a record never
+    stored (its put failed) only costs its thread the cache until a newer checkpoint is read."""
 
-    def __init__(self, conn: Connection, sub: Any, gen: tuple[int, int]) -> None:
+    def __init__(
+        self, conn: Connection, sub: Any, gen: tuple[int, int], unconfirmed: OrderedDict[str, _Pending]
+    ) -> None:
         self.conn = conn
         self.sub = sub
         self.gen = gen
@@ -163,12 +212,21 @@ class _Watch:
         self.entries: OrderedDict[str, _Latest] = OrderedDict()
         self.inflight: dict[str, list[int]] = {}  # base -> [reads in flight, changes seen meanwhile]
         self.epoch = 0  # bumped by a purge or delete: no read in flight across one is kept
+        # base -> changes no read showed yet; the backend's, so kept across watches (a change
+        # seen before a reconnect may still be on its way to the stream)
+        self.unconfirmed = unconfirmed
 
     def valid(self) -> bool:
         return self.conn.nc is self.nc and self.nc.is_connected and self.conn.generation() == self.gen
 
-    def changed(self, base: str) -> None:
+    def changed(self, base: str, kind: str = "", rest: list[str] | None = None, data: bytes = b"") -> None:
         self.entries.pop(base, None)
+        if rest:
+            pending = self.unconfirmed.pop(base, None) or _Pending()
+            pending.add(kind, rest, data)
+            self.unconfirmed[base] = pending  # the most recently changed last
+            if len(self.unconfirmed) > _PENDING_KEPT:
+                self.unconfirmed.popitem(last=False)
         seen = self.inflight.get(base)
         if seen is not None:
             seen[1] += 1
@@ -197,6 +255,11 @@ class _Watch:
         seen = self.inflight.get(base)
         if seen is None or (self.epoch, seen[1]) != ticket or not self.valid():
             return  # changed while it was read: the read may be older than the change
+        pending = self.unconfirmed.get(base)
+        if pending is not None:
+            if not pending.confirm(found):
+                return  # a change seen is not in what was read: not stored yet when read
+            del self.unconfirmed[base]
         self.entries[base] = found
         self.entries.move_to_end(base)
         while len(self.entries) > _CACHED:
@@ -226,6 +289,7 @@ class NatsCheckpoints:
         self.deleted = f"botwire.{namespace}.lgdeleted"  # notices of deletes (outside the stream)
         self._watch: _Watch | None = None
         self._watch_lock = asyncio.Lock()
+        self._unconfirmed: OrderedDict[str, _Pending] = OrderedDict()  # ``_Watch.unconfirmed``
 
     def config(self, replicas: int | None) -> StreamConfig:
         return StreamConfig(
@@ -258,7 +322,8 @@ class NatsCheckpoints:
                 return self._watch
             await self._unwatch()
             conn = self.conn
-            gen = conn.generation()
+            # Made before subscribing, so a change that arrives during the subscribing ping is kept.
+            w = _Watch(conn, [], conn.generation(), self._unconfirmed)
             cut = len(self.prefix) + 1
             purges = (
                 f"$JS.API.STREAM.PURGE.{self.stream}",
@@ -268,14 +333,14 @@ class NatsCheckpoints:
             )
 
             async def on_msg(msg: Msg) -> None:
-                w = self._watch
-                if w is None:
-                    return
                 if msg.subject in purges:
                     w.reset()
                     return
-                t, n, _ = msg.subject[cut:].split(".", 2)
-                w.changed(f"{self.prefix}.{t}.{n}")
+                try:
+                    t, n, kind, *rest = msg.subject[cut:].split(".")
+                    w.changed(f"{self.prefix}.{t}.{n}", kind, rest, msg.data)
+                except ValueError:  # not a record's subject (a foreign publish): keep nothing
+                    w.reset()
 
             # No pending limits: nats-py drops what is over them (a "slow consumer"), and a dropped
             # change would leave a stale entry. The callback is a dict update on the reader's own
@@ -289,8 +354,9 @@ class NatsCheckpoints:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
                 return None
-            self._watch = _Watch(conn, subs, gen)
-            return self._watch
+            w.sub = subs
+            self._watch = w
+            return w
 
     async def _unwatch(self) -> None:
         watch, self._watch = self._watch, None
