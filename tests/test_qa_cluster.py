@@ -9,8 +9,8 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
