@@ -24,7 +24,7 @@ from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.nats.connect import _next_server
 from botwire_stream.settings import resolve
 from chaos import scenarios
-from tests.cluster import Cluster, cluster, stream_info  # noqa: F401 - cluster: a fixture
+from tests.cluster import Cluster, stream_info
 from tests.servers import NatsServer
 
 
@@ -365,13 +365,18 @@ async def test_history_reads_on_a_follower_always_see_the_callers_own_appends(
 
 
 @pytest.mark.slow
-async def test_the_api_key_check_waits_out_the_keys_bucket_election(cluster: Cluster) -> None:
+async def test_the_api_key_check_waits_out_the_keys_bucket_election(tmp_path: Path) -> None:
     """serve's API key check (``KeyStore.verify``) asked right after the node leading the keys
     bucket is SIGKILLed: it finds the key once a new leader is elected (4-9 s), within serve's
     NATS timeout, rather than failing after nats-py's own 5 s (serve then answered 503)."""
     from botwire_stream.server.keystore import BUCKET, KeyStore
 
-    conn = await pool.open_connection(resolve(cluster.url))
+    cluster = Cluster(tmp_path / "c").start()  # private: a node is killed
+    try:
+        conn = await pool.open_connection(resolve(cluster.url))
+    except BaseException:
+        cluster.stop()
+        raise
     try:
         keys = await KeyStore.open(conn)
         token, record = await keys.create(["ns"], "read")
@@ -384,3 +389,4 @@ async def test_the_api_key_check_waits_out_the_keys_bucket_election(cluster: Clu
         assert time.monotonic() - t < 45  # does not hang (3x serve's 15 s)
     finally:
         await conn.close()
+        cluster.stop()
