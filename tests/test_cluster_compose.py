@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,20 +164,6 @@ async def _leader(url: str) -> str | None:
     return str(leader) if leader else None
 
 
-def _past_key_check(request: Callable[[], httpx.Response]) -> httpx.Response:
-    """``request()``, repeated (for up to 30 s) while serve's API key check answers 503: the key
-    check reads the API keys bucket through nats-py's KV with its own 5 s timeout, not retried
-    (server/keystore.py), so while that bucket elects its leader it can refuse (seen once in 6
-    loaded runs, after the stream's own election was over). Any other answer is returned."""
-    deadline = time.monotonic() + 30
-    while True:
-        got = request()
-        if got.status_code != 503 or not got.text.startswith("cannot check the API key"):
-            return got
-        assert time.monotonic() < deadline, got.text
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 async def test_the_compose_topology_runs_as_local_processes(topology: _Topology, tmp_path: Path, namespace: str) -> None:
     """Two serve processes with the compose file's options (``--auth``; loopback here) over the
@@ -205,17 +191,16 @@ async def test_the_compose_topology_runs_as_local_processes(topology: _Topology,
         victim.wait(5)
         # Right away, during the election: the serve processes fail over to the surviving nodes
         # and wait for the new leader within a request (NATS_TIMEOUT), never answering 503 (they
-        # did with the library's 5 s timeout: the election takes 4-9 s); only the API key check
-        # may still refuse, and is asked again (see _past_key_check).
-        got = _past_key_check(lambda: httpx.get(two, headers=auth, timeout=60))
+        # did with the library's 5 s timeout: the election takes 4-9 s), the API key check included.
+        got = httpx.get(two, headers=auth, timeout=60)
         assert got.status_code == 200, got.text
         assert got.content == b"hello"
         producer = {"producer-id": "p", "producer-epoch": "0", "producer-seq": "0"}
         headers = {"content-type": "text/plain", **auth, **producer}
-        got = _past_key_check(lambda: httpx.post(one, content=b" world", headers=headers, timeout=60))
+        got = httpx.post(one, content=b" world", headers=headers, timeout=60)
         assert got.status_code in (200, 204), got.text
         assert await _leader(topology.url) not in (None, leader)  # it did wait for a new leader
-        assert _past_key_check(lambda: httpx.get(two, headers=auth, timeout=60)).content == b"hello world"
+        assert httpx.get(two, headers=auth, timeout=60).content == b"hello world"
     finally:
         for serve in serves:
             serve.kill()

@@ -8,8 +8,9 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -37,6 +38,21 @@ async def _until_written(m: AsyncMemory, key: str, value: int, seconds: float = 
             assert time.monotonic() < deadline, "the cluster did not take writes again"
 
 
+T = TypeVar("T")
+
+
+async def _until_ok(call: Callable[[], Awaitable[T]], seconds: float = 30) -> T:
+    """``call()`` tried again while it raises ServerUnavailable (OutcomeUnknown included), for up
+    to ``seconds``: the 1 s timeout is for the calls meant to fail, and one meant to succeed may
+    need more on a loaded machine (a fresh cluster, or one just resumed, electing leaders)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await call()
+        except ServerUnavailable:
+            assert time.monotonic() < deadline, f"the cluster did not answer within {seconds} s"
+
+
 async def test_a_write_acknowledged_after_one_of_unknown_outcome_is_what_reads_give(
     qa_cluster: Cluster, namespace: str
 ) -> None:
@@ -52,8 +68,8 @@ the same connection)."""
     for i in range(4):
         ns = f"{namespace}{i}"
         async with AsyncMemory(ns, url=url, timeout=1, cache=True) as m:
-            await m.set("k", 1)
-            assert await m.get("k") == 1
+            await _until_written(m, "k", 1)  # 1 s is for set(2), meant to fail
+            assert await _until_ok(lambda: m.get("k")) == 1
             conns = list(pool._pools[asyncio.get_running_loop()].values())
             port = conns[0].nc.connected_url.port
             order = sorted(qa_cluster.nodes, key=lambda n: (n.port == port) == (i % 2 == 0))
@@ -67,7 +83,7 @@ the same connection)."""
                     os.kill(node.pid, signal.SIGCONT)
                     await asyncio.sleep(0.3)  # the fault: nodes resumed one by one
             await _until_written(m, "k", 3)
-            cached = await m.get("k")
+            cached = await _until_ok(lambda: m.get("k"))
             async with AsyncMemory(ns, url=url, timeout=5, cache=False) as fresh:
                 stored = await fresh.get("k")
                 revs = [r.value for r in await fresh.revisions("k")]
@@ -87,10 +103,12 @@ async def test_every_call_raises_server_unavailable_when_no_server_answers(tmp_p
             "s", namespace=namespace, url=c.url, timeout=1
         ) as chat:
             tokens = AsyncTokenStream(f"{namespace}/answer", url=c.url, timeout=1)
-            await m.set("k", 1)
-            await chat.append({"n": 1})
-            await tokens.create(content_type="text/plain")
-            await tokens.append(b"a")
+
+            # 1 s is for the calls meant to fail: these are tried until they succeed
+            await _until_ok(lambda: m.set("k", 1))
+            await _until_ok(lambda: chat.append({"n": 1}))
+            await _until_ok(lambda: tokens.create(content_type="text/plain"))  # exists: False
+            await _until_ok(lambda: tokens.append(b"a"))
             for node in c.nodes:
                 node.send(signal.SIGSTOP)
             failures: dict[str, str] = {}

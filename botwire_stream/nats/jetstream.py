@@ -114,10 +114,21 @@ class Connection(RetryingConnection):
         self._written_subj: dict[str, int] = {}
 
     def _wrote_subject(self, subject: str, seq: int) -> None:
+        if not self.nc._server_info.get("cluster"):  # only replicas can answer a read older
+            return
         self._written_subj.pop(subject, None)
         self._written_subj[subject] = seq
         if len(self._written_subj) > 4096:
             del self._written_subj[next(iter(self._written_subj))]
+
+    def written(self, subject: str) -> int | None:
+        """The sequence of this connection's last acknowledged write to ``subject`` on a cluster
+        (None: none known, or a single server, where every read already sees it)."""
+        return self._written_subj.get(subject)
+
+    def forget_written(self, subject: str) -> None:
+        """Forget the write ``written`` returns (the subject was purged: no read can see it)."""
+        self._written_subj.pop(subject, None)
 
     # -- streams --------------------------------------------------------------------------------
     def cluster_size(self) -> int:
@@ -239,12 +250,12 @@ class Connection(RetryingConnection):
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
                     found = await self._landed(subject, h["Nats-Msg-Id"], timeout)
                     if found is not None:
+                        self._wrote_subject(subject, found)
                         return found
                 if ack.error.err_code in _BUSY_CODES:
                     raise _Busy  # dropped by a full ingest queue: nothing stored
                 raise_api_error(ack.error)
-            if self.nc._server_info.get("cluster"):  # only replicas can answer a read older
-                self._wrote_subject(subject, ack.seq)
+            self._wrote_subject(subject, ack.seq)
             return ack.seq
 
         return await self.call(run, timeout=timeout, write=write)
@@ -288,6 +299,8 @@ class Connection(RetryingConnection):
                 if ack.error is not None:
                     raise_api_error(ack.error)
                 seqs.append(ack.seq)
+            for (subject, _, _), seq in zip(prepared, seqs, strict=True):
+                self._wrote_subject(subject, seq)
             return seqs
 
         return await self.call(run, timeout=timeout, write=write)
@@ -334,11 +347,13 @@ class Connection(RetryingConnection):
             msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
+                self._wrote_subject(subject, ack.seq)
                 return ack.seq
             code = ack.error.err_code
             if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
                 found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
                 if found is not None:
+                    self._wrote_subject(subject, found)
                     return found
             if code in _BUSY_CODES:
                 raise _Busy  # nothing stored: send it again after a pause
@@ -388,10 +403,24 @@ class Connection(RetryingConnection):
 
         return await self.call(run, timeout=timeout)
 
+    async def leader_holds(self, stream: str, subject: str, seq: int, timeout: float = 5.0) -> bool:
+        """Whether the stream leader still holds the message at ``seq`` on ``subject`` (one
+        ``$JS.API.STREAM.MSG.GET``): False once it was purged, rolled up or expired."""
+
+        async def run() -> bool:
+            msg = await self._leader_get(stream, {"seq": seq}, timeout)
+            return msg is not None and msg.subject == subject
+
+        return await self.call(run, timeout=timeout)
+
     async def _leader_get_last(self, stream: str, subject: str, timeout: float) -> Msg | None:
+        """The last message on ``subject`` as the stream leader has it (see ``_leader_get``)."""
+        return await self._leader_get(stream, {"last_by_subj": subject}, timeout)
+
+    async def _leader_get(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
         """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``:
         its headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
-        body = msgspec.json.encode({"last_by_subj": subject})
+        body = msgspec.json.encode(req)
         reply = await self.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, None, timeout)
         got = _stored_decoder.decode(reply.data)
         if got.error is not None or got.message is None:

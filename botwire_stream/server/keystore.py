@@ -24,6 +24,7 @@ from nats.js.api import StreamConfig
 
 from ..errors import InvalidArgument
 from ..nats.jetstream import Connection
+from . import NATS_TIMEOUT
 
 __all__ = ["BUCKET", "SCOPES", "ApiKey", "KeyStore", "Scope", "allows"]
 
@@ -66,9 +67,10 @@ def _digest(secret: str) -> str:
 class KeyStore:
     """The keys, on a ``Connection`` (``KeyStore.open(conn)``)."""
 
-    def __init__(self, conn: Connection, kv: object) -> None:
+    def __init__(self, conn: Connection, kv: object, timeout: float = NATS_TIMEOUT) -> None:
         self.conn = conn
         self._kv = kv
+        self.timeout = timeout  # serve's: a keys bucket electing its leader takes 4-9 s under load
         self._touched: dict[str, float] = {}
         self._cache: dict[str, tuple[float, ApiKey]] = {}  # token -> (reuse until, live record)
 
@@ -110,11 +112,21 @@ class KeyStore:
         return f"bwk_{key_id}_{secret}", record
 
     async def get(self, key_id: str) -> ApiKey | None:
-        try:
-            entry = await self._kv.get(key_id)  # type: ignore[attr-defined]
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return msgspec.json.decode(entry.value, type=ApiKey) if entry.value else None
+        """The key's record (revoked ones too), None when there is none.
+
+        Retried by the library (``Connection.call``) within ``timeout``: nats-py's KV get alone
+        gave up after its own 5 s, so serve answered 503 while the bucket elected a leader."""
+
+        async def run() -> bytes | None:
+            try:
+                entry = await self._kv.get(key_id)  # type: ignore[attr-defined]
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            value: bytes | None = entry.value
+            return value
+
+        value = await self.conn.call(run, timeout=self.timeout)
+        return msgspec.json.decode(value, type=ApiKey) if value else None
 
     async def list(self) -> list[ApiKey]:
         try:
