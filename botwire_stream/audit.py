@@ -108,7 +108,9 @@ def check_bound(value: object, name: str) -> Bound:
         return check_time(value, name)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
         # a stream sequence is a uint64: the server refused a larger one as invalid JSON
-        raise InvalidArgument(f"{name} must be None, a sequence (int, 0 to 2**64-1) or an aware datetime, not {value!r}")
+        raise InvalidArgument(
+            f"{name} must be None, a sequence (int, 0 to 2**64-1) or an aware datetime, not {value!r}"
+        )
     return value
 
 

@@ -160,7 +160,9 @@ class NatsReplay:
             # earlier, and what still precedes ``start`` skipped below (measured: asked from
             # ``e.time`` itself, a replay from an event's own time could leave that event out).
             try:
-                config.update(deliver_policy="by_start_time", opt_start_time=_rfc3339(since - timedelta(microseconds=1)))
+                config.update(
+                    deliver_policy="by_start_time", opt_start_time=_rfc3339(since - timedelta(microseconds=1))
+                )
             except OverflowError:  # year 1 or 9999 in UTC: before or after every stored message
                 if since.year > 1:
                     return
