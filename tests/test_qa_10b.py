@@ -109,3 +109,42 @@ async def test_a_replay_whose_server_stays_frozen_raises_server_unavailable(
         os.kill(own_server.pid, signal.SIGCONT)
     # what arrived before the stop (the rest of the second batch may or may not), once, in order
     assert 30 <= len(seen) <= 40 and seen == [f"k{i}" for i in range(len(seen))]
+
+
+async def test_two_instances_of_one_consumer_racing_for_its_lock_one_wins(url: str, namespace: str) -> None:
+    """Two instances of one consumer name started at the same moment (held: the lock entry's
+    create is atomic on the server): exactly one holds it, the other gets Conflict; once released,
+    the next one takes it."""
+    import asyncio
+
+    from botwire_stream import settings
+    from botwire_stream.errors import Conflict
+    from botwire_stream.nats.pool import acquire, release
+    from consumers.lock import hold
+
+    conn = await acquire(settings.resolve(url))
+    try:
+        for round_ in range(5):
+            name, streams = f"{namespace}-{round_}", [f"KV_botwire_{namespace}", f"BOTWIRE_CHAT_{namespace}"]
+            inside = asyncio.Event()
+            release_it = asyncio.Event()
+
+            async def instance() -> str:
+                try:
+                    async with hold(conn, name, streams, asyncio.Event()):
+                        inside.set()
+                        await release_it.wait()
+                        return "held"
+                except Conflict:
+                    return "refused"
+
+            first, second = asyncio.create_task(instance()), asyncio.create_task(instance())
+            await asyncio.wait_for(inside.wait(), 10)
+            done, _ = await asyncio.wait({first, second}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert [t.result() for t in done] == ["refused"]
+            release_it.set()
+            assert sorted(await asyncio.gather(first, second)) == ["held", "refused"]
+            async with hold(conn, name, streams, asyncio.Event()):  # released: taken again
+                pass
+    finally:
+        await release(conn)
