@@ -148,3 +148,22 @@ async def test_two_instances_of_one_consumer_racing_for_its_lock_one_wins(url: s
                 pass
     finally:
         await release(conn)
+
+
+async def test_a_moment_before_year_1_in_utc_is_before_retention_not_an_overflow(url: str, namespace: str) -> None:
+    """get(at=) / messages(at=) at year 1 +05:00 (before year 1 in UTC) of a key whose oldest
+    revisions are gone: BeforeRetention naming the moment. Before: OverflowError formatting it."""
+    from botwire_stream import aretention
+    from botwire_stream.errors import BeforeRetention
+
+    at = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        await aretention(namespace, key_history=2, url=url)
+        for i in range(3):
+            await m.set("a", i)
+        with pytest.raises(BeforeRetention):
+            await m.get("a", at=at)
+        await c.append({"role": "user", "content": "x"})
+        await c.clear()
+        with pytest.raises(BeforeRetention):
+            await c.messages(at=at)

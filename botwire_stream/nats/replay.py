@@ -53,7 +53,10 @@ _MIN_DUPLICATE_WINDOW: Final = 120.0  # the chat stream's de-duplication window 
 
 
 def _rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError:  # before year 1 or after 9999 in UTC: said in its own zone
+        return t.isoformat()
 
 
 def _kv_kind(hdr: bytes | None) -> str:
