@@ -106,8 +106,11 @@ def check_bound(value: object, name: str) -> Bound:
         return None
     if isinstance(value, datetime):
         return check_time(value, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"{name} must be None, a sequence (int >= 0) or an aware datetime, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        # a stream sequence is a uint64: the server refused a larger one as invalid JSON
+        raise InvalidArgument(
+            f"{name} must be None, a sequence (int, 0 to 2**64-1) or an aware datetime, not {value!r}"
+        )
     return value
 
 
@@ -124,7 +127,10 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
         return now
     m = _RELATIVE.match(text)
     if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNIT[m.group(2)])
+        try:
+            return now - timedelta(seconds=float(m.group(1)) * _UNIT[m.group(2)])
+        except OverflowError:  # before year 1: datetime cannot hold it
+            raise InvalidArgument(f"{text!r} reaches before year 1: give a shorter span or an ISO-8601 time") from None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:

@@ -53,7 +53,10 @@ _MIN_DUPLICATE_WINDOW: Final = 120.0  # the chat stream's de-duplication window 
 
 
 def _rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError:  # before year 1 or after 9999 in UTC: said in its own zone
+        return t.isoformat()
 
 
 def _kv_kind(hdr: bytes | None) -> str:
@@ -159,7 +162,14 @@ class NatsReplay:
             # the write at ``e.time`` may be stored up to 0.5 µs before it: asked from 1 µs
             # earlier, and what still precedes ``start`` skipped below (measured: asked from
             # ``e.time`` itself, a replay from an event's own time could leave that event out).
-            config.update(deliver_policy="by_start_time", opt_start_time=_rfc3339(since - timedelta(microseconds=1)))
+            try:
+                config.update(
+                    deliver_policy="by_start_time", opt_start_time=_rfc3339(since - timedelta(microseconds=1))
+                )
+            except OverflowError:  # year 1 or 9999 in UTC: before or after every stored message
+                if since.year > 1:
+                    return
+                config["deliver_policy"] = "all"
         elif start:
             config.update(deliver_policy="by_start_sequence", opt_start_seq=start)
         else:
@@ -203,10 +213,11 @@ class NatsReplay:
                 got = 0
                 gone = cut = False
                 while got < want and not gone and not cut:
-                    while not arrived:  # one wait per burst, not per message
-                        ready.clear()
-                        async with asyncio.timeout(timeout):
-                            await ready.wait()
+                    if not await _burst(arrived, ready, timeout):
+                        # No answer in time: a restarted server lost the pull request and its
+                        # in-memory consumer (measured: the replay raised a bare TimeoutError).
+                        gone = True
+                        break
                     burst: list[tuple[str, int, datetime, bytes | None, bytes]] = []
                     done = False
                     while arrived and got < want:
@@ -264,10 +275,16 @@ class NatsReplay:
                     if last:
                         config.pop("opt_start_time", None)
                         config.update(deliver_policy="by_start_sequence", opt_start_seq=last + 1)
-                    made = await create()
+                    # A new inbox: late deliveries of the old consumer cannot mix in. ``call``
+                    # waits for a reconnect within the timeout, else raises ServerUnavailable.
+                    await raw.stop()
+                    await conn.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
+                    arrived.clear()
+                    made = await conn.call(create, timeout=timeout)
                     if made is None:
                         return
                     name, pending = made
+                    raw = await RawSubscription(conn.nc, conn.nc.new_inbox(), sink).start()
                     left = min(left, pending)
         finally:
             await raw.stop()
@@ -503,6 +520,18 @@ class NatsReplay:
         await self._update(self.chat_stream, change)
         if log_age is not None:
             (AGE_LIMITED.add if log_age else AGE_LIMITED.discard)(self.chat_stream)
+
+
+async def _burst(arrived: deque[Any], ready: asyncio.Event, timeout: float) -> bool:
+    """Wait for deliveries (one wait per burst, not per message); False: none within ``timeout``."""
+    while not arrived:
+        ready.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await ready.wait()
+        except TimeoutError:
+            return False
+    return True
 
 
 def _ack_fields(reply: str) -> tuple[int, int]:
