@@ -60,6 +60,20 @@ async def _closed_within(nats_server: NatsServer, path: str, bound: float) -> bo
         await client.close()
 
 
+async def _one_question_and_its_answer_ends(
+    nats_server: NatsServer, namespace: str, session: str, retry: httpx.Response
+) -> None:
+    """The conversation holds the question once, under the retry's answer stream, which ends."""
+    chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
+    try:
+        questions = [m for m in await chat.messages() if m["role"] == "user"]
+    finally:
+        await chat.close()
+    assert [q["content"] for q in questions] == ["hello"]
+    assert questions[0]["meta"]["stream"] == retry.json()["stream"]
+    assert await _closed_within(nats_server, retry.json()["stream"], 20.0)
+
+
 @pytest.mark.slow
 async def test_a_retry_after_the_questions_ack_was_lost_gets_an_answer_stream_that_ends(
     nats_server: NatsServer, namespace: str
@@ -82,14 +96,7 @@ async def test_a_retry_after_the_questions_ack_was_lost_gets_an_answer_stream_th
             relay.drop = False
             retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
             assert retry.status_code == 202, retry.text
-            chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
-            try:
-                questions = [m for m in await chat.messages() if m["role"] == "user"]
-            finally:
-                await chat.close()
-            assert [q["content"] for q in questions] == ["hello"]
-            assert questions[0]["meta"]["stream"] == retry.json()["stream"]
-            assert await _closed_within(nats_server, retry.json()["stream"], 20.0)
+            await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
     finally:
         await relay.close()
 
@@ -119,14 +126,7 @@ async def test_a_question_whose_ack_was_lost_in_a_short_stall_is_neither_orphane
             relay.drop, relay.undrop = False, None
             retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
             assert retry.status_code == 202, retry.text
-            chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
-            try:
-                questions = [m for m in await chat.messages() if m["role"] == "user"]
-            finally:
-                await chat.close()
-            assert [q["content"] for q in questions] == ["hello"]
-            assert questions[0]["meta"]["stream"] == retry.json()["stream"]
-            assert await _closed_within(nats_server, retry.json()["stream"], 20.0)
+            await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
     finally:
         await relay.close()
 

@@ -19,18 +19,6 @@ from .client import Http, acquire, seg
 __all__ = ["HttpReplay", "open_replay"]
 
 
-class _Event(msgspec.Struct):
-    source: Literal["memory", "chat"]
-    seq: int
-    time: datetime
-    kind: str
-    key: str
-    value: msgspec.Raw
-    has_value: bool
-    origin: str | None
-    upto: int | None
-
-
 class _ErrorBody(msgspec.Struct):
     code: str
     message: str
