@@ -256,16 +256,22 @@ class _SlowSubscriber:
 _MAX_PENDING = 1 << 20
 
 
+def _stallable_server(tmp_path: Any) -> NatsServer:
+    """A private server whose clients may fall _MAX_PENDING behind (a stalled subscriber) without
+    being cut off, with its monitoring port (the tests watch the stall's pending bytes there)."""
+    return NatsServer(
+        tmp_path / "own",
+        extra_config=f'max_pending: {_MAX_PENDING}\nwrite_deadline: "60s"\nhttp: "127.0.0.1:-1"',
+    ).start()
+
+
 @pytest.mark.slow
 def test_a_write_is_seen_even_when_the_server_acks_it_before_handing_it_to_the_watcher(tmp_path: Any) -> None:
     """nats-server acknowledges a stored record from the stream's own goroutine while the
     publisher's connection may still be handing the record to other subscribers: here a stalled
     subscriber holds that hand-off back 2 ms a record. Every write of the other process is still
     in this process's very next ``get_tuple``."""
-    server = NatsServer(
-        tmp_path / "own",
-        extra_config=f'max_pending: {_MAX_PENDING}\nwrite_deadline: "60s"\nhttp: "127.0.0.1:-1"',
-    ).start()
+    server = _stallable_server(tmp_path)
     namespace, thread = "amp", "t"
     try:
         with child(server.url, namespace) as other:
@@ -335,10 +341,7 @@ def test_a_read_racing_a_write_the_watch_saw_before_the_stream_stored_it_is_not_
     it comes between them). Reads made while the other process's write is in flight may answer
     the older state, but none of them is kept: the very next ``get_tuple`` after the write
     returns answers it, every time."""
-    server = NatsServer(
-        tmp_path / "own",
-        extra_config=f'max_pending: {_MAX_PENDING}\nwrite_deadline: "60s"\nhttp: "127.0.0.1:-1"',
-    ).start()
+    server = _stallable_server(tmp_path)
     namespace, thread = "gap", "t"
     try:
         with child(server.url, namespace) as other:
