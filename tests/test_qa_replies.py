@@ -116,7 +116,17 @@ async def test_strays_and_a_subscription_that_matches_the_inbox_do_not_disturb_t
                 seen.append(m)
 
             await conn.nc.subscribe("_INBOX.>", cb=on)
-            await conn.nc.flush()
+            # nats-py 2.16's flush() writes its PING ahead of the queued SUB, so its PONG does not
+            # prove the server has the subscription: a probe it delivers does.
+            probe = f"_INBOX.probe-{uuid.uuid4().hex}"
+
+            async def probed() -> bool:
+                await other.publish(probe, b"probe")
+                await other.flush()
+                await asyncio.sleep(0.05)
+                return any(m.subject == probe for m in seen)
+
+            await waits.until(probed, "the inbox-wide subscription")
             reconnects = conn.nc.stats["reconnects"]
             for subject, hdr in [
                 (mux.prefix + "999999999", None),
