@@ -141,12 +141,15 @@ class _Stored(msgspec.Struct, array_like=True):
 
 
 class _Write(msgspec.Struct, array_like=True):
-    """A pending write record: its channel, the serde's typed dump of the value, the task path."""
+    """A pending write record: its channel, the serde's typed dump of the value, the task path,
+    and how many records (distinct indexes) the ``put_writes`` call that stored it had (0: not
+    known, a record of an earlier version), so a task stored only in part can be told apart."""
 
     channel: str
     value_type: str
     value: bytes
     task_path: str
+    of: int = 0
 
 
 _stored_decoder: Final = msgspec.msgpack.Decoder(_Stored)
@@ -245,9 +248,17 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
     ) -> CheckpointTuple:
         stored = _stored_decoder.decode(data)
         pending = []
+        count: dict[str, int] = {}
+        wanted: dict[str, int] = {}
         for task_id, idx, raw in writes:
             w = _write_decoder.decode(raw)
             pending.append((writes_sort_key(w.task_path, task_id, idx), task_id, w))
+            count[task_id] = count.get(task_id, 0) + 1
+            wanted[task_id] = max(wanted.get(task_id, 0), w.of)
+        # A task's writes are separate messages: a call cut short (the server died mid-save)
+        # leaves part of them stored, and LangGraph takes a task with any write as finished, the
+        # rest lost. Such a task shows none until a retry has stored as many as its call had.
+        pending = [p for p in pending if count[p[1]] >= wanted[p[1]]]
         pending.sort(key=lambda p: p[0])
         return CheckpointTuple(
             config=_config(thread, ns, checkpoint_id),
@@ -404,15 +415,17 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             raise InvalidArgument(f"task_id and task_path must be str, not {task_id!r} and {task_path!r}")
         _sized(checkpoint_id, "checkpoint_id", _MAX_ID)
         _sized(task_id, "task_id", _MAX_ID)
-        records = []
+        dumped = []
         for idx, item in enumerate(writes):
             if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
                 raise InvalidArgument(f"a write is a (channel, value) tuple, not {item!r:.200}")
             channel, value = item
             vtype, vdata = self._dump(value, f"write to {channel!r}")
-            records.append(
-                (WRITES_IDX_MAP.get(channel, idx), _encoder.encode(_Write(channel, vtype, vdata, task_path)))
-            )
+            dumped.append((WRITES_IDX_MAP.get(channel, idx), channel, vtype, vdata))
+        of = len({idx for idx, *_ in dumped})  # records stored: two writes of one special channel share one
+        records = [
+            (idx, _encoder.encode(_Write(channel, vtype, vdata, task_path, of))) for idx, channel, vtype, vdata in dumped
+        ]
         if records:
             backend = await self._cores.get().backend()
             await backend.put_writes(thread, ns, checkpoint_id, task_id, records)

@@ -92,8 +92,13 @@ async def open_checkpoints(
 
 
 async def _bounded(aws: Sequence[Coroutine[Any, Any, None]]) -> None:
-    for i in range(0, len(aws), _IN_FLIGHT):
-        await asyncio.gather(*aws[i : i + _IN_FLIGHT])
+    i = 0
+    try:
+        for i in range(0, len(aws), _IN_FLIGHT):
+            await asyncio.gather(*aws[i : i + _IN_FLIGHT])
+    finally:
+        for aw in aws[i + _IN_FLIGHT :]:  # never started after a round failed: no "never awaited" warning
+            aw.close()
 
 
 async def _ping(nc: Any, timeout: float) -> bool:
@@ -442,7 +447,9 @@ class NatsCheckpoints:
         """Store a task's writes, ``(idx, record)`` each: a regular one (``idx >= 0``) only when
         none is stored under the same task and index, a special one (``idx < 0``) replacing it.
 
-        Not atomic: a server dying mid-save can leave part of a task stored. JetStream's atomic
+        Not atomic: a server dying mid-save can leave part of a task stored (each record says how
+        many the call had, so BotWireSaver shows none of such a task until a retry completes it;
+        the retry stores each write once: first wins). JetStream's atomic
         batch (``Nats-Batch-*``, ``allow_atomic``) would fit first-write-wins (each regular write
         conditional on an empty subject; a batch with one already stored is refused whole, then
         sent one by one), and held a SIGKILLed server to whole-or-nothing tasks, but it cost

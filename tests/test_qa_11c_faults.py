@@ -1,0 +1,98 @@
+"""QA of BotWireSaver's pending writes when nats-server is SIGKILLed in the middle of a task's save.
+
+LangGraph takes a task that has any of its writes stored as finished when a graph resumes (its
+``_reapply_writes_to_succeeded_nodes``): half a task's writes shown by ``get_tuple`` would lose
+the other half for good. A call cut short must therefore show none of them until a retry has
+stored them all, once each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nats
+import pytest
+
+pytest.importorskip("langgraph")
+from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
+
+from botwire_stream.errors import BotWireError  # noqa: E402
+from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
+from tests.servers import NatsServer  # noqa: E402
+
+_WRITES = 400  # 7 rounds of 64 publishes: the server dies during the second round
+
+
+def _cfg(thread: str, checkpoint_id: str | None = None) -> Any:
+    conf: dict[str, Any] = {"thread_id": thread, "checkpoint_ns": ""}
+    if checkpoint_id:
+        conf["checkpoint_id"] = checkpoint_id
+    return {"configurable": conf}
+
+
+async def _stored_writes(url: str, namespace: str) -> int:
+    """How many pending-write records the namespace's stream holds (the server's own count)."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(f"BOTWIRE_LG_{namespace}", subjects_filter=f"botwire.{namespace}.lg.*.*.w.>")
+        return len(info.state.subjects or {})
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_a_task_cut_short_by_a_killed_server_is_never_shown_half_done(
+    own_server: NatsServer, namespace: str
+) -> None:
+    url = own_server.url
+    saver = BotWireSaver(namespace, url=url, timeout=1.0)
+    watcher = await nats.connect(url, allow_reconnect=False)
+    try:
+        stored = await saver.aput(_cfg("t"), empty_checkpoint(), {"step": 0}, {})
+        seen = 0
+
+        async def on_record(msg: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 100:  # mid-call: the first 64 acknowledged, the rest of the task not sent
+                own_server.kill()
+
+        await watcher.subscribe(f"botwire.{namespace}.lg.*.*.w.>", cb=on_record)
+        await watcher.flush()
+        writes = [(f"ch{i}", i) for i in range(_WRITES)]
+        started = time.monotonic()
+        with pytest.raises(BotWireError):
+            await saver.aput_writes(stored, writes, "task-1")
+        assert time.monotonic() - started < 3 * 1.0 + 10  # does not hang
+        assert seen >= 100
+
+        own_server.start()  # same port and store
+        partial = await _stored_writes(url, namespace)
+        assert 0 < partial < _WRITES  # the cut really left part of the task stored
+
+        fresh = BotWireSaver(namespace, url=url, timeout=2.0)
+        try:
+            shown = await fresh.aget_tuple(_cfg("t"))
+            assert shown is not None and shown.pending_writes == [], (
+                f"{len(shown.pending_writes) if shown else 0} of the task's {_WRITES} writes are shown"
+            )
+            listed = [t async for t in fresh.alist(_cfg("t"))]
+            assert [t.pending_writes for t in listed] == [[]]
+
+            # The retry (LangGraph runs the task again) stores every write exactly once.
+            await fresh.aput_writes(stored, writes, "task-1")
+            assert await _stored_writes(url, namespace) == _WRITES
+            done = await fresh.aget_tuple(_cfg("t"))
+            assert done is not None
+            assert [(t, c, v) for t, c, v in done.pending_writes] == [("task-1", c, v) for c, v in writes]
+            # ... and the process that saw the cut answers the same after its reconnect.
+            await asyncio.sleep(0)
+            again = await saver.aget_tuple(_cfg("t"))
+            assert again is not None and len(again.pending_writes) == _WRITES
+        finally:
+            await fresh.aclose()
+    finally:
+        await watcher.close()
+        await saver.aclose()
