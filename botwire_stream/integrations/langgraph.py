@@ -165,10 +165,27 @@ _MAX_NAME: Final = 512  # thread ids and checkpoint namespaces (nested subgraphs
 _MAX_ID: Final = 256  # checkpoint and task ids (LangGraph's are 36-character UUIDs)
 
 
+def _text(value: str, what: str) -> bytes:
+    """``value`` as UTF-8; a lone surrogate (no UTF-8 form: subjects and msgpack refuse it with a
+    bare ``UnicodeEncodeError``) raises ``InvalidArgument``."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is no valid Unicode text (a lone surrogate): {value[:80]!r}; nothing was written") from None
+
+
 def _sized(value: str, what: str, limit: int) -> str:
-    if len(value.encode("utf-8", "surrogatepass")) > limit:
+    if len(_text(value, what)) > limit:
         raise InvalidArgument(f"{what} is over {limit} UTF-8 bytes: {value[:80]!r}...; nothing was written")
     return value
+
+
+def _checkpoint_id(config: RunnableConfig, what: str) -> str | None:
+    """The config's ``checkpoint_id`` (None or empty: none), else ``InvalidArgument``."""
+    checkpoint_id = _configurable(config).get("checkpoint_id")  # as get_checkpoint_id, checked
+    if checkpoint_id is not None and not isinstance(checkpoint_id, str):
+        raise InvalidArgument(f"{what}'s checkpoint_id must be a str, not {checkpoint_id!r}")
+    return _sized(checkpoint_id, f"{what}'s checkpoint_id", _MAX_ID) if checkpoint_id else None
 
 
 def _name(value: object, what: str) -> str:
@@ -278,9 +295,8 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         conf = _configurable(config)
         ns = _ns(conf)
         backend = await self._cores.get().backend()
-        checkpoint_id = get_checkpoint_id(config)
+        checkpoint_id = _checkpoint_id(config, "the config")
         if checkpoint_id:
-            _sized(checkpoint_id, "checkpoint_id", _MAX_ID)
             # Both requests at once: one round trip.
             data, writes = await asyncio.gather(
                 backend.checkpoint(thread, ns, checkpoint_id), backend.writes(thread, ns, checkpoint_id)
@@ -323,12 +339,12 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             conf = _configurable(config)
             thread = _thread(config) if "thread_id" in conf else None
             ns = _ns(conf) if "checkpoint_ns" in conf else None
-            wanted_id = get_checkpoint_id(config)
+            wanted_id = _checkpoint_id(config, "the config")
         if filter is not None and not isinstance(filter, dict):
             raise InvalidArgument(f"filter must be a dict of metadata values, not {filter!r}")
         if limit is not None and (type(limit) is not int or limit < 0):
             raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
-        before_id = get_checkpoint_id(before) if before is not None else None
+        before_id = _checkpoint_id(before, "before") if before is not None else None
         backend = await self._cores.get().backend()
         # The ids come from the server's subject index; only the records that may be returned are
         # read (all of them when a filter must look at their metadata, a page at a time).
@@ -391,7 +407,8 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         except ValueTooLarge as exc:
             raise ValueTooLarge(
                 f"this checkpoint is {len(record):,} bytes encoded, more than one message of the server may hold "
-                "(its max_payload): keep less state in the graph or raise the server's max_payload; nothing was written"
+                "(its max_payload less 16 KiB kept for headers): keep less state in the graph or raise the server's "
+                "max_payload; nothing was written"
             ) from exc
         return _config(thread, ns, checkpoint["id"])
 
@@ -413,6 +430,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             raise InvalidArgument("put_writes needs the config of a stored checkpoint (with its 'checkpoint_id')")
         if not isinstance(task_id, str) or not isinstance(task_path, str):
             raise InvalidArgument(f"task_id and task_path must be str, not {task_id!r} and {task_path!r}")
+        _text(task_path, "task_path")
         _sized(checkpoint_id, "checkpoint_id", _MAX_ID)
         _sized(task_id, "task_id", _MAX_ID)
         dumped = []
@@ -420,6 +438,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
                 raise InvalidArgument(f"a write is a (channel, value) tuple, not {item!r:.200}")
             channel, value = item
+            _text(channel, "a write's channel")
             vtype, vdata = self._dump(value, f"write to {channel!r}")
             dumped.append((WRITES_IDX_MAP.get(channel, idx), channel, vtype, vdata))
         of = len({idx for idx, *_ in dumped})  # records stored: two writes of one special channel share one
