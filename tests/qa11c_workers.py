@@ -66,9 +66,9 @@ async def saver(url: str, namespace: str) -> None:
                 await s.adelete_for_runs(cmd["runs"])
             elif op == "copy":
                 await s.acopy_thread(cmd["src"], cmd["dst"])
-            elif op == "bulk":  # one checkpoint in each of ``count`` threads, 64 at once
+            elif op == "bulk":  # a checkpoint ids[j] in thread <prefix>j, from j = start on, 64 at once
                 ids, n = cmd["ids"], cmd["n"]
-                for i in range(0, len(ids), 64):
+                for i in range(cmd.get("start", 0), len(ids), 64):
                     await asyncio.gather(
                         *(s.aput(_cfg(f"{cmd['prefix']}{j}"), _checkpoint(ids[j], n), {}, {}) for j in range(i, min(i + 64, len(ids))))
                     )

@@ -277,6 +277,7 @@ def test_the_cache_never_serves_a_checkpoint_another_process_removed(url: str, n
         saver.close()
 
 
+@pytest.mark.slow
 def test_two_processes_resuming_one_interrupted_thread_leave_a_consistent_history(
     url: str, namespace: str, tmp_path: Path
 ) -> None:
