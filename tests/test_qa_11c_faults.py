@@ -96,3 +96,26 @@ async def test_a_task_cut_short_by_a_killed_server_is_never_shown_half_done(
     finally:
         await watcher.close()
         await saver.aclose()
+
+
+async def test_writes_stored_before_records_carried_their_count_still_show(url: str, namespace: str) -> None:
+    """A pending-write record of an earlier version (four fields, no count) reads as before."""
+    import msgspec
+
+    from botwire_stream.keys import _encode_segment
+
+    saver = BotWireSaver(namespace, url=url)
+    nc = await nats.connect(url)
+    try:
+        stored = await saver.aput(_cfg("t"), empty_checkpoint(), {"step": 0}, {})
+        cid = stored["configurable"]["checkpoint_id"]
+        vtype, vdata = saver.serde.dumps_typed("old")
+        subject = f"botwire.{namespace}.lg.t.{_encode_segment('')}.w.{_encode_segment(cid)}.old-task.0"
+        await nc.jetstream().publish(subject, msgspec.msgpack.encode(["c", vtype, vdata, ""]))
+        await saver.aput_writes(stored, [("d", "new"), ("e", "new")], "new-task")
+        got = await saver.aget_tuple(_cfg("t"))
+        assert got is not None
+        assert sorted(got.pending_writes) == [("new-task", "d", "new"), ("new-task", "e", "new"), ("old-task", "c", "old")]
+    finally:
+        await nc.close()
+        await saver.aclose()
