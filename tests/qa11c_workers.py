@@ -70,7 +70,10 @@ async def saver(url: str, namespace: str) -> None:
                 ids, n = cmd["ids"], cmd["n"]
                 for i in range(cmd.get("start", 0), len(ids), 64):
                     await asyncio.gather(
-                        *(s.aput(_cfg(f"{cmd['prefix']}{j}"), _checkpoint(ids[j], n), {}, {}) for j in range(i, min(i + 64, len(ids))))
+                        *(
+                            s.aput(_cfg(f"{cmd['prefix']}{j}"), _checkpoint(ids[j], n), {}, {})
+                            for j in range(i, min(i + 64, len(ids)))
+                        )
                     )
             print("ok", flush=True)
         except Exception as exc:

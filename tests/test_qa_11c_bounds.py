@@ -124,7 +124,9 @@ async def test_empty_and_odd_names_round_trip_and_stay_apart(asaver: BotWireSave
             assert got.config["configurable"] == {"thread_id": t, "checkpoint_ns": n, "checkpoint_id": ids[(t, n)]}
             listed = [x.checkpoint["id"] async for x in asaver.alist(_cfg(t, ns=n))]
             assert listed == [ids[(t, n)]]
-        every_ns = [x.config["configurable"]["checkpoint_ns"] async for x in asaver.alist({"configurable": {"thread_id": t}})]
+        every_ns = [
+            x.config["configurable"]["checkpoint_ns"] async for x in asaver.alist({"configurable": {"thread_id": t}})
+        ]
         assert sorted(every_ns) == sorted(namespaces)
     await asaver.adelete_thread("")
     for n in namespaces:

@@ -36,7 +36,9 @@ async def _stored_writes(url: str, namespace: str) -> int:
     """How many pending-write records the namespace's stream holds (the server's own count)."""
     nc = await nats.connect(url)
     try:
-        info = await nc.jetstream().stream_info(f"BOTWIRE_LG_{namespace}", subjects_filter=f"botwire.{namespace}.lg.*.*.w.>")
+        info = await nc.jetstream().stream_info(
+            f"BOTWIRE_LG_{namespace}", subjects_filter=f"botwire.{namespace}.lg.*.*.w.>"
+        )
         return len(info.state.subjects or {})
     finally:
         await nc.close()
@@ -115,7 +117,11 @@ async def test_writes_stored_before_records_carried_their_count_still_show(url: 
         await saver.aput_writes(stored, [("d", "new"), ("e", "new")], "new-task")
         got = await saver.aget_tuple(_cfg("t"))
         assert got is not None
-        assert sorted(got.pending_writes) == [("new-task", "d", "new"), ("new-task", "e", "new"), ("old-task", "c", "old")]
+        assert sorted(got.pending_writes) == [
+            ("new-task", "d", "new"),
+            ("new-task", "e", "new"),
+            ("old-task", "c", "old"),
+        ]
     finally:
         await nc.close()
         await saver.aclose()

@@ -26,9 +26,7 @@ def _view(saver: BotWireSaver, thread: str) -> tuple[str, Any, list[tuple[str, s
     return t.checkpoint["id"], t.checkpoint["channel_values"]["n"], sorted(t.pending_writes)
 
 
-def test_special_writes_replace_and_regular_ones_keep_the_first_in_the_very_next_read(
-    url: str, namespace: str
-) -> None:
+def test_special_writes_replace_and_regular_ones_keep_the_first_in_the_very_next_read(url: str, namespace: str) -> None:
     """Another process stores LangGraph's special writes (error, interrupt, scheduled, resume:
     a negative index, each replacing the one stored) and regular ones (the first kept) for the
     checkpoint this process has cached: every next ``get_tuple`` answers exactly what is stored,
@@ -56,7 +54,9 @@ def test_special_writes_replace_and_regular_ones_keep_the_first_in_the_very_next
             # a task's regular and special writes of one call: all shown
             other.do(op="writes", thread="t", id=cid, task="C", writes=[["x", 1], [specials[0], "s"], ["y", 2]])
             view = _view(saver, "t")
-            assert view is not None and [w for w in view[2] if w[0] == "C"] == sorted([("C", "x", 1), ("C", "y", 2), ("C", specials[0], "s")])
+            assert view is not None and [w for w in view[2] if w[0] == "C"] == sorted(
+                [("C", "x", 1), ("C", "y", 2), ("C", specials[0], "s")]
+            )
     finally:
         saver.close()
 
@@ -116,9 +116,15 @@ async def test_more_threads_changed_than_the_pending_bound_while_reads_race_stay
                     stop.clear()
                 got = []
                 for i in range(0, count, 64):
-                    got += await asyncio.gather(*(saver.aget_tuple(_cfg(f"{prefix}{j}")) for j in range(i, min(i + 64, count))))
+                    got += await asyncio.gather(
+                        *(saver.aget_tuple(_cfg(f"{prefix}{j}")) for j in range(i, min(i + 64, count)))
+                    )
                 want = [(ids[i], 1 if n == 1 or i < count - 512 else 2) for i in range(count)]
-                wrong = [i for i, t in enumerate(got) if t is None or (t.checkpoint["id"], t.checkpoint["channel_values"]["n"]) != want[i]]
+                wrong = [
+                    i
+                    for i, t in enumerate(got)
+                    if t is None or (t.checkpoint["id"], t.checkpoint["channel_values"]["n"]) != want[i]
+                ]
                 assert wrong == [], f"{len(wrong)} threads read stale, e.g. {wrong[:5]}"
                 assert len(backend._unconfirmed) <= checkpoints._PENDING_KEPT
                 assert backend._watch is not None and len(backend._watch.entries) <= checkpoints._CACHED

@@ -98,7 +98,18 @@ def chain_process(
     """A process storing a chain of at most ``most`` checkpoints (each with a task of ``writes``
     writes) on ``thread`` until ``stop`` exists; the list it yields gets the ids it stored at the end."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.qa11c_workers", "chain", url, namespace, thread, str(stop), str(most), str(writes)],
+        [
+            sys.executable,
+            "-m",
+            "tests.qa11c_workers",
+            "chain",
+            url,
+            namespace,
+            thread,
+            str(stop),
+            str(most),
+            str(writes),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -193,9 +204,7 @@ async def test_prune_racing_a_writer_in_another_process_never_removes_the_newest
 
 @pytest.mark.slow
 @pytest.mark.parametrize("deleter", ["task", "process"])
-async def test_a_delete_racing_a_writer_leaves_nothing_stored_before_it(
-    deleter: str, url: str, namespace: str
-) -> None:
+async def test_a_delete_racing_a_writer_leaves_nothing_stored_before_it(deleter: str, url: str, namespace: str) -> None:
     """A task of this process writes a chain; another saver (a task of this process, or another
     process) deletes the thread now and then. Once a delete returns, no checkpoint whose put
     returned before it began is listed or read, also by a reader that had the thread's latest

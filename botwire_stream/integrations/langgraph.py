@@ -38,7 +38,6 @@ try:
         Checkpoint,
         CheckpointMetadata,
         CheckpointTuple,
-        get_checkpoint_id,
         get_checkpoint_metadata,
         writes_sort_key,
     )
@@ -171,7 +170,9 @@ def _text(value: str, what: str) -> bytes:
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidArgument(f"{what} is no valid Unicode text (a lone surrogate): {value[:80]!r}; nothing was written") from None
+        raise InvalidArgument(
+            f"{what} is no valid Unicode text (a lone surrogate): {value[:80]!r}; nothing was written"
+        ) from None
 
 
 def _sized(value: str, what: str, limit: int) -> str:
@@ -443,7 +444,8 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             dumped.append((WRITES_IDX_MAP.get(channel, idx), channel, vtype, vdata))
         of = len({idx for idx, *_ in dumped})  # records stored: two writes of one special channel share one
         records = [
-            (idx, _encoder.encode(_Write(channel, vtype, vdata, task_path, of))) for idx, channel, vtype, vdata in dumped
+            (idx, _encoder.encode(_Write(channel, vtype, vdata, task_path, of)))
+            for idx, channel, vtype, vdata in dumped
         ]
         if records:
             backend = await self._cores.get().backend()

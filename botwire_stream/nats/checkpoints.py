@@ -440,7 +440,9 @@ class NatsCheckpoints:
             # nats-py checks the body alone against max_payload; the server counts the headers too
             # and closes the connection on a PUB over it (measured: a 65,300-byte record under a
             # 64 KiB max_payload cost OutcomeUnknown, then "connection closed" on every later call).
-            raise ValueTooLarge(f"a checkpoint record of {len(data):,} bytes is over one message's body; nothing was written")
+            raise ValueTooLarge(
+                f"a checkpoint record of {len(data):,} bytes is over one message's body; nothing was written"
+            )
         base = self._base(thread, ns)
         subject = f"{base}.c.{_token(checkpoint_id)}"
         await self._publish(subject, data, None, "checkpoint put")
