@@ -114,16 +114,17 @@ async def test_more_threads_changed_than_the_pending_bound_while_reads_race_stay
                     stop.set()
                     await reader
                     stop.clear()
-                got = []
-                for i in range(0, count, 64):
+                checked = range(count - checkpoints._CACHED if n == 1 else 0, count)  # the cache's worth, then all
+                got: list[Any] = []
+                for i in range(checked.start, count, 64):
                     got += await asyncio.gather(
                         *(saver.aget_tuple(_cfg(f"{prefix}{j}")) for j in range(i, min(i + 64, count)))
                     )
-                want = [(ids[i], 1 if n == 1 or i < count - 512 else 2) for i in range(count)]
+                want = [(ids[i], 1 if n == 1 or i < count - 512 else 2) for i in checked]
                 wrong = [
                     i
-                    for i, t in enumerate(got)
-                    if t is None or (t.checkpoint["id"], t.checkpoint["channel_values"]["n"]) != want[i]
+                    for i, t, w in zip(checked, got, want, strict=True)
+                    if t is None or (t.checkpoint["id"], t.checkpoint["channel_values"]["n"]) != w
                 ]
                 assert wrong == [], f"{len(wrong)} threads read stale, e.g. {wrong[:5]}"
                 assert len(backend._unconfirmed) <= checkpoints._PENDING_KEPT

@@ -290,24 +290,37 @@ def test_the_cache_never_serves_a_checkpoint_another_process_removed(url: str, n
 def test_two_processes_resuming_one_interrupted_thread_leave_a_consistent_history(
     url: str, namespace: str, tmp_path: Path
 ) -> None:
-    """A real LangGraph graph stopped at ``interrupt()``; two processes resume it at the same
-    moment with different decisions. Both finish; every stored checkpoint's parent is stored,
-    ``get_tuple`` answers the highest id, and that state is a finished run of one of them."""
-    from tests import langgraph_workers, procs
+    """A real LangGraph graph stopped at ``interrupt()``; this process and another one resume
+    it at the same moment with different decisions. Both finish; every stored checkpoint's
+    parent is stored, ``get_tuple`` answers the highest id, and that state is a finished run of
+    one of them."""
+    from langgraph.types import Command
+
+    from tests.langgraph_workers import Counting, build
 
     thread = f"race-{uuid.uuid4().hex[:6]}"
-    first = langgraph_workers.run("start", url, namespace, thread)
-    assert first["next"] == ["review"]
-    outs = procs.run_together(
-        "tests.qa11c_workers",
-        [["resume", url, namespace, thread, decision, str(tmp_path / "go")] for decision in ("yes", "no")],
-        tmp_path / "go",
-    )
-    for out, decision in zip(outs, ("yes", "no"), strict=True):
-        assert out["calls"] == [0, 1]  # neither drafted again
-        assert out["messages"][-1] == ["ai", f"Sent: {decision}"]
+    go = tmp_path / "go"
+    drafter, sender = Counting(["Draft: refund order 42 in full."]), Counting(["Sent: yes"])
+    graph = build(url, namespace, drafter, sender)
+    config: Any = {"configurable": {"thread_id": thread}}
     saver = BotWireSaver(namespace, url=url)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "tests.qa11c_workers", "resume", url, namespace, thread, "no", str(go)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        graph.invoke({"messages": [("human", "Can I get a refund for order 42?")]}, config)
+        assert list(graph.get_state(config).next) == ["review"]
+        assert other.stdout is not None and other.stdout.readline().strip() == "ready"
+        go.touch()
+        mine = graph.invoke(Command(resume="yes"), config)
+        out, _ = other.communicate(timeout=60)
+        assert other.returncode == 0
+        theirs = json.loads(out.strip().splitlines()[-1])
+        assert mine["messages"][-1].content == "Sent: yes" and drafter.calls == sender.calls == 1
+        assert theirs["messages"][-1] == ["ai", "Sent: no"] and theirs["calls"] == [0, 1]  # no second draft
         items = list(saver.list(_cfg(thread)))
         ids = [t.checkpoint["id"] for t in items]
         assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
@@ -324,4 +337,9 @@ def test_two_processes_resuming_one_interrupted_thread_leave_a_consistent_histor
         }
         assert {"Sent: yes", "Sent: no"} <= answers
     finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait(5)
         saver.close()
+        graph.checkpointer.close()
+        graph.store.close()
