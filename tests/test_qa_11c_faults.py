@@ -125,3 +125,57 @@ async def test_writes_stored_before_records_carried_their_count_still_show(url: 
     finally:
         await nc.close()
         await saver.aclose()
+
+
+@pytest.mark.slow
+async def test_a_copy_cut_short_by_a_killed_server_leaves_an_earlier_state_and_a_retry_completes_it(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """nats-server SIGKILLed in the middle of ``copy_thread``: the call raises; the target is the
+    source as it was at an earlier checkpoint (every parent there, each task with all its writes
+    or none, never part of a task that LangGraph would take as done); repeating the copy makes
+    it the source's equal."""
+    url = own_server.url
+    saver = BotWireSaver(namespace, url=url, timeout=1.0)
+    watcher = await nats.connect(url, allow_reconnect=False)
+    writes = 20
+    try:
+        parent: Any = _cfg("src")
+        for n in range(60):  # 1,260 records: copied in pages of 1,000 (the first one cut 13 records into a task)
+            parent = await saver.aput(parent, empty_checkpoint(), {"step": n}, {})
+            await saver.aput_writes(parent, [(f"c{i}", n) for i in range(writes)], f"task{n}")
+        seen = 0
+
+        async def on_record(msg: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 300:  # while the first page is stored
+                own_server.kill()
+
+        await watcher.subscribe(f"botwire.{namespace}.lg.dst.>", cb=on_record)
+        await watcher.flush()
+        with pytest.raises(BotWireError):
+            await saver.acopy_thread("src", "dst")
+        own_server.start()
+
+        fresh = BotWireSaver(namespace, url=url, timeout=2.0)
+        try:
+            source = [t async for t in fresh.alist(_cfg("src"))]
+            target = [t async for t in fresh.alist(_cfg("dst"))]
+            assert 0 < len(target) < len(source)
+            ids = [t.checkpoint["id"] for t in target]
+            assert ids == [t.checkpoint["id"] for t in source][-len(target) :]  # the oldest ones
+            for t in target:
+                if t.parent_config is not None:
+                    assert t.parent_config["configurable"]["checkpoint_id"] in ids
+                assert len(t.pending_writes) in (0, writes), f"a task shown with {len(t.pending_writes)} of {writes}"
+            await fresh.acopy_thread("src", "dst")
+            again = [t async for t in fresh.alist(_cfg("dst"))]
+            assert [(t.checkpoint["id"], t.pending_writes) for t in again] == [
+                (t.checkpoint["id"], t.pending_writes) for t in source
+            ]
+        finally:
+            await fresh.aclose()
+    finally:
+        await watcher.close()
+        await saver.aclose()
