@@ -179,3 +179,38 @@ async def test_a_copy_cut_short_by_a_killed_server_leaves_an_earlier_state_and_a
     finally:
         await watcher.close()
         await saver.aclose()
+
+
+async def test_a_task_interrupted_then_finished_in_part_shows_only_its_interrupt(url: str, namespace: str) -> None:
+    """A task stopped at ``interrupt()`` (its INTERRUPT write stored), resumed, and its finishing
+    writes stored but one, as a server dying mid-save leaves them (the missing one removed on the
+    server): the records of the other call must not make up the count, so only the interrupt
+    shows and LangGraph runs the task again; the retry stores the missing write, once."""
+    from langgraph.checkpoint.base import WRITES_IDX_MAP
+
+    from botwire_stream.keys import _encode_segment
+
+    interrupt = next(c for c, i in WRITES_IDX_MAP.items() if i == -3)
+    saver = BotWireSaver(namespace, url=url)
+    nc = await nats.connect(url)
+    try:
+        stored = await saver.aput(_cfg("t"), empty_checkpoint(), {"step": 0}, {})
+        cid = stored["configurable"]["checkpoint_id"]
+        await saver.aput_writes(stored, [(interrupt, "approve?")], "task")
+        await saver.aput_writes(stored, [("a", 1), ("b", 2)], "task")
+        subject = f"botwire.{namespace}.lg.t.{_encode_segment('')}.w.{_encode_segment(cid)}.task.1"
+        await nc.jetstream().purge_stream(f"BOTWIRE_LG_{namespace}", subject=subject)
+        for reader in (saver, BotWireSaver(namespace, url=url)):
+            got = await reader.aget_tuple(_cfg("t"))
+            assert got is not None and got.pending_writes == [("task", interrupt, "approve?")]
+            if reader is not saver:
+                await reader.aclose()
+        await saver.aput_writes(stored, [("a", 1), ("b", 2)], "task")
+        got = await saver.aget_tuple(_cfg("t"))
+        assert got is not None
+        assert sorted(got.pending_writes) == sorted(
+            [("task", interrupt, "approve?"), ("task", "a", 1), ("task", "b", 2)]
+        )
+    finally:
+        await nc.close()
+        await saver.aclose()

@@ -141,14 +141,22 @@ class _Stored(msgspec.Struct, array_like=True):
 
 class _Write(msgspec.Struct, array_like=True):
     """A pending write record: its channel, the serde's typed dump of the value, the task path,
-    and how many records (distinct indexes) the ``put_writes`` call that stored it had (0: not
-    known, a record of an earlier version), so a task stored only in part can be told apart."""
+    and the indexes the ``put_writes`` call that stored it wrote (``_call_indexes``), so a call
+    stored only in part can be told apart (``of`` 0: a record of an earlier version)."""
 
     channel: str
     value_type: str
     value: bytes
     task_path: str
-    of: int = 0
+    of: int = 0  # how many writes the call had: a regular write's index is its position
+    special: tuple[tuple[int, int], ...] = ()  # (position, index) of each special write of the call
+
+
+def _call_indexes(w: _Write) -> frozenset[int]:
+    """The indexes of the records the ``put_writes`` call of ``w`` stored (a special write's
+    index replaces its position)."""
+    positions = {pos for pos, _ in w.special}
+    return frozenset(i for i in range(w.of) if i not in positions) | {idx for _, idx in w.special}
 
 
 _stored_decoder: Final = msgspec.msgpack.Decoder(_Stored)
@@ -265,18 +273,22 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         self, thread: str, ns: str, checkpoint_id: str, data: bytes, writes: list[tuple[str, int, bytes]]
     ) -> CheckpointTuple:
         stored = _stored_decoder.decode(data)
-        pending = []
-        count: dict[str, int] = {}
-        wanted: dict[str, int] = {}
-        for task_id, idx, raw in writes:
-            w = _write_decoder.decode(raw)
-            pending.append((writes_sort_key(w.task_path, task_id, idx), task_id, w))
-            count[task_id] = count.get(task_id, 0) + 1
-            wanted[task_id] = max(wanted.get(task_id, 0), w.of)
+        decoded = [(task_id, idx, _write_decoder.decode(raw)) for task_id, idx, raw in writes]
+        stored_idx: dict[str, set[int]] = {}
+        for task_id, idx, _ in decoded:
+            stored_idx.setdefault(task_id, set()).add(idx)
         # A task's writes are separate messages: a call cut short (the server died mid-save)
-        # leaves part of them stored, and LangGraph takes a task with any write as finished, the
-        # rest lost. Such a task shows none until a retry has stored as many as its call had.
-        pending = [p for p in pending if count[p[1]] >= wanted[p[1]]]
+        # leaves part of them stored, and LangGraph takes a task with any output write as
+        # finished, the rest lost. A write shows only once every index its call wrote is stored
+        # (by it, or by an earlier call: the first regular write wins), so the task runs again.
+        whole: dict[tuple[str, int, tuple[tuple[int, int], ...]], bool] = {}
+        pending = []
+        for task_id, idx, w in decoded:
+            call = (task_id, w.of, w.special)
+            if call not in whole:
+                whole[call] = _call_indexes(w) <= stored_idx[task_id]
+            if whole[call]:
+                pending.append((writes_sort_key(w.task_path, task_id, idx), task_id, w))
         pending.sort(key=lambda p: p[0])
         return CheckpointTuple(
             config=_config(thread, ns, checkpoint_id),
@@ -423,7 +435,7 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         """Store a task's writes against ``config``'s checkpoint. A regular write already stored
         under the same task and index is kept (the first wins, as in LangGraph's savers);
         errors, interrupts and resumes replace theirs. Each record carries the call's count of
-        records: a call cut short shows none of the task's writes until a retry completes it."""
+        indexes: a call cut short shows none of its writes until a retry completes it."""
         thread = _thread(config)
         conf = _configurable(config)
         ns = _ns(conf)
@@ -443,9 +455,9 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
             _text(channel, "a write's channel")
             vtype, vdata = self._dump(value, f"write to {channel!r}")
             dumped.append((WRITES_IDX_MAP.get(channel, idx), channel, vtype, vdata))
-        of = len({idx for idx, *_ in dumped})  # records stored: two writes of one special channel share one
+        special = tuple((pos, idx) for pos, (idx, *_) in enumerate(dumped) if idx < 0)
         records = [
-            (idx, _encoder.encode(_Write(channel, vtype, vdata, task_path, of)))
+            (idx, _encoder.encode(_Write(channel, vtype, vdata, task_path, len(dumped), special)))
             for idx, channel, vtype, vdata in dumped
         ]
         if records:

@@ -454,9 +454,9 @@ class NatsCheckpoints:
         """Store a task's writes, ``(idx, record)`` each: a regular one (``idx >= 0``) only when
         none is stored under the same task and index, a special one (``idx < 0``) replacing it.
 
-        Not atomic: a server dying mid-save can leave part of a task stored (each record says how
-        many the call had, so BotWireSaver shows none of such a task until a retry completes it;
-        the retry stores each write once: first wins). JetStream's atomic
+        Not atomic: a server dying mid-save can leave part of a task stored (each record names the
+        indexes its call wrote, so BotWireSaver shows none of such a call until a retry completes
+        it; the retry stores each write once: first wins). JetStream's atomic
         batch (``Nats-Batch-*``, ``allow_atomic``) would fit first-write-wins (each regular write
         conditional on an empty subject; a batch with one already stored is refused whole, then
         sent one by one), and held a SIGKILLed server to whole-or-nothing tasks, but it cost
