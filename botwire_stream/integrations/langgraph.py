@@ -434,8 +434,8 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
     ) -> None:
         """Store a task's writes against ``config``'s checkpoint. A regular write already stored
         under the same task and index is kept (the first wins, as in LangGraph's savers);
-        errors, interrupts and resumes replace theirs. Each record carries the call's count of
-        indexes: a call cut short shows none of its writes until a retry completes it."""
+        errors, interrupts and resumes replace theirs. Each record names the indexes its call
+        wrote: a call cut short shows none of its writes until a retry completes it."""
         thread = _thread(config)
         conf = _configurable(config)
         ns = _ns(conf)
