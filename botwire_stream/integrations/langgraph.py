@@ -285,8 +285,10 @@ class BotWireSaver(LoopBound[_Checkpoints], BaseCheckpointSaver[str]):
         pending = []
         for task_id, idx, w in decoded:
             call = (task_id, w.of, w.special)
-            if call not in whole:
-                whole[call] = _call_indexes(w) <= stored_idx[task_id]
+            if call not in whole:  # (more regular writes than stored: not whole, without listing them)
+                whole[call] = (
+                    w.of - len(w.special) <= len(stored_idx[task_id]) and _call_indexes(w) <= stored_idx[task_id]
+                )
             if whole[call]:
                 pending.append((writes_sort_key(w.task_path, task_id, idx), task_id, w))
         pending.sort(key=lambda p: p[0])
