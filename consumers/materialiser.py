@@ -98,6 +98,8 @@ class Materialiser(Worker):
         await self._merges(len(self._convs))
 
     async def finish(self) -> None:
+        if self.fenced:  # taken over: the new holder materialises what is held here
+            return
         await self.flush_all()
         await self._merges(len(self._convs))
 

@@ -105,6 +105,8 @@ class Worker(ABC):
     # Events delivered and not yet acknowledged, at most: the server stops delivering beyond, so
     # this bounds what a worker holds in memory (-1, unlimited, is kept as such by nats-server 2.15).
     max_ack_pending: int = 10_000
+    # Set before ``finish`` when the lease was taken over: finish writes nothing then (lock.py).
+    fenced: bool = False
 
     def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
         self.namespaces = [keys.check_namespace(ns) for ns in namespaces]  # InvalidNamespace before connecting
@@ -177,7 +179,17 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     instance = contextlib.AsyncExitStack()
     try:
         # one process per consumer name (consumers/lock.py): a second one is refused, Conflict
-        await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
+        lease = await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
+
+        async def may_write() -> bool:
+            """The lease still held (consumers/lock.py, Fencing): asked before each pull, batch and
+            idle round, so a holder resumed after a takeover fetches and writes nothing more."""
+            if await lease.check():
+                return True
+            if not stop.is_set():
+                await asyncio.sleep(0.2)  # cannot tell (disconnected): the next round asks again
+            return False
+
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
         if worker.raw:
@@ -222,6 +234,8 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     now = time.monotonic()
                     # a request lost with a connection never answers: asked again after 2x expires
                     if state["done"] or now - sent > 2 * FETCH_WAIT + 1:
+                        if not await may_write():
+                            continue
                         if nc.is_connected:
                             state["done"], got[0], sent = False, 0, now
                             await nc.publish(subject, request, reply=inbox.subject)
@@ -235,11 +249,13 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                         if not arrived:
                             # nothing for FETCH_WAIT (a wait, or a request that expired empty):
                             # idle, as often as a fetch that finds nothing, no more
-                            if time.monotonic() - active >= FETCH_WAIT:
+                            if time.monotonic() - active >= FETCH_WAIT and await may_write():
                                 active = time.monotonic()
                                 async with lock:
                                     await worker.idle()
                             continue
+                    if not await may_write():
+                        continue  # taken over: what arrived is the new holder's (redelivered to it)
                     n = min(len(arrived), worker.batch)
                     msgs = [arrived.popleft() for _ in range(n)]
                     caught_up = msgs[-1].pending == 0 and not arrived
@@ -263,10 +279,14 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     except (nats.errors.Error, asyncio.TimeoutError):
                         await asyncio.sleep(0.2)  # the server is still coming up: next round
                         continue
+                if not await may_write():
+                    continue
                 try:
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     msgs = []
+                if not await may_write():
+                    continue  # taken over meanwhile: what was fetched is the new holder's
                 if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)
                     async with lock:
                         await worker.idle()
@@ -279,6 +299,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
             await asyncio.gather(*(raw_pump(s) for s, _ in subs))
         else:
             await asyncio.gather(*(pump(s, sub) for s, sub in subs))
+        worker.fenced = not await lease.check()  # taken over (or cannot tell): finish writes nothing
         async with lock:
             await worker.finish()
         await conn.nc.flush(timeout=5)  # the last acknowledgements are on the wire before exit
