@@ -11,9 +11,10 @@ same code on the shared event loop (``sync.py``). Over NATS only (``ReplayBacken
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -198,7 +199,7 @@ async def _nothing() -> AsyncIterator[RawEvent]:
 
 async def events(
     backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """The events of ``backend``'s namespace (see ``areplay``), arguments already checked."""
     async for raw in raw_events(backend, start=start, end=end, keys=keys, conversations=conversations):
         yield to_event(raw)
@@ -328,8 +329,11 @@ async def aretention(
 async def _is_empty(opts: ConnectOptions, namespace: str, timeout: float) -> bool:
     backend = await open_replay(opts, namespace, timeout=timeout)
     try:
-        async for _ in events(backend, start=None, end=None, keys="*", conversations="*"):
-            return False
+        # closed here, while connected: left to the garbage collector, its scans' clean-up ran
+        # after backend.close() (a traceback on stderr)
+        async with contextlib.aclosing(events(backend, start=None, end=None, keys="*", conversations="*")) as found:
+            async for _ in found:
+                return False
         return True
     finally:
         await backend.close()
