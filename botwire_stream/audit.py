@@ -356,14 +356,18 @@ async def arestore(
 
     Every key that held a value at ``at`` gets that value (without a TTL), every conversation its
     messages up to ``at`` (new sequences, same order). Everything is read before anything is
-    written: a moment older than what ``source`` keeps raises ``BeforeRetention`` and writes
-    nothing. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
+    written: a moment older than what ``source`` keeps raises ``BeforeRetention``, one in the
+    future ``InvalidArgument``, and nothing is written. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
     writes over what it holds (keys and conversations of ``source`` only: a key of ``source``
     without a value at ``at`` is deleted, each conversation restored is cleared first).
     """
     keys.check_namespace(source)
     keys.check_namespace(into)
     at = check_time(at)
+    if at > datetime.now(UTC):
+        # the state "as of" a moment not yet reached is unknown: writing today's state under it
+        # (as before) hid a mistake such as a local time given as UTC (``--at`` without a zone)
+        raise InvalidArgument(f"at ({at.isoformat()}) is in the future: restore a moment that has passed")
     if source == into:
         raise InvalidArgument("restore into a new namespace: into must differ from the source")
     if type(overwrite) is not bool:

@@ -108,13 +108,15 @@ async def test_replay_bounds_and_globs(url: str, namespace: str) -> None:
 
 
 async def test_restore_refuses_bad_targets_and_times_writing_nothing(url: str, namespace: str) -> None:
-    """A naive time, the source itself, a target holding events: refused, nothing written."""
+    """A naive time, the source itself, a moment in the future (its state is not known yet; before,
+    today's state was written as of it), a target holding events: refused, nothing written."""
     async with AsyncMemory(namespace, url=url) as m:
         await m.set("a", 1)
     target = namespace + "-t"
     for kwargs, error in (
         ({"at": datetime.now(), "into": target}, InvalidArgument),
         ({"at": datetime.now(UTC), "into": namespace}, InvalidArgument),
+        ({"at": datetime.now(UTC) + timedelta(minutes=1), "into": target}, InvalidArgument),  # before: restored
     ):
         with pytest.raises(error):
             await arestore(namespace, url=url, **kwargs)  # type: ignore[arg-type]
@@ -124,3 +126,13 @@ async def test_restore_refuses_bad_targets_and_times_writing_nothing(url: str, n
     with pytest.raises(Conflict):
         await arestore(namespace, at=datetime.now(UTC), into=target, url=url)
     assert [(e.key, e.value) async for e in areplay(target, url=url)] == [("mine", 1)]
+
+
+def test_cli_restore_at_a_future_time_is_refused(url: str, namespace: str) -> None:
+    """``--at 2999-01-01`` (or a local time read as UTC, hours ahead): exit 2, nothing written.
+    Before: exit 0, "restored ... as of 2999-01-01" with today's keys."""
+    assert _botwire(url, "-n", namespace, "set", "a", "1").returncode == 0
+    result = _botwire(url, "restore", namespace, "--at", "2999-01-01", "--into", namespace + "-f")
+    assert result.returncode == 2 and "is in the future" in result.stderr, result.stderr
+    listed = _botwire(url, "replay", namespace + "-f")
+    assert (listed.returncode, listed.stdout) == (0, "")
