@@ -6,6 +6,7 @@ stream cut short that ends as if it were complete."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -67,5 +68,27 @@ async def test_areplay_over_http_with_nats_killed_mid_stream_is_complete_or_rais
                 own_server.start()
     except BotWireError:
         assert seqs == list(range(1, len(seqs) + 1))
+    else:
+        assert seqs == list(range(1, n + 1))
+
+
+async def test_areplay_over_http_with_serve_stopped_mid_stream_is_complete_or_raises(
+    url: str, namespace: str, serves: Serves
+) -> None:
+    """``botwire serve`` SIGTERMed (a restart) while a reader is paused mid-replay: it waits 5 s
+    for requests in flight, then stops. The reader, going on once the process has exited, gets
+    every event once, or a BotWireError: never a stream that ends early as if complete."""
+    n = 1000
+    await _write(url, namespace, n)
+    serve = serves.start(url)
+    seqs: list[int] = []
+    try:
+        async for e in areplay(namespace, url=serve.base, conversations=None, timeout=5.0):
+            seqs.append(e.seq)
+            if len(seqs) == 5:
+                serve.proc.send_signal(signal.SIGTERM)
+                assert serve.proc.wait(30) == 0  # the reader paused meanwhile: the stream was cut
+    except BotWireError:
+        assert 5 <= len(seqs) < n and seqs == list(range(1, len(seqs) + 1))
     else:
         assert seqs == list(range(1, n + 1))
