@@ -1,22 +1,27 @@
-"""QA of issue 10's history materialiser under faults, with many conversations interleaved: a
-SIGKILL in the middle of a raw batch of a backlog, and a SIGSTOP while 2,000 appends land.
-``ChatHistory.messages()``/``entries()`` must equal the raw log for every conversation,
-``sessions()`` must count exactly, and the chunks must hold each message once."""
+"""QA of issue 10's consumers under faults, with many conversations interleaved: the history
+materialiser SIGKILLed in the middle of a raw batch of a backlog and SIGSTOPped while 2,000
+appends land (``ChatHistory.messages()``/``entries()`` must equal the raw log for every
+conversation, ``sessions()`` must count exactly, the chunks must hold each message once), and
+the audit export SIGKILLed twice mid-backlog (every event once in its files)."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
-from botwire_stream import AsyncChatHistory, keys
+from botwire_stream import AsyncChatHistory, AsyncMemory, keys
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.pool import acquire, release
@@ -173,3 +178,73 @@ async def test_reads_are_exact_while_the_materialiser_is_stopped_during_2000_app
             assert len(page) == 50 and all(i.title is not None for i in page)
     finally:
         await release(conn)
+
+
+def _audit_ids(directory: Path) -> list[str]:
+    ids: list[str] = []
+    for path in sorted(directory.glob("audit-*.jsonl*")):
+        opener: Any = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            ids.extend(json.loads(line)["id"] for line in f)
+    return ids
+
+
+async def test_audit_killed_twice_mid_backlog_of_interleaved_conversations_writes_each_event_once(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    """3,600 events of 50 interleaved conversations plus 200 key writes; the audit SIGKILLed twice
+    in the middle (after its first files, then after a rotation), restarted each time: every event
+    exactly once in its files, in each log's order."""
+    _write(url, namespace, 1200, 2, 48)
+    async with AsyncMemory(namespace, url=url) as m:
+        key_revs = [await m.set(f"k{i}", i) for i in range(200)]
+    conn = await acquire(resolve(url))
+    try:
+        chat_last = (await conn.js.stream_info(f"BOTWIRE_CHAT_{namespace}")).state.last_seq
+    finally:
+        await release(conn)
+    expected = [f"BOTWIRE_CHAT_{namespace}:{s}" for s in range(1, chat_last + 1)]
+    expected += [f"KV_botwire_{namespace}:{r}" for r in key_revs]
+    out = tmp_path / "audit"
+    cmd = [sys.executable, "-m", "botwire_stream", "consume", "audit", "-n", namespace, "--dir", str(out)]
+    cmd += ["--gzip", "--rotate-bytes", "65536", "--batch", "50", "--no-progress", "--url", url]
+
+    def written() -> int:
+        try:
+            return sum(json.loads((out / "state.json").read_text())["seqs"].values())
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return 0
+
+    for at_least in (300, 1500, None):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if at_least is not None:
+
+                async def far_enough(n: int = at_least) -> bool:
+                    assert proc.poll() is None, proc.communicate()
+                    return written() >= n
+
+                await until(far_enough, f"{at_least} events audited", 60, every=0.002)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+                assert written() < chat_last + len(key_revs)  # killed in the middle
+            else:
+
+                async def all_done() -> bool:
+                    assert proc.poll() is None, proc.communicate()
+                    return written() >= chat_last + key_revs[-1]
+
+                await until(all_done, "the audit to catch up", 60)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    ids = _audit_ids(out)
+    assert len(ids) == len(set(ids))  # none twice
+    assert sorted(ids) == sorted(expected)  # none missing
+    for stream in (f"BOTWIRE_CHAT_{namespace}", f"KV_botwire_{namespace}"):
+        seqs = [int(i.rsplit(":", 1)[1]) for i in ids if i.startswith(stream + ":")]
+        assert seqs == sorted(seqs)  # each log in order
+    assert list(out.glob("audit-*.jsonl.gz"))  # rotated and compressed
