@@ -132,7 +132,8 @@ async def test_materialiser_killed_mid_backlog_then_restarted_is_exact(url: str,
             await until(some_chunks, "the first chunks", 60, every=0.002)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-        [info] = [s for s in await status(url) if s.name == "botwire-materialise"]
+        stream = f"BOTWIRE_CHAT_{namespace}"
+        [info] = [s for s in await status(url) if s.name == "botwire-materialise" and s.stream == stream]
         assert info.ack_floor < info.stream_last  # killed in the middle of the backlog
         await _exact(url, namespace, truth)  # half-materialised, nobody running
 
