@@ -125,6 +125,8 @@ class Materialiser(Worker):
                 await self._merge(conv, level)
 
     async def _flush_one(self, conv: _Conv) -> None:
+        if not await self.held():  # taken over mid-flush: the new holder materialises the rest
+            return
         held, conv.held = conv.held, []
         events, conv.events = conv.events, []
         if not conv.loaded:

@@ -27,7 +27,7 @@ from botwire_stream.nats.pool import acquire, release
 from botwire_stream.nats.rawsub import RawSubscription, header
 from botwire_stream.nats.rawsub import status as raw_status
 
-from .lock import hold
+from .lock import Lease, hold
 
 __all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
 
@@ -115,6 +115,13 @@ class Worker(ABC):
         self.durable = PREFIX + self.kind + (f"-{name}" if name else "")
         self.stopping = asyncio.Event()  # set by ``run`` on SIGTERM/SIGINT: long waits end on it
         self.conn: Connection
+        self._lease: Lease | None = None  # set by ``run``: the instance lock (lock.py)
+
+    async def held(self) -> bool:
+        """Whether this process still holds its consumer (lock.py, Fencing): asked by ``run``
+        before each batch, and by a worker before each write of a long batch (a webhook's POST,
+        a summary, a conversation's chunks), so one stalled meanwhile and taken over stops."""
+        return self._lease is None or await self._lease.check()
 
     async def setup(self) -> None:
         """Prepare before the first batch (the connection is open)."""
@@ -180,6 +187,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     try:
         # one process per consumer name (consumers/lock.py): a second one is refused, Conflict
         lease = await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
+        worker._lease = lease
 
         async def may_write() -> bool:
             """The lease still held (consumers/lock.py, Fencing): asked before each pull, batch and

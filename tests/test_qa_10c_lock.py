@@ -144,3 +144,65 @@ async def test_a_stalled_holder_taken_over_writes_nothing_once_resumed(
 async def _zero(count: object) -> bool:
     n: int = await count()  # type: ignore[operator]
     return n == 0
+
+
+def _webhook(url: str, namespace: str, target: str, secret: Path, host: str | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "botwire_stream", "consume", "webhook", "-n", namespace, "--match", "k*"]
+    cmd += ["--to", target, "--secret-file", str(secret), "--attempts", "5", "--backoff", "2", "--url", url]
+    if host is not None:
+        cmd = ["unshare", "--user", "--map-root-user", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare --user --uts (a second hostname)")
+async def test_a_webhook_stalled_in_its_backoff_and_taken_over_posts_nothing_more(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Webhook A (host qa10c-other) fails its first POST and is SIGSTOPped in the 2 s backoff;
+    webhook B takes over and delivers the event; A, resumed, must not POST it again. Before: A's
+    backoff ended and it POSTed the event a second time (delivered twice)."""
+    from .test_consumers import _Receiver
+
+    secret = tmp_path / "hook.key"
+    secret.write_bytes(b"k3y")
+    receiver = _Receiver(fail=1, secret=b"k3y")
+    stream = f"KV_botwire_{namespace}"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        async with AsyncMemory(namespace, url=url) as m:
+            rev = await m.set("k1", 1)
+        event = f"{stream}:{rev}"
+        a = _webhook(url, namespace, receiver.url, secret, host="qa10c-other")
+        procs.append(a)
+
+        async def first_attempt() -> bool:
+            assert a.poll() is None, a.communicate()
+            return receiver.attempts.get(event, 0) >= 1
+
+        await until(first_attempt, "webhook A's first (failed) POST", 60, every=0.005)
+        sigstop(a.pid)  # in its 2 s backoff
+        b = _webhook(url, namespace, receiver.url, secret)
+        procs.append(b)
+
+        async def delivered() -> bool:
+            assert b.poll() is None, b.communicate()
+            return len(receiver.delivered) >= 1
+
+        await until(delivered, "webhook B to take over and deliver", 30)
+        os.kill(a.pid, signal.SIGCONT)
+        a.communicate(timeout=30)  # A finds its lease taken over and stops
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(30) == 0
+        assert [e["id"] for e in receiver.delivered] == [event]  # once
+        assert receiver.attempts[event] == 2  # A's failed one, B's
+        assert receiver.bad_signatures == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait(30)
+        receiver.close()
