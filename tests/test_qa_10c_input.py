@@ -33,20 +33,20 @@ async def _events(namespace: str, url: str) -> list[tuple[str, int, str]]:
     return [(e.source, e.seq, e.kind) async for e in areplay(namespace, url=url)]
 
 
-def test_restore_into_a_namespace_that_holds_events_is_a_clean_error(url: str, namespace: str) -> None:
+async def test_restore_into_a_namespace_that_holds_events_is_a_clean_error(url: str, namespace: str) -> None:
     """``botwire restore`` into a namespace that is not empty: exit 2 with one error line, nothing
     written. Before: the error line, then a ``Task exception was never retrieved`` traceback (the
     emptiness check left its replay unclosed; closed after the connection, it failed)."""
-    assert _botwire(url, "-n", namespace, "set", "a", "1").returncode == 0
     target = namespace + "-x"
-    assert _botwire(url, "-n", target, "set", "b", "2").returncode == 0
+    async with AsyncMemory(namespace, url=url) as m, AsyncMemory(target, url=url) as t:
+        await m.set("a", 1)
+        await t.set("b", 2)
     result = _botwire(url, "restore", namespace, "--at", "now", "--into", target)
     assert result.returncode == 2, result.stderr
     assert (
         result.stderr == f"error: namespace {target!r} is not empty: restore into a new one, or pass overwrite=True\n"
     )
-    listed = _botwire(url, "--json", "replay", target)
-    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1  # only its own key: nothing written
+    assert [(e.key, e.value) async for e in areplay(target, url=url)] == [("b", 2)]  # nothing written
 
 
 _STOP_EARLY = """
@@ -62,12 +62,13 @@ asyncio.run(main())
 """
 
 
-def test_a_replay_left_after_its_first_event_leaves_no_error_behind(url: str, namespace: str) -> None:
+async def test_a_replay_left_after_its_first_event_leaves_no_error_behind(url: str, namespace: str) -> None:
     """``async for e in areplay(...): break`` in a program that then ends: no traceback on stderr
     (the generators are closed at the loop's shutdown, after the connection). Before: ``Task
     exception was never retrieved ... ConnectionClosedError`` for each log's scan."""
-    assert _botwire(url, "-n", namespace, "set", "k", "1").returncode == 0
-    assert _botwire(url, "-n", namespace, "set", "k", "2").returncode == 0
+    async with AsyncMemory(namespace, url=url) as m:
+        await m.set("k", 1)
+        await m.set("k", 2)
     result = subprocess.run(
         [sys.executable, "-c", _STOP_EARLY, url, namespace], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
@@ -131,8 +132,13 @@ async def test_restore_refuses_bad_targets_and_times_writing_nothing(url: str, n
 def test_cli_restore_at_a_future_time_is_refused(url: str, namespace: str) -> None:
     """``--at 2999-01-01`` (or a local time read as UTC, hours ahead): exit 2, nothing written.
     Before: exit 0, "restored ... as of 2999-01-01" with today's keys."""
-    assert _botwire(url, "-n", namespace, "set", "a", "1").returncode == 0
-    result = _botwire(url, "restore", namespace, "--at", "2999-01-01", "--into", namespace + "-f")
-    assert result.returncode == 2 and "is in the future" in result.stderr, result.stderr
-    listed = _botwire(url, "replay", namespace + "-f")
-    assert (listed.returncode, listed.stdout) == (0, "")
+    from click.testing import CliRunner
+
+    from botwire_stream.cli import cli
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--url", url, "-n", namespace, "set", "a", "1"]).exit_code == 0
+    result = runner.invoke(cli, ["--url", url, "restore", namespace, "--at", "2999-01-01", "--into", namespace + "-f"])
+    assert result.exit_code == 2 and "is in the future" in result.output, result.output
+    listed = runner.invoke(cli, ["--url", url, "replay", namespace + "-f"])
+    assert (listed.exit_code, listed.output) == (0, "")
