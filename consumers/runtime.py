@@ -191,12 +191,16 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
 
         async def may_write() -> bool:
             """The lease still held (consumers/lock.py, Fencing): asked before each pull, batch and
-            idle round, so a holder resumed after a takeover fetches and writes nothing more."""
-            if await lease.check():
-                return True
-            if not stop.is_set():
-                await asyncio.sleep(0.2)  # cannot tell (disconnected): the next round asks again
-            return False
+            idle round, so a holder resumed after a takeover fetches and writes nothing more.
+            While it cannot tell (disconnected, a slow server), it asks again: what it holds is
+            kept for then, not dropped to wait out ack_wait (a stop lets a batch in hand finish
+            while the lease holds). False: taken over, or stopping and cannot tell."""
+            while True:
+                if await lease.check():
+                    return True
+                if lease.taken or stop.is_set():
+                    return False
+                await asyncio.sleep(0.2)
 
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
