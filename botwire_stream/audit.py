@@ -11,9 +11,10 @@ same code on the shared event loop (``sync.py``). Over NATS only (``ReplayBacken
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -198,7 +199,7 @@ async def _nothing() -> AsyncIterator[RawEvent]:
 
 async def events(
     backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """The events of ``backend``'s namespace (see ``areplay``), arguments already checked."""
     async for raw in raw_events(backend, start=start, end=end, keys=keys, conversations=conversations):
         yield to_event(raw)
@@ -328,8 +329,11 @@ async def aretention(
 async def _is_empty(opts: ConnectOptions, namespace: str, timeout: float) -> bool:
     backend = await open_replay(opts, namespace, timeout=timeout)
     try:
-        async for _ in events(backend, start=None, end=None, keys="*", conversations="*"):
-            return False
+        # closed here, while connected: left to the garbage collector, its scans' clean-up ran
+        # after backend.close() (a traceback on stderr)
+        async with contextlib.aclosing(events(backend, start=None, end=None, keys="*", conversations="*")) as found:
+            async for _ in found:
+                return False
         return True
     finally:
         await backend.close()
@@ -352,14 +356,18 @@ async def arestore(
 
     Every key that held a value at ``at`` gets that value (without a TTL), every conversation its
     messages up to ``at`` (new sequences, same order). Everything is read before anything is
-    written: a moment older than what ``source`` keeps raises ``BeforeRetention`` and writes
-    nothing. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
+    written: a moment older than what ``source`` keeps raises ``BeforeRetention``, one in the
+    future ``InvalidArgument``, and nothing is written. ``into`` must hold no event yet (``Conflict``), unless ``overwrite=True``, which
     writes over what it holds (keys and conversations of ``source`` only: a key of ``source``
     without a value at ``at`` is deleted, each conversation restored is cleared first).
     """
     keys.check_namespace(source)
     keys.check_namespace(into)
     at = check_time(at)
+    if at > datetime.now(UTC):
+        # the state "as of" a moment not yet reached is unknown: writing today's state under it
+        # (as before) hid a mistake such as a local time given as UTC (``--at`` without a zone)
+        raise InvalidArgument(f"at ({at.isoformat()}) is in the future: restore a moment that has passed")
     if source == into:
         raise InvalidArgument("restore into a new namespace: into must differ from the source")
     if type(overwrite) is not bool:

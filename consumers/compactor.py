@@ -121,6 +121,8 @@ class Compactor(Worker):
                 return
             head = [] if last is None or last.value is None else [last.value]
             summary = await self._call(head + [e.message for e in todo])
+            if not await self.held():  # stalled in the summariser and taken over: the new holder records it
+                return
             await chat.compact(summary, upto=todo[-1].seq)
             self.recorded += 1
 

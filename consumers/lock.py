@@ -13,6 +13,13 @@ on its revision). A holder that is gone is detected without waiting when it ran 
 pid no longer exists: a SIGKILLed worker restarted at once takes over); one of another host is
 taken over once its entry has not changed for ``STALE`` s. A holder that finds its entry taken
 over (it was stalled beyond ``STALE``) stops, as on SIGTERM.
+
+Fencing: a holder stalled past ``STALE`` (SIGSTOP, a long pause) and taken over must not write
+what it finds on waking (measured before: an audit resumed after a takeover fetched, wrote and
+acknowledged 20 new events before its next heartbeat noticed; the new holder never saw them). So
+the runtime asks ``Lease.check()`` before each fetch, batch and idle round: no round trip while the
+last confirmed rewrite was sent less than ``STALE / 2`` ago (a taker waits ``STALE`` from then at
+the earliest), else one conditional rewrite that either renews the lease or finds it taken.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -31,7 +39,7 @@ from nats.js.kv import KeyValue
 from botwire_stream.errors import Conflict
 from botwire_stream.nats.jetstream import Connection
 
-__all__ = ["BUCKET", "HEARTBEAT", "STALE", "Holder", "hold"]
+__all__ = ["BUCKET", "HEARTBEAT", "STALE", "Holder", "Lease", "hold"]
 
 BUCKET: Final = "botwire-locks"
 HEARTBEAT: Final = 1.0  # seconds between rewrites of a held entry
@@ -107,13 +115,55 @@ async def _take(kv: KeyValue, key: str, me: bytes, consumer: str) -> int:
             continue  # someone else moved first: look again
 
 
+class Lease:
+    """The entries held by this process, and whether it may still write (see the module's Fencing)."""
+
+    def __init__(self, kv: KeyValue, me: bytes, lost: asyncio.Event) -> None:
+        self.kv, self.me, self.lost = kv, me, lost
+        self.taken = False  # an entry was found taken over: this process must write nothing more
+        self.held: dict[str, int] = {}
+        self.confirmed = time.monotonic()  # when the last successful rewrite (or take) was sent
+        self._renewing = asyncio.Lock()  # one rewrite at a time: two on one revision would clash
+
+    async def renew(self) -> bool:
+        """Rewrite every entry on its revision: False (and ``lost`` set) when one was taken over.
+        A connection error is raised (the holder cannot tell; the caller tries again)."""
+        async with self._renewing:
+            if self.taken:
+                return False
+            sent = time.monotonic()
+            for key, revision in list(self.held.items()):
+                try:
+                    self.held[key] = await self.kv.update(key, self.me, last=revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    self.taken = True  # taken over: another instance runs now
+                    self.lost.set()
+                    return False
+            self.confirmed = sent
+            return True
+
+    async def check(self) -> bool:
+        """Whether this process still holds every entry and may write now; False when it was
+        taken over (``lost`` is set) or cannot tell (disconnected: ask again later)."""
+        if self.taken:
+            return False
+        if time.monotonic() - self.confirmed < STALE / 2:
+            return True
+        try:
+            return await self.renew()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+
+
 @contextlib.asynccontextmanager
-async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: asyncio.Event) -> AsyncIterator[None]:
+async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: asyncio.Event) -> AsyncIterator[Lease]:
     """Hold ``consumer`` on each of ``streams`` while inside (``Conflict`` when another process
-    does); ``lost`` is set if an entry is taken over meanwhile (then stop)."""
+    does); ``lost`` is set if an entry is taken over meanwhile (then stop). Yields the ``Lease``,
+    whose ``check()`` guards every write."""
     kv = await _bucket(conn)
     me = msgspec.json.encode(Holder(socket.gethostname(), os.getpid(), consumer))
-    held: dict[str, int] = {}
+    lease = Lease(kv, me, lost)
+    held = lease.held
     try:
         for stream in sorted(set(streams)):
             key = f"{stream}.{consumer}"
@@ -122,18 +172,15 @@ async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: as
         async def beat() -> None:
             while True:
                 await asyncio.sleep(HEARTBEAT)
-                for key, revision in list(held.items()):
-                    try:
-                        held[key] = await kv.update(key, me, last=revision)
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        lost.set()  # taken over: another instance runs now
+                try:
+                    if not await lease.renew():
                         return
-                    except (nats.errors.Error, asyncio.TimeoutError):
-                        pass  # disconnected: the next beat tries again
+                except (nats.errors.Error, asyncio.TimeoutError):
+                    pass  # disconnected: the next beat tries again
 
         task = asyncio.create_task(beat())
         try:
-            yield
+            yield lease
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -98,6 +98,8 @@ class Materialiser(Worker):
         await self._merges(len(self._convs))
 
     async def finish(self) -> None:
+        if self.fenced:  # taken over: the new holder materialises what is held here
+            return
         await self.flush_all()
         await self._merges(len(self._convs))
 
@@ -123,6 +125,8 @@ class Materialiser(Worker):
                 await self._merge(conv, level)
 
     async def _flush_one(self, conv: _Conv) -> None:
+        if not await self.held():  # taken over mid-flush: the new holder materialises the rest
+            return
         held, conv.held = conv.held, []
         events, conv.events = conv.events, []
         if not conv.loaded:

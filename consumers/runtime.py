@@ -27,7 +27,7 @@ from botwire_stream.nats.pool import acquire, release
 from botwire_stream.nats.rawsub import RawSubscription, header
 from botwire_stream.nats.rawsub import status as raw_status
 
-from .lock import hold
+from .lock import Lease, hold
 
 __all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
 
@@ -105,6 +105,8 @@ class Worker(ABC):
     # Events delivered and not yet acknowledged, at most: the server stops delivering beyond, so
     # this bounds what a worker holds in memory (-1, unlimited, is kept as such by nats-server 2.15).
     max_ack_pending: int = 10_000
+    # Set before ``finish`` when the lease was taken over: finish writes nothing then (lock.py).
+    fenced: bool = False
 
     def __init__(self, namespaces: Sequence[str], kinds: Sequence[str], *, name: str | None = None) -> None:
         self.namespaces = [keys.check_namespace(ns) for ns in namespaces]  # InvalidNamespace before connecting
@@ -113,6 +115,13 @@ class Worker(ABC):
         self.durable = PREFIX + self.kind + (f"-{name}" if name else "")
         self.stopping = asyncio.Event()  # set by ``run`` on SIGTERM/SIGINT: long waits end on it
         self.conn: Connection
+        self._lease: Lease | None = None  # set by ``run``: the instance lock (lock.py)
+
+    async def held(self) -> bool:
+        """Whether this process still holds its consumer (lock.py, Fencing): asked by ``run``
+        before each batch, and by a worker before each write of a long batch (a webhook's POST,
+        a summary, a conversation's chunks), so one stalled meanwhile and taken over stops."""
+        return self._lease is None or await self._lease.check()
 
     async def setup(self) -> None:
         """Prepare before the first batch (the connection is open)."""
@@ -177,7 +186,22 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
     instance = contextlib.AsyncExitStack()
     try:
         # one process per consumer name (consumers/lock.py): a second one is refused, Conflict
-        await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
+        lease = await instance.enter_async_context(hold(conn, worker.durable, [s.stream for s in worker.sources], stop))
+        worker._lease = lease
+
+        async def may_write() -> bool:
+            """The lease still held (consumers/lock.py, Fencing): asked before each pull, batch and
+            idle round, so a holder resumed after a takeover fetches and writes nothing more.
+            While it cannot tell (disconnected, a slow server), it asks again: what it holds is
+            kept for then, not dropped to wait out ack_wait (a stop lets a batch in hand finish
+            while the lease holds). False: taken over, or stopping and cannot tell."""
+            while True:
+                if await lease.check():
+                    return True
+                if lease.taken or stop.is_set():
+                    return False
+                await asyncio.sleep(0.2)
+
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
         if worker.raw:
@@ -222,6 +246,8 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     now = time.monotonic()
                     # a request lost with a connection never answers: asked again after 2x expires
                     if state["done"] or now - sent > 2 * FETCH_WAIT + 1:
+                        if not await may_write():
+                            continue
                         if nc.is_connected:
                             state["done"], got[0], sent = False, 0, now
                             await nc.publish(subject, request, reply=inbox.subject)
@@ -235,11 +261,13 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                         if not arrived:
                             # nothing for FETCH_WAIT (a wait, or a request that expired empty):
                             # idle, as often as a fetch that finds nothing, no more
-                            if time.monotonic() - active >= FETCH_WAIT:
+                            if time.monotonic() - active >= FETCH_WAIT and await may_write():
                                 active = time.monotonic()
                                 async with lock:
                                     await worker.idle()
                             continue
+                    if not await may_write():
+                        continue  # taken over: what arrived is the new holder's (redelivered to it)
                     n = min(len(arrived), worker.batch)
                     msgs = [arrived.popleft() for _ in range(n)]
                     caught_up = msgs[-1].pending == 0 and not arrived
@@ -263,10 +291,14 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     except (nats.errors.Error, asyncio.TimeoutError):
                         await asyncio.sleep(0.2)  # the server is still coming up: next round
                         continue
+                if not await may_write():
+                    continue
                 try:
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     msgs = []
+                if not await may_write():
+                    continue  # taken over meanwhile: what was fetched is the new holder's
                 if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)
                     async with lock:
                         await worker.idle()
@@ -279,6 +311,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
             await asyncio.gather(*(raw_pump(s) for s, _ in subs))
         else:
             await asyncio.gather(*(pump(s, sub) for s, sub in subs))
+        worker.fenced = not await lease.check()  # taken over (or cannot tell): finish writes nothing
         async with lock:
             await worker.finish()
         await conn.nc.flush(timeout=5)  # the last acknowledgements are on the wire before exit

@@ -104,7 +104,7 @@ class Webhook(Worker):
         for m in msgs:
             name = keys.decode_key(source.token(m)[1])
             if keys.matches(name, self.pattern) and not await self._deliver(source, m):
-                return  # stopped mid-retry: this event and the rest of the batch stay unacknowledged
+                return  # stopped mid-retry or taken over: this event and the rest stay unacknowledged
             await m.ack()
 
     async def _deliver(self, source: Source, m: Msg) -> bool:
@@ -122,6 +122,10 @@ class Webhook(Worker):
                     await asyncio.wait_for(self.stopping.wait(), self.backoff * 2 ** (attempt - 1))
                 if self.stopping.is_set():
                     return False  # not acknowledged: the next run delivers it again
+            if not await self.held():
+                # stalled (e.g. in this backoff) and taken over: the new holder sends it (measured
+                # before: a resumed webhook POSTed an event the new holder had delivered)
+                return False
             ts = str(int(time.time()))
             headers = {
                 "Content-Type": "application/json",
