@@ -47,10 +47,11 @@ async def stale_rounds(cluster: Cluster, namespace: str, rounds: int, reads: str
     kv_leader, kv_follower = await _nodes(cluster, kv_stream)
     chat_leader, chat_follower = await _nodes(cluster, chat_stream)
     stale = {"get": 0, "messages(last=1)": 0, "count()": 0, "list_keys": 0}
+    option = "" if reads == "any" else f"?reads={reads}"  # the default spelled out nowhere: runs on older code too
     async with AsyncMemory(namespace, url=kv_leader, timeout=30) as writer, AsyncMemory(
-        namespace, url=f"{kv_follower}?reads={reads}", timeout=30
+        namespace, url=kv_follower + option, timeout=30
     ) as reader, AsyncChatHistory("bench", namespace=namespace, url=chat_leader, timeout=30) as cw, AsyncChatHistory(
-        "bench", namespace=namespace, url=f"{chat_follower}?reads={reads}", timeout=30
+        "bench", namespace=namespace, url=chat_follower + option, timeout=30
     ) as cr:
         n = await cw.count()
         for i in range(rounds):

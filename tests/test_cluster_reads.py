@@ -89,7 +89,7 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
     reads_cluster: Cluster, namespace: str
 ) -> None:
     """A writer on the stream leader's node and a reader with ``?reads=leader`` on a follower,
-    under CPU burners and another writer: each of 150 rounds reads right after the writer's ack
+    under CPU burners and another writer: each of 100 rounds reads right after the writer's ack
     (a ``set``, a new key, an append, a second append), and every read sees it: ``get``,
     ``list_keys``, ``messages(last=1)``, ``count()``. With the default reads a replica a few ms
     behind answered (benchmarks/cluster_reads.py: 1-3 of 100 gets)."""
@@ -107,7 +107,7 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
         "c", namespace=namespace, url=f"{chat_follower}?reads=leader", timeout=30
     ) as cr:
         n = await cw.count()
-        for i in range(150):
+        for i in range(100):
             await writer.set("k", i)
             if await reader.get("k") != i:
                 stale.append(("get", i))
