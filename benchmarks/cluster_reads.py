@@ -10,7 +10,6 @@ the same process and loop, so the read starts right after the ack. ``--quick`` r
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from time import perf_counter_ns
@@ -39,20 +38,22 @@ async def stale_rounds(cluster: Cluster, namespace: str, rounds: int, reads: str
     """``rounds`` of: the writer ``set``s a key / appends to a conversation and, once acknowledged,
     a reader on another connection reads it. Returns how many reads returned an older state."""
     kv_stream, chat_stream = f"KV_botwire_{namespace}", stream_name(namespace)
-    async with AsyncMemory(namespace, url=cluster.url, timeout=30) as mem, AsyncChatHistory(
-        "bench", namespace=namespace, url=cluster.url, timeout=30
-    ) as h:
+    async with (
+        AsyncMemory(namespace, url=cluster.url, timeout=30) as mem,
+        AsyncChatHistory("bench", namespace=namespace, url=cluster.url, timeout=30) as h,
+    ):
         await mem.set("k", -1)
         await h.append({"i": -1})
     kv_leader, kv_follower = await _nodes(cluster, kv_stream)
     chat_leader, chat_follower = await _nodes(cluster, chat_stream)
     stale = {"get": 0, "messages(last=1)": 0, "count()": 0, "list_keys": 0}
     option = "" if reads == "any" else f"?reads={reads}"  # the default spelled out nowhere: runs on older code too
-    async with AsyncMemory(namespace, url=kv_leader, timeout=30) as writer, AsyncMemory(
-        namespace, url=kv_follower + option, timeout=30
-    ) as reader, AsyncChatHistory("bench", namespace=namespace, url=chat_leader, timeout=30) as cw, AsyncChatHistory(
-        "bench", namespace=namespace, url=chat_follower + option, timeout=30
-    ) as cr:
+    async with (
+        AsyncMemory(namespace, url=kv_leader, timeout=30) as writer,
+        AsyncMemory(namespace, url=kv_follower + option, timeout=30) as reader,
+        AsyncChatHistory("bench", namespace=namespace, url=chat_leader, timeout=30) as cw,
+        AsyncChatHistory("bench", namespace=namespace, url=chat_follower + option, timeout=30) as cr,
+    ):
         n = await cw.count()
         for i in range(rounds):
             await writer.set("k", i)
@@ -75,19 +76,24 @@ async def stale_rounds(cluster: Cluster, namespace: str, rounds: int, reads: str
 
 async def latencies(cluster: Cluster, namespace: str, n: int) -> dict[str, dict[str, Stats]]:
     """p50/p99 of ``get`` and ``messages(last=10)`` on a follower, per ``reads`` mode, interleaved."""
-    async with AsyncMemory(namespace, url=cluster.url, timeout=30) as mem, AsyncChatHistory(
-        "lat", namespace=namespace, url=cluster.url, timeout=30
-    ) as h:
+    async with (
+        AsyncMemory(namespace, url=cluster.url, timeout=30) as mem,
+        AsyncChatHistory("lat", namespace=namespace, url=cluster.url, timeout=30) as h,
+    ):
         await mem.set("k", {"v": "x" * 200})
         await h.extend([{"role": "user", "content": "x" * 200} for _ in range(50)])
     _, kv_follower = await _nodes(cluster, f"KV_botwire_{namespace}")
     _, chat_follower = await _nodes(cluster, stream_name(namespace))
-    samples: dict[str, dict[str, list[int]]] = {m: {"get": [], "messages(last=10)": [], "count()": []} for m in ("any", "leader")}
+    samples: dict[str, dict[str, list[int]]] = {
+        m: {"get": [], "messages(last=10)": [], "count()": []} for m in ("any", "leader")
+    }
     clients: dict[str, tuple[AsyncMemory, AsyncChatHistory]] = {}
     try:
         for mode in ("any", "leader"):
             mem = await AsyncMemory(namespace, url=f"{kv_follower}?reads={mode}", timeout=30).open()
-            chat = await AsyncChatHistory("lat", namespace=namespace, url=f"{chat_follower}?reads={mode}", timeout=30).open()
+            chat = await AsyncChatHistory(
+                "lat", namespace=namespace, url=f"{chat_follower}?reads={mode}", timeout=30
+            ).open()
             clients[mode] = (mem, chat)
         for i in range(2 * n):
             mode = ("any", "leader")[i % 2]
@@ -110,7 +116,10 @@ async def latencies(cluster: Cluster, namespace: str, n: int) -> dict[str, dict[
     return {mode: {op: Stats.of(s) for op, s in ops.items()} for mode, ops in samples.items()}
 
 
-@benchmark("cluster-reads", "another connection's read right after an acknowledged write: stale reads and latency, reads=any vs reads=leader")
+@benchmark(
+    "cluster-reads",
+    "another connection's read right after an acknowledged write: stale reads and latency, reads=any vs reads=leader",
+)
 def cluster_reads(ctx: Context) -> list[Table]:
     rounds, n, burn = ctx.pick((100, 300, 3), (400, 2000, 3))
     cluster = Cluster(ctx.tmp / "cluster-reads").start()
@@ -140,4 +149,3 @@ def cluster_reads(ctx: Context) -> list[Table]:
         return [stale, lat]
     finally:
         cluster.stop()
-

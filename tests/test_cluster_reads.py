@@ -93,19 +93,22 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
     (a ``set``, a new key, an append, a second append), and every read sees it: ``get``,
     ``list_keys``, ``messages(last=1)``, ``count()``. With the default reads a replica a few ms
     behind answered (benchmarks/cluster_reads.py: 1-3 of 100 gets)."""
-    async with AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m, AsyncChatHistory(
-        "c", namespace=namespace, url=reads_cluster.url, timeout=30
-    ) as h:
+    async with (
+        AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m,
+        AsyncChatHistory("c", namespace=namespace, url=reads_cluster.url, timeout=30) as h,
+    ):
         await m.set("k", -1)
         await h.append({"i": -1})
     kv_leader, kv_follower = await _leader_and_follower(reads_cluster, f"KV_botwire_{namespace}")
     chat_leader, chat_follower = await _leader_and_follower(reads_cluster, stream_name(namespace))
     stale: list[tuple[str, int]] = []
-    async with _Load(namespace, chat_leader), AsyncMemory(namespace, url=kv_leader, timeout=30) as writer, AsyncMemory(
-        namespace, url=f"{kv_follower}?reads=leader", timeout=30
-    ) as reader, AsyncChatHistory("c", namespace=namespace, url=chat_leader, timeout=30) as cw, AsyncChatHistory(
-        "c", namespace=namespace, url=f"{chat_follower}?reads=leader", timeout=30
-    ) as cr:
+    async with (
+        _Load(namespace, chat_leader),
+        AsyncMemory(namespace, url=kv_leader, timeout=30) as writer,
+        AsyncMemory(namespace, url=f"{kv_follower}?reads=leader", timeout=30) as reader,
+        AsyncChatHistory("c", namespace=namespace, url=chat_leader, timeout=30) as cw,
+        AsyncChatHistory("c", namespace=namespace, url=f"{chat_follower}?reads=leader", timeout=30) as cr,
+    ):
         n = await cw.count()
         for i in range(100):
             await writer.set("k", i)
@@ -140,9 +143,10 @@ async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_rea
     one is neither read nor listed, a new conversation is listed by ``sessions()`` with its
     count, ``count()`` counts the append, and a cleared conversation reads, counts and lists as
     empty. Before, a replica a few ms behind answered these from its older state."""
-    async with AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m, AsyncChatHistory(
-        "warm", namespace=namespace, url=reads_cluster.url, timeout=30
-    ) as h:
+    async with (
+        AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m,
+        AsyncChatHistory("warm", namespace=namespace, url=reads_cluster.url, timeout=30) as h,
+    ):
         await m.set("warm", 0)
         await h.append({"n": 0})
     kv_leader, _ = await _leader_and_follower(reads_cluster, f"KV_botwire_{namespace}")
@@ -166,7 +170,9 @@ async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_rea
                 await chat.append({"i": i, "n": 2})
                 if await chat.count() != 2:
                     missed.append(("count after append", i))
-                listed = {s.session_id: s.message_count for s in await AsyncChatHistory.sessions(namespace, f"s{i}", url=node)}
+                listed = {
+                    s.session_id: s.message_count for s in await AsyncChatHistory.sessions(namespace, f"s{i}", url=node)
+                }
                 if listed != {f"s{i}": 2}:
                     missed.append(("sessions after append", i))
                 await chat.clear()
@@ -175,4 +181,3 @@ async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_rea
                 if await AsyncChatHistory.sessions(namespace, f"s{i}", url=node):
                     missed.append(("listed after clear", i))
     assert not missed, f"{len(missed)} reads missed the connection's own write: {missed[:8]}"
-
