@@ -139,7 +139,7 @@ def cluster_reads(ctx: Context) -> list[Table]:
                 p.kill()
                 p.wait()
         lat = Table(
-            f"cluster-reads: read latency on a follower, idle cluster ({n} of each, interleaved), µs",
+            f"cluster-reads: read latency on a follower, no CPU burners ({n} of each, interleaved), µs",
             ["op", "reads=any p50", "p99", "reads=leader p50", "p99"],
         )
         stats = ctx.run(latencies(cluster, "bench_lat", n))
