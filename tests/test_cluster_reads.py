@@ -26,6 +26,17 @@ def reads_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def four_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """4 nodes, 3 of them tagged ``r``: streams placed with ``?tag=r`` leave the 4th without a replica."""
+    c = Cluster(tmp_path_factory.mktemp("four-nodes"), size=4)
+    for node in c.nodes[:3]:
+        node.extra = 'server_tags: ["r"]'
+    c.start()
+    yield c
+    c.stop()
+
+
 def _burners(n: int) -> list[subprocess.Popen[bytes]]:
     """``n`` CPU-bound processes (killed by the caller, by their own handles): replicas then lag."""
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
@@ -38,22 +49,30 @@ async def _leader_and_follower(cluster: Cluster, stream: str) -> tuple[str, str]
 
 
 class _Load:
-    """CPU burners and another client appending on the leader's node, for the test's duration."""
+    """CPU burners, and other clients writing 8 KB values to both streams through their leaders'
+    nodes, for the test's duration: the followers' replicas then apply with a backlog."""
 
-    def __init__(self, namespace: str, leader_url: str) -> None:
-        self.namespace, self.url = namespace, leader_url
+    def __init__(self, namespace: str, kv_leader: str, chat_leader: str) -> None:
+        self.namespace, self.kv_url, self.chat_url = namespace, kv_leader, chat_leader
         self.stop = asyncio.Event()
         self.burners: list[subprocess.Popen[bytes]] = []
-        self.task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
-    async def _noise(self) -> None:
-        async with AsyncChatHistory("noise", namespace=self.namespace, url=self.url, timeout=30) as h:
+    async def _chat_noise(self) -> None:
+        async with AsyncChatHistory("noise", namespace=self.namespace, url=self.chat_url, timeout=30) as h:
             while not self.stop.is_set():
-                await h.extend([{"x": i} for i in range(20)])
+                await h.extend([{"x": "x" * 8192} for _ in range(10)])
+
+    async def _kv_noise(self) -> None:
+        async with AsyncMemory(self.namespace, url=self.kv_url, timeout=30) as m:
+            for i in range(10**9):
+                if self.stop.is_set():
+                    return
+                await m.set(f"noise{i % 16}", "x" * 8192)
 
     async def __aenter__(self) -> _Load:
         self.burners = _burners(3)
-        self.task = asyncio.create_task(self._noise())
+        self.tasks = [asyncio.create_task(self._chat_noise()), asyncio.create_task(self._kv_noise())]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -61,8 +80,7 @@ class _Load:
         for p in self.burners:
             p.kill()
             p.wait()
-        assert self.task is not None
-        await self.task
+        await asyncio.gather(*self.tasks)
 
 
 # -- settings (no server) ---------------------------------------------------------------------
@@ -103,7 +121,7 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
     chat_leader, chat_follower = await _leader_and_follower(reads_cluster, stream_name(namespace))
     stale: list[tuple[str, int]] = []
     async with (
-        _Load(namespace, chat_leader),
+        _Load(namespace, kv_leader, chat_leader),
         AsyncMemory(namespace, url=kv_leader, timeout=30) as writer,
         AsyncMemory(namespace, url=f"{kv_follower}?reads=leader", timeout=30) as reader,
         AsyncChatHistory("c", namespace=namespace, url=chat_leader, timeout=30) as cw,
@@ -136,48 +154,53 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
 # -- the connection's own writes ----------------------------------------------------------------
 @pytest.mark.slow
 async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_reads_on_a_follower(
-    reads_cluster: Cluster, namespace: str
+    four_nodes: Cluster, namespace: str
 ) -> None:
-    """One client on a follower of both streams writes and at once reads back through the other
-    read paths, 100 rounds under CPU burners and another writer: a new key is listed, a deleted
-    one is neither read nor listed, a new conversation is listed by ``sessions()`` with its
-    count, ``count()`` counts the append, and a cleared conversation reads, counts and lists as
-    empty. Before, a replica a few ms behind answered these from its older state."""
+    """A client on the node of a 4-node cluster that holds no replica of the namespace's streams
+    (3 replicas, placed by tag on the other three), so any replica answers its reads, the one
+    the acknowledgement did not wait for included, writes and at once reads back through the
+    other read paths, 4 x 40 rounds at once under CPU burners and other writers: a new key is
+    listed, a deleted one is neither read nor listed, ``count()`` counts each append, a new
+    conversation is listed by ``sessions()`` with its count, and a cleared conversation reads,
+    counts and lists as empty. Before, a replica a few ms behind answered some of these from its
+    older state."""
+    node = f"{four_nodes.nodes[3].url}?tag=r"
     async with (
-        AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m,
-        AsyncChatHistory("warm", namespace=namespace, url=reads_cluster.url, timeout=30) as h,
+        AsyncMemory(namespace, url=node, timeout=30) as m,
+        AsyncChatHistory("warm", namespace=namespace, url=node, timeout=30) as h,
     ):
         await m.set("warm", 0)
         await h.append({"n": 0})
-    kv_leader, _ = await _leader_and_follower(reads_cluster, f"KV_botwire_{namespace}")
-    chat_leader, _ = await _leader_and_follower(reads_cluster, stream_name(namespace))
-    # one node that follows both streams (3 nodes, at most 2 leaders)
-    node = next(n.url for n in reads_cluster.nodes if n.url not in (kv_leader, chat_leader))
-    missed: list[tuple[str, int]] = []
-    async with _Load(namespace, chat_leader), AsyncMemory(namespace, url=node, timeout=30) as mem:
-        for i in range(100):
-            key = f"k{i}"
+    kv_leader, _ = await _leader_and_follower(four_nodes, f"KV_botwire_{namespace}")
+    chat_leader, _ = await _leader_and_follower(four_nodes, stream_name(namespace))
+    missed: list[tuple[str, str]] = []
+
+    async def rounds(mem: AsyncMemory, w: int) -> None:
+        for i in range(40):
+            key, sid = f"k{w}-{i}", f"s{w}-{i}"
             await mem.set(key, i)
-            if key not in await mem.list_keys("k*"):
-                missed.append(("listed after set", i))
+            if key not in await mem.list_keys(f"k{w}-*"):
+                missed.append(("listed after set", key))
             await mem.delete(key)
             if await mem.get(key) is not None or await mem.contains(key):
-                missed.append(("read after delete", i))
-            if key in await mem.list_keys("k*"):
-                missed.append(("listed after delete", i))
-            async with AsyncChatHistory(f"s{i}", namespace=namespace, url=node, timeout=30) as chat:
-                await chat.append({"i": i})
-                await chat.append({"i": i, "n": 2})
-                if await chat.count() != 2:
-                    missed.append(("count after append", i))
-                listed = {
-                    s.session_id: s.message_count for s in await AsyncChatHistory.sessions(namespace, f"s{i}", url=node)
-                }
-                if listed != {f"s{i}": 2}:
-                    missed.append(("sessions after append", i))
+                missed.append(("read after delete", key))
+            if key in await mem.list_keys(f"k{w}-*"):
+                missed.append(("listed after delete", key))
+            async with AsyncChatHistory(sid, namespace=namespace, url=node, timeout=30) as chat:
+                for n in range(1, 5):
+                    await chat.append({"i": i, "n": n})
+                    if await chat.count() != n:
+                        missed.append(("count after append", sid))
+                listed = await AsyncChatHistory.sessions(namespace, sid, url=node)
+                if [(x.session_id, x.message_count) for x in listed] != [(sid, 4)]:
+                    missed.append(("sessions after append", sid))
                 await chat.clear()
                 if await chat.messages() != [] or await chat.count() != 0:
-                    missed.append(("read after clear", i))
-                if await AsyncChatHistory.sessions(namespace, f"s{i}", url=node):
-                    missed.append(("listed after clear", i))
+                    missed.append(("read after clear", sid))
+                if await AsyncChatHistory.sessions(namespace, sid, url=node):
+                    missed.append(("listed after clear", sid))
+
+    # 4 workers at once on the one connection (more reads in the time, and the replicas lag more)
+    async with _Load(namespace, kv_leader, chat_leader), AsyncMemory(namespace, url=node, timeout=30) as mem:
+        await asyncio.gather(*(rounds(mem, w) for w in range(4)))
     assert not missed, f"{len(missed)} reads missed the connection's own write: {missed[:8]}"
