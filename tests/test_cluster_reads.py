@@ -17,6 +17,7 @@ from botwire_stream.errors import InvalidArgument
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
 from tests.cluster import Cluster, stream_info
+from tests.servers import NatsServer
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,26 @@ def test_reads_option_comes_from_the_url_or_the_environment(monkeypatch: pytest.
             resolve(url)
 
 
+async def test_reads_leader_on_a_single_server_reads_as_usual(nats_server: NatsServer, namespace: str) -> None:
+    """On a single server (one copy: nothing to ask a leader) ``?reads=leader`` reads what the
+    default reads, through every read path."""
+    url = f"{nats_server.url}?reads=leader"
+    async with (
+        AsyncMemory(namespace, url=url) as m,
+        AsyncChatHistory("c", namespace=namespace, url=url) as h,
+    ):
+        await m.set("a", 1)
+        await m.set("b", 2)
+        await m.delete("b")
+        assert await m.get("a") == 1 and await m.get("b") is None and await m.list_keys() == ["a"]
+        await h.extend([{"n": 1}, {"n": 2}])
+        assert await h.messages() == [{"n": 1}, {"n": 2}] and await h.messages(last=1) == [{"n": 2}]
+        assert await h.count() == 2
+        assert [x.session_id for x in await AsyncChatHistory.sessions(namespace, url=url)] == ["c"]
+        await h.clear()
+        assert await h.messages() == [] and await h.count() == 0
+
+
 # -- another connection -----------------------------------------------------------------------
 @pytest.mark.slow
 async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
@@ -110,7 +131,7 @@ async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
     under CPU burners and another writer: each of 100 rounds reads right after the writer's ack
     (a ``set``, a new key, an append, a second append), and every read sees it: ``get``,
     ``list_keys``, ``messages(last=1)``, ``count()``. With the default reads a replica a few ms
-    behind answered (benchmarks/cluster_reads.py: 1-3 of 100 gets)."""
+    behind answered (``python -m benchmarks --only cluster-reads``: 4-14% of gets)."""
     async with (
         AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m,
         AsyncChatHistory("c", namespace=namespace, url=reads_cluster.url, timeout=30) as h,
