@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +226,34 @@ async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_rea
     async with _Load(namespace, kv_leader, chat_leader), AsyncMemory(namespace, url=node, timeout=30) as mem:
         await asyncio.gather(*(rounds(mem, w) for w in range(4)))
     assert not missed, f"{len(missed)} reads missed the connection's own write: {missed[:8]}"
+
+
+@pytest.mark.slow
+async def test_reads_leader_rides_out_the_death_of_the_stream_leader(tmp_path: Path, namespace: str) -> None:
+    """With ``?reads=leader``, a ``get``, ``messages()`` and ``count()`` asked right after the node
+    leading the namespace's streams is SIGKILLed return the acknowledged state once a new leader
+    is elected (4-9 s), within the call's timeout: the dead leader answers nothing, and one
+    request waiting the whole timeout failed the read."""
+    cluster = Cluster(tmp_path / "cluster").start()  # its own: a node is killed
+    try:
+        await _reads_after_leader_death(cluster, namespace)
+    finally:
+        cluster.stop()
+
+
+async def _reads_after_leader_death(cluster: Cluster, namespace: str) -> None:
+    url = ",".join([cluster.urls[0] + "?reads=leader", *cluster.urls[1:]])
+    async with (
+        AsyncMemory(namespace, url=url, timeout=20) as mem,
+        AsyncChatHistory("c", namespace=namespace, url=url, timeout=20) as chat,
+    ):
+        await mem.set("k", {"v": 1})
+        await chat.extend([{"n": 1}, {"n": 2}, {"n": 3}])
+        leader = (await stream_info(cluster.url, f"KV_botwire_{namespace}"))["cluster"]["leader"]
+        cluster.node(leader).kill()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await mem.get("k") == {"v": 1}
+        assert await chat.messages() == [{"n": 1}, {"n": 2}, {"n": 3}]
+        assert await chat.count() == 3
+        assert loop.time() - started < 3 * 20  # does not hang

@@ -35,6 +35,7 @@ _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
+_LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
 class _PubAck(msgspec.Struct):
@@ -162,12 +163,19 @@ class Connection(RetryingConnection):
     async def leader_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
         """The last message on ``subject`` as the stream leader has it (one request), None when
         the subject holds none."""
-        return await self.call(lambda: self._leader_get_last(stream, subject, timeout), timeout=timeout)
+        return await self._from_leader(stream, {"last_by_subj": subject}, timeout)
 
     async def leader_first(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
         """The first message on ``subject`` as the stream leader has it (one request)."""
-        req = {"next_by_subj": subject, "seq": 1}
-        return await self.call(lambda: self._leader_get(stream, req, timeout), timeout=timeout)
+        return await self._from_leader(stream, {"next_by_subj": subject, "seq": 1}, timeout)
+
+    async def _from_leader(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
+        """``_leader_get`` asked again every ``_LEADER_TRY`` seconds within ``timeout``: a leader
+        that just died answers nothing, and neither do the others until they notice (they then
+        answer 503 while they elect one), so one request waiting the whole timeout would fail a
+        read that a new leader could answer (tests/test_cluster_reads.py)."""
+        per_try = min(timeout, _LEADER_TRY)
+        return await self.call(lambda: self._leader_get(stream, req, per_try), timeout=timeout)
 
     def written(self, subject: str) -> int | None:
         """The sequence of this connection's last acknowledged write to ``subject`` on a cluster
@@ -452,7 +460,7 @@ class Connection(RetryingConnection):
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             if mine is not None and hdr is not None and int(hdr.get("Nats-Sequence", "0")) < mine:
                 # a replica behind this connection's own acked write answered: ask the leader
-                return await self._leader_get_last(stream, subject, timeout)
+                return await self._leader_get_last(stream, subject, min(timeout, _LEADER_TRY))
             return msg
 
         return await self.call(run, timeout=timeout)
@@ -462,7 +470,7 @@ class Connection(RetryingConnection):
         ``$JS.API.STREAM.MSG.GET``): False once it was purged, rolled up or expired."""
 
         async def run() -> bool:
-            msg = await self._leader_get(stream, {"seq": seq}, timeout)
+            msg = await self._leader_get(stream, {"seq": seq}, min(timeout, _LEADER_TRY))
             return msg is not None and msg.subject == subject
 
         return await self.call(run, timeout=timeout)
