@@ -1,7 +1,8 @@
-"""Read consistency on a 3-node cluster (tests/cluster.py): ``?reads=leader`` sees every write
-acknowledged to another connection before the read; and a connection's own writes, deletes and
-clears are seen by its next listing, count and read, on a follower whose replica lags (CPU
-burners, another writer), where any replica may answer a direct get."""
+"""Read consistency on a 4-node cluster (tests/cluster.py; namespaces with 3 replicas):
+``?reads=leader`` sees every write acknowledged to another connection before the read, and rides
+out the death of the stream leader; a connection's own writes, deletes and clears are seen by its
+next listing, count and read while any replica may answer its direct gets and replicas lag (CPU
+burners, other writers)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,6 @@ from tests.servers import NatsServer
 
 
 @pytest.fixture(scope="module")
-def reads_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("reads-cluster")).start()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
 def four_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """4 nodes, 3 of them tagged ``r``: streams placed with ``?tag=r`` leave the 4th without a replica."""
     c = Cluster(tmp_path_factory.mktemp("four-nodes"), size=4)
@@ -45,9 +39,10 @@ def _burners(n: int) -> list[subprocess.Popen[bytes]]:
 
 
 async def _leader_and_follower(cluster: Cluster, stream: str) -> tuple[str, str]:
-    leader = (await stream_info(cluster.url, stream))["cluster"]["leader"]
-    follower = next(n for n in cluster.nodes if n.name != leader)
-    return cluster.node(leader).url, follower.url
+    """The URLs of the node leading ``stream`` and of a node holding one of its other replicas."""
+    info = (await stream_info(cluster.url, stream))["cluster"]
+    follower = next(r["name"] for r in info["replicas"])
+    return cluster.node(info["leader"]).url, cluster.node(follower).url
 
 
 class _Load:
@@ -125,22 +120,20 @@ async def test_reads_leader_on_a_single_server_reads_as_usual(nats_server: NatsS
 
 # -- another connection -----------------------------------------------------------------------
 @pytest.mark.slow
-async def test_reads_leader_sees_writes_acknowledged_to_another_connection(
-    reads_cluster: Cluster, namespace: str
-) -> None:
+async def test_reads_leader_sees_writes_acknowledged_to_another_connection(four_nodes: Cluster, namespace: str) -> None:
     """A writer on the stream leader's node and a reader with ``?reads=leader`` on a follower,
     under CPU burners and another writer: each of 100 rounds reads right after the writer's ack
     (a ``set``, a new key, an append, a second append), and every read sees it: ``get``,
     ``list_keys``, ``messages(last=1)``, ``count()``. With the default reads a replica a few ms
     behind answered (``python -m benchmarks --only cluster-reads``: 4-14% of gets)."""
     async with (
-        AsyncMemory(namespace, url=reads_cluster.url, timeout=30) as m,
-        AsyncChatHistory("c", namespace=namespace, url=reads_cluster.url, timeout=30) as h,
+        AsyncMemory(namespace, url=four_nodes.url, timeout=30) as m,
+        AsyncChatHistory("c", namespace=namespace, url=four_nodes.url, timeout=30) as h,
     ):
         await m.set("k", -1)
         await h.append({"i": -1})
-    kv_leader, kv_follower = await _leader_and_follower(reads_cluster, f"KV_botwire_{namespace}")
-    chat_leader, chat_follower = await _leader_and_follower(reads_cluster, stream_name(namespace))
+    kv_leader, kv_follower = await _leader_and_follower(four_nodes, f"KV_botwire_{namespace}")
+    chat_leader, chat_follower = await _leader_and_follower(four_nodes, stream_name(namespace))
     stale: list[tuple[str, int]] = []
     async with (
         _Load(namespace, kv_leader, chat_leader),
