@@ -194,9 +194,12 @@ async def test_own_writes_deletes_and_clears_are_seen_by_listings_counts_and_rea
         for i in range(40):
             key, sid = f"k{w}-{i}", f"s{w}-{i}"
             await mem.set(key, i)
+            if await mem.get(key) != i:
+                missed.append(("read after set", key))
             if key not in await mem.list_keys(f"k{w}-*"):
                 missed.append(("listed after set", key))
-            await mem.delete(key)
+            if not await mem.delete(key):
+                missed.append(("delete found nothing", key))
             if await mem.get(key) is not None or await mem.contains(key):
                 missed.append(("read after delete", key))
             if key in await mem.list_keys(f"k{w}-*"):

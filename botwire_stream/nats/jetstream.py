@@ -454,6 +454,9 @@ class Connection(RetryingConnection):
             hdr = msg.headers
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
+                    if mine is not None:  # a replica without this connection's own write: the leader
+                        # (the first set of a key read back as missing, so a delete found nothing)
+                        return await self._leader_get_last(stream, subject, min(timeout, _LEADER_TRY))
                     return None
                 if hdr["Status"] == "503":  # no responders: a replica that just died (retried)
                     raise nats.errors.NoRespondersError
