@@ -8,6 +8,11 @@ Replication of the namespaces this client creates (a NATS URL only): ``?replicas
 server when the namespace is created (``nats/jetstream.py``); ``?tag=ssd&tag=eu`` (else
 ``BOTWIRE_PLACEMENT_TAGS``, comma-separated) places them on servers with those tags.
 
+Read consistency on a cluster (a NATS URL only): ``?reads=leader`` (else ``BOTWIRE_READS``) has
+every read answered as the stream leader has it, so a read sees every write acknowledged to anyone
+before it started (another connection or process included); ``?reads=any`` (the default) lets any
+replica answer, which sees this connection's own writes but may miss, for a few ms, another's.
+
 ``BOTWIRE_PING_INTERVAL`` (seconds, default 2; a NATS URL only): how often the client pings its
 server; after two unanswered pings it counts the server gone (frozen, or the link stalled) and
 moves to another of the list (``nats/connect.py``).
@@ -69,6 +74,7 @@ class ConnectOptions:
     replicas: int | None = None  # None: 3 on a cluster, 1 on a single server
     tags: tuple[str, ...] = ()  # placement tags of the streams this client creates
     ping_interval: float = 2.0  # seconds between pings to a NATS server (BOTWIRE_PING_INTERVAL)
+    reads: str = "any"  # "leader": reads as the stream leader has them (?reads=, BOTWIRE_READS)
 
     @property
     def embedded(self) -> bool:
@@ -138,7 +144,7 @@ def resolve(
         raise InvalidArgument(
             f"{source} names several servers over HTTP; give one http(s):// URL (a load balancer in front of serve processes)"
         )
-    servers, replicas, tags = _placement(servers, source)
+    servers, replicas, tags, reads = _placement(servers, source)
     return ConnectOptions(
         servers=servers,
         token=token,
@@ -148,6 +154,7 @@ def resolve(
         replicas=replicas,
         tags=tags,
         ping_interval=_ping_interval(),
+        reads=reads,
     )
 
 
@@ -165,7 +172,15 @@ def _ping_interval() -> float:
     return value
 
 
-_OPTIONS = ("replicas", "tag")
+_OPTIONS = ("replicas", "tag", "reads")
+_READS = ("any", "leader")
+
+
+def _reads(text: str, where: str) -> str:
+    value = text.strip().lower()
+    if value not in _READS:
+        raise InvalidArgument(f"{where} must be one of {', '.join(_READS)}, not {text!r}")
+    return value
 
 
 def _replicas(text: str, where: str) -> int:
@@ -175,12 +190,15 @@ def _replicas(text: str, where: str) -> int:
     return int(text)
 
 
-def _placement(servers: tuple[str, ...], source: str) -> tuple[tuple[str, ...], int | None, tuple[str, ...]]:
-    """The servers without their ``?replicas=N&tag=T`` options, and the options (URL first, then
-    ``BOTWIRE_REPLICAS`` / ``BOTWIRE_PLACEMENT_TAGS``). An unknown option is an error: nats-py
-    would pass it on silently."""
+def _placement(
+    servers: tuple[str, ...], source: str
+) -> tuple[tuple[str, ...], int | None, tuple[str, ...], str]:
+    """The servers without their ``?replicas=N&tag=T&reads=R`` options, and the options (URL
+    first, then ``BOTWIRE_REPLICAS`` / ``BOTWIRE_PLACEMENT_TAGS`` / ``BOTWIRE_READS``). An unknown
+    option is an error: nats-py would pass it on silently."""
     replicas: int | None = None
     tags: list[str] = []
+    reads: str | None = None
     plain = []
     for s in servers:
         parts = urllib.parse.urlsplit(s)
@@ -192,6 +210,8 @@ def _placement(servers: tuple[str, ...], source: str) -> tuple[tuple[str, ...], 
                 replicas = _replicas(value, f"{source} option replicas=")
             elif name == "tag" and value.strip():
                 tags.append(value.strip())
+            elif name == "reads":
+                reads = _reads(value, f"{source} option reads=")
             else:
                 raise InvalidArgument(
                     f"{redact(s)}: unknown URL option {name!r}; supported: " + ", ".join(f"{o}=" for o in _OPTIONS)
@@ -202,4 +222,7 @@ def _placement(servers: tuple[str, ...], source: str) -> tuple[tuple[str, ...], 
         replicas = _replicas(env, "BOTWIRE_REPLICAS")
     if not tags:
         tags = [t.strip() for t in os.environ.get("BOTWIRE_PLACEMENT_TAGS", "").split(",") if t.strip()]
-    return tuple(plain), replicas, tuple(tags)
+    env = os.environ.get("BOTWIRE_READS", "").strip()
+    if reads is None:
+        reads = _reads(env, "BOTWIRE_READS") if env else "any"
+    return tuple(plain), replicas, tuple(tags), reads

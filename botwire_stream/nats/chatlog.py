@@ -308,9 +308,10 @@ class NatsChat:
         conn, timeout = self.conn, self.timeout
         subject_filter, exact = keys.pattern_filter(pattern)
         n = len(self.chat)
-        counts = await conn.subject_counts(self.stream, self.chat + subject_filter, timeout)
+        counts, floor = await conn.subject_counts_at(self.stream, self.chat + subject_filter, timeout)
         subjects = [s for s in counts if exact or keys.matches(keys.decode_key(s[n:]), pattern)]
-        lasts = await _last_messages(conn, self.stream, subjects, timeout)
+        floor = max(floor, conn.stream_floor(self.stream))
+        lasts = await _last_messages(conn, self.stream, subjects, timeout, floor)
         found: list[tuple[datetime, str, str]] = []
         for subject, last_activity, is_marker in lasts:
             if is_marker:
@@ -421,7 +422,8 @@ class NatsChat:
         if not chosen:
             return [] if await self._materialiser_current() else None
         subjects = [self.chat + keys.encode_key(x.session_id) for x in chosen]
-        lasts = {subject: (t, marker) for subject, t, marker in await _last_messages(self.conn, self.stream, subjects, self.timeout)}
+        floor = self.conn.stream_floor(self.stream)
+        lasts = {s: (t, marker) for s, t, marker in await _last_messages(self.conn, self.stream, subjects, self.timeout, floor)}
         counts: dict[str, int] = {}
         for i in range(0, len(subjects), 64):  # 64 requests in flight at once
             for found in await asyncio.gather(
@@ -587,7 +589,7 @@ class NatsChatLog:
         schedule fires on an empty conversation harmlessly; later writes with a ``ttl`` move it.
         """
         await self.conn.purge(self.stream, self.subject, timeout=self.timeout)
-        self.conn.forget_written(self.subject)  # gone: a read need not wait to see it
+        self.conn.cleared(self.subject)  # gone: the next reads ask the leader what is left
         _hint(self._key).cleared()
 
     # -- reading --------------------------------------------------------------------------------
@@ -800,8 +802,13 @@ class NatsChatLog:
             self.conn, self.stream, self.subject, self._chat.namespace, self._token_path, self.timeout
         )
 
+    def _checked(self) -> bool:
+        """Whether reads must be checked (a cluster, after this connection's own write or clear,
+        or with ``?reads=leader``): they then carry sequences, to compare."""
+        return self.conn.written(self.subject) is not None or self.conn.checks_with_leader(self.subject)
+
     async def read(self, after: int | None, last: int | None) -> list[bytes]:
-        if self.conn.written(self.subject) is not None:  # a cluster, after this process's own write
+        if self._checked():
             return [e.data for e in await self.entries(after, last)]  # with sequences, to check it
         if after is None and last is None and (whole := await self._materialised()) is not None:
             return [e.data for e in whole]
@@ -812,26 +819,45 @@ class NatsChatLog:
         return [m.data for m in await self._read(after, last, headers=False)]
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
+        if self.conn.checks_with_leader(self.subject):
+            # The leader's last message, asked alongside the read: a read that reaches it holds
+            # every write acknowledged before (replicas apply the log in order); an empty or
+            # marker-only conversation at the leader reads as empty, whatever a replica says.
+            got, newest = await asyncio.gather(
+                self._entries(after, last), self.conn.leader_last(self.stream, self.subject, self.timeout)
+            )
+            if newest is None or not newest.data:
+                return []
+            top = int((newest.headers or {})["Nats-Sequence"])
+            if (after or 0) >= top or (got and got[-1].seq >= top):
+                return got
+            return await self._own_write_seen(got, top, after, last, leader=True)
         mine = self.conn.written(self.subject)
         got = await self._entries(after, last)
         if mine is None or (after or 0) >= mine or (got and got[-1].seq >= mine):
             return got
         return await self._own_write_seen(got, mine, after, last)
 
-    async def _own_write_seen(self, got: list[LogEntry], mine: int, after: int | None, last: int | None) -> list[LogEntry]:
+    async def _own_write_seen(
+        self, got: list[LogEntry], mine: int, after: int | None, last: int | None, *, leader: bool = False
+    ) -> list[LogEntry]:
         """``got`` read again until it reaches ``mine``, this connection's own last acknowledged
-        append (reads-your-writes on a cluster), within the timeout.
+        append (reads-your-writes on a cluster), or with ``leader`` the leader's last message
+        (``?reads=leader``, or after this connection's clear), within the timeout.
 
         A batch direct get is answered by any replica, and one a few ms behind the stream leader
         missed the caller's own append (measured: 1 of 200 reads right after an append, client on
         a follower, CPU loaded). The stream leader has no batch get, so the read is repeated
         (the lagging replica catches up in ms) while the leader still holds that message; once
-        it does not (cleared, rolled up, expired) the read is right without it."""
+        it does not (cleared, rolled up, expired) the read is right without it, or, with
+        ``leader``, is done again against the leader's new last message."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.timeout
         pause = 0.002
         while not got or got[-1].seq < mine:
             if not await self.conn.leader_holds(self.stream, self.subject, mine, self.timeout):
+                if leader:
+                    return await self.entries(after, last)
                 self.conn.forget_written(self.subject)
                 return got
             if loop.time() + pause >= end:
@@ -852,6 +878,17 @@ class NatsChatLog:
         return [_entry(m) for m in await self._read(after, last, headers=True)]
 
     async def count(self) -> int:
+        if self._checked():
+            # As the leader counts (stream info is answered by it): a replica's count missed this
+            # connection's own append or clear for a few ms (tests/test_cluster_reads.py).
+            counts, first = await asyncio.gather(
+                self.conn.subject_counts(self.stream, self.subject, self.timeout),
+                self.conn.leader_first(self.stream, self.subject, self.timeout),
+            )
+            n = counts.get(self.subject, 0)
+            if n and (first is None or not first.data or n <= 2):  # an expiry marker may be among them
+                n = len(await self.entries(None, None))
+            return n
         probe, n = await self._probe(1)
         if not n:
             return 0
@@ -908,11 +945,12 @@ _LIST_BYTES: Final = 256 * 1024  # the subjects named in one request: well under
 
 
 async def _last_messages(
-    conn: Connection, stream: str, subjects: list[str], timeout: float
+    conn: Connection, stream: str, subjects: list[str], timeout: float, floor: int = 0
 ) -> list[tuple[str, datetime, bool]]:
     """(subject, time, is expiry marker) of the last message of each of ``subjects``: one
     multi-last get per 1024 of them (fewer for long ids), all capped at the sequence the first
-    one answered at, so the listing is one moment of the namespace."""
+    one answered at (by a server at ``floor`` or later), so the listing is one moment of the
+    namespace."""
     out = []
     up_to = 0
     i = 0
@@ -925,7 +963,10 @@ async def _last_messages(
             i += 1
         request: dict[str, Any] = {"multi_last": chunk, "up_to_seq": up_to or None}
         while True:
-            batch = await conn.direct_batch(stream, request, timeout)
+            if up_to:
+                batch = await conn.direct_batch(stream, request, timeout)
+            else:
+                batch = await conn.multi_last_from(stream, request, floor, timeout)
             up_to = up_to or batch.up_to_seq
             for m in batch.msgs:
                 hdr = m.headers or {}

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import Placement, StreamConfig
 
-from ..errors import OutcomeUnknown
+from ..errors import OutcomeUnknown, ServerUnavailable
 from ..settings import ConnectOptions
 from .errors import ApiError, SubjectPurged, raise_api_error
 from .replies import Batch, parse_headers
@@ -35,6 +35,7 @@ _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
+_LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
 class _PubAck(msgspec.Struct):
@@ -57,6 +58,7 @@ class _ConsumerCreated(msgspec.Struct):
 
 class _StreamState(msgspec.Struct):
     subjects: dict[str, int] | None = None
+    last_seq: int = 0
 
 
 class _StreamInfo(msgspec.Struct):
@@ -112,14 +114,68 @@ class Connection(RetryingConnection):
         # dropped): a direct get answered older by a replica still behind is re-read from the
         # stream leader (reads-your-writes on a cluster)
         self._written_subj: dict[str, int] = {}
+        # stream -> the highest sequence of this connection's acknowledged writes to it: a listing
+        # answered by a replica whose last sequence is below it is read again
+        self._written_stream: dict[str, int] = {}
+        # subjects this connection purged (a clear), whose reads ask the leader what is left: a
+        # purge takes no sequence, so a replica's last sequence cannot tell whether it applied it
+        self._cleared: dict[str, None] = {}
+        self.leader_reads = opts.reads == "leader"
 
-    def _wrote_subject(self, subject: str, seq: int) -> None:
-        if not self.nc._server_info.get("cluster"):  # only replicas can answer a read older
+    @property
+    def clustered(self) -> bool:
+        """Whether the server is part of a cluster (its INFO names one): only there can a replica
+        answer a read with an older state than the stream leader's."""
+        return bool(self.nc._server_info.get("cluster"))
+
+    def _wrote_subject(self, subject: str, seq: int, stream: str = "") -> None:
+        if not self.clustered:  # only replicas can answer a read older
             return
         self._written_subj.pop(subject, None)
         self._written_subj[subject] = seq
+        self._cleared.pop(subject, None)  # a replica holding seq applied the purge before it
         if len(self._written_subj) > 4096:
             del self._written_subj[next(iter(self._written_subj))]
+        if stream and seq > self._written_stream.get(stream, 0):
+            self._written_stream[stream] = seq
+
+    def stream_floor(self, stream: str) -> int:
+        """The highest sequence of this connection's acknowledged writes to ``stream`` on a
+        cluster (0: none known): a read answered at an older last sequence missed one of them."""
+        return self._written_stream.get(stream, 0)
+
+    def cleared(self, subject: str) -> None:
+        """``subject`` was purged by this connection: its next reads ask the stream leader what is
+        left (a lagging replica answered the purged messages for a few ms: tests/test_cluster_reads.py)."""
+        self._written_subj.pop(subject, None)
+        if not self.clustered:
+            return
+        self._cleared.pop(subject, None)
+        self._cleared[subject] = None
+        if len(self._cleared) > 4096:
+            del self._cleared[next(iter(self._cleared))]
+
+    def checks_with_leader(self, subject: str) -> bool:
+        """Whether a read of ``subject`` must be checked against the stream leader: ``?reads=leader``
+        on a cluster, or a subject this connection cleared."""
+        return self.clustered and (self.leader_reads or subject in self._cleared)
+
+    async def leader_last(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+        """The last message on ``subject`` as the stream leader has it (one request), None when
+        the subject holds none."""
+        return await self._from_leader(stream, {"last_by_subj": subject}, timeout)
+
+    async def leader_first(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+        """The first message on ``subject`` as the stream leader has it (one request)."""
+        return await self._from_leader(stream, {"next_by_subj": subject, "seq": 1}, timeout)
+
+    async def _from_leader(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
+        """``_leader_get`` asked again every ``_LEADER_TRY`` seconds within ``timeout``: a leader
+        that just died answers nothing, and neither do the others until they notice (they then
+        answer 503 while they elect one), so one request waiting the whole timeout would fail a
+        read that a new leader could answer (tests/test_cluster_reads.py)."""
+        per_try = min(timeout, _LEADER_TRY)
+        return await self.call(lambda: self._leader_get(stream, req, per_try), timeout=timeout)
 
     def written(self, subject: str) -> int | None:
         """The sequence of this connection's last acknowledged write to ``subject`` on a cluster
@@ -250,12 +306,12 @@ class Connection(RetryingConnection):
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
                     found = await self._landed(subject, h["Nats-Msg-Id"], timeout)
                     if found is not None:
-                        self._wrote_subject(subject, found)
+                        self._wrote_subject(subject, found, ack.stream)
                         return found
                 if ack.error.err_code in _BUSY_CODES:
                     raise _Busy  # dropped by a full ingest queue: nothing stored
                 raise_api_error(ack.error)
-            self._wrote_subject(subject, ack.seq)
+            self._wrote_subject(subject, ack.seq, ack.stream)
             return ack.seq
 
         return await self.call(run, timeout=timeout, write=write)
@@ -290,6 +346,7 @@ class Connection(RetryingConnection):
                 write.sent = True
             await self._acks_or_resend(mux, waiting, write)
             seqs = []
+            stream = ""
             for _, future in waiting:
                 msg = await future
                 if not msg.data and msg.headers and msg.headers.get("Status") == "503":
@@ -299,8 +356,9 @@ class Connection(RetryingConnection):
                 if ack.error is not None:
                     raise_api_error(ack.error)
                 seqs.append(ack.seq)
+                stream = ack.stream
             for (subject, _, _), seq in zip(prepared, seqs, strict=True):
-                self._wrote_subject(subject, seq)
+                self._wrote_subject(subject, seq, stream)
             return seqs
 
         return await self.call(run, timeout=timeout, write=write)
@@ -347,13 +405,13 @@ class Connection(RetryingConnection):
             msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
-                self._wrote_subject(subject, ack.seq)
+                self._wrote_subject(subject, ack.seq, ack.stream)
                 return ack.seq
             code = ack.error.err_code
             if tries > 1 and (code == _DUPLICATE_IN_BATCH or (code == _WRONG_LAST and expected is not None)):
                 found = await self._landed(subject, hs[-1]["Nats-Msg-Id"], timeout)
                 if found is not None:
-                    self._wrote_subject(subject, found)
+                    self._wrote_subject(subject, found, ack.stream)
                     return found
             if code in _BUSY_CODES:
                 raise _Busy  # nothing stored: send it again after a pause
@@ -383,6 +441,10 @@ class Connection(RetryingConnection):
         """The last message on ``subject`` (one request), or None when the subject is empty."""
 
         mine = self._written_subj.get(subject)
+        if self.checks_with_leader(subject):
+            # ?reads=leader: as the stream leader has it (the one server every acknowledged write
+            # reached before its ack); the direct form lets a replica a few ms behind answer
+            return await self.leader_last(stream, subject, timeout)
 
         async def run() -> Msg | None:
             # The subject form; any replica answers. ADR-53's min_last_seq was measured to have no
@@ -392,13 +454,16 @@ class Connection(RetryingConnection):
             hdr = msg.headers
             if hdr is not None and "Status" in hdr:
                 if hdr["Status"] == "404":
+                    if mine is not None:  # a replica without this connection's own write: the leader
+                        # (the first set of a key read back as missing, so a delete found nothing)
+                        return await self._leader_get_last(stream, subject, min(timeout, _LEADER_TRY))
                     return None
                 if hdr["Status"] == "503":  # no responders: a replica that just died (retried)
                     raise nats.errors.NoRespondersError
                 raise nats.js.errors.APIError(code=int(hdr["Status"]), description=hdr.get("Description", ""))
             if mine is not None and hdr is not None and int(hdr.get("Nats-Sequence", "0")) < mine:
                 # a replica behind this connection's own acked write answered: ask the leader
-                return await self._leader_get_last(stream, subject, timeout)
+                return await self._leader_get_last(stream, subject, min(timeout, _LEADER_TRY))
             return msg
 
         return await self.call(run, timeout=timeout)
@@ -408,7 +473,7 @@ class Connection(RetryingConnection):
         ``$JS.API.STREAM.MSG.GET``): False once it was purged, rolled up or expired."""
 
         async def run() -> bool:
-            msg = await self._leader_get(stream, {"seq": seq}, timeout)
+            msg = await self._leader_get(stream, {"seq": seq}, min(timeout, _LEADER_TRY))
             return msg is not None and msg.subject == subject
 
         return await self.call(run, timeout=timeout)
@@ -489,6 +554,31 @@ class Connection(RetryingConnection):
         """
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
         return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
+
+    async def multi_last_from(self, stream: str, request: Mapping[str, Any], floor: int, timeout: float) -> Batch:
+        """The first reply of a multi-last get (``request`` without ``up_to_seq``) from a server
+        holding the stream up to at least sequence ``floor`` (its ``up_to_seq`` says where it is).
+
+        Any replica answers a direct get, and one a few ms behind listed a key just deleted, or
+        left out a conversation just written (tests/test_cluster_reads.py); it is asked again
+        (pausing 2 ms, doubling to 50 ms) within ``timeout``, then ``ServerUnavailable``. An empty
+        reply carries no sequence: taken as it is after 8 tries (the subjects were purged since).
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        pause = 0.002
+        tries = 0
+        while True:
+            batch = await self.direct_batch(stream, request, timeout)
+            tries += 1
+            if not floor or not self.clustered or batch.up_to_seq >= floor or (not batch.msgs and tries >= 8):
+                return batch
+            if loop.time() + pause >= end:
+                raise ServerUnavailable(
+                    f"the servers answering reads of {stream} did not reach sequence {floor} within {timeout} s"
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.05)
 
     async def _direct_batch_once(self, stream: str, body: bytes, timeout: float) -> Batch:
         # Over the shared reply inbox; the mux times it out (or fails it on a lost connection).
@@ -623,8 +713,17 @@ class Connection(RetryingConnection):
         """How many messages each subject matching ``subject_filter`` holds (one request per
         100,000 subjects: the server sends at most that many per stream info reply, sorted, and
         nats-py's ``stream_info`` asks for the first page only)."""
+        return (await self.subject_counts_at(stream, subject_filter, timeout))[0]
 
-        async def run() -> dict[str, int]:
+    async def subject_counts_at(
+        self, stream: str, subject_filter: str, timeout: float = 5.0
+    ) -> tuple[dict[str, int], int]:
+        """``subject_counts`` and the stream's last sequence when its first page was answered.
+
+        Stream info is answered by the stream leader, so that sequence covers every write
+        acknowledged before the call: a replica's read whose last sequence is below it is behind."""
+
+        async def run() -> tuple[dict[str, int], int]:
             # Pages are offsets into the server's sorted names at the moment of each request, so
             # names leaving the index before the offset meanwhile (purged, an expiry marker gone)
             # would shift names existing all along past it (measured: 977 of 100,000 keys missed
@@ -634,6 +733,7 @@ class Connection(RetryingConnection):
             last: str | None = None
             offset = 0
             back = 1024
+            at = 0
             while True:
                 req: dict[str, Any] = {"subjects_filter": subject_filter}
                 if offset:
@@ -642,6 +742,8 @@ class Connection(RetryingConnection):
                 info = _info_decoder.decode(resp.data)
                 if info.error is not None:
                     raise_api_error(info.error)
+                if not at and info.state is not None:
+                    at = info.state.last_seq
                 page = (info.state.subjects if info.state else None) or {}
                 if last is not None and offset and page and min(page) > last:
                     offset = max(0, offset - back)  # names before it left: some were skipped
@@ -651,7 +753,7 @@ class Connection(RetryingConnection):
                     if last is None or subject > last:
                         counts[subject] = count
                 if not page or offset + len(page) >= info.total:
-                    return counts
+                    return counts, at
                 last = max(page) if last is None else max(last, max(page))  # never moves back
                 offset += len(page) - 1
                 back = 1024

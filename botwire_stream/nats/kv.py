@@ -179,7 +179,8 @@ class NatsMemory:
             msg = await self.conn.direct_get_last(self.stream, self.prefix + subject_filter, self.timeout)
             return [pattern] if msg is not None and op_of(msg.headers) == "set" else []
         n = len(self.prefix)
-        counts = await self.conn.subject_counts(self.stream, self.prefix + subject_filter, self.timeout)
+        counts, floor = await self.conn.subject_counts_at(self.stream, self.prefix + subject_filter, self.timeout)
+        floor = max(floor, self.conn.stream_floor(self.stream))
         candidates = []
         for subject in counts:
             key = keys.decode_key(subject[n:])
@@ -197,17 +198,23 @@ class NatsMemory:
                 chunk.append(candidates[i][1])
                 size += len(candidates[i][1]) + 3
                 i += 1
-            live, up_to = await self._last_ops(chunk, up_to)
+            live, up_to = await self._last_ops(chunk, up_to, floor)
             found.extend(keys.decode_key(s[n:]) for s in chunk if s in live)
         return found
 
-    async def _last_ops(self, subjects: list[str], up_to: int) -> tuple[set[str], int]:
-        """Which of ``subjects`` held a value at sequence ``up_to`` (0: now), and that sequence:
-        one multi-last get, paged on when its reply stops at the server's byte cap."""
+    async def _last_ops(self, subjects: list[str], up_to: int, floor: int = 0) -> tuple[set[str], int]:
+        """Which of ``subjects`` held a value at sequence ``up_to`` (0: now, from a server at
+        ``floor`` or later), and that sequence: one multi-last get, paged on when its reply stops
+        at the server's byte cap."""
         live: set[str] = set()
         request: dict[str, Any] = {"multi_last": subjects, "up_to_seq": up_to or None}
+        first = not up_to
         while True:
-            batch = await self.conn.direct_batch(self.stream, request, self.timeout)
+            if first:  # the stream leader's last sequence when the keys were named, and our own writes
+                batch = await self.conn.multi_last_from(self.stream, request, floor, self.timeout)
+                first = False
+            else:
+                batch = await self.conn.direct_batch(self.stream, request, self.timeout)
             up_to = up_to or batch.up_to_seq
             for m in batch.msgs:
                 hdr = m.headers or {}
