@@ -68,7 +68,9 @@ from .model import ChatModel
 from .protocol import ProtocolError
 from .streams import read_body
 
-__all__ = ["ChatService", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE", "STRUCTS", "page_limits", "schema_pattern"]
+__all__ = [
+    "IDEMPOTENCY_KEY_PATTERN", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE", "STRUCTS", "USER_PATTERN", "ChatService", "page_limits", "schema_pattern",
+]
 
 log = logging.getLogger("botwire.serve.chat")
 
