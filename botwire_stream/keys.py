@@ -39,9 +39,10 @@ __all__ = [
 def check_namespace(namespace: object) -> str:
     """Return ``namespace`` when valid, else raise ``InvalidNamespace``."""
     if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-        raise InvalidNamespace(
-            f"namespace {namespace!r} is invalid: use 1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
-        )
+        shown = repr(namespace)
+        if isinstance(namespace, str) and len(namespace) > 64:  # its repr put the rule past serve's 300-character cut
+            shown = f"of {len(namespace)} characters"
+        raise InvalidNamespace(f"namespace {shown} is invalid: use 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
     return namespace
 
 

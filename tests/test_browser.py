@@ -268,3 +268,29 @@ def test_a_malformed_hash_falls_back_to_the_conversation_list(browser: Browser, 
     page.wait_for_function("() => !location.hash")
     assert page.locator("#log li").count() == 2
     assert errors == []
+
+
+def test_the_page_checks_names_and_messages_with_the_servers_limits(browser: Browser, serve: Serve, namespace: str) -> None:
+    """The page had its own copies of the user-name pattern and the message limit: it now reads the
+    server's (chatapi.page_limits, in the page served at ``/``), keeps the user name the server
+    takes, and refuses a message one character too long without sending it (counted in
+    characters as the server counts them: 32,000 emoji are not cut to 16,000 by ``maxlength``)."""
+    from botwire_stream.server.chatapi import page_limits
+
+    page = open_page(browser, serve.base, namespace)
+    assert page.evaluate("() => LIMITS") == page_limits()
+    limit = page_limits()["message_chars"]
+    assert page.evaluate("() => document.getElementById('message').maxLength") == -1  # no UTF-16 cap
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    page.get_by_label("Message").fill("a" * (limit + 1))
+    page.get_by_label("Message").press("Enter")
+    page.wait_for_selector(f"#error:has-text('at most {limit} characters, not {limit + 1}')")
+    assert posted == [] and page.locator("#log li").count() == 0
+    # the server's longest user name, kept in localStorage: the page keeps it and lists its conversation
+    user = "a" * 40
+    assert httpx.post(f"{serve.base}/v1/chat/{namespace}", json={"user": user}).status_code == 201
+    page.evaluate("u => localStorage.setItem('botwire.user', u)", user)
+    page.reload()
+    page.wait_for_selector("#conversations a")
+    assert page.evaluate("() => user") == user

@@ -45,6 +45,16 @@ async def _holder(url: str, namespace: str) -> int | None:
         await release(conn)
 
 
+async def _until_held_by(proc: subprocess.Popen[str], url: str, namespace: str, what: str) -> None:
+    """Wait until ``proc`` (still running) holds the audit consumer of ``namespace``."""
+
+    async def held() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        return await _holder(url, namespace) == proc.pid
+
+    await until(held, what, bound=60)
+
+
 async def test_a_second_audit_of_the_same_name_is_refused_and_a_killed_one_replaced(
     url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -56,12 +66,7 @@ async def test_a_second_audit_of_the_same_name_is_refused_and_a_killed_one_repla
     try:
         first = _consume(url, "audit", "-n", namespace, "--dir", str(tmp_path / "a"), "--no-progress")
         procs.append(first)
-
-        async def held_by_first() -> bool:
-            assert first.poll() is None, first.communicate()
-            return await _holder(url, namespace) == first.pid
-
-        await until(held_by_first, "the first audit holds its consumer", bound=60)
+        await _until_held_by(first, url, namespace, "the first audit holds its consumer")
         second = _consume(url, "audit", "-n", namespace, "--dir", str(tmp_path / "b"), "--no-progress")
         procs.append(second)
         _, err = second.communicate(timeout=60)
@@ -74,12 +79,7 @@ async def test_a_second_audit_of_the_same_name_is_refused_and_a_killed_one_repla
         first.wait(30)
         third = _consume(url, "audit", "-n", namespace, "--dir", str(tmp_path / "a"), "--no-progress")
         procs.append(third)
-
-        async def held_by_third() -> bool:
-            assert third.poll() is None, third.communicate()
-            return await _holder(url, namespace) == third.pid
-
-        await until(held_by_third, "a restarted audit takes over from the killed one", bound=60)
+        await _until_held_by(third, url, namespace, "a restarted audit takes over from the killed one")
         third.send_signal(signal.SIGTERM)
         assert third.wait(30) == 0
         assert await _holder(url, namespace) is None  # released on a graceful stop

@@ -13,7 +13,12 @@ Routes (JSON bodies, sent as ``application/json``, else 415; a refusal is a 4xx 
   same 202 and stores nothing (see ``ChatService._reserve``), also when the process that took the
   first one stopped between storing the question and recording the key: the question carries a
   ``Nats-Msg-Id`` derived from the key, and the key's hold names the answer the question carries.
-- ``GET /`` and ``/static/...``: the chat page.
+- ``GET /`` and ``/static/...``: the chat page; ``/`` is served with the limits below
+  (``page_limits``), so the page checks a user name and a message as the server does.
+
+``<ns>`` and ``<session>`` are checked first: a namespace that is not 1-64 characters of
+``[A-Za-z0-9_-]`` or a session id over 256 characters (or holding control characters) is a 400
+naming the limit, before the body is read.
 
 The producer appends the model's text coalesced (every ``flush_interval`` seconds at most one
 append, see ``Producer``) with an idempotent producer id, so persisting costs a few appends per
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import html
 import logging
 import os
 import re
@@ -47,12 +53,13 @@ from urllib.parse import quote
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import errors
 from ..chat import AsyncChatHistory
+from ..keys import check_namespace, check_session_id
 from ..memory import AsyncMemory
 from ..tokens import TokenStreams
 from . import NATS_TIMEOUT
@@ -61,7 +68,9 @@ from .model import ChatModel
 from .protocol import ProtocolError
 from .streams import read_body
 
-__all__ = ["ChatService", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE", "STRUCTS"]
+__all__ = [
+    "IDEMPOTENCY_KEY_PATTERN", "MAX_MESSAGE_CHARS", "REGISTRY_NAMESPACE", "STRUCTS", "USER_PATTERN", "ChatService", "page_limits", "schema_pattern",
+]
 
 log = logging.getLogger("botwire.serve.chat")
 
@@ -74,12 +83,27 @@ _MAX_BODY = 12 * MAX_MESSAGE_CHARS + 1024
 # structs /openapi.json documents are both made from these.
 _USER_CHARS = 40
 _USER = re.compile(rf"[A-Za-z0-9_]{{1,{_USER_CHARS}}}")
+
+
+def schema_pattern(pattern: str) -> str:
+    """A JSON Schema ``pattern`` that takes exactly the strings ``re.fullmatch(pattern, s)`` takes.
+
+    Schema patterns are unanchored (Python validators use ``re.search``, ECMA ``RegExp.test``).
+    ``^...$`` is not enough: Python's ``$`` also matches before a final newline, so ``"ada\\n"``
+    was valid by /openapi.json and refused here; ECMA has no ``\\Z``. "No character follows", a
+    lookahead both dialects have, is the end in both."""
+    return rf"^(?:{pattern})(?![\s\S])"
+
+
+USER_PATTERN = schema_pattern(_USER.pattern)
 _CONVERSATION = "botwire-chat:"  # the Memory key prefix of a conversation's record
 _HISTORY = 50  # the newest messages the model sees
 _STATIC = Path(__file__).with_name("static")
+_PAGE = Path(__file__).with_name("chatpage.html")  # not in static/: served only filled in, by index()
 _CLAIM_STALE = 30.0  # a recovery claimed this long ago by a process that then died is taken over
 _IDEMPOTENCY_KEY_CHARS = 255
 _IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{_IDEMPOTENCY_KEY_CHARS}}}")  # visible ASCII, as a header can carry it
+IDEMPOTENCY_KEY_PATTERN = schema_pattern(_IDEMPOTENCY_KEY.pattern)
 _IDEMPOTENCY_WINDOW = 86_400  # seconds a key's 202 is kept: a repeat within it gets the same one
 _IDEMPOTENCY_PENDING = 30.0  # seconds after which a key's unfinished request may be taken over
 _IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to store its question
@@ -90,7 +114,7 @@ _IDEMPOTENCY_WAIT = 10.0  # a repeat waits this long for the first request to st
 class NewConversation(msgspec.Struct):
     """``POST /v1/chat/<ns>``: the user the conversation belongs to."""
 
-    user: Annotated[str, msgspec.Meta(pattern=f"^{_USER.pattern}$")]
+    user: Annotated[str, msgspec.Meta(pattern=USER_PATTERN)]
 
 
 class Created(msgspec.Struct):
@@ -123,7 +147,7 @@ class NewMessage(msgspec.Struct):
     ``Idempotency-Key`` header (the same, if both are given)."""
 
     content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")]  # not blank
-    idempotency_key: Annotated[str, msgspec.Meta(pattern=f"^{_IDEMPOTENCY_KEY.pattern}$")] | None = None
+    idempotency_key: Annotated[str, msgspec.Meta(pattern=IDEMPOTENCY_KEY_PATTERN)] | None = None
 
 
 class Accepted(msgspec.Struct):
@@ -142,6 +166,23 @@ class ChatError(msgspec.Struct):
 
 
 STRUCTS: tuple[type[msgspec.Struct], ...] = (NewConversation, Created, ConversationList, Conversation, NewMessage, Accepted, ChatError)
+
+
+def page_limits() -> dict[str, Any]:
+    """The limits the chat page checks before it sends, as the handlers check them: a user name
+    (``user_pattern``, /openapi.json's pattern) and a message's characters (``message_chars``)."""
+    return {"user_pattern": USER_PATTERN, "message_chars": MAX_MESSAGE_CHARS}
+
+
+def _stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` when this task is being cancelled though no await raised it.
+
+    Python 3.11's ``wait_for`` (in nats-py's requests) can swallow a cancel that arrives as its
+    call ends: the lease watcher then looped on, and ``close()``, awaiting it, never returned (seen:
+    2 of 25 short test services hung at exit under load)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _accepted(stream: str, seq: int) -> Accepted:
@@ -354,7 +395,10 @@ class ChatService:
 
     # -- routes -----------------------------------------------------------------------------------
     async def index(self, request: Request) -> Response:
-        return FileResponse(_STATIC / "index.html", headers={**COMMON, "cache-control": "no-cache"})
+        """The chat page, with ``page_limits`` in its ``botwire-limits`` meta tag."""
+        limits = html.escape(msgspec.json.encode(page_limits()).decode(), quote=True)
+        page = _PAGE.read_text("utf-8").replace("{{limits}}", limits)
+        return HTMLResponse(page, headers={**COMMON, "cache-control": "no-cache"})
 
     async def _guard(self, request: Request, handler: Any) -> Response:
         try:
@@ -381,8 +425,22 @@ class ChatService:
             raise _Refused(400, "the body must be a JSON object")
         return body
 
+    @staticmethod
+    def _names(request: Request) -> tuple[str, str]:
+        """The route's ``ns`` and ``session`` ("" on a route without one), checked before anything
+        else: over its limit, either is a 400 that names the limit (a long one was a 400 about an
+        internal key's bytes, or cut before the limit by the error's 300-character cap)."""
+        ns, session = request.path_params["ns"], request.path_params.get("session")
+        check_namespace(ns)
+        if session is not None:
+            check_session_id(session)
+        return ns, session or ""
+
     async def _record(self, ns: str, session: str) -> dict[str, Any]:
-        record = await self.memory(ns).get(_CONVERSATION + session)
+        try:
+            record = await self.memory(ns).get(_CONVERSATION + session)
+        except errors.InvalidKey:  # a valid id too long for a record's key (256 4-byte characters)
+            record = None
         if not isinstance(record, dict):
             raise _Refused(404, f"no conversation {session!r} in namespace {ns!r}; create one with POST /v1/chat/{ns}")
         return record
@@ -397,7 +455,7 @@ class ChatService:
         return await self._guard(request, self._conversations)
 
     async def _conversations(self, request: Request) -> Response:
-        ns = request.path_params["ns"]
+        ns, _ = self._names(request)
         mem = self.memory(ns)
         if request.method == "POST":
             body = await self._body(request)
@@ -421,7 +479,7 @@ class ChatService:
         return await self._guard(request, self._conversation)
 
     async def _conversation(self, request: Request) -> Response:
-        ns, session = request.path_params["ns"], request.path_params["session"]
+        ns, session = self._names(request)
         record = await self._record(ns, session)
         return _json(200, Conversation(session, str(record.get("title", "")), f"/v1/stream/chat/{ns}/{quote(session)}"))
 
@@ -429,7 +487,7 @@ class ChatService:
         return await self._guard(request, self._post_message)
 
     async def _post_message(self, request: Request) -> Response:
-        ns, session = request.path_params["ns"], request.path_params["session"]
+        ns, session = self._names(request)
         body = await self._body(request)
         content = body.get("content")
         if not isinstance(content, str) or not content.strip():
@@ -468,8 +526,10 @@ class ChatService:
                 except BaseException as exc:
                     # A write of unknown outcome may be stored: keep the answer's record (the lease
                     # watcher closes the answer, as incomplete if its question is there) and the
-                    # key's hold (a retry finds the question through it, after the 120 s window too)
-                    unsure = isinstance(exc, errors.OutcomeUnknown)
+                    # key's hold (a retry finds the question through it, after the 120 s window too).
+                    # A cancelled one (the request's task cancelled: a client gone, a shutdown) too:
+                    # its publish may have left, and the server stores it without us
+                    unsure = isinstance(exc, (errors.OutcomeUnknown, asyncio.CancelledError))
                     if not unsure:  # no answer without its question: forget it (a watcher would close it)
                         with contextlib.suppress(errors.BotWireError):
                             await registry.delete(f"answer:{answer}")
@@ -596,6 +656,7 @@ class ChatService:
     async def _renew(self, answer: str) -> None:
         registry = self.memory(REGISTRY_NAMESPACE)
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(self.lease_ttl / 4)
             with contextlib.suppress(errors.BotWireError):
                 await registry.set(f"lease:{answer}", self.owner, ttl=self.lease_ttl)
@@ -690,6 +751,7 @@ class ChatService:
                         await self.recover(answer)
             except Exception as exc:  # the watcher must outlive any one bad record or outage
                 log.warning("lease check failed: %r", exc)
+            _stop_if_cancelled()
             await asyncio.sleep(self.lease_ttl / 4)
 
     async def recover(self, answer: str) -> bool:

@@ -14,9 +14,10 @@ from . import chatapi, hosted, rest, rest_chat, rest_keys, rest_replay
 __all__ = ["document", "docs_page"]
 
 _REF = "#/components/schemas/{name}"
-_NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}
+# not "^...$": Python's $ also matches before a final newline (chatapi.schema_pattern)
+_NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string", "pattern": chatapi.schema_pattern("[A-Za-z0-9_-]{1,64}")}}
 _KEY = {"name": "key", "in": "path", "required": True, "description": "percent-encoded; any UTF-8 string of 1-1024 bytes", "schema": {"type": "string", "minLength": 1}}
-_SESSION = {"name": "session", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 256}}
+_SESSION = {"name": "session", "in": "path", "required": True, "description": "1-256 characters, no control characters", "schema": {"type": "string", "minLength": 1, "maxLength": 256}}
 
 
 def _q(name: str, kind: str = "string", desc: str = "") -> dict[str, Any]:
@@ -131,9 +132,9 @@ def _chat_paths() -> dict[str, Any]:
     """The chat endpoint (``chatapi.ChatService.routes``): the path parameters keep the routes'
     names, so tests/test_serve_review.py can match the app's routes to these paths."""
     ns = {**_NS, "name": "ns"}
-    user = {"name": "user", "in": "query", "required": True, "schema": {"type": "string", "pattern": f"^{chatapi._USER.pattern}$"}}
+    user = {"name": "user", "in": "query", "required": True, "schema": {"type": "string", "pattern": chatapi.USER_PATTERN}}
     key = {
-        "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "pattern": f"^{chatapi._IDEMPOTENCY_KEY.pattern}$"},
+        "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "pattern": chatapi.IDEMPOTENCY_KEY_PATTERN},
         "description": "a repeat with the same key and message within 24 h gets the same 202 and stores nothing (422: another message)",
     }
     return {

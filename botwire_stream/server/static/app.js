@@ -8,8 +8,12 @@
 
 const NS = new URLSearchParams(location.search).get("ns") || "demo";
 const $ = (id) => document.getElementById(id);
+// The server's limits, written into the page it serves (chatapi.page_limits): one source, so the
+// page keeps no user name the server refuses and sends no message it would refuse as too long.
+const LIMITS = JSON.parse(document.querySelector('meta[name="botwire-limits"]').content);
+const USER = new RegExp(LIMITS.user_pattern, "u"); // the JSON Schema pattern of /openapi.json
 let user = localStorage.getItem("botwire.user");
-if (!/^[A-Za-z0-9_]{1,40}$/.test(user || "")) {
+if (!USER.test(user || "")) {
   user = "u" + crypto.getRandomValues(new Uint32Array(2)).join("").slice(0, 14);
   localStorage.setItem("botwire.user", user);
 }
@@ -222,6 +226,11 @@ async function send(event) {
   const content = box.value;
   if (!content.trim()) return;
   $("error").textContent = "";
+  const chars = [...content].length; // code points, as the server counts (not maxlength's UTF-16 units)
+  if (chars > LIMITS.message_chars) {
+    $("error").textContent = `Not sent: a message holds at most ${LIMITS.message_chars} characters, not ${chars}`;
+    return;
+  }
   $("send").disabled = true;
   try {
     if (!current) openConversation(await newConversation());
