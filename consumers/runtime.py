@@ -29,7 +29,7 @@ from botwire_stream.nats.rawsub import status as raw_status
 
 from .lock import hold
 
-__all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "chat_source", "kv_source", "run", "status"]
+__all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "ack_many", "chat_source", "kv_source", "run", "status"]
 
 PREFIX: Final = "botwire-"  # every consumer this package makes is named botwire-<kind>[-<id>]
 _ACK_WAIT: Final = 60.0  # seconds before an unacknowledged event is delivered again
@@ -64,17 +64,21 @@ class Delivery:
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`` (or 12 tokens, with
     domain and account hash after ``$JS.ACK`` and a random token at the end)."""
 
-    __slots__ = ("_nc", "data", "hdr", "pending", "reply", "seq", "subject", "ts")
+    __slots__ = ("_nc", "_reply", "data", "hdr", "pending", "seq", "subject", "ts")
 
     def __init__(self, nc: Any, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
         self._nc = nc
         self.subject = subject.decode()
-        self.reply = reply.decode()
+        self._reply = reply
         self.data = data
         self.hdr = hdr
-        t = self.reply.split(".")
+        t = reply.split(b".")  # on bytes: once per event (int() takes bytes)
         i = 5 if len(t) == 9 else 7
         self.seq, self.ts, self.pending = int(t[i]), int(t[i + 2]), int(t[i + 3])
+
+    @property
+    def reply(self) -> str:
+        return self._reply.decode()
 
     def header(self, name: bytes) -> str | None:
         return header(self.hdr, name)
@@ -82,6 +86,25 @@ class Delivery:
     async def ack(self) -> None:
         """Acknowledge (explicit ack policy: this event only)."""
         await self._nc.publish(self.reply, b"+ACK")
+
+
+async def ack_many(deliveries: Sequence[Delivery]) -> None:
+    """Acknowledge every one of ``deliveries`` (each on its own: explicit ack policy) in one write
+    to the socket: nats-py's ``publish`` per ack was a seventh of the materialiser's time at 5k
+    events/s (measured, cProfile), for a message that is always the same 4 bytes. Like a
+    ``publish``, it is buffered while the connection is being re-established; an ack lost with a
+    connection only delays the event's redelivery, which changes nothing twice."""
+    if not deliveries:
+        return
+    nc = deliveries[0]._nc
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    # the PUB line nats-py writes for publish(reply, b"+ACK"): subject, size, payload
+    await nc._send_command(b"".join([b"PUB " + d._reply + b" 4\r\n+ACK\r\n" for d in deliveries]))
+    stats = nc.stats
+    stats["out_msgs"] += len(deliveries)
+    stats["out_bytes"] += 4 * len(deliveries)
+    await nc._flush_pending()
 
 
 def kv_source(conn: Connection, namespace: str) -> Source:
