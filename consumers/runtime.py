@@ -34,6 +34,9 @@ __all__ = ["ConsumerStatus", "Delivery", "Source", "Worker", "ack_many", "chat_s
 PREFIX: Final = "botwire-"  # every consumer this package makes is named botwire-<kind>[-<id>]
 _ACK_WAIT: Final = 60.0  # seconds before an unacknowledged event is delivered again
 FETCH_WAIT: Final = 0.5  # seconds a fetch waits for events: also how soon a stop is noticed
+# Seconds disconnected before a raw worker revives the embedded server itself (nats-py gets back
+# to a server restarted on the same port by itself, within its reconnect wait).
+_REVIVE_AFTER: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,13 @@ async def ack_many(deliveries: Sequence[Delivery]) -> None:
     """Acknowledge every one of ``deliveries`` (each on its own: explicit ack policy) in one write
     to the socket: nats-py's ``publish`` per ack was a seventh of the materialiser's time at 5k
     events/s (measured, cProfile), for a message that is always the same 4 bytes. Like a
-    ``publish``, it is buffered while the connection is being re-established; an ack lost with a
+    ``publish``, it is buffered while the connection is being re-established (dropped on a closed client); an ack lost with a
     connection only delays the event's redelivery, which changes nothing twice."""
     if not deliveries:
         return
     nc = deliveries[0]._nc
     if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
+        return  # delivered by a client since replaced (raw_pump): delivered again on the new one
     # the PUB line nats-py writes for publish(reply, b"+ACK"): subject, size, payload
     await nc._send_command(b"".join([b"PUB " + d._reply + b" 4\r\n+ACK\r\n" for d in deliveries]))
     stats = nc.stats
@@ -232,8 +235,34 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
             sent = 0.0
             active = time.monotonic()  # when a batch was last handled, or idle last called
             reconnects = nc.stats["reconnects"]
+            lost: float | None = None  # since when the connection is down
             try:
                 while not stop.is_set():
+                    if conn.nc is not nc:
+                        # Replaced by ``conn.recover`` (the embedded server came back on another
+                        # port, or the old client could not reach it again): the inbox belongs to
+                        # the old client, which is closed. The deliveries in hand are dropped, not
+                        # acknowledged: delivered again after the reset below (idempotent).
+                        await inbox.stop()
+                        arrived.clear()
+                        try:
+                            inbox = await RawSubscription(conn.nc, conn.nc.new_inbox(), sink).start()
+                        except nats.errors.Error:
+                            await asyncio.sleep(0.2)  # tried again next round
+                            continue
+                        nc = conn.nc
+                        reconnects, state["done"] = -1, True  # reset from the ack floor, ask again
+                    if not nc.is_connected:
+                        # Nothing else restarts a dead embedded server while this worker only
+                        # waits for events (writes would): revive it, as a watch does.
+                        lost = lost or time.monotonic()
+                        if conn.restart is not None and time.monotonic() - lost > _REVIVE_AFTER:
+                            with contextlib.suppress(Exception):  # anything: tried again later
+                                await asyncio.wait_for(conn.recover(), 3 * _REVIVE_AFTER + 5)
+                            lost = time.monotonic()
+                            continue
+                    else:
+                        lost = None
                     if nc.stats["reconnects"] != reconnects and nc.is_connected:
                         try:  # as in pump: resume from the ack floor at once
                             await conn.js.reset_consumer(source.stream, worker.durable)

@@ -1,0 +1,96 @@
+"""A raw worker (the materialiser) outlives its embedded server: SIGKILLed, it comes back on another
+port, and the materialiser follows it there by itself and materialises what is written after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from botwire_stream import AsyncChatHistory, keys
+from botwire_stream.nats import embedded
+from botwire_stream.nats import materialised as mat
+from botwire_stream.nats.pool import acquire, release
+from botwire_stream.settings import resolve
+
+from .procs import ROOT
+from .waits import until
+
+pytestmark = pytest.mark.nats_only
+
+
+@contextmanager
+def _holding(port: int) -> Iterator[None]:
+    """Keep ``port`` bound after its server was killed, so that the restart must pick another."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                holder.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"port {port} stayed busy"
+                time.sleep(0.05)
+        holder.listen()
+        yield
+
+
+def _dead(home: Path, pid: int) -> bool:
+    """Whether the embedded server ``pid`` is gone (a zombie of this process counts as gone)."""
+    state = embedded.status(home)
+    return state is None or state.pid != pid
+
+
+@pytest.mark.slow
+async def test_the_materialiser_follows_its_embedded_server_to_a_new_port(botwire_home: Path, namespace: str) -> None:
+    history = AsyncChatHistory("s", namespace=namespace)
+    conn = await acquire(resolve(None))  # the embedded server of botwire_home, as the worker's
+    subject = mat.summary_subject(namespace, keys.encode_key("s"))
+
+    async def materialised(count: int) -> bool:
+        last = await conn.direct_get_last(mat.mat_stream(namespace), subject, 5.0)
+        return last is not None and msgspec.json.decode(last.data, type=mat.Summary).message_count == count
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "consume", "materialise", "-n", namespace],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await history.extend([{"role": "user", "content": f"before {i}"} for i in range(20)])
+        await until(lambda: materialised(20), "the first 20 messages materialised", 30)
+
+        state = embedded.status(botwire_home)
+        assert state is not None
+        os.kill(state.pid, signal.SIGKILL)  # the server this test's process started
+        deadline = time.monotonic() + 10
+        while not _dead(botwire_home, state.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with _holding(state.port):
+            # this write restarts the server (the process's connection recovers), on a new port
+            await history.extend([{"role": "user", "content": f"after {i}"} for i in range(20)])
+            now = embedded.status(botwire_home)
+            assert now is not None and now.port != state.port
+            await until(lambda: materialised(40), "the 20 later messages materialised", 30)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        expected = [f"before {i}" for i in range(20)] + [f"after {i}" for i in range(20)]
+        assert [m["content"] for m in await history.messages()] == expected
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        await history.close()
+        await release(conn)
