@@ -110,6 +110,22 @@ async def ack_many(deliveries: Sequence[Delivery]) -> None:
     await nc._flush_pending()
 
 
+async def _revive(conn: Connection, lost: float | None) -> float | None:
+    """While the connection is down (``lost``: since when; None: up), revive the embedded server
+    after ``_REVIVE_AFTER`` s: nothing else restarts a dead one while a worker only waits for
+    events (a write would, through ``call``), as a watch does. Returns the new ``lost``."""
+    if conn.nc.is_connected:
+        return None
+    now = time.monotonic()
+    if lost is None:
+        return now
+    if conn.restart is not None and now - lost > _REVIVE_AFTER:
+        with contextlib.suppress(Exception):  # anything: tried again later
+            await asyncio.wait_for(conn.recover(), 3 * _REVIVE_AFTER + 5)
+        return time.monotonic()
+    return lost
+
+
 def kv_source(conn: Connection, namespace: str) -> Source:
     kv = NatsMemory(conn, namespace, history=None, replicas=1, timeout=5.0)
     return Source(kv.stream, kv.prefix + ">", namespace, "keys", kv.config())
@@ -252,17 +268,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                             continue
                         nc = conn.nc
                         reconnects, state["done"] = -1, True  # reset from the ack floor, ask again
-                    if not nc.is_connected:
-                        # Nothing else restarts a dead embedded server while this worker only
-                        # waits for events (writes would): revive it, as a watch does.
-                        lost = lost or time.monotonic()
-                        if conn.restart is not None and time.monotonic() - lost > _REVIVE_AFTER:
-                            with contextlib.suppress(Exception):  # anything: tried again later
-                                await asyncio.wait_for(conn.recover(), 3 * _REVIVE_AFTER + 5)
-                            lost = time.monotonic()
-                            continue
-                    else:
-                        lost = None
+                    lost = await _revive(conn, lost)
                     if nc.stats["reconnects"] != reconnects and nc.is_connected:
                         try:  # as in pump: resume from the ack floor at once
                             await conn.js.reset_consumer(source.stream, worker.durable)
@@ -302,8 +308,24 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                 await inbox.stop()
 
         async def pump(source: Source, sub: Any) -> None:
-            reconnects = conn.nc.stats["reconnects"]
+            nc = conn.nc
+            reconnects = nc.stats["reconnects"]
+            lost: float | None = None  # since when the connection is down
             while not stop.is_set():
+                if conn.nc is not nc:
+                    # Replaced by ``conn.recover`` (as in raw_pump): the pull subscription belongs
+                    # to the old, closed client; made again on the new one (from the ack floor).
+                    try:
+                        sub = await _subscribe(conn, worker, source)
+                    except (nats.errors.Error, asyncio.TimeoutError):
+                        await asyncio.sleep(0.2)  # tried again next round
+                        continue
+                    nc = conn.nc
+                    reconnects = nc.stats["reconnects"]
+                lost = await _revive(conn, lost)
+                if lost is not None and not nc.is_connected:
+                    await asyncio.sleep(0.05)
+                    continue
                 if conn.nc.stats["reconnects"] != reconnects and conn.nc.is_connected:
                     # Reconnected (the server restarted, or a link dropped): what was fetched and
                     # not yet acknowledged, or whose acknowledgement was lost, would wait out
@@ -317,8 +339,8 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                         continue
                 try:
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    msgs = []
+                except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError):
+                    msgs = []  # closed: the client was replaced meanwhile (next round)
                 if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)
                     async with lock:
                         await worker.idle()
