@@ -120,10 +120,14 @@ async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: as
             held[key] = await _take(kv, key, me, consumer)
 
         async def beat() -> None:
+            nonlocal kv
+            nc = conn.nc
             while True:
                 await asyncio.sleep(HEARTBEAT)
                 for key, revision in list(held.items()):
                     try:
+                        if conn.nc is not nc:  # replaced (conn.recover): the old client is closed
+                            kv, nc = await _bucket(conn), conn.nc
                         held[key] = await kv.update(key, me, last=revision)
                     except nats.js.errors.KeyWrongLastSequenceError:
                         lost.set()  # taken over: another instance runs now

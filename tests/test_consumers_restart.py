@@ -23,6 +23,7 @@ from botwire_stream.nats import embedded
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
+from consumers.lock import BUCKET, HEARTBEAT
 from consumers.runtime import status
 
 from .procs import ROOT
@@ -102,6 +103,15 @@ async def test_a_worker_follows_its_embedded_server_to_a_new_port(
             now = embedded.status(botwire_home)
             assert now is not None and now.port != state.port
             await until(lambda: handled(40), "the 20 later messages handled", 30)
+            # and it still holds its instance lock: the heartbeat rewrites the entry on the new server
+            lock = await conn.js.key_value(BUCKET)
+            key = f"BOTWIRE_CHAT_{namespace}.botwire-{kind}"
+            first = (await lock.get(key)).revision
+
+            async def beating() -> bool:
+                return (await lock.get(key)).revision > first
+
+            await until(beating, "a heartbeat of the lock", 10 * HEARTBEAT)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         expected = [f"before {i}" for i in range(20)] + [f"after {i}" for i in range(20)]
         assert [m["content"] for m in await history.messages()] == expected
