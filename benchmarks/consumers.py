@@ -13,18 +13,14 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
-
-import msgspec
-import nats
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
-from botwire_stream.nats import materialised as mat
 from consumers.runtime import status
 
 from ._registry import Context, benchmark
@@ -116,32 +112,48 @@ def consumers_read(ctx: Context) -> list[Table]:
     return [table]
 
 
+_OBSERVER = """
+import asyncio, sys, time
+import msgspec, nats
+from botwire_stream.nats.materialised import Summary
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    seen = []
+    decode = msgspec.json.Decoder(Summary).decode
+    def on(msg):
+        seen.append((msg.subject.rsplit(".", 1)[-1], decode(msg.data).covered, time.time_ns()))
+    async def cb(msg):
+        on(msg)
+    await nc.subscribe(f"botwire.{sys.argv[2]}.mat.s.>", cb=cb)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes it
+    await nc.close()
+    sys.stdout.write("".join(f"{t} {c} {n}\\n" for t, c, n in seen))
+asyncio.run(main())
+"""
+
+
 @benchmark("consumers-lag", "materialiser lag p99 at 5,000 appends/s over 50 conversations")
 def consumers_lag(ctx: Context) -> list[Table]:
     url = ctx.nats_url
     ns = "bench_consumers_lag"
     rate, seconds, convs = 5_000, ctx.pick(3, 10), 50
+    # The summaries are watched by a process of their own: seen from the writer's event loop, busy
+    # with 5,000 appends/s, they waited for it (measured: that loop near a whole core of 2).
+    observer = subprocess.Popen(
+        [sys.executable, "-c", _OBSERVER, url, ns], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, cwd=ctx.project_root,
+    )
+    assert observer.stdout is not None and observer.stdin is not None
+    if observer.stdout.readline().strip() != "ready":
+        raise RuntimeError("the summary observer did not start")
 
-    async def measure() -> tuple[list[float], int]:
+    async def measure() -> dict[int, tuple[str, int]]:
         histories = [AsyncChatHistory(f"c{i}", namespace=ns, url=url) for i in range(convs)]
         for h in histories:
             await h.open()
-        nc = await nats.connect(url)
-        seen: dict[str, int] = {}  # conversation token -> covered
-        done_at: dict[int, int] = {}  # seq -> when materialised (ns)
         acked: dict[int, tuple[str, int]] = {}  # seq -> (token, when acked)
-        pending: dict[str, list[int]] = {}
-
-        async def on_summary(msg: Any) -> None:
-            now = time.time_ns()
-            s = msgspec.json.decode(msg.data, type=mat.Summary)
-            token = msg.subject.rsplit(".", 1)[-1]
-            seen[token] = s.covered
-            waiting = pending.get(token, [])
-            while waiting and waiting[0] <= s.covered:
-                done_at[waiting.pop(0)] = now
-
-        await nc.subscribe(f"botwire.{ns}.mat.s.>", cb=on_summary)
         proc = _materialiser(ctx, ns)
         try:
             await histories[0].append({"role": "user", "content": "warm"})
@@ -152,17 +164,8 @@ def consumers_lag(ctx: Context) -> list[Table]:
 
             async def one(i: int) -> None:
                 async with sem:
-                    h = histories[i % convs]
-                    seq = await h.append({"role": "user", "content": f"m{i}"})
-                    t = time.time_ns()
-                    token = f"c{i % convs}"
-                    acked[seq] = (token, t)
-                    if seen.get(token, 0) >= seq:
-                        done_at[seq] = t
-                    else:
-                        waiting = pending.setdefault(token, [])
-                        waiting.append(seq)
-                        waiting.sort()
+                    seq = await histories[i % convs].append({"role": "user", "content": f"m{i}"})
+                    acked[seq] = (f"c{i % convs}", time.time_ns())
 
             tasks = []
             for i in range(n):
@@ -171,18 +174,39 @@ def consumers_lag(ctx: Context) -> list[Table]:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(i)))
             await asyncio.gather(*tasks)
-            deadline = time.monotonic() + 30
-            while len(done_at) < len(acked) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            lags = [max(0, done_at[s] - t) / 1e6 for s, (_, t) in acked.items() if s in done_at]
-            return lags, len(acked) - len(lags)
+            try:
+                await _wait_caught_up(url, ns, 30)
+            except RuntimeError:
+                pass  # counted as not materialised below
+            await asyncio.sleep(0.5)  # the last summaries reach the observer
+            return acked
         finally:
             _stop(proc)
-            await nc.close()
             for h in histories:
                 await h.close()
 
-    lags, missing = ctx.run(measure())
+    try:
+        acked = ctx.run(measure())
+        out, _ = observer.communicate(input="", timeout=60)
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+            observer.wait()
+    # per conversation, in arrival order: the highest sequence covered so far, and when seen
+    covers: dict[str, list[int]] = {}
+    whens: dict[str, list[int]] = {}
+    for line in out.splitlines():
+        token, covered, when = line.split()
+        c = covers.setdefault(token, [])
+        c.append(max(int(covered), c[-1] if c else 0))
+        whens.setdefault(token, []).append(int(when))
+    lags = []
+    for seq, (token, t) in acked.items():
+        c = covers.get(token, [])
+        i = bisect.bisect_left(c, seq)  # the first summary of its conversation that covers it
+        if i < len(c):
+            lags.append(max(0, whens[token][i] - t) / 1e6)
+    missing = len(acked) - len(lags)
     lags.sort()
     p50 = lags[len(lags) // 2]
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
@@ -194,6 +218,7 @@ def consumers_lag(ctx: Context) -> list[Table]:
         "append acked -> summary says materialised", p50, p99, lags[-1], len(lags), f"p99 < {LAG_TARGET_MS:.0f} ms",
         "PASS" if p99 < LAG_TARGET_MS and not missing else "MISS",
     )
+    table.notes.append("summaries seen by another process (clock: the same machine's time.time_ns).")
     if missing:
         table.notes.append(f"{missing} appends were not seen materialised within 30 s.")
     return [table]

@@ -415,6 +415,14 @@ class ReplayBackend(Protocol):
         """The events of the conversations matching the glob, oldest first."""
         ...
 
+    def key_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
+        """``key_events`` a non-empty list at a time, as they arrive (a replay steps per list)."""
+        ...
+
+    def chat_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
+        """``chat_events`` a non-empty list at a time."""
+        ...
+
     async def key_at(self, key: str, at: datetime) -> bytes | None:
         """The key's encoded value as of ``at`` (None: none), or ``BeforeRetention``."""
         ...

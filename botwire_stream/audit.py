@@ -38,6 +38,7 @@ __all__ = [
     "check_retention",
     "check_time",
     "parse_when",
+    "raw_bursts",
     "raw_events",
 ]
 
@@ -164,35 +165,64 @@ def to_event(raw: RawEvent) -> Event:
     return Event(raw.source, raw.seq, raw.time, raw.kind, raw.name, _decoded(raw.data), raw.origin, raw.upto)
 
 
-async def _merge(a: AsyncIterator[RawEvent], b: AsyncIterator[RawEvent]) -> AsyncIterator[RawEvent]:
-    """Two logs' events as one, by time (keys first at equal times), each log's order kept."""
-    x = await anext(a, None)
-    y = await anext(b, None)
-    while x is not None or y is not None:
-        if y is None or (x is not None and x.time <= y.time):
-            assert x is not None
-            yield x
-            x = await anext(a, None)
-        else:
-            yield y
-            y = await anext(b, None)
+async def _merge(a: AsyncIterator[list[RawEvent]], b: AsyncIterator[list[RawEvent]]) -> AsyncIterator[list[RawEvent]]:
+    """Two logs' bursts of events as one, by time (keys first at equal times), each log's order
+    kept: the same order as taking the earlier head event one at a time, a run at a time."""
+    xs = await anext(a, None)
+    ys = await anext(b, None)
+    i = j = 0
+    while xs is not None and ys is not None:
+        out: list[RawEvent] = []
+        while i < len(xs) and j < len(ys):
+            k, y = i, ys[j].time
+            while k < len(xs) and xs[k].time <= y:  # keys first at equal times
+                k += 1
+            out += xs[i:k]
+            i = k
+            if i == len(xs):
+                break
+            k, x = j, xs[i].time
+            while k < len(ys) and ys[k].time < x:
+                k += 1
+            out += ys[j:k]
+            j = k
+        if out:
+            yield out
+        if i == len(xs):
+            xs, i = await anext(a, None), 0
+        if j == len(ys):
+            ys, j = await anext(b, None), 0
+    rest, left = (xs, a) if xs is not None else (ys, b)
+    if rest is not None:
+        yield rest[i if xs is not None else j :]
+        async for burst in left:
+            yield burst
 
 
-def raw_events(
+def raw_bursts(
     backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
-) -> AsyncIterator[RawEvent]:
-    """The stored events of ``backend``'s namespace, undecoded (what ``botwire serve`` streams),
-    keys and conversations merged by time; arguments already checked."""
+) -> AsyncIterator[list[RawEvent]]:
+    """The stored events of ``backend``'s namespace, undecoded, keys and conversations merged by
+    time, a list at a time (as they arrive); arguments already checked."""
     if keys is not None and conversations is not None:
-        return _merge(backend.key_events(keys, start, end), backend.chat_events(conversations, start, end))
+        return _merge(backend.key_bursts(keys, start, end), backend.chat_bursts(conversations, start, end))
     if keys is not None:
-        return backend.key_events(keys, start, end)
+        return backend.key_bursts(keys, start, end)
     if conversations is not None:
-        return backend.chat_events(conversations, start, end)
+        return backend.chat_bursts(conversations, start, end)
     return _nothing()
 
 
-async def _nothing() -> AsyncIterator[RawEvent]:
+async def raw_events(
+    backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
+) -> AsyncIterator[RawEvent]:
+    """``raw_bursts`` one event at a time (what ``botwire serve`` streams)."""
+    async for burst in raw_bursts(backend, start=start, end=end, keys=keys, conversations=conversations):
+        for raw in burst:
+            yield raw
+
+
+async def _nothing() -> AsyncIterator[list[RawEvent]]:
     return
     yield
 
@@ -201,8 +231,9 @@ async def events(
     backend: ReplayBackend, *, start: Bound, end: Bound, keys: str | None, conversations: str | None
 ) -> AsyncGenerator[Event, None]:
     """The events of ``backend``'s namespace (see ``areplay``), arguments already checked."""
-    async for raw in raw_events(backend, start=start, end=end, keys=keys, conversations=conversations):
-        yield to_event(raw)
+    async for burst in raw_bursts(backend, start=start, end=end, keys=keys, conversations=conversations):
+        for raw in burst:
+            yield to_event(raw)
 
 
 def check_replay(
@@ -253,8 +284,10 @@ async def _replay(
     running_loop()
     backend = await open_replay(opts, namespace, timeout=timeout)
     try:
-        async for event in events(backend, start=lo, end=hi, keys=k, conversations=c):
-            yield event
+        # one generator step per event here, the layers below step per burst (raw_bursts)
+        async for burst in raw_bursts(backend, start=lo, end=hi, keys=k, conversations=c):
+            for raw in burst:
+                yield to_event(raw)
     finally:
         await backend.close()
 

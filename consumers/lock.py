@@ -118,8 +118,9 @@ async def _take(kv: KeyValue, key: str, me: bytes, consumer: str) -> int:
 class Lease:
     """The entries held by this process, and whether it may still write (see the module's Fencing)."""
 
-    def __init__(self, kv: KeyValue, me: bytes, lost: asyncio.Event) -> None:
-        self.kv, self.me, self.lost = kv, me, lost
+    def __init__(self, conn: Connection, kv: KeyValue, me: bytes, lost: asyncio.Event) -> None:
+        self.conn, self.kv, self.me, self.lost = conn, kv, me, lost
+        self.nc = conn.nc  # the client ``kv`` was made on
         self.taken = False  # an entry was found taken over: this process must write nothing more
         self.held: dict[str, int] = {}
         self.confirmed = time.monotonic()  # when the last successful rewrite (or take) was sent
@@ -132,6 +133,8 @@ class Lease:
             if self.taken:
                 return False
             sent = time.monotonic()
+            if self.conn.nc is not self.nc:  # replaced (conn.recover): the old client is closed
+                self.kv, self.nc = await _bucket(self.conn), self.conn.nc
             for key, revision in list(self.held.items()):
                 try:
                     self.held[key] = await self.kv.update(key, self.me, last=revision)
@@ -162,7 +165,7 @@ async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: as
     whose ``check()`` guards every write."""
     kv = await _bucket(conn)
     me = msgspec.json.encode(Holder(socket.gethostname(), os.getpid(), consumer))
-    lease = Lease(kv, me, lost)
+    lease = Lease(conn, kv, me, lost)
     held = lease.held
     try:
         for stream in sorted(set(streams)):
@@ -188,4 +191,4 @@ async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: as
     finally:
         for key, revision in held.items():
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-                await kv.delete(key, last=revision)
+                await lease.kv.delete(key, last=revision)

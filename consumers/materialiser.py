@@ -15,10 +15,10 @@ caught-up materialiser writes every batch at once (its lag is a batch).
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -28,7 +28,7 @@ from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, Summary
 from botwire_stream.times import parse_time
 
-from .runtime import Delivery, Source, Worker
+from .runtime import Delivery, Source, Worker, ack_many
 
 __all__ = ["Materialiser"]
 
@@ -45,6 +45,7 @@ _MERGES: Final = 8
 _TITLE: Final = 80  # characters of the first user message kept as the title
 _FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top level
 _packer = msgspec.msgpack.Encoder()
+_ROLLUP: Final = {"Nats-Rollup": "sub"}  # a summary replaces the conversation's previous one
 _summary_decoder = msgspec.json.Decoder(Summary)
 
 
@@ -108,7 +109,22 @@ class Materialiser(Worker):
 
     async def _flush(self, convs: list[_Conv]) -> None:
         for i in range(0, len(convs), _PARALLEL):
-            await asyncio.gather(*(self._flush_one(c) for c in convs[i : i + _PARALLEL]))
+            # The usual write of each conversation (its new chunk and summary) is collected, and
+            # the group's writes are published back to back with their acks awaited together: one
+            # call instead of two per conversation (measured: the per-write call was the largest
+            # part of the materialiser's time at 5k appends/s). Acknowledged once all are stored.
+            writes: list[tuple[str, bytes, Mapping[str, str]]] = []
+            done = await asyncio.gather(*(self._flush_one(c, writes) for c in convs[i : i + _PARALLEL]))
+            if writes:
+                if not await self.held():  # taken over meanwhile: nothing more is written or acked
+                    return
+                await self.conn.publish_pipelined(writes, 10.0)
+            handled = [m for ms in done for m in ms]
+            await ack_many(handled)
+            self._held -= len(handled)
+            if len(self._convs) > _KEPT:  # the state is in the stream: reloaded when written again
+                for token in [t for t, c in self._convs.items() if not c.held][: len(self._convs) // 2]:
+                    del self._convs[token]
         await self._merges(_MERGES)
 
     async def _merges(self, most: int) -> None:
@@ -124,9 +140,11 @@ class Materialiser(Worker):
             if conv.counts[level] >= MERGE:
                 await self._merge(conv, level)
 
-    async def _flush_one(self, conv: _Conv) -> None:
+    async def _flush_one(self, conv: _Conv, writes: list[tuple[str, bytes, Mapping[str, str]]]) -> list[Delivery]:
+        """Materialise what ``conv`` holds (its usual write added to ``writes``, the rest written
+        now); the deliveries to acknowledge once ``writes`` are stored."""
         if not await self.held():  # taken over mid-flush: the new holder materialises the rest
-            return
+            return []
         held, conv.held = conv.held, []
         events, conv.events = conv.events, []
         if not conv.loaded:
@@ -138,16 +156,11 @@ class Materialiser(Worker):
             # (each FETCH_WAIT), so the summary says "cleared" without waiting for a new message.
             conv.recheck = _RECHECKS
         if fresh:
-            await self._materialise(conv, fresh)
+            await self._materialise(conv, fresh, writes)
         elif conv.recheck:
             conv.recheck -= 1
             await self._cleared(conv, conv.first_seq, await self._first(conv))
-        for m in held + events:
-            await m.ack()
-        self._held -= len(held) + len(events)
-        if len(self._convs) > _KEPT:  # the state is in the stream: reloaded when written again
-            for token in [t for t, c in self._convs.items() if not c.held][: len(self._convs) // 2]:
-                del self._convs[token]
+        return held + events
 
     async def _load(self, conv: _Conv) -> None:
         conn, timeout = self.conn, 10.0
@@ -168,7 +181,9 @@ class Materialiser(Worker):
     def _chunk_subject(self, conv: _Conv, level: int) -> str:
         return mat.chunk_subject(self.namespace, level, conv.token)
 
-    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Delivery]]) -> None:
+    async def _materialise(
+        self, conv: _Conv, fresh: list[tuple[int, Delivery]], writes: list[tuple[str, bytes, Mapping[str, str]]]
+    ) -> None:
         """Write the delivered messages after ``covered`` as a chunk.
 
         They are every message of the conversation after ``covered``: a pull consumer delivers
@@ -193,7 +208,8 @@ class Materialiser(Worker):
         # never served), so a late look only delays dropping them and resetting the summary.
         now = time.monotonic()
         if now - conv.probed < _PROBE_EVERY:
-            await self._commit(conv, seqs, times, data, last)
+            # no purge can follow in this flush: the writes may wait for the group's (``_flush``)
+            self._commit_later(conv, seqs, times, data, last, writes)
             return
         conv.probed = now
         first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
@@ -208,6 +224,26 @@ class Materialiser(Worker):
             await self._from_log(conv)
             if conv.summary is None:  # cleared, nothing written since: no stale summary is left
                 await self.conn.purge(mat.mat_stream(self.namespace), self._summary_subject(conv))
+
+    def _commit_later(
+        self,
+        conv: _Conv,
+        seqs: list[int],
+        times: list[datetime],
+        data: list[bytes],
+        last: int,
+        writes: list[tuple[str, bytes, Mapping[str, str]]],
+    ) -> None:
+        """``_commit``, its writes (in the same order) added to ``writes`` instead of made now."""
+        if seqs:
+            if conv.first_seq is None:
+                conv.first_seq = seqs[0]
+            for piece in _pack([Chunk(conv.covered, seqs, times, data)]):
+                level = 2 if _size(piece) >= _FULL else 0
+                writes.append((self._chunk_subject(conv, level), _packer.encode(piece), {}))
+                conv.counts[level] += 1
+        conv.covered = last
+        writes.append((self._summary_subject(conv), msgspec.json.encode(self._summary(conv, seqs, times, data, last)), _ROLLUP))
 
     async def _commit(
         self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
@@ -289,6 +325,11 @@ class Materialiser(Worker):
     async def _summarise(
         self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
     ) -> None:
+        summary = self._summary(conv, seqs, times, data, last)
+        await self.conn.publish(self._summary_subject(conv), msgspec.json.encode(summary), _ROLLUP, 10.0)
+
+    def _summary(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> Summary:
+        """The conversation's summary once ``seqs`` are counted (kept as ``conv.summary``)."""
         s = conv.summary
         title = s.title if s else None
         if title is None:
@@ -313,24 +354,19 @@ class Materialiser(Worker):
             tokens=(s.tokens if s else 0) + sum(len(d) for d in data) // 4,
             covered=last,
         )
-        await self.conn.publish(
-            self._summary_subject(conv), msgspec.json.encode(conv.summary), {"Nats-Rollup": "sub"}, 10.0
-        )
+        return conv.summary
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _stored_time(m: Delivery) -> datetime:
     """The message's stored time exactly as a read of the log gives it (``parse_time`` of the
-    RFC 3339 text): nats-py's ``metadata.timestamp`` goes through a float and was measured a
-    microsecond off now and then. The ack subject carries the time in nanoseconds."""
-    seconds, fraction = divmod(m.ts, 1_000_000_000)
-    return parse_time(f"{_second(seconds)}.{fraction:09d}Z")
-
-
-@functools.lru_cache(maxsize=64)
-def _second(seconds: int) -> str:
-    """The RFC 3339 text of a whole second: formatted once per second of events, not per event
-    (strftime was 2.5 of the 4.6 µs of a stored time, measured)."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    RFC 3339 text, which rounds the nanoseconds half up to the microsecond): nats-py's
+    ``metadata.timestamp`` goes through a float and was measured a microsecond off now and then.
+    The ack subject carries the time in nanoseconds; integer arithmetic, no text (the same as
+    ``botwire_stream.nats.replay._stored_time``)."""
+    return _EPOCH + timedelta(0, 0, (m.ts + 500) // 1000)
 
 
 def _size(chunk: Chunk) -> int:

@@ -89,6 +89,14 @@ class HttpReplay:
     def chat_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
         return self._events({"keys": "", "conversations": pattern, "start": _param(start), "end": _param(end)})
 
+    async def key_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
+        async for event in self.key_events(pattern, start, end):  # one line at a time
+            yield [event]
+
+    async def chat_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
+        async for event in self.chat_events(pattern, start, end):
+            yield [event]
+
     async def key_at(self, key: str, at: datetime) -> bytes | None:
         r = await self.http.request("GET", f"{self.base}/past/keys/{seg(key)}", params={"at": at.isoformat()})
         past = msgspec.json.decode(r.content, type=_PastValue)

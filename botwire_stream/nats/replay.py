@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import fnmatch
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -50,6 +51,7 @@ __all__ = ["NatsReplay", "open_replay"]
 # at its max_pending bytes, 64 MiB by default, and the pending count says when to page on).
 _BATCH: Final = 10_000
 _NS: Final = 1_000_000_000
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _INACTIVE: Final = 10.0  # seconds without a pull request before the server deletes a replay's consumer
 _MIN_DUPLICATE_WINDOW: Final = 120.0  # the chat stream's de-duplication window (s): capped by max_age
 
@@ -63,8 +65,8 @@ def _rfc3339(t: datetime) -> str:
 
 def _kv_kind(hdr: bytes | None) -> str:
     """set, delete, purge or expire, from a KV message's raw headers."""
-    if not hdr:
-        return "set"
+    if not hdr or (b"\r\nNats-Marker-Reason:" not in hdr and b"\r\nKV-Operation:" not in hdr):
+        return "set"  # the usual write: two substring checks instead of two header lookups
     reason = header(hdr, b"Nats-Marker-Reason")
     if reason is not None:
         return "expire" if reason == "MaxAge" else ("purge" if reason == "Purge" else "delete")
@@ -72,9 +74,33 @@ def _kv_kind(hdr: bytes | None) -> str:
     return "delete" if op == "DEL" else "purge" if op == "PURGE" else "set"
 
 
-def _decode_key(token_path: str) -> str:
-    """``keys.decode_key``, without its per-token work for the usual key of plain tokens."""
-    return token_path.replace(".", ":") if "=" not in token_path else keys.decode_key(token_path)
+_ORIGIN_FIRST: Final = b"NATS/1.0\r\nBotwire-Origin:"  # our writes put it first (connect.origin_headers)
+_origins: dict[bytes, str] = {}  # a replay meets few writers: each origin decoded once
+
+
+def _origin(hdr: bytes | None) -> str | None:
+    """``header(hdr, b"Botwire-Origin")``, at a fixed place when it is the first header: half the
+    time of the search (measured 0.57 vs 0.85 µs), once per event of a replay."""
+    if hdr is None or not hdr.startswith(_ORIGIN_FIRST):
+        return header(hdr, b"Botwire-Origin")
+    n = len(_ORIGIN_FIRST)
+    j = hdr.find(b"\r\n", n)
+    raw = hdr[n : j if j >= 0 else len(hdr)]
+    origin = _origins.get(raw)
+    if origin is None:
+        origin = raw.strip().decode()
+        if len(_origins) < 4096:
+            _origins[raw] = origin
+    return origin
+
+
+def _glob(pattern: str, exact: bool) -> Callable[[str], re.Match[str] | None] | None:
+    """``keys.matches`` against ``pattern`` as one compiled match (the same fnmatch regex, without
+    its per-call cache lookup); None when the subject filter already selects exactly: a plain key,
+    or ``*`` (every key)."""
+    if exact or pattern == "*":
+        return None
+    return re.compile(fnmatch.translate(pattern)).match
 
 
 async def open_replay(opts: ConnectOptions, namespace: str, *, timeout: float) -> NatsReplay:
@@ -139,7 +165,7 @@ class NatsReplay:
 
     async def _scan(
         self, stream: str, subject_filter: str, start: Bound, end: Bound
-    ) -> AsyncIterator[list[tuple[str, int, datetime, bytes | None, bytes]]]:
+    ) -> AsyncIterator[list[tuple[bytes, int, datetime, bytes | None, bytes]]]:
         """``(subject, seq, time, raw headers, body)`` of the messages matching ``subject_filter``
         from ``start`` to ``end``, in stream order, up to the last one stored when the scan began,
         a list per burst of deliveries (one generator step per burst, not per event).
@@ -220,10 +246,11 @@ class NatsReplay:
                         # in-memory consumer (measured: the replay raised a bare TimeoutError).
                         gone = True
                         break
-                    burst: list[tuple[str, int, datetime, bytes | None, bytes]] = []
+                    burst: list[tuple[bytes, int, datetime, bytes | None, bytes]] = []
                     done = False
+                    popleft, append = arrived.popleft, burst.append
                     while arrived and got < want:
-                        subject, reply, data, hdr = arrived.popleft()
+                        subject, reply, data, hdr = popleft()
                         if not reply:
                             code = status(hdr, data)
                             if code == 503 or (code == 409 and hdr is not None and b"Deleted" in hdr):
@@ -234,16 +261,25 @@ class NatsReplay:
                                 raise BotWireError(f"the server stopped the replay of {stream}: {(hdr or b'').decode(errors='replace').strip()}")
                             break
                         got += 1
-                        resumed = 0
-                        seq, ts = _ack_fields(reply.decode())
+                        # The stream sequence and stored time (ns) from the reply subject,
+                        # ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``
+                        # (or 12 tokens: domain and account hash after ``$JS.ACK``, a random token
+                        # at the end); inline and on bytes, as this runs once per event.
+                        tokens = reply.split(b".")
+                        if len(tokens) == 9:
+                            seq, ns = int(tokens[5]), int(tokens[7])
+                        else:
+                            seq, ns = int(tokens[7]), int(tokens[9])
                         last = seq
-                        t = _stored_time(ts)
+                        t = _EPOCH + timedelta(0, 0, (ns + 500) // 1000)  # = _stored_time(ns)
                         if (by_seq and seq > end) or (by_time and t > end):  # type: ignore[operator]
                             done = True
                             break
                         if since is not None and t < since:
                             continue
-                        burst.append((subject.decode(), seq, t, hdr, data))
+                        append((subject, seq, t, hdr, data))
+                    if got:
+                        resumed = 0
                     if burst:
                         yield burst
                     if done:
@@ -298,47 +334,71 @@ class NatsReplay:
                 await conn.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
 
     # -- replay ---------------------------------------------------------------------------------
+    # The events come a list per burst of deliveries (``key_bursts``/``chat_bursts``): one
+    # generator step per burst, not per event, through every layer up to ``areplay`` (measured:
+    # four async generators stepped per event were a fifth of a replay's time).
     async def key_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        async for burst in self.key_bursts(pattern, start, end):
+            for event in burst:
+                yield event
+
+    async def chat_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+        async for burst in self.chat_bursts(pattern, start, end):
+            for event in burst:
+                yield event
+
+    async def key_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
         subject_filter, exact = keys.pattern_filter(pattern)
+        match = _glob(pattern, exact)
         kv = self.kv
         n = len(kv.prefix)
         async for burst in self._scan(kv.stream, kv.prefix + subject_filter, start, end):
+            out: list[RawEvent] = []
             for subject, seq, t, hdr, body in burst:
-                key = _decode_key(subject[n:])
-                if not exact and not keys.matches(key, pattern):
+                key = subject[n:].decode()  # plain tokens (the usual key): no per-token decode
+                key = key.replace(".", ":") if "=" not in key else keys.decode_key(key)
+                if match is not None and match(key) is None:
+                    continue
+                if hdr is None:
+                    out.append(RawEvent("memory", seq, t, "set", key, body, None))
                     continue
                 kind = _kv_kind(hdr)
                 data = None
                 if kind == "set":
                     data = body
-                    if header(hdr, b"Botwire-Blob") is not None:
+                    if b"\r\nBotwire-Blob:" in hdr:  # = header(hdr, b"Botwire-Blob") is not None
                         try:
                             data = await kv.blobs.read(key, body)
                         except BotWireError:
                             data = None  # an overwritten large value: its chunks are reclaimed
-                yield RawEvent("memory", seq, t, kind, key, data, header(hdr, b"Botwire-Origin"))
+                out.append(RawEvent("memory", seq, t, kind, key, data, _origin(hdr)))
+            if out:
+                yield out
 
-    async def chat_events(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[RawEvent]:
+    async def chat_bursts(self, pattern: str, start: Bound, end: Bound) -> AsyncIterator[list[RawEvent]]:
         subject_filter, exact = keys.pattern_filter(pattern)
+        match = _glob(pattern, exact)
         prefix = f"botwire.{self.namespace}."
         n = len(prefix)
         async for burst in self._scan(self.chat_stream, f"{prefix}*.{subject_filter}", start, end):
+            out: list[RawEvent] = []
             for subject, seq, t, hdr, body in burst:
-                kind_of_subject, _, token_path = subject[n:].partition(".")
-                if kind_of_subject not in ("chat", "chatev"):
-                    continue  # an expiry schedule: how expiry works, not an event
-                session_id = _decode_key(token_path)
-                if not exact and not keys.matches(session_id, pattern):
-                    continue
-                upto = None
-                if kind_of_subject == "chatev":
+                kind_of_subject, _, token_path = subject[n:].decode().partition(".")
+                if kind_of_subject == "chat":
+                    kind = "append" if body else "expire"  # an empty body: the expiry rollup
+                    upto = None
+                elif kind_of_subject == "chatev":
                     kind = header(hdr, b"Botwire-Event") or "summary"
                     mark = header(hdr, b"Botwire-Upto")
                     upto = int(mark) if mark is not None else None
                 else:
-                    kind = "append" if body else "expire"  # an empty body: the expiry rollup
-                origin = header(hdr, b"Botwire-Origin")
-                yield RawEvent("chat", seq, t, kind, session_id, body or None, origin, upto)
+                    continue  # an expiry schedule: how expiry works, not an event
+                session_id = token_path.replace(".", ":") if "=" not in token_path else keys.decode_key(token_path)
+                if match is not None and match(session_id) is None:
+                    continue
+                out.append(RawEvent("chat", seq, t, kind, session_id, body or None, _origin(hdr), upto))
+            if out:
+                yield out
 
     # -- past states ----------------------------------------------------------------------------
     async def key_at(self, key: str, at: datetime) -> bytes | None:
@@ -541,28 +601,14 @@ async def _burst(arrived: deque[Any], ready: asyncio.Event, timeout: float) -> b
     return True
 
 
-def _ack_fields(reply: str) -> tuple[int, int]:
-    """The stream sequence and the stored time (ns) in a consumer delivery's reply subject:
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``, or with the domain
-    and account hash after ``$JS.ACK`` and a random token at the end (12 tokens)."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[7])
-    return int(tokens[7]), int(tokens[9])
-
-
-@functools.lru_cache(maxsize=64)
-def _second(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
 def _stored_time(ns: int) -> datetime:
     """A stored time (ns since the epoch) as ``parse_time`` reads it from ``Nats-Time-Stamp``, to
-    the same microsecond: ``get(at=)``/``messages(at=)`` compare that header, and an event's own
-    time must reach its write (``ns / 1e9`` as a float rounded differently from msgspec's parse:
-    measured, 1 µs lower for some writes, which ``at=`` then missed)."""
-    seconds, fraction = divmod(ns, _NS)
-    return parse_time(f"{_second(seconds)}.{fraction:09d}Z")
+    the same microsecond (rounded half up, as msgspec rounds the nanoseconds): ``get(at=)`` and
+    ``messages(at=)`` compare that header, and an event's own time must reach its write (``ns /
+    1e9`` as a float rounds differently: measured, 1 µs lower for some writes, which ``at=`` then
+    missed). Integer arithmetic, no text: checked equal to ``parse_time`` over 25k times, ties and
+    second carries included, and 1.2 µs instead of 1.6 µs."""
+    return _EPOCH + timedelta(0, 0, (ns + 500) // 1000)
 
 
 def _oldest(info: dict[str, Any] | None) -> datetime | None:
