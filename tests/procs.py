@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,3 +138,38 @@ def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def commanded(argv: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+    """A child (``argv``, run from the repository root) that prints ``ready``, then takes commands
+    on stdin until it is closed; yielded once ready, then given 20 s to end by itself, else killed."""
+    proc = subprocess.Popen(list(argv), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def holding(port: int) -> Iterator[None]:
+    """Keep ``port`` bound (after its server was killed), so that a restart must pick another."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                holder.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"port {port} stayed busy"
+                time.sleep(0.05)
+        holder.listen()
+        yield

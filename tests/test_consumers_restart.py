@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -26,27 +23,10 @@ from botwire_stream.settings import resolve
 from consumers.lock import BUCKET, HEARTBEAT
 from consumers.runtime import status
 
-from .procs import ROOT
+from .procs import ROOT, holding
 from .waits import until
 
 pytestmark = pytest.mark.nats_only
-
-
-@contextmanager
-def _holding(port: int) -> Iterator[None]:
-    """Keep ``port`` bound after its server was killed, so that the restart must pick another."""
-    with socket.socket() as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                holder.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"port {port} stayed busy"
-                time.sleep(0.05)
-        holder.listen()
-        yield
 
 
 def _dead(home: Path, pid: int) -> bool:
@@ -97,7 +77,7 @@ async def test_a_worker_follows_its_embedded_server_to_a_new_port(
         while not _dead(botwire_home, state.pid):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        with _holding(state.port):
+        with holding(state.port):
             # this write restarts the server (the process's connection recovers), on a new port
             await history.extend([{"role": "user", "content": f"after {i}"} for i in range(20)])
             now = embedded.status(botwire_home)

@@ -9,14 +9,12 @@ own nats-server (or of the embedded server of the test's private home), by PID.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.errors import Conflict, InvalidArgument, OutcomeUnknown, ServerUnavailable, ValueTooLarge
 from botwire_stream.nats import embedded
 from tests import procs
+from tests.procs import holding
 from tests.proxy import Relay
 from tests.servers import NatsServer
 from tests.waits import sigstop, until
@@ -38,9 +37,7 @@ async def relay(own_server: NatsServer) -> AsyncIterator[Relay]:
     await r.close()
 
 
-async def _lose_ack(
-    relay: Relay, write: Awaitable[Any], landed: Callable[[], Awaitable[bool]], trigger: bytes
-) -> Any:
+async def _lose_ack(relay: Relay, write: Awaitable[Any], landed: Callable[[], Awaitable[bool]], trigger: bytes) -> Any:
     """Run ``write`` with the server's replies swallowed from the message holding ``trigger`` on;
     once the server has stored it (seen through a direct connection), cut the connection so that
     the client must re-send it."""
@@ -340,23 +337,6 @@ async def test_extend_up_to_64_mib_is_stored_and_beyond_is_refused(botwire_home:
 
 
 # -- watches across restarts -----------------------------------------------------------------------
-@contextlib.contextmanager
-def _holding(port: int) -> Iterator[None]:
-    """Keep ``port`` bound (after its server was killed), so that a restart must pick another."""
-    with socket.socket() as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                holder.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        holder.listen()
-        yield
-
-
 async def _next(it: Any, bound: float = 20.0) -> Any:
     return await asyncio.wait_for(it.__anext__(), bound)
 
@@ -388,7 +368,7 @@ async def test_chat_watch_resumes_when_the_embedded_server_comes_back_on_another
             state = embedded.status(botwire_home)
             assert state is not None
             os.kill(state.pid, signal.SIGKILL)
-            with _holding(state.port):  # keep the old port taken: the restart needs a new one
+            with holding(state.port):  # keep the old port taken: the restart needs a new one
                 waiting = asyncio.ensure_future(_next(w))
                 await until(
                     lambda: asyncio.sleep(0, result=embedded.status(botwire_home) is not None),
@@ -497,7 +477,7 @@ def test_botwire_watch_restarts_a_killed_embedded_server_and_resumes(botwire_hom
         state = embedded.status(botwire_home)
         assert state is not None
         os.kill(state.pid, signal.SIGKILL)
-        with _holding(state.port):
+        with holding(state.port):
             deadline = time.monotonic() + 20
             while (now := embedded.status(botwire_home)) is None:
                 assert time.monotonic() < deadline, "the watch did not restart the server"

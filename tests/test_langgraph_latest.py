@@ -29,7 +29,7 @@ from botwire_stream.errors import BotWireError  # noqa: E402
 from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
 from botwire_stream.nats.checkpoints import _ping  # noqa: E402
 from tests import waits  # noqa: E402
-from tests.procs import ROOT  # noqa: E402
+from tests.procs import commanded  # noqa: E402
 from tests.servers import NatsServer  # noqa: E402
 
 # The other process: one JSON command a line on stdin, "ok" (or the error) on stdout once done.
@@ -74,24 +74,8 @@ class Child:
 
 @contextmanager
 def child(url: str, namespace: str) -> Iterator[Child]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, url, namespace],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with commanded([sys.executable, "-c", _CHILD, url, namespace]) as proc:
         yield Child(proc)
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _ids(n: int) -> list[str]:

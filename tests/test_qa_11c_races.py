@@ -21,7 +21,7 @@ pytest.importorskip("langgraph")
 from langgraph.checkpoint.base import CheckpointTuple, empty_checkpoint  # noqa: E402
 
 from botwire_stream.integrations.langgraph import BotWireSaver  # noqa: E402
-from tests.procs import ROOT  # noqa: E402
+from tests.procs import ROOT, commanded  # noqa: E402
 
 _WRITES = 200  # pending writes of each task of a chain (4 rounds of 64): copies land among them
 
@@ -71,24 +71,8 @@ class Saver:
 
 @contextmanager
 def saver_process(url: str, namespace: str) -> Iterator[Saver]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.qa11c_workers", "saver", url, namespace],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with commanded([sys.executable, "-m", "tests.qa11c_workers", "saver", url, namespace]) as proc:
         yield Saver(proc)
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @contextmanager
