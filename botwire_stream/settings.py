@@ -211,7 +211,10 @@ def _placement(
             elif name == "tag" and value.strip():
                 tags.append(value.strip())
             elif name == "reads":
-                reads = _reads(value, f"{source} option reads=")
+                value = _reads(value, f"{source} option reads=")
+                if reads is not None and value != reads:  # else the last server's silently won
+                    raise InvalidArgument(f"{source} gives reads={reads} and reads={value}; give one")
+                reads = value
             else:
                 raise InvalidArgument(
                     f"{redact(s)}: unknown URL option {name!r}; supported: " + ", ".join(f"{o}=" for o in _OPTIONS)
@@ -223,6 +226,7 @@ def _placement(
     if not tags:
         tags = [t.strip() for t in os.environ.get("BOTWIRE_PLACEMENT_TAGS", "").split(",") if t.strip()]
     env = os.environ.get("BOTWIRE_READS", "").strip()
+    env_reads = _reads(env, "BOTWIRE_READS") if env else "any"  # checked even when the URL has reads=
     if reads is None:
-        reads = _reads(env, "BOTWIRE_READS") if env else "any"
+        reads = env_reads
     return tuple(plain), replicas, tuple(tags), reads
