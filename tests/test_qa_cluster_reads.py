@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream.keys import encode_key
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
@@ -106,12 +107,13 @@ async def test_botwire_reads_leader_with_the_embedded_server_reads_as_usual(
 
 # -- listings that must not wait ------------------------------------------------------------------
 @pytest.mark.slow
-async def test_listing_after_the_streams_last_message_was_deleted_or_purged_does_not_wait(
+async def test_listing_after_the_streams_last_message_was_purged_does_not_wait(
     four: Cluster, namespace: str
 ) -> None:
-    """On a node with no replica, after this connection's writes: the stream's last message
-    deleted (a raw delete), and a conversation cleared, then listed: answered at once, not after
-    the timeout (the wait-for-a-replica loop must find the floor reached)."""
+    """On a node with no replica, after this connection's writes: the key stream's last message
+    purged by another client, and the chat stream's last messages purged by a clear, then
+    listed, counted and read: answered at once, not after the timeout (the wait-for-a-replica
+    loop must find its floor reached)."""
     node = f"{four.nodes[3].url}?tag=r"
     loop = asyncio.get_running_loop()
     async with (
@@ -121,10 +123,9 @@ async def test_listing_after_the_streams_last_message_was_deleted_or_purged_does
         await m.set("a", 1)
         await m.set("b", 2)
         kv = f"KV_botwire_{namespace}"
-        info = await stream_info(four.url, kv)
-        last = int(info["state"]["last_seq"])
-        deleted = await _raw(four.urls[0], f"$JS.API.STREAM.MSG.DELETE.{kv}", {"seq": last})
-        assert deleted.get("success") is True
+        # the streams' last messages purged (both refuse deletes: deny_delete)
+        purged = await _raw(four.urls[0], f"$JS.API.STREAM.PURGE.{kv}", {"filter": f"$KV.botwire_{namespace}.{encode_key('b')}"})
+        assert purged.get("success") is True, purged
         await h.extend([{"n": 1}, {"n": 2}])
         await h.clear()
         started = loop.time()
