@@ -15,8 +15,8 @@ import nats
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
-from botwire_stream.keys import encode_key
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
+from botwire_stream.keys import encode_key
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
 from tests.cluster import Cluster, stream_info
@@ -107,9 +107,7 @@ async def test_botwire_reads_leader_with_the_embedded_server_reads_as_usual(
 
 # -- listings that must not wait ------------------------------------------------------------------
 @pytest.mark.slow
-async def test_listing_after_the_streams_last_message_was_purged_does_not_wait(
-    four: Cluster, namespace: str
-) -> None:
+async def test_listing_after_the_streams_last_message_was_purged_does_not_wait(four: Cluster, namespace: str) -> None:
     """On a node with no replica, after this connection's writes: the key stream's last message
     purged by another client, and the chat stream's last messages purged by a clear, then
     listed, counted and read: answered at once, not after the timeout (the wait-for-a-replica
@@ -124,7 +122,9 @@ async def test_listing_after_the_streams_last_message_was_purged_does_not_wait(
         await m.set("b", 2)
         kv = f"KV_botwire_{namespace}"
         # the streams' last messages purged (both refuse deletes: deny_delete)
-        purged = await _raw(four.urls[0], f"$JS.API.STREAM.PURGE.{kv}", {"filter": f"$KV.botwire_{namespace}.{encode_key('b')}"})
+        purged = await _raw(
+            four.urls[0], f"$JS.API.STREAM.PURGE.{kv}", {"filter": f"$KV.botwire_{namespace}.{encode_key('b')}"}
+        )
         assert purged.get("success") is True, purged
         await h.extend([{"n": 1}, {"n": 2}])
         await h.clear()
