@@ -202,6 +202,13 @@ def _placement(
     plain = []
     for s in servers:
         parts = urllib.parse.urlsplit(s)
+        if parts.scheme.lower() in ("http", "https") and {
+            name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        } & set(_OPTIONS):  # kept in the address, it failed every request with an obscure 405
+            raise InvalidArgument(
+                f"{redact(s)}: " + ", ".join(f"{o}=" for o in _OPTIONS)
+                + " apply to a NATS URL; give them on the URL `botwire serve` connects with"
+            )
         if parts.scheme.lower() not in ("nats", "tls", "ws", "wss") or not parts.query:
             plain.append(s)
             continue

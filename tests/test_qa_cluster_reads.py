@@ -20,6 +20,7 @@ from botwire_stream.keys import encode_key
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
 from tests.cluster import Cluster, stream_info
+from tests.http_serve import Serves
 from tests.servers import NatsServer
 
 
@@ -223,3 +224,36 @@ async def test_clear_then_append_reads_the_new_message_on_a_node_with_no_replica
             assert [(s.session_id, s.message_count) for s in await AsyncChatHistory.sessions(namespace, url=node)] == [
                 ("c", 1)
             ], i
+
+
+# -- botwire serve ------------------------------------------------------------------------------
+@pytest.mark.slow
+async def test_reads_leader_through_botwire_serve_on_a_cluster(four: Cluster, namespace: str, serves: Serves) -> None:
+    """``botwire serve`` given ``?reads=leader`` (on a node with no replica) passes it to the
+    library: writes acknowledged to a client on another node are read, listed and counted through
+    it, and a missing key reads as None."""
+    serve = serves.start(f"{four.nodes[3].url}?tag=r&reads=leader")
+    async with (
+        AsyncMemory(namespace, url=four.urls[0], timeout=10) as writer,
+        AsyncChatHistory("c", namespace=namespace, url=four.urls[0], timeout=10) as cw,
+        AsyncMemory(namespace, url=serve.base, timeout=10) as reader,
+        AsyncChatHistory("c", namespace=namespace, url=serve.base, timeout=10) as cr,
+    ):
+        for i in range(10):
+            await writer.set("k", i)
+            await cw.append({"i": i})
+            assert await reader.get("k") == i and await reader.list_keys() == ["k"]
+            assert await cr.messages(last=1) == [{"i": i}] and await cr.count() == i + 1
+        assert await reader.get("never") is None
+        await writer.delete("k")
+        assert await reader.get("k") is None and await reader.list_keys() == []
+
+
+async def test_reads_on_an_http_url_is_refused(http_server: str, namespace: str) -> None:
+    """``?reads=`` (``replicas=``, ``tag=``) belongs to the NATS URL a ``botwire serve`` connects
+    with; on a client's HTTP URL it was kept in the address and every request failed with
+    ``ServerUnavailable`` ("answered 405")."""
+    for option in ("reads=leader", "replicas=3", "tag=ssd"):
+        with pytest.raises(InvalidArgument, match="apply to a NATS URL"):
+            async with AsyncMemory(namespace, url=f"{http_server}?{option}", timeout=3) as m:
+                await m.set("k", 1)
