@@ -257,3 +257,19 @@ async def test_reads_on_an_http_url_is_refused(http_server: str, namespace: str)
         with pytest.raises(InvalidArgument, match="apply to a NATS URL"):
             async with AsyncMemory(namespace, url=f"{http_server}?{option}", timeout=3) as m:
                 await m.set("k", 1)
+
+
+@pytest.mark.parametrize("reads", ["any", "leader"])
+async def test_missing_and_deleted_keys_read_as_none_on_a_cluster(four: Cluster, namespace: str, reads: str) -> None:
+    """On a node with no replica, a key never written, one deleted, and one of a namespace this
+    connection never wrote to read as None (``reads=leader``: the leader's "no message" is no
+    error)."""
+    url = f"{four.nodes[3].url}?tag=r&reads={reads}"
+    async with AsyncMemory(namespace, url=url, timeout=5) as m:
+        assert await m.get("never") is None and not await m.contains("never")
+        await m.set("k", 1)
+        assert await m.delete("k")
+        assert await m.get("k") is None and not await m.contains("k") and await m.list_keys() == []
+        assert await m.get("never") is None
+    async with AsyncMemory(namespace + "x", url=url, timeout=5) as fresh:
+        assert await fresh.get("never") is None and await fresh.list_keys() == []
