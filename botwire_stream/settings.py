@@ -202,6 +202,13 @@ def _placement(
     plain = []
     for s in servers:
         parts = urllib.parse.urlsplit(s)
+        if parts.scheme.lower() in ("http", "https") and {
+            name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        } & set(_OPTIONS):  # kept in the address, it failed every request with an obscure 405
+            raise InvalidArgument(
+                f"{redact(s)}: " + ", ".join(f"{o}=" for o in _OPTIONS)
+                + " apply to a NATS URL; give them on the URL `botwire serve` connects with"
+            )
         if parts.scheme.lower() not in ("nats", "tls", "ws", "wss") or not parts.query:
             plain.append(s)
             continue
@@ -211,7 +218,10 @@ def _placement(
             elif name == "tag" and value.strip():
                 tags.append(value.strip())
             elif name == "reads":
-                reads = _reads(value, f"{source} option reads=")
+                value = _reads(value, f"{source} option reads=")
+                if reads is not None and value != reads:  # else the last server's silently won
+                    raise InvalidArgument(f"{source} gives reads={reads} and reads={value}; give one")
+                reads = value
             else:
                 raise InvalidArgument(
                     f"{redact(s)}: unknown URL option {name!r}; supported: " + ", ".join(f"{o}=" for o in _OPTIONS)
@@ -223,6 +233,7 @@ def _placement(
     if not tags:
         tags = [t.strip() for t in os.environ.get("BOTWIRE_PLACEMENT_TAGS", "").split(",") if t.strip()]
     env = os.environ.get("BOTWIRE_READS", "").strip()
+    env_reads = _reads(env, "BOTWIRE_READS") if env else "any"  # checked even when the URL has reads=
     if reads is None:
-        reads = _reads(env, "BOTWIRE_READS") if env else "any"
+        reads = env_reads
     return tuple(plain), replicas, tuple(tags), reads
