@@ -152,6 +152,11 @@ class Lease:
             return False
         if time.monotonic() - self.confirmed < STALE / 2:
             return True
+        if not self.conn.nc.is_connected:
+            # Cannot tell, at once: a rewrite sent now would wait out its 5 s timeout (and hold
+            # ``_renewing`` meanwhile), so a caller that revives a dead embedded server between
+            # checks (runtime.may_write) first did so ~15 s late (measured, tests/test_qa_p10.py).
+            return False
         try:
             return await self.renew()
         except (nats.errors.Error, asyncio.TimeoutError):
@@ -175,6 +180,8 @@ async def hold(conn: Connection, consumer: str, streams: Sequence[str], lost: as
         async def beat() -> None:
             while True:
                 await asyncio.sleep(HEARTBEAT)
+                if not lease.conn.nc.is_connected:
+                    continue  # cannot reach the server: nothing to hold ``_renewing`` for (see check)
                 try:
                     if not await lease.renew():
                         return

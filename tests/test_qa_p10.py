@@ -197,7 +197,7 @@ async def test_embedded_server_killed_while_a_stopped_consumer_lease_is_old(
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
             return revived()
 
-        await until(by_the_consumer, "the consumer to revive the server", 20)
+        await until(by_the_consumer, "the consumer to revive the server", 10)
         await history.extend([{"role": "user", "content": f"after {i}"} for i in range(20)])
         await until(lambda: handled(40), "the 20 later messages handled", 30)
         expected = [f"before {i}" for i in range(20)] + [f"after {i}" for i in range(20)]
