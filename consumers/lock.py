@@ -135,15 +135,33 @@ class Lease:
             sent = time.monotonic()
             if self.conn.nc is not self.nc:  # replaced (conn.recover): the old client is closed
                 self.kv, self.nc = await _bucket(self.conn), self.conn.nc
-            for key, revision in list(self.held.items()):
-                try:
-                    self.held[key] = await self.kv.update(key, self.me, last=revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
+            for key in list(self.held):
+                if not await self._rewrite(key):
                     self.taken = True  # taken over: another instance runs now
                     self.lost.set()
                     return False
             self.confirmed = sent
             return True
+
+    async def _rewrite(self, key: str) -> bool:
+        """Rewrite ``key`` on its revision; False when another process holds it now."""
+        for _ in range(3):  # bounded: only a late rewrite of this process moves the revision on
+            try:
+                self.held[key] = await self.kv.update(key, self.me, last=self.held[key])
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            # A rewrite that timed out may still have been stored once the server went on
+            # (measured: its nats-server SIGSTOPped 9 s, a materialiser then found its own entry
+            # "taken over" and exited 0, nobody holding it). Still ours: go on from its revision.
+            try:
+                entry = await self.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return False
+            if entry.value != self.me or not entry.revision:
+                return False
+            self.held[key] = entry.revision
+        raise asyncio.TimeoutError  # cannot tell: the caller asks again later
 
     async def check(self) -> bool:
         """Whether this process still holds every entry and may write now; False when it was
