@@ -116,8 +116,6 @@ class Materialiser(Worker):
             writes: list[tuple[str, bytes, Mapping[str, str]]] = []
             done = await asyncio.gather(*(self._flush_one(c, writes) for c in convs[i : i + _PARALLEL]))
             if writes:
-                if not await self.held():  # taken over meanwhile: nothing more is written or acked
-                    return
                 await self.conn.publish_pipelined(writes, 10.0)
             handled = [m for ms in done for m in ms]
             await ack_many(handled)
