@@ -19,7 +19,7 @@ from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from botwire_stream.keys import encode_key
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
-from tests.cluster import Cluster, stream_info
+from tests.cluster import Cluster, one_bare_node, stream_info
 from tests.http_serve import Serves
 from tests.servers import NatsServer
 
@@ -27,12 +27,7 @@ from tests.servers import NatsServer
 @pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """4 nodes, 3 tagged ``r``: namespaces placed with ``?tag=r`` have no replica on the 4th."""
-    c = Cluster(tmp_path_factory.mktemp("qa-reads"), size=4)
-    for node in c.nodes[:3]:
-        node.extra = 'server_tags: ["r"]'
-    c.start()
-    yield c
-    c.stop()
+    yield from one_bare_node(tmp_path_factory.mktemp("qa-reads"))
 
 
 async def _raw(url: str, subject: str, body: dict[str, object] | None = None) -> dict[str, object]:
