@@ -173,3 +173,14 @@ def holding(port: int) -> Iterator[None]:
                 time.sleep(0.05)
         holder.listen()
         yield
+
+
+def kill_all(procs: Sequence[subprocess.Popen[Any]]) -> None:
+    """Kill each of ``procs`` (children of this test) still running, resumed first in case it was
+    SIGSTOPped, and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait(30)
+
