@@ -881,11 +881,7 @@ class NatsChatLog:
         if self._checked():
             # As the leader counts (stream info is answered by it): a replica's count missed this
             # connection's own append or clear for a few ms (tests/test_cluster_reads.py).
-            counts, first = await asyncio.gather(
-                self.conn.subject_counts(self.stream, self.subject, self.timeout),
-                self.conn.leader_first(self.stream, self.subject, self.timeout),
-            )
-            n = counts.get(self.subject, 0)
+            n, first = await self.conn.leader_count_and_first(self.stream, self.subject, self.timeout)
             if n and (first is None or not first.data or n <= 2):  # an expiry marker may be among them
                 n = len(await self.entries(None, None))
             return n

@@ -165,10 +165,6 @@ class Connection(RetryingConnection):
         the subject holds none."""
         return await self._from_leader(stream, {"last_by_subj": subject}, timeout)
 
-    async def leader_first(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
-        """The first message on ``subject`` as the stream leader has it (one request)."""
-        return await self._from_leader(stream, {"next_by_subj": subject, "seq": 1}, timeout)
-
     async def _from_leader(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
         """``_leader_get`` asked again every ``_LEADER_TRY`` seconds within ``timeout``: a leader
         that just died answers nothing, and neither do the others until they notice (they then
@@ -482,12 +478,50 @@ class Connection(RetryingConnection):
         """The last message on ``subject`` as the stream leader has it (see ``_leader_get``)."""
         return await self._leader_get(stream, {"last_by_subj": subject}, timeout)
 
+    async def leader_count_and_first(self, stream: str, subject: str, timeout: float = 5.0) -> tuple[int, Msg | None]:
+        """How many messages ``subject`` holds and its first one (None: none), both as the stream
+        leader has them: its stream info (subjects filter) and a ``$JS.API.STREAM.MSG.GET``, sent
+        back to back in one write and awaited together (one round trip; two requests through
+        ``asyncio.gather`` made two tasks and two ``call``s). Each try waits ``_LEADER_TRY`` at
+        most, as ``_from_leader``'s."""
+        info_body = msgspec.json.encode({"subjects_filter": subject})
+        get_body = msgspec.json.encode({"next_by_subj": subject, "seq": 1})
+        per_try = min(timeout, _LEADER_TRY)
+
+        async def run() -> tuple[int, Msg | None]:
+            mux = self._mux or await self._replies()
+            info_reply, info_future = mux.expect(per_try)
+            get_reply, get_future = mux.expect(per_try)
+            try:
+                await self.nc.publish(f"$JS.API.STREAM.INFO.{stream}", info_body, reply=info_reply)
+                await self.nc.publish(f"$JS.API.STREAM.MSG.GET.{stream}", get_body, reply=get_reply)
+                info_msg = await info_future
+                got = await get_future
+            finally:
+                mux.give_up(info_reply, info_future)
+                mux.give_up(get_reply, get_future)
+            for reply in (info_msg, got):
+                hdr = reply.headers
+                if hdr is not None and hdr.get("Status") == "503" and not reply.data:
+                    raise nats.errors.NoRespondersError  # no stream leader for a moment (retried)
+            info = _info_decoder.decode(info_msg.data)
+            if info.error is not None:
+                raise_api_error(info.error)
+            counts = (info.state.subjects if info.state else None) or {}
+            return counts.get(subject, 0), self._leader_msg(stream, got.data)
+
+        return await self.call(run, timeout=timeout)
+
     async def _leader_get(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
-        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``:
-        its headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
+        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``."""
         body = msgspec.json.encode(req)
         reply = await self.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, None, timeout)
-        got = _stored_decoder.decode(reply.data)
+        return self._leader_msg(stream, reply.data)
+
+    def _leader_msg(self, stream: str, data: bytes) -> Msg | None:
+        """A ``$JS.API.STREAM.MSG.GET`` reply as a direct-get ``Msg`` (None: no message): its
+        headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
+        got = _stored_decoder.decode(data)
         if got.error is not None or got.message is None:
             error = got.error or ApiError(description="no message in the reply")
             if error.code == 404:
