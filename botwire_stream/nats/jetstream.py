@@ -35,6 +35,8 @@ _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
+_STREAM_NOT_FOUND = 10059
+_GONE_CHECK = 0.25  # seconds the check for a deleted stream waits (a write's retries go on after it)
 _LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
@@ -121,6 +123,9 @@ class Connection(RetryingConnection):
         # purge takes no sequence, so a replica's last sequence cannot tell whether it applied it
         self._cleared: dict[str, None] = {}
         self.leader_reads = opts.reads == "leader"
+        # stream -> the config ``ensure_stream`` made sure of: a write finding no stream for its
+        # subject makes it again (``_made_again``)
+        self._made: dict[str, StreamConfig] = {}
 
     @property
     def clustered(self) -> bool:
@@ -214,6 +219,7 @@ class Connection(RetryingConnection):
         if name in self._ready_streams:
             return False
         differs = False
+        self._made[name] = config
         config = self.placed(config)
 
         async def run() -> None:
@@ -239,6 +245,30 @@ class Connection(RetryingConnection):
         await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
         return differs
+
+    async def _made_again(self, subject: str, timeout: float) -> None:
+        """After a write to ``subject`` found no responder: when the subject belongs to a stream
+        this connection made sure of (``ensure_stream``) and the server says that stream no longer
+        exists (another client deleted it: ``nats stream rm``, ``js.delete_stream``), make it again,
+        with the config it was made with, as the first write to a new namespace does; ``call`` then
+        sends the write again, and it is stored there. Before, the connection took the stream as
+        made, and every write to it was retried until its timeout, then ``OutcomeUnknown``.
+
+        No responder also means, on a cluster, a stream electing its leader: the stream then exists
+        and nothing is done. The check waits ``_GONE_CHECK`` at most; a check that fails changes
+        nothing (the write is retried as before)."""
+        config = next((c for c in self._made.values() if any(_matches(p, subject) for p in c.subjects or ())), None)
+        if config is None or config.name is None:
+            return
+        try:
+            resp = await self.request(f"$JS.API.STREAM.INFO.{config.name}", b"", None, min(timeout, _GONE_CHECK))
+            info = _info_decoder.decode(resp.data)
+        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError):
+            return
+        if info.error is None or info.error.err_code != _STREAM_NOT_FOUND:
+            return
+        self._ready_streams.discard(config.name)
+        await self.ensure_stream(config, timeout)
 
     async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
         """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.
@@ -292,11 +322,18 @@ class Connection(RetryingConnection):
         expected = h.get("Nats-Expected-Last-Subject-Sequence")
         write = _Write(what, advice, on_sent)
         tries = 0
+        checked = False
 
         async def run() -> int:
-            nonlocal tries
+            nonlocal tries, checked
             tries += 1
-            msg = await self.request(subject, data, h, timeout, write)
+            try:
+                msg = await self.request(subject, data, h, timeout, write)
+            except nats.errors.NoRespondersError:
+                if not checked:  # no stream for the subject: deleted by another client?
+                    checked = True
+                    await self._made_again(subject, timeout)
+                raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
@@ -327,8 +364,10 @@ class Connection(RetryingConnection):
         """
         prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
         write = _Write(what, advice)
+        checked = False
 
         async def run() -> list[int]:
+            nonlocal checked
             mux = self._mux or await self._replies()
             waiting = []
             for subject, data, headers in prepared:
@@ -343,10 +382,14 @@ class Connection(RetryingConnection):
             await self._acks_or_resend(mux, waiting, write)
             seqs = []
             stream = ""
-            for _, future in waiting:
+            for (subject, _, _), (_, future) in zip(prepared, waiting, strict=True):
                 msg = await future
                 if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                    # no responders: the stream had no leader for a moment (a cluster's election)
+                    # no responders: the stream had no leader for a moment (a cluster's election),
+                    # or another client deleted it
+                    if not checked:
+                        checked = True
+                        await self._made_again(subject, timeout)
                     raise nats.errors.NoRespondersError
                 ack = _ack_decoder.decode(msg.data)
                 if ack.error is not None:
@@ -386,9 +429,10 @@ class Connection(RetryingConnection):
             hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         write = _Write(what, advice)
         tries = 0
+        checked = False
 
         async def run() -> int:
-            nonlocal tries
+            nonlocal tries, checked
             tries += 1
             batch_id = self.new_id()
             for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
@@ -398,7 +442,13 @@ class Connection(RetryingConnection):
                     await self.nc.publish(subject, payload, headers=h)
                     write.sent = True
             hs[-1]["Nats-Batch-Commit"] = "1"
-            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            try:
+                msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            except nats.errors.NoRespondersError:
+                if not checked:  # no stream for the subject: deleted by another client?
+                    checked = True
+                    await self._made_again(subject, timeout)
+                raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
                 self._wrote_subject(subject, ack.seq, ack.stream)
@@ -833,6 +883,17 @@ class Connection(RetryingConnection):
                 raise_api_error(purged.error)
 
         await self.call(run, timeout=timeout)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``pattern`` (``*`` one token, a final ``>`` one or more) covers ``subject``."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(got) == len(want)
 
 
 def _found(msg: Msg) -> Msg | None:
