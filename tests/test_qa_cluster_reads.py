@@ -19,6 +19,7 @@ import nats
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream.chat import _SESSIONS_TIMEOUT
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from botwire_stream.keys import encode_key
 from botwire_stream.nats.chatlog import stream_name
@@ -235,8 +236,8 @@ async def test_reads_checked_against_the_leader_return_within_the_timeout_under_
     """Another process extends a conversation by a pair of messages and clears it, again and
     again (a bounded loop, through the node leading the stream); this connection, on a node with
     no replica, reads it checked against the stream leader (``?reads=leader``, or after its own
-    ``clear()``): every ``messages()``, ``messages(last=1)`` and ``count()`` returns within its
-    timeout a state the conversation had (empty, or one whole pair), or raises
+    ``clear()``): every ``messages()``, ``messages(last=1)``, ``count()`` and ``sessions()``
+    returns within its timeout a state the conversation had (empty, or one whole pair), or raises
     ``ServerUnavailable``. Before, a read whose leader's last message was cleared before a
     replica's answer reached it started over, each time with a new timeout, without bound."""
     sid = "churned"
@@ -267,7 +268,12 @@ async def test_reads_checked_against_the_leader_return_within_the_timeout_under_
                 await h.clear()
             answered = 0
             for _ in range(60):
-                for name, read in (("messages", h.messages), ("last=1", lambda: h.messages(last=1)), ("count", h.count)):
+                for name, read in (
+                    ("messages", h.messages),
+                    ("last=1", lambda: h.messages(last=1)),
+                    ("count", h.count),
+                    ("sessions", lambda: AsyncChatHistory.sessions(namespace, url=url)),
+                ):
                     began = loop.time()
                     try:
                         got: Any = await read()
@@ -275,13 +281,16 @@ async def test_reads_checked_against_the_leader_return_within_the_timeout_under_
                         got = None
                     else:
                         answered += 1
-                    assert loop.time() - began < timeout + 1.0, f"{name} took {loop.time() - began:.1f} s"
+                    bound = _SESSIONS_TIMEOUT if name == "sessions" else timeout
+                    assert loop.time() - began < bound + 1.0, f"{name} took {loop.time() - began:.1f} s"
                     if name == "messages" and got is not None:
                         assert got == [] or (len(got) == 2 and got[0]["r"] == got[1]["r"]), got
                     elif name == "last=1" and got is not None:
                         assert got == [] or (len(got) == 1 and got[0]["n"] == 1), got
-                    elif got is not None:
+                    elif name == "count" and got is not None:
                         assert got in (0, 2), got
+                    elif got is not None:
+                        assert [(x.session_id, x.message_count) for x in got] in ([], [(sid, 2)]), got
                 assert churn.poll() is None, "the churn ended before the reads did: raise its rounds"
             assert answered > 0
     finally:
