@@ -112,6 +112,24 @@ async def _touch(url: str, ns: str, conversations: int, started: str, stop: str)
     return touched
 
 
+async def _churn(url: str, ns: str, sid: str, rounds: int, started: str, stop: str) -> int:
+    """Up to ``rounds`` times (and within WAIT), until ``stop`` exists: extend the conversation by
+    the pair ``{"r": i, "n": 0}``, ``{"r": i, "n": 1}`` (atomic), then clear it; the rounds done.
+    ``started`` is created after the first round."""
+    from botwire_stream import AsyncChatHistory
+
+    done = 0
+    deadline = time.monotonic() + WAIT
+    async with AsyncChatHistory(sid, namespace=ns, url=url, timeout=10) as chat:
+        while done < rounds and not Path(stop).exists() and time.monotonic() < deadline:
+            await chat.extend([{"r": done, "n": 0}, {"r": done, "n": 1}])
+            await chat.clear()
+            done += 1
+            if done == 1:
+                Path(started).touch()
+    return done
+
+
 def main(argv: list[str]) -> Any:
     cmd, rest = argv[0], argv[1:]
     if cmd == "append":  # url ns sid writer n tasks go
@@ -123,6 +141,9 @@ def main(argv: list[str]) -> Any:
     if cmd == "touch":  # url ns conversations started-file stop-file
         url, ns, conversations, started, stop = rest
         return asyncio.run(_touch(url, ns, int(conversations), started, stop))
+    if cmd == "churn":  # url ns sid rounds started-file stop-file
+        url, ns, sid, rounds, started, stop = rest
+        return asyncio.run(_churn(url, ns, sid, int(rounds), started, stop))
     if cmd == "write":  # url ns sid json-list-of-messages
         url, ns, sid, messages = rest
         return _write(url, ns, sid, messages)

@@ -212,6 +212,19 @@ async def stream_info(
         await nc.close()
 
 
+def one_bare_node(workdir: Path) -> Iterator[Cluster]:
+    """A started 4-node cluster whose first 3 nodes are tagged ``r``: streams placed with
+    ``?tag=r`` leave the 4th without a replica (a client there reads from any of the 3); stopped
+    afterwards. For a module-scoped fixture: ``yield from one_bare_node(tmp_path_factory.mktemp(...))``."""
+    c = Cluster(workdir, size=4)
+    for node in c.nodes[:3]:
+        node.extra = 'server_tags: ["r"]'
+    try:
+        yield c.start()
+    finally:
+        c.stop()  # also after a start that failed half-way
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A private 3-node JetStream cluster; its processes (only them) are killed afterwards."""

@@ -20,7 +20,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from botwire_stream.nats.embedded import ServerState
 
 T = TypeVar("T")
 
@@ -173,3 +176,65 @@ def holding(port: int) -> Iterator[None]:
                 time.sleep(0.05)
         holder.listen()
         yield
+
+
+def kill_all(procs: Sequence[subprocess.Popen[Any]]) -> None:
+    """Kill each of ``procs`` (children of this test) still running, resumed first in case it was
+    SIGSTOPped, and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            p.wait(30)
+
+
+def consumer(kind: str, namespace: str, *extra: str) -> subprocess.Popen[bytes]:
+    """A ``botwire consume <kind> -n <namespace>`` worker on the embedded server (stderr kept for
+    failures); the caller kills it (``kill_all``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "consume", kind, "-n", namespace, *extra],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def consumer_handled(proc: subprocess.Popen[bytes], conn: Any, kind: str, namespace: str, count: int) -> bool:
+    """Whether the running ``consumer`` ``proc`` acknowledged every message of the namespace's
+    conversation log, and, for the materialiser, conversation ``s``'s summary counts ``count``
+    (read through ``conn``, a pool connection)."""
+    import msgspec
+
+    from botwire_stream import keys
+    from botwire_stream.nats import materialised as mat
+    from consumers.runtime import status
+
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+    done = [
+        s.pending == 0 and s.ack_pending == 0 and s.ack_floor == s.stream_last
+        for s in await status()
+        if s.name == f"botwire-{kind}" and s.stream == f"BOTWIRE_CHAT_{namespace}"
+    ]
+    if done != [True]:
+        return False
+    if kind == "audit":
+        return True
+    subject = mat.summary_subject(namespace, keys.encode_key("s"))
+    last = await conn.direct_get_last(mat.mat_stream(namespace), subject, 5.0)
+    return last is not None and msgspec.json.decode(last.data, type=mat.Summary).message_count == count
+
+
+def kill_embedded(home: Path) -> ServerState:
+    """SIGKILL the embedded server of ``home`` (one this test's process started) and wait until
+    its state no longer names it; its state before (``embedded.status``)."""
+    from botwire_stream.nats import embedded
+
+    state = embedded.status(home)
+    assert state is not None
+    os.kill(state.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (now := embedded.status(home)) is not None and now.pid == state.pid:  # a zombie counts as gone
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return state

@@ -18,19 +18,14 @@ from botwire_stream import AsyncChatHistory, AsyncMemory
 from botwire_stream.errors import InvalidArgument
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
-from tests.cluster import Cluster, stream_info
+from tests.cluster import Cluster, one_bare_node, stream_info
 from tests.servers import NatsServer
 
 
 @pytest.fixture(scope="module")
 def four_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """4 nodes, 3 of them tagged ``r``: streams placed with ``?tag=r`` leave the 4th without a replica."""
-    c = Cluster(tmp_path_factory.mktemp("four-nodes"), size=4)
-    for node in c.nodes[:3]:
-        node.extra = 'server_tags: ["r"]'
-    c.start()
-    yield c
-    c.stop()
+    yield from one_bare_node(tmp_path_factory.mktemp("four-nodes"))
 
 
 def _burners(n: int) -> list[subprocess.Popen[bytes]]:

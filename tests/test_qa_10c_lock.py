@@ -23,7 +23,7 @@ from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
 from consumers.lock import BUCKET
 
-from .procs import ROOT
+from .procs import ROOT, kill_all
 from .waits import sigstop, until
 
 pytestmark = pytest.mark.nats_only
@@ -133,11 +133,7 @@ async def test_a_stalled_holder_taken_over_writes_nothing_once_resumed(
         assert ids_a == [f"{stream}:{s}" for s in first]
         assert ids_b == [f"{stream}:{s}" for s in second]  # each once, in order
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.kill()
-                p.wait(30)
+        kill_all(procs)
         await release(conn)
 
 
@@ -200,9 +196,5 @@ async def test_a_webhook_stalled_in_its_backoff_and_taken_over_posts_nothing_mor
         assert receiver.attempts[event] == 2  # A's failed one, B's
         assert receiver.bad_signatures == 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.kill()
-                p.wait(30)
+        kill_all(procs)
         receiver.close()

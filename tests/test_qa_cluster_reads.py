@@ -9,30 +9,32 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream.chat import _SESSIONS_TIMEOUT
 from botwire_stream.errors import InvalidArgument, ServerUnavailable
 from botwire_stream.keys import encode_key
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.settings import resolve
-from tests.cluster import Cluster, stream_info
+from tests.cluster import Cluster, one_bare_node, stream_info
 from tests.http_serve import Serves
+from tests.procs import ROOT, kill_all
 from tests.servers import NatsServer
+from tests.waits import until
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """4 nodes, 3 tagged ``r``: namespaces placed with ``?tag=r`` have no replica on the 4th."""
-    c = Cluster(tmp_path_factory.mktemp("qa-reads"), size=4)
-    for node in c.nodes[:3]:
-        node.extra = 'server_tags: ["r"]'
-    c.start()
-    yield c
-    c.stop()
+    yield from one_bare_node(tmp_path_factory.mktemp("qa-reads"))
 
 
 async def _raw(url: str, subject: str, body: dict[str, object] | None = None) -> dict[str, object]:
@@ -224,6 +226,79 @@ async def test_clear_then_append_reads_the_new_message_on_a_node_with_no_replica
             assert [(s.session_id, s.message_count) for s in await AsyncChatHistory.sessions(namespace, url=node)] == [
                 ("c", 1)
             ], i
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["reads=leader", "after its own clear"])
+async def test_reads_checked_against_the_leader_return_within_the_timeout_under_constant_clears(
+    four: Cluster, namespace: str, tmp_path: Path, how: str
+) -> None:
+    """Another process extends a conversation by a pair of messages and clears it, again and
+    again (a bounded loop, through the node leading the stream); this connection, on a node with
+    no replica, reads it checked against the stream leader (``?reads=leader``, or after its own
+    ``clear()``): every ``messages()``, ``messages(last=1)``, ``count()`` and ``sessions()``
+    returns within its timeout a state the conversation had (empty, or one whole pair), or raises
+    ``ServerUnavailable``. Before, a read whose leader's last message was cleared before a
+    replica's answer reached it started over, each time with a new timeout, without bound."""
+    sid = "churned"
+    async with AsyncChatHistory(sid, namespace=namespace, url=four.urls[0], timeout=10) as first:
+        await first.append({"r": -1, "n": 0})  # the stream exists: its leader can be found
+    leader = four.node((await stream_info(four.url, stream_name(namespace)))["cluster"]["leader"])
+    started, stop = tmp_path / "started", tmp_path / "stop"
+    churn = subprocess.Popen(
+        [sys.executable, "-m", "tests.chat_workers", "churn", leader.url, namespace, sid, "20000", str(started), str(stop)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    timeout = 1.0
+    options = "&reads=leader" if how == "reads=leader" else ""
+    url = f"{four.nodes[3].url}?tag=r{options}"
+    loop = asyncio.get_running_loop()
+    try:
+
+        async def churning() -> bool:
+            assert churn.poll() is None, churn.communicate()
+            return started.exists()
+
+        await until(churning, "the other process to churn the conversation", 30)
+        async with AsyncChatHistory(sid, namespace=namespace, url=url, timeout=timeout) as h:
+            if how == "after its own clear":
+                await h.clear()
+            answered = 0
+            for _ in range(60):
+                for name, read in (
+                    ("messages", h.messages),
+                    ("last=1", lambda: h.messages(last=1)),
+                    ("count", h.count),
+                    ("sessions", lambda: AsyncChatHistory.sessions(namespace, url=url)),
+                ):
+                    began = loop.time()
+                    try:
+                        got: Any = await read()
+                    except ServerUnavailable:
+                        got = None
+                    else:
+                        answered += 1
+                    bound = _SESSIONS_TIMEOUT if name == "sessions" else timeout
+                    assert loop.time() - began < bound + 1.0, f"{name} took {loop.time() - began:.1f} s"
+                    if name == "messages" and got is not None:
+                        assert got == [] or (len(got) == 2 and got[0]["r"] == got[1]["r"]), got
+                    elif name == "last=1" and got is not None:
+                        assert got == [] or (len(got) == 1 and got[0]["n"] == 1), got
+                    elif name == "count" and got is not None:
+                        assert got in (0, 2), got
+                    elif got is not None:
+                        assert [(x.session_id, x.message_count) for x in got] in ([], [(sid, 2)]), got
+                assert churn.poll() is None, "the churn ended before the reads did: raise its rounds"
+            assert answered > 0
+    finally:
+        stop.touch()
+        try:
+            churn.wait(30)
+        finally:
+            kill_all([churn])
 
 
 # -- botwire serve ------------------------------------------------------------------------------

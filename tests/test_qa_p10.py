@@ -8,24 +8,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import msgspec
 import pytest
 
-from botwire_stream import AsyncChatHistory, keys
+from botwire_stream import AsyncChatHistory
 from botwire_stream.nats import embedded
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
-from consumers.runtime import status
 
-from .procs import ROOT
+from .procs import consumer, consumer_handled, kill_all, kill_embedded
 from .servers import NatsServer
-from .test_consumers_restart import _dead
 from .test_qa_10c_materialiser import _caught_up, _chunks_hold_each_message_once, _exact, _materialiser, _truth, _write
 from .waits import sigstop, until
 
@@ -151,41 +146,16 @@ async def test_embedded_server_killed_while_a_stopped_consumer_lease_is_old(
     history = AsyncChatHistory("s", namespace=namespace)
     await history.extend([{"role": "user", "content": f"before {i}"} for i in range(20)])
     conn = await acquire(resolve(None))
-    subject = mat.summary_subject(namespace, keys.encode_key("s"))
 
     async def handled(count: int) -> bool:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        done = [
-            s.pending == 0 and s.ack_pending == 0 and s.ack_floor == s.stream_last
-            for s in await status()
-            if s.name == f"botwire-{kind}" and s.stream == f"BOTWIRE_CHAT_{namespace}"
-        ]
-        if done != [True]:
-            return False
-        if kind == "audit":
-            return True
-        last = await conn.direct_get_last(mat.mat_stream(namespace), subject, 5.0)
-        return last is not None and msgspec.json.decode(last.data, type=mat.Summary).message_count == count
+        return await consumer_handled(proc, conn, kind, namespace, count)
 
-    extra = ["--dir", str(tmp_path / "audit")] if kind == "audit" else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "botwire_stream", "consume", kind, "-n", namespace, *extra],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = consumer(kind, namespace, *(["--dir", str(tmp_path / "audit")] if kind == "audit" else []))
     try:
         await until(lambda: handled(20), "the first 20 messages handled", 30)
-        state = embedded.status(botwire_home)
-        assert state is not None
         sigstop(proc.pid)
         try:
-            os.kill(state.pid, signal.SIGKILL)  # the server this test's process started
-            deadline = time.monotonic() + 10
-            while not _dead(botwire_home, state.pid):
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            state = kill_embedded(botwire_home)  # the server this test's process started
             time.sleep(3.5)  # the stopped consumer's lease ages past STALE / 2 (nothing to wait on)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
@@ -209,8 +179,6 @@ async def test_embedded_server_killed_while_a_stopped_consumer_lease_is_old(
             appended = [json.loads(r["data"])["content"] for r in records if r["op"] == "append"]
             assert sorted(appended) == sorted(expected) and len(appended) == 40
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_all([proc])
         await history.close()
         await release(conn)

@@ -51,6 +51,26 @@ async def _service(
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _relayed(nats_server: NatsServer, lease_ttl: int = 1) -> AsyncIterator[tuple[httpx.AsyncClient, Relay]]:
+    """``_service`` over a ``Relay`` to ``nats_server`` (closed afterwards): the HTTP client and the relay."""
+    relay = await Relay(nats_server.port).start()
+    try:
+        async with _service(nats_server, relay, lease_ttl) as (http, _):
+            yield http, relay
+    finally:
+        await relay.close()
+
+
+async def _conversation(http: httpx.AsyncClient, namespace: str) -> tuple[str, str, dict[str, str]]:
+    """A new conversation of ``namespace``: its id, the URL of its messages, and a header with a
+    fresh Idempotency-Key."""
+    r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
+    assert r.status_code == 201, r.text
+    session = r.json()["session"]
+    return session, f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
+
+
 async def _closed_within(nats_server: NatsServer, path: str, bound: float) -> bool:
     """Whether the answer stream at ``path`` is closed within ``bound`` seconds (polled)."""
     store, client = await open_token_streams(url=nats_server.url)
@@ -88,22 +108,15 @@ async def test_a_retry_after_the_questions_ack_was_lost_gets_an_answer_stream_th
     question stored) and an answer stream that ends. It got a stream nobody would ever close:
     serve had forgotten that answer (its record deleted as if the question was not stored), and
     dropped the key's hold, so a retry after the 120 s duplicate window would store it twice."""
-    relay = await Relay(nats_server.port).start()
-    try:
-        async with _service(nats_server, relay) as (http, _):
-            r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-            assert r.status_code == 201, r.text
-            session = r.json()["session"]
-            relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack (and all after) lost
-            url, key = f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
-            lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            assert lost.status_code >= 500, lost.text  # not known to be stored: the client retries
-            relay.drop = False
-            retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            assert retry.status_code == 202, retry.text
-            await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
-    finally:
-        await relay.close()
+    async with _relayed(nats_server) as (http, relay):
+        session, url, key = await _conversation(http, namespace)
+        relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack (and all after) lost
+        lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+        assert lost.status_code >= 500, lost.text  # not known to be stored: the client retries
+        relay.drop = False
+        retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+        assert retry.status_code == 202, retry.text
+        await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
 
 
 @pytest.mark.slow
@@ -116,24 +129,17 @@ async def test_a_question_whose_ack_was_lost_in_a_short_stall_is_neither_orphane
     got (through the duplicate window) the stored question's 202 with an answer stream that
     nobody would ever close (no record, so no lease watcher); and without the hold, a retry after
     that window would store the question again. A write of unknown outcome must keep both."""
-    relay = await Relay(nats_server.port).start()
-    try:
-        async with _service(nats_server, relay, lease_ttl=3) as (http, _):
-            r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-            assert r.status_code == 201, r.text
-            session = r.json()["session"]
-            relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack is lost
-            # ... and replies flow again from serve's next look at an answer's record (a clean-up)
-            relay.undrop = re.compile(rb"answer\.[0-9a-f]")
-            url, key = f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
-            lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            assert lost.status_code >= 500, lost.text
-            relay.drop, relay.undrop = False, None
-            retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            assert retry.status_code == 202, retry.text
-            await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
-    finally:
-        await relay.close()
+    async with _relayed(nats_server, lease_ttl=3) as (http, relay):
+        session, url, key = await _conversation(http, namespace)
+        relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack is lost
+        # ... and replies flow again from serve's next look at an answer's record (a clean-up)
+        relay.undrop = re.compile(rb"answer\.[0-9a-f]")
+        lost = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+        assert lost.status_code >= 500, lost.text
+        relay.drop, relay.undrop = False, None
+        retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+        assert retry.status_code == 202, retry.text
+        await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
 
 
 async def test_a_message_of_the_longest_allowed_length_is_taken_however_its_json_escapes_it(
@@ -143,9 +149,7 @@ async def test_a_message_of_the_longest_allowed_length_is_taken_however_its_json
     (``json.dumps``' default, so ``requests``' ``json=``: 6 bytes a CJK character, 12 an
     emoji). The body limit counted 4 bytes a character: such a message got a 413."""
     async with _service(nats_server) as (http, _):
-        r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-        session = r.json()["session"]
-        url = f"/v1/chat/{namespace}/{session}/messages"
+        session, url, _ = await _conversation(http, namespace)
         sent = ["中" * MAX_MESSAGE_CHARS, "\U0001f600" * MAX_MESSAGE_CHARS]
         for content in sent:
             body = json.dumps({"content": content}).encode()  # ASCII only: every character escaped
@@ -189,9 +193,7 @@ async def test_the_documented_message_schema_takes_exactly_what_the_server_takes
     spec = document()
     validator = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/NewMessage", **spec})
     async with _service(nats_server) as (http, _):
-        r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-        session = r.json()["session"]
-        url = f"/v1/chat/{namespace}/{session}/messages"
+        session, url, _ = await _conversation(http, namespace)
         accepted = 0
         for body in _MESSAGE_BODIES:
             r = await http.post(url, json=body)
@@ -215,37 +217,30 @@ async def test_a_question_append_cancelled_midway_keeps_its_key_so_a_retry_finds
     the duplicate window) the stored question's 202 with an answer stream nobody would close,
     and after that window it would store the question again. A cancelled append is unconfirmed:
     it keeps both, as one that timed out does."""
-    relay = await Relay(nats_server.port).start()
-    try:
-        async with _service(nats_server, relay) as (http, _):
-            r = await http.post(f"/v1/chat/{namespace}", json={"user": "ada"})
-            assert r.status_code == 201, r.text
-            session = r.json()["session"]
-            url, key = f"/v1/chat/{namespace}/{session}/messages", {"Idempotency-Key": "k-" + uuid.uuid4().hex}
-            relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack is lost
-            # ... and replies flow again from serve's next look at an answer's record (a clean-up:
-            # while they were lost, the clean-up's deletes never completed, and the test passed)
-            relay.undrop = re.compile(rb"answer\.[0-9a-f]")
-            post = asyncio.ensure_future(http.post(url, json={"content": "hello"}, headers=key))
-            chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
-            try:
+    async with _relayed(nats_server) as (http, relay):
+        session, url, key = await _conversation(http, namespace)
+        relay.trigger = b"botwire-idem-"  # the question's Nats-Msg-Id: its ack is lost
+        # ... and replies flow again from serve's next look at an answer's record (a clean-up:
+        # while they were lost, the clean-up's deletes never completed, and the test passed)
+        relay.undrop = re.compile(rb"answer\.[0-9a-f]")
+        post = asyncio.ensure_future(http.post(url, json={"content": "hello"}, headers=key))
+        chat = AsyncChatHistory(session, namespace=namespace, url=nats_server.url)
+        try:
 
-                async def stored() -> bool:
-                    assert not post.done(), post.result().text  # still waiting for the lost ack
-                    return len(await chat.messages()) == 1
+            async def stored() -> bool:
+                assert not post.done(), post.result().text  # still waiting for the lost ack
+                return len(await chat.messages()) == 1
 
-                await until(stored, "the question is stored", bound=10)
-            finally:
-                await chat.close()
-            post.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(post, 30)
-            relay.drop, relay.undrop = False, None
-            retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
-            assert retry.status_code == 202, retry.text
-            await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
-    finally:
-        await relay.close()
+            await until(stored, "the question is stored", bound=10)
+        finally:
+            await chat.close()
+        post.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(post, 30)
+        relay.drop, relay.undrop = False, None
+        retry = await asyncio.wait_for(http.post(url, json={"content": "hello"}, headers=key), 30)
+        assert retry.status_code == 202, retry.text
+        await _one_question_and_its_answer_ends(nats_server, namespace, session, retry)
 
 
 def _is_valid(schema: dict[str, Any], value: object) -> bool:

@@ -820,9 +820,32 @@ class NatsChatLog:
 
     async def entries(self, after: int | None, last: int | None) -> list[LogEntry]:
         if self.conn.checks_with_leader(self.subject):
-            # The leader's last message, asked alongside the read: a read that reaches it holds
-            # every write acknowledged before (replicas apply the log in order); an empty or
-            # marker-only conversation at the leader reads as empty, whatever a replica says.
+            return await self._as_at_leader(after, last)
+        mine = self.conn.written(self.subject)
+        got = await self._entries(after, last)
+        if mine is None or (after or 0) >= mine or (got and got[-1].seq >= mine):
+            return got
+        end = asyncio.get_running_loop().time() + self.timeout
+        seen = await self._own_write_seen(got, mine, after, last, end)
+        if seen is None:  # no longer stored (cleared, rolled up, expired): right without it
+            self.conn.forget_written(self.subject)
+            return got
+        return seen
+
+    async def _as_at_leader(self, after: int | None, last: int | None) -> list[LogEntry]:
+        """The read checked against the leader's last message, asked alongside it: a read that
+        reaches it holds every write acknowledged before (replicas apply the log in order); an
+        empty or marker-only conversation at the leader reads as empty, whatever a replica says.
+
+        When that message is gone before a replica's read reaches it (cleared, expired), the read
+        is checked again against the leader's new last message, ``_READ_TRIES`` times at most, all
+        within the one timeout. Beyond that (another client clearing again and again), the answer
+        is the leader's: each of those messages was removed while this call ran, so the
+        conversation was empty at some moment of it (a clear or an expiry removes every message).
+        Before, the check started over without bound, each time with a whole new timeout."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        for _ in range(_READ_TRIES):
             got, newest = await asyncio.gather(
                 self._entries(after, last), self.conn.leader_last(self.stream, self.subject, self.timeout)
             )
@@ -831,39 +854,36 @@ class NatsChatLog:
             top = int((newest.headers or {})["Nats-Sequence"])
             if (after or 0) >= top or (got and got[-1].seq >= top):
                 return got
-            return await self._own_write_seen(got, top, after, last, leader=True)
-        mine = self.conn.written(self.subject)
-        got = await self._entries(after, last)
-        if mine is None or (after or 0) >= mine or (got and got[-1].seq >= mine):
-            return got
-        return await self._own_write_seen(got, mine, after, last)
+            seen = await self._own_write_seen(got, top, after, last, end)
+            if seen is not None:
+                return seen
+            if loop.time() >= end:
+                break
+        return []
 
     async def _own_write_seen(
-        self, got: list[LogEntry], mine: int, after: int | None, last: int | None, *, leader: bool = False
-    ) -> list[LogEntry]:
-        """``got`` read again until it reaches ``mine``, this connection's own last acknowledged
-        append (reads-your-writes on a cluster), or with ``leader`` the leader's last message
-        (``?reads=leader``, or after this connection's clear), within the timeout.
+        self, got: list[LogEntry], mine: int, after: int | None, last: int | None, end: float
+    ) -> list[LogEntry] | None:
+        """``got`` read again until it reaches ``mine``: this connection's own last acknowledged
+        append (reads-your-writes on a cluster), or the leader's last message (``?reads=leader``,
+        or after this connection's clear); None once the leader no longer holds it. At the loop
+        time ``end``, ``ServerUnavailable``.
 
         A batch direct get is answered by any replica, and one a few ms behind the stream leader
         missed the caller's own append (measured: 1 of 200 reads right after an append, client on
         a follower, CPU loaded). The stream leader has no batch get, so the read is repeated
         (the lagging replica catches up in ms) while the leader still holds that message; once
-        it does not (cleared, rolled up, expired) the read is right without it, or, with
-        ``leader``, is done again against the leader's new last message."""
+        it does not (cleared, rolled up, expired) the caller decides: the read is right without
+        it, or, checked against the leader, is checked again against its new last message."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.timeout
         pause = 0.002
         while not got or got[-1].seq < mine:
-            if not await self.conn.leader_holds(self.stream, self.subject, mine, self.timeout):
-                if leader:
-                    return await self.entries(after, last)
-                self.conn.forget_written(self.subject)
-                return got
+            if not await self.conn.leader_holds(self.stream, self.subject, mine, max(end - loop.time(), 0.05)):
+                return None
             if loop.time() + pause >= end:
                 raise ServerUnavailable(
                     f"the servers answering reads of conversation {self.session_id!r} did not catch up with "
-                    f"this process's own append (sequence {mine}) within {self.timeout} s"
+                    f"sequence {mine} (this connection's own append, or the leader's last message) within {self.timeout} s"
                 )
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.05)
@@ -881,11 +901,7 @@ class NatsChatLog:
         if self._checked():
             # As the leader counts (stream info is answered by it): a replica's count missed this
             # connection's own append or clear for a few ms (tests/test_cluster_reads.py).
-            counts, first = await asyncio.gather(
-                self.conn.subject_counts(self.stream, self.subject, self.timeout),
-                self.conn.leader_first(self.stream, self.subject, self.timeout),
-            )
-            n = counts.get(self.subject, 0)
+            n, first = await self.conn.leader_count_and_first(self.stream, self.subject, self.timeout)
             if n and (first is None or not first.data or n <= 2):  # an expiry marker may be among them
                 n = len(await self.entries(None, None))
             return n

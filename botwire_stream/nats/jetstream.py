@@ -35,6 +35,8 @@ _WRONG_LAST = 10071
 _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
+_STREAM_NOT_FOUND = 10059
+_GONE_CHECK = 0.25  # seconds the check for a deleted stream waits (a write's retries go on after it)
 _LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
@@ -121,6 +123,9 @@ class Connection(RetryingConnection):
         # purge takes no sequence, so a replica's last sequence cannot tell whether it applied it
         self._cleared: dict[str, None] = {}
         self.leader_reads = opts.reads == "leader"
+        # stream -> the config ``ensure_stream`` made sure of: a write finding no stream for its
+        # subject makes it again (``_made_again``)
+        self._made: dict[str, StreamConfig] = {}
 
     @property
     def clustered(self) -> bool:
@@ -164,10 +169,6 @@ class Connection(RetryingConnection):
         """The last message on ``subject`` as the stream leader has it (one request), None when
         the subject holds none."""
         return await self._from_leader(stream, {"last_by_subj": subject}, timeout)
-
-    async def leader_first(self, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
-        """The first message on ``subject`` as the stream leader has it (one request)."""
-        return await self._from_leader(stream, {"next_by_subj": subject, "seq": 1}, timeout)
 
     async def _from_leader(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
         """``_leader_get`` asked again every ``_LEADER_TRY`` seconds within ``timeout``: a leader
@@ -218,6 +219,7 @@ class Connection(RetryingConnection):
         if name in self._ready_streams:
             return False
         differs = False
+        self._made[name] = config
         config = self.placed(config)
 
         async def run() -> None:
@@ -243,6 +245,30 @@ class Connection(RetryingConnection):
         await self.call(run, timeout=timeout)
         self._ready_streams.add(name)
         return differs
+
+    async def _made_again(self, subject: str, timeout: float) -> None:
+        """After a write to ``subject`` found no responder: when the subject belongs to a stream
+        this connection made sure of (``ensure_stream``) and the server says that stream no longer
+        exists (another client deleted it: ``nats stream rm``, ``js.delete_stream``), make it again,
+        with the config it was made with, as the first write to a new namespace does; ``call`` then
+        sends the write again, and it is stored there. Before, the connection took the stream as
+        made, and every write to it was retried until its timeout, then ``OutcomeUnknown``.
+
+        No responder also means, on a cluster, a stream electing its leader: the stream then exists
+        and nothing is done. The check waits ``_GONE_CHECK`` at most; a check that fails changes
+        nothing (the write is retried as before)."""
+        config = next((c for c in self._made.values() if any(_matches(p, subject) for p in c.subjects or ())), None)
+        if config is None or config.name is None:
+            return
+        try:
+            resp = await self.request(f"$JS.API.STREAM.INFO.{config.name}", b"", None, min(timeout, _GONE_CHECK))
+            info = _info_decoder.decode(resp.data)
+        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError):
+            return
+        if info.error is None or info.error.err_code != _STREAM_NOT_FOUND:
+            return
+        self._ready_streams.discard(config.name)
+        await self.ensure_stream(config, timeout)
 
     async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
         """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.
@@ -296,11 +322,18 @@ class Connection(RetryingConnection):
         expected = h.get("Nats-Expected-Last-Subject-Sequence")
         write = _Write(what, advice, on_sent)
         tries = 0
+        checked = False
 
         async def run() -> int:
-            nonlocal tries
+            nonlocal tries, checked
             tries += 1
-            msg = await self.request(subject, data, h, timeout, write)
+            try:
+                msg = await self.request(subject, data, h, timeout, write)
+            except nats.errors.NoRespondersError:
+                if not checked:  # no stream for the subject: deleted by another client?
+                    checked = True
+                    await self._made_again(subject, timeout)
+                raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
@@ -331,8 +364,10 @@ class Connection(RetryingConnection):
         """
         prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
         write = _Write(what, advice)
+        checked = False
 
         async def run() -> list[int]:
+            nonlocal checked
             mux = self._mux or await self._replies()
             waiting = []
             for subject, data, headers in prepared:
@@ -347,10 +382,14 @@ class Connection(RetryingConnection):
             await self._acks_or_resend(mux, waiting, write)
             seqs = []
             stream = ""
-            for _, future in waiting:
+            for (subject, _, _), (_, future) in zip(prepared, waiting, strict=True):
                 msg = await future
                 if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                    # no responders: the stream had no leader for a moment (a cluster's election)
+                    # no responders: the stream had no leader for a moment (a cluster's election),
+                    # or another client deleted it
+                    if not checked:
+                        checked = True
+                        await self._made_again(subject, timeout)
                     raise nats.errors.NoRespondersError
                 ack = _ack_decoder.decode(msg.data)
                 if ack.error is not None:
@@ -390,9 +429,10 @@ class Connection(RetryingConnection):
             hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         write = _Write(what, advice)
         tries = 0
+        checked = False
 
         async def run() -> int:
-            nonlocal tries
+            nonlocal tries, checked
             tries += 1
             batch_id = self.new_id()
             for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
@@ -402,7 +442,13 @@ class Connection(RetryingConnection):
                     await self.nc.publish(subject, payload, headers=h)
                     write.sent = True
             hs[-1]["Nats-Batch-Commit"] = "1"
-            msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            try:
+                msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
+            except nats.errors.NoRespondersError:
+                if not checked:  # no stream for the subject: deleted by another client?
+                    checked = True
+                    await self._made_again(subject, timeout)
+                raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
                 self._wrote_subject(subject, ack.seq, ack.stream)
@@ -482,12 +528,50 @@ class Connection(RetryingConnection):
         """The last message on ``subject`` as the stream leader has it (see ``_leader_get``)."""
         return await self._leader_get(stream, {"last_by_subj": subject}, timeout)
 
+    async def leader_count_and_first(self, stream: str, subject: str, timeout: float = 5.0) -> tuple[int, Msg | None]:
+        """How many messages ``subject`` holds and its first one (None: none), both as the stream
+        leader has them: its stream info (subjects filter) and a ``$JS.API.STREAM.MSG.GET``, sent
+        back to back in one write and awaited together (one round trip; two requests through
+        ``asyncio.gather`` made two tasks and two ``call``s). Each try waits ``_LEADER_TRY`` at
+        most, as ``_from_leader``'s."""
+        info_body = msgspec.json.encode({"subjects_filter": subject})
+        get_body = msgspec.json.encode({"next_by_subj": subject, "seq": 1})
+        per_try = min(timeout, _LEADER_TRY)
+
+        async def run() -> tuple[int, Msg | None]:
+            mux = self._mux or await self._replies()
+            info_reply, info_future = mux.expect(per_try)
+            get_reply, get_future = mux.expect(per_try)
+            try:
+                await self.nc.publish(f"$JS.API.STREAM.INFO.{stream}", info_body, reply=info_reply)
+                await self.nc.publish(f"$JS.API.STREAM.MSG.GET.{stream}", get_body, reply=get_reply)
+                info_msg = await info_future
+                got = await get_future
+            finally:
+                mux.give_up(info_reply, info_future)
+                mux.give_up(get_reply, get_future)
+            for reply in (info_msg, got):
+                hdr = reply.headers
+                if hdr is not None and hdr.get("Status") == "503" and not reply.data:
+                    raise nats.errors.NoRespondersError  # no stream leader for a moment (retried)
+            info = _info_decoder.decode(info_msg.data)
+            if info.error is not None:
+                raise_api_error(info.error)
+            counts = (info.state.subjects if info.state else None) or {}
+            return counts.get(subject, 0), self._leader_msg(stream, got.data)
+
+        return await self.call(run, timeout=timeout)
+
     async def _leader_get(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
-        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``:
-        its headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
+        """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``."""
         body = msgspec.json.encode(req)
         reply = await self.request(f"$JS.API.STREAM.MSG.GET.{stream}", body, None, timeout)
-        got = _stored_decoder.decode(reply.data)
+        return self._leader_msg(stream, reply.data)
+
+    def _leader_msg(self, stream: str, data: bytes) -> Msg | None:
+        """A ``$JS.API.STREAM.MSG.GET`` reply as a direct-get ``Msg`` (None: no message): its
+        headers parsed as nats-py parses a direct get's (``replies.parse_headers``)."""
+        got = _stored_decoder.decode(data)
         if got.error is not None or got.message is None:
             error = got.error or ApiError(description="no message in the reply")
             if error.code == 404:
@@ -799,6 +883,17 @@ class Connection(RetryingConnection):
                 raise_api_error(purged.error)
 
         await self.call(run, timeout=timeout)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``pattern`` (``*`` one token, a final ``>`` one or more) covers ``subject``."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(got) == len(want)
 
 
 def _found(msg: Msg) -> Msg | None:
