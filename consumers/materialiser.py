@@ -282,10 +282,10 @@ class Materialiser(Worker):
         drop the chunks and materialise what the log holds now."""
         if known_first is not None and (first is None or first > known_first):
             conv.recheck = 0
-            await self._reset(conv, first)
+            bound = await self._reset(conv, first)
             await self._from_log(conv)
             if conv.summary is None:  # cleared, nothing written since: no stale summary is left
-                await self._purge(self._summary_subject(conv))
+                await self._purge(self._summary_subject(conv), bound)
 
     def _build(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> list[Write]:
         """The writes that materialise ``seqs`` (every message after ``conv.covered`` up to
@@ -335,15 +335,26 @@ class Materialiser(Worker):
                 data.append(m.data)
         await self._commit(conv, seqs, times, data, int((msgs[-1].headers or {})["Nats-Sequence"]))
 
-    async def _reset(self, conv: _Conv, first: int | None) -> None:
+    async def _reset(self, conv: _Conv, first: int | None) -> int:
+        """Drop the conversation's chunks; the bound its purges used (see ``_bound``)."""
+        bound = await self._bound()
         for level in range(LEVELS):
-            await self._purge(self._chunk_subject(conv, level))
+            await self._purge(self._chunk_subject(conv, level), bound)
         conv.counts = [0] * LEVELS
         conv.summary, conv.first_seq = None, None
         if first is not None:
             conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
+        return bound
 
-    async def _purge(self, subject: str, before_seq: int | None = None) -> None:
+    async def _bound(self) -> int:
+        """One past the mat stream's last sequence now. Every purge is bounded (the messages below
+        a sequence, not the whole subject): one that lands late (a try sent before a stall,
+        processed after the writes that followed it) removes only what it was meant to remove."""
+        stream = mat.mat_stream(self.namespace)
+        info = await self._surely(lambda: self.conn.call(lambda: self.conn.js.stream_info(stream), timeout=_TIMEOUT))
+        return info.state.last_seq + 1
+
+    async def _purge(self, subject: str, before_seq: int) -> None:
         stream = mat.mat_stream(self.namespace)
         await self._surely(lambda: self.conn.purge(stream, subject, before_seq=before_seq, timeout=_TIMEOUT))
 
@@ -361,8 +372,7 @@ class Materialiser(Worker):
         _, chained = mat.chain([decoder.decode(m.data) for m in msgs])
         if not chained:
             return
-        # Only the chunks read are purged (a bound, not the whole subject): one stored after the
-        # read (a late try of a write) is kept, never dropped unmerged.
+        # Only the chunks read are purged (``_bound``): one stored after the read is kept.
         read = max(int((m.headers or {})["Nats-Sequence"]) for m in msgs) + 1
         pieces = _pack(chained)
         rest = pieces.pop() if _size(pieces[-1]) < _FULL else None
