@@ -28,6 +28,7 @@ nothing more is written or acknowledged, and the next holder resumes from the ac
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class Materialiser(Worker):
         self._convs: dict[str, _Conv] = {}
         self._held = 0
         self._aborted = False  # a flush stopped half-way (_Fenced): the state in memory is not written
+        self._stalled = False  # a read or write is being tried again (said once on stderr)
 
     async def setup(self) -> None:
         await self.conn.ensure_stream(mat.mat_config(self.namespace))
@@ -152,11 +154,18 @@ class Materialiser(Worker):
         the server does not answer."""
         while True:
             try:
-                return await op()
+                got = await op()
             except (ServerNotTrusted, HomeNotWritable):
                 raise
-            except ServerUnavailable:  # no answer within _TIMEOUT (OutcomeUnknown: maybe stored)
-                pass
+            except ServerUnavailable as exc:  # no answer within _TIMEOUT (OutcomeUnknown: maybe stored)
+                if not self._stalled:  # one line per stall, not one per conversation and try
+                    self._stalled = True
+                    print(f"materialise: {exc} (trying again while this process holds its lease)", file=sys.stderr)
+            else:
+                if self._stalled:
+                    self._stalled = False
+                    print("materialise: the server answers again", file=sys.stderr)
+                return got
             await asyncio.sleep(_RETRY_PAUSE)
             while not await self.held():  # cannot tell (the server still stalls), or taken over
                 if (self._lease is not None and self._lease.taken) or self.stopping.is_set():

@@ -76,5 +76,10 @@ async def test_server_stopped_13_s_while_the_materialiser_flushes_it_rides_it_ou
             truth = await _truth(conn, namespace, SESSIONS)
             await _chunks_hold_each_message_once(conn, namespace, truth)
             await _exact(url, namespace, truth)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            # the stall was met mid-work (not while idle): a read or write timed out, was tried again
+            assert "trying again while this process holds its lease" in err and "answers again" in err, err
     finally:
         await release(conn)
