@@ -41,6 +41,7 @@ from botwire_stream import keys
 from botwire_stream.errors import HomeNotWritable, ServerNotTrusted, ServerUnavailable
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, Summary
+from botwire_stream.nats.retry import SAFE
 from botwire_stream.times import parse_time
 
 from .runtime import Delivery, Source, Worker, ack_many
@@ -65,6 +66,7 @@ _FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top lev
 _packer = msgspec.msgpack.Encoder()
 _ROLLUP: Final = {"Nats-Rollup": "sub"}  # a summary replaces the conversation's previous one
 _TIMEOUT: Final = 10.0  # seconds per try of a read or write (tried again while the lease holds)
+_WHAT: Final = "materialised write"  # what a write is, in the message of one not confirmed in time
 _RETRY_PAUSE: Final = 0.2  # seconds between looks at the lease while the server does not answer
 _summary_decoder = msgspec.json.Decoder(Summary)
 
@@ -172,6 +174,10 @@ class Materialiser(Worker):
                     raise _Fenced
                 await asyncio.sleep(_RETRY_PAUSE)
 
+    async def _store(self, writes: list[Write]) -> list[int]:
+        """Publish ``writes`` back to back (their message ids kept: a try again stores none twice)."""
+        return await self.conn.publish_pipelined(writes, _TIMEOUT, what=_WHAT, advice=SAFE)
+
     def _id(self, headers: Mapping[str, str] | None = None) -> dict[str, str]:
         """``headers`` with a new ``Nats-Msg-Id``: a write keeps it through all its tries."""
         return {**(headers or {}), "Nats-Msg-Id": self.conn.new_id()}
@@ -185,7 +191,7 @@ class Materialiser(Worker):
             writes: list[Write] = []
             done = await _all([self._flush_one(c, writes) for c in convs[i : i + _PARALLEL]])
             if writes:
-                await self._surely(lambda: self.conn.publish_pipelined(writes, _TIMEOUT))
+                await self._surely(lambda: self._store(writes))
             handled = [m for ms in done for m in ms]
             await ack_many(handled)
             self._held -= len(handled)
@@ -318,7 +324,7 @@ class Materialiser(Worker):
     async def _commit(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> None:
         """``_build``'s writes, stored now."""
         writes = self._build(conv, seqs, times, data, last)
-        await self._surely(lambda: self.conn.publish_pipelined(writes, _TIMEOUT))
+        await self._surely(lambda: self._store(writes))
 
     async def _first(self, conv: _Conv) -> int | None:
         source = self.sources[0]
@@ -369,7 +375,7 @@ class Materialiser(Worker):
 
     async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
         subject, body, headers = self._chunk_subject(conv, level), _packer.encode(chunk), self._id()
-        seq = await self._surely(lambda: self.conn.publish(subject, body, headers, _TIMEOUT))
+        seq = await self._surely(lambda: self.conn.publish(subject, body, headers, _TIMEOUT, what=_WHAT, advice=SAFE))
         conv.counts[level] += 1
         return seq
 
