@@ -44,7 +44,7 @@ from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, 
 from botwire_stream.nats.retry import SAFE
 from botwire_stream.times import parse_time
 
-from .runtime import Delivery, Source, Worker, ack_many
+from .runtime import Delivery, Source, Worker, _revive, ack_many
 
 __all__ = ["Materialiser"]
 
@@ -169,9 +169,13 @@ class Materialiser(Worker):
                     print("materialise: the server answers again", file=sys.stderr)
                 return got
             await asyncio.sleep(_RETRY_PAUSE)
+            lost: float | None = None
             while not await self.held():  # cannot tell (the server still stalls), or taken over
                 if (self._lease is not None and self._lease.taken) or self.stopping.is_set():
                     raise _Fenced
+                # a dead embedded server is revived here (as the runtime's may_write does): the
+                # runtime waits for this batch meanwhile, and the lease is renewed only once it is
+                lost = await _revive(self.conn, lost)
                 await asyncio.sleep(_RETRY_PAUSE)
 
     async def _store(self, writes: list[Write]) -> list[int]:
