@@ -34,6 +34,7 @@ __all__ = [
     "arestore",
     "aretention",
     "check_bound",
+    "check_past",
     "check_replay",
     "check_retention",
     "check_time",
@@ -100,6 +101,17 @@ def check_time(value: object, name: str = "at") -> datetime:
             f"{name} must be a timezone-aware datetime (e.g. datetime.now(UTC) - timedelta(minutes=5)), not {value!r}"
         )
     return value
+
+
+def check_past(value: object, name: str = "at", verb: str = "read") -> datetime:
+    """``check_time``, and not in the future (by this machine's clock): a state as of a moment not
+    reached yet is not known. ``get(at=)``, ``messages(at=)``, ``restore`` and the HTTP ``past``
+    reads all refuse one (``InvalidArgument``): answering today's state for it, as they did, hid a
+    mistake such as a local time given as UTC, and would not be what is read once that moment came."""
+    at = check_time(value, name)
+    if at > datetime.now(UTC):
+        raise InvalidArgument(f"{name} ({at.isoformat()}) is in the future: {verb} a moment that has passed")
+    return at
 
 
 def check_bound(value: object, name: str) -> Bound:
@@ -396,11 +408,9 @@ async def arestore(
     """
     keys.check_namespace(source)
     keys.check_namespace(into)
-    at = check_time(at)
-    if at > datetime.now(UTC):
-        # the state "as of" a moment not yet reached is unknown: writing today's state under it
-        # (as before) hid a mistake such as a local time given as UTC (``--at`` without a zone)
-        raise InvalidArgument(f"at ({at.isoformat()}) is in the future: restore a moment that has passed")
+    # the state "as of" a moment not yet reached is unknown: writing today's state under it
+    # (as before) hid a mistake such as a local time given as UTC (``--at`` without a zone)
+    at = check_past(at, verb="restore")
     if source == into:
         raise InvalidArgument("restore into a new namespace: into must differ from the source")
     if type(overwrite) is not bool:

@@ -246,7 +246,8 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         """The messages, oldest first, exactly as appended (``last``: only the newest N).
 
         ``at`` (an aware datetime): the messages as of that moment (``BeforeRetention`` when the
-        conversation was cleared since, or its retention no longer reaches it). ``window=N``: the
+        conversation was cleared since, or its retention no longer reaches it; ``InvalidArgument``
+        for a moment in the future by this machine's clock, as ``restore``: not known yet). ``window=N``: the
         latest summary recorded by ``compact`` (as its message), then at most the N newest
         messages after the ones it covers; without a summary, the N newest messages.
         """
@@ -255,9 +256,9 @@ class AsyncChatHistory(StreamClient[ChatLog]):
         if sum(x is not None for x in (last, at, window)) > 1:
             raise InvalidArgument("give at most one of last=, at= and window=")
         if at is not None:
-            from .audit import check_time
+            from .audit import check_past
 
-            moment = check_time(at)
+            moment = check_past(at)
             return [_decode(e.data) for e in await (await self._replayer()).log_at(self.session_id, moment)]
         if window is not None:
             return await self._window(window)

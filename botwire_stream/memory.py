@@ -122,12 +122,14 @@ class AsyncMemory(StreamClient[MemoryBackend]):
 
         ``at`` (an aware datetime): the value as of that moment instead, from the key's kept
         revisions (``BeforeRetention`` when they no longer reach it: see ``audit.aretention``).
+        A moment in the future (by this machine's clock) raises ``InvalidArgument``, as
+        ``restore`` does: its value is not known yet.
         """
         keys.check_key(key)  # InvalidKey before connecting
         if at is not None:
-            from .audit import check_time
+            from .audit import check_past
 
-            data = await (await self._replayer()).key_at(key, check_time(at))
+            data = await (await self._replayer()).key_at(key, check_past(at))
             return default if data is None else codec.decode(data)
         backend = self._conn or await self._connection()
         cache = self._cache

@@ -115,7 +115,8 @@ class Memory:
         call(self._core.open)
 
     def get(self, key: str, default: Any = None, *, at: datetime | None = None) -> Any:
-        """The value of ``key``, or ``default`` when missing or expired; ``at``: as of that moment."""
+        """The value of ``key``, or ``default`` when missing or expired; ``at``: as of that moment
+        (a moment in the future: ``InvalidArgument``)."""
         if at is not None:
             return call(partial(self._core.get, at=at), key, default)
         cache = self._core._cache
@@ -239,8 +240,9 @@ class ChatHistory:
     def messages(
         self, last: int | None = None, *, at: datetime | None = None, window: int | None = None
     ) -> list[dict[str, Any]]:
-        """The messages, oldest first, exactly as appended; ``at``: as of that moment;
-        ``window=N``: the latest summary and at most N messages after it."""
+        """The messages, oldest first, exactly as appended; ``at``: as of that moment (a moment
+        in the future: ``InvalidArgument``); ``window=N``: the latest summary and at most N
+        messages after it."""
         return call(partial(self._core.messages, at=at, window=window), last)
 
     def compact(self, summary: str | Mapping[str, Any], *, upto: int) -> int:

@@ -10,27 +10,46 @@ Events are acknowledged only once their messages are in a chunk; a restart resum
 Events are held per conversation until it has ``CHUNK`` of them, the consumer is caught up, or
 ``MAX_HELD`` are held (then all are flushed): catching up on a backlog writes large chunks, and a
 caught-up materialiser writes every batch at once (its lag is a batch).
+
+A stalled server (SIGSTOP, a frozen VM, longer than a try's 10 s): every read and write is tried
+again until the server answers, as long as this process holds its lease (``Worker.held``), with
+the state in memory kept. A write is tried again with the same bytes and the same
+``Nats-Msg-Id``s, and nothing after it is written before it is confirmed; so a timed-out try that
+the server stores once it goes on lands where the write belonged, and a second copy of it is
+dropped by the duplicate window (the mat stream's 2 min: every copy reaches the server after it
+resumes). A copy stored beyond the window (its ack lost in a stall longer than that) is harmless:
+a chunk identical to one in the chain (``chain`` keeps one chunk per ``prev``), the same summary
+again. Dropping the state and resuming from the ack floor instead (tried first) let a late try land
+behind the new writes: 14-46 messages left out of a conversation's chunks. Taken over meanwhile,
+or told to stop while the server still does not answer, the flush stops half-way (``_Fenced``):
+nothing more is written or acknowledged, and the next holder resumes from the ack floor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 
 from botwire_stream import keys
+from botwire_stream.errors import HomeNotWritable, ServerNotTrusted, ServerUnavailable
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.materialised import CHUNK_BYTES, LEVELS, MERGE, Chunk, Summary
+from botwire_stream.nats.retry import SAFE
 from botwire_stream.times import parse_time
 
-from .runtime import Delivery, Source, Worker, ack_many
+from .runtime import Delivery, Source, Worker, _revive, ack_many
 
 __all__ = ["Materialiser"]
+
+T = TypeVar("T")
+Write = tuple[str, bytes, Mapping[str, str]]  # subject, body, headers (with its Nats-Msg-Id)
 
 CHUNK: Final = 256  # a conversation's held events that trigger its flush
 MAX_HELD: Final = 50_000  # events held (unacknowledged) at most: beyond, every conversation is flushed
@@ -46,6 +65,9 @@ _TITLE: Final = 80  # characters of the first user message kept as the title
 _FULL: Final = CHUNK_BYTES // 2  # a chunk at least this big goes to the top level
 _packer = msgspec.msgpack.Encoder()
 _ROLLUP: Final = {"Nats-Rollup": "sub"}  # a summary replaces the conversation's previous one
+_TIMEOUT: Final = 10.0  # seconds per try of a read or write (tried again while the lease holds)
+_WHAT: Final = "materialised write"  # what a write is, in the message of one not confirmed in time
+_RETRY_PAUSE: Final = 0.2  # seconds between looks at the lease while the server does not answer
 _summary_decoder = msgspec.json.Decoder(Summary)
 
 
@@ -63,6 +85,11 @@ class _Conv:
     probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
 
 
+class _Fenced(Exception):
+    """The lease is lost (taken over, or a stop while the server does not answer) in the middle of
+    a flush: this process writes and acknowledges nothing more (the next holder resumes)."""
+
+
 class Materialiser(Worker):
     """``botwire consume materialise -n NS``: keeps NS's conversations materialised."""
 
@@ -76,11 +103,15 @@ class Materialiser(Worker):
         self.namespace = namespace
         self._convs: dict[str, _Conv] = {}
         self._held = 0
+        self._aborted = False  # a flush stopped half-way (_Fenced): the state in memory is not written
+        self._stalled = False  # a read or write is being tried again (said once on stderr)
 
     async def setup(self) -> None:
         await self.conn.ensure_stream(mat.mat_config(self.namespace))
 
     async def handle(self, source: Source, msgs: list[Delivery], caught_up: bool) -> None:
+        if self._aborted:
+            return  # stopping: redelivered to the next holder
         for m in msgs:
             is_event, token = source.token(m)
             conv = self._convs.get(token)
@@ -88,24 +119,72 @@ class Materialiser(Worker):
                 conv = self._convs[token] = _Conv(token)
             (conv.events if is_event else conv.held).append(m)
         self._held += len(msgs)
-        if caught_up or self._held >= MAX_HELD:
-            await self.flush_all()
-        else:
-            await self._flush([c for c in self._convs.values() if len(c.held) >= CHUNK])
+        try:
+            if caught_up or self._held >= MAX_HELD:
+                await self.flush_all()
+            else:
+                await self._flush([c for c in self._convs.values() if len(c.held) >= CHUNK])
+        except _Fenced:
+            self._aborted = True
 
     async def idle(self) -> None:
-        await self.flush_all()
-        await self._flush([c for c in self._convs.values() if c.recheck and not c.held])
-        await self._merges(len(self._convs))
+        if self._aborted:
+            return
+        try:
+            await self.flush_all()
+            await self._flush([c for c in self._convs.values() if c.recheck and not c.held])
+            await self._merges(len(self._convs))
+        except _Fenced:
+            self._aborted = True
 
     async def finish(self) -> None:
-        if self.fenced:  # taken over: the new holder materialises what is held here
+        if self.fenced or self._aborted:  # taken over: the new holder materialises what is held here
             return
-        await self.flush_all()
-        await self._merges(len(self._convs))
+        try:
+            await self.flush_all()
+            await self._merges(len(self._convs))
+        except _Fenced:
+            self._aborted = True
 
     async def flush_all(self) -> None:
         await self._flush([c for c in self._convs.values() if c.held or c.events])
+
+    async def _surely(self, op: Callable[[], Awaitable[T]]) -> T:
+        """``op`` tried again until the server answers, while this process holds its lease (see
+        "A stalled server" above): a read, or a write whose every try sends the same bytes with
+        the same ``Nats-Msg-Id``s. ``_Fenced`` once the lease is taken over, or on a stop while
+        the server does not answer."""
+        while True:
+            try:
+                got = await op()
+            except (ServerNotTrusted, HomeNotWritable):
+                raise
+            except ServerUnavailable as exc:  # no answer within _TIMEOUT (OutcomeUnknown: maybe stored)
+                if not self._stalled:  # one line per stall, not one per conversation and try
+                    self._stalled = True
+                    print(f"materialise: {exc} (trying again while this process holds its lease)", file=sys.stderr)
+            else:
+                if self._stalled:
+                    self._stalled = False
+                    print("materialise: the server answers again", file=sys.stderr)
+                return got
+            await asyncio.sleep(_RETRY_PAUSE)
+            lost: float | None = None
+            while not await self.held():  # cannot tell (the server still stalls), or taken over
+                if (self._lease is not None and self._lease.taken) or self.stopping.is_set():
+                    raise _Fenced
+                # a dead embedded server is revived here (as the runtime's may_write does): the
+                # runtime waits for this batch meanwhile, and the lease is renewed only once it is
+                lost = await _revive(self.conn, lost)
+                await asyncio.sleep(_RETRY_PAUSE)
+
+    async def _store(self, writes: list[Write]) -> list[int]:
+        """Publish ``writes`` back to back (their message ids kept: a try again stores none twice)."""
+        return await self.conn.publish_pipelined(writes, _TIMEOUT, what=_WHAT, advice=SAFE)
+
+    def _id(self, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``headers`` with a new ``Nats-Msg-Id``: a write keeps it through all its tries."""
+        return {**(headers or {}), "Nats-Msg-Id": self.conn.new_id()}
 
     async def _flush(self, convs: list[_Conv]) -> None:
         for i in range(0, len(convs), _PARALLEL):
@@ -113,10 +192,10 @@ class Materialiser(Worker):
             # the group's writes are published back to back with their acks awaited together: one
             # call instead of two per conversation (measured: the per-write call was the largest
             # part of the materialiser's time at 5k appends/s). Acknowledged once all are stored.
-            writes: list[tuple[str, bytes, Mapping[str, str]]] = []
-            done = await asyncio.gather(*(self._flush_one(c, writes) for c in convs[i : i + _PARALLEL]))
+            writes: list[Write] = []
+            done = await _all([self._flush_one(c, writes) for c in convs[i : i + _PARALLEL]])
             if writes:
-                await self.conn.publish_pipelined(writes, 10.0)
+                await self._surely(lambda: self._store(writes))
             handled = [m for ms in done for m in ms]
             await ack_many(handled)
             self._held -= len(handled)
@@ -131,14 +210,14 @@ class Materialiser(Worker):
         due = [c for c in self._convs.values() if c.loaded and max(c.counts[0], c.counts[1]) >= MERGE]
         due.sort(key=lambda c: -max(c.counts[0], c.counts[1]))
         for i in range(0, min(most, len(due)), _PARALLEL):
-            await asyncio.gather(*(self._merge_full(c) for c in due[i : min(most, i + _PARALLEL)]))
+            await _all([self._merge_full(c) for c in due[i : min(most, i + _PARALLEL)]])
 
     async def _merge_full(self, conv: _Conv) -> None:
         for level in (0, 1):
             if conv.counts[level] >= MERGE:
                 await self._merge(conv, level)
 
-    async def _flush_one(self, conv: _Conv, writes: list[tuple[str, bytes, Mapping[str, str]]]) -> list[Delivery]:
+    async def _flush_one(self, conv: _Conv, writes: list[Write]) -> list[Delivery]:
         """Materialise what ``conv`` holds (its usual write added to ``writes``, the rest written
         now); the deliveries to acknowledge once ``writes`` are stored."""
         if not await self.held():  # taken over mid-flush: the new holder materialises the rest
@@ -161,9 +240,9 @@ class Materialiser(Worker):
         return held + events
 
     async def _load(self, conv: _Conv) -> None:
-        conn, timeout = self.conn, 10.0
-        start, chunks, counts = await mat.read_chain(conn, self.namespace, conv.token, timeout)
-        last = await conn.direct_get_last(mat.mat_stream(self.namespace), self._summary_subject(conv), timeout)
+        conn, stream, subject = self.conn, mat.mat_stream(self.namespace), self._summary_subject(conv)
+        _, chunks, counts = await self._surely(lambda: mat.read_chain(conn, self.namespace, conv.token, _TIMEOUT))
+        last = await self._surely(lambda: conn.direct_get_last(stream, subject, _TIMEOUT))
         conv.summary = _summary_decoder.decode(last.data) if last is not None and last.data else None
         conv.counts = counts
         # The chain, not the summary (written alongside a chunk, it may have landed without it),
@@ -179,9 +258,7 @@ class Materialiser(Worker):
     def _chunk_subject(self, conv: _Conv, level: int) -> str:
         return mat.chunk_subject(self.namespace, level, conv.token)
 
-    async def _materialise(
-        self, conv: _Conv, fresh: list[tuple[int, Delivery]], writes: list[tuple[str, bytes, Mapping[str, str]]]
-    ) -> None:
+    async def _materialise(self, conv: _Conv, fresh: list[tuple[int, Delivery]], writes: list[Write]) -> None:
         """Write the delivered messages after ``covered`` as a chunk.
 
         They are every message of the conversation after ``covered``: a pull consumer delivers
@@ -207,10 +284,16 @@ class Materialiser(Worker):
         now = time.monotonic()
         if now - conv.probed < _PROBE_EVERY:
             # no purge can follow in this flush: the writes may wait for the group's (``_flush``)
-            self._commit_later(conv, seqs, times, data, last, writes)
+            writes.extend(self._build(conv, seqs, times, data, last))
             return
         conv.probed = now
-        first, _ = await asyncio.gather(self._first(conv), self._commit(conv, seqs, times, data, last))
+        first, committed = await asyncio.gather(
+            self._first(conv), self._commit(conv, seqs, times, data, last), return_exceptions=True
+        )
+        if isinstance(first, BaseException):  # both end (no write left running) before either is raised
+            raise first
+        if isinstance(committed, BaseException):
+            raise committed
         await self._cleared(conv, known_first, first)
 
     async def _cleared(self, conv: _Conv, known_first: int | None, first: int | None) -> None:
@@ -218,55 +301,48 @@ class Materialiser(Worker):
         drop the chunks and materialise what the log holds now."""
         if known_first is not None and (first is None or first > known_first):
             conv.recheck = 0
-            await self._reset(conv, first)
+            bound = await self._reset(conv, first)
             await self._from_log(conv)
             if conv.summary is None:  # cleared, nothing written since: no stale summary is left
-                await self.conn.purge(mat.mat_stream(self.namespace), self._summary_subject(conv))
+                await self._purge(self._summary_subject(conv), bound)
 
-    def _commit_later(
-        self,
-        conv: _Conv,
-        seqs: list[int],
-        times: list[datetime],
-        data: list[bytes],
-        last: int,
-        writes: list[tuple[str, bytes, Mapping[str, str]]],
-    ) -> None:
-        """``_commit``, its writes (in the same order) added to ``writes`` instead of made now."""
+    def _build(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> list[Write]:
+        """The writes that materialise ``seqs`` (every message after ``conv.covered`` up to
+        ``last``), in order: their chunk (split to ``CHUNK_BYTES``; full levels are merged by
+        ``_merges``), then the conversation's summary. ``conv`` is updated as once they are
+        stored: the caller stores them (``_commit`` now, ``_flush`` with its group) before it
+        acknowledges anything, each with its own ``Nats-Msg-Id`` through every try."""
+        writes: list[Write] = []
         if seqs:
             if conv.first_seq is None:
                 conv.first_seq = seqs[0]
             for piece in _pack([Chunk(conv.covered, seqs, times, data)]):
                 level = 2 if _size(piece) >= _FULL else 0
-                writes.append((self._chunk_subject(conv, level), _packer.encode(piece), {}))
+                writes.append((self._chunk_subject(conv, level), _packer.encode(piece), self._id()))
                 conv.counts[level] += 1
         conv.covered = last
-        writes.append((self._summary_subject(conv), msgspec.json.encode(self._summary(conv, seqs, times, data, last)), _ROLLUP))
+        summary = self._summary(conv, seqs, times, data, last)
+        writes.append((self._summary_subject(conv), msgspec.json.encode(summary), self._id(_ROLLUP)))
+        return writes
 
-    async def _commit(
-        self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
-    ) -> None:
-        if seqs:
-            chunk = Chunk(conv.covered, seqs, times, data)
-            if conv.first_seq is None:
-                conv.first_seq = seqs[0]
-            conv.covered = last
-            await asyncio.gather(self._write(conv, chunk), self._summarise(conv, seqs, times, data, last))
-        else:
-            conv.covered = last
-            await self._summarise(conv, seqs, times, data, last)
+    async def _commit(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> None:
+        """``_build``'s writes, stored now."""
+        writes = self._build(conv, seqs, times, data, last)
+        await self._surely(lambda: self._store(writes))
 
     async def _first(self, conv: _Conv) -> int | None:
         source = self.sources[0]
-        raw = source.subject[:-1] + conv.token
-        probe = await self.conn.direct_batch(source.stream, {"next_by_subj": raw, "seq": 1, "batch": 1}, 10.0)
+        req = {"next_by_subj": source.subject[:-1] + conv.token, "seq": 1, "batch": 1}
+        probe = await self._surely(lambda: self.conn.direct_batch(source.stream, req, _TIMEOUT))
         return int((probe.msgs[0].headers or {})["Nats-Sequence"]) if probe.msgs else None
 
     async def _from_log(self, conv: _Conv) -> None:
         """Materialise what the log holds after ``covered`` (after a reset), read from the log."""
         source = self.sources[0]
-        raw = source.subject[:-1] + conv.token
-        msgs = await self.conn.read_subject(source.stream, raw, start_seq=conv.covered + 1, page=10_000, timeout=10.0)
+        raw, start = source.subject[:-1] + conv.token, conv.covered + 1
+        msgs = await self._surely(
+            lambda: self.conn.read_subject(source.stream, raw, start_seq=start, page=10_000, timeout=_TIMEOUT)
+        )
         if not msgs:
             return
         seqs, times, data = [], [], []
@@ -278,32 +354,45 @@ class Materialiser(Worker):
                 data.append(m.data)
         await self._commit(conv, seqs, times, data, int((msgs[-1].headers or {})["Nats-Sequence"]))
 
-    async def _reset(self, conv: _Conv, first: int | None) -> None:
+    async def _reset(self, conv: _Conv, first: int | None) -> int:
+        """Drop the conversation's chunks; the bound its purges used (see ``_bound``)."""
+        bound = await self._bound()
         for level in range(LEVELS):
-            await self.conn.purge(mat.mat_stream(self.namespace), self._chunk_subject(conv, level))
+            await self._purge(self._chunk_subject(conv, level), bound)
         conv.counts = [0] * LEVELS
         conv.summary, conv.first_seq = None, None
         if first is not None:
             conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
+        return bound
 
-    async def _write(self, conv: _Conv, chunk: Chunk) -> None:
-        """Write ``chunk`` (split to ``CHUNK_BYTES``); full levels are merged by ``_merges``."""
-        for piece in _pack([chunk]):
-            await self._publish(conv, 2 if _size(piece) >= _FULL else 0, piece)
+    async def _bound(self) -> int:
+        """One past the mat stream's last sequence now. Every purge is bounded (the messages below
+        a sequence, not the whole subject): one that lands late (a try sent before a stall,
+        processed after the writes that followed it) removes only what it was meant to remove."""
+        stream = mat.mat_stream(self.namespace)
+        info = await self._surely(lambda: self.conn.call(lambda: self.conn.js.stream_info(stream), timeout=_TIMEOUT))
+        return info.state.last_seq + 1
+
+    async def _purge(self, subject: str, before_seq: int) -> None:
+        stream = mat.mat_stream(self.namespace)
+        await self._surely(lambda: self.conn.purge(stream, subject, before_seq=before_seq, timeout=_TIMEOUT))
 
     async def _publish(self, conv: _Conv, level: int, chunk: Chunk) -> int:
-        seq = await self.conn.publish(self._chunk_subject(conv, level), _packer.encode(chunk), None, 10.0)
+        subject, body, headers = self._chunk_subject(conv, level), _packer.encode(chunk), self._id()
+        seq = await self._surely(lambda: self.conn.publish(subject, body, headers, _TIMEOUT, what=_WHAT, advice=SAFE))
         conv.counts[level] += 1
         return seq
 
     async def _merge(self, conv: _Conv, level: int) -> None:
         stream = mat.mat_stream(self.namespace)
         subject = self._chunk_subject(conv, level)
-        msgs = await self.conn.read_subject(stream, subject, headers=True, timeout=10.0)
+        msgs = await self._surely(lambda: self.conn.read_subject(stream, subject, headers=True, timeout=_TIMEOUT))
         decoder = msgspec.msgpack.Decoder(Chunk)
         _, chained = mat.chain([decoder.decode(m.data) for m in msgs])
         if not chained:
             return
+        # Only the chunks read are purged (``_bound``): one stored after the read is kept.
+        read = max(int((m.headers or {})["Nats-Sequence"]) for m in msgs) + 1
         pieces = _pack(chained)
         rest = pieces.pop() if _size(pieces[-1]) < _FULL else None
         for piece in pieces:
@@ -314,17 +403,11 @@ class Materialiser(Worker):
                 return  # already one remainder
             seq = await self._publish(conv, 1, rest)
             if level == 1:  # the merged ones are older than the remainder just written
-                await self.conn.purge(stream, subject, before_seq=seq)
+                await self._purge(subject, before_seq=seq)
                 conv.counts[1] = 1
                 return
-        await self.conn.purge(stream, subject)
+        await self._purge(subject, before_seq=read)
         conv.counts[level] = 0
-
-    async def _summarise(
-        self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int
-    ) -> None:
-        summary = self._summary(conv, seqs, times, data, last)
-        await self.conn.publish(self._summary_subject(conv), msgspec.json.encode(summary), _ROLLUP, 10.0)
 
     def _summary(self, conv: _Conv, seqs: list[int], times: list[datetime], data: list[bytes], last: int) -> Summary:
         """The conversation's summary once ``seqs`` are counted (kept as ``conv.summary``)."""
@@ -365,6 +448,16 @@ def _stored_time(m: Delivery) -> datetime:
     The ack subject carries the time in nanoseconds; integer arithmetic, no text (the same as
     ``botwire_stream.nats.replay._stored_time``)."""
     return _EPOCH + timedelta(0, 0, (m.ts + 500) // 1000)
+
+
+async def _all(aws: list[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` of ``aws``, each run to its end before the first error is raised: none
+    left writing unsupervised (one that finds the lease lost raises ``_Fenced`` as well)."""
+    got = await asyncio.gather(*aws, return_exceptions=True)
+    for g in got:
+        if isinstance(g, BaseException):
+            raise g
+    return cast(list[T], got)
 
 
 def _size(chunk: Chunk) -> int:

@@ -4,12 +4,13 @@ large (chunked) values, conversation ids and globs with NATS subject characters.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import asyncio
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, areplay, arestore
-from botwire_stream.errors import InvalidNamespace
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, areplay, arestore
+from botwire_stream.errors import InvalidArgument, InvalidNamespace
 
 
 async def test_get_and_messages_at_a_writes_own_time_include_it(url: str, namespace: str) -> None:
@@ -24,13 +25,44 @@ async def test_get_and_messages_at_a_writes_own_time_include_it(url: str, namesp
         assert await m.get("k", at=times[("memory", "second")]) == "second"
         assert await c.messages(at=times[("chat", 1)]) == [{"n": 1}]
         assert await c.messages(at=times[("chat", 2)]) == [{"n": 1}, {"n": 2}]
-        # before the first write: nothing (not an error); in the future: the current state
+        # before the first write: nothing (not an error)
         before = times[("memory", "first")] - timedelta(days=1)
         assert await m.get("k", "none", at=before) == "none"
         assert await c.messages(at=before) == []
-        future = datetime.now(UTC) + timedelta(days=1)
-        assert await m.get("k", at=future) == "second"
-        assert await c.messages(at=future) == [{"n": 1}, {"n": 2}]
+
+
+async def test_get_and_messages_at_a_future_time_raise_invalid_argument(url: str, namespace: str) -> None:
+    """A moment in the future is refused as ``restore`` refuses it (its state is not known yet;
+    before, today's state was answered: a local time given as UTC, hours ahead, went unnoticed);
+    "now" and a write's own time are answered; the sync faces alike."""
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        await m.set("k", "v")
+        await c.append({"n": 1})
+        for ahead in (timedelta(days=1), timedelta(seconds=5)):
+            future = datetime.now(UTC) + ahead
+            with pytest.raises(InvalidArgument, match="is in the future"):
+                await m.get("k", at=future)
+            with pytest.raises(InvalidArgument, match="is in the future"):
+                await c.messages(at=future)
+        local_as_utc = datetime.now(timezone(timedelta(hours=3))).replace(tzinfo=UTC)  # UTC+3 read as UTC: 3 h ahead
+        with pytest.raises(InvalidArgument, match="is in the future"):
+            await m.get("k", at=local_as_utc)
+        now = datetime.now(UTC)
+        assert await m.get("k", at=now) == "v"
+        assert await c.messages(at=now) == [{"n": 1}]
+        [entry] = await c.entries()
+        assert await c.messages(at=entry.time) == [{"n": 1}]
+
+    def sync_faces() -> None:
+        with Memory(namespace, url=url) as sm, ChatHistory("c", namespace=namespace, url=url) as sc:
+            future = datetime.now(UTC) + timedelta(minutes=1)
+            with pytest.raises(InvalidArgument, match="is in the future"):
+                sm.get("k", at=future)
+            with pytest.raises(InvalidArgument, match="is in the future"):
+                sc.messages(at=future)
+            assert sm.get("k", at=datetime.now(UTC)) == "v"
+
+    await asyncio.to_thread(sync_faces)
 
 
 async def test_restore_with_overwrite_leaves_each_conversation_as_of_the_moment(url: str, namespace: str) -> None:

@@ -25,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .. import errors, keys
 from .._backend import RawEvent
-from ..audit import check_replay, check_time, parse_when, raw_events
+from ..audit import check_past, check_replay, parse_when, raw_events
 from .headers import COMMON
 from .rest import ErrorBody, ErrorResponse, Namespaces, RestError, json_response
 
@@ -110,7 +110,7 @@ def _at(request: Request) -> datetime:
     text = request.query_params.get("at")
     if not text:
         raise errors.InvalidArgument("give at=<ISO-8601 time>, e.g. at=2026-11-30T14:02:00Z")
-    return check_time(parse_when(text))
+    return check_past(parse_when(text))
 
 
 class ReplayRoutes:

@@ -1,0 +1,85 @@
+"""The history materialiser rides out a NATS server that stalls longer than its 10 s write timeout
+(issue 10): it keeps running, and once the server goes on it catches up with every conversation's
+chain equal to the raw log (each message once, no gap) and every summary exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from botwire_stream import AsyncChatHistory
+from botwire_stream.nats.pool import acquire, release
+from botwire_stream.settings import resolve
+
+from .servers import NatsServer
+from .test_qa_10c_materialiser import _caught_up, _chunks_hold_each_message_once, _exact, _materialiser, _truth, _write
+from .test_qa_p10 import _mat_count
+from .waits import sigstop, until
+
+pytestmark = [pytest.mark.nats_only, pytest.mark.slow]
+
+HOT, COLD = 4, 36
+SESSIONS = [f"h{i}" for i in range(HOT)] + [f"c{i:02d}" for i in range(COLD)]
+
+
+async def test_server_stopped_13_s_while_the_materialiser_flushes_it_rides_it_out(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """40 interleaved conversations written while the materialiser runs (caught up), then a backlog
+    of 2,500 more appends piled up while it is SIGSTOPped; SIGCONT, and as soon as it writes
+    chunks again its nats-server is SIGSTOPped for 13 s (longer than a write's 10 s timeout: the
+    flush in hand, or the next one, times out). SIGCONT: the materialiser is still running (before:
+    exit 2, "the NATS server did not answer within 10 s"), catches up, and every conversation's
+    chunks hold each message once, reads and summaries exact; appends written after are
+    materialised too."""
+    url = own_server.url
+    conn = await acquire(resolve(url))
+    try:
+        with _materialiser(url, namespace) as proc:
+
+            async def running_and_caught_up() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                return await _caught_up(url, namespace)
+
+            _write(url, namespace, 36, HOT, COLD)  # while it runs: every conversation has a chain
+            await until(running_and_caught_up, "the materialiser to catch up", 60)
+            before = await _mat_count(url, namespace)
+            sigstop(proc.pid)  # the materialiser (this test's process): a backlog piles up
+            try:
+                _write(url, namespace, 500, HOT, COLD)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+
+            async def writing_again() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                return await _mat_count(url, namespace) > before
+
+            await until(writing_again, "chunks of the backlog", 60, every=0.002)
+            sigstop(own_server.pid)  # this test's own server
+            try:
+                time.sleep(13)  # nothing to wait on: the stall itself
+            finally:
+                os.kill(own_server.pid, signal.SIGCONT)
+            await until(running_and_caught_up, "the materialiser to catch up after SIGCONT", 120)
+            truth = await _truth(conn, namespace, SESSIONS)
+            assert sum(len(r) for r in truth.values()) == 536 * (HOT + 1)
+            await _chunks_hold_each_message_once(conn, namespace, truth)
+            await _exact(url, namespace, truth)
+            listed = await AsyncChatHistory.sessions(namespace, limit=None, url=url)
+            assert len(listed) == len(SESSIONS) and all(i.title is not None for i in listed)  # summaries exact
+
+            _write(url, namespace, 10, HOT, COLD)  # and it goes on
+            await until(running_and_caught_up, "the later appends materialised", 60)
+            truth = await _truth(conn, namespace, SESSIONS)
+            await _chunks_hold_each_message_once(conn, namespace, truth)
+            await _exact(url, namespace, truth)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            # the stall was met mid-work (not while idle): a read or write timed out, was tried again
+            assert "trying again while this process holds its lease" in err and "answers again" in err, err
+    finally:
+        await release(conn)
