@@ -10,15 +10,25 @@ new ``Memory`` of that namespace in the same process: they share the pooled conn
 
 from __future__ import annotations
 
+import asyncio
+import math
+import signal
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory
 from botwire_stream.nats.chatlog import stream_name
-from tests.cluster import Cluster
+from tests import procs
+from tests.cluster import Cluster, stream_info
 from tests.servers import NatsServer
+from tests.waits import sigstop, until
 
 
 @pytest.fixture
@@ -30,13 +40,26 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-async def _delete(url: str, *streams: str) -> None:
-    """Delete ``streams`` from a connection of the test's own (another client)."""
+async def _delete(url: str, *streams: str, patient: bool = False) -> None:
+    """Delete ``streams`` from a connection of the test's own (another client); ``patient``: asked
+    again within 30 s while the cluster elects a leader (a node stopped)."""
     nc = await nats.connect(url.split(","), connect_timeout=2)
     try:
         js = nc.jetstream()
         for stream in streams:
-            assert await js.delete_stream(stream)
+            if not patient:
+                assert await js.delete_stream(stream)
+                continue
+
+            async def gone(stream: str = stream) -> bool:
+                try:
+                    return await asyncio.wait_for(js.delete_stream(stream), 2)
+                except nats.js.errors.NotFoundError:
+                    return True  # deleted by a try whose reply was lost
+                except (nats.errors.Error, asyncio.TimeoutError):
+                    return False
+
+            await until(gone, f"deleting {stream}", bound=30, every=0.2)
     finally:
         await nc.close()
 
@@ -84,3 +107,177 @@ async def test_writes_make_a_namespace_deleted_by_another_client_again_on_a_clus
     """The same on a 3-node cluster (3 replicas), where a write finding no stream is also what
     a leader election looks like: the stream is made again only once the servers say it is gone."""
     await _every_write_makes_it_again(three.url, namespace)
+
+
+async def _every_read_is_empty(url: str, nats_url: str, namespace: str) -> None:
+    """Each read of a namespace deleted under an open Memory/ChatHistory answers as a namespace
+    never written does (None, [], 0, False), and a write after it is stored."""
+    kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
+    async with (
+        AsyncMemory(namespace, url=url, timeout=5) as m,
+        AsyncChatHistory("c", namespace=namespace, url=url, timeout=5) as h,
+    ):
+        when = datetime.now(UTC)
+        await m.set("k", 1)
+        await h.extend([{"n": 1}, {"n": 2}])
+        assert await m.get("k") == 1 and await h.count() == 2  # both streams read (and so made)
+
+        await _delete(nats_url, kv, chat)
+        assert await m.get("k") is None
+        assert await m.get("k", "dflt") == "dflt"
+        assert not await m.contains("k")
+        assert await m.list_keys() == [] and await m.list_keys("k*", limit=5) == []
+        assert await m.revisions("k") == []
+        assert await m.get("k", at=when + timedelta(hours=1)) is None
+        assert await h.messages() == [] and await h.messages(last=1) == []
+        assert await h.entries() == [] and await h.count() == 0
+        if not url.startswith("http"):  # served over NATS only
+            assert await h.last_summary() is None
+        assert await AsyncChatHistory.sessions(namespace, url=url) == []
+
+        await m.set("k", 2)
+        await h.append({"n": 3})
+        assert await m.get("k") == 2 and await m.list_keys() == ["k"] and await m.revisions("k") != []
+        assert await h.messages() == [{"n": 3}] and await h.count() == 1
+        assert [s.session_id for s in await AsyncChatHistory.sessions(namespace, url=url)] == ["c"]
+
+
+async def test_reads_of_a_namespace_deleted_by_another_client_are_empty(nats_server: NatsServer, namespace: str) -> None:
+    await _every_read_is_empty(nats_server.url, nats_server.url, namespace)
+
+
+async def test_http_reads_of_a_namespace_deleted_by_another_client_are_empty(
+    nats_server: NatsServer, http_server: str, namespace: str
+) -> None:
+    """The same through ``botwire serve`` (its connection made the streams)."""
+    await _every_read_is_empty(http_server, nats_server.url, namespace)
+
+
+def test_sync_reads_of_a_namespace_deleted_by_another_client_are_empty(nats_server: NatsServer, namespace: str) -> None:
+    """The sync faces, a sync Memory sharing the process connection with an AsyncMemory."""
+    url = nats_server.url
+    with Memory(namespace, url=url, timeout=5) as m, ChatHistory("c", namespace=namespace, url=url, timeout=5) as h:
+        m.set("k", 1)
+        h.append({"n": 1})
+        asyncio.run(_delete(url, f"KV_botwire_{namespace}", stream_name(namespace)))
+        assert m.get("k") is None and "k" not in m and m.list_keys() == [] and m.revisions("k") == []
+        assert h.messages() == [] and len(h) == 0 and ChatHistory.sessions(namespace, url=url) == []
+        m.set("k", 2)
+        h.append({"n": 2})
+        assert m.get("k") == 2 and h.messages() == [{"n": 2}]
+
+
+async def test_the_keys_or_the_chat_stream_deleted_alone_leaves_the_other_as_it_was(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    url = nats_server.url
+    kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
+    async with (
+        AsyncMemory(namespace, url=url, timeout=5) as m,
+        AsyncChatHistory("c", namespace=namespace, url=url, timeout=5) as h,
+    ):
+        await m.set("k", 1)
+        await h.append({"n": 1})
+        await _delete(url, kv)
+        assert await m.get("k") is None and await m.list_keys() == []
+        assert await h.messages() == [{"n": 1}] and await h.count() == 1
+        await m.set("k", 2)
+        await _delete(url, chat)
+        assert await h.messages() == [] and await h.count() == 0
+        assert await m.get("k") == 2 and await m.list_keys() == ["k"]
+        await h.append({"n": 2})
+        assert await h.messages() == [{"n": 2}] and await m.get("k") == 2
+
+
+async def test_a_key_set_with_a_ttl_after_the_stream_is_made_again_expires(nats_server: NatsServer, namespace: str) -> None:
+    """The stream made again keeps per-message TTLs (its config is the one it was opened with)."""
+    url = nats_server.url
+    async with AsyncMemory(namespace, url=url, timeout=5) as m:
+        await m.set("old", 1, ttl=3600)
+        await _delete(url, f"KV_botwire_{namespace}")
+        await m.set("t", 1, ttl=1)
+        await m.set("kept", 2)
+        assert await m.get("t") == 1 and await m.get("old") is None
+
+        async def expired() -> bool:
+            return await m.get("t") is None
+
+        await until(expired, "the key set with ttl=1 expiring", bound=15)
+        assert await m.list_keys() == ["kept"]
+        info = await stream_info(url, f"KV_botwire_{namespace}")
+        assert info["config"]["allow_msg_ttl"] is True
+
+
+@pytest.mark.slow
+async def test_a_delete_racing_writes_of_two_processes_loses_no_write_sent_after_it(
+    nats_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    """Two processes set keys and append messages while this one deletes both streams a few
+    times: no write fails (no OutcomeUnknown, no hang), and each one sent after a delete ended is
+    read back by the next read here (before the next delete), and at the end (after the last)."""
+    url = nats_server.url
+    kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
+    go = tmp_path / "go"
+    commands = [["write", url, namespace, tag, "300", str(go)] for tag in ("a", "b")]
+    writers = asyncio.ensure_future(asyncio.to_thread(procs.run_together, "tests.deleted_workers", commands, go))
+    reads: list[tuple[float, float, set[str], set[tuple[str, int]]]] = []
+    async with (
+        AsyncMemory(namespace, url=url, timeout=5) as m,
+        AsyncChatHistory("c", namespace=namespace, url=url, timeout=5) as h,
+    ):
+
+        async def started() -> bool:
+            return go.exists() or writers.done()
+
+        await until(started, "the writers starting", bound=60)
+        deleted = 0.0
+        for _ in range(6):
+            if writers.done():
+                break
+            await asyncio.sleep(0.15)
+            await _delete(url, kv, chat)
+            deleted = time.monotonic()
+            await asyncio.sleep(0.15)
+            read = time.monotonic()
+            listed = set(await m.list_keys())
+            said = {(x["t"], x["j"]) for x in await h.messages()}
+            reads.append((deleted, read, listed, said))
+        results = await writers
+        reads.append((deleted, math.inf, set(await m.list_keys()), {(x["t"], x["j"]) for x in await h.messages()}))
+    assert len(reads) > 1, "the writers ended before the first delete"
+    for tag, writes in zip(("a", "b"), results, strict=True):
+        assert len(writes) == 300
+        for j, sent, acked, sent2, acked2 in writes:
+            for after, before, listed, said in reads:
+                if after < sent and acked < before:
+                    assert f"{tag}-{j}" in listed, (tag, j, "set after a delete, then lost")
+                if after < sent2 and acked2 < before:
+                    assert (tag, j) in said, (tag, j, "appended after a delete, then lost")
+
+
+@pytest.mark.slow
+async def test_a_namespace_deleted_while_a_node_is_stopped_is_made_again(three: Cluster, namespace: str) -> None:
+    """On a 3-node cluster, with one node SIGSTOPped: the delete, the reads (empty) and the writes
+    (made again) of this connection (to the other two nodes) go on; after SIGCONT too."""
+    kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
+    frozen = three.nodes[2]
+    url = ",".join(n.url for n in three.nodes[:2])
+    async with (
+        AsyncMemory(namespace, url=url, timeout=10) as m,
+        AsyncChatHistory("c", namespace=namespace, url=url, timeout=10) as h,
+    ):
+        await m.set("k", 1)
+        await h.append({"n": 1})
+        sigstop(frozen.pid)
+        try:
+            await _delete(url, kv, chat, patient=True)
+            assert await m.get("k") is None and await m.list_keys() == [] and await h.messages() == []
+            await m.set("k", 2)
+            await h.append({"n": 2})
+            assert await m.get("k") == 2 and await h.messages() == [{"n": 2}] and await h.count() == 1
+        finally:
+            frozen.send(signal.SIGCONT)
+        three.wait_healthy()
+        await m.set("j", 3)
+        await h.append({"n": 3})
+        assert await m.list_keys() == ["j", "k"] and await h.messages() == [{"n": 2}, {"n": 3}]
