@@ -40,15 +40,19 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-async def _delete(url: str, *streams: str, patient: bool = False) -> None:
+async def _delete(url: str, *streams: str, patient: bool = False, absent_ok: bool = False) -> None:
     """Delete ``streams`` from a connection of the test's own (another client); ``patient``: asked
-    again within 30 s while the cluster elects a leader (a node stopped)."""
+    again within 30 s while the cluster elects a leader (a node stopped); ``absent_ok``: a stream
+    not made again since the last delete is no failure."""
     nc = await nats.connect(url.split(","), connect_timeout=2)
     try:
         js = nc.jetstream()
         for stream in streams:
             if not patient:
-                assert await js.delete_stream(stream)
+                try:
+                    assert await js.delete_stream(stream)
+                except nats.js.errors.NotFoundError:
+                    assert absent_ok, f"{stream} does not exist"
                 continue
 
             async def gone(stream: str = stream) -> bool:
@@ -235,7 +239,7 @@ async def test_a_delete_racing_writes_of_two_processes_loses_no_write_sent_after
             if writers.done():
                 break
             await asyncio.sleep(0.15)
-            await _delete(url, kv, chat)
+            await _delete(url, kv, chat, absent_ok=True)
             deleted = time.monotonic()
             await asyncio.sleep(0.15)
             read = time.monotonic()
@@ -257,8 +261,10 @@ async def test_a_delete_racing_writes_of_two_processes_loses_no_write_sent_after
 
 @pytest.mark.slow
 async def test_a_namespace_deleted_while_a_node_is_stopped_is_made_again(three: Cluster, namespace: str) -> None:
-    """On a 3-node cluster, with one node SIGSTOPped: the delete, the reads (empty) and the writes
-    (made again) of this connection (to the other two nodes) go on; after SIGCONT too."""
+    """On a 3-node cluster, with one node SIGSTOPped (it keeps the interest its replicas had in
+    the deleted streams' subjects: requests routed to it get no answer, not "no responders"): the
+    reads of this connection (to the other two nodes) answer empty and its writes make the
+    streams again (3 replicas), within their timeout; after SIGCONT the writes are read back."""
     kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
     frozen = three.nodes[2]
     url = ",".join(n.url for n in three.nodes[:2])
@@ -274,10 +280,15 @@ async def test_a_namespace_deleted_while_a_node_is_stopped_is_made_again(three: 
             assert await m.get("k") is None and await m.list_keys() == [] and await h.messages() == []
             await m.set("k", 2)
             await h.append({"n": 2})
-            assert await m.get("k") == 2 and await h.messages() == [{"n": 2}] and await h.count() == 1
+            # reads of the new streams now may meet the frozen node, as any read does
+            # (tests/test_qa_cluster_reads.py): ServerUnavailable at their timeout then
         finally:
             frozen.send(signal.SIGCONT)
         three.wait_healthy()
         await m.set("j", 3)
         await h.append({"n": 3})
-        assert await m.list_keys() == ["j", "k"] and await h.messages() == [{"n": 2}, {"n": 3}]
+        assert await m.list_keys() == ["j", "k"] and await m.get("k") == 2
+        assert await h.messages() == [{"n": 2}, {"n": 3}] and await h.count() == 2
+        for stream in (kv, chat):
+            info = await stream_info(three.url, stream)
+            assert info["config"]["num_replicas"] == 3, info

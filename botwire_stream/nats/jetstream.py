@@ -23,7 +23,7 @@ from ..errors import OutcomeUnknown, ServerUnavailable
 from ..settings import ConnectOptions
 from .errors import ApiError, StreamNotFound, SubjectPurged, raise_api_error
 from .replies import Batch, parse_headers
-from .retry import READ_FIRST, RetryingConnection, ServerRestart, _Busy, _NoPeers, _Write
+from .retry import READ_FIRST, RetryingConnection, ServerRestart, _Busy, _NoPeers, _Unacknowledged, _Write
 
 __all__ = ["Connection"]
 
@@ -39,6 +39,8 @@ _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
 _STREAM_NOT_FOUND = 10059
 _GONE_CHECK = 0.25  # seconds the check for a deleted stream waits (a call's retries go on after it)
+# a read of a stream on a cluster unanswered this long asks whether the stream was deleted
+_GONE_AFTER = 1.0
 _LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
@@ -306,9 +308,12 @@ class Connection(RetryingConnection):
         if stream not in self._made:
             return await self.call(fn, timeout=timeout)
         checked = False
+        clustered = self.clustered
 
         async def once() -> T:
             nonlocal checked
+            if clustered:
+                return await self._unless_deleted(stream, fn, timeout)
             try:
                 return await fn()
             except nats.errors.NoRespondersError as exc:
@@ -324,6 +329,49 @@ class Connection(RetryingConnection):
         except StreamNotFound:
             self._forget_stream(stream)
             return empty()
+
+    async def _unless_deleted(self, stream: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """``fn()`` (one try of a read of ``stream`` on a cluster), ``StreamNotFound`` when it found
+        no responder, or is still unanswered after ``_GONE_AFTER`` s (then every ``_GONE_AFTER`` s),
+        and the servers say the stream is gone. A node that is stopped (SIGSTOP, a frozen VM) keeps
+        the interest its replica had in the stream's subjects, so a read of the deleted stream sent
+        to it got no answer at all, and waited out its timeout (tests/test_namespace_deleted.py).
+        A timer, no task, unless a read is slow (as ``_attempt``'s probe)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        gone: list[bool] = []
+        probes: list[asyncio.Future[None]] = []
+        finished = False
+
+        async def probe() -> None:
+            if await self._deleted(stream, timeout):
+                if not finished:
+                    gone.append(True)
+                    task.cancel()
+            elif not finished:
+                timers.append(loop.call_later(_GONE_AFTER, arm))
+
+        def arm() -> None:
+            probes.append(asyncio.ensure_future(probe()))
+
+        timers = [loop.call_later(_GONE_AFTER, arm)]
+        try:
+            return await fn()
+        except nats.errors.NoRespondersError as exc:
+            if type(exc) is not nats.errors.NoRespondersError or not await self._deleted(stream, timeout):
+                raise
+            raise StreamNotFound(f"stream {stream} was deleted") from exc
+        except asyncio.CancelledError:
+            if not gone or task.uncancel() > 0:  # cancelled by someone else too
+                raise
+            raise StreamNotFound(f"stream {stream} was deleted") from None
+        finally:
+            finished = True
+            for timer in timers:
+                timer.cancel()
+            for running in probes:
+                running.cancel()
 
     async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
         """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.
@@ -378,6 +426,7 @@ class Connection(RetryingConnection):
         write = _Write(what, advice, on_sent)
         tries = 0
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> int:
             nonlocal tries, checked
@@ -388,6 +437,9 @@ class Connection(RetryingConnection):
                 if not checked:  # no stream for the subject: deleted by another client?
                     checked = True
                     await self._made_again(subject, timeout)
+                raise
+            except _Unacknowledged:
+                await unanswered.check(self, subject, timeout)
                 raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
@@ -420,6 +472,7 @@ class Connection(RetryingConnection):
         prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
         write = _Write(what, advice)
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> list[int]:
             nonlocal checked
@@ -434,7 +487,11 @@ class Connection(RetryingConnection):
                 waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
-            await self._acks_or_resend(mux, waiting, write)
+            try:
+                await self._acks_or_resend(mux, waiting, write)
+            except _Unacknowledged:
+                await unanswered.check(self, prepared[0][0], timeout)
+                raise
             seqs = []
             stream = ""
             for (subject, _, _), (_, future) in zip(prepared, waiting, strict=True):
@@ -485,6 +542,7 @@ class Connection(RetryingConnection):
         write = _Write(what, advice)
         tries = 0
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> int:
             nonlocal tries, checked
@@ -503,6 +561,9 @@ class Connection(RetryingConnection):
                 if not checked:  # no stream for the subject: deleted by another client?
                     checked = True
                     await self._made_again(subject, timeout)
+                raise
+            except _Unacknowledged:
+                await unanswered.check(self, subject, timeout)
                 raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
@@ -938,6 +999,24 @@ class Connection(RetryingConnection):
                 raise_api_error(purged.error)
 
         await self._read(stream, run, timeout, _none)  # a stream deleted meanwhile holds nothing to purge
+
+
+class _Unanswered:
+    """A write to a cluster re-sent for want of an acknowledgement (``_Unacknowledged``): every
+    ``_GONE_AFTER`` s, whether its stream was deleted (``_made_again``). A stopped node (SIGSTOP)
+    keeps the interest its replica had in the deleted stream's subjects, so a write sent to it
+    found no responder never, and was re-sent until ``OutcomeUnknown`` at its timeout."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = -_GONE_AFTER
+
+    async def check(self, conn: Connection, subject: str, timeout: float) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self.at >= _GONE_AFTER:
+            self.at = now
+            await conn._made_again(subject, timeout)
 
 
 def _none() -> None:
