@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ import pytest
 
 from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory
 from botwire_stream.nats.chatlog import stream_name
+from consumers.runtime import status
 from tests import procs
 from tests.cluster import Cluster, stream_info
 from tests.servers import NatsServer
@@ -292,3 +295,55 @@ async def test_a_namespace_deleted_while_a_node_is_stopped_is_made_again(three: 
         for stream in (kv, chat):
             info = await stream_info(three.url, stream)
             assert info["config"]["num_replicas"] == 3, info
+
+
+async def _materialiser_caught_up(url: str, namespace: str) -> bool:
+    for s in await status(url):
+        if s.name == "botwire-materialise" and s.stream == stream_name(namespace):
+            return s.pending == 0 and s.ack_pending == 0 and s.ack_floor == s.stream_last > 0
+    return False
+
+
+@pytest.mark.slow
+async def test_a_materialiser_running_while_the_chat_stream_is_deleted_and_made_again(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """``botwire consume materialise`` runs while the conversation log is deleted and made again
+    by the next append: reads never serve the old log's chunks as the new log's messages, the
+    materialiser keeps the new log (its consumer made again) and lists only the new conversations,
+    and it ends on SIGTERM with status 0 and no traceback."""
+    url = nats_server.url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "consume", "materialise", "-n", namespace, "--url", url],
+        cwd=procs.ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        async with (
+            AsyncChatHistory("s", namespace=namespace, url=url, timeout=5) as s,
+            AsyncChatHistory("t", namespace=namespace, url=url, timeout=5) as t,
+        ):
+            await s.extend([{"n": i} for i in range(5)])
+            await until(lambda: _materialiser_caught_up(url, namespace), "the materialiser catching up", 30)
+            await _delete(url, stream_name(namespace))
+            assert await s.messages() == []
+            await t.append({"n": "t"})  # makes the log again: sequences start anew
+            await s.append({"n": "again"})
+            assert await s.messages() == [{"n": "again"}] and await t.messages() == [{"n": "t"}]
+            await until(lambda: _materialiser_caught_up(url, namespace), "the materialiser keeping the new log", 30)
+            assert proc.poll() is None
+            assert await s.messages() == [{"n": "again"}] and await t.messages() == [{"n": "t"}]
+            listed = await AsyncChatHistory.sessions(namespace, url=url)
+            assert sorted((x.session_id, x.message_count) for x in listed) == [("s", 1), ("t", 1)]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
