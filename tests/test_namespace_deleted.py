@@ -11,6 +11,7 @@ new ``Memory`` of that namespace in the same process: they share the pooled conn
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import signal
 import subprocess
@@ -25,8 +26,11 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, keys
+from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.chatlog import stream_name
+from botwire_stream.nats.pool import acquire, release
+from botwire_stream.settings import resolve
 from consumers.runtime import status
 from tests import procs
 from tests.cluster import Cluster, stream_info
@@ -327,7 +331,11 @@ async def test_a_materialiser_running_while_the_chat_stream_is_deleted_and_made_
             AsyncChatHistory("t", namespace=namespace, url=url, timeout=5) as t,
         ):
             await s.extend([{"n": i} for i in range(5)])
+            async with AsyncChatHistory("u", namespace=namespace, url=url, timeout=5) as u:
+                await u.append({"n": "u"})  # a conversation of the old log only
             await until(lambda: _materialiser_caught_up(url, namespace), "the materialiser catching up", 30)
+            listed = await AsyncChatHistory.sessions(namespace, url=url)
+            assert sorted((x.session_id, x.message_count) for x in listed) == [("s", 5), ("u", 1)]
             await _delete(url, stream_name(namespace))
             assert await s.messages() == []
             await t.append({"n": "t"})  # makes the log again: sequences start anew
@@ -338,6 +346,13 @@ async def test_a_materialiser_running_while_the_chat_stream_is_deleted_and_made_
             assert await s.messages() == [{"n": "again"}] and await t.messages() == [{"n": "t"}]
             listed = await AsyncChatHistory.sessions(namespace, url=url)
             assert sorted((x.session_id, x.message_count) for x in listed) == [("s", 1), ("t", 1)]
+            conn = await acquire(resolve(url))
+            try:  # materialised anew: the chunks hold the new log's messages only
+                for session, body in (("s", {"n": "again"}), ("t", {"n": "t"})):
+                    chunks = (await mat.read_chain(conn, namespace, keys.encode_key(session), 5.0))[1]
+                    assert [json.loads(d) for c in chunks for d in c.data] == [body]
+            finally:
+                await release(conn)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
