@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -353,6 +354,58 @@ async def test_a_materialiser_running_while_the_chat_stream_is_deleted_and_made_
                     assert [json.loads(d) for c in chunks for d in c.data] == [body]
             finally:
                 await release(conn)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+async def test_an_audit_running_while_the_namespace_is_deleted_and_made_again_writes_the_new_events(
+    nats_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    """``botwire consume audit`` (nats-py pulls, not raw) while both streams are deleted and made
+    again by the next writes: it goes on, writes the new streams' events too, and ends on SIGTERM
+    with status 0 and no traceback."""
+    url, out = nats_server.url, tmp_path / "audit"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "botwire_stream", "consume", "audit", "-n", namespace, "--url", url, "--dir", str(out)],
+        cwd=procs.ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def written() -> list[tuple[str, Any]]:
+        return [
+            (r["op"], json.loads(r["data"]))
+            for path in sorted(out.glob("audit-*.jsonl"))
+            for r in map(json.loads, path.read_text().splitlines())
+        ]
+
+    async def has(n: int) -> bool:
+        assert proc.poll() is None
+        return len(written()) >= n
+
+    try:
+        async with (
+            AsyncMemory(namespace, url=url, timeout=5) as m,
+            AsyncChatHistory("s", namespace=namespace, url=url, timeout=5) as h,
+        ):
+            await m.set("k", 1)
+            await h.append({"n": 1})
+            await until(lambda: has(2), "the first events written", 30)
+            await _delete(url, f"KV_botwire_{namespace}", stream_name(namespace))
+            await m.set("k", 2)
+            await h.append({"n": 2})
+            await until(lambda: has(4), "the new streams' events written", 30)
+        assert sorted(written(), key=str) == sorted([("set", 1), ("append", {"n": 1}), ("set", 2), ("append", {"n": 2})], key=str)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
