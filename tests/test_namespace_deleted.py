@@ -27,7 +27,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, keys
+from botwire_stream import AsyncChatHistory, AsyncMemory, ChatHistory, Memory, keys, portal
 from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.chatlog import stream_name
 from botwire_stream.nats.pool import acquire, release
@@ -166,17 +166,30 @@ async def test_http_reads_of_a_namespace_deleted_by_another_client_are_empty(
 
 
 def test_sync_reads_of_a_namespace_deleted_by_another_client_are_empty(nats_server: NatsServer, namespace: str) -> None:
-    """The sync faces, a sync Memory sharing the process connection with an AsyncMemory."""
+    """The sync faces: two sync Memory objects, a ChatHistory and an AsyncMemory run on the
+    portal loop, all on the one connection of the process's sync faces."""
     url = nats_server.url
-    with Memory(namespace, url=url, timeout=5) as m, ChatHistory("c", namespace=namespace, url=url, timeout=5) as h:
+    with (
+        Memory(namespace, url=url, timeout=5) as m,
+        Memory(namespace, url=url, timeout=5) as other,
+        ChatHistory("c", namespace=namespace, url=url, timeout=5) as h,
+    ):
         m.set("k", 1)
         h.append({"n": 1})
+        assert other.get("k") == 1
         asyncio.run(_delete(url, f"KV_botwire_{namespace}", stream_name(namespace)))
         assert m.get("k") is None and "k" not in m and m.list_keys() == [] and m.revisions("k") == []
         assert h.messages() == [] and len(h) == 0 and ChatHistory.sessions(namespace, url=url) == []
-        m.set("k", 2)
+        assert other.get("k") is None
+
+        async def async_face() -> tuple[Any, list[str]]:  # an AsyncMemory on the same (portal) connection
+            async with AsyncMemory(namespace, url=url, timeout=5) as am:
+                return await am.get("k"), await am.list_keys()
+
+        assert portal.call(async_face) == (None, [])
+        other.set("k", 2)
         h.append({"n": 2})
-        assert m.get("k") == 2 and h.messages() == [{"n": 2}]
+        assert m.get("k") == 2 and h.messages() == [{"n": 2}] and m.list_keys() == ["k"]
 
 
 async def test_the_keys_or_the_chat_stream_deleted_alone_leaves_the_other_as_it_was(
