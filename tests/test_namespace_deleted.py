@@ -158,6 +158,15 @@ async def test_reads_of_a_namespace_deleted_by_another_client_are_empty(nats_ser
     await _every_read_is_empty(nats_server.url, nats_server.url, namespace)
 
 
+@pytest.mark.slow
+async def test_reads_of_a_namespace_deleted_by_another_client_are_empty_on_a_cluster(
+    three: Cluster, namespace: str
+) -> None:
+    """The same on a 3-node cluster, where this connection's writes make reads check with the
+    stream leader (count, listings against the sequence it wrote)."""
+    await _every_read_is_empty(three.url, three.url, namespace)
+
+
 async def test_http_reads_of_a_namespace_deleted_by_another_client_are_empty(
     nats_server: NatsServer, http_server: str, namespace: str
 ) -> None:
