@@ -252,7 +252,7 @@ async def test_a_delete_racing_writes_of_two_processes_loses_no_write_sent_after
     url = nats_server.url
     kv, chat = f"KV_botwire_{namespace}", stream_name(namespace)
     go = tmp_path / "go"
-    commands = [["write", url, namespace, tag, "300", str(go)] for tag in ("a", "b")]
+    commands = [["write", url, namespace, tag, "800", str(go)] for tag in ("a", "b")]
     writers = asyncio.ensure_future(asyncio.to_thread(procs.run_together, "tests.deleted_workers", commands, go))
     reads: list[tuple[float, float, set[str], set[tuple[str, int]]]] = []
     async with (
@@ -279,14 +279,18 @@ async def test_a_delete_racing_writes_of_two_processes_loses_no_write_sent_after
         results = await writers
         reads.append((deleted, math.inf, set(await m.list_keys()), {(x["t"], x["j"]) for x in await h.messages()}))
     assert len(reads) > 1, "the writers ended before the first delete"
+    checked = 0
     for tag, writes in zip(("a", "b"), results, strict=True):
-        assert len(writes) == 300
+        assert len(writes) == 800
         for j, sent, acked, sent2, acked2 in writes:
             for after, before, listed, said in reads:
                 if after < sent and acked < before:
                     assert f"{tag}-{j}" in listed, (tag, j, "set after a delete, then lost")
+                    checked += 1
                 if after < sent2 and acked2 < before:
                     assert (tag, j) in said, (tag, j, "appended after a delete, then lost")
+    lost = sum(f"{tag}-{j}" not in reads[-1][2] for tag, ws in zip(("a", "b"), results, strict=True) for j, *_ in ws)
+    assert checked and lost, (checked, lost, len(reads))  # writes followed deletes, and deletes took writes
 
 
 @pytest.mark.slow
