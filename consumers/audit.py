@@ -124,6 +124,14 @@ class Audit(Worker):
             if old != current and self._path(int(old.name[6:12]), gz=True).exists():
                 old.unlink()
 
+    async def made_again(self, source: Source) -> None:
+        """The stream was deleted and made again: its sequences start anew, so the last one
+        written of the old stream no longer tells what is written (every event of the new one
+        was skipped as written already). Its events are written from the new stream's first (their
+        ids, stream:seq, may repeat ids of the old one's)."""
+        self._state.seqs.pop(source.stream, None)
+        self._save()
+
     async def handle(self, source: Source, msgs: list[Msg], caught_up: bool) -> None:
         done = self._state.seqs.get(source.stream, 0)
         lines = [

@@ -109,6 +109,15 @@ class Materialiser(Worker):
     async def setup(self) -> None:
         await self.conn.ensure_stream(mat.mat_config(self.namespace))
 
+    async def made_again(self, source: Source) -> None:
+        """The log was deleted and made again: what is materialised of the old one (chunks,
+        summaries) goes, and so does what this process holds of it (never acknowledged now).
+        Before, the old summaries stayed listed (``sessions()``) and the old chunks were read
+        as the new log's messages (its sequences start anew)."""
+        await self.conn.purge(mat.mat_stream(self.namespace), f"botwire.{self.namespace}.mat.>", timeout=10.0)
+        self._convs.clear()
+        self._held = 0
+
     async def handle(self, source: Source, msgs: list[Delivery], caught_up: bool) -> None:
         if self._aborted:
             return  # stopping: redelivered to the next holder

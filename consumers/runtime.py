@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from botwire_stream import keys, settings
+from botwire_stream.errors import BotWireError
 from botwire_stream.nats.chatlog import NatsChat
 from botwire_stream.nats.jetstream import Connection
 from botwire_stream.nats.kv import NatsMemory
@@ -180,6 +181,11 @@ class Worker(ABC):
     async def finish(self) -> None:
         """Called once when stopping, after the last batch."""
 
+    async def made_again(self, source: Source) -> None:
+        """``source``'s stream was deleted (``nats stream rm``, another client's ``delete_stream``)
+        and made again since: its sequences start anew, and its consumer is made again from its
+        start. Called before that; what the worker keeps of the old stream is stale."""
+
 
 async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
     await conn.ensure_stream(source.config)
@@ -206,6 +212,32 @@ async def _subscribe(conn: Connection, worker: Worker, source: Source) -> Any:
     # otherwise wait out ack_wait (measured: a restarted audit idle for the full 60 s). Needs
     # nats-server 2.14 (consumer reset); one process per consumer name is expected.
     await conn.js.reset_consumer(source.stream, worker.durable)
+    return sub
+
+
+async def _created(conn: Connection, stream: str) -> datetime | None:
+    """When ``stream`` was made (None: it does not exist): a stream deleted and made again has
+    another time."""
+    try:
+        info = await conn.js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return None
+    return info.created
+
+
+async def _subscribe_again(conn: Connection, worker: Worker, source: Source, made: dict[str, datetime | None]) -> Any:
+    """After a pull found no consumer (the stream was deleted, or the consumer alone): the
+    consumer made again once the stream exists (None until then: a worker does not make a deleted
+    namespace again, its next write does), the worker told first when the stream is a new one
+    (``Worker.made_again``). Before, the materialiser asked for events of a consumer that was no
+    more, in a loop, for ever (tests/test_namespace_deleted.py)."""
+    created = await _created(conn, source.stream)
+    if created is None:
+        return None
+    if created != made.get(source.stream):
+        await worker.made_again(source)
+    sub = await _subscribe(conn, worker, source)
+    made[source.stream] = created
     return sub
 
 
@@ -249,6 +281,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
 
         await worker.setup()
         subs = [(s, await _subscribe(conn, worker, s)) for s in worker.sources]
+        made = {s.stream: await _created(conn, s.stream) for s in worker.sources}
         if worker.raw:
             for _, sub in subs:  # the durable consumer stays; its deliveries come to raw_pump's inbox
                 await sub.unsubscribe()
@@ -258,7 +291,7 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
             (expires ``FETCH_WAIT``) kept outstanding, the events handled as they arrive."""
             arrived: deque[Delivery] = deque()
             ready = asyncio.Event()
-            state = {"done": True}  # the outstanding request ended (satisfied, expired, refused)
+            state = {"done": True, "gone": False}  # done: the outstanding request ended (satisfied, expired, refused)
             nc = conn.nc
 
             def sink(subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
@@ -267,8 +300,10 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     got[0] += 1
                     if got[0] >= worker.batch:
                         state["done"] = True
-                elif raw_status(hdr, data) != 100:  # 408 expired, 409 refused/changed; 100 heartbeat
+                elif (code := raw_status(hdr, data)) != 100:  # 408 expired, 409 refused/changed; 100 heartbeat
                     state["done"] = True
+                    if code == 503:  # no responders: no such consumer (its stream deleted)
+                        state["gone"] = True
                 ready.set()
 
             got = [0]
@@ -296,6 +331,17 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                         nc = conn.nc
                         reconnects, state["done"] = -1, True  # reset from the ack floor, ask again
                     lost = await _revive(conn, lost)
+                    if state["gone"] and nc.is_connected:
+                        try:
+                            again = await _subscribe_again(conn, worker, source, made)
+                        except (nats.errors.Error, asyncio.TimeoutError, BotWireError):
+                            again = None
+                        if again is None:
+                            await asyncio.sleep(0.2)  # the stream is not made again yet: next round
+                            continue
+                        await again.unsubscribe()  # the consumer stays; its deliveries come to the inbox
+                        arrived.clear()  # the old consumer's: never acknowledged
+                        state["gone"], state["done"] = False, True
                     if nc.stats["reconnects"] != reconnects and nc.is_connected:
                         try:  # as in pump: resume from the ack floor at once
                             await conn.js.reset_consumer(source.stream, worker.durable)
@@ -374,6 +420,17 @@ async def run(worker: Worker, url: str | None = None, *, stop: asyncio.Event | N
                     msgs = await sub.fetch(worker.batch, timeout=FETCH_WAIT)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError):
                     msgs = []  # closed: the client was replaced meanwhile (next round)
+                except (nats.errors.NoRespondersError, nats.js.errors.APIError):
+                    # no such consumer: its stream was deleted (made again by a write, later)
+                    try:
+                        again = await _subscribe_again(conn, worker, source, made)
+                    except (nats.errors.Error, asyncio.TimeoutError, BotWireError):
+                        again = None
+                    if again is None:
+                        await asyncio.sleep(0.2)
+                    else:
+                        sub = again
+                    continue
                 if not await may_write():
                     continue  # taken over meanwhile: what was fetched is the new holder's
                 if not msgs:  # nats-py also returns an empty list (measured: with several sources idle)

@@ -26,7 +26,7 @@ from ..errors import (
 )
 from ..settings import redact
 
-__all__ = ["ApiError", "InProcess", "SubjectPurged", "api_error", "raise_api_error", "translate"]
+__all__ = ["ApiError", "InProcess", "StreamNotFound", "SubjectPurged", "api_error", "raise_api_error", "translate"]
 
 
 class ApiError(msgspec.Struct):
@@ -40,6 +40,14 @@ class ApiError(msgspec.Struct):
 class SubjectPurged(BotWireError):
     """``read_subject(snapshot=True)``: the subject lost what was read so far (a purge, a rollup)
     while it was read; read it again."""
+
+
+class StreamNotFound(BotWireError):
+    """10059 "stream not found": the stream an API request named does not exist (never made, or
+    deleted by another client: ``jetstream.Connection`` reads a stream it made as empty then)."""
+
+
+_STREAM_NOT_FOUND = 10059
 
 
 def api_error(err: ApiError | Mapping[str, Any]) -> BaseException:
@@ -66,7 +74,10 @@ def raise_api_error(err: ApiError | Mapping[str, Any]) -> NoReturn:
     code = err.err_code if isinstance(err, ApiError) else err.get("err_code")
     if code == _IN_PROCESS:
         raise InProcess()
-    raise api_error(err)
+    exc = api_error(err)
+    if code == _STREAM_NOT_FOUND and type(exc) is BotWireError:
+        raise StreamNotFound(str(exc))
+    raise exc
 
 
 # JetStream API error codes (nats-server's errors.json) that mean something to a user.

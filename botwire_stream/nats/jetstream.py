@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -21,11 +21,13 @@ from nats.js.api import Placement, StreamConfig
 
 from ..errors import OutcomeUnknown, ServerUnavailable
 from ..settings import ConnectOptions
-from .errors import ApiError, SubjectPurged, raise_api_error
+from .errors import ApiError, StreamNotFound, SubjectPurged, raise_api_error
 from .replies import Batch, parse_headers
-from .retry import READ_FIRST, RetryingConnection, ServerRestart, _Busy, _NoPeers, _Write
+from .retry import READ_FIRST, RetryingConnection, ServerRestart, _Busy, _NoPeers, _Unacknowledged, _Write
 
 __all__ = ["Connection"]
+
+T = TypeVar("T")
 
 # API errors of a publish that mean nothing was stored and the same publish may be sent again:
 # 10167 the stream's ingest queue is full (429), 10210 too many atomic batches in flight (429),
@@ -36,7 +38,9 @@ _WRONG_LAST_MSG_ID = 10070
 _DUPLICATE_IN_BATCH = 10201
 _NO_PEERS = 10005  # "no suitable peers for placement"
 _STREAM_NOT_FOUND = 10059
-_GONE_CHECK = 0.25  # seconds the check for a deleted stream waits (a write's retries go on after it)
+_GONE_CHECK = 0.25  # seconds the check for a deleted stream waits (a call's retries go on after it)
+# a read of a stream on a cluster unanswered this long asks whether the stream was deleted
+_GONE_AFTER = 1.0
 _LEADER_TRY = 1.0  # seconds a read from the stream leader waits before it is asked again
 
 
@@ -176,7 +180,7 @@ class Connection(RetryingConnection):
         answer 503 while they elect one), so one request waiting the whole timeout would fail a
         read that a new leader could answer (tests/test_cluster_reads.py)."""
         per_try = min(timeout, _LEADER_TRY)
-        return await self.call(lambda: self._leader_get(stream, req, per_try), timeout=timeout)
+        return await self._read(stream, lambda: self._leader_get(stream, req, per_try), timeout, _none)
 
     def written(self, subject: str) -> int | None:
         """The sequence of this connection's last acknowledged write to ``subject`` on a cluster
@@ -246,6 +250,33 @@ class Connection(RetryingConnection):
         self._ready_streams.add(name)
         return differs
 
+    async def _deleted(self, stream: str, timeout: float) -> bool:
+        """Whether the server says ``stream`` no longer exists (one stream info request, waiting
+        ``_GONE_CHECK`` at most; False when it exists or does not answer in time). Asked only after
+        a request found no responder, never on the way of a call that succeeds. When it is gone,
+        this connection forgets it made it (a ``Memory`` opened again makes it at once) and the
+        sequences it wrote there (the stream made again starts them anew)."""
+        try:
+            resp = await self.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, min(timeout, _GONE_CHECK))
+            info = _info_decoder.decode(resp.data)
+        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError):
+            return False
+        if info.error is None or info.error.err_code != _STREAM_NOT_FOUND:
+            return False
+        self._forget_stream(stream)
+        return True
+
+    def _forget_stream(self, stream: str) -> None:
+        """``stream`` is gone (deleted by another client): not made, no writes of this connection."""
+        self._ready_streams.discard(stream)
+        self._written_stream.pop(stream, None)
+        config = self._made.get(stream)
+        patterns = (config.subjects or []) if config is not None else []
+        for subject in [s for s in self._written_subj if any(_matches(p, s) for p in patterns)]:
+            del self._written_subj[subject]
+        for subject in [s for s in self._cleared if any(_matches(p, s) for p in patterns)]:
+            del self._cleared[subject]
+
     async def _made_again(self, subject: str, timeout: float) -> None:
         """After a write to ``subject`` found no responder: when the subject belongs to a stream
         this connection made sure of (``ensure_stream``) and the server says that stream no longer
@@ -260,15 +291,87 @@ class Connection(RetryingConnection):
         config = next((c for c in self._made.values() if any(_matches(p, subject) for p in c.subjects or ())), None)
         if config is None or config.name is None:
             return
+        if await self._deleted(config.name, timeout):
+            await self.ensure_stream(config, timeout)
+
+    async def _read(self, stream: str, fn: Callable[[], Awaitable[T]], timeout: float, empty: Callable[[], T]) -> T:
+        """``call(fn)`` for a read of ``stream``; ``empty()`` when the stream is one this connection
+        made (``ensure_stream``) and another client deleted it since (``nats stream rm``,
+        ``js.delete_stream``): the answer of a namespace never written (None, [], 0), at once.
+
+        The server answers a direct get of a stream that does not exist with no responder (the
+        same as a cluster electing the stream's leader: ``_deleted`` then asks, once per read) and
+        an API request (stream info, ``MSG.GET``, consumer create, purge) with 10059
+        (``StreamNotFound``). Before, the first failed each read with ``ServerUnavailable`` at its
+        timeout and the second at once with a bare ``BotWireError``. A read that succeeds pays
+        nothing more. Its next write makes the stream again (``_made_again``)."""
+        if stream not in self._made:
+            return await self.call(fn, timeout=timeout)
+        checked = False
+        clustered = self.clustered
+
+        async def once() -> T:
+            nonlocal checked
+            if clustered:
+                return await self._unless_deleted(stream, fn, timeout)
+            try:
+                return await fn()
+            except nats.errors.NoRespondersError as exc:
+                if checked or type(exc) is not nats.errors.NoRespondersError:
+                    raise
+                checked = True
+                if await self._deleted(stream, timeout):
+                    raise StreamNotFound(f"stream {stream} was deleted") from exc
+                raise
+
         try:
-            resp = await self.request(f"$JS.API.STREAM.INFO.{config.name}", b"", None, min(timeout, _GONE_CHECK))
-            info = _info_decoder.decode(resp.data)
-        except (nats.errors.Error, asyncio.TimeoutError, msgspec.DecodeError):
-            return
-        if info.error is None or info.error.err_code != _STREAM_NOT_FOUND:
-            return
-        self._ready_streams.discard(config.name)
-        await self.ensure_stream(config, timeout)
+            return await self.call(once, timeout=timeout)
+        except StreamNotFound:
+            self._forget_stream(stream)
+            return empty()
+
+    async def _unless_deleted(self, stream: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """``fn()`` (one try of a read of ``stream`` on a cluster), ``StreamNotFound`` when it found
+        no responder, or is still unanswered after ``_GONE_AFTER`` s (then every ``_GONE_AFTER`` s),
+        and the servers say the stream is gone. A node that is stopped (SIGSTOP, a frozen VM) keeps
+        the interest its replica had in the stream's subjects, so a read of the deleted stream sent
+        to it got no answer at all, and waited out its timeout (tests/test_namespace_deleted.py).
+        A timer, no task, unless a read is slow (as ``_attempt``'s probe)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        gone: list[bool] = []
+        probes: list[asyncio.Future[None]] = []
+        finished = False
+
+        async def probe() -> None:
+            if await self._deleted(stream, timeout):
+                if not finished:
+                    gone.append(True)
+                    task.cancel()
+            elif not finished:
+                timers.append(loop.call_later(_GONE_AFTER, arm))
+
+        def arm() -> None:
+            probes.append(asyncio.ensure_future(probe()))
+
+        timers = [loop.call_later(_GONE_AFTER, arm)]
+        try:
+            return await fn()
+        except nats.errors.NoRespondersError as exc:
+            if type(exc) is not nats.errors.NoRespondersError or not await self._deleted(stream, timeout):
+                raise
+            raise StreamNotFound(f"stream {stream} was deleted") from exc
+        except asyncio.CancelledError:
+            if not gone or task.uncancel() > 0:  # cancelled by someone else too
+                raise
+            raise StreamNotFound(f"stream {stream} was deleted") from None
+        finally:
+            finished = True
+            for timer in timers:
+                timer.cancel()
+            for running in probes:
+                running.cancel()
 
     async def set_max_per_subject(self, stream: str, n: int, timeout: float = 5.0) -> None:
         """Set the stream's ``max_msgs_per_subject`` to ``n`` unless it is ``n`` already.
@@ -323,6 +426,7 @@ class Connection(RetryingConnection):
         write = _Write(what, advice, on_sent)
         tries = 0
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> int:
             nonlocal tries, checked
@@ -333,6 +437,9 @@ class Connection(RetryingConnection):
                 if not checked:  # no stream for the subject: deleted by another client?
                     checked = True
                     await self._made_again(subject, timeout)
+                raise
+            except _Unacknowledged:
+                await unanswered.check(self, subject, timeout)
                 raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
@@ -365,6 +472,7 @@ class Connection(RetryingConnection):
         prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
         write = _Write(what, advice)
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> list[int]:
             nonlocal checked
@@ -379,7 +487,11 @@ class Connection(RetryingConnection):
                 waiting.append((reply, future))
                 await self.nc.publish(subject, data, reply=reply, headers=headers)
                 write.sent = True
-            await self._acks_or_resend(mux, waiting, write)
+            try:
+                await self._acks_or_resend(mux, waiting, write)
+            except _Unacknowledged:
+                await unanswered.check(self, prepared[0][0], timeout)
+                raise
             seqs = []
             stream = ""
             for (subject, _, _), (_, future) in zip(prepared, waiting, strict=True):
@@ -430,6 +542,7 @@ class Connection(RetryingConnection):
         write = _Write(what, advice)
         tries = 0
         checked = False
+        unanswered = _Unanswered()
 
         async def run() -> int:
             nonlocal tries, checked
@@ -448,6 +561,9 @@ class Connection(RetryingConnection):
                 if not checked:  # no stream for the subject: deleted by another client?
                     checked = True
                     await self._made_again(subject, timeout)
+                raise
+            except _Unacknowledged:
+                await unanswered.check(self, subject, timeout)
                 raise
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
@@ -512,7 +628,7 @@ class Connection(RetryingConnection):
                 return await self._leader_get_last(stream, subject, min(timeout, _LEADER_TRY))
             return msg
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _none)
 
     async def leader_holds(self, stream: str, subject: str, seq: int, timeout: float = 5.0) -> bool:
         """Whether the stream leader still holds the message at ``seq`` on ``subject`` (one
@@ -522,7 +638,7 @@ class Connection(RetryingConnection):
             msg = await self._leader_get(stream, {"seq": seq}, min(timeout, _LEADER_TRY))
             return msg is not None and msg.subject == subject
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _false)
 
     async def _leader_get_last(self, stream: str, subject: str, timeout: float) -> Msg | None:
         """The last message on ``subject`` as the stream leader has it (see ``_leader_get``)."""
@@ -560,7 +676,7 @@ class Connection(RetryingConnection):
             counts = (info.state.subjects if info.state else None) or {}
             return counts.get(subject, 0), self._leader_msg(stream, got.data)
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _no_count)
 
     async def _leader_get(self, stream: str, req: Mapping[str, Any], timeout: float) -> Msg | None:
         """``$JS.API.STREAM.MSG.GET`` (answered by the stream leader only) as a direct-get ``Msg``."""
@@ -599,7 +715,7 @@ class Connection(RetryingConnection):
             body = msgspec.json.encode({"seq": seq})
             return _found(await self.request(f"$JS.API.DIRECT.GET.{stream}", body, None, timeout))
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _none)
 
     async def direct_batch_and_get(
         self, stream: str, request: Mapping[str, Any], seq: int, timeout: float = 5.0
@@ -629,7 +745,7 @@ class Connection(RetryingConnection):
                 raise nats.errors.NoRespondersError
             return collector.batch, _found(got)
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _no_batch_and_get)
 
     async def direct_batch(self, stream: str, request: Mapping[str, Any], timeout: float = 10.0) -> Batch:
         """One batch direct get (``batch``, ``seq``, ``next_by_subj``, ``multi_last``, ``no_hdr``...).
@@ -637,7 +753,7 @@ class Connection(RetryingConnection):
         Returns the messages of one reply batch and its end-of-batch figures; page with ``seq``.
         """
         body = msgspec.json.encode({k: v for k, v in request.items() if v is not None})
-        return await self.call(lambda: self._direct_batch_once(stream, body, timeout), timeout=timeout)
+        return await self._read(stream, lambda: self._direct_batch_once(stream, body, timeout), timeout, _no_batch)
 
     async def multi_last_from(self, stream: str, request: Mapping[str, Any], floor: int, timeout: float) -> Batch:
         """The first reply of a multi-last get (``request`` without ``up_to_seq``) from a server
@@ -681,7 +797,7 @@ class Connection(RetryingConnection):
                 raise_api_error(info.error)
             return info.state.last_seq if info.state is not None else 0
 
-        last = await self.call(run, timeout=timeout)
+        last = await self._read(stream, run, timeout, _zero)
         if last < floor:
             if self._written_stream.get(stream, 0) > last:
                 del self._written_stream[stream]
@@ -815,7 +931,7 @@ class Connection(RetryingConnection):
                 await self.nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"")
             return msgs
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, list)
 
     async def subject_counts(self, stream: str, subject_filter: str, timeout: float = 5.0) -> dict[str, int]:
         """How many messages each subject matching ``subject_filter`` holds (one request per
@@ -866,7 +982,7 @@ class Connection(RetryingConnection):
                 offset += len(page) - 1
                 back = 1024
 
-        return await self.call(run, timeout=timeout)
+        return await self._read(stream, run, timeout, _no_counts)
 
     async def purge(
         self, stream: str, subject: str, *, before_seq: int | None = None, timeout: float = 10.0
@@ -882,7 +998,53 @@ class Connection(RetryingConnection):
             if purged.error is not None:
                 raise_api_error(purged.error)
 
-        await self.call(run, timeout=timeout)
+        await self._read(stream, run, timeout, _none)  # a stream deleted meanwhile holds nothing to purge
+
+
+class _Unanswered:
+    """A write to a cluster re-sent for want of an acknowledgement (``_Unacknowledged``): every
+    ``_GONE_AFTER`` s, whether its stream was deleted (``_made_again``). A stopped node (SIGSTOP)
+    keeps the interest its replica had in the deleted stream's subjects, so a write sent to it
+    found no responder never, and was re-sent until ``OutcomeUnknown`` at its timeout."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = -_GONE_AFTER
+
+    async def check(self, conn: Connection, subject: str, timeout: float) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self.at >= _GONE_AFTER:
+            self.at = now
+            await conn._made_again(subject, timeout)
+
+
+def _none() -> None:
+    return None
+
+
+def _false() -> bool:
+    return False
+
+
+def _zero() -> int:
+    return 0
+
+
+def _no_batch() -> Batch:
+    return Batch([], 0, 0)
+
+
+def _no_batch_and_get() -> tuple[Batch, Msg | None]:
+    return Batch([], 0, 0), None
+
+
+def _no_count() -> tuple[int, Msg | None]:
+    return 0, None
+
+
+def _no_counts() -> tuple[dict[str, int], int]:
+    return {}, 0
 
 
 def _matches(pattern: str, subject: str) -> bool:

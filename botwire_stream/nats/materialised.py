@@ -151,12 +151,33 @@ def chain(chunks: list[Chunk]) -> tuple[int, list[Chunk]]:
     return start, out
 
 
-async def _first_seq(conn: Connection, stream: str, subject: str, timeout: float) -> int | None:
-    """The raw sequence of the conversation's first message now (None: it has none)."""
+async def _first(conn: Connection, stream: str, subject: str, timeout: float) -> tuple[int, str] | None:
+    """The raw sequence and time (``Nats-Time-Stamp``) of the conversation's first message now
+    (None: it has none)."""
     probe = await conn.direct_batch(stream, {"next_by_subj": subject, "seq": 1, "batch": 1}, timeout)
     if not probe.msgs:
         return None
-    return int((probe.msgs[0].headers or {})["Nats-Sequence"])
+    hdr = probe.msgs[0].headers or {}
+    return int(hdr["Nats-Sequence"]), hdr["Nats-Time-Stamp"]
+
+
+def _same_log(chunks: list[Chunk], first: int, time: str) -> bool:
+    """Whether ``chunks`` were copied from the log that holds the conversation's first message
+    ``first`` (at ``time``) now, when the chain reaches it: they then hold that message, at that
+    sequence and time. A log deleted and made again (``nats stream rm``, another client's
+    ``delete_stream``, then a write) starts its sequences anew, and chunks of the old one covered
+    sequences of the new one: read as its messages, they gave the old conversation (measured:
+    4 old messages, the new one missing). Chunks that fail the check are not used (the raw log is
+    read); the first message kept only in the log (an empty body) fails it too."""
+    for c in chunks:
+        if c.last < first:
+            continue
+        for s, t, d in zip(c.seqs, c.times, c.data, strict=True):
+            if s == first:
+                return bool(d) and t == parse_time(time)
+            if s > first:
+                return False
+    return True  # the chain ends before it: none of its messages is used
 
 
 async def read_exact(
@@ -166,10 +187,13 @@ async def read_exact(
     then the raw log after the chain; never a mix of before and after a concurrent clear (the
     conversation's first sequence is the same before and after the read, else it is read again)."""
     for _ in range(_TRIES):
-        first = await _first_seq(conn, stream, subject, timeout)
-        if first is None:
+        found = await _first(conn, stream, subject, timeout)
+        if found is None:
             return []
+        first, first_time = found
         start, chunks = (await read_chain(conn, namespace, token_path, timeout))[:2]
+        if not _same_log(chunks, first, first_time):
+            start, chunks = 0, []
         out: list[LogEntry] = []
         covered = 0
         big: list[int] = []  # messages kept only in the log
@@ -204,7 +228,7 @@ async def read_exact(
             )
         except SubjectPurged:
             continue
-        if await _first_seq(conn, stream, subject, timeout) != first:
+        if await _first(conn, stream, subject, timeout) != found:
             continue  # cleared or expired meanwhile: read what is there now
         for m in tail:
             if m.data:
