@@ -135,7 +135,7 @@ async def _ping(nc: Any, timeout: float) -> bool:
     task for nothing, and the PONG wakes this coroutine directly (``_Pong``), not through
     ``wait_for(shield(...))``'s chain of futures: each of those cost a turn of the event loop, and
     a ping is on the path of every cached ``latest`` (sync ``get_tuple``, cProfile: 7.4 turns of
-    the loop a call before, 4 after)."""
+    the loop a call before, 5 after; 29 % fewer Python function calls)."""
     if not nc.is_connected:
         return False
     loop = asyncio.get_running_loop()
