@@ -49,6 +49,20 @@ class Counting:
         return self.model.invoke(messages)
 
 
+class Sending(Counting):
+    """A fake chat model that sends what the conversation decided last: ``decision: X`` gives
+    ``Sent: X`` (so a stored state whose answer disagrees with its decision is a mixed one)."""
+
+    def __init__(self) -> None:
+        super().__init__(["unused"])
+
+    def __call__(self, messages: list[Any]) -> Any:
+        from langchain_core.messages import AIMessage
+
+        self.calls += 1
+        return AIMessage(content="Sent: " + str(messages[-1].content).removeprefix("decision: "))
+
+
 def build(url: str, namespace: str, drafter: Counting, sender: Counting) -> Any:
     from langgraph.graph import END, START, MessagesState, StateGraph
     from langgraph.runtime import Runtime

@@ -7,8 +7,9 @@ Run as ``python -m tests.qa11c_workers <command> <url> <namespace> ...`` from th
 - ``chain <thread> <stop> <max> <writes>``: a chain of checkpoints (each the child of the one
   before, with a task of ``writes`` pending writes) until the file ``stop`` exists or ``max`` are
   stored; ``ready`` after the first, then one JSON document: the ids whose put returned.
-- ``resume <thread> <decision> <go>``: ``tests.langgraph_workers``' approval graph, resumed with
-  ``decision`` once the file ``go`` exists; one JSON document.
+- ``resume <thread> <decision> <go>``: ``tests.langgraph_workers``' approval graph (its sender
+  sends what the state decided), resumed with ``decision`` once the file ``go`` exists; one JSON
+  document: the returned messages and the calls of its drafter and sender.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ async def chain(url: str, namespace: str, thread: str, stop: str, most: str, wri
 async def resume(url: str, namespace: str, thread: str, decision: str, go: str) -> Any:
     from langgraph.types import Command
 
-    from tests.langgraph_workers import Counting, build
+    from tests.langgraph_workers import Counting, Sending, build
 
-    drafter, sender = Counting(["never asked"]), Counting([f"Sent: {decision}"])
+    drafter, sender = Counting(["never asked"]), Sending()
     graph = build(url, namespace, drafter, sender)
     config = {"configurable": {"thread_id": thread}}
     await graph.aget_state(config)  # connected before the race starts

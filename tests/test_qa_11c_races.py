@@ -270,22 +270,42 @@ def test_the_cache_never_serves_a_checkpoint_another_process_removed(url: str, n
         saver.close()
 
 
+def _decided(messages: list[list[str]]) -> str:
+    """The decision of a finished run of the approval graph, after checking that ``messages`` is
+    one: the question, one draft, one decision and the answer sending that decision."""
+    assert len(messages) == 4, messages
+    (q, _), (d, draft), (h, decision), (a, answer) = messages
+    assert (q, d, h, a) == ("human", "ai", "human", "ai") and draft == "Draft: refund order 42 in full.", messages
+    assert decision in ("decision: yes", "decision: no") and answer == "Sent: " + decision[10:], messages
+    return decision[10:]
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="flaky in fresh-ci (one resume saw 'Sent: no'); under investigation, see the closing note")
+@pytest.mark.parametrize("order", ["together", "after"])
 def test_two_processes_resuming_one_interrupted_thread_leave_a_consistent_history(
-    url: str, namespace: str, tmp_path: Path
+    order: str, url: str, namespace: str, tmp_path: Path
 ) -> None:
-    """A real LangGraph graph stopped at ``interrupt()``; this process and another one resume
-    it at the same moment with different decisions. Both finish; every stored checkpoint's
-    parent is stored, ``get_tuple`` answers the highest id, and that state is a finished run of
-    one of them."""
+    """A real LangGraph graph stopped at ``interrupt()``; this process resumes it with "yes" and
+    another one with "no", at the same moment (``together``) or once the other has finished
+    (``after``). Whichever way the race goes, both calls return a finished run of one decision,
+    stored; nothing runs twice in a process; the history is closed and ``get_tuple`` answers its
+    highest id, a finished run.
+
+    Which outcomes are right is LangGraph's own business, and its SqliteSaver shows the same ones
+    in the same race (30 races with each saver under 3 CPU burners): a resume loads the thread's
+    latest checkpoint once, at its start, and goes on from there. Loaded before the other
+    process stored its decision, it runs its own ("yes"/"no" each sent). Loaded after the other's
+    decision (or its answer) was stored, it finishes that run, or returns it as it is: it returns
+    the other's decision. Only both returning the other's is impossible. The first version of this
+    test expected the first case only, and failed once in CI on a loaded machine when the other
+    process finished before this one had read the thread."""
     from langgraph.types import Command
 
-    from tests.langgraph_workers import Counting, build
+    from tests.langgraph_workers import Counting, Sending, build
 
     thread = f"race-{uuid.uuid4().hex[:6]}"
     go = tmp_path / "go"
-    drafter, sender = Counting(["Draft: refund order 42 in full."]), Counting(["Sent: yes"])
+    drafter, sender = Counting(["Draft: refund order 42 in full."]), Sending()
     graph = build(url, namespace, drafter, sender)
     config: Any = {"configurable": {"thread_id": thread}}
     saver = BotWireSaver(namespace, url=url)
@@ -297,30 +317,46 @@ def test_two_processes_resuming_one_interrupted_thread_leave_a_consistent_histor
     )
     try:
         graph.invoke({"messages": [("human", "Can I get a refund for order 42?")]}, config)
-        assert list(graph.get_state(config).next) == ["review"]
+        assert list(graph.get_state(config).next) == ["review"] and drafter.calls == 1
         assert other.stdout is not None and other.stdout.readline().strip() == "ready"
         go.touch()
-        mine = graph.invoke(Command(resume="yes"), config)
-        out, _ = other.communicate(timeout=60)
+        if order == "after":
+            out, _ = other.communicate(timeout=60)
+        mine_out = graph.invoke(Command(resume="yes"), config)
+        if order == "together":
+            out, _ = other.communicate(timeout=60)
         assert other.returncode == 0
-        theirs = json.loads(out.strip().splitlines()[-1])
-        assert mine["messages"][-1].content == "Sent: yes" and drafter.calls == sender.calls == 1
-        assert theirs["messages"][-1] == ["ai", "Sent: no"] and theirs["calls"] == [0, 1]  # no second draft
+        theirs_out = json.loads(out.strip().splitlines()[-1])
+        mine_msgs = [[m.type, m.content] for m in mine_out["messages"]]
+        mine, theirs = _decided(mine_msgs), _decided(theirs_out["messages"])
+        assert (mine, theirs) != ("no", "yes"), "each process returned the other's decision"
+        if order == "after":
+            assert (mine, theirs) == ("no", "no") and sender.calls == 0  # the finished run, not run again
+        # no draft again anywhere; a process sends at most once, and its own decision itself
+        assert drafter.calls == 1 and theirs_out["calls"][0] == 0
+        assert sender.calls <= 1 and theirs_out["calls"][1] <= 1
+        assert sender.calls == 1 or mine == "no"
+        assert theirs_out["calls"][1] == 1 or theirs == "yes"
         items = list(saver.list(_cfg(thread)))
         ids = [t.checkpoint["id"] for t in items]
         assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
+        stored = []
         for t in items:
             if t.parent_config is not None:
                 assert t.parent_config["configurable"]["checkpoint_id"] in ids
+            msgs = t.checkpoint["channel_values"].get("messages", [])
+            assert len({m.id for m in msgs}) == len(msgs)  # no message stored twice
+            stored.append([[m.type, m.content] for m in msgs])
+            if len(msgs) == 4:
+                _decided(stored[-1])  # no checkpoint mixes the two runs
         latest = saver.get_tuple(_cfg(thread))
         assert latest is not None and latest.checkpoint["id"] == ids[0]
-        final = latest.checkpoint["channel_values"]["messages"]
-        assert final[-1].content in ("Sent: yes", "Sent: no")
-        # both runs are kept: each one's final answer is in some checkpoint
-        answers = {
-            m.content for t in items for m in t.checkpoint["channel_values"].get("messages", []) if m.type == "ai"
-        }
-        assert {"Sent: yes", "Sent: no"} <= answers
+        state = graph.get_state(config)
+        assert state.next == () and state.config["configurable"]["checkpoint_id"] == ids[0]
+        final = [[m.type, m.content] for m in state.values["messages"]]
+        assert final in (mine_msgs, theirs_out["messages"])
+        # what each call returned is stored (an answer a user saw is never lost)
+        assert mine_msgs in stored and theirs_out["messages"] in stored
     finally:
         if other.poll() is None:
             other.kill()

@@ -101,15 +101,45 @@ async def _bounded(aws: Sequence[Coroutine[Any, Any, None]]) -> None:
             aw.close()
 
 
+class _Pong:
+    """What ``_ping`` queues in nats-py's list of PINGs awaiting their PONG: the reader calls its
+    ``set_result`` when the PONG comes (nats-py 2.16 ``_process_pong``; a reconnect drops the list),
+    which wakes the ping at once, and does nothing once the ping gave up (timed out, cancelled)."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self, waiter: asyncio.Future[bool]) -> None:
+        self.waiter = waiter
+
+    def set_result(self, result: bool) -> None:
+        if not self.waiter.done():
+            self.waiter.set_result(True)
+
+
+def _give_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+_PING: Final = b"PING\r\n"
+
+
 async def _ping(nc: Any, timeout: float) -> bool:
     """One PING/PONG round trip on ``nc``: True once the server answered (so it has handled
     every command this connection sent before, and everything it queued for this connection
     before is read). Not ``nc.flush(timeout)``: on a timeout it
     cancels its future but leaves it queued, and the late PONG then fails in nats-py's reader
-    (``InvalidStateError``: measured with a SIGSTOPped server), which breaks the connection."""
+    (``InvalidStateError``: measured with a SIGSTOPped server), which breaks the connection.
+
+    The PING is written here rather than by ``nc._send_ping``, which also wakes nats-py's flusher
+    task for nothing, and the PONG wakes this coroutine directly (``_Pong``), not through
+    ``wait_for(shield(...))``'s chain of futures: each of those cost a turn of the event loop, and
+    a ping is on the path of every cached ``latest`` (sync ``get_tuple``, cProfile: 7.4 turns of
+    the loop a call before, 5 after; 29 % fewer Python function calls)."""
     if not nc.is_connected:
         return False
-    pong = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
     try:
         # nats-py 2.16 writes a PING straight to the socket, ahead of the commands its flusher task
         # has not written yet: a PUB or SUB just made could reach the server after this PING (seen
@@ -118,11 +148,15 @@ async def _ping(nc: Any, timeout: float) -> bool:
             nc._transport.writelines(nc._pending[:])
             nc._pending = []
             nc._pending_data_size = 0
-        await nc._send_ping(pong)
-        await asyncio.wait_for(asyncio.shield(pong), timeout)
+        nc._transport.write(_PING)
+        nc._pongs.append(_Pong(waiter))  # (after the write: a PING never sent must not take a PONG)
     except Exception:
         return False
-    return True
+    timer = loop.call_later(timeout, _give_up, waiter)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
 
 
 class _Miss:
