@@ -114,6 +114,34 @@ def test_a_client_that_sends_a_whole_oversized_body_before_reading_gets_the_413(
         assert httpx.get(s).text == "ok"
 
 
+def test_an_idle_kept_alive_connection_outlasts_a_clients_own_keep_alive(url: str, tmp_path: Path) -> None:
+    """A connection left idle longer than clients keep theirs (Node's fetch: 4 s) is still open for
+    the next request: a client reusing it is never met by a close the server made at that moment
+    (a POST is not retried: "other side closed")."""
+    with serving(url, tmp_path / "a.log") as a:
+        s = a.stream(_name())
+        path = s[len(a.base):]
+        with socket.create_connection(("127.0.0.1", a.port), timeout=30) as sock, sock.makefile("rb") as answers:
+
+            def put(body: bytes) -> bytes:
+                sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+                status = answers.readline()
+                length = 0
+                while (line := answers.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                answers.read(length)
+                return status
+
+            assert httpx.put(s, headers=TEXT).status_code == 201
+            assert put(b"a").startswith(b"HTTP/1.1 204")
+            time.sleep(6)  # longer than uvicorn's default keep-alive (5 s): it closed the socket here
+            assert put(b"b").startswith(b"HTTP/1.1 204")
+        assert httpx.get(s).text == "ab"
+
+
 def test_a_conversation_is_a_read_only_json_stream_tailed_with_sse(url: str, namespace: str, tmp_path: Path) -> None:
     chat = ChatHistory("conv-1", namespace=namespace, url=url)
     try:
