@@ -277,6 +277,21 @@ class Connection(RetryingConnection):
         for subject in [s for s in self._cleared if any(_matches(p, s) for p in patterns)]:
             del self._cleared[subject]
 
+    async def _write_request(
+        self, subject: str, data: bytes, headers: Mapping[str, str], timeout: float, write: _Write, gone: _Gone
+    ) -> Msg:
+        """One try of a write's request; on no responder or no acknowledgement, ``gone`` asks
+        whether another client deleted the subject's stream (and makes it again) before the
+        error goes to ``call``, which tries again."""
+        try:
+            return await self.request(subject, data, headers, timeout, write)
+        except nats.errors.NoRespondersError:
+            await gone.no_responders(self, subject, timeout)
+            raise
+        except _Unacknowledged:
+            await gone.unanswered(self, subject, timeout)
+            raise
+
     async def _made_again(self, subject: str, timeout: float) -> None:
         """After a write to ``subject`` found no responder: when the subject belongs to a stream
         this connection made sure of (``ensure_stream``) and the server says that stream no longer
@@ -425,22 +440,12 @@ class Connection(RetryingConnection):
         expected = h.get("Nats-Expected-Last-Subject-Sequence")
         write = _Write(what, advice, on_sent)
         tries = 0
-        checked = False
-        unanswered = _Unanswered()
+        gone = _Gone()
 
         async def run() -> int:
-            nonlocal tries, checked
+            nonlocal tries
             tries += 1
-            try:
-                msg = await self.request(subject, data, h, timeout, write)
-            except nats.errors.NoRespondersError:
-                if not checked:  # no stream for the subject: deleted by another client?
-                    checked = True
-                    await self._made_again(subject, timeout)
-                raise
-            except _Unacknowledged:
-                await unanswered.check(self, subject, timeout)
-                raise
+            msg = await self._write_request(subject, data, h, timeout, write, gone)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is not None:
                 if tries > 1 and expected is not None and ack.error.err_code == _WRONG_LAST:
@@ -471,11 +476,9 @@ class Connection(RetryingConnection):
         """
         prepared = [(subject, data, self._ids(headers)) for subject, data, headers in items]
         write = _Write(what, advice)
-        checked = False
-        unanswered = _Unanswered()
+        gone = _Gone()
 
         async def run() -> list[int]:
-            nonlocal checked
             mux = self._mux or await self._replies()
             waiting = []
             for subject, data, headers in prepared:
@@ -490,7 +493,7 @@ class Connection(RetryingConnection):
             try:
                 await self._acks_or_resend(mux, waiting, write)
             except _Unacknowledged:
-                await unanswered.check(self, prepared[0][0], timeout)
+                await gone.unanswered(self, prepared[0][0], timeout)
                 raise
             seqs = []
             stream = ""
@@ -499,9 +502,7 @@ class Connection(RetryingConnection):
                 if not msg.data and msg.headers and msg.headers.get("Status") == "503":
                     # no responders: the stream had no leader for a moment (a cluster's election),
                     # or another client deleted it
-                    if not checked:
-                        checked = True
-                        await self._made_again(subject, timeout)
+                    await gone.no_responders(self, subject, timeout)
                     raise nats.errors.NoRespondersError
                 ack = _ack_decoder.decode(msg.data)
                 if ack.error is not None:
@@ -541,11 +542,10 @@ class Connection(RetryingConnection):
             hs[0]["Nats-Expected-Last-Subject-Sequence"] = str(expected)
         write = _Write(what, advice)
         tries = 0
-        checked = False
-        unanswered = _Unanswered()
+        gone = _Gone()
 
         async def run() -> int:
-            nonlocal tries, checked
+            nonlocal tries
             tries += 1
             batch_id = self.new_id()
             for i, (payload, h) in enumerate(zip(payloads, hs, strict=True), 1):
@@ -555,16 +555,7 @@ class Connection(RetryingConnection):
                     await self.nc.publish(subject, payload, headers=h)
                     write.sent = True
             hs[-1]["Nats-Batch-Commit"] = "1"
-            try:
-                msg = await self.request(subject, payloads[-1], hs[-1], timeout, write)
-            except nats.errors.NoRespondersError:
-                if not checked:  # no stream for the subject: deleted by another client?
-                    checked = True
-                    await self._made_again(subject, timeout)
-                raise
-            except _Unacknowledged:
-                await unanswered.check(self, subject, timeout)
-                raise
+            msg = await self._write_request(subject, payloads[-1], hs[-1], timeout, write, gone)
             ack = _ack_decoder.decode(msg.data)
             if ack.error is None:
                 self._wrote_subject(subject, ack.seq, ack.stream)
@@ -1001,18 +992,25 @@ class Connection(RetryingConnection):
         await self._read(stream, run, timeout, _none)  # a stream deleted meanwhile holds nothing to purge
 
 
-class _Unanswered:
-    """A write to a cluster re-sent for want of an acknowledgement (``_Unacknowledged``): every
-    ``_GONE_AFTER`` s, whether its stream was deleted (``_made_again``). A stopped node (SIGSTOP)
-    keeps the interest its replica had in the deleted stream's subjects, so a write sent to it
-    found no responder never, and was re-sent until ``OutcomeUnknown`` at its timeout."""
+class _Gone:
+    """One write's looks for its stream deleted by another client (``_made_again``): on its first
+    try that found no responder, and, re-sent for want of an acknowledgement (``_Unacknowledged``),
+    every ``_GONE_AFTER`` s. A stopped node (SIGSTOP) keeps the interest its replica had in the
+    deleted stream's subjects, so a write sent to it found no responder never, and was re-sent
+    until ``OutcomeUnknown`` at its timeout."""
 
-    __slots__ = ("at",)
+    __slots__ = ("at", "checked")
 
     def __init__(self) -> None:
         self.at = -_GONE_AFTER
+        self.checked = False
 
-    async def check(self, conn: Connection, subject: str, timeout: float) -> None:
+    async def no_responders(self, conn: Connection, subject: str, timeout: float) -> None:
+        if not self.checked:
+            self.checked = True
+            await conn._made_again(subject, timeout)
+
+    async def unanswered(self, conn: Connection, subject: str, timeout: float) -> None:
         now = asyncio.get_running_loop().time()
         if now - self.at >= _GONE_AFTER:
             self.at = now
