@@ -83,6 +83,7 @@ class _Conv:
     events: list[Delivery] = field(default_factory=list)  # summaries and clears: never messages
     recheck: int = 0  # looks left for a recorded clear's purge (it is recorded just before it)
     probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
+    recount: bool = False  # its summary was counted again from the chain (``_load``): to be written
 
 
 class _Fenced(Exception):
@@ -237,6 +238,8 @@ class Materialiser(Worker):
         elif conv.recheck:
             conv.recheck -= 1
             await self._cleared(conv, conv.first_seq, await self._first(conv))
+        if conv.recount:  # nothing new to write with it (redelivered events only): written alone
+            writes.extend(self._build(conv, [], [], [], conv.covered))
         return held + events
 
     async def _load(self, conv: _Conv) -> None:
@@ -250,6 +253,15 @@ class Materialiser(Worker):
         conv.covered = chunks[-1].last if chunks else (conv.summary.covered if conv.summary else 0)
         firsts = [s for c in chunks for s in c.seqs]
         conv.first_seq = firsts[0] if firsts else None
+        if chunks and (conv.summary is None or conv.summary.covered != conv.covered):
+            # The last chunk and its summary were not both stored (a stop between them: a SIGKILL,
+            # or a stop while the server stalled, when only the start of a pipelined group reached
+            # it): counted again from the chain, else the summary stays off for good (each later
+            # one adds to it) and ``sessions()`` never trusts it again.
+            conv.summary = None
+            times = [t for c in chunks for t in c.times]
+            self._summary(conv, firsts, times, [d for c in chunks for d in c.data], conv.covered)
+            conv.recount = True
         conv.loaded = True
 
     def _summary_subject(self, conv: _Conv) -> str:
@@ -313,6 +325,7 @@ class Materialiser(Worker):
         stored: the caller stores them (``_commit`` now, ``_flush`` with its group) before it
         acknowledges anything, each with its own ``Nats-Msg-Id`` through every try."""
         writes: list[Write] = []
+        conv.recount = False  # the summary is written with them
         if seqs:
             if conv.first_seq is None:
                 conv.first_seq = seqs[0]
