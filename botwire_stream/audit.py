@@ -95,8 +95,10 @@ class RestoreReport(msgspec.Struct, frozen=True):
 
 # -- arguments ----------------------------------------------------------------------------------
 def check_time(value: object, name: str = "at") -> datetime:
-    """``value`` when it is an aware ``datetime``; else ``InvalidArgument``."""
-    if not isinstance(value, datetime) or value.tzinfo is None:
+    """``value`` when it is an aware ``datetime``; else ``InvalidArgument``. Aware as Python
+    defines it: a ``tzinfo`` that gives no offset (``utcoffset()`` None) makes it naive, and
+    comparing it with an aware one raised ``TypeError``."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
         raise InvalidArgument(
             f"{name} must be a timezone-aware datetime (e.g. datetime.now(UTC) - timedelta(minutes=5)), not {value!r}"
         )

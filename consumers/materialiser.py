@@ -20,7 +20,10 @@ dropped by the duplicate window (the mat stream's 2 min: every copy reaches the 
 resumes). A copy stored beyond the window (its ack lost in a stall longer than that) is harmless:
 a chunk identical to one in the chain (``chain`` keeps one chunk per ``prev``), the same summary
 again. Dropping the state and resuming from the ack floor instead (tried first) let a late try land
-behind the new writes: 14-46 messages left out of a conversation's chunks. Taken over meanwhile,
+behind the new writes: 14-46 messages left out of a conversation's chunks. A chunk and the summary
+written with it may still not both be stored (a stop between them: measured, a SIGKILL mid-flush
+of 3 KB messages left 13 of 20 conversations with chunks and no summary); ``_load`` counts such a
+conversation again from its chain. Taken over meanwhile,
 or told to stop while the server still does not answer, the flush stops half-way (``_Fenced``):
 nothing more is written or acknowledged, and the next holder resumes from the ack floor.
 """
@@ -83,6 +86,7 @@ class _Conv:
     events: list[Delivery] = field(default_factory=list)  # summaries and clears: never messages
     recheck: int = 0  # looks left for a recorded clear's purge (it is recorded just before it)
     probed: float = -_PROBE_EVERY  # when its first sequence was last looked up (monotonic)
+    recount: bool = False  # its summary was counted again from the chain (``_load``): to be written
 
 
 class _Fenced(Exception):
@@ -246,6 +250,8 @@ class Materialiser(Worker):
         elif conv.recheck:
             conv.recheck -= 1
             await self._cleared(conv, conv.first_seq, await self._first(conv))
+        if conv.recount:  # nothing new to write with it (redelivered events only): written alone
+            writes.extend(self._build(conv, [], [], [], conv.covered))
         return held + events
 
     async def _load(self, conv: _Conv) -> None:
@@ -259,6 +265,15 @@ class Materialiser(Worker):
         conv.covered = chunks[-1].last if chunks else (conv.summary.covered if conv.summary else 0)
         firsts = [s for c in chunks for s in c.seqs]
         conv.first_seq = firsts[0] if firsts else None
+        if chunks and (conv.summary is None or conv.summary.covered != conv.covered):
+            # The last chunk and its summary were not both stored (a stop between them: a SIGKILL,
+            # or a stop while the server stalled, when only the start of a pipelined group reached
+            # it): counted again from the chain, else the summary stays off for good (each later
+            # one adds to it) and ``sessions()`` never trusts it again.
+            conv.summary = None
+            times = [t for c in chunks for t in c.times]
+            self._summary(conv, firsts, times, [d for c in chunks for d in c.data], conv.covered)
+            conv.recount = True
         conv.loaded = True
 
     def _summary_subject(self, conv: _Conv) -> str:
@@ -322,6 +337,7 @@ class Materialiser(Worker):
         stored: the caller stores them (``_commit`` now, ``_flush`` with its group) before it
         acknowledges anything, each with its own ``Nats-Msg-Id`` through every try."""
         writes: list[Write] = []
+        conv.recount = False  # the summary is written with them
         if seqs:
             if conv.first_seq is None:
                 conv.first_seq = seqs[0]
@@ -370,6 +386,7 @@ class Materialiser(Worker):
             await self._purge(self._chunk_subject(conv, level), bound)
         conv.counts = [0] * LEVELS
         conv.summary, conv.first_seq = None, None
+        conv.recount = False  # nothing left to count: the caller writes what the log holds now
         if first is not None:
             conv.covered = min(conv.covered, first - 1)  # read again from the conversation's first message
         return bound

@@ -8,9 +8,11 @@ import os
 import signal
 import time
 
+import msgspec
 import pytest
 
-from botwire_stream import AsyncChatHistory
+from botwire_stream import AsyncChatHistory, keys
+from botwire_stream.nats import materialised as mat
 from botwire_stream.nats.pool import acquire, release
 from botwire_stream.settings import resolve
 
@@ -83,3 +85,52 @@ async def test_server_stopped_13_s_while_the_materialiser_flushes_it_rides_it_ou
             assert "trying again while this process holds its lease" in err and "answers again" in err, err
     finally:
         await release(conn)
+
+
+@pytest.mark.parametrize("landed", ["chunk", "summary"])
+async def test_a_chunk_and_its_summary_not_both_stored_are_counted_once_restarted(
+    url: str, namespace: str, landed: str
+) -> None:
+    """A materialiser stopped between a chunk and the summary written with it (SIGKILL, or a stop
+    while the server stalls: the bytes of a pipelined group that reached the server are stored,
+    the rest are not) leaves one without the other. Made here as such a run leaves it, for the 3
+    messages after the first 4: their chunk stored and the summary still counting 4, or the
+    summary counting 7 and no chunk. Restarted, the materialiser counts the conversation from the
+    chain (before: its summary stayed 3 short, or counted the 3 twice once they were materialised
+    again, for good: each later summary adds to it, and ``sessions()`` never showed the
+    conversation's title again)."""
+    token = keys.encode_key("s")
+    async with AsyncChatHistory("s", namespace=namespace, url=url) as h:
+        await h.extend([{"role": "user", "content": "first question"}, {"role": "assistant", "content": "a"}] * 2)
+        conn = await acquire(resolve(url))
+        try:
+            with _materialiser(url, namespace) as proc:
+                await until(lambda: _caught_up(url, namespace), "the materialiser to catch up", 60)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0
+            await h.extend([{"role": "user", "content": f"later {i}"} for i in range(3)])
+            _, chunks, _ = await mat.read_chain(conn, namespace, token, 10.0)
+            rows = (await _truth(conn, namespace, ["s"]))["s"]
+            later = [r for r in rows if r[0] > chunks[-1].last]
+            assert len(later) == 3
+            if landed == "chunk":
+                chunk = mat.Chunk(
+                    chunks[-1].last, [q for q, _, _ in later], [t for _, t, _ in later], [d for _, _, d in later]
+                )
+                await conn.publish(mat.chunk_subject(namespace, 0, token), msgspec.msgpack.encode(chunk), {}, 10.0)
+            else:
+                tokens = sum(len(d) for _, _, d in rows) // 4
+                summary = mat.Summary("s", 7, rows[0][1], rows[-1][1], "first question", tokens, rows[-1][0])
+                subject = mat.summary_subject(namespace, token)
+                await conn.publish(subject, msgspec.json.encode(summary), {"Nats-Rollup": "sub"}, 10.0)
+            with _materialiser(url, namespace) as proc:
+                await until(lambda: _caught_up(url, namespace), "the restarted materialiser to catch up", 60)
+                [info] = await AsyncChatHistory.sessions(namespace, url=url)
+                assert (info.message_count, info.title) == (7, "first question")  # its summary counts all 7
+                await h.append({"role": "assistant", "content": "and on"})
+                await until(lambda: _caught_up(url, namespace), "the next append materialised", 60)
+                [info] = await AsyncChatHistory.sessions(namespace, url=url)
+                assert (info.message_count, info.title) == (8, "first question")
+                await _chunks_hold_each_message_once(conn, namespace, await _truth(conn, namespace, ["s"]))
+        finally:
+            await release(conn)

@@ -5,7 +5,7 @@ large (chunked) values, conversation ids and globs with NATS subject characters.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import pytest
 
@@ -63,6 +63,34 @@ async def test_get_and_messages_at_a_future_time_raise_invalid_argument(url: str
             assert sm.get("k", at=datetime.now(UTC)) == "v"
 
     await asyncio.to_thread(sync_faces)
+
+
+class _NoOffset(tzinfo):
+    """A time zone that knows no offset: Python counts a datetime with it as naive."""
+
+    def utcoffset(self, dt: datetime | None) -> None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "somewhere"
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+
+async def test_at_with_a_time_zone_of_no_offset_is_refused_as_naive(url: str, namespace: str) -> None:
+    """A datetime whose tzinfo gives no offset is naive (Python's definition): ``at=`` and a replay
+    bound refuse it with InvalidArgument, as a naive one (before: TypeError "can't compare
+    offset-naive and offset-aware datetimes" from the future check)."""
+    vague = datetime(2020, 1, 1, tzinfo=_NoOffset())
+    async with AsyncMemory(namespace, url=url) as m, AsyncChatHistory("c", namespace=namespace, url=url) as c:
+        await c.append({"n": 1})
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            await m.get("k", at=vague)
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            await c.messages(at=vague)
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        [e async for e in areplay(namespace, start=vague, url=url)]
 
 
 async def test_restore_with_overwrite_leaves_each_conversation_as_of_the_moment(url: str, namespace: str) -> None:
