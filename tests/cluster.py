@@ -1,8 +1,9 @@
 """A local 3-node NATS JetStream cluster for the tests: nats-server processes with cluster routes
 on loopback, each with its own store folder, killed and restarted by PID.
 
-No fixed ports: the first node picks its client and route ports (``-1``) and reports them in its
-ports file; the others route to it and the cluster gossips the full mesh. A restarted node keeps
+No fixed ports: each node's client and route ports are free ports picked below the kernel's
+ephemeral range (``_free_ports``), so that nothing else is given them while a node is down; every
+node routes to the others. A restarted node keeps
 its ports and store, so clients given the node list find it again and it catches up from the
 others. ``Cluster.start`` returns once every node's ``/healthz`` says its JetStream is current with the
 cluster (a meta leader is elected: streams can be created).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -132,15 +134,33 @@ class Node:
         self.proc = None
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (what it hands out for port 0 / ``-1`` and
+    for outgoing connections)."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now, below the kernel's ephemeral range: a node restarted
+    on its ports finds them free. A port the kernel had handed out was at times taken, while its
+    node was down, by another test's server or an outgoing connection ("address already in use"
+    at the restart of tests/test_cluster.py's leader, in a full run)."""
+    top = _ephemeral_low() - 1
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randint(max(1024, top - 20_000), top)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 class Cluster:
@@ -163,10 +183,11 @@ class Cluster:
         # chosen first: free ports the kernel hands out, released just before the servers bind
         # them (a start that lost one to another process is tried again with new ports).
         for attempt in range(3):
-            ports = _free_ports(len(self.nodes))
-            for node, port in zip(self.nodes, ports, strict=True):
-                node.route_port = port
-                node.routes = [p for p in ports if p != port]
+            ports = _free_ports(2 * len(self.nodes))
+            routes, clients = ports[: len(self.nodes)], ports[len(self.nodes) :]
+            for node, port, client in zip(self.nodes, routes, clients, strict=True):
+                node.route_port, node.port = port, client
+                node.routes = [p for p in routes if p != port]
             try:
                 for node in self.nodes:
                     node.start()

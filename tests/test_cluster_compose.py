@@ -81,8 +81,9 @@ class _Topology:
 
     def __init__(self, workdir: Path, token: str) -> None:
         services = _compose()["services"]
-        routes = dict(zip(NODES, _free_ports(3), strict=True))
-        self.clients = dict(zip(NODES, _free_ports(3), strict=True))
+        free = iter(_free_ports(3 * len(NODES)))  # distinct: routes, clients, monitoring
+        routes = {node: next(free) for node in NODES}
+        self.clients = {node: next(free) for node in NODES}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.commands = []
         self.health: list[str] = []
@@ -95,7 +96,7 @@ class _Topology:
                 for other in NODES:
                     flag = flag.replace(f"{other}:6222", f"127.0.0.1:{routes[other]}")
                 if flag.startswith("--http_port="):
-                    self.health.append(f"http://127.0.0.1:{(http := _free_ports(1)[0])}/healthz")
+                    self.health.append(f"http://127.0.0.1:{(http := next(free))}/healthz")
                     flag = f"--http_port={http}"
                 command.append(flag)
             self.commands.append([find_binary(), *command, "-a", "127.0.0.1", "-p", str(self.clients[node])])
