@@ -105,13 +105,20 @@ def check_time(value: object, name: str = "at") -> datetime:
     return value
 
 
+# How far ahead of this machine's clock a moment may be and still be answered (as of now): the
+# stored times come from the server's clock, and a client whose clock lags it a little must still
+# be able to read as of an entry's own ``time`` right after writing it.
+CLOCK_SKEW: Final = timedelta(seconds=2)
+
+
 def check_past(value: object, name: str = "at", verb: str = "read") -> datetime:
-    """``check_time``, and not in the future (by this machine's clock): a state as of a moment not
-    reached yet is not known. ``get(at=)``, ``messages(at=)``, ``restore`` and the HTTP ``past``
-    reads all refuse one (``InvalidArgument``): answering today's state for it, as they did, hid a
-    mistake such as a local time given as UTC, and would not be what is read once that moment came."""
+    """``check_time``, and not in the future (by this machine's clock, give or take
+    ``CLOCK_SKEW``): a state as of a moment not reached yet is not known. ``get(at=)``,
+    ``messages(at=)``, ``restore`` and the HTTP ``past`` reads all refuse one (``InvalidArgument``):
+    answering today's state for it, as they did, hid a mistake such as a local time given as UTC,
+    and would not be what is read once that moment came."""
     at = check_time(value, name)
-    if at > datetime.now(UTC):
+    if at > datetime.now(UTC) + CLOCK_SKEW:
         raise InvalidArgument(f"{name} ({at.isoformat()}) is in the future: {verb} a moment that has passed")
     return at
 

@@ -52,6 +52,10 @@ async def test_get_and_messages_at_a_future_time_raise_invalid_argument(url: str
         assert await c.messages(at=now) == [{"n": 1}]
         [entry] = await c.entries()
         assert await c.messages(at=entry.time) == [{"n": 1}]
+        # a client whose clock lags the server's by a second: the entry's own time, as it reads it
+        lagging = entry.time + timedelta(seconds=1)
+        assert await c.messages(at=lagging) == [{"n": 1}]
+        assert await m.get("k", at=lagging) == "v"
 
     def sync_faces() -> None:
         with Memory(namespace, url=url) as sm, ChatHistory("c", namespace=namespace, url=url) as sc:
